@@ -1,0 +1,147 @@
+"""``dama-train``: train from a YAML config, or ``--demo`` on a tiny model built on this machine.
+
+    dama-train CONFIG.yaml [section.key=value ...]
+    dama-train --demo --output-dir DIR [section.key=value ...]
+
+A progress bar shows step, loss, margin, accuracy and ETA; metrics go to ``OUTPUT/metrics.jsonl`` and a chart
+to ``OUTPUT/training_curves.png``; the adapter to ``OUTPUT/adapter``. Bad config values stop the run before any
+work, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dama_engine.callbacks import Callback
+from dama_engine.config import ConfigError, load_config
+
+
+class ProgressPrinter(Callback):
+    """Stage lines and a tqdm bar for the training steps."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar: Any = None
+        self.stage_bar: Any = None
+
+    def _close_stage_bar(self) -> None:
+        if self.stage_bar is not None:
+            self.stage_bar.close()
+            self.stage_bar = None
+
+    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        self._close_stage_bar()
+        if stage == "training":
+            resumed = info.get("resumed_from_step", 0)
+            self.bar = tqdm(
+                total=info["steps"], initial=resumed, desc="training", unit="step", file=self.stream, dynamic_ncols=True
+            )
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        details = ", ".join(f"{k}={v}" for k, v in info.items())
+        print(f"[dama] {stage}" + (f" ({details})" if details else ""), file=self.stream, flush=True)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.stage_bar is None:
+            self.stage_bar = tqdm(total=total, desc=stage, unit="pair", file=self.stream, dynamic_ncols=True)
+        self.stage_bar.n = done
+        self.stage_bar.refresh()
+
+    def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            margin=f"{metrics['reward_margin']:.3f}",
+            acc=f"{metrics['reward_accuracy']:.2f}",
+            beta=f"{metrics['beta_mean']:.3f}",
+            refresh=False,
+        )
+        self.bar.update(step - self.bar.n)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        line = (
+            f"[dama] held-out @ step {step}: accuracy {metrics['eval_accuracy']:.3f}, "
+            f"margin {metrics['eval_margin']:.4f}, loss {metrics['eval_loss']:.4f}"
+        )
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self._close_stage_bar()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dama-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("config", nargs="?", help="YAML config file (see README: Configuration)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.learning_rate=1e-5")
+    parser.add_argument("--demo", action="store_true", help="train the tiny demo model on synthetic data")
+    parser.add_argument("--output-dir", help="where to write the run (overrides run.output_dir)")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        if args.demo:
+            if args.config:
+                overrides.insert(0, args.config)  # with --demo every positional is an override
+            from dama_engine.demo_run import prepare_demo
+
+            config = prepare_demo(Path(args.output_dir or "runs/demo"), overrides)
+        elif args.config:
+            config = load_config(args.config, overrides)
+        else:
+            _parser().error("give a CONFIG.yaml, or --demo")
+    except ConfigError as error:
+        print(f"dama-train: {error}", file=sys.stderr)
+        return 2
+
+    from dama_engine.trainer import DataError, train
+
+    printer = ProgressPrinter()
+    started = time.monotonic()
+    try:
+        result = train(config, printer)
+    except DataError as error:
+        printer.close()
+        print(f"dama-train: {error}", file=sys.stderr)
+        return 2
+    finally:
+        printer.close()
+    out = sys.stdout
+    print(f"[dama] finished {result.steps}/{result.total_steps} steps in {time.monotonic() - started:.1f} s", file=out)
+    if result.eval_before and result.eval_after:
+        before, after = result.eval_before["eval_accuracy"], result.eval_after["eval_accuracy"]
+        print(
+            f"[dama] held-out preference accuracy: before {before:.3f} -> after {after:.3f} "
+            f"(margin {result.eval_before['eval_margin']:.4f} -> {result.eval_after['eval_margin']:.4f})",
+            file=out,
+        )
+    if result.adapter_dir:
+        print(f"[dama] adapter: {result.adapter_dir}", file=out)
+        print(f"[dama] metrics: {result.output_dir / 'metrics.jsonl'}", file=out)
+        print(f"[dama] chart:   {result.adapter_dir / 'training_curves.png'}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(train_main())

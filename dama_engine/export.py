@@ -1,0 +1,118 @@
+"""Writing the result: a standard PEFT adapter folder with everything needed to use and audit it.
+
+``adapter/`` holds ``adapter_config.json`` + ``adapter_model.safetensors`` (loadable with
+``PeftModel.from_pretrained(base, folder)``), the processor and tokenizer files, ``training_config.json``,
+``metrics.json``, a PNG chart of the training curves and a model card (``README.md``). A full fine-tune writes
+the whole model there instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dama_engine.charts import plot_training
+from dama_engine.config import TrainConfig
+from dama_engine.models import is_peft
+
+
+def _table(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "_none_\n"
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(
+    *,
+    config: TrainConfig,
+    train_rows: int,
+    eval_rows: int,
+    hardness_mean: float | None,
+    train_metrics: dict[str, float],
+    eval_before: dict[str, float] | None,
+    eval_after: dict[str, float] | None,
+    steps: int,
+) -> str:
+    objective = config.objective
+    kind = f"LoRA r={config.lora.r}, alpha={config.lora.alpha}" if config.lora.enabled else "full fine-tune"
+    card = f"""---
+base_model: {config.model.name_or_path}
+library_name: peft
+tags: [dama, dpo, preference-tuning, vision-language]
+---
+# {objective.method} adapter for {config.model.name_or_path}
+
+Trained with DAMA (Data- and Model-aware DPO, Lu et al., ICML 2025) by `dama-train`.
+
+- Base model: `{config.model.name_or_path}`
+- Method: `{objective.method}` (beta {objective.beta}, keep ratio {objective.keep_ratio}, gamma {objective.gamma})
+- Tuning: {kind}; vision tower {"frozen" if config.lora.freeze_vision_tower else "trained"}
+- Optimizer steps: {steps} (learning rate {config.optim.learning_rate}, {config.optim.scheduler} schedule,
+  batch {config.optim.batch_size} x accumulation {config.optim.grad_accumulation})
+- Data: {train_rows} training pairs, {eval_rows} held-out pairs
+- Mean data hardness (delta_bar): {"n/a" if hardness_mean is None else f"{hardness_mean:.4f}"}
+
+## Held-out preference metrics
+Before training:
+
+{_table(eval_before)}
+After training:
+
+{_table(eval_after)}
+## Last training step
+
+{_table(train_metrics)}
+## Use
+```python
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+base = AutoModelForImageTextToText.from_pretrained("{config.model.name_or_path}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+processor = AutoProcessor.from_pretrained("path/to/this/folder")
+```
+"""
+    return card
+
+
+def export_adapter(
+    *,
+    model: Any,
+    processor: Any,
+    config: TrainConfig,
+    output_dir: Path,
+    train_rows: int,
+    eval_rows: int,
+    hardness_mean: float | None,
+    train_metrics: dict[str, float],
+    eval_before: dict[str, float] | None,
+    eval_after: dict[str, float] | None,
+    steps: int,
+) -> Path:
+    adapter_dir = output_dir / "adapter"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(adapter_dir)
+    else:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+    processor.save_pretrained(adapter_dir)
+    (adapter_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    metrics = {"steps": steps, "train": train_metrics, "eval_before": eval_before, "eval_after": eval_after}
+    (adapter_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics_file = output_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        plot_training(metrics_file, adapter_dir / "training_curves.png", title=f"{config.objective.method}")
+    card = model_card(
+        config=config,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        hardness_mean=hardness_mean,
+        train_metrics=train_metrics,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        steps=steps,
+    )
+    (adapter_dir / "README.md").write_text(card)
+    return adapter_dir

@@ -1,0 +1,80 @@
+"""Loading a vision-language model and its processor, and making the trainable part (LoRA or full).
+
+Any model that transformers loads with ``AutoModelForImageTextToText`` / ``AutoProcessor`` works, by hub name or
+local path. The reference model of DPO is this same model with the LoRA adapter switched off: never a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dama_engine.config import LoraSection, ModelSection
+from dama_engine.families import family_for
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (``auto``), else float32."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_processor(section: ModelSection) -> Any:
+    return AutoProcessor.from_pretrained(
+        section.name_or_path, revision=section.revision, trust_remote_code=section.trust_remote_code
+    )
+
+
+def load_model(section: ModelSection, *, dtype: torch.dtype) -> Any:
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": section.revision}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    return AutoModelForImageTextToText.from_pretrained(
+        section.name_or_path, trust_remote_code=section.trust_remote_code, **kwargs
+    )
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") or f".{p}." in f".{name}." for p in prefixes)
+
+
+def make_trainable(model: Any, section: LoraSection) -> Any:
+    """Wrap ``model`` for training: a peft LoRA adapter on the language model (default) or full fine-tuning.
+
+    The vision tower stays frozen unless ``freeze_vision_tower`` is off; the projector is trained in full
+    only when ``train_projector`` is on.
+    """
+    family = family_for(model)
+    if section.enabled:
+        targets = section.target_modules or family.lora_target_modules(model)
+        config = LoraConfig(
+            r=section.r,
+            lora_alpha=section.alpha,
+            lora_dropout=section.dropout,
+            target_modules=targets,
+            modules_to_save=list(family.projector_modules(model)) if section.train_projector else None,
+            bias="none",
+        )
+        return get_peft_model(model, config)
+    for name, parameter in model.named_parameters():
+        frozen_vision = section.freeze_vision_tower and _matches(name, family.vision_prefixes)
+        frozen_projector = not section.train_projector and _matches(name, family.projector_prefixes)
+        parameter.requires_grad_(not (frozen_vision or frozen_projector))
+    return model
+
+
+def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The trained weights only (adapter, saved projector, or every trainable tensor in full fine-tuning)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def is_peft(model: Any) -> bool:
+    return isinstance(model, PeftModel)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store; their target metadata is ``jobstore``'s."""
