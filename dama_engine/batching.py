@@ -68,9 +68,7 @@ class PairEncoder:
     def _answer_suffix(self, row: PreferenceRow, prompt_text: str, answer: str, name: str) -> str:
         full = self.processor.apply_chat_template(row.conversation(answer), tokenize=False)
         if not full.startswith(prompt_text):
-            raise EncodingError(
-                row, name, "the chat template renders the prompt differently once an answer follows it"
-            )
+            raise EncodingError(row, name, "the chat template renders the prompt differently once an answer follows it")
         return full[len(prompt_text) :]
 
     def encode(self, row: PreferenceRow, index: int = 0, *, with_images: bool = True) -> EncodedPair:
@@ -87,7 +85,12 @@ class PairEncoder:
         answers = []
         for name, answer in (("chosen", row.chosen), ("rejected", row.rejected)):
             suffix = self._answer_suffix(row, prompt_text, answer, name)
-            answers.append(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+            ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            # Some templates (LLaVA-1.5's) end the assistant turn without EOS; score the stop as TRL does.
+            eos = self.tokenizer.eos_token_id
+            if eos is not None and eos not in ids:
+                ids = [*ids, eos]
+            answers.append(ids)
         chosen_ids, rejected_ids = answers
 
         room = self.max_length - len(prompt_ids)

@@ -52,6 +52,8 @@ class ProgressPrinter(Callback):
     def on_progress(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
+        if self.stage_bar is not None and (self.stage_bar.total != total or done < self.stage_bar.n):
+            self._close_stage_bar()  # a new pass of the same stage (e.g. the held-out split)
         if self.stage_bar is None:
             self.stage_bar = tqdm(total=total, desc=stage, unit="pair", file=self.stream, dynamic_ncols=True)
         self.stage_bar.n = done
@@ -87,7 +89,9 @@ class ProgressPrinter(Callback):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dama-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dama-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("config", nargs="?", help="YAML config file (see README: Configuration)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.learning_rate=1e-5")
     parser.add_argument("--demo", action="store_true", help="train the tiny demo model on synthetic data")
@@ -97,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show the stages; per-file loading bars are noise
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")

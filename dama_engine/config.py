@@ -68,6 +68,7 @@ class ObjectiveSection(_Section):
     keep_ratio: float = Field(default=0.8, gt=0, le=1)
     gamma: float = Field(default=0.9, ge=0, lt=1)
     beta_min: float = Field(default=1e-3, gt=0)
+    beta_max: float = Field(default=1e6, gt=0)
     filter_std: Literal["fixed", "running"] = "fixed"
     filter_sigma: float = Field(default=1.0, gt=0)
     ema_source: Literal["all", "kept"] = "all"
@@ -101,7 +102,9 @@ class OptimSection(_Section):
 
 class RunSection(_Section):
     output_dir: str = "runs/dama"
-    cache_dir: str | None = Field(default=None, description="Reference log-probs and hardness cache; default under output_dir.")
+    cache_dir: str | None = Field(
+        default=None, description="Reference log-probs and hardness cache; default under output_dir."
+    )
     checkpoint_every: int | None = Field(default=None, gt=0, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(default=2, gt=0)
     eval_every: int | None = Field(default=None, gt=0, description="Evaluate on the held-out split every N steps.")
@@ -175,4 +178,3 @@ def parse_config(values: dict[str, Any]) -> TrainConfig:
             where = ".".join(str(part) for part in item["loc"]) or "config"
             lines.append(f"{where}: {item['msg']}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
-

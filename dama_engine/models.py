@@ -42,10 +42,6 @@ def load_model(section: ModelSection, *, dtype: torch.dtype) -> Any:
     )
 
 
-def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") or f".{p}." in f".{name}." for p in prefixes)
-
-
 def make_trainable(model: Any, section: LoraSection) -> Any:
     """Wrap ``model`` for training: a peft LoRA adapter on the language model (default) or full fine-tuning.
 
@@ -54,19 +50,25 @@ def make_trainable(model: Any, section: LoraSection) -> Any:
     """
     family = family_for(model)
     if section.enabled:
-        targets = section.target_modules or family.lora_target_modules(model)
+        projector = [name for name, _ in model.named_modules() if name in family.projector_prefixes]
         config = LoraConfig(
             r=section.r,
             lora_alpha=section.alpha,
             lora_dropout=section.dropout,
-            target_modules=targets,
-            modules_to_save=list(family.projector_modules(model)) if section.train_projector else None,
+            # A regex over the language model's projections keeps LoRA off the vision tower and projector.
+            target_modules=section.target_modules or family.lora_target_regex,
+            modules_to_save=projector if section.train_projector else None,
             bias="none",
         )
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        if not section.freeze_vision_tower:
+            for name, parameter in peft_model.named_parameters():
+                if family.is_vision_tower_param(name):
+                    parameter.requires_grad_(True)
+        return peft_model
     for name, parameter in model.named_parameters():
-        frozen_vision = section.freeze_vision_tower and _matches(name, family.vision_prefixes)
-        frozen_projector = not section.train_projector and _matches(name, family.projector_prefixes)
+        frozen_vision = section.freeze_vision_tower and family.is_vision_tower_param(name)
+        frozen_projector = not section.train_projector and family.is_projector_param(name)
         parameter.requires_grad_(not (frozen_vision or frozen_projector))
     return model
 

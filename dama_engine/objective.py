@@ -44,6 +44,8 @@ class ObjectiveConfig:
         keep_ratio: share of the global batch kept by the filtering draw, in (0, 1] (section 2.2).
         gamma: momentum of the running mean of the reward gap, in [0, 1) (section 2).
         beta_min: clamp floor of every per-pair beta (section 3).
+        beta_max: [decision, not in the paper] clamp ceiling: alpha_M = 1/sigma(R_bar) grows without bound when the
+            running gap is very negative; the cap keeps beta * R finite. Far above any beta seen in practice.
         filter_std: [decision] ``fixed`` uses ``filter_sigma`` as the Gaussian width, as the released code;
             ``running`` uses the running std of the gap, as beta-DPO. ``beta_dpo`` always uses the running std.
         filter_sigma: the fixed width ``s`` of the Gaussian filter weights (section 2.2).
@@ -58,6 +60,7 @@ class ObjectiveConfig:
     keep_ratio: float = 0.8
     gamma: float = 0.9
     beta_min: float = 1e-3
+    beta_max: float = 1e6
     filter_std: Literal["fixed", "running"] = "fixed"
     filter_sigma: float = 1.0
     ema_source: Literal["all", "kept"] = "all"
@@ -78,6 +81,8 @@ class ObjectiveConfig:
             raise ValueError(f"gamma: must lie in [0, 1), got {self.gamma}")
         if not self.beta_min > 0:
             raise ValueError(f"beta_min: must be > 0, got {self.beta_min}")
+        if not self.beta_max > self.beta_min:
+            raise ValueError(f"beta_max: must be > beta_min, got {self.beta_max}")
         if self.filter_std not in ("fixed", "running"):
             raise ValueError(f"filter_std: must be 'fixed' or 'running', got {self.filter_std!r}")
         _check_finite("filter_sigma", self.filter_sigma)
@@ -177,11 +182,11 @@ def _check_logps(**tensors: torch.Tensor | None) -> int:
     return size
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside an initialised process group."""
+def _world_size() -> int:
+    """Processes in the default group; 1 outside an initialised process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _gather_gaps(local_gap: torch.Tensor, world_size: int) -> tuple[torch.Tensor, int]:
@@ -200,9 +205,7 @@ def _gather_gaps(local_gap: torch.Tensor, world_size: int) -> tuple[torch.Tensor
     return torch.cat([g[:c] for g, c in zip(gathered, counts, strict=True)]), sum(counts[:rank])
 
 
-def gumbel_top_k(
-    log_weights: torch.Tensor, k: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def gumbel_top_k(log_weights: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw ``k`` indices without replacement with probability proportional to ``exp(log_weights)``.
 
     Gumbel-top-k: the ``k`` largest of ``log w_i + G_i`` with ``G_i`` standard Gumbel noise are a draw without
@@ -222,7 +225,9 @@ def gumbel_top_k(
 
 def data_factor(hardness: torch.Tensor, hardness_mean: float) -> torch.Tensor:
     """``alpha_D,i = sigma(delta_i) / sigma(delta_bar)`` (DAMA.md section 1.4). Easy pairs get > 1."""
-    return torch.sigmoid(hardness) / torch.sigmoid(torch.tensor(hardness_mean, dtype=hardness.dtype))
+    # A ratio of log-sigmoids in float64: sigmoid itself underflows to 0 for very negative arguments.
+    log_ratio = F.logsigmoid(hardness.double()) - F.logsigmoid(torch.tensor(float(hardness_mean), dtype=torch.float64))
+    return log_ratio.exp().to(hardness.dtype)
 
 
 def preference_loss(
@@ -274,7 +279,7 @@ def preference_loss(
     reward_gap = chosen_logratio - rejected_logratio  # R_i, with gradient through the policy
     gap_local = reward_gap.detach()
 
-    rank, world_size = _distributed()
+    world_size = _world_size()
     gap, offset = _gather_gaps(gap_local, world_size)
     n_global = gap.shape[0]
     dtype, device = gap.dtype, gap.device
@@ -294,7 +299,12 @@ def preference_loss(
     elif config.filters:
         width = config.filter_sigma if config.filter_std == "fixed" else max(state.reward_gap_std, config.std_eps)
         keep_global = _filter(gap, r_bar, width, config, generator, world_size)
-        alpha_m = torch.sigmoid(gap[keep_global]).mean() / torch.sigmoid(r_bar)
+        # mean sigma(R_kept) / sigma(R_bar), in log space and float64 so a very negative R_bar cannot give 0/0.
+        kept_gap = gap[keep_global].double()
+        log_alpha_m = (
+            torch.logsumexp(F.logsigmoid(kept_gap), 0) - math.log(kept_gap.numel()) - F.logsigmoid(r_bar.double())
+        )
+        alpha_m = log_alpha_m.exp().to(dtype)
         new_mean, new_std = _ema(state, gap, gap[keep_global], config)
     else:
         # No filtering: R_bar is still tracked (and logged) so a run can switch methods on resume.
@@ -307,7 +317,7 @@ def preference_loss(
         assert hardness is not None and hardness_mean is not None
         alpha_d = data_factor(hardness.detach().to(dtype), float(hardness_mean)).to(device)
     raw_beta = batch_beta * alpha_d * alpha_m
-    beta = raw_beta.clamp(min=config.beta_min).detach()
+    beta = raw_beta.clamp(min=config.beta_min, max=config.beta_max).detach()
 
     losses = -F.logsigmoid(beta.to(reward_gap.dtype) * reward_gap)
     kept = keep_mask.to(losses.dtype)
@@ -348,7 +358,7 @@ def _filter(
 ) -> torch.Tensor:
     """Gaussian-weighted draw of ``K = max(1, floor(keep_ratio * N))`` pairs (section 2.2), same on all ranks."""
     n = gap.shape[0]
-    k = max(1, math.floor(config.keep_ratio * n))
+    k = max(1, math.floor(config.keep_ratio * n + 1e-9))  # 0.7 * 90 is 62.999...: floor must give 63
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=gap.device)
     log_weights = -((gap - center) ** 2) / (2 * width**2)

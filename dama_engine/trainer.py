@@ -30,6 +30,7 @@ from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.export import export_adapter
 from dama_engine.hardness import HardnessConfig, compute_hardness
+from dama_engine.hardness import cache_key as hardness_cache_key
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import (
     is_peft,
@@ -219,7 +220,7 @@ def _hardness(
         aggregation=config.hardness.aggregation,
         splitter=config.hardness.splitter,
         batch_size=config.hardness.batch_size,
-        device=str(device),
+        device=device.type,
     )
 
     def compute() -> torch.Tensor:
@@ -228,8 +229,7 @@ def _hardness(
         )
         return result.delta.float()
 
-    key = {"rows": rows_fingerprint(train_rows), "hardness": hcfg.__dict__ | {"device": None}}
-    delta = tensor_cache(cache_dir, "hardness", key, compute, accelerator)
+    delta = tensor_cache(cache_dir, "hardness", hardness_cache_key(train_rows, hcfg), compute, accelerator)
     # delta_bar is computed from the data (shared/DAMA.md section 1.3), never a constant.
     return delta, float(delta.double().mean())
 
@@ -336,8 +336,13 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if eval_split is not None and state.step == 0 and is_main:
         callback.on_stage("evaluating", {"when": "before", "pairs": len(eval_rows)})
         eval_before = evaluate_pairs(
-            model, eval_split, encoder, beta=objective_config.beta, batch_size=optim.batch_size,
-            device=device, accelerator=accelerator,
+            model,
+            eval_split,
+            encoder,
+            beta=objective_config.beta,
+            batch_size=optim.batch_size,
+            device=device,
+            accelerator=accelerator,
         )
         _append_jsonl(metrics_path, {"step": 0, **eval_before})
         callback.on_eval(0, eval_before)
@@ -398,8 +403,13 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         if eval_split is not None and config.run.eval_every and state.step % config.run.eval_every == 0:
             if is_main and state.step < total_steps:
                 results = evaluate_pairs(
-                    model, eval_split, encoder, beta=objective_config.beta, batch_size=optim.batch_size,
-                    device=device, accelerator=accelerator,
+                    model,
+                    eval_split,
+                    encoder,
+                    beta=objective_config.beta,
+                    batch_size=optim.batch_size,
+                    device=device,
+                    accelerator=accelerator,
                 )
                 _append_jsonl(metrics_path, {"step": state.step, **results})
                 callback.on_eval(state.step, results)
@@ -441,8 +451,13 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if eval_split is not None and is_main:
         callback.on_stage("evaluating", {"when": "after", "pairs": len(eval_rows)})
         result.eval_after = evaluate_pairs(
-            model, eval_split, encoder, beta=objective_config.beta, batch_size=optim.batch_size,
-            device=device, accelerator=accelerator,
+            model,
+            eval_split,
+            encoder,
+            beta=objective_config.beta,
+            batch_size=optim.batch_size,
+            device=device,
+            accelerator=accelerator,
         )
         _append_jsonl(metrics_path, {"step": state.step, **result.eval_after})
         callback.on_eval(state.step, result.eval_after)
