@@ -141,7 +141,7 @@ def _pair_log_probs_all(
     rows: list[PreferenceRow],
     batch_size: int,
     device: torch.device,
-    accelerator: Accelerator,
+    bf16: bool,
     progress: Any = None,
 ) -> torch.Tensor:
     """(N, 2) summed log-probs of every row's chosen and rejected answer under ``model`` as it is."""
@@ -149,7 +149,7 @@ def _pair_log_probs_all(
     for start in range(0, len(rows), batch_size):
         indices = list(range(start, min(start + batch_size, len(rows))))
         batch = _encode_batch(encoder, rows, indices).to(device)
-        with accelerator.autocast():
+        with _autocast(device, bf16):
             chosen, rejected = pair_log_probs(model, batch)
         out[indices, 0] = chosen.float().cpu()
         out[indices, 1] = rejected.float().cpu()
@@ -179,12 +179,12 @@ def evaluate_pairs(
     beta: float,
     batch_size: int,
     device: torch.device,
-    accelerator: Accelerator,
+    bf16: bool,
 ) -> dict[str, float]:
     """Held-out DPO loss (base beta), preference accuracy and reward margin of the model as it is now."""
     was_training = model.training
     model.eval()
-    policy = _pair_log_probs_all(model, encoder, split.rows, batch_size, device, accelerator)
+    policy = _pair_log_probs_all(model, encoder, split.rows, batch_size, device, bf16)
     if was_training:
         model.train()
     output = preference_loss(
@@ -243,10 +243,10 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
     objective_config = config.objective.build()
 
-    accelerator = Accelerator(
-        mixed_precision="bf16" if _wants_bf16(config) else "no",
-        cpu=not torch.cuda.is_available(),
-    )
+    # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate keeps that setting in
+    # a process-wide singleton, so a second run in the same process (a worker) could not choose another.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    bf16 = _wants_bf16(config)
     device = accelerator.device
     rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(optim.seed)
@@ -298,7 +298,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                     rows,
                     optim.batch_size,
                     device,
-                    accelerator,
+                    bf16,
                     progress=lambda done, total: callback.on_progress("reference", done, total),
                 )
             model.train()
@@ -342,7 +342,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             beta=objective_config.beta,
             batch_size=optim.batch_size,
             device=device,
-            accelerator=accelerator,
+            bf16=bf16,
         )
         _append_jsonl(metrics_path, {"step": 0, **eval_before})
         callback.on_eval(0, eval_before)
@@ -363,7 +363,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             sync = micro == optim.grad_accumulation - 1
             # Gradients are all-reduced across ranks only on the last micro-batch of the step.
             with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
-                with accelerator.autocast():
+                with _autocast(device, bf16):
                     policy_chosen, policy_rejected = pair_log_probs(ddp_model, batch)
                 reference = train_split.reference[indices].to(device)
                 hardness = train_split.hardness[indices].to(device) if train_split.hardness is not None else None
@@ -409,7 +409,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                     beta=objective_config.beta,
                     batch_size=optim.batch_size,
                     device=device,
-                    accelerator=accelerator,
+                    bf16=bf16,
                 )
                 _append_jsonl(metrics_path, {"step": state.step, **results})
                 callback.on_eval(state.step, results)
@@ -457,7 +457,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             beta=objective_config.beta,
             batch_size=optim.batch_size,
             device=device,
-            accelerator=accelerator,
+            bf16=bf16,
         )
         _append_jsonl(metrics_path, {"step": state.step, **result.eval_after})
         callback.on_eval(state.step, result.eval_after)
@@ -481,6 +481,13 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     accelerator.wait_for_everyone()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast (LoRA weights stay float32; their matmuls run in bf16), or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _wants_bf16(config: TrainConfig) -> bool:
