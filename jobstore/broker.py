@@ -1,0 +1,51 @@
+"""The Celery app both sides build from the settings: the API sends tasks by name, workers run them.
+
+Acknowledgement: **early ack + heartbeats + a sweeper**, not late ack. A fine-tuning job runs for hours or days;
+late ack would need a broker visibility timeout longer than any job (Redis re-delivers unacked messages after it),
+so a crashed worker's job would wait that long, and a long job could be delivered twice. Instead the message is
+acked when a worker takes it, the worker heartbeats into the job store, and the sweeper re-queues a job whose
+heartbeat went silent (resuming from its last checkpoint). Postgres, not Redis, is the source of truth: losing the
+broker loses no job (the sweeper also re-sends queued jobs nobody claimed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from jobstore.settings import Settings
+
+RUN_JOB_TASK = "dama.run_job"
+SWEEP_TASK = "dama.sweep"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("dama", broker=settings.resolved_broker_url, set_as_current=False)
+    conf: dict[str, Any] = {
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": False,
+        "worker_prefetch_multiplier": 1,  # one job at a time per GPU worker
+        "task_default_queue": settings.default_queue,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        # The embedded default: messages are files in one folder that the API and the worker share.
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    app.conf.update(conf)
+    return app
+
+
+def enqueue_job(app: Celery, *, job_id: str, queue: str) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)

@@ -1,0 +1,424 @@
+"""Keyword-only functions over the job store. Callers own the session and its transaction.
+
+Status changes go through :func:`set_status` (and :func:`claim_job`, a conditional update), so the state machine
+in :mod:`jobstore.states` is the only judge of what is legal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from jobstore.models import (
+    ApiKey,
+    Artifact,
+    Checkpoint,
+    Dataset,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobMetric,
+    Tenant,
+    utcnow,
+)
+from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
+
+ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+
+# ---- tenants and API keys ------------------------------------------------------------------------------------
+
+
+def hash_api_key(key: str, *, pepper: str) -> str:
+    """HMAC-SHA256 of the key with the service's pepper: the database never holds a usable key."""
+    return hmac.new(pepper.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, *, tenant_id: str, pepper: str) -> tuple[ApiKey, str]:
+    """A new key for the tenant: the row, and the plaintext key (shown once, never stored)."""
+    plaintext = "dama_" + secrets.token_urlsafe(32)
+    row = ApiKey(tenant_id=tenant_id, key_hash=hash_api_key(plaintext, pepper=pepper), prefix=plaintext[:12])
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def tenant_for_key(session: Session, *, key: str, pepper: str) -> Tenant | None:
+    row = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_api_key(key, pepper=pepper), ApiKey.revoked_at.is_(None))
+    )
+    return session.get(Tenant, row.tenant_id) if row is not None else None
+
+
+# ---- pagination ------------------------------------------------------------------------------------------------
+
+
+def _page(session: Session, query: Any, model: Any, *, limit: int, after: str | None) -> tuple[list[Any], bool]:
+    """Newest first; ``after`` is the id of the last item of the previous page (ids sort by creation)."""
+    if after is not None:
+        query = query.where(model.id < after)
+    rows = list(session.scalars(query.order_by(model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+# ---- datasets -------------------------------------------------------------------------------------------------
+
+
+def create_dataset(
+    session: Session,
+    *,
+    dataset_id: str,
+    tenant_id: str,
+    name: str,
+    format: str,
+    row_count: int,
+    image_count: int,
+    size_bytes: int,
+    sha256: str,
+    path: str,
+    report: dict[str, Any],
+) -> Dataset:
+    dataset = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        format=format,
+        row_count=row_count,
+        image_count=image_count,
+        size_bytes=size_bytes,
+        sha256=sha256,
+        path=path,
+        report=report,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+
+
+def list_datasets(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
+    return _page(session, select(Dataset).where(Dataset.tenant_id == tenant_id), Dataset, limit=limit, after=after)
+
+
+def dataset_in_use(session: Session, *, dataset_id: str) -> bool:
+    """Whether a job that has not ended reads this dataset (for training or evaluation)."""
+    jobs = session.scalars(select(Job).where(Job.status.in_([s.value for s in ACTIVE])))
+    return any(job.dataset_id == dataset_id or _eval_dataset(job) == dataset_id for job in jobs)
+
+
+def _eval_dataset(job: Job) -> str | None:
+    evaluation = (job.spec or {}).get("evaluation") or {}
+    return evaluation.get("dataset_id")
+
+
+def delete_dataset(session: Session, *, dataset: Dataset) -> None:
+    session.delete(dataset)
+    session.flush()
+
+
+# ---- idempotency ---------------------------------------------------------------------------------------------
+
+
+def find_idempotency_key(session: Session, *, tenant_id: str, endpoint: str, key: str) -> IdempotencyKey | None:
+    return session.get(IdempotencyKey, (tenant_id, endpoint, key))
+
+
+def remember_idempotency_key(
+    session: Session, *, tenant_id: str, endpoint: str, key: str, request_hash: str, resource_id: str
+) -> None:
+    session.add(
+        IdempotencyKey(
+            tenant_id=tenant_id, endpoint=endpoint, key=key, request_hash=request_hash, resource_id=resource_id
+        )
+    )
+    session.flush()
+
+
+def prune_idempotency_keys(session: Session, *, older_than: timedelta) -> int:
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < utcnow() - older_than))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    spec: dict[str, Any],
+    dataset_id: str | None,
+    queue: str,
+    kind: str = "training",
+) -> Job:
+    job = Job(tenant_id=tenant_id, spec=spec, dataset_id=dataset_id, queue=queue, kind=kind, status="queued")
+    session.add(job)
+    session.flush()
+    add_events(session, job_id=job.id, events=[("status", "job created and queued", {"status": "queued"})])
+    return job
+
+
+def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> Job | None:
+    query = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return session.scalar(query)
+
+
+def list_jobs(
+    session: Session, *, tenant_id: str, limit: int, after: str | None, status: str | None = None
+) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return _page(session, query, Job, limit=limit, after=after)
+
+
+def add_events(
+    session: Session, *, job_id: str, events: Sequence[tuple[str, str, dict[str, Any] | None]]
+) -> list[JobEvent]:
+    """Append events with consecutive sequence numbers (an atomic counter on the job row orders them)."""
+    if not events:
+        return []
+    last = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(event_count=Job.event_count + len(events))
+        .returning(Job.event_count)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    first = last - len(events) + 1
+    rows = [
+        JobEvent(job_id=job_id, seq=first + i, type=kind, message=message, data=data)
+        for i, (kind, message, data) in enumerate(events)
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) -> tuple[list[JobEvent], bool]:
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+            .order_by(JobEvent.seq)
+            .limit(limit + 1)
+        )
+    )
+    return rows[:limit], len(rows) > limit
+
+
+def set_status(
+    session: Session,
+    *,
+    job: Job,
+    status: str,
+    message: str | None = None,
+    error_kind: ErrorKind | None = None,
+    error_message: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> Job:
+    """Move ``job`` to ``status`` (raises :class:`IllegalTransition`), stamp times, record an event."""
+    # Lock the row on Postgres so a concurrent cancel and finish cannot both pass the check.
+    session.refresh(job, with_for_update=session.get_bind().dialect.name == "postgresql")
+    target = check_transition(job.status, status)
+    job.status = target.value
+    now = utcnow()
+    if target in TERMINAL:
+        job.finished_at = now
+        job.eta_seconds = None
+        if target == JobStatus.succeeded:
+            job.progress = 1.0
+    if error_kind is not None:
+        job.error_kind = error_kind.value
+        job.error_message = error_message
+    if result is not None:
+        job.result = result
+    data: dict[str, Any] = {"status": target.value}
+    if error_kind is not None:
+        data["error"] = {"kind": error_kind.value, "message": error_message}
+    add_events(session, job_id=job.id, events=[("status", message or f"job {target.value}", data)])
+    return job
+
+
+def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
+    """Take a queued job for this worker. Only a ``queued`` job can be claimed, so a redelivered message (or
+    two workers racing) is harmless: the conditional update succeeds for exactly one of them."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(
+            status=JobStatus.running.value,
+            worker=worker,
+            attempts=Job.attempts + 1,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(claimed, "rowcount", 0) != 1:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_events(
+        session,
+        job_id=job_id,
+        events=[("status", f"claimed by {worker} (attempt {job.attempts})", {"status": "running", "worker": worker})],
+    )
+    return job
+
+
+def request_cancel(session: Session, *, job: Job) -> Job:
+    """queued -> cancelled at once; running -> cancelling (the worker stops within one optimizer step)."""
+    if job.status == JobStatus.queued.value:
+        return set_status(session, job=job, status=JobStatus.cancelled.value, message="cancelled before it started")
+    if job.status == JobStatus.running.value:
+        return set_status(session, job=job, status=JobStatus.cancelling.value, message="cancellation requested")
+    if job.status == JobStatus.cancelling.value:
+        return job
+    raise IllegalTransition(job.status, JobStatus.cancelled.value)
+
+
+def record_progress(
+    session: Session,
+    *,
+    job_id: str,
+    stage: str | None = None,
+    step: int | None = None,
+    total_steps: int | None = None,
+    progress: float | None = None,
+    eta_seconds: float | None = None,
+) -> str | None:
+    """Write progress and a heartbeat while the job runs; return its current status (None if gone)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    for name, value in (
+        ("stage", stage),
+        ("step", step),
+        ("total_steps", total_steps),
+        ("progress", progress),
+        ("eta_seconds", eta_seconds),
+    ):
+        if value is not None:
+            values[name] = value
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def add_metrics(session: Session, *, job_id: str, points: Iterable[tuple[int, str, float]]) -> int:
+    rows = [JobMetric(job_id=job_id, step=step, key=key, value=value) for step, key, value in points]
+    session.add_all(rows)
+    session.flush()
+    return len(rows)
+
+
+def delete_metrics_after(session: Session, *, job_id: str, step: int) -> None:
+    """On resume from a checkpoint, drop points past it: the run logs those steps again."""
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
+
+
+def metric_series(session: Session, *, job_id: str, keys: Sequence[str] | None = None) -> dict[str, list[list[float]]]:
+    """``{key: [[step, value], ...]}`` in step order."""
+    query = select(JobMetric.key, JobMetric.step, JobMetric.value).where(JobMetric.job_id == job_id)
+    if keys:
+        query = query.where(JobMetric.key.in_(list(keys)))
+    series: dict[str, list[list[float]]] = {}
+    for key, step, value in session.execute(query.order_by(JobMetric.key, JobMetric.step)):
+        series.setdefault(key, []).append([step, value])
+    return series
+
+
+def add_checkpoint(session: Session, *, job_id: str, step: int, path: str) -> Checkpoint:
+    checkpoint = Checkpoint(job_id=job_id, step=step, path=path)
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+def add_artifact(
+    session: Session, *, tenant_id: str, job_id: str | None, kind: str, path: str, size_bytes: int, sha256: str
+) -> Artifact:
+    artifact = Artifact(tenant_id=tenant_id, job_id=job_id, kind=kind, path=path, size_bytes=size_bytes, sha256=sha256)
+    session.add(artifact)
+    session.flush()
+    return artifact
+
+
+def get_artifact(session: Session, *, job_id: str, kind: str) -> Artifact | None:
+    return session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind).order_by(Artifact.id.desc())
+    )
+
+
+# ---- the sweeper ---------------------------------------------------------------------------------------------
+
+
+def stale_jobs(session: Session, *, older_than: datetime) -> list[Job]:
+    """Jobs marked running or cancelling whose worker has not heartbeaten since ``older_than``."""
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < older_than),
+            )
+        )
+    )
+
+
+def orphaned_queued_jobs(session: Session, *, older_than: datetime) -> list[Job]:
+    """Queued jobs not claimed since ``older_than`` (their message may have been lost): enqueue them again."""
+    return list(
+        session.scalars(select(Job).where(and_(Job.status == JobStatus.queued.value, Job.updated_at < older_than)))
+    )
+
+
+def recover_stale_job(session: Session, *, job: Job, max_attempts: int) -> str:
+    """A job whose worker died: re-queue it (it resumes from its last checkpoint) or fail it after the limit."""
+    if job.status == JobStatus.cancelling.value:
+        set_status(session, job=job, status=JobStatus.cancelled.value, message="worker lost while cancelling")
+    elif job.attempts >= max_attempts:
+        set_status(
+            session,
+            job=job,
+            status=JobStatus.failed.value,
+            error_kind=ErrorKind.system_error,
+            error_message=f"the worker stopped responding {job.attempts} times; giving up",
+        )
+    else:
+        set_status(
+            session,
+            job=job,
+            status=JobStatus.queued.value,
+            message=f"worker {job.worker} stopped responding; re-queued (attempt {job.attempts} of {max_attempts})",
+        )
+        job.worker = None
+    return job.status

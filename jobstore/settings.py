@@ -1,0 +1,63 @@
+"""The one settings object of a service process (``DAMA_`` environment variables), read at entry points only.
+
+With nothing set, everything runs on one machine with no external servers (the embedded default): SQLite for
+the job store, Celery's filesystem transport as the broker, and a local folder for artifacts. Setting
+``DAMA_DATABASE_URL`` and ``DAMA_BROKER_URL`` switches to Postgres and Redis with the same code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(".dama")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DAMA_", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        default="development", description="production refuses unsafe defaults (no key pepper, SQLite)."
+    )
+    home: Path = Field(default=DEFAULT_HOME, description="Root of the embedded default's files.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home.")
+    broker_url: str | None = Field(default=None, description="Celery broker; default: filesystem under home.")
+    artifacts_dir: Path | None = Field(default=None, description="Datasets, adapters; default under home.")
+    api_key_pepper: str = Field(default="", description="Secret mixed into API-key hashes. Required in production.")
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest accepted dataset upload.")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0, description="A running job silent this long is stale.")
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, gt=0, description="Runs of one job before it fails with system_error.")
+    default_queue: str = Field(default="gpu", description="Celery queue of jobs that name none.")
+    metrics_flush_s: float = Field(default=1.0, gt=0, description="Worker buffers metrics/events this long.")
+    model_cache_dir: Path | None = Field(default=None, description="Where workers keep models (HF_HOME).")
+
+    @model_validator(mode="after")
+    def _safe_in_production(self) -> Settings:
+        if self.environment == "production":
+            if len(self.api_key_pepper) < 16:
+                raise ValueError("DAMA_API_KEY_PEPPER: set a secret of at least 16 characters in production")
+            if self.database_url is None or self.database_url.startswith("sqlite"):
+                raise ValueError("DAMA_DATABASE_URL: production needs a server database (Postgres), not SQLite")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'dama.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the filesystem transport keeps its messages (embedded default only)."""
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.home / "artifacts").resolve()

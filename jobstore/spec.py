@@ -1,0 +1,94 @@
+"""The job spec: what a client sends to ``POST /jobs``, what is stored on the job, what the worker runs.
+
+The worker turns it into the engine's config (``worker.engine_config``); field names follow the engine's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
+
+# Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
+TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Spec):
+    beta: float = Field(default=0.1, gt=0, description="Base DPO temperature (DAMA.md section 3).")
+    keep_ratio: float = Field(
+        default=0.8, gt=0, le=1, description="Share of each batch kept by the model-aware filter."
+    )
+    gamma: float = Field(default=0.9, ge=0, lt=1, description="Momentum of the running reward-gap mean.")
+    learning_rate: float = Field(default=2e-5, gt=0, description="AdamW learning rate (LoRA default 2e-5).")
+    epochs: int = Field(default=1, gt=0, le=100)
+    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(default=4, gt=0, le=1024, description="Pairs per GPU per micro-batch.")
+    grad_accumulation: int = Field(default=1, gt=0, le=1024)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_length: int = Field(default=2048, gt=0, description="Tokens per sequence, image tokens included.")
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every N steps.")
+    eval_every: int | None = Field(default=None, gt=0, description="Held-out evaluation every N steps.")
+
+
+class LoraSpec(_Spec):
+    enabled: bool = Field(default=True, description="false: full fine-tune (for models that fit).")
+    r: int = Field(default=16, gt=0, le=1024)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, description="Default: the family's LM projections.")
+    train_projector: bool = Field(default=False, description="Also train the multimodal projector.")
+
+
+class EvaluationSpec(_Spec):
+    dataset_id: str | None = Field(default=None, description="Held-out pairs (an uploaded dataset).")
+    holdout_fraction: float = Field(default=0.0, ge=0, lt=1, description="Or hold out this share of the data.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationSpec:
+        if self.dataset_id and self.holdout_fraction:
+            raise ValueError("give evaluation.dataset_id or evaluation.holdout_fraction, not both")
+        return self
+
+
+class JobSpec(_Spec):
+    """A DAMA fine-tuning job."""
+
+    model: str = Field(
+        description="Base model: a hub name, a path on the workers, or a built-in tiny model "
+        "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3).",
+        examples=["llava-hf/llava-1.5-7b-hf"],
+        min_length=1,
+        max_length=300,
+    )
+    dataset_id: str = Field(
+        description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
+    )
+    method: Method = Field(default="dama", description="dpo, beta_dpo, dama_data, dama_model or dama (DAMA.md 4).")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    evaluation: EvaluationSpec | None = Field(default=None, description="Held-out preference evaluation.")
+    hardness_scorer: str = Field(
+        default="openai/clip-vit-large-patch14-336",
+        description="CLIP model for data hardness; unused when every row carries scores.",
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own code.")
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
+    queue: str | None = Field(
+        default=None,
+        description="Worker queue (one per GPU class); default: the service's.",
+        pattern=r"^[a-z0-9_.-]{1,100}$",
+    )
+    suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
+
+    @property
+    def tiny_family(self) -> str | None:
+        return TINY_MODELS.get(self.model)
