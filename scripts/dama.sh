@@ -11,7 +11,7 @@ PYTHON="${PYTHON:-python3}"
 # torch 2.14.1 + torchvision 0.29.1: the Qwen2-VL processors need torchvision. Override for another build,
 # e.g. DAMA_TORCH_SPEC="torch==2.13.0" (no Qwen2-VL) or a CUDA build from PyTorch's own index (README).
 TORCH_SPEC="${DAMA_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
-EXTRAS="${DAMA_EXTRAS:-engine,dev}"
+EXTRAS="${DAMA_EXTRAS:-engine,service,dev}"
 
 bootstrap() {
     "$PYTHON" - <<'PY' || { echo "error: Python >= 3.11 is required (set PYTHON=...)" >&2; exit 1; }

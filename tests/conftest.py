@@ -1,0 +1,54 @@
+"""Fixtures shared by the service tests: a fresh Postgres database migrated to head, and Redis.
+
+The machine runs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 127.0.0.1:6379; `.ci/run` starts them
+if they are down. Each test session gets its own database (created and dropped here) and its own Redis
+database number and queue names, so runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("DAMA_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DAMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def _pg_url(database: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A new Postgres database, upgraded to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    name = f"dama_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = _pg_url(name)
+    config = Config(str(Path(__file__).parent.parent / "alembic.ini"))
+    config.attributes["url"] = url
+    command.upgrade(config, "head")
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    return REDIS_URL
