@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     default_queue: str = Field(default="gpu", description="Celery queue of jobs that name none.")
     metrics_flush_s: float = Field(default=1.0, gt=0, description="Worker buffers metrics/events this long.")
     model_cache_dir: Path | None = Field(default=None, description="Where workers keep models (HF_HOME).")
+    api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
+    api_port: int = Field(default=8000, gt=0, lt=65536)
+    worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")
 
     @model_validator(mode="after")
     def _safe_in_production(self) -> Settings:
@@ -57,6 +60,10 @@ class Settings(BaseSettings):
     def broker_folder(self) -> Path:
         """Where the filesystem transport keeps its messages (embedded default only)."""
         return (self.home / "broker").resolve()
+
+    @property
+    def resolved_worker_queues(self) -> list[str]:
+        return [q.strip() for q in (self.worker_queues or self.default_queue).split(",") if q.strip()]
 
     @property
     def resolved_artifacts_dir(self) -> Path:
