@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,17 @@ def save_checkpoint(
     rank: int,
     is_main: bool,
     keep: int,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write a checkpoint (rank 0 writes the shared files, every rank its RNG file); prune old ones."""
+    """Write a checkpoint (rank 0 writes the shared files, every rank its RNG file); prune old ones.
+
+    ``barrier`` waits for every rank (``accelerator.wait_for_everyone``): ``state.json``, which marks the
+    checkpoint complete, is written only once every rank's RNG file is on disk.
+    """
     path = checkpoint_dir(output_dir, state.step)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(generator), path / f"rng-rank{rank}.pt")
+    barrier()
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path / "trainable.safetensors")
         torch.save(optimizer.state_dict(), path / "optimizer.pt")

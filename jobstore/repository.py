@@ -291,6 +291,8 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
 
 def request_cancel(session: Session, *, job: Job) -> Job:
     """queued -> cancelled at once; running -> cancelling (the worker stops within one optimizer step)."""
+    # Decide on the row as it is now (locked on Postgres): a worker may have claimed it since it was read.
+    session.refresh(job, with_for_update=session.get_bind().dialect.name == "postgresql")
     if job.status == JobStatus.queued.value:
         return set_status(session, job=job, status=JobStatus.cancelled.value, message="cancelled before it started")
     if job.status == JobStatus.running.value:
@@ -422,3 +424,51 @@ def recover_stale_job(session: Session, *, job: Job, max_attempts: int) -> str:
         )
         job.worker = None
     return job.status
+
+
+# ---- worker ownership and sweeper locking (used by worker/) --------------------------------------------------
+
+
+def job_owner(session: Session, *, job_id: str) -> tuple[str, str | None, int] | None:
+    """``(status, worker, attempts)`` of a job, read without loading the row (a worker polls this often)."""
+    row = session.execute(select(Job.status, Job.worker, Job.attempts).where(Job.id == job_id)).first()
+    return (row[0], row[1], row[2]) if row is not None else None
+
+
+def lock_owned_job(session: Session, *, job_id: str, worker: str, attempt: int) -> Job | None:
+    """Lock the job for a final write if ``worker`` still runs it in ``attempt`` (running or cancelling), else None.
+
+    A worker whose heartbeats went silent may have been declared dead and its job re-queued (and claimed again);
+    it must then leave the job to its new owner instead of overwriting its status or result."""
+    query = (
+        select(Job)
+        .where(
+            Job.id == job_id,
+            Job.worker == worker,
+            Job.attempts == attempt,
+            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+        )
+        .execution_options(populate_existing=True)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def lock_stale_job(session: Session, *, job_id: str, older_than: datetime) -> Job | None:
+    """Lock a job that is still stale (running or cancelling, silent since ``older_than``) for recovery.
+
+    None when it changed since the sweeper listed it (a heartbeat came, another sweeper re-queued it and a worker
+    claimed it) or when another sweeper holds it (``SKIP LOCKED`` on Postgres): one stale run is recovered once."""
+    query = (
+        select(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < older_than),
+        )
+        .execution_options(populate_existing=True)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return session.scalar(query)

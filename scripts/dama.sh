@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two commands of the README, on a fresh machine with Python 3.11+:
-#   scripts/dama.sh demo [--output-dir DIR]   train the tiny demo model with DAMA and write its adapter
+#   scripts/dama.sh demo [--exit-after-demo]  start the service, run the demo DAMA job through its API, keep serving
 #   scripts/dama.sh test [PYTEST ARGS]        lint, type-check and run the whole test suite
 # Each creates (or reuses) a virtualenv in .venv and installs what the project needs, torch included.
 set -euo pipefail
@@ -38,7 +38,7 @@ case "$cmd" in
     demo)
         bootstrap
         cd "$ROOT"
-        exec "$VENV/bin/dama-train" --demo --output-dir "${DAMA_DEMO_DIR:-runs/demo}" "$@"
+        exec "$VENV/bin/dama" serve --demo "$@"
         ;;
     test)
         bootstrap
@@ -55,7 +55,7 @@ case "$cmd" in
         exit "$rc"
         ;;
     *)
-        echo "usage: scripts/dama.sh demo [--output-dir DIR] | scripts/dama.sh test [PYTEST ARGS]" >&2
+        echo "usage: scripts/dama.sh demo [--exit-after-demo] | scripts/dama.sh test [PYTEST ARGS]" >&2
         exit 2
         ;;
 esac

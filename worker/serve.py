@@ -20,7 +20,6 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -75,15 +74,6 @@ def _demo_archive(folder: Path) -> Path:
     return folder
 
 
-def _progress_line(job: dict[str, Any]) -> str:
-    percent = job.get("progress") or 0.0
-    percent = percent * 100 if percent <= 1 else percent
-    eta = job.get("eta_seconds")
-    eta_text = f", ETA {eta:.0f} s" if isinstance(eta, int | float) else ""
-    step = f"step {job.get('step', 0)}/{job.get('total_steps') or '?'}"
-    return f"[demo] {job['status']:<10} {job.get('stage') or '':<13} {step:<14} {percent:5.1f}%{eta_text}"
-
-
 def run_demo(base_url: str, settings: Settings, out_dir: Path) -> Path:
     """Upload the demo data, run a DAMA job through the API, download and unpack the adapter."""
     engine = make_engine(settings.resolved_database_url)
@@ -114,14 +104,20 @@ def run_demo(base_url: str, settings: Settings, out_dir: Path) -> Path:
     response.raise_for_status()
     job = response.json()
     print(f"[demo] job {job['id']} queued; follow it with GET {base_url}/jobs/{job['id']}/events", flush=True)
-    last = ""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True)
     while job["status"] not in TERMINAL:
         time.sleep(1.0)
         job = client.get(f"/jobs/{job['id']}").json()
-        line = _progress_line(job)
-        if line != last:
-            print(line, flush=True)
-            last = line
+        if job.get("total_steps") and bar.total != job["total_steps"]:
+            bar.total = job["total_steps"]
+        bar.set_description(f"{job['status']} / {job.get('stage') or '-'}")
+        eta = job.get("eta_seconds")
+        bar.set_postfix_str(f"ETA {eta:.0f} s" if isinstance(eta, int | float) else "", refresh=False)
+        bar.n = job.get("step") or 0
+        bar.refresh()
+    bar.close()
     if job["status"] != "succeeded":
         raise SystemExit(f"[demo] job {job['status']}: {json.dumps(job.get('error'))}")
     result = job.get("result") or {}
@@ -183,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    def on_sigterm(*_: object) -> None:
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         _wait_ready(base_url, processes)
         print(f"[serve] API ready at {base_url} (docs: {base_url}/docs)", flush=True)

@@ -1,0 +1,80 @@
+"""The FastAPI application factory: ``uvicorn --factory api.app:create_app`` (or ``dama api``).
+
+Settings are read here, at the entry point, and nowhere else; the engine, session factory, artifact store and
+Celery app are made once per process and kept on ``app.state.services``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api.deps import Services
+from api.errors import install_error_handlers
+from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
+from api.routers import datasets, health, job_outputs, jobs, models
+from jobstore.artifacts import ArtifactStore
+from jobstore.broker import make_celery
+from jobstore.db import make_engine, make_session_factory
+from jobstore.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "0.1.0"
+
+
+def make_services(settings: Settings) -> Services:
+    if settings.database_url is None:  # the embedded default keeps SQLite under DAMA_HOME
+        settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    artifacts = ArtifactStore(settings.resolved_artifacts_dir)
+    artifacts.root.mkdir(parents=True, exist_ok=True)
+    return Services(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        artifacts=artifacts,
+        celery=make_celery(settings),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. ``settings`` default to the ``DAMA_`` environment (tests pass their own)."""
+    settings = settings if settings is not None else Settings()
+    services = make_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        broker = settings.resolved_broker_url.split(":", 1)[0]
+        logger.info(
+            "API up: database %s, broker %s, default queue %r", services.engine.url, broker, settings.default_queue
+        )
+        try:
+            yield
+        finally:
+            services.engine.dispose()
+            services.celery.close()
+
+    app = FastAPI(
+        title=TITLE,
+        description=DESCRIPTION,
+        version=API_VERSION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url="/redoc",
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (datasets, jobs, job_outputs, models, health):
+        app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        return build_openapi(app)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,90 @@
+"""What routes depend on: the process's services, a database session, and the tenant behind the API key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.errors import ApiError
+from jobstore import repository
+from jobstore.artifacts import ArtifactStore
+from jobstore.models import Tenant
+from jobstore.settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request may use, made once per process by :func:`api.app.create_app`."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    artifacts: ArtifactStore
+    celery: Celery
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    """One session per request; routes commit what they change. Closed as soon as the route function returns
+    (scope="function"), so a streamed response holds no database connection."""
+    session = services.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `dama admin create-key --tenant NAME`, sent as `Authorization: Bearer dama_...`.",
+)
+
+
+def get_current_tenant(
+    session: SessionDep,
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or not credentials.credentials:
+        raise ApiError(
+            401,
+            "missing_api_key",
+            "send an API key as 'Authorization: Bearer <key>' (create one with `dama admin create-key`)",
+            headers=challenge,
+        )
+    tenant = repository.tenant_for_key(session, key=credentials.credentials, pepper=services.settings.api_key_pepper)
+    if tenant is None:
+        raise ApiError(401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=challenge)
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+# Pagination parameters shared by the list routes.
+Limit = Annotated[int, Query(ge=1, le=100, description="Items per page (1-100).", examples=[20])]
+After = Annotated[
+    str | None,
+    Query(
+        max_length=100,
+        description="Cursor: the next_cursor of the previous page (the id of its last item).",
+        examples=["job_0194b1c2d3e4a1b2c3d4e5f6"],
+    ),
+]

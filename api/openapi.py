@@ -1,0 +1,109 @@
+"""The OpenAPI document, part of the product: every field described, errors in the one shape the API answers.
+
+FastAPI's document is adjusted in three ways: its 422 ``HTTPValidationError`` is replaced by our
+:class:`~api.schemas.ErrorResponse` (that is what the handler answers); the multipart form of ``POST /datasets``
+(parsed by hand, to stream it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves
+undescribed get a description here (a field described there wins).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.schemas import DatasetUpload, ErrorResponse
+
+TITLE = "DAMA alignment service"
+DESCRIPTION = """
+Fine-tune multimodal LLMs on your preference data with **DAMA** (Data- and Model-aware DPO) and download a LoRA
+adapter that loads with `peft` on top of the base model.
+
+1. `POST /datasets` a preference dataset (TRL, RLAIF-V or OpenAI preference format; an archive with images).
+2. `POST /jobs` a job spec naming the base model, the dataset, the method and hyper-parameters.
+3. Follow `GET /jobs/{id}` (status, stage, step, percent, ETA), `GET /jobs/{id}/events` (also live as
+   `text/event-stream`) and `GET /jobs/{id}/metrics`.
+4. `GET /jobs/{id}/adapter` once the job succeeded.
+
+**Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
+**Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
+**Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
+**Retries**: send an `Idempotency-Key` header with `POST /datasets` and `POST /jobs`.
+""".strip()
+
+TAGS: list[dict[str, Any]] = [
+    {"name": "datasets", "description": "Upload, inspect and delete preference datasets (validated on upload)."},
+    {"name": "jobs", "description": "Create, list, inspect and cancel fine-tuning jobs."},
+    {"name": "job outputs", "description": "Events (paged or live), metric series, checkpoints and the adapter."},
+    {"name": "models", "description": "Supported model families and built-in tiny models."},
+    {"name": "health", "description": "Liveness and readiness probes (no auth)."},
+]
+
+# Descriptions (and examples) of job-spec fields that jobstore.spec leaves bare.
+SPEC_FIELD_DOCS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("Hyperparameters", "beta"): ("Base DPO temperature.", 0.1),
+    ("Hyperparameters", "epochs"): ("Passes over the training data (unless max_steps is set).", 1),
+    ("Hyperparameters", "grad_accumulation"): ("Micro-batches accumulated per optimizer step.", 4),
+    ("Hyperparameters", "warmup_ratio"): ("Share of the steps spent warming the learning rate up.", 0.1),
+    ("Hyperparameters", "weight_decay"): ("AdamW weight decay.", 0.0),
+    ("Hyperparameters", "gradient_checkpointing"): ("Recompute activations to save GPU memory.", False),
+    ("Hyperparameters", "seed"): ("Random seed (data order, LoRA init, dropout).", 0),
+    ("LoraSpec", "r"): ("LoRA rank.", 16),
+    ("LoraSpec", "alpha"): ("LoRA scaling numerator (scale = alpha / r).", 32),
+    ("LoraSpec", "dropout"): ("Dropout on the LoRA branch.", 0.05),
+    ("JobSpec", "hyperparameters"): ("Optimisation and DAMA settings.", None),
+    ("JobSpec", "lora"): ("LoRA adapter settings.", None),
+}
+
+
+def _describe_spec_fields(schemas: dict[str, Any]) -> None:
+    for (schema_name, field_name), (description, example) in SPEC_FIELD_DOCS.items():
+        prop = schemas.get(schema_name, {}).get("properties", {}).get(field_name)
+        if prop is None:
+            continue
+        prop.setdefault("description", description)
+        if example is not None and "examples" not in prop:
+            prop["examples"] = [example]
+
+
+def _replace_refs(node: Any, old: str, new: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and value == old:
+                node[key] = new
+            else:
+                _replace_refs(value, old, new)
+    elif isinstance(node, list):
+        for item in node:
+            _replace_refs(item, old, new)
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    schemas: dict[str, Any] = document.setdefault("components", {}).setdefault("schemas", {})
+    template = "#/components/schemas/{model}"
+    for model in (ErrorResponse, DatasetUpload):
+        definition = model.model_json_schema(ref_template=template)
+        for name, nested in definition.pop("$defs", {}).items():
+            schemas.setdefault(name, nested)
+        schemas[model.__name__] = definition
+    _replace_refs(document, "#/components/schemas/HTTPValidationError", "#/components/schemas/ErrorResponse")
+    for paths in document.get("paths", {}).values():
+        for operation in paths.values():
+            response = operation.get("responses", {}).get("422")
+            if response is not None and response.get("description") == "Validation Error":
+                response["description"] = "Invalid request; error.param names the field at fault."
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    _describe_spec_fields(schemas)
+    app.openapi_schema = document
+    return document

@@ -1,0 +1,1 @@
+"""One router per resource: datasets, jobs, job outputs (events, metrics, checkpoints, adapter), models, health."""

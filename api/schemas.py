@@ -1,0 +1,347 @@
+"""Request and response bodies. Names tell the role: ``JobPublic`` is what the API returns for one job,
+``JobsPublic`` a page of them; the job's request body is :class:`jobstore.spec.JobSpec`, shared with the worker.
+
+Conversions from job-store rows live here too (``*_public`` functions), so every route answers the same shape.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from jobstore.models import Checkpoint, Dataset, Job, JobEvent
+from jobstore.spec import JobSpec
+from jobstore.states import JobStatus
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes (stored in UTC); Postgres hands back the session's zone.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai"]
+
+_TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
+_DATASET_ID = "ds_0194b1c2d3e4a1b2c3d4e5f6"
+_JOB_ID = "job_0194b1c2d3e4a1b2c3d4e5f6"
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(_Public):
+    type: str = Field(
+        description="Error class: invalid_request_error, authentication_error, not_found_error, conflict_error, "
+        "request_too_large, rate_limit_error, service_unavailable_error or api_error.",
+        examples=["invalid_request_error"],
+    )
+    code: str = Field(description="Machine-readable reason.", examples=["validation_error"])
+    message: str = Field(
+        description="What is wrong and how to fix it.",
+        examples=["hyperparameters.learning_rate: Input should be greater than 0"],
+    )
+    param: str | None = Field(
+        default=None,
+        description="The request field at fault, as a dotted path (list items as [i]); null when none.",
+        examples=["hyperparameters.learning_rate"],
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Every problem found, when there are several: for a dataset upload "
+        "{row, field, code, reason} (row is 1-based); for a request {param, code, message}.",
+        examples=[[{"row": 2, "field": "images[0]", "code": "image_not_found", "reason": "images/x.png not found"}]],
+    )
+
+
+class ErrorResponse(_Public):
+    error: ErrorDetail = Field(description="The error.")
+
+
+# ---- pagination -----------------------------------------------------------------------------------------------
+
+
+def _has_more() -> Any:
+    return Field(description="Whether another page follows this one.", examples=[False])
+
+
+def _next_cursor() -> Any:
+    return Field(
+        default=None, description="Pass as ?after= to get the next page; null on the last page.", examples=[None]
+    )
+
+
+# ---- datasets -------------------------------------------------------------------------------------------------
+
+
+class RowErrorPublic(_Public):
+    row: int = Field(description="1-based row number (the line number for JSONL).", examples=[2])
+    field: str | None = Field(
+        description="The field at fault, as written in the uploaded file; null for the row as a whole.",
+        examples=["images[0]"],
+    )
+    code: str = Field(description="Machine-readable problem.", examples=["image_not_found"])
+    reason: str = Field(description="What is wrong.", examples=["images/0001.png not found in the dataset"])
+
+
+class ValidationReportPublic(_Public):
+    model_config = ConfigDict(extra="ignore")
+
+    ok: bool = Field(description="True when every row passed every check.", examples=[True])
+    format: str | None = Field(default=None, description="The format the rows were read as.", examples=["trl"])
+    total_rows: int = Field(description="Rows read.", examples=[512])
+    valid_rows: int = Field(description="Rows without any problem.", examples=[512])
+    invalid_rows: int = Field(default=0, description="Rows with at least one problem.", examples=[0])
+    errors: list[RowErrorPublic] = Field(default_factory=list, description="Problems found, in row order.")
+    errors_omitted: int = Field(default=0, description="Problems found beyond those listed.", examples=[0])
+
+
+class DatasetUpload(BaseModel):
+    """The multipart form of ``POST /datasets`` (documentation only: the route streams the body itself)."""
+
+    file: bytes = Field(
+        description="A data file (.jsonl, .json, .parquet; images embedded as base64 or data URIs) or a .zip / "
+        ".tar / .tar.gz archive holding one data file and the images it references by relative path.",
+    )
+    name: str | None = Field(
+        default=None, max_length=300, description="A label; default: the file name.", examples=["shapes-v1"]
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Row format: trl, rlaif_v or openai; auto tells them apart by the first row's columns.",
+        examples=["auto"],
+    )
+
+
+class DatasetPublic(_Public):
+    id: str = Field(description="Dataset id.", examples=[_DATASET_ID])
+    object: Literal["dataset"] = Field(default="dataset", description="Always 'dataset'.", examples=["dataset"])
+    name: str = Field(description="Label given at upload (default: the file name).", examples=["shapes-v1"])
+    format: str = Field(description="Row format the data was read as: trl, rlaif_v or openai.", examples=["trl"])
+    row_count: int = Field(description="Preference pairs in the dataset.", examples=[512])
+    image_count: int = Field(description="Images referenced by the rows.", examples=[512])
+    size_bytes: int = Field(description="Size of the upload as received.", examples=[1048576])
+    sha256: str = Field(
+        description="SHA-256 of the upload as received (hex).",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    )
+    validation: ValidationReportPublic = Field(description="The validation report of the upload.")
+    created_at: UtcDatetime = Field(description="Upload time (UTC).", examples=[_TIME_EXAMPLE])
+
+
+class DatasetsPublic(_Public):
+    data: list[DatasetPublic] = Field(description="Datasets, newest first.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = _next_cursor()
+
+
+def dataset_public(dataset: Dataset) -> DatasetPublic:
+    report = dict(dataset.report or {})
+    validation = report.get("report", report)  # stored: the check's whole output, or the report alone
+    return DatasetPublic(
+        id=dataset.id,
+        name=dataset.name,
+        format=dataset.format,
+        row_count=dataset.row_count,
+        image_count=dataset.image_count,
+        size_bytes=dataset.size_bytes,
+        sha256=dataset.sha256,
+        validation=ValidationReportPublic.model_validate(validation),
+        created_at=dataset.created_at,
+    )
+
+
+# ---- jobs -----------------------------------------------------------------------------------------------------
+
+
+class JobErrorPublic(_Public):
+    kind: Literal["user_error", "system_error"] = Field(
+        description="user_error: the spec or data must change; system_error: a fault on our side (retry).",
+        examples=["user_error"],
+    )
+    message: str = Field(
+        description="What went wrong.", examples=["row 12: 2310 tokens with image tokens > max_length 2048"]
+    )
+
+
+class JobPublic(_Public):
+    id: str = Field(description="Job id.", examples=[_JOB_ID])
+    object: Literal["job"] = Field(default="job", description="Always 'job'.", examples=["job"])
+    kind: str = Field(description="What the job does; 'training' for fine-tuning jobs.", examples=["training"])
+    status: JobStatus = Field(
+        description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
+    )
+    stage: str | None = Field(
+        description="Current stage while running: validating, loading_model, scoring, reference, training, "
+        "evaluating, exporting.",
+        examples=["training"],
+    )
+    step: int = Field(description="Optimizer steps done.", examples=[120])
+    total_steps: int | None = Field(description="Optimizer steps planned, once known.", examples=[400])
+    progress: float = Field(description="Share of the job done, 0 to 1.", examples=[0.3])
+    percent: float = Field(description="Progress in percent, 0 to 100.", examples=[30.0])
+    eta_seconds: float | None = Field(description="Estimated seconds left; null when unknown.", examples=[840.0])
+    error: JobErrorPublic | None = Field(description="Why the job failed; null otherwise.", examples=[None])
+    attempts: int = Field(description="Runs started (a job whose worker died is re-run).", examples=[1])
+    dataset_id: str | None = Field(
+        description="Training dataset; null if it was deleted after the job ended.", examples=[_DATASET_ID]
+    )
+    queue: str = Field(description="Worker queue the job was sent to.", examples=["gpu"])
+    spec: JobSpec = Field(description="The job spec as accepted (defaults filled in).")
+    result: dict[str, Any] | None = Field(
+        description="Final metrics once the job succeeded.",
+        examples=[{"eval/reward_accuracy": 0.91, "train/loss": 0.41}],
+    )
+    created_at: UtcDatetime = Field(description="When the job was created (UTC).", examples=[_TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
+
+
+class JobsPublic(_Public):
+    data: list[JobPublic] = Field(description="Jobs, newest first.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = _next_cursor()
+
+
+def job_public(job: Job) -> JobPublic:
+    progress = max(0.0, min(1.0, float(job.progress or 0.0)))
+    error = None
+    if job.error_kind is not None:
+        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        status=JobStatus(job.status),
+        stage=job.stage,
+        step=job.step or 0,
+        total_steps=job.total_steps,
+        progress=progress,
+        percent=round(progress * 100, 2),
+        eta_seconds=job.eta_seconds,
+        error=error,
+        attempts=job.attempts or 0,
+        dataset_id=job.dataset_id,
+        queue=job.queue,
+        spec=JobSpec.model_validate(job.spec),
+        result=job.result,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+class EventPublic(_Public):
+    seq: int = Field(description="Position in the job's event log (1, 2, ...); the SSE event id.", examples=[7])
+    type: str = Field(description="Event kind: status, stage, log, checkpoint, evaluation, ...", examples=["stage"])
+    message: str = Field(description="Human-readable text.", examples=["training: 400 steps"])
+    data: dict[str, Any] | None = Field(description="Structured details.", examples=[{"stage": "training"}])
+    created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[_TIME_EXAMPLE])
+
+
+class EventsPublic(_Public):
+    data: list[EventPublic] = Field(description="Events in seq order.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = Field(
+        default=None,
+        description="The last seq seen (this page's last, else the ?after= given): pass it as ?after= for the next "
+        "page, or later to poll for new events (the log only grows).",
+        examples=["7"],
+    )
+
+
+def event_public(event: JobEvent) -> EventPublic:
+    return EventPublic(
+        seq=event.seq, type=event.type, message=event.message, data=event.data, created_at=event.created_at
+    )
+
+
+class MetricsPublic(_Public):
+    job_id: str = Field(description="The job.", examples=[_JOB_ID])
+    series: dict[str, list[tuple[int, float]]] = Field(
+        description="Per metric key, [step, value] pairs in step order.",
+        examples=[{"loss": [[1, 0.69], [2, 0.66]], "reward_margin": [[1, 0.0], [2, 0.05]]}],
+    )
+
+
+class CheckpointPublic(_Public):
+    id: str = Field(description="Checkpoint id.", examples=["ckpt_0194b1c2d3e4a1b2c3d4e5f6"])
+    object: Literal["checkpoint"] = Field(
+        default="checkpoint", description="Always 'checkpoint'.", examples=["checkpoint"]
+    )
+    job_id: str = Field(description="The job that saved it.", examples=[_JOB_ID])
+    step: int = Field(description="Optimizer step it was saved at.", examples=[50])
+    created_at: UtcDatetime = Field(description="When it was saved (UTC).", examples=[_TIME_EXAMPLE])
+
+
+class CheckpointsPublic(_Public):
+    data: list[CheckpointPublic] = Field(description="Checkpoints in step order.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = _next_cursor()
+
+
+def checkpoint_public(checkpoint: Checkpoint) -> CheckpointPublic:
+    return CheckpointPublic(
+        id=checkpoint.id, job_id=checkpoint.job_id, step=checkpoint.step, created_at=checkpoint.created_at
+    )
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+
+class ModelFamilyPublic(_Public):
+    name: str = Field(description="Family name.", examples=["llava"])
+    model_types: list[str] = Field(
+        description="transformers model_type values in this family.", examples=[["llava", "llava_next"]]
+    )
+    language_model_prefix: str = Field(
+        description="Module path of the language model inside the model.", examples=["model.language_model"]
+    )
+    default_lora_target_modules: list[str] = Field(
+        description="Default LoRA targets: these projections inside the language model (never the vision tower).",
+        examples=[["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
+    )
+    default_lora_target_regex: str = Field(
+        description="The same targets as a full-match regex over module names (peft target_modules).",
+        examples=[r"model\.language_model\.(?:.*\.)?(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"],
+    )
+    vision_tower_prefixes: list[str] = Field(
+        description="Vision encoder modules (frozen).", examples=[["model.vision_tower"]]
+    )
+    projector_prefixes: list[str] = Field(
+        description="Multimodal projector modules (trained with lora.train_projector).",
+        examples=[["model.multi_modal_projector"]],
+    )
+
+
+class TinyModelPublic(_Public):
+    name: str = Field(description="Use as the job's model.", examples=["dama/tiny-llava"])
+    family: str = Field(description="Its family.", examples=["llava"])
+    description: str = Field(
+        description="What it is.", examples=["A randomly initialised tiny LLaVA built on the worker (CPU-friendly)."]
+    )
+
+
+class ModelCatalogPublic(_Public):
+    families: list[ModelFamilyPublic] = Field(description="Supported model families.")
+    tiny_models: list[TinyModelPublic] = Field(description="Built-in tiny models for trying the service on a CPU.")
+
+
+# ---- health ---------------------------------------------------------------------------------------------------
+
+
+class HealthPublic(_Public):
+    status: Literal["ok"] = Field(description="Always 'ok' when the process answers.", examples=["ok"])
+
+
+class ReadyPublic(_Public):
+    status: Literal["ready"] = Field(description="'ready' when every dependency answered.", examples=["ready"])
+    checks: dict[str, str] = Field(
+        description="Each dependency and its state.", examples=[{"database": "ok", "broker": "ok"}]
+    )
