@@ -56,11 +56,14 @@ def _wait_ready(base_url: str, processes: list[subprocess.Popen[bytes]], timeout
     raise SystemExit(f"[serve] the API did not become ready at {base_url} within {timeout:.0f} s")
 
 
-def _demo_archive(folder: Path) -> Path:
+def _demo_archive(folder: Path, n_train: int) -> Path:
     """The demo dataset (train split + images) zipped, as a user would upload it."""
     from dama_engine.data.demo import make_demo_dataset
 
-    data = make_demo_dataset(folder / "data", n_train=1600, n_eval=200, n_generative=0, seed=0, with_hardness=True)
+    n_eval = max(16, n_train // 8)
+    data = make_demo_dataset(
+        folder / "data", n_train=n_train, n_eval=n_eval, n_generative=0, seed=0, with_hardness=True
+    )
     archive = folder / "demo-dataset.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
         bundle.write(data.train, "train.jsonl")
@@ -74,7 +77,7 @@ def _demo_archive(folder: Path) -> Path:
     return folder
 
 
-def run_demo(base_url: str, settings: Settings, out_dir: Path) -> Path:
+def run_demo(base_url: str, settings: Settings, out_dir: Path, *, n_train: int = 1600, epochs: int = 4) -> Path:
     """Upload the demo data, run a DAMA job through the API, download and unpack the adapter."""
     engine = make_engine(settings.resolved_database_url)
     with session_scope(make_session_factory(engine)) as session:
@@ -84,7 +87,7 @@ def run_demo(base_url: str, settings: Settings, out_dir: Path) -> Path:
     headers = {"Authorization": f"Bearer {api_key}"}
     client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = _demo_archive(Path(scratch))
+        folder = _demo_archive(Path(scratch), n_train)
         uploaded = {}
         for name in ("demo-dataset.zip", "demo-eval.zip"):
             with (folder / name).open("rb") as handle:
@@ -96,7 +99,7 @@ def run_demo(base_url: str, settings: Settings, out_dir: Path) -> Path:
         "model": "dama/tiny-llava",
         "dataset_id": uploaded["demo-dataset.zip"]["id"],
         "method": "dama",
-        "hyperparameters": {"learning_rate": 1e-2, "batch_size": 16, "epochs": 4, "max_length": 256},
+        "hyperparameters": {"learning_rate": 1e-2, "batch_size": 16, "epochs": epochs, "max_length": 256},
         "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "train_projector": True},
         "evaluation": {"dataset_id": uploaded["demo-eval.zip"]["id"]},
     }
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="run the demo job through the API once it is up")
     parser.add_argument("--demo-dir", default="runs/serve-demo", help="where the demo's adapter goes")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop the service when the demo is done")
+    parser.add_argument("--demo-pairs", type=int, default=1600, help="training pairs of the demo dataset")
+    parser.add_argument("--demo-epochs", type=int, default=4, help="epochs of the demo job")
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(base_url, processes)
         print(f"[serve] API ready at {base_url} (docs: {base_url}/docs)", flush=True)
         if args.demo:
-            run_demo(base_url, settings, Path(args.demo_dir))
+            run_demo(base_url, settings, Path(args.demo_dir), n_train=args.demo_pairs, epochs=args.demo_epochs)
             if args.exit_after_demo:
                 return 0
         print("[serve] serving; press Ctrl-C to stop", flush=True)

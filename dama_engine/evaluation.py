@@ -1,0 +1,1187 @@
+"""Evaluating a tuned model against its base: object hallucination (CHAIR) and held-out preference metrics.
+
+shared/DAMA.md section 7 reports Object HalBench's CHAIRs / CHAIRi and AMBER's CHAIR, Cover and Hal. This module
+computes those metrics with a vocabulary the user supplies, and the implicit-reward preference metrics of section 3
+split by data hardness (section 1). :func:`run_evaluation` runs both for the base model and the tuned one.
+
+**Generative eval set** (JSONL, one object per line)::
+
+    {"id": "gen-00001", "image": "images/gen_00001.png", "prompt": "Describe the image.",
+     "objects": ["red circle", "blue square"]}
+
+``image`` is a path relative to the file's folder (it must stay inside it) or a base64 data URI; ``prompt`` is the
+user's text (the image comes first in the user turn); ``objects`` lists the objects truly in the image, by vocabulary
+name or synonym (possibly empty); ``id`` is optional (default: the line number) and must be unique.
+
+**Vocabulary** (JSON), one of two forms:
+
+* flat: ``{"traffic light": ["traffic light", "stoplight"], "dog": ["dog", "puppy"]}``: every object name and its
+  synonyms (the name always counts as a synonym of itself). Names are independent objects: ``"light"`` is not part
+  of ``"traffic light"``.
+* with attributes (what ``dama_engine.data.demo`` writes): ``{"objects": {"circle": ["circle", "disc"]},
+  "colours": {"red": ["red", "crimson"]}}``. Every other key than ``objects`` is a group of attributes. The names are
+  the bare objects (``circle``) and every attribute + object pair (``red circle``, written ``crimson disc`` too);
+  ``circle`` is the *generic* name of ``red circle``. An attribute counts only right before its object
+  ("a red circle", not "the circle is red").
+
+**Matching rules** (:meth:`Vocabulary.mentions`): case-insensitive, on whole words (``cat`` does not match in
+``concatenate``; ``cat's`` is a mention of ``cat``); words of a multi-word name may be separated by any whitespace or
+hyphens. Each synonym also matches in the plural of its last word: ``-s``; ``-es`` after s, x, z, ch, sh
+(``glass/glasses``, ``box/boxes``); ``-ies`` after consonant + y; both ``-s`` and ``-es`` after consonant + o;
+``-man/-men``; and a small table of irregular nouns (``person/people``, ``mouse/mice``, ``knife/knives``...). A
+synonym the vocabulary lists itself wins over a generated plural (``glasses`` listed under its own name is not the
+plural of ``glass``); a synonym listed under two names is refused. The text is scanned left to right and the longest
+name starting at each position is taken, so ``traffic light`` is one mention and its ``light`` is not counted again.
+
+**CHAIR** (:func:`chair`; Rohrbach et al. 2018, as Object HalBench and AMBER use it):
+
+* A response's *mentions* are the distinct objects it names: repeated mentions of one object count once per
+  response (as CHAIR counts objects, not words). A bare name that repeats an attribute mention in the same response
+  ("a red circle ... the circle") is the same object and is not counted again.
+* A mention is *grounded* when it is a true object of the image, when it is ``<attribute> <object>`` and the truth
+  has the bare ``<object>`` (the annotation does not say the attribute), or when it is a bare object and the truth
+  has it with some attribute. Otherwise it is *hallucinated*.
+* A true object is *covered* when the response mentions it; a bare true object is also covered by a mention of it
+  with an attribute. The true objects are a set (listing one twice counts once).
+* ``chair_s``: share of responses with at least one hallucinated mention. ``chair_i``: hallucinated mentions over all
+  mentions, pooled over responses (0.0 when nothing is mentioned). ``coverage``: covered true objects over all true
+  objects, pooled (0.0 when there are none; AMBER's ``Cover`` averages per response instead).
+  ``hallucination_rate``: AMBER's ``Hal``, the share of responses with a hallucination, which under these rules
+  equals ``chair_s``. ``mean_length``: mean number of whitespace-separated words per response. An empty list of
+  responses gives 0.0 everywhere.
+
+**Preference metrics** (:func:`preference_metrics`): DPO loss, accuracy and reward margin with the base beta
+(section 3), overall and per hardness bucket: ``hard`` when ``delta < low``, ``easy`` when ``delta > high``,
+``medium`` otherwise (section 1: larger delta = easier pair), with ``(low, high)`` given or, by default, the
+tertiles of the data's delta (linear interpolation between order statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dama_engine.callbacks import Callback
+from dama_engine.config import ConfigError, ModelSection, apply_overrides
+from dama_engine.data.formats import _image_string, _RowContext, load_and_validate
+from dama_engine.data.rows import ImageSource, PreferenceRow
+from dama_engine.generation import GenerationRequest, GenerationSettings, generate
+from dama_engine.hardness import HardnessConfig, compute_hardness, user_hardness
+from dama_engine.objective import ObjectiveConfig, preference_loss
+from dama_engine.trainer import DataError
+
+BUCKETS: tuple[str, ...] = ("easy", "medium", "hard")
+EVAL_STAGES: tuple[str, ...] = ("validating", "loading_model", "scoring", "log_probs", "generating", "writing")
+"""Stages :func:`run_evaluation` reports through ``Callback.on_stage``; ``log_probs`` and ``generating`` run once per
+model (``info["model"]`` is ``"base"`` or ``"tuned"``) and report ``on_progress`` under the same stage name."""
+
+
+class VocabularyError(ValueError):
+    """The vocabulary is malformed or ambiguous, or an object name is not in it; the message says which."""
+
+
+class GenerativeEvalError(DataError):
+    """The generative eval set cannot be used; ``errors`` lists each bad line (row, field, reason)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vocabulary and mention matching
+
+_IRREGULAR_PLURALS: Mapping[str, tuple[str, ...]] = {
+    "person": ("people", "persons"),
+    "child": ("children",),
+    "mouse": ("mice",),
+    "goose": ("geese",),
+    "foot": ("feet",),
+    "tooth": ("teeth",),
+    "ox": ("oxen",),
+    "die": ("dice",),
+    "cactus": ("cacti", "cactuses"),
+    "knife": ("knives",),
+    "wife": ("wives",),
+    "life": ("lives",),
+    "leaf": ("leaves",),
+    "loaf": ("loaves",),
+    "wolf": ("wolves",),
+    "shelf": ("shelves",),
+    "half": ("halves",),
+    "calf": ("calves",),
+    "scarf": ("scarves", "scarfs"),
+    "thief": ("thieves",),
+    "elf": ("elves",),
+}
+_SAME_PLURAL = frozenset({"sheep", "deer", "fish", "moose", "bison", "aircraft", "salmon", "species", "series"})
+_WORD_SEPARATOR = re.compile(r"[\s\-]+")
+
+
+def normalize_name(text: str) -> str:
+    """Lower case, words separated by one space (hyphens count as spaces): the form names are compared in."""
+    return " ".join(word for word in _WORD_SEPARATOR.split(text.strip().lower()) if word)
+
+
+def plural_forms(word: str) -> tuple[str, ...]:
+    """English plurals of one lower-case noun, by the rules of the module docstring (may include unused forms)."""
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    if word in _SAME_PLURAL or not word:
+        return ()
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return (word + "es",)
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return (word[:-1] + "ies",)
+    if len(word) > 1 and word.endswith("o") and word[-2] not in "aeiou":
+        return (word + "s", word + "es")
+    if len(word) > 3 and word.endswith("man"):
+        return (word[:-3] + "men", word + "s")  # fireman/firemen; human/humans
+    return (word + "s",)
+
+
+def _plural_phrases(phrase: str) -> tuple[str, ...]:
+    *head, last = phrase.split(" ")
+    return tuple(" ".join([*head, plural]) for plural in plural_forms(last))
+
+
+class Vocabulary:
+    """Object names, their synonyms and (with attributes) their generic names; finds mentions in text.
+
+    Build with :meth:`from_mapping` (either JSON form of the module docstring) or :meth:`load` (a JSON file).
+    """
+
+    def __init__(self, synonyms: Mapping[str, Sequence[str]], generic: Mapping[str, str] | None = None) -> None:
+        self.synonyms: dict[str, tuple[str, ...]] = {}
+        explicit: dict[str, str] = {}
+        for raw_name, raw_forms in synonyms.items():
+            name = normalize_name(raw_name)
+            if not name:
+                raise VocabularyError(f"vocabulary: object name {raw_name!r} is empty")
+            if name in self.synonyms:
+                raise VocabularyError(f"vocabulary: object name {name!r} appears twice")
+            forms = tuple(dict.fromkeys([name, *(normalize_name(form) for form in raw_forms)]))
+            for form in forms:
+                if not form:
+                    raise VocabularyError(f"vocabulary: {raw_name!r} has an empty synonym")
+                owner = explicit.setdefault(form, name)
+                if owner != name:
+                    raise VocabularyError(
+                        f"vocabulary: {form!r} is a synonym of both {owner!r} and {name!r}; keep it under one name"
+                    )
+            self.synonyms[name] = forms
+        self.generic: dict[str, str] = {normalize_name(k): normalize_name(v) for k, v in (generic or {}).items()}
+        for name, bare in self.generic.items():
+            if name not in self.synonyms or bare not in self.synonyms:
+                raise VocabularyError(f"vocabulary: generic name of {name!r} must be a name too, got {bare!r}")
+        # Surface form -> name. Listed synonyms first, so they win over generated plurals.
+        self._forms = dict(explicit)
+        for name, forms in self.synonyms.items():
+            for form in forms:
+                for plural in _plural_phrases(form):
+                    self._forms.setdefault(plural, name)
+        # Longest first: at each position the regex takes the first alternative that matches.
+        ordered = sorted(self._forms, key=lambda form: (-form.count(" "), -len(form), form))
+        alternatives = "|".join(r"[\s\-]+".join(re.escape(word) for word in form.split(" ")) for form in ordered)
+        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Vocabulary:
+        """From the flat form ``{name: [synonyms]}`` or the attribute form ``{"objects": {...}, "<group>": {...}}``."""
+        if not isinstance(mapping, Mapping) or not mapping:
+            raise VocabularyError("vocabulary: expected a non-empty JSON object")
+        if isinstance(mapping.get("objects"), Mapping):
+            return cls._with_attributes(mapping)
+        for name, forms in mapping.items():
+            _check_synonym_list(name, forms)
+        return cls(mapping)
+
+    @classmethod
+    def _with_attributes(cls, mapping: Mapping[str, Any]) -> Vocabulary:
+        objects = mapping["objects"]
+        for name, forms in objects.items():
+            _check_synonym_list(f"objects.{name}", forms)
+        synonyms: dict[str, list[str]] = {name: [name, *forms] for name, forms in objects.items()}
+        bare_objects = list(synonyms.items())
+        generic: dict[str, str] = {}
+        for group, attributes in mapping.items():
+            if group == "objects":
+                continue
+            if not isinstance(attributes, Mapping):
+                raise VocabularyError(
+                    f"vocabulary: {group!r} must map each attribute to its synonyms, like "
+                    '"colours": {"red": ["red", "crimson"]}'
+                )
+            for attribute, attribute_forms in attributes.items():
+                _check_synonym_list(f"{group}.{attribute}", attribute_forms)
+                for name, forms in bare_objects:
+                    compound = f"{attribute} {name}"
+                    synonyms[compound] = [f"{a} {o}" for a in [attribute, *attribute_forms] for o in forms]
+                    generic[compound] = name
+        return cls(synonyms, generic)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        path = Path(path)
+        try:
+            mapping = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VocabularyError(f"vocabulary file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise VocabularyError(f"{path}: not valid JSON: {error}") from None
+        try:
+            return cls.from_mapping(mapping)
+        except VocabularyError as error:
+            raise VocabularyError(f"{path}: {error}") from None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.synonyms)
+
+    def canonical(self, name: str) -> str:
+        """The vocabulary name of ``name`` (a name, synonym or plural), or :class:`VocabularyError`."""
+        normalized = normalize_name(name)
+        if normalized in self.synonyms:
+            return normalized
+        if normalized in self._forms:
+            return self._forms[normalized]
+        raise VocabularyError(f"object {name!r} is not in the vocabulary; add it (with its synonyms)")
+
+    def mentions(self, text: str) -> list[tuple[str, str]]:
+        """Every mention in ``text``, left to right: ``(name, the words as written)``, repeats included."""
+        return [(self._forms[normalize_name(match.group())], match.group()) for match in self._pattern.finditer(text)]
+
+    def mentioned(self, text: str) -> list[str]:
+        """The distinct objects ``text`` mentions, in order of first mention (repeats and bare repeats dropped)."""
+        names = list(dict.fromkeys(name for name, _ in self.mentions(text)))
+        with_attribute = {self.generic[name] for name in names if name in self.generic}
+        return [name for name in names if name not in with_attribute]
+
+
+def _check_synonym_list(name: Any, forms: Any) -> None:
+    if not isinstance(forms, list) or not all(isinstance(form, str) for form in forms):
+        raise VocabularyError(f"vocabulary: {name!r} must map to a list of synonyms (strings)")
+
+
+VocabularyLike = Vocabulary | Mapping[str, Any]
+
+
+def as_vocabulary(vocabulary: VocabularyLike) -> Vocabulary:
+    return vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.from_mapping(vocabulary)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CHAIR, coverage and hallucination rate
+
+
+@dataclass(frozen=True)
+class ChairSample:
+    """One response judged against its image's true objects (names in vocabulary form)."""
+
+    response: str
+    objects: tuple[str, ...]
+    mentioned: tuple[str, ...]
+    hallucinated: tuple[str, ...]
+    covered: tuple[str, ...]
+    words: int
+
+    @property
+    def missed(self) -> tuple[str, ...]:
+        return tuple(name for name in self.objects if name not in self.covered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "response": self.response,
+            "mentioned": list(self.mentioned),
+            "hallucinated": list(self.hallucinated),
+            "covered": list(self.covered),
+            "missed": list(self.missed),
+            "words": self.words,
+        }
+
+
+def judge_response(response: str, objects: Sequence[str], vocabulary: VocabularyLike) -> ChairSample:
+    """Mentioned, hallucinated and covered objects of one response (rules in the module docstring)."""
+    vocab = as_vocabulary(vocabulary)
+    truth = tuple(dict.fromkeys(vocab.canonical(name) for name in objects))
+    truth_generic = {vocab.generic.get(name, name) for name in truth}
+    mentioned = vocab.mentioned(response)
+
+    def grounded(name: str) -> bool:
+        bare = vocab.generic.get(name)
+        if bare is not None:
+            return name in truth or bare in truth
+        return name in truth_generic
+
+    mentioned_generic = {vocab.generic.get(name, name) for name in mentioned}
+    covered = tuple(
+        name for name in truth if name in mentioned or (name not in vocab.generic and name in mentioned_generic)
+    )
+    return ChairSample(
+        response=response,
+        objects=truth,
+        mentioned=tuple(mentioned),
+        hallucinated=tuple(name for name in mentioned if not grounded(name)),
+        covered=covered,
+        words=len(response.split()),
+    )
+
+
+def chair_samples(
+    responses: Sequence[str], objects: Sequence[Sequence[str]], vocabulary: VocabularyLike
+) -> list[ChairSample]:
+    """Per-response details for :func:`chair`: mentioned, hallucinated, covered and missed objects."""
+    if len(responses) != len(objects):
+        raise ValueError(f"chair: {len(responses)} responses but {len(objects)} lists of true objects")
+    vocab = as_vocabulary(vocabulary)
+    return [judge_response(response, truth, vocab) for response, truth in zip(responses, objects, strict=True)]
+
+
+def summarize_chair(samples: Sequence[ChairSample]) -> dict[str, float]:
+    """The metrics of :func:`chair` from per-response details (pooled as the module docstring says)."""
+    n = len(samples)
+    mentions = sum(len(sample.mentioned) for sample in samples)
+    hallucinated = sum(len(sample.hallucinated) for sample in samples)
+    true_objects = sum(len(sample.objects) for sample in samples)
+    covered = sum(len(sample.covered) for sample in samples)
+    with_hallucination = sum(1 for sample in samples if sample.hallucinated)
+    chair_s = with_hallucination / n if n else 0.0
+    return {
+        "chair_s": chair_s,
+        "chair_i": hallucinated / mentions if mentions else 0.0,
+        "coverage": covered / true_objects if true_objects else 0.0,
+        "hallucination_rate": chair_s,
+        "mean_length": sum(sample.words for sample in samples) / n if n else 0.0,
+        "responses": n,
+        "mentions": mentions,
+        "hallucinated_mentions": hallucinated,
+        "true_objects": true_objects,
+        "covered_objects": covered,
+    }
+
+
+def chair(responses: Sequence[str], objects: Sequence[Sequence[str]], vocabulary: VocabularyLike) -> dict[str, float]:
+    """CHAIR_s, CHAIR_i, coverage, hallucination rate and mean length of ``responses`` (shared/DAMA.md section 7).
+
+    Args:
+        responses: the model's answers.
+        objects: for each response, the names of the objects truly in its image.
+        vocabulary: every object name and its synonyms: a :class:`Vocabulary` or either JSON form (module docstring).
+
+    Returns:
+        ``chair_s``, ``chair_i``, ``coverage``, ``hallucination_rate``, ``mean_length`` and the counts behind them
+        (``responses``, ``mentions``, ``hallucinated_mentions``, ``true_objects``, ``covered_objects``). Per-response
+        details: :func:`chair_samples`.
+    """
+    return summarize_chair(chair_samples(responses, objects, vocabulary))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generative eval set
+
+
+@dataclass(frozen=True)
+class GenerativeSample:
+    sample_id: str
+    prompt: str
+    objects: tuple[str, ...]  # vocabulary names
+    image: ImageSource
+    row_number: int
+    image_reference: str = ""  # as written in the file (a data URI is shortened)
+
+
+@dataclass
+class GenerativeEvalSet:
+    samples: list[GenerativeSample]
+    vocabulary: Vocabulary
+    path: Path
+
+
+def load_generative_eval(path: str | Path, vocabulary_path: str | Path) -> GenerativeEvalSet:
+    """Read a generative eval JSONL file and its vocabulary (formats in the module docstring).
+
+    Raises:
+        GenerativeEvalError: listing every bad line (missing or wrong fields, unreadable image references, object
+            names not in the vocabulary, duplicate ids), or a bad vocabulary.
+    """
+    path = Path(path)
+    try:
+        vocabulary = Vocabulary.load(vocabulary_path)
+    except VocabularyError as error:
+        raise GenerativeEvalError(str(error)) from None
+    if not path.is_file():
+        raise GenerativeEvalError(f"generative eval file not found: {path}")
+    samples: list[GenerativeSample] = []
+    errors: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        problems: list[tuple[str | None, str]] = []
+        sample = _read_sample(line, number, path.parent, vocabulary, problems)
+        if sample is not None and sample.sample_id in seen:
+            problems.append(("id", f"duplicate id {sample.sample_id!r} (also on line {seen[sample.sample_id]})"))
+        if problems:
+            errors += [{"row": number, "field": where, "reason": reason} for where, reason in problems]
+        elif sample is not None:
+            seen[sample.sample_id] = number
+            samples.append(sample)
+    if errors:
+        listed = "\n".join(f"  line {e['row']}: {e['field'] or 'line'}: {e['reason']}" for e in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise GenerativeEvalError(f"{path}: {len(errors)} problems\n{listed}{more}", errors)
+    if not samples:
+        raise GenerativeEvalError(f"{path}: no samples")
+    return GenerativeEvalSet(samples=samples, vocabulary=vocabulary, path=path)
+
+
+def _read_sample(
+    line: str, number: int, base_dir: Path, vocabulary: Vocabulary, problems: list[tuple[str | None, str]]
+) -> GenerativeSample | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        problems.append((None, f"not valid JSON: {error.msg}"))
+        return None
+    if not isinstance(record, dict):
+        problems.append((None, "each line must be a JSON object with image, prompt and objects"))
+        return None
+    sample_id = record.get("id", str(number))
+    if not isinstance(sample_id, str | int) or isinstance(sample_id, bool):
+        problems.append(("id", "must be a string or an integer"))
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append(("prompt", "missing or not a non-empty string"))
+    objects = record.get("objects")
+    names: list[str] = []
+    if not isinstance(objects, list) or not all(isinstance(name, str) for name in objects):
+        problems.append(("objects", "missing or not a list of object names"))
+    else:
+        for position, name in enumerate(objects):
+            try:
+                names.append(vocabulary.canonical(name))
+            except VocabularyError as error:
+                problems.append((f"objects[{position}]", str(error)))
+    image: ImageSource | None = None
+    reference = record.get("image")
+    if not isinstance(reference, str) or not reference.strip():
+        problems.append(("image", "missing or not a string (a path relative to this file, or a data URI)"))
+    else:
+        context = _RowContext(number=number, base_dir=base_dir)
+        image = _image_string(reference, "image", context)
+        problems += [(where, reason) for where, _, reason in context.problems]
+    if problems or image is None:
+        return None
+    assert isinstance(prompt, str) and isinstance(reference, str)
+    shown = reference if not reference.startswith("data:") else reference[:32] + "..."
+    return GenerativeSample(
+        sample_id=str(sample_id),
+        prompt=prompt,
+        objects=tuple(names),
+        image=image,
+        row_number=number,
+        image_reference=shown,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference metrics by hardness bucket
+
+FloatsLike = torch.Tensor | Sequence[float]
+
+
+@dataclass(frozen=True)
+class HardnessBuckets:
+    """Each pair's bucket (``easy`` / ``medium`` / ``hard``) and the thresholds that made them."""
+
+    labels: tuple[str, ...]
+    low: float
+    high: float
+    source: Literal["tertiles", "given"]
+
+    def members(self, bucket: str) -> list[int]:
+        return [index for index, label in enumerate(self.labels) if label == bucket]
+
+    def counts(self) -> dict[str, int]:
+        return {bucket: self.labels.count(bucket) for bucket in BUCKETS}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "low": self.low,
+            "high": self.high,
+            "thresholds_source": self.source,
+            "rule": "hard: delta < low; medium: low <= delta <= high; easy: delta > high",
+            "counts": self.counts(),
+        }
+
+
+def _as_float64(values: FloatsLike, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().cpu().flatten()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return tensor
+
+
+def bucket_by_hardness(delta: FloatsLike, thresholds: tuple[float, float] | None = None) -> HardnessBuckets:
+    """Put each pair in ``hard`` (delta < low), ``medium`` or ``easy`` (delta > high) (shared/DAMA.md section 1).
+
+    Args:
+        delta: (N,) per-pair data hardness ``delta_i``; larger is easier.
+        thresholds: ``(low, high)`` with ``low <= high``; default: the 1/3 and 2/3 quantiles of ``delta``.
+    """
+    values = _as_float64(delta, "delta")
+    if values.numel() == 0:
+        raise ValueError("bucket_by_hardness: no pairs")
+    if thresholds is None:
+        low, high = (float(q) for q in torch.quantile(values, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)))
+        source: Literal["tertiles", "given"] = "tertiles"
+    else:
+        low, high = float(thresholds[0]), float(thresholds[1])
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise ValueError(f"hardness thresholds must be finite with low <= high, got {thresholds}")
+        source = "given"
+    labels = tuple("hard" if value < low else "easy" if value > high else "medium" for value in values.tolist())
+    return HardnessBuckets(labels=labels, low=low, high=high, source=source)
+
+
+def _buckets(
+    hardness: FloatsLike | HardnessBuckets | None, thresholds: tuple[float, float] | None, n: int
+) -> HardnessBuckets | None:
+    if hardness is None:
+        return None
+    if isinstance(hardness, HardnessBuckets):
+        if thresholds is not None:
+            raise ValueError("give thresholds or ready-made HardnessBuckets, not both")
+        buckets = hardness
+    else:
+        buckets = bucket_by_hardness(hardness, thresholds)
+    if len(buckets.labels) != n:
+        raise ValueError(f"hardness has {len(buckets.labels)} values for {n} pairs")
+    return buckets
+
+
+def _dpo_block(logps: Sequence[torch.Tensor], beta: float) -> dict[str, float | None]:
+    """One block of :func:`preference_metrics`; ``logps`` are policy chosen/rejected, reference chosen/rejected."""
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
+    count = int(policy_chosen.numel())
+    if count == 0:
+        keys = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected")
+        return {"count": 0, **dict.fromkeys(keys)}
+    # Plain DPO with the base beta, as held-out evaluation during training does (DAMA.md section 3).
+    metrics = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, config=ObjectiveConfig(method="dpo", beta=beta)
+    ).metrics
+    return {
+        "count": count,
+        "loss": metrics["loss"],
+        "accuracy": metrics["reward_accuracy"],
+        "margin": metrics["reward_margin"],
+        "rewards_chosen": metrics["rewards_chosen"],
+        "rewards_rejected": metrics["rewards_rejected"],
+    }
+
+
+def preference_metrics(
+    policy_chosen: FloatsLike,
+    policy_rejected: FloatsLike,
+    ref_chosen: FloatsLike,
+    ref_rejected: FloatsLike,
+    beta: float,
+    hardness: FloatsLike | HardnessBuckets | None = None,
+    thresholds: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Held-out DPO loss, preference accuracy and reward margin, overall and per hardness bucket.
+
+    With ``R_i`` the implicit reward gap of shared/DAMA.md (notation): ``loss = mean -log sigma(beta R_i)``,
+    ``margin = mean beta R_i``, ``accuracy = share of R_i > 0``; rewards as in section 3.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (N,) summed log-probs of each pair's answers
+            under the policy (tuned) and the reference (base) model.
+        beta: the base beta.
+        hardness: (N,) per-pair ``delta_i`` (or :class:`HardnessBuckets`); omitted: no buckets.
+        thresholds: ``(low, high)`` for :func:`bucket_by_hardness`; default: the tertiles of ``hardness``.
+
+    Returns:
+        ``{"overall": block, "buckets": {"easy": block, "medium": block, "hard": block} | None,
+        "thresholds": {...} | None}``; a block has ``count, loss, accuracy, margin, rewards_chosen,
+        rewards_rejected`` (None in an empty bucket).
+    """
+    tensors = [
+        _as_float64(values, name)
+        for values, name in (
+            (policy_chosen, "policy_chosen"),
+            (policy_rejected, "policy_rejected"),
+            (ref_chosen, "ref_chosen"),
+            (ref_rejected, "ref_rejected"),
+        )
+    ]
+    n = tensors[0].numel()
+    if any(tensor.numel() != n for tensor in tensors):
+        raise ValueError("preference_metrics: the four log-prob tensors must have the same length")
+    if n == 0:
+        raise ValueError("preference_metrics: no pairs")
+    buckets = _buckets(hardness, thresholds, n)
+    result: dict[str, Any] = {"overall": _dpo_block(tensors, beta), "buckets": None, "thresholds": None}
+    if buckets is not None:
+        result["buckets"] = {
+            bucket: _dpo_block([tensor[buckets.members(bucket)] for tensor in tensors], beta) for bucket in BUCKETS
+        }
+        result["thresholds"] = buckets.describe()
+    return result
+
+
+def _logprob_block(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float | None]:
+    count = int(chosen.numel())
+    if count == 0:
+        return {"count": 0, **dict.fromkeys(("logp_chosen", "logp_rejected", "logp_margin", "logp_accuracy"))}
+    return {
+        "count": count,
+        "logp_chosen": float(chosen.mean()),
+        "logp_rejected": float(rejected.mean()),
+        "logp_margin": float((chosen - rejected).mean()),
+        "logp_accuracy": float((chosen > rejected).double().mean()),
+    }
+
+
+def logprob_stats(
+    chosen: FloatsLike,
+    rejected: FloatsLike,
+    hardness: FloatsLike | HardnessBuckets | None = None,
+    thresholds: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """One model's own view of the pairs, without a reference: mean summed log-probs of the chosen and rejected
+    answers, their mean difference, and ``logp_accuracy`` (share of pairs whose chosen answer is the likelier).
+
+    Summed log-probs favour shorter answers, so compare models on the same pairs, not pairs with each other.
+    Buckets as in :func:`preference_metrics`.
+    """
+    chosen_t, rejected_t = _as_float64(chosen, "chosen"), _as_float64(rejected, "rejected")
+    if chosen_t.numel() != rejected_t.numel():
+        raise ValueError("logprob_stats: chosen and rejected must have the same length")
+    buckets = _buckets(hardness, thresholds, chosen_t.numel())
+    result: dict[str, Any] = {"overall": _logprob_block(chosen_t, rejected_t), "buckets": None}
+    if buckets is not None:
+        result["buckets"] = {
+            bucket: _logprob_block(chosen_t[buckets.members(bucket)], rejected_t[buckets.members(bucket)])
+            for bucket in BUCKETS
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EvalDataSection(_Section):
+    preference: str | None = Field(
+        default=None, description="Held-out preference pairs: a file, folder or archive in any dama-train format."
+    )
+    format: Literal["auto", "trl", "rlaif_v", "openai"] = "auto"
+    generative: str | None = Field(default=None, description="Generative eval JSONL (image, prompt, objects).")
+    vocabulary: str | None = Field(default=None, description="Vocabulary JSON for CHAIR (needed with generative).")
+    max_pairs: int | None = Field(default=None, gt=0, description="Use only the first N preference pairs.")
+    max_samples: int | None = Field(default=None, gt=0, description="Use only the first N generative samples.")
+    max_length: int = Field(default=2048, gt=0, description="Tokens per scored sequence, image tokens included.")
+    truncate_answers: bool = False
+    skip_invalid_rows: bool = Field(default=False, description="Leave out bad or over-long pairs instead of stopping.")
+
+
+class EvalHardnessSection(_Section):
+    scorer: str | None = Field(
+        default=None,
+        description="CLIP model scoring pairs that carry no hardness scores; none: no buckets for such data.",
+    )
+    thresholds: tuple[float, float] | None = Field(
+        default=None, description="(low, high) bucket thresholds on delta; default: the data's tertiles."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvalHardnessSection:
+        if self.thresholds is not None and self.thresholds[0] > self.thresholds[1]:
+            raise ValueError("hardness.thresholds must be [low, high] with low <= high")
+        return self
+
+
+class EvaluationConfig(_Section):
+    """One evaluation run: the base model, the tuned adapter (optional), the data and how to decode."""
+
+    model: ModelSection
+    adapter: str | None = Field(
+        default=None,
+        description="The tuned model: a PEFT adapter folder (dama-train's OUTPUT/adapter) or a full model folder.",
+    )
+    data: EvalDataSection = EvalDataSection()
+    generation: GenerationSettings = GenerationSettings()
+    hardness: EvalHardnessSection = EvalHardnessSection()
+    beta: float = Field(default=0.1, gt=0, description="The base beta of the implicit rewards (DAMA.md section 3).")
+    batch_size: int = Field(default=8, gt=0, description="Pairs per scoring pass and prompts per generation batch.")
+    device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N.")
+    output_dir: str = "runs/eval"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationConfig:
+        data = self.data
+        if data.preference is None and data.generative is None:
+            raise ValueError("give data.preference and/or data.generative: there is nothing to evaluate")
+        if data.generative is not None and data.vocabulary is None:
+            raise ValueError("data.generative needs data.vocabulary (object names and synonyms for CHAIR)")
+        if data.vocabulary is not None and data.generative is None:
+            raise ValueError("data.vocabulary is set but data.generative is not; give both or neither")
+        return self
+
+
+def parse_evaluation_config(values: dict[str, Any]) -> EvaluationConfig:
+    try:
+        return EvaluationConfig.model_validate(values)
+    except ValidationError as error:
+        lines = [f"{'.'.join(str(p) for p in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()]
+        raise ConfigError("invalid evaluation config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_evaluation_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> EvaluationConfig:
+    """Read a YAML evaluation config, apply ``key=value`` / ``section.key=value`` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file not found: {path}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        values = loaded or {}
+    return parse_evaluation_config(apply_overrides(values, overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run: base vs tuned
+
+
+@dataclass
+class EvaluationResult:
+    output_dir: Path
+    results: dict[str, Any]
+    results_path: Path
+    chart_path: Path
+    generations_path: Path | None = None
+    pairs_path: Path | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Models:
+    """The base and the tuned model; with a PEFT adapter they are one model, the base being its adapter off."""
+
+    base: Any
+    tuned: Any = None  # None: no adapter given
+    peft: bool = False
+
+    @contextlib.contextmanager
+    def use(self, which: str) -> Iterator[Any]:
+        if which == "tuned":
+            yield self.tuned
+        elif self.peft:
+            with self.tuned.disable_adapter():
+                yield self.tuned
+        else:
+            yield self.base
+
+
+@dataclass
+class _Inputs:
+    rows: list[PreferenceRow] = field(default_factory=list)
+    generative: GenerativeEvalSet | None = None
+    adapter_kind: Literal["peft", "full"] | None = None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use device=auto or cpu")
+    return device
+
+
+def _validate_inputs(config: EvaluationConfig) -> _Inputs:
+    """Read and check everything before a model is loaded, so bad input fails in seconds."""
+    inputs = _Inputs()
+    if config.adapter is not None:
+        adapter = Path(config.adapter)
+        if (adapter / "adapter_config.json").is_file():
+            inputs.adapter_kind = "peft"
+        elif (adapter / "config.json").is_file():
+            inputs.adapter_kind = "full"
+        else:
+            raise ConfigError(
+                f"adapter: {adapter} holds neither adapter_config.json (a PEFT adapter) nor config.json (a full model)"
+            )
+    data = config.data
+    if data.preference is not None:
+        rows, report = load_and_validate(data.preference, format=data.format)
+        if not report.ok and not data.skip_invalid_rows:
+            raise DataError(
+                f"data.preference: {len(report.errors)} invalid rows (set data.skip_invalid_rows=true to leave them "
+                f"out)\n{report}",
+                report.to_dict()["errors"],
+            )
+        inputs.rows = rows[: data.max_pairs] if data.max_pairs else rows
+        if not inputs.rows:
+            raise DataError("data.preference: no usable pairs")
+    if data.generative is not None:
+        assert data.vocabulary is not None
+        loaded = load_generative_eval(data.generative, data.vocabulary)
+        if data.max_samples:
+            loaded.samples = loaded.samples[: data.max_samples]
+        inputs.generative = loaded
+    return inputs
+
+
+def _load_models(config: EvaluationConfig, inputs: _Inputs, device: torch.device, dtype: torch.dtype) -> _Models:
+    from peft import PeftModel
+
+    from dama_engine.models import load_model
+
+    base = load_model(config.model, dtype=dtype).to(device).eval()
+    if config.adapter is None:
+        return _Models(base=base)
+    if inputs.adapter_kind == "peft":
+        # The adapter is injected into the base's layers: the base is this model with the adapter disabled.
+        tuned = PeftModel.from_pretrained(base, config.adapter).to(device).eval()
+        return _Models(base=base, tuned=tuned, peft=True)
+    full = config.model.model_copy(update={"name_or_path": config.adapter, "revision": None})
+    return _Models(base=base, tuned=load_model(full, dtype=dtype).to(device).eval())
+
+
+def _preference_hardness(
+    config: EvaluationConfig, rows: list[PreferenceRow], device: torch.device, callback: Callback
+) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        delta = user_hardness(rows)
+    except ValueError as error:
+        raise DataError(f"data.preference: {error}") from None
+    if delta is not None:
+        return delta, "user"
+    if config.hardness.scorer is None:
+        return None, None
+    callback.on_stage("scoring", {"pairs": len(rows), "scorer": config.hardness.scorer})
+    result = compute_hardness(
+        rows,
+        HardnessConfig(scorer=config.hardness.scorer, device=str(device)),
+        progress=lambda done, total: callback.on_progress("scoring", done, total),
+    )
+    return result.delta, result.source
+
+
+def _evaluate_preference(
+    config: EvaluationConfig,
+    rows: list[PreferenceRow],
+    models: _Models,
+    processor: Any,
+    device: torch.device,
+    bf16: bool,
+    callback: Callback,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from dama_engine.batching import PairEncoder
+    from dama_engine.trainer import _check_lengths, _pair_log_probs_all
+
+    encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
+    usable = _check_lengths(encoder, rows, "preference", config.data.skip_invalid_rows)
+    if not usable:
+        raise DataError("data.preference: no pair fits data.max_length")
+    delta, source = _preference_hardness(config, usable, device, callback)
+    buckets = bucket_by_hardness(delta, config.hardness.thresholds) if delta is not None else None
+
+    log_probs: dict[str, torch.Tensor] = {}
+    for which in ("base", "tuned") if models.tuned is not None else ("base",):
+        callback.on_stage("log_probs", {"model": which, "pairs": len(usable)})
+        with models.use(which) as model:
+            log_probs[which] = _pair_log_probs_all(
+                model,
+                encoder,
+                usable,
+                config.batch_size,
+                device,
+                bf16,
+                progress=lambda done, total: callback.on_progress("log_probs", done, total),
+            ).double()
+
+    base, tuned = log_probs["base"], log_probs.get("tuned")
+    section: dict[str, Any] = {
+        "data": config.data.preference,
+        "pairs": len(usable),
+        "skipped": len(rows) - len(usable),
+        "hardness": None if buckets is None else {"source": source, **buckets.describe()},  # source of delta
+        "base": logprob_stats(base[:, 0], base[:, 1], buckets),
+        "tuned": None if tuned is None else logprob_stats(tuned[:, 0], tuned[:, 1], buckets),
+        "implicit_reward": None,
+    }
+    if tuned is not None:
+        section["implicit_reward"] = preference_metrics(
+            tuned[:, 0], tuned[:, 1], base[:, 0], base[:, 1], config.beta, buckets
+        )
+    per_pair = []
+    for index, row in enumerate(usable):
+        record: dict[str, Any] = {
+            "id": row.row_id,
+            "hardness": None if delta is None else float(delta[index]),
+            "bucket": None if buckets is None else buckets.labels[index],
+            "base_logp_chosen": float(base[index, 0]),
+            "base_logp_rejected": float(base[index, 1]),
+        }
+        if tuned is not None:
+            gap = (tuned[index, 0] - base[index, 0]) - (tuned[index, 1] - base[index, 1])
+            record.update(
+                tuned_logp_chosen=float(tuned[index, 0]),
+                tuned_logp_rejected=float(tuned[index, 1]),
+                reward_margin=float(config.beta * gap),
+            )
+        per_pair.append(record)
+    return section, per_pair
+
+
+def _evaluate_generative(
+    config: EvaluationConfig, eval_set: GenerativeEvalSet, models: _Models, processor: Any, callback: Callback
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    samples = eval_set.samples
+    requests = [GenerationRequest.from_prompt(sample.prompt, [sample.image]) for sample in samples]
+    objects = [sample.objects for sample in samples]
+    judged: dict[str, list[ChairSample]] = {}
+    for which in ("base", "tuned") if models.tuned is not None else ("base",):
+        callback.on_stage("generating", {"model": which, "samples": len(samples)})
+        with models.use(which) as model:
+            responses = generate(
+                model,
+                processor,
+                requests,
+                config.generation,
+                batch_size=config.batch_size,
+                progress=lambda done, total: callback.on_progress("generating", done, total),
+            )
+        judged[which] = chair_samples(responses, objects, eval_set.vocabulary)
+    section = {
+        "data": config.data.generative,
+        "vocabulary": config.data.vocabulary,
+        "samples": len(samples),
+        "base": summarize_chair(judged["base"]),
+        "tuned": summarize_chair(judged["tuned"]) if "tuned" in judged else None,
+    }
+    per_sample = []
+    for index, sample in enumerate(samples):
+        record: dict[str, Any] = {
+            "id": sample.sample_id,
+            "image": sample.image_reference,
+            "prompt": sample.prompt,
+            "objects": list(sample.objects),
+        }
+        for which, judgements in judged.items():
+            record[which] = judgements[index].to_dict()
+        per_sample.append(record)
+    return section, per_sample
+
+
+def run_evaluation(config: EvaluationConfig, callback: Callback | None = None) -> EvaluationResult:
+    """Evaluate the base model and, with ``config.adapter``, the tuned one; write the results.
+
+    Preference data: each model's own log-prob statistics, and (with an adapter) the implicit-reward metrics with
+    the tuned model as policy and the base as reference, per hardness bucket when the pairs carry or get a
+    hardness. Generative data: answers from each model, judged with :func:`chair`.
+
+    Writes into ``config.output_dir``: ``results.json``, ``generations.jsonl`` (per sample: prompt, true objects,
+    and per model the response with its mentioned, hallucinated, covered and missed objects),
+    ``preference_pairs.jsonl`` (per pair: hardness, bucket, log-probs, reward margin) and ``evaluation.png``.
+    """
+    from dama_engine.models import load_processor, resolve_dtype
+
+    callback = callback or Callback()
+    started = time.monotonic()
+    output_dir = Path(config.output_dir)
+
+    callback.on_stage("validating", {})
+    device = _resolve_device(config.device)
+    inputs = _validate_inputs(config)
+
+    callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.adapter})
+    dtype = resolve_dtype(config.model.precision, device)
+    processor = load_processor(config.model)
+    models = _load_models(config, inputs, device, dtype)
+
+    results: dict[str, Any] = {
+        "model": config.model.name_or_path,
+        "adapter": config.adapter,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "beta": config.beta,
+        "generation": config.generation.model_dump(),
+        "preference": None,
+        "generative": None,
+    }
+    per_pair: list[dict[str, Any]] = []
+    per_sample: list[dict[str, Any]] = []
+    if inputs.rows:
+        bf16 = dtype == torch.bfloat16
+        results["preference"], per_pair = _evaluate_preference(
+            config, inputs.rows, models, processor, device, bf16, callback
+        )
+    if inputs.generative is not None:
+        results["generative"], per_sample = _evaluate_generative(config, inputs.generative, models, processor, callback)
+
+    callback.on_stage("writing", {"output_dir": str(output_dir)})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = EvaluationResult(
+        output_dir=output_dir,
+        results=results,
+        results_path=output_dir / "results.json",
+        chart_path=output_dir / "evaluation.png",
+    )
+    if per_sample:
+        result.generations_path = _write_jsonl(output_dir / "generations.jsonl", per_sample)
+    if per_pair:
+        result.pairs_path = _write_jsonl(output_dir / "preference_pairs.jsonl", per_pair)
+    plot_evaluation(results, result.chart_path)
+    result.seconds = time.monotonic() - started
+    results["seconds"] = result.seconds
+    result.results_path.write_text(json.dumps(results, indent=2) + "\n")
+    return result
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting: the base-vs-tuned table and the chart
+
+GENERATIVE_METRICS: tuple[str, ...] = ("chair_s", "chair_i", "hallucination_rate", "coverage", "mean_length")
+
+
+def comparison_table(results: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
+    """``(metric, base, tuned)`` rows of a results dict (None where a model has no such value).
+
+    The implicit-reward rows have no base value: the base is their reference (its own rewards are 0).
+    """
+    rows: list[tuple[str, float | None, float | None]] = []
+    generative = results.get("generative")
+    if generative:
+        tuned = generative.get("tuned") or {}
+        rows += [(name, generative["base"][name], tuned.get(name)) for name in GENERATIVE_METRICS]
+    preference = results.get("preference")
+    if preference:
+        base_stats = preference["base"]
+        tuned_stats = preference.get("tuned")
+        groups = ["overall", *(BUCKETS if base_stats.get("buckets") else ())]
+        for group in groups:
+            base_block = base_stats["overall"] if group == "overall" else base_stats["buckets"][group]
+            tuned_block = None
+            if tuned_stats:
+                tuned_block = tuned_stats["overall"] if group == "overall" else tuned_stats["buckets"][group]
+            suffix = "" if group == "overall" else f" [{group}]"
+            rows.append(
+                (f"logp_accuracy{suffix}", base_block["logp_accuracy"], tuned_block and tuned_block["logp_accuracy"])
+            )
+        implicit = preference.get("implicit_reward")
+        if implicit:
+            for group in ["overall", *(BUCKETS if implicit.get("buckets") else ())]:
+                block = implicit["overall"] if group == "overall" else implicit["buckets"][group]
+                suffix = "" if group == "overall" else f" [{group}]"
+                rows += [
+                    (f"reward_accuracy{suffix}", None, block["accuracy"]),
+                    (f"reward_margin{suffix}", None, block["margin"]),
+                ]
+            rows.append(("dpo_loss", None, implicit["overall"]["loss"]))
+    return rows
+
+
+def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
+    """Three panels: CHAIR metrics base vs tuned; preference accuracy per hardness bucket (base and tuned log-prob
+    accuracy, tuned implicit-reward accuracy); tuned reward margin per bucket. Panels without data say so."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    generative, preference = results.get("generative"), results.get("preference")
+
+    def bars(
+        axis: Any, labels: list[str], series: dict[str, list[float | None]], title: str, *, rates: bool = True
+    ) -> None:
+        axis.set_title(title)
+        if not labels or not any(v is not None for values in series.values() for v in values):
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
+            axis.set_xticks([])
+            return
+        width = 0.8 / max(len(series), 1)
+        for offset, (name, values) in enumerate(series.items()):
+            positions = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(labels))]
+            heights = [math.nan if v is None else v for v in values]
+            axis.bar(positions, heights, width, label=name)
+        axis.set_xticks(range(len(labels)), labels)
+        axis.grid(axis="y", alpha=0.3)
+        axis.axhline(0, color="black", linewidth=0.6)
+        if rates:
+            axis.set_ylim(0, 1.15)
+        axis.legend(loc="upper right", fontsize=8)
+
+    rates = ["chair_s", "chair_i", "hallucination_rate", "coverage"]
+    gen_series: dict[str, list[float | None]] = {}
+    if generative:
+        gen_series["base"] = [generative["base"][name] for name in rates]
+        if generative.get("tuned"):
+            gen_series["tuned"] = [generative["tuned"][name] for name in rates]
+    rate_labels = ["CHAIRs", "CHAIRi", "Hal", "Cover"]
+    bars(axes[0], rate_labels if generative else [], gen_series, "object hallucination (lower CHAIR/Hal is better)")
+
+    groups: list[str] = []
+    group_labels: list[str] = []
+    accuracy_series: dict[str, list[float | None]] = {}
+    margin_series: dict[str, list[float | None]] = {}
+    if preference:
+        groups = ["overall", *(BUCKETS if preference["base"].get("buckets") else ())]
+
+        def pick(stats: dict[str, Any] | None, group: str, key: str) -> float | None:
+            if not stats:
+                return None
+            block = stats["overall"] if group == "overall" else (stats.get("buckets") or {}).get(group)
+            return None if block is None else block.get(key)
+
+        group_labels = [f"{g}\n(n={pick(preference['base'], g, 'count')})" for g in groups]
+        accuracy_series["base log-prob"] = [pick(preference["base"], g, "logp_accuracy") for g in groups]
+        if preference.get("tuned"):
+            accuracy_series["tuned log-prob"] = [pick(preference["tuned"], g, "logp_accuracy") for g in groups]
+        if preference.get("implicit_reward"):
+            implicit = preference["implicit_reward"]
+            accuracy_series["tuned implicit reward"] = [pick(implicit, g, "accuracy") for g in groups]
+            margin_series["tuned vs base"] = [pick(implicit, g, "margin") for g in groups]
+    bars(axes[1], group_labels, accuracy_series, "preference accuracy by hardness")
+    margin_labels = group_labels if margin_series else []
+    bars(axes[2], margin_labels, margin_series, "tuned reward margin by hardness (beta-scaled)", rates=False)
+
+    adapter = results.get("adapter")
+    figure.suptitle(f"{results.get('model', '')}" + (f"  vs  {adapter}" if adapter else ""), fontsize=9)
+    figure.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return out_png

@@ -1,0 +1,248 @@
+"""The whole service, as docker-compose.yml runs it, on real Postgres, Redis, uvicorn and a Celery worker.
+
+The processes are started with exactly the compose commands (``dama migrate``, ``dama api``, ``dama worker``) and
+talked to over HTTP only. A second test runs the embedded default (``dama serve --demo``: SQLite, the filesystem
+broker, no external servers), which is what the README's run command does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+
+from dama_engine.data.demo import make_demo_dataset
+from tests.e2e.commands import COMPOSE_COMMANDS
+
+VENV_BIN = Path(sys.executable).parent
+ENDED = {"succeeded", "failed", "cancelled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _command(name: str) -> list[str]:
+    """The compose command with the venv's ``dama`` (the same console script the image installs)."""
+    program, *args = COMPOSE_COMMANDS[name]
+    return [str(VENV_BIN / program), *args]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("service")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DAMA_ENVIRONMENT": "production",
+        "DAMA_DATABASE_URL": pg_url,
+        "DAMA_BROKER_URL": redis_url,
+        "DAMA_API_KEY_PEPPER": secrets.token_hex(16),
+        "DAMA_ARTIFACTS_DIR": str(root / "artifacts"),
+        "DAMA_MODEL_CACHE_DIR": str(root / "models"),
+        "DAMA_DEFAULT_QUEUE": f"e2e-{secrets.token_hex(3)}",
+        "DAMA_API_HOST": "127.0.0.1",
+        "DAMA_API_PORT": str(port),
+        "DAMA_METRICS_FLUSH_S": "0.2",
+        "OMP_NUM_THREADS": "1",
+    }
+    env["DAMA_WORKER_QUEUES"] = env["DAMA_DEFAULT_QUEUE"]
+    subprocess.run(_command("migrate"), env=env, check=True, timeout=120)
+    logs = {name: (root / f"{name}.log").open("wb") for name in ("api", "worker")}
+    processes = {
+        name: subprocess.Popen(
+            _command(name), env=env, stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True
+        )
+        for name in ("api", "worker")
+    }
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, (root / "api.log").read_text()[-3000:]
+        time.sleep(0.3)
+    key = subprocess.run(
+        [str(VENV_BIN / "dama"), "admin", "create-key", "--tenant", "e2e"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        yield {"url": base_url, "key": key, "root": root, "models": root / "models"}
+    finally:
+        for process in processes.values():
+            _stop(process)
+        for handle in logs.values():
+            handle.close()
+
+
+def _dataset_zip(folder: Path, n_train: int, n_eval: int) -> tuple[bytes, bytes]:
+    data = make_demo_dataset(folder, n_train=n_train, n_eval=n_eval, n_generative=0, with_hardness=True)
+    archives = []
+    for split, prefix in ((data.train, "train_"), (data.eval, "eval_")):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as bundle:
+            bundle.write(split, split.name)
+            for image in sorted(data.images_dir.glob(f"{prefix}*")):
+                bundle.write(image, f"images/{image.name}")
+        archives.append(buffer.getvalue())
+    return archives[0], archives[1]
+
+
+def _wait(client: httpx.Client, job_id: str, done: Any, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+
+
+def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Path) -> None:
+    client = httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['key']}"}, timeout=60)
+    train_zip, eval_zip = _dataset_zip(tmp_path / "data", n_train=96, n_eval=16)
+    train = client.post("/datasets", files={"file": ("train.zip", train_zip, "application/zip")})
+    assert train.status_code == 201, train.text
+    held_out = client.post("/datasets", files={"file": ("eval.zip", eval_zip, "application/zip")}).json()
+    assert train.json()["row_count"] == 96 and train.json()["image_count"] == 96
+
+    spec = {
+        "model": "dama/tiny-llava",
+        "dataset_id": train.json()["id"],
+        "method": "dama",
+        "hyperparameters": {"learning_rate": 5e-3, "batch_size": 8, "epochs": 4, "checkpoint_every": 10},
+        "evaluation": {"dataset_id": held_out["id"]},
+    }
+    created = client.post("/jobs", json=spec, headers={"Idempotency-Key": "e2e-1"})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    again = client.post("/jobs", json=spec, headers={"Idempotency-Key": "e2e-1"})
+    assert again.json()["id"] == job_id
+
+    # Metrics grow while it trains.
+    training = _wait(client, job_id, lambda j: (j["stage"] == "training" and j["step"] >= 3) or j["status"] in ENDED)
+    assert training["status"] == "running" and training["total_steps"] == 48
+    first = client.get(f"/jobs/{job_id}/metrics", params={"keys": "loss"}).json()["series"]["loss"]
+    finished = _wait(client, job_id, lambda j: j["status"] in ENDED)
+    assert finished["status"] == "succeeded", finished
+    last = client.get(f"/jobs/{job_id}/metrics", params={"keys": "loss"}).json()["series"]["loss"]
+    assert 0 < len(first) < len(last) == 48 and [step for step, _ in last] == list(range(1, 49))
+    assert finished["result"]["eval_after"]["eval_accuracy"] > finished["result"]["eval_before"]["eval_accuracy"]
+
+    # Events, through the live stream, arrive in order and cover every stage.
+    with client.stream("GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as stream:
+        events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+    seqs = [event["seq"] for event in events]
+    assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1))
+    stages = [e["data"]["stage"] for e in events if e["type"] == "stage"]
+    assert stages == [
+        "validating",
+        "loading_model",
+        "scoring",
+        "reference",
+        "evaluating",
+        "training",
+        "evaluating",
+        "exporting",
+    ]
+    assert len(client.get(f"/jobs/{job_id}/checkpoints").json()["data"]) >= 1
+
+    # The adapter downloads with its sha256 and loads with peft on the base model.
+    download = client.get(f"/jobs/{job_id}/adapter")
+    assert download.status_code == 200
+    import hashlib
+
+    assert hashlib.sha256(download.content).hexdigest() == download.headers["X-Content-SHA256"]
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as bundle:
+        bundle.extractall(tmp_path / "adapter", filter="data")
+    adapter_dir = next(p.parent for p in (tmp_path / "adapter").rglob("adapter_config.json"))
+    base_dir = next(p.parent for p in service["models"].rglob("config.json") if "llava" in p.read_text())
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits).all()
+
+
+def test_cancel_mid_training(service: dict[str, Any], tmp_path: Path) -> None:
+    client = httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['key']}"}, timeout=60)
+    train_zip, _ = _dataset_zip(tmp_path / "data", n_train=64, n_eval=16)
+    dataset = client.post("/datasets", files={"file": ("train.zip", train_zip, "application/zip")}).json()
+    spec = {
+        "model": "dama/tiny-llava",
+        "dataset_id": dataset["id"],
+        "hyperparameters": {"batch_size": 4, "epochs": 20, "learning_rate": 1e-3},
+    }
+    job_id = client.post("/jobs", json=spec).json()["id"]
+    running = _wait(client, job_id, lambda j: j["step"] >= 2 or j["status"] in ENDED)
+    assert running["status"] == "running"
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    cancelled = _wait(client, job_id, lambda j: j["status"] in ENDED, timeout=60)
+    assert cancelled["status"] == "cancelled" and cancelled["step"] < cancelled["total_steps"]
+    assert client.get(f"/jobs/{job_id}/adapter").status_code == 409
+
+
+def test_embedded_default_runs_the_demo_with_no_servers(tmp_path: Path) -> None:
+    """`dama serve --demo` (the README's run command) on SQLite and the filesystem broker."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("DAMA_")  # nothing configured: the embedded default
+    }
+    env.update({"DAMA_HOME": str(tmp_path / ".dama"), "DAMA_API_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "dama"),
+            "serve",
+            "--demo",
+            "--exit-after-demo",
+            "--demo-pairs",
+            "96",
+            "--demo-epochs",
+            "2",
+            "--demo-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "held-out preference accuracy: before" in result.stdout
+    assert list((tmp_path / "out").glob("job_*-adapter/adapter_model.safetensors"))
+    assert (tmp_path / ".dama" / "dama.db").is_file()
