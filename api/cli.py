@@ -36,7 +36,9 @@ def _create_key(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with session_scope(make_session_factory(engine)) as session:
             tenant = repository.get_or_create_tenant(session, name=args.tenant)
-            row, plaintext = repository.create_api_key(session, tenant_id=tenant.id, pepper=settings.api_key_pepper)
+            row, plaintext = repository.create_api_key(
+                session, tenant_id=tenant.id, pepper=settings.resolved_api_key_pepper
+            )
             tenant_id, key_id = tenant.id, row.id
     except SQLAlchemyError as error:
         print(f"error: could not create the key ({type(error).__name__}); has `dama migrate` run?", file=sys.stderr)

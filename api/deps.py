@@ -70,7 +70,9 @@ def get_current_tenant(
             "send an API key as 'Authorization: Bearer <key>' (create one with `dama admin create-key`)",
             headers=challenge,
         )
-    tenant = repository.tenant_for_key(session, key=credentials.credentials, pepper=services.settings.api_key_pepper)
+    tenant = repository.tenant_for_key(
+        session, key=credentials.credentials, pepper=services.settings.resolved_api_key_pepper
+    )
     if tenant is None:
         raise ApiError(401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=challenge)
     return tenant

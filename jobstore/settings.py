@@ -7,6 +7,7 @@ the job store, Celery's filesystem transport as the broker, and a local folder f
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,19 @@ class Settings(BaseSettings):
             if self.database_url is None or self.database_url.startswith("sqlite"):
                 raise ValueError("DAMA_DATABASE_URL: production needs a server database (Postgres), not SQLite")
         return self
+
+    @property
+    def resolved_api_key_pepper(self) -> str:
+        """The configured pepper; in development without one, a random one kept in ``home/api-key-pepper`` so
+        every process of this installation (``dama serve``, ``dama admin create-key``) hashes keys alike."""
+        if self.api_key_pepper:
+            return self.api_key_pepper
+        pepper_file = self.home / "api-key-pepper"
+        if not pepper_file.is_file():
+            self.home.mkdir(parents=True, exist_ok=True)
+            pepper_file.write_text(secrets.token_hex(24))
+            pepper_file.chmod(0o600)
+        return pepper_file.read_text().strip()
 
     @property
     def resolved_database_url(self) -> str:

@@ -82,7 +82,7 @@ def run_demo(base_url: str, settings: Settings, out_dir: Path, *, n_train: int =
     engine = make_engine(settings.resolved_database_url)
     with session_scope(make_session_factory(engine)) as session:
         tenant = get_or_create_tenant(session=session, name="demo")
-        _row, api_key = create_api_key(session, tenant_id=tenant.id, pepper=settings.api_key_pepper)
+        _row, api_key = create_api_key(session, tenant_id=tenant.id, pepper=settings.resolved_api_key_pepper)
     engine.dispose()
     headers = {"Authorization": f"Bearer {api_key}"}
     client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
@@ -157,13 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if not settings.api_key_pepper and settings.environment == "development":
-        # Development only: a per-installation pepper kept beside the database (production must set one).
-        pepper_file = settings.home / "api-key-pepper"
-        if not pepper_file.exists():
-            pepper_file.write_text(os.urandom(24).hex())
-        env["DAMA_API_KEY_PEPPER"] = pepper_file.read_text().strip()
-        settings = Settings(api_key_pepper=env["DAMA_API_KEY_PEPPER"])
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
 
     print(f"[serve] job store: {settings.resolved_database_url}", flush=True)
