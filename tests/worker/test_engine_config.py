@@ -1,0 +1,97 @@
+"""Job spec -> engine config: paths, the tiny models' defaults, evaluation sources, missing datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobstore.spec import JobSpec
+from tests.worker.conftest import JobStore
+from worker.engine_config import (
+    TINY_MODEL_LEARNING_RATE,
+    DatasetMissing,
+    build_train_config,
+    ensure_tiny_model,
+    model_cache_root,
+)
+
+
+def _spec(dataset_id: str, **values: object) -> JobSpec:
+    return JobSpec.model_validate({"model": "dama/tiny-llava", "dataset_id": dataset_id, **values})
+
+
+def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
+    dataset_id = store.dataset(48)
+    spec = _spec(
+        dataset_id,
+        method="dama_data",
+        hyperparameters={"beta": 0.2, "keep_ratio": 0.5, "max_steps": 7, "batch_size": 2, "checkpoint_every": 3},
+        lora={"r": 4, "alpha": 8, "train_projector": True},
+        hardness_scorer="/models/clip",
+    )
+    config = build_train_config(
+        spec, job_id="job_a", store=store.artifacts, settings=store.settings, dataset_format="trl"
+    )
+    assert config.model.name_or_path == str(ensure_tiny_model("llava", model_cache_root(store.settings)))
+    assert (Path(config.model.name_or_path) / "config.json").is_file()
+    assert config.model.precision == "fp32"
+    assert config.optim.learning_rate == TINY_MODEL_LEARNING_RATE  # the spec left the LoRA default
+    assert config.data.train == str(store.artifacts.dataset_dir(dataset_id) / "data")
+    assert config.data.format == "trl" and config.data.eval is None and config.data.eval_fraction == 0.0
+    assert (config.objective.method, config.objective.beta, config.objective.keep_ratio) == ("dama_data", 0.2, 0.5)
+    assert (config.optim.max_steps, config.optim.batch_size) == (7, 2)
+    assert (config.lora.r, config.lora.alpha, config.lora.train_projector) == (4, 8, True)
+    assert config.hardness.scorer == "/models/clip"
+    assert config.run.output_dir == str(store.artifacts.run_dir("job_a").resolve())
+    assert config.run.checkpoint_every == 3 and config.run.resume is True
+    assert config.run.cache_dir == str((store.artifacts.root / "cache").resolve())
+
+
+def test_an_explicit_learning_rate_and_a_real_model_are_kept(store: JobStore) -> None:
+    dataset_id = store.dataset(48)
+    tiny = _spec(dataset_id, hyperparameters={"learning_rate": 3e-4})
+    config = build_train_config(tiny, job_id="job_b", store=store.artifacts, settings=store.settings)
+    assert config.optim.learning_rate == 3e-4
+    real = JobSpec.model_validate({"model": "llava-hf/llava-1.5-7b-hf", "dataset_id": dataset_id})
+    config = build_train_config(
+        real, job_id="job_c", store=store.artifacts, settings=store.settings, dataset_format="x"
+    )
+    assert config.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    assert config.model.precision == "auto" and config.optim.learning_rate == 2e-5
+    assert config.data.format == "auto"
+
+
+def test_evaluation_comes_from_a_dataset_or_a_holdout_fraction(store: JobStore) -> None:
+    train_id, eval_id = store.dataset(48), store.dataset(8)
+    config = build_train_config(
+        _spec(train_id, evaluation={"dataset_id": eval_id}), job_id="j", store=store.artifacts, settings=store.settings
+    )
+    assert config.data.eval == str(store.artifacts.dataset_dir(eval_id) / "data")
+    config = build_train_config(
+        _spec(train_id, evaluation={"holdout_fraction": 0.2}),
+        job_id="j",
+        store=store.artifacts,
+        settings=store.settings,
+    )
+    assert config.data.eval is None and config.data.eval_fraction == 0.2
+
+
+def test_a_dataset_without_files_is_reported(store: JobStore) -> None:
+    with pytest.raises(DatasetMissing, match="training dataset ds_gone has no files"):
+        build_train_config(_spec("ds_gone"), job_id="j", store=store.artifacts, settings=store.settings)
+    with pytest.raises(DatasetMissing, match="evaluation dataset ds_gone"):
+        build_train_config(
+            _spec(store.dataset(48), evaluation={"dataset_id": "ds_gone"}),
+            job_id="j",
+            store=store.artifacts,
+            settings=store.settings,
+        )
+
+
+def test_tiny_models_are_built_once(tmp_path: Path) -> None:
+    first = ensure_tiny_model("llava", tmp_path)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert ensure_tiny_model("llava", tmp_path) == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no build folder left behind

@@ -1,0 +1,277 @@
+"""How a running job reports to the job store: the engine callback and the heartbeat thread.
+
+:class:`JobReporter` is the engine's :class:`~dama_engine.callbacks.Callback` for one run. It buffers each step's
+metrics in memory and writes them, the progress (step, total, fraction, ETA) and a heartbeat at most every
+``metrics_flush_s`` (and at every stage change, checkpoint and the end), so a fast training loop is not slowed by
+database round trips. It polls the job's status at most every ``poll_interval_s`` and asks the engine to stop when
+the job is ``cancelling``, when this worker no longer owns the run (the sweeper gave it to another worker), or
+when the worker is shutting down. No database error escapes it: a failed write is logged and retried at the next
+flush, so a flaky job store never kills a training run (the heartbeat going silent is what the sweeper watches).
+
+:class:`Heartbeat` keeps ``heartbeat_at`` fresh during long work without steps (model loading, the reference
+pass, evaluation) from a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dama_engine.callbacks import Callback
+from jobstore import repository
+from jobstore.db import session_scope
+from jobstore.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["cancelled", "lost", "shutdown"]
+ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
+MAX_BUFFERED_POINTS = 500_000  # while the job store is unreachable; older points are dropped beyond this
+
+
+@dataclass(frozen=True)
+class RunOwner:
+    """One attempt of one job on one worker: the only one allowed to write the job's progress and outcome."""
+
+    job_id: str
+    worker: str
+    attempt: int
+
+
+class JobStopped(Exception):
+    """Raised from a callback outside the training loop (no step boundary to stop at) to end the run early."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(f"run stopped: {reason}")
+        self.reason = reason
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats that JSON (and Postgres JSONB) cannot hold become None; everything else is kept as it is."""
+    safe: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            safe[key] = None
+        elif isinstance(value, str | int | float | bool) or value is None:
+            safe[key] = value
+        else:
+            safe[key] = str(value)
+    return safe
+
+
+class JobReporter(Callback):
+    def __init__(
+        self,
+        *,
+        owner: RunOwner,
+        session_factory: sessionmaker[Session],
+        flush_interval_s: float,
+        poll_interval_s: float = 0.5,
+        shutdown: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.owner = owner
+        self.session_factory = session_factory
+        self.flush_interval_s = flush_interval_s
+        self.poll_interval_s = poll_interval_s
+        self.shutdown = shutdown or threading.Event()
+        self.clock = clock
+        self.stage: str | None = None
+        self.step = 0
+        self.total_steps: int | None = None
+        self.resumed_from_step = 0
+        self.stop_reason: StopReason | None = None
+        self._points: list[tuple[int, str, float]] = []
+        self._events: list[tuple[str, str, dict[str, Any] | None]] = []
+        self._stage_changed = False
+        self._last_flush = -math.inf
+        self._last_poll = -math.inf
+        self._rate_origin: tuple[float, int] | None = None  # (time, step) when training (re)started
+
+    # ---- the engine's callback ----------------------------------------------------------------------------
+
+    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        self.stage = stage
+        self._stage_changed = True
+        details = ", ".join(f"{key} {value}" for key, value in info.items())
+        message = f"stage {stage}" + (f" ({details})" if details else "")
+        self._events.append(("stage", message, {"stage": stage, **json_safe(info)}))
+        if stage == "training":
+            self.total_steps = int(info["steps"])
+            self.resumed_from_step = int(info.get("resumed_from_step") or 0)
+            self.step = self.resumed_from_step
+            self._rate_origin = (self.clock(), self.step)
+            if self.resumed_from_step:
+                self._events.append(
+                    (
+                        "resumed",
+                        f"resumed from the checkpoint at step {self.resumed_from_step} (attempt {self.owner.attempt})",
+                        {"step": self.resumed_from_step, "attempt": self.owner.attempt},
+                    )
+                )
+        self.flush()
+        if stage != "training":
+            self._raise_if_stopping()
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        self._raise_if_stopping()
+
+    def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        self.step, self.total_steps = step, total_steps
+        self._buffer(step, metrics)
+        if self.clock() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._buffer(step, metrics)
+        accuracy, margin = metrics.get("eval_accuracy"), metrics.get("eval_margin")
+        summary = ""
+        if accuracy is not None and margin is not None:
+            summary = f": accuracy {accuracy:.3f}, margin {margin:.4f}"
+        self._events.append(("evaluation", f"held-out evaluation at step {step}{summary}", json_safe(metrics)))
+        self.flush()
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        # Metrics first: after a crash the run resumes here, and the rows up to this step must already exist.
+        self.flush()
+
+        def register(session: Session) -> None:
+            repository.add_checkpoint(session, job_id=self.owner.job_id, step=step, path=str(path))
+            repository.add_events(
+                session,
+                job_id=self.owner.job_id,
+                events=[("checkpoint", f"checkpoint saved at step {step}", {"step": step, "path": str(path)})],
+            )
+
+        self._write(register)
+
+    def should_stop(self) -> bool:
+        self._poll()
+        return self.stop_reason is not None
+
+    # ---- writing and polling ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write buffered metrics and events, the progress and a heartbeat, in one transaction."""
+        points, events = self._points, self._events
+        progress, eta = self._progress()
+
+        def write(session: Session) -> None:
+            if not self._owns(session):
+                return
+            repository.add_metrics(session, job_id=self.owner.job_id, points=points)
+            repository.add_events(session, job_id=self.owner.job_id, events=events)
+            status = repository.record_progress(
+                session,
+                job_id=self.owner.job_id,
+                stage=self.stage if self._stage_changed else None,
+                step=self.step,
+                total_steps=self.total_steps,
+                progress=progress,
+                eta_seconds=eta,
+            )
+            self._note_status(status)
+
+        self._last_flush = self.clock()
+        if self._write(write):
+            self._points, self._events = [], []
+            self._stage_changed = False
+            self._last_poll = self._last_flush
+        elif len(self._points) > MAX_BUFFERED_POINTS:
+            log.warning("job %s: dropping %d buffered metric points", self.owner.job_id, len(points) // 2)
+            del self._points[: len(points) // 2]
+
+    def close(self) -> None:
+        self.flush()
+
+    def _progress(self) -> tuple[float | None, float | None]:
+        if not self.total_steps:
+            return None, None
+        progress = min(1.0, self.step / self.total_steps)
+        eta = None
+        if self._rate_origin is not None:
+            started, first_step = self._rate_origin
+            elapsed, done = self.clock() - started, self.step - first_step
+            if done > 0 and elapsed > 0:
+                eta = max(0.0, (self.total_steps - self.step) * elapsed / done)
+        return progress, eta
+
+    def _buffer(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._points.append((step, key, float(value)))
+
+    def _poll(self) -> None:
+        if self.shutdown.is_set() and self.stop_reason is None:
+            self.stop_reason = "shutdown"
+        now = self.clock()
+        if now - self._last_poll < self.poll_interval_s:
+            return
+        self._last_poll = now
+        self._write(self._owns)
+
+    def _raise_if_stopping(self) -> None:
+        if self.should_stop():
+            assert self.stop_reason is not None
+            raise JobStopped(self.stop_reason)
+
+    def _owns(self, session: Session) -> bool:
+        """Whether this attempt still runs the job; notes a cancel request or a lost run as the stop reason."""
+        row = repository.job_owner(session, job_id=self.owner.job_id)
+        if row is None or row[0] not in ACTIVE or row[1] != self.owner.worker or row[2] != self.owner.attempt:
+            if self.stop_reason != "lost":
+                log.warning("job %s: this worker no longer owns attempt %d; stopping", *self._ids())
+            self.stop_reason = "lost"
+            return False
+        self._note_status(row[0])
+        return True
+
+    def _note_status(self, status: str | None) -> None:
+        if status == JobStatus.cancelling.value and self.stop_reason in (None, "shutdown"):
+            self.stop_reason = "cancelled"
+
+    def _ids(self) -> tuple[str, int]:
+        return self.owner.job_id, self.owner.attempt
+
+    def _write(self, action: Callable[[Session], Any]) -> bool:
+        try:
+            with session_scope(self.session_factory) as session:
+                action(session)
+            return True
+        except Exception:
+            log.warning("job %s: could not write to the job store; will retry", self.owner.job_id, exc_info=True)
+            return False
+
+
+class Heartbeat:
+    """Stamps ``heartbeat_at`` every ``interval_s`` from a daemon thread until stopped."""
+
+    def __init__(self, *, job_id: str, session_factory: sessionmaker[Session], interval_s: float) -> None:
+        self.job_id = job_id
+        self.session_factory = session_factory
+        self.interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            try:
+                with session_scope(self.session_factory) as session:
+                    repository.record_progress(session, job_id=self.job_id)
+            except Exception:
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)

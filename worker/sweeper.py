@@ -1,0 +1,127 @@
+"""The sweeper: finds runs whose worker died and queued jobs whose message was lost, and sets both going again.
+
+Messages are acked early (see :mod:`jobstore.broker`), so a job whose worker dies is not redelivered by the
+broker; heartbeats in the job store are what tell a live run from a dead one:
+
+* a ``running`` / ``cancelling`` job silent for ``heartbeat_timeout_s`` is recovered with
+  :func:`jobstore.repository.recover_stale_job`: re-queued and sent again (it resumes from its newest checkpoint,
+  since the run folder persists and ``run.resume`` is on), failed with ``system_error`` after ``max_attempts``,
+  or ``cancelled`` if it was being cancelled;
+* a ``queued`` job nobody claimed for two sweep intervals is sent again, unless its queue still holds messages
+  (then its message is most likely among them, waiting for a free worker). Claiming is a conditional update, so
+  a duplicate message is a no-op.
+
+Where it runs: a daemon thread in every worker process (:class:`SweeperThread`), not Celery beat. That needs no
+extra process in the embedded single-machine mode, and it keeps sweeping while the worker's only pool slot is
+busy training. Several workers sweeping at once is safe: each recovery locks the job's row (``FOR UPDATE SKIP
+LOCKED``), checks again that it is still stale, and goes through the job state machine, so one dead run is
+recovered exactly once. The ``dama.sweep`` task runs the same function for deployments that prefer beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from datetime import timedelta
+
+from celery import Celery
+from kombu.exceptions import ChannelError
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobstore import repository
+from jobstore.broker import enqueue_job
+from jobstore.db import session_scope
+from jobstore.models import utcnow
+from jobstore.settings import Settings
+from jobstore.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+
+def sweep(session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings) -> Counter[str]:
+    """One pass; returns counts of what it did (``requeued``, ``failed``, ``cancelled``, ``resent``)."""
+    done: Counter[str] = Counter()
+    now = utcnow()
+    silent_since = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    with session_scope(session_factory) as session:
+        stale = [job.id for job in repository.stale_jobs(session, older_than=silent_since)]
+    for job_id in stale:
+        try:
+            with session_scope(session_factory) as session:
+                job = repository.lock_stale_job(session, job_id=job_id, older_than=silent_since)
+                if job is None:
+                    continue  # it heartbeat meanwhile, or another sweeper has it
+                log.warning("job %s: worker %s silent since %s", job_id, job.worker, job.heartbeat_at)
+                status = repository.recover_stale_job(session, job=job, max_attempts=settings.max_attempts)
+                queue = job.queue
+            # Sent after the commit, so the worker that takes the message finds the job queued.
+            done[_outcome(status)] += 1
+            if status == JobStatus.queued.value:
+                enqueue_job(celery_app, job_id=job_id, queue=queue)
+        except Exception:
+            log.exception("sweeper: could not recover job %s", job_id)
+
+    unclaimed_since = now - timedelta(seconds=2 * settings.sweep_interval_s)
+    with session_scope(session_factory) as session:
+        orphans = [(job.id, job.queue) for job in repository.orphaned_queued_jobs(session, older_than=unclaimed_since)]
+    waiting: dict[str, int | None] = {}
+    for job_id, queue in orphans:
+        if queue not in waiting:
+            waiting[queue] = queued_messages(celery_app, queue)
+        if waiting[queue]:
+            continue
+        try:
+            enqueue_job(celery_app, job_id=job_id, queue=queue)
+            log.info("sweeper: job %s was queued but never claimed; sent it again", job_id)
+            done["resent"] += 1
+        except Exception:
+            log.exception("sweeper: could not send job %s again", job_id)
+    return done
+
+
+def _outcome(status: str) -> str:
+    return {JobStatus.queued.value: "requeued"}.get(status, status)
+
+
+def queued_messages(celery_app: Celery, queue: str) -> int | None:
+    """How many messages wait in ``queue`` (0 when it does not exist), or None if the broker cannot say."""
+    try:
+        with celery_app.connection_for_write() as connection:
+            _name, count, _consumers = connection.default_channel.queue_declare(queue=queue, passive=True)
+            return int(count)
+    except ChannelError:
+        return 0  # the Redis transport reports an empty queue as a missing one
+    except Exception:
+        log.warning("sweeper: could not count the messages in queue %s", queue, exc_info=True)
+        return None
+
+
+class SweeperThread:
+    """Runs :func:`sweep` now and then every ``settings.sweep_interval_s`` in a daemon thread until stopped."""
+
+    def __init__(self, session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings) -> None:
+        self.session_factory = session_factory
+        self.celery_app = celery_app
+        self.settings = settings
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dama-sweeper", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                done = sweep(self.session_factory, self.celery_app, self.settings)
+                if done:
+                    log.info("sweeper: %s", dict(done))
+            except Exception:
+                log.exception("sweeper: pass failed")
+            self._stopped.wait(self.settings.sweep_interval_s)

@@ -1,0 +1,384 @@
+"""Running one job, top to bottom: claim, build the engine config, train, package the adapter, record the outcome.
+
+:func:`run_job` is a plain function (tests call it directly); :func:`register_tasks` wraps it, and the sweeper,
+as thin Celery tasks. The task table (``jobs``) is the product's own: Celery carries only job ids, and nothing a
+task writes to the job store can crash the task (progress writes are logged and retried, see
+:mod:`worker.progress`; final writes are logged, and a run whose outcome could not be stored goes stale and is
+recovered by the sweeper).
+
+Outcomes:
+
+* success -> the adapter folder is packed into ``ArtifactStore.adapter_archive(job_id)`` (a flat tar.gz: it
+  extracts into a folder ``peft.PeftModel.from_pretrained`` loads), registered with its sha256, and the job
+  ``succeeded`` with its final metrics in ``result``;
+* cancel requested -> the engine stops at the next step boundary -> ``cancelled``;
+* worker shutting down (SIGTERM) -> the engine checkpoints and stops -> the job goes back to ``queued`` and the
+  sweeper sends it again; it resumes from that checkpoint;
+* bad input (data, config, dataset files, model name) -> ``failed`` with ``user_error`` and the engine's message;
+* anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
+  only retry is of the claim itself when the job store is unreachable (a known temporary error).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import tarfile
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dama_engine.checkpoint import latest_checkpoint
+from dama_engine.config import ConfigError
+from dama_engine.data.formats import DataFormatError
+from dama_engine.trainer import DataError, TrainResult, train
+from jobstore import repository
+from jobstore.artifacts import ArtifactStore, file_sha256
+from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
+from jobstore.db import make_engine, make_session_factory, session_scope
+from jobstore.models import Dataset
+from jobstore.settings import Settings
+from jobstore.spec import JobSpec
+from jobstore.states import ErrorKind, JobStatus
+from worker.distributed import run_distributed
+from worker.engine_config import DatasetMissing, build_train_config
+from worker.progress import Heartbeat, JobReporter, JobStopped, RunOwner, json_safe
+from worker.sweeper import sweep
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+CLAIM_RETRIES = 5
+USER_ERRORS = (DataError, ConfigError, DataFormatError, DatasetMissing, ValidationError)
+# Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
+# "validating", the weights in "loading_model").
+MODEL_STAGES = (None, "validating", "loading_model")
+
+
+class JobStoreUnavailable(RuntimeError):
+    """The job could not be claimed because the job store is unreachable (temporary: the task retries)."""
+
+
+@dataclass
+class WorkerContext:
+    """What the worker process builds once from its settings and shares between tasks and the sweeper."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    shutdown: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        return cls(settings=settings, session_factory=make_session_factory(make_engine(settings.resolved_database_url)))
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    job_id: str
+    tenant_id: str
+    spec: dict[str, Any]
+    attempt: int
+    dataset_format: str | None
+    resume_step: int
+
+
+def worker_name(hostname: str | None = None) -> str:
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"[:200]
+
+
+def run_job(
+    job_id: str,
+    *,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    worker: str | None = None,
+    shutdown: threading.Event | None = None,
+) -> str | None:
+    """Run job ``job_id`` to its end on this worker; return its final status, or None if this call did nothing
+    (the job was not ``queued``: a redelivered message, or a job another worker claimed or that was cancelled)."""
+    worker = worker or worker_name()
+    store = ArtifactStore(settings.resolved_artifacts_dir)
+    claimed = _claim(job_id, session_factory=session_factory, worker=worker, store=store)
+    if claimed is None:
+        log.info("job %s is not queued; nothing to do (a duplicate or late message)", job_id)
+        return None
+    owner = RunOwner(job_id=job_id, worker=worker, attempt=claimed.attempt)
+    log.info("job %s: attempt %d on %s", job_id, claimed.attempt, worker)
+    reporter = JobReporter(
+        owner=owner, session_factory=session_factory, flush_interval_s=settings.metrics_flush_s, shutdown=shutdown
+    )
+    heartbeat = Heartbeat(job_id=job_id, session_factory=session_factory, interval_s=settings.heartbeat_interval_s)
+    heartbeat.start()
+    spec: JobSpec | None = None
+    try:
+        spec = JobSpec.model_validate(claimed.spec)
+        result = _train(spec, claimed, reporter, store=store, settings=settings)
+    except JobStopped:
+        result = None
+    except Exception as error:
+        reporter.close()
+        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
+        log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
+        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+    finally:
+        heartbeat.stop()
+        _release_memory()
+    reporter.close()
+
+    if result is None or result.stopped:
+        return _stopped(owner, session_factory, reporter)
+    try:
+        archive = store.adapter_archive(job_id)
+        assert result.adapter_dir is not None
+        pack_adapter(result.adapter_dir, archive)
+        sha256, size = file_sha256(archive), archive.stat().st_size
+    except Exception as error:
+        kind, message = ErrorKind.system_error, short_traceback(error)
+        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+    summary = {
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "train_metrics": json_safe(result.train_metrics),
+        "eval_before": json_safe(result.eval_before or _logged_eval_before(result.output_dir) or {}) or None,
+        "eval_after": json_safe(result.eval_after) if result.eval_after else None,
+        "adapter_sha256": sha256,
+        "adapter_size_bytes": size,
+        "seconds": round(result.seconds, 3),
+        "attempts": claimed.attempt,
+    }
+    return _finish(
+        owner,
+        session_factory,
+        JobStatus.succeeded,
+        message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
+        result=summary,
+        artifact=(claimed.tenant_id, archive, sha256, size),
+    )
+
+
+def _claim(
+    job_id: str, *, session_factory: sessionmaker[Session], worker: str, store: ArtifactStore
+) -> _Claimed | None:
+    try:
+        with session_scope(session_factory) as session:
+            job = repository.claim_job(session, job_id=job_id, worker=worker)
+            if job is None:
+                return None
+            resume_step = -1  # nothing to keep: a fresh run logs step 0 (the evaluation before training) again
+            if job.attempts > 1:
+                # A re-run continues from the newest checkpoint on disk; the points it will log again go.
+                checkpoint = latest_checkpoint(store.run_dir(job_id))
+                if checkpoint is not None:
+                    resume_step = int(json.loads((checkpoint / "state.json").read_text())["step"])
+                repository.delete_metrics_after(session, job_id=job_id, step=resume_step)
+                repository.record_progress(session, job_id=job_id, step=max(resume_step, 0))
+            spec = dict(job.spec)
+            dataset = session.get(Dataset, spec.get("dataset_id")) if spec.get("dataset_id") else None
+            return _Claimed(
+                job_id=job_id,
+                tenant_id=job.tenant_id,
+                spec=spec,
+                attempt=job.attempts,
+                dataset_format=dataset.format if dataset is not None else None,
+                resume_step=max(resume_step, 0),
+            )
+    except OperationalError as error:
+        raise JobStoreUnavailable(f"could not claim job {job_id}: {error}") from error
+
+
+def _train(
+    spec: JobSpec, claimed: _Claimed, reporter: JobReporter, *, store: ArtifactStore, settings: Settings
+) -> TrainResult:
+    config = build_train_config(
+        spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
+    )
+    if spec.gpus > 1:
+        _check_gpus(spec.gpus)
+        return run_distributed(config, reporter, nproc=spec.gpus, work_dir=store.job_dir(claimed.job_id))
+    return train(config, reporter)
+
+
+def _check_gpus(wanted: int) -> None:
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # Without any GPU (development, tests) the ranks run on CPU processes; with GPUs, each rank needs its own.
+    if 0 < available < wanted:
+        raise ConfigError(
+            f"gpus: the job asks for {wanted} GPUs but workers on this queue have {available}; "
+            "ask for fewer, or send it to a queue whose workers have enough"
+        )
+
+
+def _stopped(owner: RunOwner, session_factory: sessionmaker[Session], reporter: JobReporter) -> str | None:
+    reason = reporter.stop_reason
+    where = f"at step {reporter.step}" + (f" of {reporter.total_steps}" if reporter.total_steps else "")
+    if reason == "lost":
+        return None
+    if reason == "shutdown":
+        return _finish(
+            owner,
+            session_factory,
+            JobStatus.queued,
+            message=f"the worker is shutting down: re-queued {where}; it resumes from its last checkpoint",
+        )
+    return _finish(owner, session_factory, JobStatus.cancelled, message=f"cancelled {where}")
+
+
+def _finish(
+    owner: RunOwner,
+    session_factory: sessionmaker[Session],
+    status: JobStatus,
+    *,
+    message: str | None = None,
+    error_kind: ErrorKind | None = None,
+    error_message: str | None = None,
+    result: dict[str, Any] | None = None,
+    artifact: tuple[str, Path, str, int] | None = None,
+) -> str | None:
+    """Record the run's outcome if this attempt still owns the job; return the job's status then."""
+    try:
+        with session_scope(session_factory) as session:
+            job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
+            if job is None:
+                log.warning("job %s: attempt %d lost the job before it ended; leaving it", owner.job_id, owner.attempt)
+                return None
+            if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
+                status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
+            if artifact is not None:
+                tenant_id, path, sha256, size = artifact
+                repository.add_artifact(
+                    session,
+                    tenant_id=tenant_id,
+                    job_id=owner.job_id,
+                    kind="adapter",
+                    path=str(path),
+                    size_bytes=size,
+                    sha256=sha256,
+                )
+            repository.set_status(
+                session,
+                job=job,
+                status=status.value,
+                message=message,
+                error_kind=error_kind,
+                error_message=error_message,
+                result=result,
+            )
+            if status == JobStatus.queued:
+                job.worker = None
+            return job.status
+    except Exception:
+        # The job stays running with a silent heartbeat; the sweeper recovers it.
+        log.exception("job %s: could not record its outcome (%s)", owner.job_id, status.value)
+        return None
+
+
+def classify_error(error: BaseException, *, stage: str | None, model: str | None) -> tuple[ErrorKind, str]:
+    """``user_error`` with an actionable message for what the job's input caused, else ``system_error``."""
+    if isinstance(error, ValidationError):
+        lines = [f"{'.'.join(str(p) for p in item['loc']) or 'spec'}: {item['msg']}" for item in error.errors()]
+        return ErrorKind.user_error, _clip("invalid job spec:\n  " + "\n  ".join(lines))
+    if isinstance(error, USER_ERRORS):
+        message = str(error)
+        if "max_length" in message:
+            message += "\n(data.max_length is the job spec's hyperparameters.max_length)"
+        return ErrorKind.user_error, _clip(message)
+    # transformers reports a wrong name, a missing revision or an unreachable hub as OSError(message), without
+    # an errno; an OSError with one (disk full, I/O error) is the machine's fault.
+    if isinstance(error, OSError) and error.errno is None and stage in MODEL_STAGES:
+        return ErrorKind.user_error, _clip(
+            f"model {model!r} could not be loaded: {error}\nCheck the name (a hub id or a folder on the workers) "
+            "and its revision, and that the workers can download it or have it in their model cache."
+        )
+    if isinstance(error, ValueError) and stage in ("validating", "loading_model"):
+        return ErrorKind.user_error, _clip(
+            f"model {model!r} cannot be trained here: {error}\nIt must be an image-text-to-text model of a "
+            "supported family (LLaVA, Qwen2-VL, Idefics3 / SmolVLM, ...) with its processor files."
+        )
+    if isinstance(error, ValueError) and stage == "scoring":
+        return ErrorKind.user_error, _clip(f"data hardness: {error}")
+    return ErrorKind.system_error, short_traceback(error)
+
+
+def short_traceback(error: BaseException, *, frames: int = 8) -> str:
+    """The error and the innermost ``frames`` frames of its traceback, clipped to fit ``error_message``."""
+    head = f"{type(error).__name__}: {error}"
+    tail = "".join(traceback.format_exception(error, limit=-frames))
+    return _clip(head + "\n\n" + tail, keep_end=True)
+
+
+def _clip(text: str, *, keep_end: bool = False) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    if keep_end:
+        return text[:500] + "\n...\n" + text[-(MAX_ERROR_CHARS - 505) :]
+    return text[: MAX_ERROR_CHARS - 4] + "\n..."
+
+
+def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
+    """A flat gzipped tar of the adapter folder, written beside ``archive`` and renamed into place (atomic)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as bundle:
+        for path in sorted(adapter_dir.rglob("*")):
+            if path.is_file():
+                bundle.add(path, arcname=str(path.relative_to(adapter_dir)), recursive=False)
+    partial.replace(archive)
+    return archive
+
+
+def _logged_eval_before(output_dir: Path) -> dict[str, float] | None:
+    """The held-out evaluation before training from the run's metrics.jsonl (a resumed run does not redo it)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "eval_loss" in record:
+            return {key: value for key, value in record.items() if key != "step"}
+    return None
+
+
+def _release_memory() -> None:
+    """One worker process runs job after job: hand back what the last one held."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        log.debug("could not empty the CUDA cache", exc_info=True)
+
+
+def register_tasks(app: Celery, context: WorkerContext) -> None:
+    """The Celery tasks: thin wrappers that call the plain functions with this worker's context."""
+
+    @app.task(name=RUN_JOB_TASK, bind=True, max_retries=CLAIM_RETRIES, acks_late=False, ignore_result=True)
+    def run_job_task(self: Task, job_id: str) -> None:
+        try:
+            run_job(
+                job_id,
+                session_factory=context.session_factory,
+                settings=context.settings,
+                worker=worker_name(self.request.hostname),
+                shutdown=context.shutdown,
+            )
+        except JobStoreUnavailable as error:
+            log.warning("%s; retrying", error)
+            raise self.retry(exc=error, countdown=min(60, 5 * 2**self.request.retries)) from error
+
+    @app.task(name=SWEEP_TASK, ignore_result=True)
+    def sweep_task() -> None:
+        sweep(context.session_factory, app, context.settings)
