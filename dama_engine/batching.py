@@ -126,6 +126,10 @@ class PairBatch:
 
     ``answer_mask[b, t]`` is True where token ``t`` of row ``b`` belongs to the answer (the tokens scored).
     ``first_answer`` is the smallest answer start over the batch (logits before it are never needed).
+    ``prompt_lengths`` (N) and ``answer_lengths`` (2N, in row order) repeat the masks' lengths as ints, and
+    ``pad_token_id`` the padding, so the packed layout (:mod:`dama_engine.packing`) is built without a device sync.
+    The vision tensors in ``model_inputs`` are each pair's tensors stacked twice along dim 0 (chosen rows, then
+    rejected rows).
     """
 
     indices: torch.Tensor
@@ -134,6 +138,9 @@ class PairBatch:
     answer_mask: torch.Tensor
     first_answer: int
     model_inputs: dict[str, torch.Tensor]
+    prompt_lengths: tuple[int, ...] = ()
+    answer_lengths: tuple[int, ...] = ()
+    pad_token_id: int = 0
 
     @property
     def num_pairs(self) -> int:
@@ -147,6 +154,9 @@ class PairBatch:
             answer_mask=self.answer_mask.to(device),
             first_answer=self.first_answer,
             model_inputs={k: v.to(device) for k, v in self.model_inputs.items()},
+            prompt_lengths=self.prompt_lengths,
+            answer_lengths=self.answer_lengths,
+            pad_token_id=self.pad_token_id,
         )
 
 
@@ -182,4 +192,7 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
         answer_mask=answer_mask,
         first_answer=first_answer,
         model_inputs={**vision, **extras},
+        prompt_lengths=tuple(len(p.prompt_ids) for p in pairs),
+        answer_lengths=tuple(len(answer) for _, answer in rows),
+        pad_token_id=pad_token_id,
     )

@@ -97,6 +97,15 @@ class OptimSection(_Section):
     batch_size: int = Field(default=4, gt=0, description="Pairs per device per micro-batch.")
     grad_accumulation: int = Field(default=1, gt=0)
     gradient_checkpointing: bool = False
+    pair_forward: Literal["auto", "packed", "two_rows", "model_logits"] = Field(
+        default="auto",
+        description=(
+            "How pairs go through the model (dama_engine.packing): packed = one row per pair [prompt, chosen, "
+            "rejected] and the lm_head on answer positions only; two_rows = a row per answer, same head; "
+            "model_logits = a row per answer and the model's own logits; auto = packed where the model family "
+            "and attention take it, else two_rows, else model_logits."
+        ),
+    )
     seed: int = 0
 
 

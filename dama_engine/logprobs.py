@@ -43,11 +43,19 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def pair_log_probs(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_log_probs(model: Any, batch: PairBatch, *, forward: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the chosen and rejected answers of a :class:`PairBatch`: two (N,) float32 tensors.
 
-    Logits are computed only from the last prompt position on (``logits_to_keep``), where the model supports it.
+    ``forward`` is a :data:`dama_engine.packing.PairForward` (``auto``, ``packed``, ``two_rows``,
+    ``model_logits``); by default the one set on the model by :func:`dama_engine.packing.set_pair_forward`, else
+    ``auto``. The fast paths live in :mod:`dama_engine.packing`; ``model_logits`` is the code below: the plain
+    layout, with logits only from the last prompt position on (``logits_to_keep``) where the model supports it.
     """
+    from dama_engine import packing  # imported here: packing builds on this module
+
+    path = packing.pair_forward_for(model, forward)
+    if path != "model_logits":
+        return packing.FAST_FORWARDS[path](model, batch)
     width = batch.input_ids.shape[1]
     start = max(batch.first_answer - 1, 0)
     kwargs: dict[str, Any] = {}

@@ -41,6 +41,7 @@ from dama_engine.models import (
     trainable_state_dict,
 )
 from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss
+from dama_engine.packing import set_pair_forward
 
 
 class DataError(ValueError):
@@ -277,6 +278,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    # The reference pass, the evaluation and the training step all take this path (dama_engine.packing).
+    set_pair_forward(model, optim.pair_forward)
 
     # ---- scoring (data hardness, shared/DAMA.md section 1) ---------------------------------------------------
     callback.on_stage("scoring", {"pairs": len(train_rows)})
@@ -427,6 +430,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 rank=rank,
                 is_main=is_main,
                 keep=config.run.keep_checkpoints,
+                barrier=accelerator.wait_for_everyone,
             )
             accelerator.wait_for_everyone()
             callback.on_checkpoint(state.step, path)
