@@ -143,6 +143,14 @@ def train_main(argv: list[str] | None = None) -> int:
             f"(margin {result.eval_before['eval_margin']:.4f} -> {result.eval_after['eval_margin']:.4f})",
             file=out,
         )
+    if result.evaluation:
+        from dama_engine.evaluation import comparison_table
+
+        print("[dama] base against tuned:", file=out)
+        for name, base, tuned in comparison_table(result.evaluation):
+            base_text = "-" if base is None else f"{base:.3f}"
+            tuned_text = "-" if tuned is None else f"{tuned:.3f}"
+            print(f"         {name:<28} {base_text:>8} {tuned_text:>8}", file=out)
     if result.adapter_dir:
         print(f"[dama] adapter: {result.adapter_dir}", file=out)
         print(f"[dama] metrics: {result.output_dir / 'metrics.jsonl'}", file=out)

@@ -109,6 +109,24 @@ class OptimSection(_Section):
     seed: int = 0
 
 
+class EvaluationSection(_Section):
+    """Base against tuned after training (dama_engine.evaluation): the held-out pairs per hardness bucket, and
+    hallucination metrics (CHAIR, coverage) on a generative set when one is given."""
+
+    enabled: bool = Field(default=True, description="Run it when data.eval or evaluation.generative is set.")
+    generative: str | None = Field(default=None, description="Generative eval JSONL (image, prompt, objects).")
+    vocabulary: str | None = Field(default=None, description="Object vocabulary JSON (needed with generative).")
+    max_samples: int | None = Field(default=64, gt=0, description="Generative samples used (None: all).")
+    max_pairs: int | None = Field(default=None, gt=0, description="Held-out pairs used (None: all).")
+    max_new_tokens: int = Field(default=64, gt=0, description="Greedy generation length.")
+
+    @model_validator(mode="after")
+    def _vocabulary_with_generative(self) -> EvaluationSection:
+        if self.generative and not self.vocabulary:
+            raise ValueError("evaluation.vocabulary is needed with evaluation.generative")
+        return self
+
+
 class RunSection(_Section):
     output_dir: str = "runs/dama"
     cache_dir: str | None = Field(
@@ -127,6 +145,7 @@ class TrainConfig(_Section):
     lora: LoraSection = LoraSection()
     objective: ObjectiveSection = ObjectiveSection()
     hardness: HardnessSection = HardnessSection()
+    evaluation: EvaluationSection = EvaluationSection()
     optim: OptimSection = OptimSection()
     run: RunSection = RunSection()
 

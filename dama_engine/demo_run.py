@@ -33,6 +33,12 @@ def demo_settings(output_dir: Path, model_dir: Path, data_dir: Path) -> dict[str
             "warmup_ratio": 0.1,
             "seed": 0,
         },
+        "evaluation": {
+            "generative": str(data_dir / "generative_eval.jsonl"),
+            "vocabulary": str(data_dir / "vocabulary.json"),
+            "max_samples": 32,
+            "max_new_tokens": 24,
+        },
         "run": {"output_dir": str(output_dir), "eval_every": 50, "checkpoint_every": 100},
     }
 

@@ -576,7 +576,12 @@ def _dpo_block(logps: Sequence[torch.Tensor], beta: float) -> dict[str, float | 
         return {"count": 0, **dict.fromkeys(keys)}
     # Plain DPO with the base beta, as held-out evaluation during training does (DAMA.md section 3).
     metrics = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, config=ObjectiveConfig(method="dpo", beta=beta)
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        config=ObjectiveConfig(method="dpo", beta=beta),
+        local=True,  # evaluation runs on one rank: no gather across processes
     ).metrics
     return {
         "count": count,

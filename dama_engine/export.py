@@ -116,3 +116,36 @@ def export_adapter(
     )
     (adapter_dir / "README.md").write_text(card)
     return adapter_dir
+
+
+def add_evaluation_to_adapter(adapter_dir: Path, results: dict[str, Any]) -> None:
+    """Put the base-vs-tuned evaluation beside the adapter: ``evaluation.json``, ``evaluation.png`` and a table in
+    the model card."""
+    from dama_engine.evaluation import comparison_table, plot_evaluation
+
+    (adapter_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
+    plot_evaluation(results, adapter_dir / "evaluation.png")
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = ["", "## Base against tuned", "", "| metric | base | tuned |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(base)} | {cell(tuned)} |" for name, base, tuned in comparison_table(results)]
+    thresholds = _bucket_thresholds(results)
+    if thresholds:
+        lines += [
+            "",
+            f"Hardness buckets by delta: hard < {thresholds['low']:.4f} <= medium <= {thresholds['high']:.4f} < easy.",
+        ]
+    lines += ["", "![base against tuned](evaluation.png)", ""]
+    with (adapter_dir / "README.md").open("a") as card:
+        card.write("\n".join(lines))
+
+
+def _bucket_thresholds(results: dict[str, Any]) -> dict[str, Any] | None:
+    preference = results.get("preference") or {}
+    for block in (preference, preference.get("implicit_reward") or {}, preference.get("base") or {}):
+        thresholds = block.get("thresholds")
+        if isinstance(thresholds, dict) and "low" in thresholds:
+            return thresholds
+    return None

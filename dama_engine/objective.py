@@ -241,6 +241,7 @@ def preference_loss(
     state: ObjectiveState | None = None,
     config: ObjectiveConfig | None = None,
     generator: torch.Generator | None = None,
+    local: bool = False,
 ) -> ObjectiveOutput:
     """The DAMA objective over one (local) batch of N preference pairs.
 
@@ -253,6 +254,8 @@ def preference_loss(
         state: running statistics; a fresh :class:`ObjectiveState` when omitted. It is not mutated.
         config: the :class:`ObjectiveConfig`; the defaults (``dama``) when omitted.
         generator: CPU generator of the filtering draw (reproducible from its seed).
+        local: treat the batch as the whole batch even under ``torch.distributed`` (no gather, no broadcast):
+            for evaluation on one rank, where the other ranks do not take part.
 
     Returns:
         :class:`ObjectiveOutput` with the loss, per-pair losses and betas, the keep mask, the new state and the
@@ -279,7 +282,7 @@ def preference_loss(
     reward_gap = chosen_logratio - rejected_logratio  # R_i, with gradient through the policy
     gap_local = reward_gap.detach()
 
-    world_size = _world_size()
+    world_size = 1 if local else _world_size()
     gap, offset = _gather_gaps(gap_local, world_size)
     n_global = gap.shape[0]
     dtype, device = gap.dtype, gap.device
