@@ -35,12 +35,13 @@ def make_celery(settings: Settings) -> Celery:
     if settings.resolved_broker_url.startswith("filesystem://"):
         # The embedded default: messages are files in one folder that the API and the worker share.
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # else kombu writes ./control in the working directory
             "store_processed": False,
         }
     app.conf.update(conf)

@@ -54,17 +54,35 @@ class JobStopped(Exception):
         self.reason = reason
 
 
+def deep_json_safe(value: Any) -> Any:
+    """``value`` (nested dicts / lists) with non-finite floats as None and other non-JSON leaves as strings."""
+    if isinstance(value, dict):
+        return {str(key): deep_json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [deep_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
 def json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    """Floats that JSON (and Postgres JSONB) cannot hold become None; everything else is kept as it is."""
-    safe: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            safe[key] = None
-        elif isinstance(value, str | int | float | bool) or value is None:
-            safe[key] = value
-        else:
-            safe[key] = str(value)
-    return safe
+    """Floats that JSON (and Postgres JSONB) cannot hold become None, nested dicts and lists included; other
+    non-JSON values become strings."""
+    return {str(key): _json_value(value) for key, value in values.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, dict):
+        return json_safe(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    return str(value)
 
 
 class JobReporter(Callback):
@@ -249,6 +267,50 @@ class JobReporter(Callback):
         except Exception:
             log.warning("job %s: could not write to the job store; will retry", self.owner.job_id, exc_info=True)
             return False
+
+
+class EvaluationReporter(JobReporter):
+    """The callback of an evaluation run (``dama_engine.evaluation.run_evaluation``): stage events as for training,
+    and progress as the share of its model passes done (each ``log_probs`` / ``generating`` stage is one pass of
+    one model; ``passes`` is how many the run makes), with an ETA from the rate so far."""
+
+    PASS_STAGES = ("log_probs", "generating")
+
+    def __init__(self, *, passes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.passes = max(1, passes)
+        self._passes_done = 0
+        self._in_pass = False
+        self._fraction = 0.0
+        self._work_started: float | None = None
+
+    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        if self._in_pass:  # any new stage ends the pass before it
+            self._passes_done += 1
+            self._in_pass = False
+        if stage in self.PASS_STAGES:
+            self._in_pass = True
+            self._fraction = 0.0
+            if self._work_started is None:
+                self._work_started = self.clock()
+        super().on_stage(stage, info)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        if stage in self.PASS_STAGES and total > 0:
+            self._fraction = min(1.0, done / total)
+            if self.clock() - self._last_flush >= self.flush_interval_s:
+                self.flush()
+        super().on_progress(stage, done, total)
+
+    def _progress(self) -> tuple[float | None, float | None]:
+        done = min(1.0, (self._passes_done + (self._fraction if self._in_pass else 0.0)) / self.passes)
+        if self.stage == "writing":
+            done = max(done, 0.99)
+        eta = None
+        if self._work_started is not None and done > 0:
+            elapsed = self.clock() - self._work_started
+            eta = max(0.0, elapsed * (1.0 - done) / done)
+        return done, eta
 
 
 class Heartbeat:

@@ -17,6 +17,12 @@ Outcomes:
 * bad input (data, config, dataset files, model name) -> ``failed`` with ``user_error`` and the engine's message;
 * anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
   only retry is of the claim itself when the job store is unreachable (a known temporary error).
+
+Evaluation jobs (``job.kind == "evaluation"``, :func:`_run_evaluation`) run
+:func:`dama_engine.evaluation.run_evaluation` instead of training: stages ``validating``, ``loading_model``,
+``scoring``, ``log_probs``, ``generating``, ``writing``; on success the results go in ``result["results"]`` and the
+per-sample generations, the per-pair scores and the chart are registered as artifacts (``eval_outputs``,
+``eval_pairs``, ``eval_chart``). Errors, cancellation and shutdown are handled as for training.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from celery import Celery, Task
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
@@ -41,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import ConfigError
 from dama_engine.data.formats import DataFormatError
+from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.trainer import DataError, TrainResult, train
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore, file_sha256
@@ -48,18 +56,37 @@ from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Dataset
 from jobstore.settings import Settings
-from jobstore.spec import JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
 from worker.distributed import run_distributed
-from worker.engine_config import DatasetMissing, build_train_config
-from worker.progress import Heartbeat, JobReporter, JobStopped, RunOwner, json_safe
+from worker.engine_config import (
+    AdapterMissing,
+    DatasetMissing,
+    build_evaluation_config,
+    build_train_config,
+    evaluation_passes,
+)
+from worker.progress import (
+    EvaluationReporter,
+    Heartbeat,
+    JobReporter,
+    JobStopped,
+    RunOwner,
+    deep_json_safe,
+    json_safe,
+)
 from worker.sweeper import sweep
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 CLAIM_RETRIES = 5
-USER_ERRORS = (DataError, ConfigError, DataFormatError, DatasetMissing, ValidationError)
+USER_ERRORS = (DataError, ConfigError, DataFormatError, DatasetMissing, AdapterMissing, ValidationError)
+EVALUATION = repository.EVALUATION
+# Artifact kinds of an evaluation job: the EvaluationResult path each comes from.
+EVALUATION_ARTIFACTS = {"eval_outputs": "generations_path", "eval_pairs": "pairs_path", "eval_chart": "chart_path"}
+# (tenant_id, kind, path, sha256, size_bytes) of a file to register with the job's outcome.
+ArtifactRecord = tuple[str, str, Path, str, int]
 # Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
 # "validating", the weights in "loading_model").
 MODEL_STAGES = (None, "validating", "loading_model")
@@ -90,6 +117,7 @@ class _Claimed:
     attempt: int
     dataset_format: str | None
     resume_step: int
+    kind: str = repository.TRAINING
 
 
 def worker_name(hostname: str | None = None) -> str:
@@ -114,11 +142,39 @@ def run_job(
         return None
     owner = RunOwner(job_id=job_id, worker=worker, attempt=claimed.attempt)
     log.info("job %s: attempt %d on %s", job_id, claimed.attempt, worker)
-    reporter = JobReporter(
-        owner=owner, session_factory=session_factory, flush_interval_s=settings.metrics_flush_s, shutdown=shutdown
+    common: dict[str, Any] = {
+        "owner": owner,
+        "session_factory": session_factory,
+        "flush_interval_s": settings.metrics_flush_s,
+        "shutdown": shutdown,
+    }
+    reporter = (
+        EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
+        if claimed.kind == EVALUATION
+        else JobReporter(**common)
     )
     heartbeat = Heartbeat(job_id=job_id, session_factory=session_factory, interval_s=settings.heartbeat_interval_s)
-    heartbeat.start()
+    heartbeat.start()  # until the outcome is stored: packing a large adapter can take a while too
+    try:
+        if claimed.kind == EVALUATION:
+            return _run_evaluation(
+                claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings
+            )
+        return _run_claimed(claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings)
+    finally:
+        heartbeat.stop()
+        _release_memory()
+
+
+def _run_claimed(
+    claimed: _Claimed,
+    owner: RunOwner,
+    reporter: JobReporter,
+    *,
+    session_factory: sessionmaker[Session],
+    store: ArtifactStore,
+    settings: Settings,
+) -> str | None:
     spec: JobSpec | None = None
     try:
         spec = JobSpec.model_validate(claimed.spec)
@@ -128,17 +184,14 @@ def run_job(
     except Exception as error:
         reporter.close()
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
+        log.warning("job %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else "")
         return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
-    finally:
-        heartbeat.stop()
-        _release_memory()
     reporter.close()
 
     if result is None or result.stopped:
         return _stopped(owner, session_factory, reporter)
     try:
-        archive = store.adapter_archive(job_id)
+        archive = store.adapter_archive(owner.job_id)
         assert result.adapter_dir is not None
         pack_adapter(result.adapter_dir, archive)
         sha256, size = file_sha256(archive), archive.stat().st_size
@@ -151,6 +204,7 @@ def run_job(
         "train_metrics": json_safe(result.train_metrics),
         "eval_before": json_safe(result.eval_before or _logged_eval_before(result.output_dir) or {}) or None,
         "eval_after": json_safe(result.eval_after) if result.eval_after else None,
+        "evaluation": deep_json_safe(result.evaluation) if result.evaluation is not None else None,
         "adapter_sha256": sha256,
         "adapter_size_bytes": size,
         "seconds": round(result.seconds, 3),
@@ -162,7 +216,71 @@ def run_job(
         JobStatus.succeeded,
         message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
         result=summary,
-        artifact=(claimed.tenant_id, archive, sha256, size),
+        artifacts=[(claimed.tenant_id, "adapter", archive, sha256, size)],
+    )
+
+
+def _run_evaluation(
+    claimed: _Claimed,
+    owner: RunOwner,
+    reporter: JobReporter,
+    *,
+    session_factory: sessionmaker[Session],
+    store: ArtifactStore,
+    settings: Settings,
+) -> str | None:
+    """An evaluation job: base (and tuned) model scored on its datasets; results and output files recorded."""
+    spec: EvaluationCreate | None = None
+    outcome: EvaluationResult | None = None
+    try:
+        spec = EvaluationCreate.model_validate(claimed.spec)
+        config = build_evaluation_config(
+            spec,
+            job_id=claimed.job_id,
+            store=store,
+            settings=settings,
+            preference_format=claimed.dataset_format,
+        )
+        outcome = run_evaluation(config, reporter)
+    except JobStopped:
+        outcome = None
+    except Exception as error:
+        reporter.close()
+        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
+        log.warning(
+            "evaluation %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else ""
+        )
+        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+    reporter.close()
+    if outcome is None:
+        return _stopped(owner, session_factory, reporter)
+    try:
+        artifacts: list[ArtifactRecord] = []
+        for kind, attribute in EVALUATION_ARTIFACTS.items():
+            path: Path | None = getattr(outcome, attribute)
+            if path is not None and path.is_file():
+                artifacts.append((claimed.tenant_id, kind, path, file_sha256(path), path.stat().st_size))
+    except Exception as error:
+        return _finish(
+            owner,
+            session_factory,
+            JobStatus.failed,
+            error_kind=ErrorKind.system_error,
+            error_message=short_traceback(error),
+        )
+    summary = {
+        "results": deep_json_safe(outcome.results),
+        "outputs": {kind: path.name for _, kind, path, _, _ in artifacts},
+        "seconds": round(outcome.seconds, 3),
+        "attempts": claimed.attempt,
+    }
+    return _finish(
+        owner,
+        session_factory,
+        JobStatus.succeeded,
+        message=f"evaluation succeeded in {outcome.seconds:.1f} s",
+        result=summary,
+        artifacts=artifacts,
     )
 
 
@@ -183,7 +301,9 @@ def _claim(
                 repository.delete_metrics_after(session, job_id=job_id, step=resume_step)
                 repository.record_progress(session, job_id=job_id, step=max(resume_step, 0))
             spec = dict(job.spec)
-            dataset = session.get(Dataset, spec.get("dataset_id")) if spec.get("dataset_id") else None
+            # The preference data's format: the training set, or an evaluation job's held-out pairs.
+            dataset_id = spec.get("preference_dataset_id") if job.kind == EVALUATION else spec.get("dataset_id")
+            dataset = session.get(Dataset, dataset_id) if dataset_id else None
             return _Claimed(
                 job_id=job_id,
                 tenant_id=job.tenant_id,
@@ -191,6 +311,7 @@ def _claim(
                 attempt=job.attempts,
                 dataset_format=dataset.format if dataset is not None else None,
                 resume_step=max(resume_step, 0),
+                kind=job.kind,
             )
     except OperationalError as error:
         raise JobStoreUnavailable(f"could not claim job {job_id}: {error}") from error
@@ -209,8 +330,6 @@ def _train(
 
 
 def _check_gpus(wanted: int) -> None:
-    import torch
-
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # Without any GPU (development, tests) the ranks run on CPU processes; with GPUs, each rank needs its own.
     if 0 < available < wanted:
@@ -244,7 +363,7 @@ def _finish(
     error_kind: ErrorKind | None = None,
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
-    artifact: tuple[str, Path, str, int] | None = None,
+    artifacts: list[ArtifactRecord] | None = None,
 ) -> str | None:
     """Record the run's outcome if this attempt still owns the job; return the job's status then."""
     try:
@@ -255,13 +374,12 @@ def _finish(
                 return None
             if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
                 status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
-            if artifact is not None:
-                tenant_id, path, sha256, size = artifact
+            for tenant_id, kind, path, sha256, size in artifacts or ():
                 repository.add_artifact(
                     session,
                     tenant_id=tenant_id,
                     job_id=owner.job_id,
-                    kind="adapter",
+                    kind=kind,
                     path=str(path),
                     size_bytes=size,
                     sha256=sha256,
@@ -294,6 +412,12 @@ def classify_error(error: BaseException, *, stage: str | None, model: str | None
         if "max_length" in message:
             message += "\n(data.max_length is the job spec's hyperparameters.max_length)"
         return ErrorKind.user_error, _clip(message)
+    if isinstance(error, torch.OutOfMemoryError):
+        return ErrorKind.user_error, _clip(
+            f"out of GPU memory during {stage or 'setup'}: lower hyperparameters.batch_size (raise "
+            "grad_accumulation to keep the effective batch) or max_length, turn on gradient_checkpointing, "
+            f"or use more or larger GPUs (gpus, queue).\n{error}"
+        )
     # transformers reports a wrong name, a missing revision or an unreachable hub as OSError(message), without
     # an errno; an OSError with one (disk full, I/O error) is the machine's fault.
     if isinstance(error, OSError) and error.errno is None and stage in MODEL_STAGES:
@@ -354,8 +478,6 @@ def _release_memory() -> None:
     """One worker process runs job after job: hand back what the last one held."""
     gc.collect()
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover - best effort

@@ -170,6 +170,7 @@ def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Pat
     seqs = [event["seq"] for event in events]
     assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1))
     stages = [e["data"]["stage"] for e in events if e["type"] == "stage"]
+    # held-out metrics before and after training, then base against tuned once the adapter is written
     assert stages == [
         "validating",
         "loading_model",
@@ -179,7 +180,9 @@ def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Pat
         "training",
         "evaluating",
         "exporting",
+        "evaluating",
     ]
+    assert finished["result"]["evaluation"]["preference"]["implicit_reward"]["overall"]["count"] == 16
     assert len(client.get(f"/jobs/{job_id}/checkpoints").json()["data"]) >= 1
 
     # The adapter downloads with its sha256 and loads with peft on the base model.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from jobstore import repository
 from jobstore.artifacts import file_sha256
@@ -205,3 +206,21 @@ def test_the_adapter_archive_is_flat_and_complete(tmp_path: Path) -> None:
     with tarfile.open(archive) as bundle:
         assert sorted(bundle.getnames()) == ["adapter_config.json", "nested/file.txt"]
     assert not list((tmp_path / "out").glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    ("error", "stage", "kind", "start"),
+    [
+        (OSError("x is not a valid model identifier"), "validating", "user_error", "model 'org/x' could not be loaded"),
+        (OSError(28, "No space left on device"), "loading_model", "system_error", "OSError: [Errno 28]"),
+        (ValueError("Unrecognized configuration class"), "loading_model", "user_error", "model 'org/x' cannot be"),
+        (ValueError("row 3 has no hardness"), "scoring", "user_error", "data hardness: row 3"),
+        (ValueError("shapes do not match"), "training", "system_error", "ValueError: shapes do not match"),
+        (torch.OutOfMemoryError("CUDA out of memory"), "training", "user_error", "out of GPU memory during training"),
+        (KeyError("loss"), "training", "system_error", "KeyError: 'loss'"),
+    ],
+)
+def test_errors_are_classified_by_who_can_fix_them(error: Exception, stage: str, kind: str, start: str) -> None:
+    classified, message = tasks.classify_error(error, stage=stage, model="org/x")
+    assert classified.value == kind
+    assert message.startswith(start), message
