@@ -1,11 +1,18 @@
 """Training-step benchmark: this engine's pair forwards and every DAMA method, against TRL's DPOTrainer.
 
-One process, one random-weight model, one data set, one LoRA configuration (r=64, alpha 16, every projection of
-the language model, no dropout), the same batches for everyone. Prints one JSON line per configuration, then a
-table of ratios to TRL measured in the same run.
+One random-weight model shape, one data set, one LoRA configuration (r=64, alpha 16, every projection of the
+language model, no dropout), the same batches for everyone. Prints one JSON line per configuration, then a table
+of ratios to TRL measured in the same run.
+
+Process isolation: the script (the parent) imports no model and touches no GPU; it runs the configurations in
+child processes (``bench_train.py --only NAME,NAME,...``), each printing its JSON lines, and collects them. TRL
+runs in children of its own; the engine's configurations share one child (one model, built once) and release
+everything between configurations (optimizer, gradients, graphs, cached allocator blocks). A child that runs out
+of memory, leaks device memory across a configuration, crashes or overruns is replaced by a fresh one for the
+configurations left, so one failure cannot starve the rest of the run.
 
     python benchmarks/bench_train.py --tiny      # CPU smoke report, a minute or two; asserts nothing about speed
-    python benchmarks/bench_train.py --llava7b   # GPU: the workload of shared/PERFORMANCE.md, within ~4 minutes
+    python benchmarks/bench_train.py --llava7b   # GPU: the workload of shared/PERFORMANCE.md, about 3 minutes
 
 What is timed (each configuration: ``--warmup`` steps, then the median of ``--steps`` synchronised steps):
 
@@ -30,7 +37,9 @@ reference forward), plus the vision tower's forward per image; attention's quadr
 MFU divides it by a bf16 matrix product measured in the same run.
 
 Each configuration runs in its own try/except (an error or OOM prints an ``error`` line and the run goes on); a
-configuration that would not finish inside ``--budget-s`` is skipped with a ``skipped`` line.
+configuration that would not finish inside ``--budget-s`` is skipped with a ``skipped`` line. ``--only`` runs the
+named configurations in this process (what the parent does per child; names as in the JSON lines, e.g.
+``engine/packed/dama/gc_off/b4``, ``reference/packed``, ``agreement``, ``hardness``, ``trl/gc_on/b8``).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -156,9 +166,9 @@ LLAVA7B = Workload(
     trl_extra=((True, 4),),
     ref_pairs=32,
     hardness_pairs=64,
-    budget_s=225.0,
+    budget_s=200.0,
     guess_config_s=20.0,
-    guess_trl_s=75.0,
+    guess_trl_s=30.0,  # trl/gc_on/b8 took 29 s in all (trainer set-up included) on an H100, b4 less
 )
 
 
@@ -249,25 +259,40 @@ class PeakMemory:
         return values
 
 
-def saved_for_backward_bytes(model: Any, forward: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of ``forward()`` (parameters left out).
+class SavedTensorBytes:
+    """Bytes of the tensors autograd keeps for the backward pass of the forwards run under :meth:`hooks`.
 
-    Deterministic on any device: it is the activation memory a path needs between forward and backward. Tensors
-    inside checkpointed regions are recomputed, not kept, and are not counted.
+    Parameters are left out. Deterministic on any device: it is the activation memory a path needs between
+    forward and backward. Tensors inside checkpointed regions are recomputed, not kept, and are not counted.
+    It is measured during a real training step (forward, then backward), not an extra forward.
+
+    The pack hook returns a *detached alias* of the tensor, never the tensor itself: a saved output packed as
+    itself makes its graph node hold the tensor that holds the node, a cycle through C++ that Python's garbage
+    collector cannot see, so a graph that is never backpropagated is never freed. (That was the benchmark's own
+    leak: a measuring forward without backward kept its whole graph, 24 GiB at the 7B workload, for the rest
+    of the process.)
     """
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def __init__(self, model: Any) -> None:
+        self._parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._storages: dict[int, int] = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self._parameters:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return tensor.detach()
+
+    @staticmethod
+    def _unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        outputs = forward()
-    del outputs
-    return sum(storages.values())
+    def hooks(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -276,9 +301,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _free(device: torch.device) -> None:
+    """Collect garbage and hand cached device blocks back, so the next configuration starts from a clean slate."""
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
 def measure_matmul_peak(device: torch.device) -> float | None:
@@ -433,9 +465,11 @@ class Run:
     processor: Any
     data: Data
     started: float
-    base_model: Any = None
     peft_model: Any = None
     matmul_tflops: float | None = None
+    deadline_unix: float | None = None  # set by the parent for a child: the run's end on the wall clock
+    resident_bytes: int = 0  # device memory that lives across configurations (the engine model, encoded batches)
+    restart: bool = False  # a configuration ran out of memory: finish this child, the parent starts a fresh one
     records: list[dict[str, Any]] = field(default_factory=list)
     step_seconds: dict[tuple[bool, int], float] = field(default_factory=dict)
     batch_cache: dict[int, tuple[list[PairBatch], float]] = field(default_factory=dict)
@@ -445,6 +479,8 @@ class Run:
 
     @property
     def left_s(self) -> float:
+        if self.deadline_unix is not None:
+            return self.deadline_unix - time.time()
         return self.args.budget_s - (time.perf_counter() - self.started)
 
     def emit(self, record: dict[str, Any]) -> None:
@@ -466,6 +502,8 @@ class Run:
             with deadline(self.left_s - reserve):
                 record = body()
         except Exception as error:
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+                self.restart = True
             self.emit(
                 {
                     "config": name,
@@ -476,6 +514,7 @@ class Run:
             )
             record = None
         finally:
+            # The exception (and the frames, tensors and graphs its traceback held) is gone by now.
             _free(self.device)
         if record is not None:
             record = {"config": name, **record, "seconds": round(time.perf_counter() - start, 1)}
@@ -495,8 +534,37 @@ class Run:
                 pairs = [encoder.encode(self.data.rows[i], i) for i in range(b * size, (b + 1) * size)]
                 built.append(collate_pairs(pairs, pad))
             encode_pairs_per_s = 2 * size / (time.perf_counter() - start)
+            before = _allocated(self.device)
             self.batch_cache[size] = ([batch.to(self.device) for batch in built], encode_pairs_per_s)
+            self.resident_bytes += _allocated(self.device) - before
         return self.batch_cache[size]
+
+    # ---- the engine's model ---------------------------------------------------------------------------------
+
+    def engine_model(self) -> Any:
+        """The LoRA-wrapped model the engine's configurations share in this process (built on first use)."""
+        if self.peft_model is None:
+            _free(self.device)
+            before = _allocated(self.device)
+            model = build_model(self.workload, self.processor, self.device, self.dtype)
+            self.lm_params, self.vision_params = _count_params(model)
+            self.peft_model = make_trainable(model, LORA)
+            del model
+            _free(self.device)
+            self.resident_bytes += _allocated(self.device) - before
+        return self.peft_model
+
+    def drop_engine_model(self) -> None:
+        """Release the engine's model and batches (before TRL, which builds and wraps a model of its own)."""
+        self.peft_model = None
+        self.batch_cache.clear()
+        _free(self.device)
+        self.resident_bytes = _allocated(self.device)
+
+    def leaked_bytes(self) -> int:
+        """Device memory still allocated after a configuration beyond what is meant to live across them."""
+        _free(self.device)
+        return _allocated(self.device) - self.resident_bytes
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         # As the trainer: bf16 autocast on a GPU (peft keeps LoRA weights in float32), nothing on a CPU.
@@ -548,7 +616,7 @@ def _set_checkpointing(model: Any, enabled: bool) -> None:
 
 
 def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool, size: int) -> dict[str, Any]:
-    model = run.peft_model
+    model = run.engine_model()
     _set_checkpointing(model, checkpointing)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -560,19 +628,17 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
     hardness_mean = float(run.data.hardness.mean())
     warmup, steps = run.args.warmup, run.args.steps
     times: list[float] = []
+    saved = SavedTensorBytes(model)
+    last_loss = float("nan")
     try:
-
-        def policy_forward() -> Any:
-            with run.autocast():
-                return pair_log_probs(model, batches[0], forward=forward)
-
-        saved = saved_for_backward_bytes(model, policy_forward)
         with PeakMemory(run.device) as memory:
             for step in range(warmup + steps):
                 batch = batches[step % len(batches)]
                 _sync(run.device)
                 start = time.perf_counter()
-                with run.autocast():
+                # The first step (a warm-up one unless --warmup 0) also counts what autograd saves for backward.
+                measuring = saved.hooks() if step == 0 else contextlib.nullcontext()
+                with run.autocast(), measuring:
                     chosen, rejected = pair_log_probs(model, batch, forward=forward)
                 reference = run.data.reference[batch.indices].to(run.device)
                 output = preference_loss(
@@ -594,9 +660,12 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
                 _sync(run.device)
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
+                last_loss = float(output.loss.detach())
+                del chosen, rejected, output, reference
     finally:
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        model.zero_grad(set_to_none=True)
+        del optimizer, parameters
         _set_checkpointing(model, False)
     median = statistics.median(times)
     run.step_seconds[(checkpointing, size)] = max(run.step_seconds.get((checkpointing, size), 0.0), median)
@@ -614,15 +683,15 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
         **run.rates(median_s=median, pairs=size, flops=run.flops(tokens=int(tokens), images=images, passes=passes)),
         "tokens_per_s": round(tokens / median, 1),
         **memory.fields(),
-        "saved_for_backward_gib": round(saved / GIB, 4),
+        "saved_for_backward_gib": round(saved.nbytes / GIB, 4),
         "encode_pairs_per_s": round(encode_pairs_per_s, 2),
-        "last_loss": round(float(output.loss.detach()), 4),
+        "last_loss": round(last_loss, 4),
     }
 
 
 def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]:
     """The fast paths against ``model_logits`` on one batch, in the run's precision: log-probs, loss, gradients."""
-    model = run.peft_model
+    model = run.engine_model()
     model.train()
     batch = run.batches(size)[0][0]
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -637,8 +706,10 @@ def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]
         )
         output.loss.backward()
         grads = torch.cat([p.grad.detach().double().reshape(-1) for p in parameters if p.grad is not None])
-        results[forward] = (torch.stack([chosen, rejected]).detach().float(), float(output.loss), grads)
+        results[forward] = (torch.stack([chosen, rejected]).detach().float(), float(output.loss.detach()), grads)
+        del chosen, rejected, output
     model.zero_grad(set_to_none=True)
+    del parameters
     plain_logps, plain_loss, plain_grads = results.pop("model_logits")
     record: dict[str, Any] = {"kind": "agreement", "batch": size, "dtype": str(run.dtype).removeprefix("torch.")}
     for forward, (logps, loss, grads) in results.items():
@@ -654,7 +725,7 @@ def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]
 
 def reference_config(run: Run, forward: str, size: int) -> dict[str, Any]:
     """The trainer's reference pre-pass: adapter off, eval mode, no grad, over ``ref_pairs`` pairs."""
-    model = run.peft_model
+    model = run.engine_model()
     model.eval()
     batches, encode_pairs_per_s = run.batches(size)
     n_batches = max(1, run.args.ref_pairs // size)
@@ -736,20 +807,18 @@ def hardness_config(run: Run) -> dict[str, Any]:
     }
 
 
-def _has_lora_layers(model: Any) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(module, LoraLayer) for module in model.modules())
-
-
 def trl_config(run: Run, checkpointing: bool, size: int) -> dict[str, Any]:
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     cuda = run.device.type == "cuda"
-    model = run.base_model
+    # TRL wraps and changes the model it gets (LoRA layers, input-grad hooks, checkpointing): a fresh one, thrown
+    # away afterwards (the engine's model, if this process has one, goes first to make room).
+    run.drop_engine_model()
+    model = build_model(run.workload, run.processor, run.device, run.dtype)
+    run.lm_params, run.vision_params = _count_params(model)
     steps = run.args.warmup + run.args.steps
     dataset = Dataset.from_list(run.data.trl_rows[: steps * size + size])
     args = DPOConfig(
@@ -808,18 +877,12 @@ def trl_config(run: Run, checkpointing: bool, size: int) -> dict[str, Any]:
             row_tokens = (2 * sum(batch.prompt_lengths) + sum(batch.answer_lengths)) // (2 * size)
     finally:
         if trainer is not None:
-            wrapped = trainer.model
             with contextlib.suppress(Exception):
                 trainer.accelerator.free_memory()
-            del trainer
-            if isinstance(wrapped, PeftModel):
-                run.base_model = wrapped.unload()
-            del wrapped
-        if hasattr(run.base_model, "disable_input_require_grads"):
-            with contextlib.suppress(Exception):
-                run.base_model.disable_input_require_grads()
-        with contextlib.suppress(Exception):
-            run.base_model.gradient_checkpointing_disable()
+            for attribute in ("model", "model_wrapped", "optimizer", "lr_scheduler"):
+                with contextlib.suppress(Exception):
+                    setattr(trainer, attribute, None)
+        del trainer, model, dataset
     timed = timer.times[run.args.warmup :] or timer.times
     median = statistics.median(timed)
     tokens = 2 * size * row_tokens
@@ -838,22 +901,6 @@ def trl_config(run: Run, checkpointing: bool, size: int) -> dict[str, Any]:
     }
 
 
-def wrap_engine_model(run: Run) -> None:
-    if run.peft_model is None:
-        if _has_lora_layers(run.base_model):
-            # A failed TRL run can leave LoRA layers behind: start again from a clean model.
-            run.base_model = None
-            _free(run.device)
-            run.base_model = build_model(run.workload, run.processor, run.device, run.dtype)
-        run.peft_model = make_trainable(run.base_model, LORA)
-
-
-def unwrap_engine_model(run: Run) -> None:
-    if run.peft_model is not None:
-        run.base_model = run.peft_model.unload()
-        run.peft_model = None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
@@ -866,19 +913,21 @@ def e2e(step_pairs_per_s: float, reference_pairs_per_s: float | None, epochs: in
     return 1.0 / (1.0 / step_pairs_per_s + 1.0 / (epochs * reference_pairs_per_s))
 
 
-def report(run: Run) -> None:
-    ok = [r for r in run.records if "pairs_per_s" in r]
+def report(records: list[dict[str, Any]], args: argparse.Namespace, device_type: str, started: float) -> None:
+    """The table of ratios to TRL and the ``summary`` line, from the records the children printed."""
+    ok = [r for r in records if "pairs_per_s" in r and "kind" in r]
     trl = [r for r in ok if r.get("kind") == "trl"]
     engine = [r for r in ok if r.get("kind") == "engine"]
     reference = {r["forward"]: r["pairs_per_s"] for r in ok if r.get("kind") == "reference"}
     hardness = next((r["pairs_per_s"] for r in ok if r.get("kind") == "hardness"), None)
-    epochs = run.args.epochs
+    epochs = args.epochs
+    name = args.workload.name
     anchor = max(trl, key=lambda r: r["pairs_per_s"]) if trl else None
-    print(f"\n## {run.workload.name}: ratio of pairs/s to TRL measured in this run", flush=True)
+    print(f"\n## {name}: ratio of pairs/s to TRL measured in this run", flush=True)
     if anchor:
         print(
             f"TRL anchor: {anchor['config']} {anchor['pairs_per_s']} pairs/s, peak {anchor['peak_mem_gib']} GiB "
-            f"({anchor['mem_kind']}); reference pass amortised over {epochs} epochs; device {run.device.type}"
+            f"({anchor['mem_kind']}); reference pass amortised over {epochs} epochs; device {device_type}"
         )
     else:
         print("TRL anchor: not measured in this run (no trl/datasets, --no-trl, an error or the budget)")
@@ -908,7 +957,7 @@ def report(run: Run) -> None:
     if hardness is not None:
         print(f"hardness pre-pass (CLIP, float32): {hardness:.2f} pairs/s")
     best = max((r for r in rows if r[0]["kind"] == "engine"), key=lambda r: r[1] or 0.0, default=None)
-    summary: dict[str, Any] = {"config": "summary", "workload": run.workload.name, "epochs": epochs}
+    summary: dict[str, Any] = {"config": "summary", "workload": name, "epochs": epochs}
     if anchor:
         summary["trl_pairs_per_s"] = anchor["pairs_per_s"]
         summary["trl_peak_mem_gib"] = anchor["peak_mem_gib"]
@@ -935,10 +984,10 @@ def report(run: Run) -> None:
             record, total, _, total_ratio = max(under_trl_memory, key=lambda r: r[1])
             summary["best_gc_within_trl_memory"] = record["config"]
             summary["best_gc_within_trl_memory_e2e_ratio"] = round(total_ratio, 3) if total_ratio else None
-    summary["seconds"] = round(time.perf_counter() - run.started, 1)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary), flush=True)
-    if run.args.out:
-        with open(run.args.out, "a") as handle:
+    if args.out:
+        with open(args.out, "a") as handle:
             handle.write(json.dumps(summary) + "\n")
 
 
@@ -966,6 +1015,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=4, help="epochs the reference pre-pass is amortised over")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--only", default=None, help="run these configurations (comma-separated names) in this process: a child's job"
+    )
+    parser.add_argument(
+        "--child-timeout-s", type=float, default=None, help="wall-clock limit of one child process (default: budget)"
+    )
+    parser.add_argument("--deadline-unix", type=float, default=None, help=argparse.SUPPRESS)  # set for children
+    parser.add_argument("--matmul-tflops", type=float, default=None, help=argparse.SUPPRESS)  # set for children
     args = parser.parse_args(argv)
     workload = TINY if args.tiny else LLAVA7B
     if args.quick:
@@ -1013,114 +1070,303 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter() - _process_age_s()  # --budget-s counts from the process start, imports included
+# ---- the plan (parent) ----------------------------------------------------------------------------------------
+
+REPORT_RESERVE_S = 3.0  # kept for the table at the end
+CHILD_GRACE_S = 20.0  # past the deadline a child gets to print its last line before the parent kills it
+MIN_CHILD_S = 12.0  # a child needs this long at least (imports, data, CUDA context) to measure anything
+LEAK_LIMIT = 256 * 2**20  # device memory a configuration may leave behind before its child is replaced
+
+
+def engine_name(forward: str, method: str, checkpointing: bool, size: int) -> str:
+    return f"engine/{forward}/{method}/gc_{'on' if checkpointing else 'off'}/b{size}"
+
+
+def trl_name(checkpointing: bool, size: int) -> str:
+    return f"trl/gc_{'on' if checkpointing else 'off'}/b{size}"
+
+
+def plan(args: argparse.Namespace, want_trl: bool, cuda: bool) -> list[list[str]]:
+    """Groups of configuration names, in priority order (the budget cuts the tail); one child per group.
+
+    TRL gets children of its own; the engine's configurations share one child and one model.
+    """
     workload: Workload = args.workload
-    cuda = torch.cuda.is_available()
+    first = ["env"] + (["matmul_peak"] if cuda else [])
+    if want_trl:
+        first += [trl_name(checkpointing, size) for checkpointing, size in workload.trl_grid]
+    headline = "dama" if "dama" in args.methods else args.methods[0]
+    fast = [f for f in ("packed", "two_rows") if f in args.forwards]
+    engine = ["model"]
+    engine += [engine_name(f, headline, gc_on, size) for f in fast for gc_on, size in workload.main_grid]
+    engine += [f"reference/{f}" for f in fast]
+    engine.append("agreement")
+    if not args.no_hardness:
+        engine.append("hardness")
+    sweep_gc, sweep_size = workload.main_grid[0]
+    sweep_forward = fast[:1] or ["model_logits"]
+    engine += [engine_name(f, m, sweep_gc, sweep_size) for m in args.methods if m != headline for f in sweep_forward]
+    if "model_logits" in args.forwards:
+        engine += [engine_name("model_logits", headline, gc_on, size) for gc_on, size in workload.main_grid]
+        engine.append("reference/model_logits")
+    groups = [first, engine]
+    if want_trl and workload.trl_extra:
+        groups.append([trl_name(checkpointing, size) for checkpointing, size in workload.trl_extra])
+    return groups
+
+
+def child_command(args: argparse.Namespace, names: list[str], deadline_unix: float, matmul: float | None) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--tiny" if args.tiny else "--llava7b"]
+    command += ["--only", ",".join(names), "--deadline-unix", f"{deadline_unix:.3f}"]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs)]
+    command += ["--ref-pairs", str(args.ref_pairs), "--hardness-pairs", str(args.hardness_pairs)]
+    command += ["--methods", ",".join(args.methods), "--forwards", ",".join(args.forwards)]
+    command += ["--budget-s", str(args.budget_s)]
+    if args.quick:
+        command.append("--quick")
+    if args.no_trl:
+        command.append("--no-trl")
+    if matmul:
+        command += ["--matmul-tflops", str(matmul)]
+    return command
+
+
+def run_child(command: list[str], timeout_s: float, on_record: Callable[[dict[str, Any]], None]) -> tuple[int, bool]:
+    """Run one child, handing each JSON line it prints to ``on_record`` as it comes; (exit status, timed out).
+
+    Its stderr goes straight to ours; other stdout lines (a library's print) go to our stderr.
+    """
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        child.kill()  # this child only, by its own handle
+
+    timer = threading.Timer(max(timeout_s, 1.0), kill)
+    timer.start()
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            text = line.strip()
+            record = None
+            if text.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(text)
+            if isinstance(record, dict) and "config" in record:
+                on_record(record)
+            elif text:
+                print(text, file=sys.stderr, flush=True)
+        status = child.wait()
+    finally:
+        timer.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return status, timed_out.is_set()
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    started = time.perf_counter() - _process_age_s()  # --budget-s counts from the process start, imports included
+    cuda = torch.cuda.is_available()  # no CUDA context here: the device is the children's alone
     if args.llava7b and not cuda:
         print("--llava7b needs a CUDA GPU (use --tiny on a CPU)", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     versions = _versions()
     want_trl = not args.no_trl
     if want_trl and (versions["trl"] is None or versions["datasets"] is None):
         print("trl/datasets are not installed: TRL is skipped (pip install -e '.[bench]')", file=sys.stderr)
         want_trl = False
-    processor, words = build_processor(workload)
-    largest = max(size for _, size in (*workload.main_grid, *workload.trl_grid, *workload.trl_extra))
-    n_pairs = max((args.warmup + args.steps + 1) * largest, args.ref_pairs, args.hardness_pairs, 2 * largest)
-    data = build_data(workload, words, n_pairs)
-    run = Run(args=args, workload=workload, device=device, dtype=dtype, processor=processor, data=data, started=started)
-    run.emit(
-        {
-            "config": "env",
-            "workload": workload.name,
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
-            **versions,
-            "trl_included": want_trl,
-            "budget_s": args.budget_s,
-        }
-    )
-    run.matmul_tflops = measure_matmul_peak(device)
-    if run.matmul_tflops:
-        run.emit({"config": "matmul_peak", "kind": "matmul", "bf16_tflops": round(run.matmul_tflops, 1)})
-    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    matmul: list[float] = []
+
+    def emit(record: dict[str, Any]) -> None:
+        records.append(record)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(line + "\n")
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record.get("config") == "matmul_peak" and record.get("bf16_tflops"):
+            matmul.append(float(record["bf16_tflops"]))
+        emit(record)
+
+    def left_s() -> float:
+        return args.budget_s - REPORT_RESERVE_S - (time.perf_counter() - started)
+
+    children = 0
+    for group in plan(args, want_trl, cuda):
+        todo = list(group)
+        while todo:
+            left = left_s()
+            if left < MIN_CHILD_S:
+                for name in todo:
+                    emit({"config": name, "skipped": "budget", "left_s": round(left, 1)})
+                break
+            reported: set[str] = set()
+
+            def collect(record: dict[str, Any], seen: set[str] = reported) -> None:
+                seen.add(record["config"])
+                on_record(record)
+
+            deadline_unix = time.time() + left
+            timeout = left + CHILD_GRACE_S
+            if args.child_timeout_s:
+                timeout = min(timeout, args.child_timeout_s)
+            children += 1
+            child_start = time.perf_counter()
+            status, timed_out = run_child(
+                child_command(args, todo, deadline_unix, matmul[-1] if matmul else None), timeout, collect
+            )
+            progressed = any(name in reported for name in todo)
+            todo = [name for name in todo if name not in reported]
+            if not todo:
+                break
+            if status == 0 and not timed_out:
+                for name in todo:  # a child that exits cleanly reports every name it was given
+                    emit({"config": name, "error": "not reported by its child process"})
+                break
+            if status != CHILD_RESTART or not progressed:
+                # It died or overran inside the first configuration it had not reported: that one failed.
+                why = f"killed after {timeout:.0f} s" if timed_out else f"exit status {status}"
+                emit(
+                    {
+                        "config": todo.pop(0),
+                        "error": f"child process: {why}",
+                        "seconds": round(time.perf_counter() - child_start, 1),
+                    }
+                )
+            if todo:
+                print(f"bench_train: a fresh child process for {len(todo)} configurations", file=sys.stderr)
+    print(f"bench_train: {children} child processes", file=sys.stderr, flush=True)
     try:
-        run.base_model = build_model(workload, processor, device, dtype)
-    except Exception as error:
-        run.emit({"config": "model", "error": f"{type(error).__name__}: {error}"[:500]})
-        return 1
-    run.lm_params, run.vision_params = _count_params(run.base_model)
-    run.vision_tokens = (workload.image_size // 14) ** 2 + 1
-    run.emit(
-        {
-            "config": "model",
-            "lm_params": run.lm_params,
-            "vision_params": run.vision_params,
-            "attn_implementation": run.base_model.config.get_text_config()._attn_implementation,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-    )
-
-    def trl(checkpointing: bool, size: int) -> None:
-        unwrap_engine_model(run)
-        name = f"trl/gc_{'on' if checkpointing else 'off'}/b{size}"
-        run.attempt(name, workload.guess_trl_s, lambda: trl_config(run, checkpointing, size))
-
-    def engine(forward: str, method: str, checkpointing: bool, size: int) -> None:
-        wrap_engine_model(run)
-        name = f"engine/{forward}/{method}/gc_{'on' if checkpointing else 'off'}/b{size}"
-        known = run.step_seconds.get((checkpointing, size))
-        guess = (args.warmup + args.steps) * known * 1.5 + 2 if known else workload.guess_config_s
-        run.attempt(name, guess, lambda: engine_step_config(run, forward, method, checkpointing, size))
-
-    def reference(forward: str, size: int) -> None:
-        wrap_engine_model(run)
-        known = run.step_seconds.get((False, size)) or run.step_seconds.get((True, size))
-        guess = (args.ref_pairs // size + 1) * known if known else workload.guess_config_s
-        run.attempt(f"reference/{forward}", guess, lambda: reference_config(run, forward, size))
-
-    # Priority order: the anchor, then the headline configurations, then the rest (the budget cuts the tail).
-    if want_trl:
-        for checkpointing, size in workload.trl_grid:
-            trl(checkpointing, size)
-    headline = "dama" if "dama" in args.methods else args.methods[0]
-    ref_size = max(size for _, size in workload.main_grid)
-    fast = [f for f in ("packed", "two_rows") if f in args.forwards]
-    for checkpointing, size in workload.main_grid:
-        for forward in fast:
-            engine(forward, headline, checkpointing, size)
-            if not any(r.get("config") == f"reference/{forward}" for r in run.records):
-                reference(forward, ref_size)
-    wrap_engine_model(run)
-    check_size = workload.main_grid[0][1]
-    run.attempt("agreement", workload.guess_config_s, lambda: agreement_config(run, fast, check_size))
-    if not args.no_hardness:
-        wrap_engine_model(run)
-        run.attempt("hardness", workload.guess_config_s, lambda: hardness_config(run))
-    if "model_logits" in args.forwards:
-        for checkpointing, size in workload.main_grid:
-            engine("model_logits", headline, checkpointing, size)
-        reference("model_logits", ref_size)
-    sweep_gc, sweep_size = workload.main_grid[0]
-    for method in args.methods:
-        if method == headline:
-            continue
-        for forward in fast:
-            engine(forward, method, sweep_gc, sweep_size)
-    if want_trl:
-        for checkpointing, size in workload.trl_extra:
-            trl(checkpointing, size)
-    try:
-        report(run)
+        report(records, args, "cuda" if cuda else "cpu", started)
     except Exception as error:  # the JSON lines above are the results; a broken table must not hide them
         print(json.dumps({"config": "report", "error": f"{type(error).__name__}: {error}"[:500]}), flush=True)
         return 1
     return 0
+
+
+# ---- one child: the named configurations, in this process -----------------------------------------------------
+
+CHILD_RESTART = 3  # exit status: configurations are left, run them in a fresh process
+
+
+def child_main(args: argparse.Namespace) -> int:
+    names = [name for name in args.only.split(",") if name]
+    workload: Workload = args.workload
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    processor, words = build_processor(workload)
+    largest = max(size for _, size in (*workload.main_grid, *workload.trl_grid, *workload.trl_extra))
+    n_pairs = max((args.warmup + args.steps + 1) * largest, args.ref_pairs, args.hardness_pairs, 2 * largest)
+    data = build_data(workload, words, n_pairs)
+    run = Run(
+        args=args,
+        workload=workload,
+        device=device,
+        dtype=dtype,
+        processor=processor,
+        data=data,
+        started=time.perf_counter() - _process_age_s(),
+        matmul_tflops=args.matmul_tflops,
+        deadline_unix=args.deadline_unix,
+    )
+    run.vision_tokens = (workload.image_size // 14) ** 2 + 1
+    fast = [f for f in ("packed", "two_rows") if f in args.forwards]
+    ref_size = max(size for _, size in workload.main_grid)
+    check_size = workload.main_grid[0][1]
+    for index, name in enumerate(names):
+        run_named(run, name, fast=fast, ref_size=ref_size, check_size=check_size)
+        left = names[index + 1 :]
+        if not left:
+            break
+        leaked = run.leaked_bytes() if cuda else 0
+        if run.restart or leaked > LEAK_LIMIT:
+            why = "ran out of memory" if run.restart else f"left {leaked / GIB:.2f} GiB allocated"
+            print(f"bench_train: {name} {why}: the rest goes to a fresh process", file=sys.stderr, flush=True)
+            return CHILD_RESTART
+    return 0
+
+
+def run_named(run: Run, name: str, *, fast: list[str], ref_size: int, check_size: int) -> None:
+    """Run the configuration called ``name`` and print its line (a result, an error or ``skipped``)."""
+    args, workload = run.args, run.workload
+    if name == "env":
+        cuda = run.device.type == "cuda"
+        versions = _versions()
+        run.emit(
+            {
+                "config": "env",
+                "workload": workload.name,
+                "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                "dtype": str(run.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                **versions,
+                "trl_included": not args.no_trl and versions["trl"] is not None and versions["datasets"] is not None,
+                "budget_s": args.budget_s,
+                "isolation": "child processes",
+            }
+        )
+        return
+    if name == "matmul_peak":
+        try:
+            run.matmul_tflops = measure_matmul_peak(run.device)
+            run.emit({"config": "matmul_peak", "kind": "matmul", "bf16_tflops": round(run.matmul_tflops or 0.0, 1)})
+        except Exception as error:
+            run.emit({"config": "matmul_peak", "error": f"{type(error).__name__}: {error}"[:500]})
+        _free(run.device)
+        return
+    if name == "model":
+        start = time.perf_counter()
+        try:
+            model = run.engine_model()
+        except Exception as error:
+            run.restart = True
+            run.emit({"config": "model", "error": f"{type(error).__name__}: {error}"[:500]})
+            return
+        run.emit(
+            {
+                "config": "model",
+                "lm_params": run.lm_params,
+                "vision_params": run.vision_params,
+                "attn_implementation": model.config.get_text_config()._attn_implementation,
+                "lora_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "resident_gib": round(run.resident_bytes / GIB, 3),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        return
+    parts = name.split("/")
+    if parts[0] == "engine" and len(parts) == 5:
+        _, forward, method, gc_setting, batch = parts
+        checkpointing, size = gc_setting == "gc_on", int(batch.removeprefix("b"))
+        known = run.step_seconds.get((checkpointing, size))
+        guess = (args.warmup + args.steps) * known * 1.5 + 2 if known else workload.guess_config_s
+        run.attempt(name, guess, lambda: engine_step_config(run, forward, method, checkpointing, size))
+    elif parts[0] == "reference" and len(parts) == 2:
+        known = run.step_seconds.get((False, ref_size)) or run.step_seconds.get((True, ref_size))
+        guess = (args.ref_pairs // ref_size + 1) * known if known else workload.guess_config_s
+        run.attempt(name, guess, lambda: reference_config(run, parts[1], ref_size))
+    elif name == "agreement":
+        run.attempt(name, workload.guess_config_s, lambda: agreement_config(run, fast, check_size))
+    elif name == "hardness":
+        run.attempt(name, workload.guess_config_s, lambda: hardness_config(run))
+    elif parts[0] == "trl" and len(parts) == 3:
+        checkpointing, size = parts[1] == "gc_on", int(parts[2].removeprefix("b"))
+        run.attempt(name, workload.guess_trl_s, lambda: trl_config(run, checkpointing, size))
+    else:
+        run.emit({"config": name, "error": "unknown configuration name"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.only is not None:
+        return child_main(args)
+    return parent_main(args)
 
 
 if __name__ == "__main__":

@@ -173,18 +173,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Raises:
         ConfigError: naming every bad field, e.g. ``optim.learning_rate: Input should be greater than 0``.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"config file not found: {path}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        values = loaded or {}
+    values = read_yaml_mapping(path) if path is not None else {}
     return parse_config(apply_overrides(values, overrides))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is an empty mapping); ConfigError otherwise."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded or {}
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

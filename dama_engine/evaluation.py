@@ -69,11 +69,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dama_engine.callbacks import Callback
-from dama_engine.config import ConfigError, ModelSection, apply_overrides
+from dama_engine.config import ConfigError, ModelSection, apply_overrides, read_yaml_mapping
 from dama_engine.data.formats import _image_string, _RowContext, load_and_validate
 from dama_engine.data.rows import ImageSource, PreferenceRow
 from dama_engine.generation import GenerationRequest, GenerationSettings, generate
@@ -759,17 +758,7 @@ def load_evaluation_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> EvaluationConfig:
     """Read a YAML evaluation config, apply ``key=value`` / ``section.key=value`` overrides, validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"config file not found: {path}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        values = loaded or {}
+    values = read_yaml_mapping(path) if path is not None else {}
     return parse_evaluation_config(apply_overrides(values, overrides))
 
 

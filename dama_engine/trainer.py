@@ -338,10 +338,10 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     metrics_path = output_dir / "metrics.jsonl"
     if is_main:
         _truncate_metrics(metrics_path, state.step)
-    eval_before = None
-    if eval_split is not None and state.step == 0 and is_main:
-        callback.on_stage("evaluating", {"when": "before", "pairs": len(eval_rows)})
-        eval_before = evaluate_pairs(
+
+    def evaluate_held_out() -> dict[str, float]:
+        assert eval_split is not None
+        return evaluate_pairs(
             model,
             eval_split,
             encoder,
@@ -350,6 +350,11 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             device=device,
             bf16=bf16,
         )
+
+    eval_before = None
+    if eval_split is not None and state.step == 0 and is_main:
+        callback.on_stage("evaluating", {"when": "before", "pairs": len(eval_rows)})
+        eval_before = evaluate_held_out()
         _append_jsonl(metrics_path, {"step": 0, **eval_before})
         callback.on_eval(0, eval_before)
 
@@ -408,15 +413,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
         if eval_split is not None and config.run.eval_every and state.step % config.run.eval_every == 0:
             if is_main and state.step < total_steps:
-                results = evaluate_pairs(
-                    model,
-                    eval_split,
-                    encoder,
-                    beta=objective_config.beta,
-                    batch_size=optim.batch_size,
-                    device=device,
-                    bf16=bf16,
-                )
+                results = evaluate_held_out()
                 _append_jsonl(metrics_path, {"step": state.step, **results})
                 callback.on_eval(state.step, results)
             accelerator.wait_for_everyone()
@@ -457,15 +454,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     # ---- evaluating ----------------------------------------------------------------------------------------
     if eval_split is not None and is_main:
         callback.on_stage("evaluating", {"when": "after", "pairs": len(eval_rows)})
-        result.eval_after = evaluate_pairs(
-            model,
-            eval_split,
-            encoder,
-            beta=objective_config.beta,
-            batch_size=optim.batch_size,
-            device=device,
-            bf16=bf16,
-        )
+        result.eval_after = evaluate_held_out()
         _append_jsonl(metrics_path, {"step": state.step, **result.eval_after})
         callback.on_eval(state.step, result.eval_after)
 

@@ -54,8 +54,10 @@ def demo_base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def derive(base: dict[str, Any], output_dir: Path, *overrides: str) -> TrainConfig:
+    """The demo config with another output folder; base-vs-tuned evaluation off unless an override turns it on."""
     values = json.loads(json.dumps(base))
     values["run"]["output_dir"] = str(output_dir)
+    values["evaluation"]["enabled"] = False
     return parse_config(apply_overrides(values, list(overrides)))
 
 
@@ -78,7 +80,16 @@ class Recorder(Callback):
 
 
 def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str, Any], tmp_path: Path) -> None:
-    config = derive(demo_base, tmp_path / "run", "optim.max_steps=5", "optim.batch_size=8", "run.eval_every=2")
+    config = derive(
+        demo_base,
+        tmp_path / "run",
+        "optim.max_steps=5",
+        "optim.batch_size=8",
+        "run.eval_every=2",
+        "evaluation.enabled=true",
+        "evaluation.max_samples=4",
+        "evaluation.max_new_tokens=8",
+    )
     recorder = Recorder()
     result = train(config, recorder)
 
@@ -91,6 +102,7 @@ def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str,
         "training",
         "evaluating",
         "exporting",
+        "evaluating",  # base against tuned, on the held-out pairs and the generative set
     ]
     assert recorder.steps == [1, 2, 3, 4, 5] and result.steps == 5 and not result.stopped
     adapter = result.adapter_dir
@@ -99,6 +111,12 @@ def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str,
         assert (adapter / name).is_file(), name
     assert (adapter / "training_curves.png").stat().st_size > 10_000
     assert "dama" in (adapter / "README.md").read_text()
+    assert "## Base against tuned" in (adapter / "README.md").read_text()
+    assert (adapter / "evaluation.png").stat().st_size > 10_000
+    evaluation = json.loads((adapter / "evaluation.json").read_text())
+    assert result.evaluation == evaluation
+    assert set(evaluation["generative"]["base"]) >= {"chair_s", "chair_i", "coverage"}
+    assert evaluation["preference"]["implicit_reward"]["overall"]["count"] == 16
 
     # Every step's metrics carry DAMA.md section 5; held-out points are logged too.
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
