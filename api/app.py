@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
-from api.routers import datasets, health, job_outputs, jobs, models
+from api.routers import datasets, evaluations, health, job_outputs, jobs, models
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (datasets, jobs, job_outputs, models, health):
+    for module in (datasets, jobs, job_outputs, evaluations, models, health):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:

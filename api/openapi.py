@@ -25,17 +25,24 @@ adapter that loads with `peft` on top of the base model.
 3. Follow `GET /jobs/{id}` (status, stage, step, percent, ETA), `GET /jobs/{id}/events` (also live as
    `text/event-stream`) and `GET /jobs/{id}/metrics`.
 4. `GET /jobs/{id}/adapter` once the job succeeded.
+5. `POST /evaluations` to score a base model, or a job's adapter against its base, on held-out preference pairs
+   and a generative set (object hallucination: CHAIR); `GET /evaluations/{id}` carries the `metrics`,
+   `/outputs` the per-sample generations and `/chart` the PNG.
 
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
 **Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
-**Retries**: send an `Idempotency-Key` header with `POST /datasets` and `POST /jobs`.
+**Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs` and `POST /evaluations`.
 """.strip()
 
 TAGS: list[dict[str, Any]] = [
     {"name": "datasets", "description": "Upload, inspect and delete preference datasets (validated on upload)."},
     {"name": "jobs", "description": "Create, list, inspect and cancel fine-tuning jobs."},
     {"name": "job outputs", "description": "Events (paged or live), metric series, checkpoints and the adapter."},
+    {
+        "name": "evaluations",
+        "description": "Score a base model and a tuned adapter: preference metrics per hardness bucket, CHAIR.",
+    },
     {"name": "models", "description": "Supported model families and built-in tiny models."},
     {"name": "health", "description": "Liveness and readiness probes (no auth)."},
 ]

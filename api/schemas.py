@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from jobstore.models import Checkpoint, Dataset, Job, JobEvent
-from jobstore.spec import JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import JobStatus
 
 
@@ -23,11 +23,12 @@ def _as_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
-DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai"]
+DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai", "generative"]
 
 _TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
 _DATASET_ID = "ds_0194b1c2d3e4a1b2c3d4e5f6"
 _JOB_ID = "job_0194b1c2d3e4a1b2c3d4e5f6"
+_EVAL_ID = "eval_0194b1c2d3e4a1b2c3d4e5f6"
 
 
 class _Public(BaseModel):
@@ -108,14 +109,18 @@ class DatasetUpload(BaseModel):
 
     file: bytes = Field(
         description="A data file (.jsonl, .json, .parquet; images embedded as base64 or data URIs) or a .zip / "
-        ".tar / .tar.gz archive holding one data file and the images it references by relative path.",
+        ".tar / .tar.gz archive holding one data file and the images it references by relative path. A generative "
+        "evaluation set is an archive of a JSONL file (rows {image, prompt, objects}), vocabulary.json (object "
+        "names and synonyms) and the images.",
     )
     name: str | None = Field(
         default=None, max_length=300, description="A label; default: the file name.", examples=["shapes-v1"]
     )
     format: DatasetFormat = Field(
         default="auto",
-        description="Row format: trl, rlaif_v or openai; auto tells them apart by the first row's columns.",
+        description="Row format: trl, rlaif_v, openai or generative (an evaluation set for POST /evaluations); "
+        "auto tells them apart by the rows' columns (rows with objects and no chosen, beside a vocabulary.json: "
+        "generative).",
         examples=["auto"],
     )
 
@@ -124,8 +129,14 @@ class DatasetPublic(_Public):
     id: str = Field(description="Dataset id.", examples=[_DATASET_ID])
     object: Literal["dataset"] = Field(default="dataset", description="Always 'dataset'.", examples=["dataset"])
     name: str = Field(description="Label given at upload (default: the file name).", examples=["shapes-v1"])
-    format: str = Field(description="Row format the data was read as: trl, rlaif_v or openai.", examples=["trl"])
-    row_count: int = Field(description="Preference pairs in the dataset.", examples=[512])
+    format: str = Field(
+        description="Row format the data was read as: trl, rlaif_v or openai (preference pairs), or generative (a "
+        "generative evaluation set: image, prompt, objects, with its vocabulary).",
+        examples=["trl"],
+    )
+    row_count: int = Field(
+        description="Preference pairs in the dataset (samples, for a generative set).", examples=[512]
+    )
     image_count: int = Field(description="Images referenced by the rows.", examples=[512])
     size_bytes: int = Field(description="Size of the upload as received.", examples=[1048576])
     sha256: str = Field(
@@ -231,6 +242,78 @@ def job_public(job: Job) -> JobPublic:
         queue=job.queue,
         spec=JobSpec.model_validate(job.spec),
         result=job.result,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+class EvaluationPublic(_Public):
+    id: str = Field(description="Evaluation id.", examples=[_EVAL_ID])
+    object: Literal["evaluation"] = Field(
+        default="evaluation", description="Always 'evaluation'.", examples=["evaluation"]
+    )
+    status: JobStatus = Field(
+        description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
+    )
+    stage: str | None = Field(
+        description="Current stage while running: validating, loading_model, scoring, log_probs, generating, writing.",
+        examples=["generating"],
+    )
+    progress: float = Field(description="Share of the evaluation done, 0 to 1.", examples=[0.5])
+    percent: float = Field(description="Progress in percent, 0 to 100.", examples=[50.0])
+    eta_seconds: float | None = Field(description="Estimated seconds left; null when unknown.", examples=[120.0])
+    error: JobErrorPublic | None = Field(description="Why the evaluation failed; null otherwise.", examples=[None])
+    attempts: int = Field(description="Runs started (an evaluation whose worker died is re-run).", examples=[1])
+    queue: str = Field(description="Worker queue it was sent to.", examples=["gpu"])
+    spec: EvaluationCreate = Field(description="The request as accepted (defaults filled in).")
+    metrics: dict[str, Any] | None = Field(
+        description="Once succeeded: the results. 'generative' (per model 'base' / 'tuned': chair_s, chair_i, "
+        "coverage, hallucination_rate, mean_length and their counts) and 'preference' (per model log-prob "
+        "statistics, and with an adapter 'implicit_reward': DPO loss, accuracy, margin, overall and per hardness "
+        "bucket); null before.",
+        examples=[
+            {
+                "model": "llava-hf/llava-1.5-7b-hf",
+                "generative": {
+                    "samples": 64,
+                    "base": {"chair_s": 0.41, "chair_i": 0.18, "coverage": 0.62, "hallucination_rate": 0.41},
+                    "tuned": {"chair_s": 0.27, "chair_i": 0.11, "coverage": 0.60, "hallucination_rate": 0.27},
+                },
+                "preference": {"pairs": 128, "implicit_reward": {"overall": {"accuracy": 0.81, "margin": 0.42}}},
+            }
+        ],
+    )
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
+
+
+class EvaluationsPublic(_Public):
+    data: list[EvaluationPublic] = Field(description="Evaluations, newest first.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = _next_cursor()
+
+
+def evaluation_public(job: Job) -> EvaluationPublic:
+    progress = max(0.0, min(1.0, float(job.progress or 0.0)))
+    error = None
+    if job.error_kind is not None:
+        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    result = job.result or {}
+    succeeded = job.status == JobStatus.succeeded.value
+    return EvaluationPublic(
+        id=job.id,
+        status=JobStatus(job.status),
+        stage=job.stage,
+        progress=progress,
+        percent=round(progress * 100, 2),
+        eta_seconds=job.eta_seconds,
+        error=error,
+        attempts=job.attempts or 0,
+        queue=job.queue,
+        spec=EvaluationCreate.model_validate(job.spec),
+        metrics=result.get("results") if succeeded else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

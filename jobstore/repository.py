@@ -26,11 +26,15 @@ from jobstore.models import (
     JobEvent,
     JobMetric,
     Tenant,
+    new_id,
     utcnow,
 )
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+# Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
+TRAINING, EVALUATION = "training", "evaluation"
+ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval"}
 
 # ---- tenants and API keys ------------------------------------------------------------------------------------
 
@@ -121,12 +125,20 @@ def list_datasets(session: Session, *, tenant_id: str, limit: int, after: str | 
 def dataset_in_use(session: Session, *, dataset_id: str) -> bool:
     """Whether a job that has not ended reads this dataset (for training or evaluation)."""
     jobs = session.scalars(select(Job).where(Job.status.in_([s.value for s in ACTIVE])))
-    return any(job.dataset_id == dataset_id or _eval_dataset(job) == dataset_id for job in jobs)
+    return any(job.dataset_id == dataset_id or dataset_id in _other_datasets(job) for job in jobs)
 
 
-def _eval_dataset(job: Job) -> str | None:
-    evaluation = (job.spec or {}).get("evaluation") or {}
-    return evaluation.get("dataset_id")
+def _other_datasets(job: Job) -> set[str]:
+    """The datasets a job reads besides ``job.dataset_id``: evaluation sets of training and evaluation jobs."""
+    spec = job.spec or {}
+    evaluation = spec.get("evaluation") or {}
+    ids = (
+        evaluation.get("dataset_id"),
+        evaluation.get("generative_dataset_id"),
+        spec.get("preference_dataset_id"),
+        spec.get("generative_dataset_id"),
+    )
+    return {value for value in ids if isinstance(value, str)}
 
 
 def delete_dataset(session: Session, *, dataset: Dataset) -> None:
@@ -169,24 +181,43 @@ def create_job(
     queue: str,
     kind: str = "training",
 ) -> Job:
-    job = Job(tenant_id=tenant_id, spec=spec, dataset_id=dataset_id, queue=queue, kind=kind, status="queued")
+    job = Job(
+        id=new_id(ID_PREFIXES.get(kind, "job")),
+        tenant_id=tenant_id,
+        spec=spec,
+        dataset_id=dataset_id,
+        queue=queue,
+        kind=kind,
+        status="queued",
+    )
     session.add(job)
     session.flush()
     add_events(session, job_id=job.id, events=[("status", "job created and queued", {"status": "queued"})])
     return job
 
 
-def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> Job | None:
+def get_job(session: Session, *, job_id: str, tenant_id: str | None = None, kind: str | None = None) -> Job | None:
+    """The job (of ``tenant_id`` and of ``kind`` when given), else None."""
     query = select(Job).where(Job.id == job_id)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
     return session.scalar(query)
 
 
 def list_jobs(
-    session: Session, *, tenant_id: str, limit: int, after: str | None, status: str | None = None
+    session: Session,
+    *,
+    tenant_id: str,
+    limit: int,
+    after: str | None,
+    status: str | None = None,
+    kind: str | None = None,
 ) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.tenant_id == tenant_id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status)
     return _page(session, query, Job, limit=limit, after=after)

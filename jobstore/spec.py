@@ -49,8 +49,21 @@ class LoraSpec(_Spec):
 
 
 class EvaluationSpec(_Spec):
-    dataset_id: str | None = Field(default=None, description="Held-out pairs (an uploaded dataset).")
-    holdout_fraction: float = Field(default=0.0, ge=0, lt=1, description="Or hold out this share of the data.")
+    dataset_id: str | None = Field(
+        default=None, description="Held-out pairs (an uploaded preference dataset).", examples=[None]
+    )
+    holdout_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Or hold out this share of the data.", examples=[0.05]
+    )
+    generative_dataset_id: str | None = Field(
+        default=None,
+        description="A generative evaluation dataset (format 'generative': image, prompt, objects + vocabulary): "
+        "after training, base and tuned answer its prompts and are scored for object hallucination (CHAIR).",
+        examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
+    )
+    max_new_tokens: int = Field(
+        default=64, gt=0, le=4096, description="Greedy generation length on the generative set.", examples=[64]
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:
@@ -88,6 +101,85 @@ class JobSpec(_Spec):
         pattern=r"^[a-z0-9_.-]{1,100}$",
     )
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
+
+    @property
+    def tiny_family(self) -> str | None:
+        return TINY_MODELS.get(self.model)
+
+
+class GenerationSpec(_Spec):
+    max_new_tokens: int = Field(
+        default=128, gt=0, le=4096, description="Most tokens generated per answer (EOS stops sooner).", examples=[128]
+    )
+    temperature: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="0: greedy decoding (default, reproducible); > 0: sampling.",
+        examples=[0.0],
+    )
+
+
+class EvaluationCreate(_Spec):
+    """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets."""
+
+    model: str = Field(
+        description="Base model: a hub name, a path on the workers, or a built-in tiny model "
+        "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3). With adapter_job_id, the training job's base.",
+        examples=["llava-hf/llava-1.5-7b-hf"],
+        min_length=1,
+        max_length=300,
+    )
+    adapter_job_id: str | None = Field(
+        default=None,
+        description="A succeeded training job of this tenant: its adapter is the tuned model, compared against the "
+        "base. Null: evaluate the base model alone.",
+        examples=["job_0192a0c1d2e3f4a5b6c7d8"],
+    )
+    preference_dataset_id: str | None = Field(
+        default=None,
+        description="Held-out preference pairs (an uploaded preference dataset): log-prob accuracy per model and, "
+        "with an adapter, DPO loss / accuracy / reward margin of the tuned model against the base, per hardness "
+        "bucket when the rows carry hardness scores.",
+        examples=["ds_0192a0c1d2e3f4a5b6c7d8"],
+    )
+    generative_dataset_id: str | None = Field(
+        default=None,
+        description="A generative evaluation dataset (format 'generative'): answers are generated and scored for "
+        "object hallucination (CHAIR-s, CHAIR-i, coverage, hallucination rate).",
+        examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="How answers are decoded on the generative set."
+    )
+    max_samples: int | None = Field(
+        default=None, gt=0, description="Use only the first N generative samples (null: all).", examples=[64]
+    )
+    max_pairs: int | None = Field(
+        default=None, gt=0, description="Use only the first N preference pairs (null: all).", examples=[None]
+    )
+    max_length: int = Field(
+        default=2048, gt=0, description="Tokens per scored sequence, image tokens included.", examples=[2048]
+    )
+    beta: float = Field(
+        default=0.1, gt=0, description="Base beta of the implicit rewards (DAMA.md section 3).", examples=[0.1]
+    )
+    batch_size: int = Field(
+        default=8, gt=0, le=1024, description="Pairs per scoring pass and prompts per generation batch.", examples=[8]
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own code.", examples=[False])
+    queue: str | None = Field(
+        default=None,
+        description="Worker queue (one per GPU class); default: the service's.",
+        pattern=r"^[a-z0-9_.-]{1,100}$",
+        examples=[None],
+    )
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> EvaluationCreate:
+        if not self.preference_dataset_id and not self.generative_dataset_id:
+            raise ValueError("give preference_dataset_id and/or generative_dataset_id: there is nothing to evaluate")
+        return self
 
     @property
     def tiny_family(self) -> str | None:

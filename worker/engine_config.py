@@ -7,7 +7,11 @@ Field names follow the engine's; this module only decides paths and the few serv
   from its newest checkpoint there;
 * reference log-probs and hardness are cached in ``<artifacts>/cache``, shared by all jobs: the engine keys each
   entry by the dataset's content and the model, so another job on the same data and base model reuses them;
-* the built-in tiny models (``dama/tiny-*``) are built once into the model cache and trained in float32.
+* the built-in tiny models (``dama/tiny-*``) are built once into the model cache and trained in float32;
+* a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
+  (:func:`dama_engine.data.check.find_generative_files`);
+* an evaluation job (:func:`build_evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
+  training job from that job's ``run_dir(job_id)/adapter``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from dama_engine.config import TrainConfig, parse_config
+from dama_engine.data.check import find_generative_files
+from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
 from dama_engine.tiny import build_tiny_model
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
-from jobstore.spec import Hyperparameters, JobSpec
+from jobstore.spec import TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,10 @@ ENGINE_FORMATS = ("trl", "rlaif_v", "openai")
 
 class DatasetMissing(ValueError):
     """The job's dataset has no files on the artifact store (deleted, or never unpacked)."""
+
+
+class AdapterMissing(ValueError):
+    """The training job an evaluation names has no adapter on the artifact store."""
 
 
 def model_cache_root(settings: Settings) -> Path:
@@ -76,6 +86,30 @@ def _existing_dataset(store: ArtifactStore, dataset_id: str, role: str) -> Path:
     return folder
 
 
+def generative_files(store: ArtifactStore, dataset_id: str, role: str) -> tuple[Path, Path]:
+    """The generative evaluation set's JSONL file and vocabulary in dataset ``dataset_id``'s folder."""
+    folder = _existing_dataset(store, dataset_id, role)
+    found = find_generative_files(folder)
+    if found is None:
+        raise DatasetMissing(
+            f"{role} dataset {dataset_id} is not a generative evaluation set (a JSONL file of image, prompt and "
+            "objects beside vocabulary.json)"
+        )
+    return found
+
+
+def _model_values(model: str, trust_remote_code: bool, settings: Settings) -> tuple[dict[str, Any], str | None]:
+    tiny_family = TINY_MODELS.get(model)
+    model_path = str(ensure_tiny_model(tiny_family, model_cache_root(settings))) if tiny_family else model
+    values = {
+        "name_or_path": model_path,
+        "trust_remote_code": trust_remote_code,
+        # Tiny models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
+        "precision": "fp32" if tiny_family else "auto",
+    }
+    return values, tiny_family
+
+
 def build_train_config(
     spec: JobSpec,
     *,
@@ -86,8 +120,7 @@ def build_train_config(
 ) -> TrainConfig:
     """The engine config of one job (raises :class:`DatasetMissing` or the engine's ``ConfigError``)."""
     hp, lora = spec.hyperparameters, spec.lora
-    tiny_family = spec.tiny_family
-    model_path = str(ensure_tiny_model(tiny_family, model_cache_root(settings))) if tiny_family else spec.model
+    model, tiny_family = _model_values(spec.model, spec.trust_remote_code, settings)
     learning_rate = hp.learning_rate
     if tiny_family and learning_rate == DEFAULT_LEARNING_RATE:
         learning_rate = TINY_MODEL_LEARNING_RATE  # only when the spec left the LoRA default in place
@@ -102,15 +135,17 @@ def build_train_config(
             data["eval"] = str(_existing_dataset(store, spec.evaluation.dataset_id, "evaluation"))
         else:
             data["eval_fraction"] = spec.evaluation.holdout_fraction
+    evaluation: dict[str, Any] = {}
+    if spec.evaluation is not None:
+        evaluation["max_new_tokens"] = spec.evaluation.max_new_tokens
+        if spec.evaluation.generative_dataset_id:
+            generative, vocabulary = generative_files(store, spec.evaluation.generative_dataset_id, "generative")
+            evaluation.update(generative=str(generative), vocabulary=str(vocabulary))
 
     values: dict[str, Any] = {
-        "model": {
-            "name_or_path": model_path,
-            "trust_remote_code": spec.trust_remote_code,
-            # Tiny models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
-            "precision": "fp32" if tiny_family else "auto",
-        },
+        "model": model,
         "data": data,
+        "evaluation": evaluation,
         "lora": {
             "enabled": lora.enabled,
             "r": lora.r,
@@ -141,3 +176,60 @@ def build_train_config(
         },
     }
     return parse_config(values)
+
+
+def adapter_folder(store: ArtifactStore, job_id: str) -> Path:
+    """Where a training job's exported adapter lives on the workers."""
+    return store.run_dir(job_id) / "adapter"
+
+
+def build_evaluation_config(
+    spec: EvaluationCreate,
+    *,
+    job_id: str,
+    store: ArtifactStore,
+    settings: Settings,
+    preference_format: str | None = None,
+) -> EvaluationConfig:
+    """The engine config of one evaluation job (raises :class:`DatasetMissing`, :class:`AdapterMissing` or the
+    engine's ``ConfigError``)."""
+    model, _ = _model_values(spec.model, spec.trust_remote_code, settings)
+    data: dict[str, Any] = {
+        "max_samples": spec.max_samples,
+        "max_pairs": spec.max_pairs,
+        "max_length": spec.max_length,
+    }
+    if spec.preference_dataset_id:
+        data["preference"] = str(_existing_dataset(store, spec.preference_dataset_id, "preference"))
+        data["format"] = preference_format if preference_format in ENGINE_FORMATS else "auto"
+    if spec.generative_dataset_id:
+        generative, vocabulary = generative_files(store, spec.generative_dataset_id, "generative")
+        data.update(generative=str(generative), vocabulary=str(vocabulary))
+    adapter = None
+    if spec.adapter_job_id:
+        folder = adapter_folder(store, spec.adapter_job_id)
+        if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise AdapterMissing(
+                f"adapter_job_id: job {spec.adapter_job_id} has no adapter on the workers' artifact store ({folder})"
+            )
+        adapter = str(folder.resolve())
+    values: dict[str, Any] = {
+        "model": model,
+        "adapter": adapter,
+        "data": data,
+        "generation": {
+            "max_new_tokens": spec.generation.max_new_tokens,
+            "temperature": spec.generation.temperature,
+        },
+        "beta": spec.beta,
+        "batch_size": spec.batch_size,
+        "output_dir": str(store.run_dir(job_id).resolve()),
+    }
+    return parse_evaluation_config(values)
+
+
+def evaluation_passes(spec: dict[str, Any]) -> int:
+    """How many model passes an evaluation job makes (log-probs and generation, once per model): its progress unit."""
+    models = 2 if spec.get("adapter_job_id") else 1
+    sets = int(bool(spec.get("preference_dataset_id"))) + int(bool(spec.get("generative_dataset_id")))
+    return max(1, models * sets)

@@ -256,10 +256,10 @@ def _run_evaluation(
         return _stopped(owner, session_factory, reporter)
     try:
         artifacts: list[ArtifactRecord] = []
-        for kind, attribute in EVALUATION_ARTIFACTS.items():
+        for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
             path: Path | None = getattr(outcome, attribute)
             if path is not None and path.is_file():
-                artifacts.append((claimed.tenant_id, kind, path, file_sha256(path), path.stat().st_size))
+                artifacts.append((claimed.tenant_id, artifact_kind, path, file_sha256(path), path.stat().st_size))
     except Exception as error:
         return _finish(
             owner,

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CurrentTenant, Services, ServicesDep, SessionDep
@@ -130,6 +131,21 @@ def list_events(
     ] = None,
 ) -> Any:
     get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
+    return events_response(job_id, request, session, services, after=after, limit=limit, last_event_id=last_event_id)
+
+
+def events_response(
+    job_id: str,
+    request: Request,
+    session: Session,
+    services: Services,
+    *,
+    after: int,
+    limit: int,
+    last_event_id: str | None,
+) -> Any:
+    """A page of the job's events, or (``Accept: text/event-stream``) the live stream; the caller checked that
+    the job is the tenant's. Shared by ``/jobs/{id}/events`` and ``/evaluations/{id}/events``."""
     if "text/event-stream" in request.headers.get("accept", ""):
         start = _start_seq(after, last_event_id)
         session.close()  # the stream polls with short sessions of its own

@@ -10,18 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Session
 
-from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
+from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import ErrorResponse, JobPublic, JobsPublic, job_public
 from jobstore import repository
 from jobstore.broker import enqueue_job
-from jobstore.models import Job
+from jobstore.models import Dataset, Job
 from jobstore.spec import JobSpec
 from jobstore.states import IllegalTransition, JobStatus
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 ENDPOINT = "POST /jobs"
+GENERATIVE_FORMAT = "generative"  # the format of a generative evaluation dataset (dama_engine.data.check)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -44,11 +46,12 @@ UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing 
 JOB_NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such job for this tenant."}
 
 
-def get_tenant_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
-    """The tenant's job, or 404 (another tenant's job is indistinguishable from a missing one)."""
-    job = repository.get_job(session, job_id=job_id, tenant_id=tenant_id)
+def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
+    """The tenant's job of this kind, or 404 (another tenant's job, or a job of another kind, is
+    indistinguishable from a missing one)."""
+    job = repository.get_job(session, job_id=job_id, tenant_id=tenant_id, kind=kind)
     if job is None:
-        raise not_found("job", job_id)
+        raise not_found("job" if kind == repository.TRAINING else kind, job_id)
     return job
 
 
@@ -56,26 +59,29 @@ def _request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _replay(session: Session, *, tenant_id: str, key: str, request_hash: str) -> JobPublic | None:
-    record = repository.find_idempotency_key(session, tenant_id=tenant_id, endpoint=ENDPOINT, key=key)
+def _replay(session: Session, *, tenant_id: str, key: str, request_hash: str, endpoint: str, kind: str) -> Job | None:
+    record = repository.find_idempotency_key(session, tenant_id=tenant_id, endpoint=endpoint, key=key)
     if record is None:
         return None
     if record.request_hash != request_hash:
         raise ApiError(
             409,
             "idempotency_key_reused",
-            "this Idempotency-Key was used with a different job spec; use a new key for a new job",
+            f"this Idempotency-Key was used with a different {kind} spec; use a new key for a new {kind}",
             param="Idempotency-Key",
         )
-    job = repository.get_job(session, job_id=record.resource_id, tenant_id=tenant_id)
+    job = repository.get_job(session, job_id=record.resource_id, tenant_id=tenant_id, kind=kind)
     if job is None:  # jobs are not deleted; only reachable if the tenant's data was edited by hand
         raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key's job no longer exists; use a new key")
-    return job_public(job)
+    return job
 
 
-def _check_dataset(session: Session, *, tenant_id: str, dataset_id: str, param: str) -> None:
-    """404 unless the tenant owns the dataset; holds a share lock on it (Postgres) until the job commits, so a
-    concurrent delete either sees the new job or happens first."""
+def check_dataset(
+    session: Session, *, tenant_id: str, dataset_id: str, param: str, generative: bool = False
+) -> Dataset:
+    """404 unless the tenant owns the dataset, 422 unless it is of the right kind (a generative evaluation set
+    when ``generative``, preference pairs otherwise); holds a share lock on it (Postgres) until the job commits,
+    so a concurrent delete either sees the new job or happens first."""
     dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, param=param)
@@ -83,50 +89,58 @@ def _check_dataset(session: Session, *, tenant_id: str, dataset_id: str, param: 
         session.refresh(dataset, with_for_update={"read": True})
     except InvalidRequestError as error:  # deleted while we waited for the lock
         raise not_found("dataset", dataset_id, param=param) from error
+    is_generative = dataset.format == GENERATIVE_FORMAT
+    if generative and not is_generative:
+        raise ApiError(
+            422,
+            "dataset_not_generative",
+            f"{param}: dataset {dataset_id} holds preference pairs ({dataset.format}); give a generative evaluation "
+            "dataset (JSONL of image, prompt, objects plus vocabulary.json)",
+            param=param,
+        )
+    if not generative and is_generative:
+        raise ApiError(
+            422,
+            "dataset_is_generative",
+            f"{param}: dataset {dataset_id} is a generative evaluation set; it can only be used as "
+            "a generative_dataset_id",
+            param=param,
+        )
+    return dataset
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    summary="Create a fine-tuning job",
-    description="Validates the spec, records the job as queued and sends it to a worker queue (the spec's queue, "
-    "else the service's default). Returns 200 instead of 201 when an Idempotency-Key replays an earlier request.",
-    responses={
-        200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
-        401: UNAUTHORIZED,
-        404: {"model": ErrorResponse, "description": "dataset_id or evaluation.dataset_id is not this tenant's."},
-        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body."},
-        422: {"model": ErrorResponse, "description": "Invalid spec; param names the field."},
-    },
-)
-def create_job(
-    spec: JobSpec,
+def submit_job(
+    session: Session,
+    services: Services,
     response: Response,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    services: ServicesDep,
-    idempotency_key: IdempotencyKey = None,
-) -> JobPublic:
-    body = spec.model_dump(mode="json")
+    *,
+    tenant_id: str,
+    body: dict[str, Any],
+    kind: str,
+    endpoint: str,
+    dataset_id: str | None,
+    queue: str | None,
+    idempotency_key: str | None,
+    check: Callable[[], None],
+) -> Job:
+    """Create a queued job of ``kind`` (after ``check`` validated what it refers to), commit, then enqueue it by
+    task name; with an Idempotency-Key, a retry answers the job made the first time (status 200)."""
     request_hash = _request_hash(body)
-    tenant_id = tenant.id
     if idempotency_key is not None:
-        replayed = _replay(session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash)
+        replayed = _replay(
+            session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash, endpoint=endpoint, kind=kind
+        )
         if replayed is not None:
             response.status_code = status.HTTP_200_OK
             return replayed
-    _check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
-    if spec.evaluation is not None and spec.evaluation.dataset_id:
-        _check_dataset(
-            session, tenant_id=tenant_id, dataset_id=spec.evaluation.dataset_id, param="evaluation.dataset_id"
-        )
-    queue = spec.queue or services.settings.default_queue
-    job = repository.create_job(session, tenant_id=tenant_id, spec=body, dataset_id=spec.dataset_id, queue=queue)
+    check()
+    queue = queue or services.settings.default_queue
+    job = repository.create_job(session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind)
     if idempotency_key is not None:
         repository.remember_idempotency_key(
             session,
             tenant_id=tenant_id,
-            endpoint=ENDPOINT,
+            endpoint=endpoint,
             key=idempotency_key,
             request_hash=request_hash,
             resource_id=job.id,
@@ -138,14 +152,15 @@ def create_job(
         session.rollback()
         if idempotency_key is None:
             raise
-        replayed = _replay(session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash)
+        replayed = _replay(
+            session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash, endpoint=endpoint, kind=kind
+        )
         if replayed is None:
             raise ApiError(
                 409, "idempotency_conflict", "a concurrent request used this Idempotency-Key; retry"
             ) from None
         response.status_code = status.HTTP_200_OK
         return replayed
-    public = job_public(job)
     try:
         enqueue_job(services.celery, job_id=job.id, queue=queue)
     except Exception as error:  # broker down: the job is safe in the job store; the sweeper re-sends it
@@ -153,8 +168,70 @@ def create_job(
             "job %s is queued but could not be sent to queue %r (%s); the sweeper will", job.id, queue, error
         )
     else:
-        logger.info("job %s queued on %r for tenant %s", job.id, queue, tenant_id)
-    return public
+        logger.info("%s job %s queued on %r for tenant %s", kind, job.id, queue, tenant_id)
+    return job
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a fine-tuning job",
+    description="Validates the spec, records the job as queued and sends it to a worker queue (the spec's queue, "
+    "else the service's default). Returns 200 instead of 201 when an Idempotency-Key replays an earlier request.",
+    responses={
+        200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
+        401: UNAUTHORIZED,
+        404: {
+            "model": ErrorResponse,
+            "description": "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this "
+            "tenant's.",
+        },
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body."},
+        422: {
+            "model": ErrorResponse,
+            "description": "Invalid spec, or a dataset of the wrong kind (a generative set as training or held-out "
+            "pairs, or preference pairs as evaluation.generative_dataset_id); param names the field.",
+        },
+    },
+)
+def create_job(
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    tenant_id = tenant.id
+
+    def check() -> None:
+        check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+        evaluation = spec.evaluation
+        if evaluation is not None and evaluation.dataset_id:
+            check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")
+        if evaluation is not None and evaluation.generative_dataset_id:
+            check_dataset(
+                session,
+                tenant_id=tenant_id,
+                dataset_id=evaluation.generative_dataset_id,
+                param="evaluation.generative_dataset_id",
+                generative=True,
+            )
+
+    job = submit_job(
+        session,
+        services,
+        response,
+        tenant_id=tenant_id,
+        body=spec.model_dump(mode="json"),
+        kind=repository.TRAINING,
+        endpoint=ENDPOINT,
+        dataset_id=spec.dataset_id,
+        queue=spec.queue,
+        idempotency_key=idempotency_key,
+        check=check,
+    )
+    return job_public(job)
 
 
 @router.get("", summary="List jobs", responses={401: UNAUTHORIZED})
@@ -170,6 +247,7 @@ def list_jobs(
     rows, has_more = repository.list_jobs(
         session,
         tenant_id=tenant.id,
+        kind=repository.TRAINING,
         limit=limit,
         after=after,
         status=status_filter.value if status_filter is not None else None,
