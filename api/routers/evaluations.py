@@ -17,12 +17,12 @@ from fastapi.responses import FileResponse
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
 from api.errors import ApiError
 from api.routers.job_outputs import events_response
-from api.routers.jobs import IdempotencyKey, check_dataset, get_tenant_job, submit_job
+from api.routers.jobs import IdempotencyKey, cancel_or_conflict, check_dataset, get_tenant_job, submit_job
 from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic, evaluation_public
 from jobstore import repository
 from jobstore.models import Job
 from jobstore.spec import EvaluationCreate, JobSpec
-from jobstore.states import IllegalTransition, JobStatus
+from jobstore.states import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +179,7 @@ def get_evaluation(evaluation_id: str, session: SessionDep, tenant: CurrentTenan
 )
 def cancel_evaluation(evaluation_id: str, session: SessionDep, tenant: CurrentTenant) -> EvaluationPublic:
     job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    session.refresh(job, with_for_update=True)
-    try:
-        repository.request_cancel(session, job=job)
-    except IllegalTransition as error:
-        raise ApiError(
-            409,
-            "evaluation_not_cancellable",
-            f"the evaluation already ended ({job.status}); only queued or running evaluations can be cancelled",
-        ) from error
-    session.commit()
+    cancel_or_conflict(session, job, noun="evaluation")
     return evaluation_public(job)
 
 

@@ -277,15 +277,19 @@ def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPubli
 )
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
     job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    # Lock the row first (Postgres) so a worker claiming the job right now waits and then finds it cancelled.
-    session.refresh(job, with_for_update=True)
+    cancel_or_conflict(session, job, noun="job")
+    return job_public(job)
+
+
+def cancel_or_conflict(session: Session, job: Job, *, noun: str) -> None:
+    """Cancel (queued) or ask to cancel (running) and commit; 409 when the job already ended. The repository locks
+    the row first, so a worker claiming it right now waits and then finds it cancelled."""
     try:
         repository.request_cancel(session, job=job)
     except IllegalTransition as error:
         raise ApiError(
             409,
-            "job_not_cancellable",
-            f"the job already ended ({job.status}); only queued or running jobs can be cancelled",
+            f"{noun}_not_cancellable",
+            f"the {noun} already ended ({job.status}); only queued or running {noun}s can be cancelled",
         ) from error
     session.commit()
-    return job_public(job)
