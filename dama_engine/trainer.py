@@ -351,7 +351,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             bf16=bf16,
         )
 
-    eval_before = None
+    # A resumed run evaluated before training in its first attempt: take those numbers from the log.
+    eval_before = _logged_eval_before(metrics_path) if state.step > 0 and is_main else None
     if eval_split is not None and state.step == 0 and is_main:
         callback.on_stage("evaluating", {"when": "before", "pairs": len(eval_rows)})
         eval_before = evaluate_held_out()
@@ -553,6 +554,16 @@ def _wants_bf16(config: TrainConfig) -> bool:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _logged_eval_before(path: Path) -> dict[str, float] | None:
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line else {}
+        if record.get("step") == 0 and "eval_loss" in record:
+            return {key: value for key, value in record.items() if key != "step"}
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -202,7 +202,8 @@ def _run_claimed(
         "steps": result.steps,
         "total_steps": result.total_steps,
         "train_metrics": json_safe(result.train_metrics),
-        "eval_before": json_safe(result.eval_before or _logged_eval_before(result.output_dir) or {}) or None,
+        # A resumed run gets its before-training numbers back from the engine (it reads them from metrics.jsonl).
+        "eval_before": json_safe(result.eval_before) if result.eval_before else None,
         "eval_after": json_safe(result.eval_after) if result.eval_after else None,
         "evaluation": deep_json_safe(result.evaluation) if result.evaluation is not None else None,
         "adapter_sha256": sha256,
@@ -460,18 +461,6 @@ def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
                 bundle.add(path, arcname=str(path.relative_to(adapter_dir)), recursive=False)
     partial.replace(archive)
     return archive
-
-
-def _logged_eval_before(output_dir: Path) -> dict[str, float] | None:
-    """The held-out evaluation before training from the run's metrics.jsonl (a resumed run does not redo it)."""
-    path = output_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("step") == 0 and "eval_loss" in record:
-            return {key: value for key, value in record.items() if key != "step"}
-    return None
 
 
 def _release_memory() -> None:
