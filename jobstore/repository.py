@@ -393,6 +393,15 @@ def add_checkpoint(session: Session, *, job_id: str, step: int, path: str) -> Ch
     return checkpoint
 
 
+def forget_checkpoints(session: Session, *, job_id: str, paths: Iterable[str]) -> int:
+    """Drop the rows of checkpoints the run pruned from disk (it keeps only the newest few)."""
+    gone = list(paths)
+    if not gone:
+        return 0
+    result = session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.path.in_(gone)))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 

@@ -163,6 +163,10 @@ class JobReporter(Callback):
 
         def register(session: Session) -> None:
             repository.add_checkpoint(session, job_id=self.owner.job_id, step=step, path=str(path))
+            # The engine keeps only the newest checkpoints on disk: the list must not offer pruned ones.
+            known = repository.list_checkpoints(session, job_id=self.owner.job_id)
+            pruned = [row.path for row in known if not Path(row.path).exists()]
+            repository.forget_checkpoints(session, job_id=self.owner.job_id, paths=pruned)
             repository.add_events(
                 session,
                 job_id=self.owner.job_id,
