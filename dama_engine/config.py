@@ -137,6 +137,9 @@ class RunSection(_Section):
     eval_every: int | None = Field(default=None, gt=0, description="Evaluate on the held-out split every N steps.")
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")
+    distributed_timeout_s: int = Field(
+        default=6 * 3600, gt=0, description="Process-group timeout with several processes (rank 0 evaluates alone)."
+    )
 
 
 class TrainConfig(_Section):

@@ -20,6 +20,7 @@ over its own kept pairs (DAMA.md section 3).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -351,6 +352,25 @@ def preference_loss(
     )
 
 
+def merge_step_states(start: ObjectiveState, micro_states: Sequence[ObjectiveState]) -> ObjectiveState:
+    """One optimizer step's state from its micro-batches' (gradient accumulation).
+
+    Each micro-batch ran :func:`preference_loss` from the same ``start`` state, so its new mean is
+    ``gamma * R_bar + (1 - gamma) * mean_m`` with ``mean_m`` its batch mean; micro-batches are equally sized, so
+    the average of those is the EMA over the whole step's pairs (DAMA.md section 2.4, once per optimizer step).
+    The running std is averaged the same way (an average of the micro-batch stds). With one micro-batch this is
+    that micro-batch's state.
+    """
+    if not micro_states:
+        return start
+    count = len(micro_states)
+    return ObjectiveState(
+        reward_gap_mean=sum(s.reward_gap_mean for s in micro_states) / count,
+        reward_gap_std=sum(s.reward_gap_std for s in micro_states) / count,
+        steps=start.steps + 1,
+    )
+
+
 def _filter(
     gap: torch.Tensor,
     center: torch.Tensor,
@@ -409,7 +429,7 @@ def _metrics(
         "beta_mean": float(beta.mean()),
         "beta_min": float(beta.min()),
         "beta_max": float(beta.max()),
-        "beta_clamped": float((raw_beta < config.beta_min).sum()),
+        "beta_clamped": float(((raw_beta < config.beta_min) | (raw_beta > config.beta_max)).sum()),
         "alpha_d_mean": float(alpha_d.mean()),
         "alpha_m": float(alpha_m),
         "kept": float(keep_global.sum()),

@@ -14,12 +14,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from dama_engine.batching import EncodingError, PairBatch, PairEncoder, collate_pairs
@@ -29,10 +30,11 @@ from dama_engine.checkpoint import TrainingState, latest_checkpoint, load_checkp
 from dama_engine.config import TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
+from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
 from dama_engine.hardness import HardnessConfig, compute_hardness
 from dama_engine.hardness import cache_key as hardness_cache_key
-from dama_engine.logprobs import pair_log_probs
+from dama_engine.logprobs import pair_log_probs, unwrap_model
 from dama_engine.models import (
     is_peft,
     load_model,
@@ -41,16 +43,8 @@ from dama_engine.models import (
     resolve_dtype,
     trainable_state_dict,
 )
-from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss
+from dama_engine.objective import ObjectiveConfig, ObjectiveState, merge_step_states, preference_loss
 from dama_engine.packing import set_pair_forward
-
-
-class DataError(ValueError):
-    """The data cannot be trained on; ``errors`` lists each bad row (row number, field, reason)."""
-
-    def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
-        super().__init__(message)
-        self.errors = list(errors)
 
 
 @dataclass
@@ -121,8 +115,12 @@ class _Batches:
         self.n_rows = n_rows
         self._order: tuple[int, list[int]] | None = None
 
-    def indices(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.per_epoch)
+    def indices(self, step: int, micro: int, accumulation: int) -> list[int]:
+        """This rank's rows of micro-batch ``micro`` of optimizer step ``step`` (0-based). An epoch holds
+        ``per_epoch // accumulation`` whole steps; the micro-batches left over at its end are not used."""
+        steps_per_epoch = self.per_epoch // accumulation
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        position = step_in_epoch * accumulation + micro
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._order = (epoch, torch.randperm(self.n_rows, generator=generator).tolist())
@@ -161,7 +159,7 @@ def _pair_log_probs_all(
     return out
 
 
-def _model_identity(config: TrainConfig, processor: Any) -> dict[str, Any]:
+def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: str | None) -> dict[str, Any]:
     path = Path(config.model.name_or_path)
     identity: dict[str, Any] = {"model": config.model.name_or_path, "revision": config.model.revision}
     if path.is_dir():
@@ -170,7 +168,9 @@ def _model_identity(config: TrainConfig, processor: Any) -> dict[str, Any]:
     identity["template"] = getattr(processor, "chat_template", None)
     identity["max_length"] = config.data.max_length
     identity["truncate_answers"] = config.data.truncate_answers
-    identity["precision"] = config.model.precision
+    identity["bf16"] = bf16  # the precision "auto" resolved to on this machine
+    # A hub model: the commit its files came from, so an updated repo never reuses old reference log-probs.
+    identity["commit"] = commit
     return identity
 
 
@@ -249,7 +249,12 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate keeps that setting in
     # a process-wide singleton, so a second run in the same process (a worker) could not choose another.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # Rank 0 evaluates alone (held-out pairs, then base against tuned with generation) while the other ranks wait
+    # in a collective: give the process group a timeout longer than any evaluation.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.distributed_timeout_s))],
+    )
     bf16 = _wants_bf16(config)
     device = accelerator.device
     rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -290,7 +295,9 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     # ---- reference log-probs: one pass, adapter off, cached ------------------------------------------------
     callback.on_stage("reference", {"pairs": len(train_rows) + len(eval_rows)})
-    identity = _model_identity(config, processor)
+    identity = _model_identity(
+        config, processor, bf16=bf16, commit=getattr(unwrap_model(model).config, "_commit_hash", None)
+    )
 
     def reference_for(rows: list[PreferenceRow], name: str) -> torch.Tensor:
         def compute() -> torch.Tensor:
@@ -368,9 +375,11 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             stopped = True
             break
         step_metrics: list[dict[str, float]] = []
+        # The model-aware state is the step's (DAMA.md section 2 updates it once per optimizer step): every
+        # micro-batch filters against the same R_bar, and the EMA takes all of them at the end of the step.
+        step_start, micro_states = state.objective, []
         for micro in range(optim.grad_accumulation):
-            micro_batch = state.step * optim.grad_accumulation + micro
-            indices = schedule.indices(micro_batch)
+            indices = schedule.indices(state.step, micro, optim.grad_accumulation)
             batch = _encode_batch(encoder, train_rows, indices).to(device)
             sync = micro == optim.grad_accumulation - 1
             # Gradients are all-reduced across ranks only on the last micro-batch of the step.
@@ -386,13 +395,14 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                     reference[:, 1],
                     hardness=hardness,
                     hardness_mean=hardness_mean,
-                    state=state.objective,
+                    state=step_start,
                     config=objective_config,
                     generator=generator,
                 )
                 accelerator.backward(output.loss / optim.grad_accumulation)
-            state = TrainingState(step=state.step, objective=output.state)
+            micro_states.append(output.state)
             step_metrics.append(output.metrics)
+        state = TrainingState(step=state.step, objective=merge_step_states(step_start, micro_states))
         grad_norm = (
             accelerator.clip_grad_norm_(parameters, optim.max_grad_norm)
             if optim.max_grad_norm is not None
@@ -405,6 +415,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         state = TrainingState(step=state.step + 1, objective=state.objective)
 
         last_metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+        last_metrics["reward_gap_mean"] = state.objective.reward_gap_mean
+        last_metrics["kept"] = sum(m["kept"] for m in step_metrics)
         last_metrics.update(
             {"lr": float(learning_rate), "grad_norm": float(grad_norm), "epoch": state.step / steps_per_epoch}
         )

@@ -7,7 +7,9 @@ the job store, Celery's filesystem transport as the broker, and a local folder f
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +38,11 @@ class Settings(BaseSettings):
     default_queue: str = Field(default="gpu", description="Celery queue of jobs that name none.")
     metrics_flush_s: float = Field(default=1.0, gt=0, description="Worker buffers metrics/events this long.")
     model_cache_dir: Path | None = Field(default=None, description="Where workers keep models (HF_HOME).")
+    allow_remote_code: bool = Field(
+        default=False,
+        description="Let job specs set trust_remote_code (a model repo's own Python then runs in the workers, "
+        "beside every tenant's data): only for installations whose tenants all trust each other.",
+    )
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")
@@ -56,11 +63,21 @@ class Settings(BaseSettings):
         if self.api_key_pepper:
             return self.api_key_pepper
         pepper_file = self.home / "api-key-pepper"
-        if not pepper_file.is_file():
-            self.home.mkdir(parents=True, exist_ok=True)
-            pepper_file.write_text(secrets.token_hex(24))
-            pepper_file.chmod(0o600)
-        return pepper_file.read_text().strip()
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: of two processes starting together, one creates it and both read the same pepper.
+            descriptor = os.open(pepper_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(24))
+        for _ in range(50):  # the creator may still be writing
+            pepper = pepper_file.read_text().strip()
+            if pepper:
+                return pepper
+            time.sleep(0.02)
+        raise RuntimeError(f"{pepper_file} is empty")
 
     @property
     def resolved_database_url(self) -> str:

@@ -61,3 +61,49 @@ def test_api_does_not_import_the_engine_or_ml_stack() -> None:
     assert "api" in imported
     forbidden = {"torch", "transformers", "peft", "dama_engine"}
     assert not top_level & forbidden, f"importing {imported} pulled in {sorted(top_level & forbidden)}"
+
+
+_CHECK_PROBE = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    import dama_engine.data.check
+    after_import = sorted(sys.modules)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        status = dama_engine.data.check.main([PATH])
+    print(json.dumps({"status": status, "check": json.loads(out.getvalue()), "after_import": after_import,
+                      "after_check": sorted(sys.modules)}))
+    """
+)
+
+
+def test_upload_check_of_a_generative_set_does_not_import_the_ml_stack(tmp_path: Path) -> None:
+    """The API runs ``python -m dama_engine.data.check`` for every upload: importing torch there costs seconds."""
+    from dama_engine.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path / "demo", n_train=0, n_eval=0, n_generative=3)
+    upload = tmp_path / "upload"
+    (upload / "images").mkdir(parents=True)
+    for path in (demo.generative_eval, demo.vocabulary):
+        (upload / path.name).write_bytes(path.read_bytes())
+    for image in demo.images_dir.glob("gen_*"):
+        (upload / "images" / image.name).write_bytes(image.read_bytes())
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-c", f"PATH = {str(upload)!r}\n{_CHECK_PROBE}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == 0 and result["check"]["format"] == "generative", result["check"]
+    assert result["check"]["ok"] and result["check"]["row_count"] == 3, result["check"]
+    forbidden = {"torch", "transformers", "peft", "accelerate"}
+    for when in ("after_import", "after_check"):
+        top_level = {name.split(".")[0] for name in result[when]}
+        assert not top_level & forbidden, f"{when}: the upload check pulled in {sorted(top_level & forbidden)}"
+        assert "dama_engine.evaluation" not in result[when] and "dama_engine.trainer" not in result[when]

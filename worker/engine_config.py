@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dama_engine.config import TrainConfig, parse_config
+from dama_engine.config import ConfigError, TrainConfig, parse_config
 from dama_engine.data.check import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
 from dama_engine.tiny import build_tiny_model
@@ -99,6 +99,9 @@ def generative_files(store: ArtifactStore, dataset_id: str, role: str) -> tuple[
 
 
 def _model_values(model: str, trust_remote_code: bool, settings: Settings) -> tuple[dict[str, Any], str | None]:
+    if trust_remote_code and not settings.allow_remote_code:
+        # Checked again here: the worker is where the code would run.
+        raise ConfigError("trust_remote_code: not allowed on this service (DAMA_ALLOW_REMOTE_CODE is off)")
     tiny_family = TINY_MODELS.get(model)
     model_path = str(ensure_tiny_model(tiny_family, model_cache_root(settings))) if tiny_family else model
     values = {

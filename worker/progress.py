@@ -165,7 +165,7 @@ class JobReporter(Callback):
             repository.add_checkpoint(session, job_id=self.owner.job_id, step=step, path=str(path))
             # The engine keeps only the newest checkpoints on disk: the list must not offer pruned ones.
             known = repository.list_checkpoints(session, job_id=self.owner.job_id)
-            pruned = [row.path for row in known if not Path(row.path).exists()]
+            pruned = [row.path for row in known if row.path != str(path) and not Path(row.path).exists()]
             repository.forget_checkpoints(session, job_id=self.owner.job_id, paths=pruned)
             repository.add_events(
                 session,

@@ -133,6 +133,14 @@ def submit_job(
         if replayed is not None:
             response.status_code = status.HTTP_200_OK
             return replayed
+    if body.get("trust_remote_code") and not services.settings.allow_remote_code:
+        raise ApiError(
+            422,
+            "remote_code_not_allowed",
+            "this service does not run model repositories' own code (trust_remote_code); its operator can allow "
+            "it with DAMA_ALLOW_REMOTE_CODE=true",
+            param="trust_remote_code",
+        )
     check()
     queue = queue or services.settings.default_queue
     job = repository.create_job(session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind)

@@ -7,11 +7,12 @@ never imports the engine. Output::
     {"ok": true, "format": "trl", "row_count": 12, "image_count": 12, "data_file": "...", "report": {...}}
     {"ok": false, "error": "archive member '../x' escapes the dataset folder"}     (exit status 2)
 
-A **generative evaluation set** (``dama_engine.evaluation``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
+A **generative evaluation set** (``dama_engine.chair``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
 ``vocabulary.json``, in a folder or an archive) is told apart from preference data by its rows: they carry
 ``objects`` and no ``chosen`` (or ``--format generative`` says so). It is checked with
-:func:`dama_engine.evaluation.load_generative_eval` and reported the same way, with ``"format": "generative"``
-and every bad line as ``{"row", "field", "code", "reason"}``.
+:func:`dama_engine.chair.load_generative_eval` and reported the same way, with ``"format": "generative"``
+and every bad line as ``{"row", "field", "code", "reason"}``. Nothing here imports torch (the check runs once per
+upload; ``dama_engine.evaluation`` would add seconds of torch / transformers / peft imports).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dama_engine.chair import GenerativeEvalError, load_generative_eval
 from dama_engine.data.formats import (
     DATA_SUFFIXES,
     DataFormatError,
@@ -81,8 +83,6 @@ def looks_generative(data_file: Path, max_lines: int = 1000) -> bool:
 
 def check_generative(data_file: Path, vocabulary: Path, root: Path) -> dict[str, Any]:
     """The check's JSON for a generative evaluation set (every bad line listed with its line number)."""
-    from dama_engine.evaluation import GenerativeEvalError, load_generative_eval
-
     total = sum(1 for line in data_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
     files = {"data_file": str(data_file.relative_to(root)), "vocabulary_file": str(vocabulary.relative_to(root))}
     try:

@@ -27,6 +27,17 @@ from dama_engine.data.rows import ImagePart, ImageSource, PreferenceRow, TextPar
 SOURCE_FIELDS_META_KEY = "_source_fields"
 
 
+class DataError(ValueError):
+    """The data cannot be trained on; ``errors`` lists each bad row (row number, field, reason).
+
+    Defined here, torch-free, so the generative eval set loader (:mod:`dama_engine.chair`) can raise it without the
+    trainer; :mod:`dama_engine.trainer` re-exports it (``from dama_engine.trainer import DataError`` still works)."""
+
+    def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
 class ErrorCode(StrEnum):
     MALFORMED_ROW = "malformed_row"
     MISSING_FIELD = "missing_field"

@@ -74,6 +74,13 @@ def test_invalid_specs_are_422_with_the_field_path(
     assert error["type"] == "invalid_request_error"
 
 
+def test_remote_code_is_refused_unless_the_operator_allows_it(client1: httpx.Client, dataset1: dict[str, Any]) -> None:
+    """trust_remote_code would run a model repo's Python in the workers, beside every tenant's data."""
+    response = client1.post("/jobs", json=_spec(dataset1["id"]) | {"trust_remote_code": True})
+    error = assert_error(response, 422, "remote_code_not_allowed")
+    assert error["param"] == "trust_remote_code"
+
+
 def test_malformed_bodies(client1: httpx.Client) -> None:
     assert assert_error(client1.post("/jobs", json={}), 422)["param"] in {"model", "dataset_id"}
     error = assert_error(

@@ -141,13 +141,14 @@ def test_two_processes_train_as_one_process_over_the_same_global_batch(runs: dic
 
 def test_metrics_are_global_and_written_once(runs: dict[str, Path]) -> None:
     one, two = _metrics(runs["one"]), _metrics(runs["two"])
+    accumulation = yaml.safe_load((runs["one"].parent / "config.yaml").read_text())["optim"]["grad_accumulation"]
     # Rank 0 alone writes metrics.jsonl: each step once.
     assert [line["step"] for line in two] == [line["step"] for line in one] == list(range(1, MAX_STEPS + 1))
     for a, b in zip(one, two, strict=True):
         # Two processes really shared the work: an epoch has N / (B x 2) micro-batches, as with one process of 2B.
         assert b["epoch"] == a["epoch"]
-        # The filter saw the gathered global batch (keep_ratio 1: every pair of both ranks).
-        assert b["kept"] == a["kept"] == PER_DEVICE * WORLD_SIZE
+        # The filter saw the gathered global batch (keep_ratio 1: every pair of both ranks, in every micro-batch).
+        assert b["kept"] == a["kept"] == PER_DEVICE * WORLD_SIZE * accumulation
         # R_bar is updated from the global batch's gaps; the gradient norm is that of the all-reduced gradient.
         assert b["reward_gap_mean"] == pytest.approx(a["reward_gap_mean"], rel=1e-4, abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

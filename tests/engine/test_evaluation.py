@@ -184,6 +184,26 @@ def test_load_the_demo_generative_set(tmp_path: Path) -> None:
     assert first.image.load().size == (64, 64)
 
 
+def test_torch_free_half_is_re_exported() -> None:
+    """The vocabulary, CHAIR and the generative loader live in dama_engine.chair (no torch: the upload check uses
+    them); dama_engine.evaluation and dama_engine.trainer keep exporting the same objects."""
+    import dama_engine.chair
+    import dama_engine.evaluation
+    import dama_engine.trainer
+    from dama_engine.data.validation import DataError
+
+    names = [
+        "Vocabulary", "VocabularyError", "VocabularyLike", "normalize_name", "plural_forms", "as_vocabulary",
+        "ChairSample", "judge_response", "chair_samples", "summarize_chair", "chair",
+        "GenerativeSample", "GenerativeEvalSet", "load_generative_eval", "GenerativeEvalError",
+    ]  # fmt: skip
+    for name in names:
+        assert getattr(dama_engine.evaluation, name) is getattr(dama_engine.chair, name), name
+    assert dama_engine.trainer.DataError is DataError
+    assert issubclass(GenerativeEvalError, DataError)
+    assert chair(["a cat"], [["cat"]], ANIMALS)["chair_s"] == 0.0
+
+
 def test_generative_set_errors_name_the_line(tmp_path: Path) -> None:
     (tmp_path / "vocabulary.json").write_text(json.dumps({"cat": ["kitty"], "dog": []}))
     (tmp_path / "cat.png").write_bytes(png_bytes((10, 10, 10)))

@@ -840,3 +840,23 @@ def test_bad_gamma_names_the_argument(gamma: float) -> None:
 def test_state_round_trips_through_a_dict() -> None:
     state = ObjectiveState(reward_gap_mean=-1.25, reward_gap_std=0.5, steps=12)
     assert ObjectiveState.from_dict(state.to_dict()) == state
+
+
+def test_gradient_accumulation_updates_the_running_mean_once_per_step() -> None:
+    """Two micro-batches of one optimizer step, both from R_bar = 0.5 with gamma 0.9: their gap means are 1 and 3,
+    so the step's EMA is 0.9 * 0.5 + 0.1 * mean(1, 1, 3, 3) = 0.45 + 0.2 = 0.65 (not two updates in a row)."""
+    from dama_engine.objective import merge_step_states
+
+    start = ObjectiveState(reward_gap_mean=0.5, reward_gap_std=1.0, steps=7)
+    config = ObjectiveConfig(method="dama_model", keep_ratio=1.0, gamma=0.9)
+    micro_states = []
+    for gap in (1.0, 3.0):
+        zeros = torch.zeros(2, dtype=torch.float64)
+        out = preference_loss(zeros + gap, zeros, zeros, zeros, state=start, config=config)
+        micro_states.append(out.state)
+    merged = merge_step_states(start, micro_states)
+    assert merged.reward_gap_mean == pytest.approx(0.65, abs=1e-12)
+    assert merged.steps == 8
+    # std: each micro-batch's gaps are equal (std 0): 0.9 * 1.0 + 0.1 * 0 = 0.9.
+    assert merged.reward_gap_std == pytest.approx(0.9, abs=1e-12)
+    assert merge_step_states(start, []) == start

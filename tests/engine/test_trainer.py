@@ -259,3 +259,15 @@ def test_cli_demo_runs_and_prints_before_and_after(tmp_path: Path, capsys: pytes
     assert found and float(found[2]) > float(found[1]) + 0.2
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "adapter" / "training_curves.png").is_file()
+
+
+def test_every_epoch_visits_each_pair_once_with_gradient_accumulation() -> None:
+    """20 rows, micro-batches of 4 (5 per epoch), 2 per step: 2 steps per epoch, the 5th micro-batch is unused."""
+    from dama_engine.trainer import _Batches
+
+    schedule = _Batches(20, per_device=4, world_size=1, rank=0, seed=0)
+    for epoch in range(3):
+        seen = [i for step in (2 * epoch, 2 * epoch + 1) for micro in (0, 1) for i in schedule.indices(step, micro, 2)]
+        assert len(seen) == len(set(seen)) == 16  # one epoch's steps draw 16 distinct rows of that epoch's order
+        order = torch.randperm(20, generator=torch.Generator().manual_seed(epoch)).tolist()
+        assert seen == order[:16]
