@@ -24,6 +24,8 @@ from api.errors import ApiError
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 16
+MAX_PART_HEADER_BYTES = 8 * 1024
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 _ENVELOPE_BYTES = 256 * 1024
 # Longest first, so "x.tar.gz" keeps ".tar.gz".
@@ -104,9 +106,15 @@ class _FormReceiver:
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
+        self._check_header()
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._header_name) + len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise ApiError(400, "malformed_multipart", "a form part's header is too long")
 
     def on_header_end(self) -> None:
         if self._header_name.lower() == b"content-disposition":
@@ -143,6 +151,8 @@ class _FormReceiver:
 
     def on_part_end(self) -> None:
         if not self._part_is_file and self._part_name is not None:
+            if len(self.fields) >= MAX_FIELDS:
+                raise ApiError(422, "too_many_fields", f"send the file and at most {MAX_FIELDS} form fields")
             self.fields[self._part_name] = self._field_value.decode("utf-8", "replace")
         self._part_is_file = False
 
@@ -169,7 +179,12 @@ async def receive_upload(request: Request, *, uploads_dir: Path, max_bytes: int)
     size = 0
     try:
         parser = MultipartParser(params[b"boundary"], receiver.callbacks())  # type: ignore[arg-type]
+        received = 0
         async for chunk in request.stream():
+            # Every byte counts, fields and part headers too: a chunked body cannot grow memory past the limit.
+            received += len(chunk)
+            if received > max_bytes + _ENVELOPE_BYTES:
+                raise too_large(max_bytes)
             try:
                 parser.write(chunk)
             except MultipartParseError as error:

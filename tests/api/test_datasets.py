@@ -185,6 +185,29 @@ def test_oversized_upload_is_413_and_leaves_no_partial_file(
     assert dataset_count(db) == rows_before
 
 
+def test_a_chunked_flood_of_form_fields_is_refused(limited_server: ApiServer, key1: str) -> None:
+    """Non-file parts count against the limit too: many small fields (each under the per-field cap) cannot fill the
+    server's memory, and neither can one endless part header."""
+    boundary = "dama-test-boundary"
+
+    def fields() -> Any:
+        for index in range(LIMITED_MAX_UPLOAD_BYTES // 1000 + 400):
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="f{index}"\r\n\r\n{"z" * 1000}\r\n'.encode()
+        yield f"--{boundary}--\r\n".encode()
+
+    def endless_header() -> Any:
+        yield f"--{boundary}\r\nX-Padding: ".encode()
+        for _ in range(64):
+            yield b"p" * 1024
+        yield b"\r\n\r\n"
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    with limited_server.client(key1) as client:
+        flood = client.post("/datasets", content=fields(), headers=headers)
+        assert flood.status_code in (413, 422), flood.text
+        assert assert_error(client.post("/datasets", content=endless_header(), headers=headers), 400)
+
+
 def test_form_errors(client1: httpx.Client, api_server: ApiServer) -> None:
     files_before = api_server.files()
     assert_error(client1.post("/datasets", json={"file": "x"}), 415, "unsupported_media_type")
