@@ -342,8 +342,13 @@ def record_progress(
     total_steps: int | None = None,
     progress: float | None = None,
     eta_seconds: float | None = None,
+    worker: str | None = None,
+    attempt: int | None = None,
 ) -> str | None:
-    """Write progress and a heartbeat while the job runs; return its current status (None if gone)."""
+    """Write progress and a heartbeat while the job runs; return its current status (None if gone).
+
+    With ``worker`` and ``attempt`` only that run's writes land: a worker whose job was re-queued and taken by
+    another must not keep the job looking alive."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     for name, value in (
         ("stage", stage),
@@ -354,12 +359,12 @@ def record_progress(
     ):
         if value is not None:
             values[name] = value
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    condition = [Job.id == job_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])]
+    if worker is not None:
+        condition.append(Job.worker == worker)
+    if attempt is not None:
+        condition.append(Job.attempts == attempt)
+    session.execute(update(Job).where(*condition).values(**values).execution_options(synchronize_session=False))
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 

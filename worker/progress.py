@@ -320,12 +320,13 @@ class EvaluationReporter(JobReporter):
 class Heartbeat:
     """Stamps ``heartbeat_at`` every ``interval_s`` from a daemon thread until stopped."""
 
-    def __init__(self, *, job_id: str, session_factory: sessionmaker[Session], interval_s: float) -> None:
-        self.job_id = job_id
+    def __init__(self, *, owner: RunOwner, session_factory: sessionmaker[Session], interval_s: float) -> None:
+        self.owner = owner
+        self.job_id = owner.job_id
         self.session_factory = session_factory
         self.interval_s = interval_s
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{owner.job_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -338,6 +339,8 @@ class Heartbeat:
         while not self._stopped.wait(self.interval_s):
             try:
                 with session_scope(self.session_factory) as session:
-                    repository.record_progress(session, job_id=self.job_id)
+                    repository.record_progress(
+                        session, job_id=self.job_id, worker=self.owner.worker, attempt=self.owner.attempt
+                    )
             except Exception:
                 log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)

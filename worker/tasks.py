@@ -153,7 +153,7 @@ def run_job(
         if claimed.kind == EVALUATION
         else JobReporter(**common)
     )
-    heartbeat = Heartbeat(job_id=job_id, session_factory=session_factory, interval_s=settings.heartbeat_interval_s)
+    heartbeat = Heartbeat(owner=owner, session_factory=session_factory, interval_s=settings.heartbeat_interval_s)
     heartbeat.start()  # until the outcome is stored: packing a large adapter can take a while too
     try:
         if claimed.kind == EVALUATION:

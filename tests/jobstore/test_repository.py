@@ -132,3 +132,20 @@ def test_production_settings_refuse_unsafe_defaults() -> None:
     with pytest.raises(ValueError, match="DAMA_DATABASE_URL"):
         Settings(environment="production", api_key_pepper="s" * 20)
     assert Settings().resolved_broker_url == "filesystem://"
+
+
+def test_a_replaced_worker_cannot_keep_the_job_alive(factory: sessionmaker[Session]) -> None:
+    _, job_id = _job(factory)
+    with session_scope(factory) as session:
+        job = repo.claim_job(session, job_id=job_id, worker="w-new")
+        assert job is not None
+        stamped = job.heartbeat_at
+    with session_scope(factory) as session:
+        repo.record_progress(session, job_id=job_id, step=5, worker="w-old", attempt=1)
+    with session_scope(factory) as session:
+        job = repo.get_job(session, job_id=job_id)
+        assert job is not None and job.step == 0 and job.heartbeat_at == stamped
+        repo.record_progress(session, job_id=job_id, step=5, worker="w-new", attempt=1)
+    with session_scope(factory) as session:
+        job = repo.get_job(session, job_id=job_id)
+        assert job is not None and job.step == 5 and job.heartbeat_at is not None and job.heartbeat_at > stamped
