@@ -11,6 +11,7 @@ work, with a message naming the field.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,11 @@ from dama_engine.config import ConfigError, load_config
 
 
 class ProgressPrinter(Callback):
-    """Stage lines and a tqdm bar for the training steps."""
+    """Stage lines and a tqdm bar for the training steps (``quiet``: nothing, for ranks other than 0)."""
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, *, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
+        self.quiet = quiet
         self.bar: Any = None
         self.stage_bar: Any = None
 
@@ -34,6 +36,8 @@ class ProgressPrinter(Callback):
             self.stage_bar = None
 
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         from tqdm import tqdm
 
         self._close_stage_bar()
@@ -50,6 +54,8 @@ class ProgressPrinter(Callback):
         print(f"[dama] {stage}" + (f" ({details})" if details else ""), file=self.stream, flush=True)
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
         from tqdm import tqdm
 
         if self.stage_bar is not None and (self.stage_bar.total != total or done < self.stage_bar.n):
@@ -60,6 +66,8 @@ class ProgressPrinter(Callback):
         self.stage_bar.refresh()
 
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        if self.quiet:
+            return
         if self.bar is None:
             return
         self.bar.set_postfix(
@@ -72,6 +80,8 @@ class ProgressPrinter(Callback):
         self.bar.update(step - self.bar.n)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.quiet:
+            return
         line = (
             f"[dama] held-out @ step {step}: accuracy {metrics['eval_accuracy']:.3f}, "
             f"margin {metrics['eval_margin']:.4f}, loss {metrics['eval_loss']:.4f}"
@@ -124,7 +134,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from dama_engine.trainer import DataError, train
 
-    printer = ProgressPrinter()
+    # Under torchrun every rank runs this; only rank 0 prints, so the log has one clean line per stage.
+    printer = ProgressPrinter(quiet=os.environ.get("RANK", "0") != "0")
     started = time.monotonic()
     try:
         result = train(config, printer)
@@ -134,6 +145,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         printer.close()
+    if printer.quiet:
+        return 0
     out = sys.stdout
     print(f"[dama] finished {result.steps}/{result.total_steps} steps in {time.monotonic() - started:.1f} s", file=out)
     if result.eval_before and result.eval_after:
