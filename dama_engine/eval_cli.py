@@ -21,6 +21,7 @@ data stop the run before any model is loaded, with a message naming the field or
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, TextIO
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_evaluation_config(args.config, list(args.overrides))
+        if config.judge is not None and config.judge.api_key is None and os.environ.get("DAMA_JUDGE_API_KEY"):
+            # The entry point reads the environment; the engine only takes the key it is given.
+            config.judge.api_key = os.environ["DAMA_JUDGE_API_KEY"]
     except ConfigError as error:
         print(f"dama-eval: {error}", file=sys.stderr)
         return 2

@@ -52,10 +52,19 @@ from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError
 from dama_engine.generation import GenerationRequest, GenerationSettings, generate
 from dama_engine.hardness import HardnessConfig, compute_hardness, user_hardness
+from dama_engine.judge import JudgeConfig, judge_answers
 from dama_engine.objective import ObjectiveConfig, preference_loss
 
 BUCKETS: tuple[str, ...] = ("easy", "medium", "hard")
-EVAL_STAGES: tuple[str, ...] = ("validating", "loading_model", "scoring", "log_probs", "generating", "writing")
+EVAL_STAGES: tuple[str, ...] = (
+    "validating",
+    "loading_model",
+    "scoring",
+    "log_probs",
+    "generating",
+    "judging",  # only with a judge configured
+    "writing",
+)
 """Stages :func:`run_evaluation` reports through ``Callback.on_stage``; ``log_probs`` and ``generating`` run once per
 model (``info["model"]`` is ``"base"`` or ``"tuned"``) and report ``on_progress`` under the same stage name."""
 
@@ -299,6 +308,9 @@ class EvaluationConfig(_Section):
     data: EvalDataSection = EvalDataSection()
     generation: GenerationSettings = GenerationSettings()
     hardness: EvalHardnessSection = EvalHardnessSection()
+    judge: JudgeConfig | None = Field(
+        default=None, description="Optional OpenAI-compatible judge of generative answers (MMHal-style 0-6)."
+    )
     beta: float = Field(default=0.1, gt=0, description="The base beta of the implicit rewards (DAMA.md section 3).")
     batch_size: int = Field(default=8, gt=0, description="Pairs per scoring pass and prompts per generation batch.")
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N.")
@@ -529,6 +541,7 @@ def _evaluate_generative(
     requests = [GenerationRequest.from_prompt(sample.prompt, [sample.image]) for sample in samples]
     objects = [sample.objects for sample in samples]
     judged: dict[str, list[ChairSample]] = {}
+    ratings: dict[str, dict[str, Any]] = {}
     for which in ("base", "tuned") if models.tuned is not None else ("base",):
         callback.on_stage("generating", {"model": which, "samples": len(samples)})
         with models.use(which) as model:
@@ -541,13 +554,24 @@ def _evaluate_generative(
                 progress=lambda done, total: callback.on_progress("generating", done, total),
             )
         judged[which] = chair_samples(responses, objects, eval_set.vocabulary)
-    section = {
+        if config.judge is not None:
+            callback.on_stage("judging", {"model": which, "samples": len(samples), "judge": config.judge.model})
+            ratings[which] = judge_answers(
+                config.judge,
+                samples,
+                responses,
+                progress=lambda done, total: callback.on_progress("judging", done, total),
+            )
+    section: dict[str, Any] = {
         "data": config.data.generative,
         "vocabulary": config.data.vocabulary,
         "samples": len(samples),
         "base": summarize_chair(judged["base"]),
         "tuned": summarize_chair(judged["tuned"]) if "tuned" in judged else None,
     }
+    if ratings:
+        # MMHal-style judge (optional): mean 0-6 rating and share rated below 3, per model.
+        section["judge"] = {which: {k: v for k, v in r.items() if k != "ratings"} for which, r in ratings.items()}
     per_sample = []
     for index, sample in enumerate(samples):
         record: dict[str, Any] = {
@@ -558,6 +582,8 @@ def _evaluate_generative(
         }
         for which, judgements in judged.items():
             record[which] = judgements[index].to_dict()
+            if which in ratings:
+                record[which]["judge_rating"] = ratings[which]["ratings"][index]
         per_sample.append(record)
     return section, per_sample
 
