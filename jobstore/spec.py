@@ -5,7 +5,7 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,16 +72,22 @@ class EvaluationSpec(_Spec):
         return self
 
 
+_MODEL_DESCRIPTION = (
+    "Base model: a hub name, a path on the workers, or a built-in tiny model "
+    "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3)."
+)
+ModelName = Annotated[str, Field(min_length=1, max_length=300, examples=["llava-hf/llava-1.5-7b-hf"])]
+QueueName = Annotated[
+    str | None,
+    Field(description="Worker queue (one per GPU class); default: the service's.", pattern=r"^[a-z0-9_.-]{1,100}$"),
+]
+_REMOTE_CODE_DESCRIPTION = "Allow the model repo's own code (refused unless the service allows it)."
+
+
 class JobSpec(_Spec):
     """A DAMA fine-tuning job."""
 
-    model: str = Field(
-        description="Base model: a hub name, a path on the workers, or a built-in tiny model "
-        "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3).",
-        examples=["llava-hf/llava-1.5-7b-hf"],
-        min_length=1,
-        max_length=300,
-    )
+    model: ModelName = Field(description=_MODEL_DESCRIPTION)
     dataset_id: str = Field(
         description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
     )
@@ -93,13 +99,9 @@ class JobSpec(_Spec):
         default="openai/clip-vit-large-patch14-336",
         description="CLIP model for data hardness; unused when every row carries scores.",
     )
-    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own code.")
+    trust_remote_code: bool = Field(default=False, description=_REMOTE_CODE_DESCRIPTION)
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
-    queue: str | None = Field(
-        default=None,
-        description="Worker queue (one per GPU class); default: the service's.",
-        pattern=r"^[a-z0-9_.-]{1,100}$",
-    )
+    queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
 
     @property
@@ -123,13 +125,7 @@ class GenerationSpec(_Spec):
 class EvaluationCreate(_Spec):
     """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets."""
 
-    model: str = Field(
-        description="Base model: a hub name, a path on the workers, or a built-in tiny model "
-        "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3). With adapter_job_id, the training job's base.",
-        examples=["llava-hf/llava-1.5-7b-hf"],
-        min_length=1,
-        max_length=300,
-    )
+    model: ModelName = Field(description=_MODEL_DESCRIPTION + " With adapter_job_id, the training job's base.")
     adapter_job_id: str | None = Field(
         default=None,
         description="A succeeded training job of this tenant: its adapter is the tuned model, compared against the "
@@ -167,13 +163,8 @@ class EvaluationCreate(_Spec):
     batch_size: int = Field(
         default=8, gt=0, le=1024, description="Pairs per scoring pass and prompts per generation batch.", examples=[8]
     )
-    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own code.", examples=[False])
-    queue: str | None = Field(
-        default=None,
-        description="Worker queue (one per GPU class); default: the service's.",
-        pattern=r"^[a-z0-9_.-]{1,100}$",
-        examples=[None],
-    )
+    trust_remote_code: bool = Field(default=False, description=_REMOTE_CODE_DESCRIPTION, examples=[False])
+    queue: QueueName = Field(default=None, examples=[None])
 
     @model_validator(mode="after")
     def _something_to_evaluate(self) -> EvaluationCreate:

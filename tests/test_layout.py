@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,20 +33,20 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _import_everything(package: str) -> tuple[list[str], set[str]]:
-    """Import ``package`` and all its submodules in a fresh interpreter; return them and sys.modules' top names."""
+def _run_probe(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (the repo on its path); return the JSON its last line prints."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-c", f"PACKAGE = {package!r}\n{_PROBE}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _import_everything(package: str) -> tuple[list[str], set[str]]:
+    """Import ``package`` and all its submodules in a fresh interpreter; return them and sys.modules' top names."""
+    result = _run_probe(f"PACKAGE = {package!r}\n{_PROBE}")
     return result["imported"], {name.split(".")[0] for name in result["modules"]}
 
 
@@ -88,18 +89,7 @@ def test_upload_check_of_a_generative_set_does_not_import_the_ml_stack(tmp_path:
     for image in demo.images_dir.glob("gen_*"):
         (upload / "images" / image.name).write_bytes(image.read_bytes())
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-c", f"PATH = {str(upload)!r}\n{_CHECK_PROBE}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_probe(f"PATH = {str(upload)!r}\n{_CHECK_PROBE}")
     assert result["status"] == 0 and result["check"]["format"] == "generative", result["check"]
     assert result["check"]["ok"] and result["check"]["row_count"] == 3, result["check"]
     forbidden = {"torch", "transformers", "peft", "accelerate"}
