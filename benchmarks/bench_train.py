@@ -73,6 +73,7 @@ import torch
 from PIL import Image
 
 from dama_engine.batching import PairBatch, PairEncoder, collate_pairs
+from dama_engine.compiling import compile_decoder_layers, eager
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
 from dama_engine.families import family_for
@@ -476,6 +477,7 @@ class Run:
     lm_params: int = 0
     vision_params: int = 0
     vision_tokens: int = 0
+    compiled_layers: int = 0  # decoder layers compiled in place (dama_engine.compiling), once per child
 
     @property
     def left_s(self) -> float:
@@ -554,9 +556,22 @@ class Run:
             self.resident_bytes += _allocated(self.device) - before
         return self.peft_model
 
+    def layers(self, compiled: bool) -> contextlib.AbstractContextManager[Any]:
+        """Run the block with the decoder layers compiled (compiling them on first use) or eager.
+
+        Compiling is in place and lasts for the child; the eager configurations after it run under
+        ``torch.compiler.set_stance("force_eager")``, so both can be timed on the one model.
+        """
+        if compiled:
+            if not self.compiled_layers:
+                self.compiled_layers = compile_decoder_layers(self.engine_model(), "layers", self.device)
+            return contextlib.nullcontext()
+        return eager() if self.compiled_layers else contextlib.nullcontext()
+
     def drop_engine_model(self) -> None:
         """Release the engine's model and batches (before TRL, which builds and wraps a model of its own)."""
         self.peft_model = None
+        self.compiled_layers = 0
         self.batch_cache.clear()
         _free(self.device)
         self.resident_bytes = _allocated(self.device)
@@ -615,7 +630,9 @@ def _set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool, size: int) -> dict[str, Any]:
+def engine_step_config(
+    run: Run, forward: str, method: str, checkpointing: bool, size: int, compiled: bool = False
+) -> dict[str, Any]:
     model = run.engine_model()
     _set_checkpointing(model, checkpointing)
     model.train()
@@ -630,8 +647,9 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
     times: list[float] = []
     saved = SavedTensorBytes(model)
     last_loss = float("nan")
+    first_step_s = float("nan")
     try:
-        with PeakMemory(run.device) as memory:
+        with run.layers(compiled), PeakMemory(run.device) as memory:
             for step in range(warmup + steps):
                 batch = batches[step % len(batches)]
                 _sync(run.device)
@@ -660,6 +678,8 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
                 _sync(run.device)
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
+                elif step == 0:
+                    first_step_s = time.perf_counter() - start  # with compiling, when compiled
                 last_loss = float(output.loss.detach())
                 del chosen, rejected, output, reference
     finally:
@@ -678,6 +698,8 @@ def engine_step_config(run: Run, forward: str, method: str, checkpointing: bool,
         "method": method,
         "gc": checkpointing,
         "batch": size,
+        "compiled": compiled,
+        "first_step_s": round(first_step_s, 2),
         "steps_timed": len(times),
         "median_step_s": round(median, 4),
         **run.rates(median_s=median, pairs=size, flops=run.flops(tokens=int(tokens), images=images, passes=passes)),
@@ -697,16 +719,20 @@ def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]
     parameters = [p for p in model.parameters() if p.requires_grad]
     reference = run.data.reference[batch.indices].to(run.device)
     results: dict[str, tuple[torch.Tensor, float, torch.Tensor]] = {}
-    for forward in ["model_logits", *forwards]:
+    # (name, pair forward, compiled layers); the compiled entry when the run times compiled layers.
+    cases = [(forward, forward, False) for forward in ["model_logits", *forwards]]
+    if run.args.compile != "off" and forwards:
+        cases.append((f"{forwards[0]}+compiled", forwards[0], True))
+    for name, forward, compiled in cases:
         model.zero_grad(set_to_none=True)
-        with run.autocast():
+        with run.layers(compiled), run.autocast():
             chosen, rejected = pair_log_probs(model, batch, forward=forward)
         output = preference_loss(
             chosen, rejected, reference[:, 0], reference[:, 1], config=ObjectiveConfig(method="dpo", beta=0.1)
         )
         output.loss.backward()
         grads = torch.cat([p.grad.detach().double().reshape(-1) for p in parameters if p.grad is not None])
-        results[forward] = (torch.stack([chosen, rejected]).detach().float(), float(output.loss.detach()), grads)
+        results[name] = (torch.stack([chosen, rejected]).detach().float(), float(output.loss.detach()), grads)
         del chosen, rejected, output
     model.zero_grad(set_to_none=True)
     del parameters
@@ -723,13 +749,13 @@ def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]
     return record
 
 
-def reference_config(run: Run, forward: str, size: int) -> dict[str, Any]:
+def reference_config(run: Run, forward: str, size: int, compiled: bool = False) -> dict[str, Any]:
     """The trainer's reference pre-pass: adapter off, eval mode, no grad, over ``ref_pairs`` pairs."""
     model = run.engine_model()
     model.eval()
     batches, encode_pairs_per_s = run.batches(size)
     n_batches = max(1, run.args.ref_pairs // size)
-    with torch.no_grad(), model.disable_adapter(), run.autocast():
+    with run.layers(compiled), torch.no_grad(), model.disable_adapter(), run.autocast():
         pair_log_probs(model, batches[0], forward=forward)  # warm-up
         with PeakMemory(run.device) as memory:
             _sync(run.device)
@@ -746,6 +772,7 @@ def reference_config(run: Run, forward: str, size: int) -> dict[str, Any]:
     return {
         "kind": "reference",
         "forward": forward,
+        "compiled": compiled,
         "batch": size,
         "pairs": pairs,
         "pairs_per_s": round(pairs / seconds, 3),
@@ -913,12 +940,16 @@ def e2e(step_pairs_per_s: float, reference_pairs_per_s: float | None, epochs: in
     return 1.0 / (1.0 / step_pairs_per_s + 1.0 / (epochs * reference_pairs_per_s))
 
 
+def _reference_key(record: dict[str, Any]) -> str:
+    return record["forward"] + ("/compiled" if record.get("compiled") else "")
+
+
 def report(records: list[dict[str, Any]], args: argparse.Namespace, device_type: str, started: float) -> None:
     """The table of ratios to TRL and the ``summary`` line, from the records the children printed."""
     ok = [r for r in records if "pairs_per_s" in r and "kind" in r]
     trl = [r for r in ok if r.get("kind") == "trl"]
     engine = [r for r in ok if r.get("kind") == "engine"]
-    reference = {r["forward"]: r["pairs_per_s"] for r in ok if r.get("kind") == "reference"}
+    reference = {_reference_key(r): r["pairs_per_s"] for r in ok if r.get("kind") == "reference"}
     hardness = next((r["pairs_per_s"] for r in ok if r.get("kind") == "hardness"), None)
     epochs = args.epochs
     name = args.workload.name
@@ -939,7 +970,9 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, device_type:
         if record["kind"] == "trl":
             total = record["pairs_per_s"]  # TRL runs the reference inside every step
         else:
-            total = e2e(record["pairs_per_s"], reference.get(record["forward"]), epochs)
+            # The trainer compiles the reference pass too when it compiles the step (optim.compile).
+            ref = reference.get(_reference_key(record)) or reference.get(record["forward"])
+            total = e2e(record["pairs_per_s"], ref, epochs)
         ratio = record["pairs_per_s"] / anchor["pairs_per_s"] if anchor else None
         total_ratio = total / anchor["pairs_per_s"] if anchor and total else None
         rows.append((record, total, ratio, total_ratio))
@@ -1005,6 +1038,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
     parser.add_argument("--methods", default=",".join(METHODS), help="DAMA methods to time (comma-separated)")
     parser.add_argument("--forwards", default="packed,two_rows,model_logits", help="engine pair forwards to time")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        default=None,
+        help="time the engine with its decoder layers compiled (optim.compile), eager, or both "
+        "(default: both with --llava7b, off with --tiny)",
+    )
+    parser.add_argument(
+        "--extra", default="", help="more configurations to time after the others (e.g. engine/packed/dama/gc_off/b8)"
+    )
     parser.add_argument("--no-trl", action="store_true", help="skip TRL (also skipped when trl is not installed)")
     parser.add_argument("--no-hardness", action="store_true", help="skip the hardness pre-pass")
     parser.add_argument(
@@ -1033,6 +1076,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ref_pairs = args.ref_pairs if args.ref_pairs is not None else workload.ref_pairs
     args.hardness_pairs = args.hardness_pairs if args.hardness_pairs is not None else workload.hardness_pairs
     args.budget_s = args.budget_s if args.budget_s is not None else workload.budget_s
+    args.compile = args.compile or ("both" if args.llava7b else "off")
+    args.extra = [name for name in args.extra.split(",") if name]
     args.methods = [m for m in args.methods.split(",") if m]
     args.forwards = [f for f in args.forwards.split(",") if f]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -1078,8 +1123,9 @@ MIN_CHILD_S = 12.0  # a child needs this long at least (imports, data, CUDA cont
 LEAK_LIMIT = 256 * 2**20  # device memory a configuration may leave behind before its child is replaced
 
 
-def engine_name(forward: str, method: str, checkpointing: bool, size: int) -> str:
-    return f"engine/{forward}/{method}/gc_{'on' if checkpointing else 'off'}/b{size}"
+def engine_name(forward: str, method: str, checkpointing: bool, size: int, compiled: bool = False) -> str:
+    name = f"engine/{forward}/{method}/gc_{'on' if checkpointing else 'off'}/b{size}"
+    return name + "/compiled" if compiled else name
 
 
 def trl_name(checkpointing: bool, size: int) -> str:
@@ -1097,18 +1143,28 @@ def plan(args: argparse.Namespace, want_trl: bool, cuda: bool) -> list[list[str]
         first += [trl_name(checkpointing, size) for checkpointing, size in workload.trl_grid]
     headline = "dama" if "dama" in args.methods else args.methods[0]
     fast = [f for f in ("packed", "two_rows") if f in args.forwards]
+    # Compiled layers first when both are timed (the headline), then the eager ones.
+    variants = {"off": [False], "on": [True], "both": [True, False]}[args.compile]
     engine = ["model"]
-    engine += [engine_name(f, headline, gc_on, size) for f in fast for gc_on, size in workload.main_grid]
-    engine += [f"reference/{f}" for f in fast]
+    engine += [
+        engine_name(f, headline, gc_on, size, c) for c in variants for f in fast for gc_on, size in workload.main_grid
+    ]
+    engine += [f"reference/{f}" + ("/compiled" if c else "") for c in variants for f in fast]
     engine.append("agreement")
     if not args.no_hardness:
         engine.append("hardness")
     sweep_gc, sweep_size = workload.main_grid[0]
     sweep_forward = fast[:1] or ["model_logits"]
-    engine += [engine_name(f, m, sweep_gc, sweep_size) for m in args.methods if m != headline for f in sweep_forward]
+    engine += [
+        engine_name(f, m, sweep_gc, sweep_size, variants[0])
+        for m in args.methods
+        if m != headline
+        for f in sweep_forward
+    ]
     if "model_logits" in args.forwards:
         engine += [engine_name("model_logits", headline, gc_on, size) for gc_on, size in workload.main_grid]
         engine.append("reference/model_logits")
+    engine += args.extra
     groups = [first, engine]
     if want_trl and workload.trl_extra:
         groups.append([trl_name(checkpointing, size) for checkpointing, size in workload.trl_extra])
@@ -1121,6 +1177,7 @@ def child_command(args: argparse.Namespace, names: list[str], deadline_unix: flo
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs)]
     command += ["--ref-pairs", str(args.ref_pairs), "--hardness-pairs", str(args.hardness_pairs)]
     command += ["--methods", ",".join(args.methods), "--forwards", ",".join(args.forwards)]
+    command += ["--compile", args.compile]
     command += ["--budget-s", str(args.budget_s)]
     if args.quick:
         command.append("--quick")
@@ -1341,16 +1398,19 @@ def run_named(run: Run, name: str, *, fast: list[str], ref_size: int, check_size
         )
         return
     parts = name.split("/")
+    compiled = parts[-1] == "compiled"
+    if compiled:
+        parts = parts[:-1]
     if parts[0] == "engine" and len(parts) == 5:
         _, forward, method, gc_setting, batch = parts
         checkpointing, size = gc_setting == "gc_on", int(batch.removeprefix("b"))
         known = run.step_seconds.get((checkpointing, size))
         guess = (args.warmup + args.steps) * known * 1.5 + 2 if known else workload.guess_config_s
-        run.attempt(name, guess, lambda: engine_step_config(run, forward, method, checkpointing, size))
+        run.attempt(name, guess, lambda: engine_step_config(run, forward, method, checkpointing, size, compiled))
     elif parts[0] == "reference" and len(parts) == 2:
         known = run.step_seconds.get((False, ref_size)) or run.step_seconds.get((True, ref_size))
         guess = (args.ref_pairs // ref_size + 1) * known if known else workload.guess_config_s
-        run.attempt(name, guess, lambda: reference_config(run, parts[1], ref_size))
+        run.attempt(name, guess, lambda: reference_config(run, parts[1], ref_size, compiled))
     elif name == "agreement":
         run.attempt(name, workload.guess_config_s, lambda: agreement_config(run, fast, check_size))
     elif name == "hardness":

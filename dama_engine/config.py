@@ -106,6 +106,13 @@ class OptimSection(_Section):
             "and attention take it, else two_rows, else model_logits."
         ),
     )
+    compile: Literal["auto", "layers", "off"] = Field(
+        default="auto",
+        description=(
+            "Regional torch.compile of the language model's decoder layers (dama_engine.compiling): layers = "
+            "always; auto = on CUDA only, falling back to eager with a warning if compiling fails; off = never."
+        ),
+    )
     seed: int = 0
 
 

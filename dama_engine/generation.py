@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from dama_engine.compiling import eager
 from dama_engine.data.rows import ImageSource, PreferenceRow
 from dama_engine.logprobs import unwrap_model
 
@@ -161,7 +162,8 @@ def generate_token_ids(
     model.eval()
     answers: list[list[int]] = []
     try:
-        with _seeded(settings.seed, device, settings.sampling):
+        # Compiled decoder layers (optim.compile) would recompile for every cache length: generate eagerly.
+        with _seeded(settings.seed, device, settings.sampling), eager():
             for start in range(0, len(requests), batch_size):
                 batch = requests[start : start + batch_size]
                 features = _encode(processor, batch)

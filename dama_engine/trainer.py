@@ -27,6 +27,7 @@ from dama_engine.batching import EncodingError, PairBatch, PairEncoder, collate_
 from dama_engine.cache import rows_fingerprint, tensor_cache
 from dama_engine.callbacks import Callback
 from dama_engine.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from dama_engine.compiling import compile_decoder_layers
 from dama_engine.config import TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
@@ -288,6 +289,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     model.to(device)
     # The reference pass, the evaluation and the training step all take this path (dama_engine.packing).
     set_pair_forward(model, optim.pair_forward)
+    compile_decoder_layers(model, optim.compile, device)
 
     # ---- scoring (data hardness, shared/DAMA.md section 1) ---------------------------------------------------
     callback.on_stage("scoring", {"pairs": len(train_rows)})

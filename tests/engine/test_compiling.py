@@ -1,0 +1,122 @@
+"""Regional torch.compile of the decoder layers (dama_engine.compiling) against the eager layers.
+
+Float32 on the CPU (inductor's C++ backend): the same log-probs, loss and LoRA gradients through the packed and
+two-row layouts, with gradient checkpointing off and on, the adapter off (the reference pass), and generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dama_engine.batching import PairEncoder, collate_pairs
+from dama_engine.compiling import compile_decoder_layers, decoder_layers, is_compiled, resolve_compile
+from dama_engine.config import LoraSection
+from dama_engine.data.rows import PreferenceRow
+from dama_engine.generation import GenerationRequest, GenerationSettings, generate_token_ids
+from dama_engine.logprobs import pair_log_probs
+from dama_engine.models import make_trainable
+from dama_engine.objective import ObjectiveConfig, preference_loss
+
+from .test_packing import uneven_rows  # noqa: F401  (a fixture)
+
+
+def _loss_and_grads(model: Any, batch: Any, forward: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    chosen, rejected = pair_log_probs(model, batch, forward=forward)
+    reference = torch.linspace(-60.0, -40.0, chosen.shape[0])
+    output = preference_loss(
+        chosen, rejected, reference, reference - 3.0, config=ObjectiveConfig(method="dpo", beta=0.1)
+    )
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return torch.stack([chosen.detach(), rejected.detach()]), output.loss.detach(), grads
+
+
+def _lora_model(path: Any) -> Any:
+    model = make_trainable(AutoModelForImageTextToText.from_pretrained(path), LoraSection(r=4, alpha=8, dropout=0.0))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.train()
+
+
+def test_resolve_compile() -> None:
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("layers", torch.device("cpu")) is True
+    assert resolve_compile("off", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="compile 'fast' is unknown"):
+        resolve_compile("fast", torch.device("cpu"))
+
+
+def test_decoder_layers_of_every_family(tiny_models) -> None:
+    for family in ("llava", "qwen2_vl", "idefics3"):
+        model = make_trainable(AutoModelForImageTextToText.from_pretrained(tiny_models[family]), LoraSection(r=4))
+        layers = decoder_layers(model)
+        assert len(layers) == 2 and all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
+        # Off, or auto on a CPU: nothing is compiled.
+        assert compile_decoder_layers(model, "auto", torch.device("cpu")) == 0
+        assert not any(is_compiled(layer) for layer in layers)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_compiled_layers_equal_eager_layers(tiny_models, uneven_rows: list[PreferenceRow], family: str) -> None:  # noqa: F811
+    torch._dynamo.reset()
+    processor = AutoProcessor.from_pretrained(tiny_models[family])
+    model = _lora_model(tiny_models[family])
+    pairs = [PairEncoder(processor, max_length=512).encode(row, i) for i, row in enumerate(uneven_rows)]
+    batch = collate_pairs(pairs, processor.tokenizer.pad_token_id)
+
+    cases = [("packed", False), ("packed", True), ("two_rows", False)]
+    eager_results = {}
+    for forward, checkpointing in cases:
+        _set_checkpointing(model, checkpointing)
+        eager_results[forward, checkpointing] = _loss_and_grads(model, batch, forward)
+    with torch.no_grad(), model.disable_adapter():
+        eager_reference = torch.stack(pair_log_probs(model, batch, forward="packed"))
+
+    assert compile_decoder_layers(model, "layers", torch.device("cpu")) == 2
+    assert all(is_compiled(layer) for layer in decoder_layers(model))
+    # The state dict (what the adapter export saves) keeps its names: compiling is in place.
+    assert not any("_orig_mod" in name for name in model.state_dict())
+    for forward, checkpointing in cases:
+        _set_checkpointing(model, checkpointing)
+        logps, loss, grads = _loss_and_grads(model, batch, forward)
+        want_logps, want_loss, want_grads = eager_results[forward, checkpointing]
+        case = f"{forward}, checkpointing {checkpointing}"
+        torch.testing.assert_close(logps, want_logps, rtol=0, atol=1e-4, msg=f"{case}: log-probs")
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, msg=f"{case}: loss")
+        assert grads.keys() == want_grads.keys() and len(grads) == 2 * 7 * 2
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
+    _set_checkpointing(model, False)
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.stack(pair_log_probs(model, batch, forward="packed"))
+    torch.testing.assert_close(reference, eager_reference, rtol=0, atol=1e-4)
+
+
+def test_generation_with_compiled_layers_runs_eagerly(tiny_models, uneven_rows: list[PreferenceRow]) -> None:  # noqa: F811
+    processor = AutoProcessor.from_pretrained(tiny_models["llava"])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava"]).eval()
+    requests = [GenerationRequest.from_prompt("Describe the image.", row.images) for row in uneven_rows[:2]]
+    settings = GenerationSettings(max_new_tokens=6)
+    before = generate_token_ids(model, processor, requests, settings)
+    compile_decoder_layers(model, "layers", torch.device("cpu"))
+    counters_before = dict(torch._dynamo.utils.counters["stats"])
+    after = generate_token_ids(model, processor, requests, settings)
+    assert after == before
+    # Nothing was traced: generation ran the layers eagerly.
+    assert dict(torch._dynamo.utils.counters["stats"]) == counters_before
+
+
+def _set_checkpointing(model: Any, enabled: bool) -> None:
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
