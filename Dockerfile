@@ -14,8 +14,9 @@ ENV PYTHONUNBUFFERED=1 \
     DAMA_MODEL_CACHE_DIR=/models \
     HF_HOME=/models/hf
 
+# gcc: Triton builds its CUDA launcher with it the first time torch.compile runs (optim.compile on GPU workers).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 dama \
     && mkdir -p /data /models && chown dama:dama /data /models

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dama_engine.objective import ObjectiveConfig
 
@@ -114,6 +114,12 @@ class OptimSection(_Section):
         ),
     )
     seed: int = 0
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        # YAML reads a bare `off` / `on` as a boolean.
+        return {False: "off", True: "layers"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvaluationSection(_Section):

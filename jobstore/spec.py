@@ -33,7 +33,14 @@ class Hyperparameters(_Spec):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_length: int = Field(default=2048, gt=0, description="Tokens per sequence, image tokens included.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    )
+    compile: Literal["auto", "layers", "off"] = Field(
+        default="auto",
+        description="torch.compile of the decoder layers: auto = on GPU workers (eager if compiling fails), "
+        "layers = always, off = never.",
+    )
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every N steps.")
     eval_every: int | None = Field(default=None, gt=0, description="Held-out evaluation every N steps.")

@@ -168,6 +168,7 @@ def build_train_config(
             "batch_size": hp.batch_size,
             "grad_accumulation": hp.grad_accumulation,
             "gradient_checkpointing": hp.gradient_checkpointing,
+            "compile": hp.compile,
             "seed": hp.seed,
         },
         "run": {

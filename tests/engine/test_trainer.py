@@ -271,3 +271,44 @@ def test_every_epoch_visits_each_pair_once_with_gradient_accumulation() -> None:
         assert len(seen) == len(set(seen)) == 16  # one epoch's steps draw 16 distinct rows of that epoch's order
         order = torch.randperm(20, generator=torch.Generator().manual_seed(epoch)).tolist()
         assert seen == order[:16]
+
+
+def test_compiled_decoder_layers_train_like_eager_ones(demo_base: dict[str, Any], tmp_path: Path) -> None:
+    """optim.compile=layers through the whole run (reference pass, training, held-out and generative evaluation,
+    export) gives the eager run's losses and adapter, float32 on the CPU."""
+    common = (
+        "optim.max_steps=3",
+        "optim.batch_size=8",
+        "optim.learning_rate=1e-3",
+        "evaluation.enabled=true",
+        "evaluation.max_samples=2",
+        "evaluation.max_new_tokens=4",
+    )
+    eager = train(derive(demo_base, tmp_path / "eager", *common, "optim.compile=off"))
+    compiled = train(derive(demo_base, tmp_path / "compiled", *common, "optim.compile=layers"))
+
+    def losses(run: Path) -> list[float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    assert len(losses(tmp_path / "compiled")) == 3
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+    assert eager.adapter_dir is not None and compiled.adapter_dir is not None
+    want = load_file(eager.adapter_dir / "adapter_model.safetensors")
+    got = load_file(compiled.adapter_dir / "adapter_model.safetensors")
+    assert got.keys() == want.keys()  # compiling in place keeps the parameter names
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+    assert compiled.evaluation is not None and eager.evaluation is not None
+    want_metrics, got_metrics = _numbers(eager.evaluation["preference"]), _numbers(compiled.evaluation["preference"])
+    assert len(want_metrics) > 20 and got_metrics.keys() == want_metrics.keys()
+    assert got_metrics == pytest.approx(want_metrics, rel=1e-3, abs=1e-4)
+
+
+def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested mapping, by dotted path."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("."): float(tree)}
+    return {}
