@@ -19,31 +19,8 @@ from dama_engine.data.rows import PreferenceRow
 from dama_engine.generation import GenerationRequest, GenerationSettings, generate_token_ids
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import make_trainable
-from dama_engine.objective import ObjectiveConfig, preference_loss
 
-from .test_packing import uneven_rows  # noqa: F401  (a fixture)
-
-
-def _loss_and_grads(model: Any, batch: Any, forward: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    model.zero_grad(set_to_none=True)
-    chosen, rejected = pair_log_probs(model, batch, forward=forward)
-    reference = torch.linspace(-60.0, -40.0, chosen.shape[0])
-    output = preference_loss(
-        chosen, rejected, reference, reference - 3.0, config=ObjectiveConfig(method="dpo", beta=0.1)
-    )
-    output.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    return torch.stack([chosen.detach(), rejected.detach()]), output.loss.detach(), grads
-
-
-def _lora_model(path: Any) -> Any:
-    model = make_trainable(AutoModelForImageTextToText.from_pretrained(path), LoraSection(r=4, alpha=8, dropout=0.0))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model.train()
+from .test_packing import _lora_model, _loss_and_grads, uneven_rows  # noqa: F401  (uneven_rows: a fixture)
 
 
 def test_resolve_compile() -> None:
