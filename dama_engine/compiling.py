@@ -77,7 +77,13 @@ def compile_decoder_layers(model: Any, mode: str, device: torch.device) -> int:
     """
     if not resolve_compile(mode, device):
         return 0
-    layers = decoder_layers(model)
+    try:
+        layers = decoder_layers(model)
+    except (TypeError, ValueError) as error:
+        if mode == "layers":
+            raise ValueError(f"compile 'layers' is not possible: {error}; use 'auto' or 'off'") from error
+        logger.warning("not compiling: %s", error)
+        return 0
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 

@@ -32,6 +32,15 @@ def test_resolve_compile() -> None:
         resolve_compile("fast", torch.device("cpu"))
 
 
+def test_a_model_without_decoder_layers_is_not_compiled(tiny_models) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava"])
+    model.model.language_model.layers = torch.nn.ModuleList()  # a layout with no decoder layers to find
+    # auto trains eagerly (with a warning); layers refuses, naming what to use instead.
+    assert compile_decoder_layers(model, "auto", torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match=r"compile 'layers' is not possible: .*no `layers` module list"):
+        compile_decoder_layers(model, "layers", torch.device("cpu"))
+
+
 def test_decoder_layers_of_every_family(tiny_models) -> None:
     for family in ("llava", "qwen2_vl", "idefics3"):
         model = make_trainable(AutoModelForImageTextToText.from_pretrained(tiny_models[family]), LoraSection(r=4))
@@ -42,7 +51,7 @@ def test_decoder_layers_of_every_family(tiny_models) -> None:
         assert not any(is_compiled(layer) for layer in layers)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_compiled_layers_equal_eager_layers(tiny_models, uneven_rows: list[PreferenceRow], family: str) -> None:  # noqa: F811
     torch._dynamo.reset()
     processor = AutoProcessor.from_pretrained(tiny_models[family])
