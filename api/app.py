@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
+from api.ratelimit import RateLimiter
 from api.routers import datasets, evaluations, health, job_outputs, jobs, models
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import make_celery
@@ -39,6 +40,7 @@ def make_services(settings: Settings) -> Services:
         session_factory=make_session_factory(engine),
         artifacts=artifacts,
         celery=make_celery(settings),
+        rate_limiter=RateLimiter(settings.rate_limit, settings.rate_limit_storage),
     )
 
 

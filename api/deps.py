@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
+from api.ratelimit import RateLimiter
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.models import Tenant
@@ -28,6 +29,7 @@ class Services:
     session_factory: sessionmaker[Session]
     artifacts: ArtifactStore
     celery: Celery
+    rate_limiter: RateLimiter
 
 
 def get_services(request: Request) -> Services:
@@ -75,6 +77,7 @@ def get_current_tenant(
     )
     if tenant is None:
         raise ApiError(401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=challenge)
+    services.rate_limiter.check(tenant.id)
     return tenant
 
 

@@ -109,6 +109,16 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             response = operation.get("responses", {}).get("422")
             if response is not None and response.get("description") == "Validation Error":
                 response["description"] = "Invalid request; error.param names the field at fault."
+            responses = operation.get("responses", {})
+            if "401" in responses:  # authenticated routes count against the tenant's rate limit (api.ratelimit)
+                responses.setdefault(
+                    "429",
+                    {
+                        "description": "rate_limit_exceeded: the tenant's request rate (DAMA_RATE_LIMIT) is used up; "
+                        "Retry-After says when to retry.",
+                        "content": {"application/json": {"schema": {"$ref": template.format(model="ErrorResponse")}}},
+                    },
+                )
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     _describe_spec_fields(schemas)

@@ -172,6 +172,17 @@ def prune_idempotency_keys(session: Session, *, older_than: timedelta) -> int:
 # ---- jobs ----------------------------------------------------------------------------------------------------
 
 
+def active_job_count(session: Session, *, tenant_id: str) -> int:
+    """How many of the tenant's jobs are queued, running or cancelling. Locks the tenant's row first (Postgres;
+    a no-op on SQLite), so concurrent submissions of one tenant count one after the other until they commit."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    statuses = [s.value for s in ACTIVE]
+    count = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
+    )
+    return int(count or 0)
+
+
 def create_job(
     session: Session,
     *,

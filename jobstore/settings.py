@@ -43,6 +43,23 @@ class Settings(BaseSettings):
         description="Let job specs set trust_remote_code (a model repo's own Python then runs in the workers, "
         "beside every tenant's data): only for installations whose tenants all trust each other.",
     )
+    rate_limit: str = Field(
+        default="6000/minute",
+        description="Requests per tenant (all its API keys together), in the `limits` notation: one or more "
+        "'N/second|minute|hour|day' joined by ';', e.g. '600/minute;20/second'. Beyond it: 429 with "
+        "Retry-After. Empty: no limit.",
+    )
+    rate_limit_storage: str = Field(
+        default="memory://",
+        description="Where the request counters live: memory:// (counts per API process) or a Redis URL such as "
+        "redis://redis:6379/1 (shared by every API replica; docker-compose.yml sets it).",
+    )
+    max_active_jobs: int | None = Field(
+        default=None,
+        gt=0,
+        description="Queued, running and cancelling jobs (training and evaluation) one tenant may have at once; "
+        "POST /jobs and POST /evaluations answer 429 beyond it. None: no limit.",
+    )
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")

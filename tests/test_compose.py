@@ -52,10 +52,18 @@ def test_production_settings_and_no_default_secret() -> None:
     assert env["DAMA_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["DAMA_BROKER_URL"].startswith("redis://")
     assert ":?" in env["DAMA_API_KEY_PEPPER"], "the pepper must be required, never defaulted"
+    # API replicas share their rate-limit counters in Redis, apart from the broker's database.
+    storage, broker = env["DAMA_RATE_LIMIT_STORAGE"], env["DAMA_BROKER_URL"]
+    assert storage.startswith("redis://redis:6379/") and storage != broker
+    from jobstore.settings import Settings
+
+    defaults = Settings.model_fields["rate_limit"].default
+    assert env["DAMA_RATE_LIMIT"] == f"${{DAMA_RATE_LIMIT:-{defaults}}}"
 
 
 def test_dockerfile_builds_cpu_torch_by_default_with_a_cuda_switch() -> None:
     text = (ROOT / "Dockerfile").read_text()
+    assert "gcc" in text  # Triton builds its launcher with it when a GPU worker compiles (optim.compile)
     assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in text
     assert 'pip install ".[engine,service]"' in text
     assert 'CMD ["dama", "api"]' in text

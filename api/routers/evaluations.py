@@ -79,6 +79,11 @@ def _check_adapter_job(session: Any, *, tenant_id: str, spec: EvaluationCreate) 
     responses={
         200: {"model": EvaluationPublic, "description": "Replayed: the evaluation an earlier request created."},
         401: UNAUTHORIZED,
+        429: {
+            "model": ErrorResponse,
+            "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "
+            "already has DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry.",
+        },
         404: {
             "model": ErrorResponse,
             "description": "A dataset or adapter_job_id is not this tenant's; param names the field.",

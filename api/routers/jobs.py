@@ -142,6 +142,17 @@ def submit_job(
             param="trust_remote_code",
         )
     check()
+    limit = services.settings.max_active_jobs
+    if limit is not None:
+        active = repository.active_job_count(session, tenant_id=tenant_id)
+        if active >= limit:
+            raise ApiError(
+                429,
+                "too_many_active_jobs",
+                f"this account has {active} queued or running jobs, the most it may have at once ({limit}); "
+                "wait for one to end or cancel one, then retry",
+                headers={"Retry-After": "60"},
+            )
     queue = queue or services.settings.default_queue
     job = repository.create_job(session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind)
     if idempotency_key is not None:
@@ -189,6 +200,11 @@ def submit_job(
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
         401: UNAUTHORIZED,
+        429: {
+            "model": ErrorResponse,
+            "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "
+            "already has DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry.",
+        },
         404: {
             "model": ErrorResponse,
             "description": "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this "
