@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         description="Let job specs set trust_remote_code (a model repo's own Python then runs in the workers, "
         "beside every tenant's data): only for installations whose tenants all trust each other.",
     )
+    stall_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A running job whose engine reports nothing (no stage, step or progress) for this long is hung: "
+        "the worker records a 'stalled' event, stops its heartbeat and exits, so the sweeper re-queues the job "
+        "(it resumes from its last checkpoint) and the worker's supervisor starts a fresh worker. Allow for the "
+        "longest silent phase (downloading a large model). None: off.",
+    )
     rate_limit: str = Field(
         default="6000/minute",
         description="Requests per tenant (all its API keys together), in the `limits` notation: one or more "

@@ -44,6 +44,9 @@ def test_worker_reserves_a_gpu_and_builds_the_cuda_torch() -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert "cu" in worker["build"]["args"]["TORCH_INDEX_URL"]
+    # A hung run ends the worker (status 75) and the restart policy brings a fresh one.
+    assert worker["environment"]["DAMA_STALL_TIMEOUT_S"] == "${DAMA_STALL_TIMEOUT_S:-3600}"
+    assert worker["restart"] == "unless-stopped"
 
 
 def test_production_settings_and_no_default_secret() -> None:

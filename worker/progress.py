@@ -113,10 +113,20 @@ class JobReporter(Callback):
         self._last_flush = -math.inf
         self._last_poll = -math.inf
         self._rate_origin: tuple[float, int] | None = None  # (time, step) when training (re)started
+        self._last_activity = clock()
+
+    def idle_s(self) -> float:
+        """Seconds since the engine last reported anything (a stage, progress, a step, an evaluation, a checkpoint);
+        stop polls do not count, since a launcher polls them while its ranks may hang."""
+        return self.clock() - self._last_activity
+
+    def _touch(self) -> None:
+        self._last_activity = self.clock()
 
     # ---- the engine's callback ----------------------------------------------------------------------------
 
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        self._touch()
         self.stage = stage
         self._stage_changed = True
         details = ", ".join(f"{key} {value}" for key, value in info.items())
@@ -140,15 +150,18 @@ class JobReporter(Callback):
             self._raise_if_stopping()
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
+        self._touch()
         self._raise_if_stopping()
 
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        self._touch()
         self.step, self.total_steps = step, total_steps
         self._buffer(step, metrics)
         if self.clock() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._touch()
         self._buffer(step, metrics)
         accuracy, margin = metrics.get("eval_accuracy"), metrics.get("eval_margin")
         summary = ""
@@ -158,6 +171,7 @@ class JobReporter(Callback):
         self.flush()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        self._touch()
         # Metrics first: after a crash the run resumes here, and the rows up to this step must already exist.
         self.flush()
 
@@ -317,14 +331,36 @@ class EvaluationReporter(JobReporter):
         return done, eta
 
 
-class Heartbeat:
-    """Stamps ``heartbeat_at`` every ``interval_s`` from a daemon thread until stopped."""
+@dataclass(frozen=True)
+class StallWatchdog:
+    """When the run counts as hung (``idle_s() > timeout_s``) and what then happens (``on_stall(idle_s)``)."""
 
-    def __init__(self, *, owner: RunOwner, session_factory: sessionmaker[Session], interval_s: float) -> None:
+    idle_s: Callable[[], float]
+    timeout_s: float
+    on_stall: Callable[[float], None]
+
+
+class Heartbeat:
+    """Stamps ``heartbeat_at`` every ``interval_s`` from a daemon thread until stopped.
+
+    With a :class:`StallWatchdog`, a run silent for longer than its timeout gets a ``stalled`` event instead of a
+    heartbeat, the heartbeats stop (so the sweeper re-queues the job once ``heartbeat_timeout_s`` has passed) and
+    ``on_stall`` runs (the worker exits: a hung CUDA call or collective cannot be interrupted from Python).
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: RunOwner,
+        session_factory: sessionmaker[Session],
+        interval_s: float,
+        watchdog: StallWatchdog | None = None,
+    ) -> None:
         self.owner = owner
         self.job_id = owner.job_id
         self.session_factory = session_factory
         self.interval_s = interval_s
+        self.watchdog = watchdog
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{owner.job_id}", daemon=True)
 
@@ -337,6 +373,11 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval_s):
+            watchdog = self.watchdog
+            if watchdog is not None and (idle := watchdog.idle_s()) > watchdog.timeout_s:
+                self._record_stall(idle, watchdog.timeout_s)
+                watchdog.on_stall(idle)
+                return
             try:
                 with session_scope(self.session_factory) as session:
                     repository.record_progress(
@@ -344,3 +385,22 @@ class Heartbeat:
                     )
             except Exception:
                 log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def _record_stall(self, idle: float, timeout: float) -> None:
+        log.error("job %s: no progress for %.0f s (stall timeout %.0f s): treated as hung", self.job_id, idle, timeout)
+        try:
+            with session_scope(self.session_factory) as session:
+                row = repository.job_owner(session, job_id=self.job_id)
+                if row is None or row[1] != self.owner.worker or row[2] != self.owner.attempt:
+                    return
+                message = (
+                    f"no progress for {idle:.0f} s (DAMA_STALL_TIMEOUT_S {timeout:.0f}): the run is treated as hung; "
+                    f"worker {self.owner.worker} stops and the job will be re-queued"
+                )
+                repository.add_events(
+                    session,
+                    job_id=self.job_id,
+                    events=[("stalled", message, {"idle_s": round(idle, 1), "attempt": self.owner.attempt})],
+                )
+        except Exception:
+            log.warning("job %s: could not record the stall", self.job_id, exc_info=True)

@@ -35,6 +35,7 @@ import socket
 import tarfile
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ from worker.progress import (
     JobReporter,
     JobStopped,
     RunOwner,
+    StallWatchdog,
     deep_json_safe,
     json_safe,
 )
@@ -120,6 +122,17 @@ class _Claimed:
     kind: str = repository.TRAINING
 
 
+STALL_EXIT_CODE = 75  # EX_TEMPFAIL: the supervisor (Compose's restart policy) starts a fresh worker
+
+
+def exit_stalled_worker(idle_s: float) -> None:
+    """End this worker process at once: its run is hung (a CUDA call or a collective that never returns cannot be
+    interrupted from Python). torchrun children die with it (PR_SET_PDEATHSIG); the sweeper re-queues the job."""
+    log.critical("no progress for %.0f s: exiting with status %d so a fresh worker takes over", idle_s, STALL_EXIT_CODE)
+    logging.shutdown()
+    os._exit(STALL_EXIT_CODE)
+
+
 def worker_name(hostname: str | None = None) -> str:
     return f"{hostname or socket.gethostname()}:{os.getpid()}"[:200]
 
@@ -131,9 +144,14 @@ def run_job(
     settings: Settings,
     worker: str | None = None,
     shutdown: threading.Event | None = None,
+    on_stall: Callable[[float], None] | None = None,
 ) -> str | None:
     """Run job ``job_id`` to its end on this worker; return its final status, or None if this call did nothing
-    (the job was not ``queued``: a redelivered message, or a job another worker claimed or that was cancelled)."""
+    (the job was not ``queued``: a redelivered message, or a job another worker claimed or that was cancelled).
+
+    With ``settings.stall_timeout_s``, a run whose engine reports nothing for that long is treated as hung:
+    ``on_stall`` (default :func:`exit_stalled_worker`) runs from the heartbeat thread (see
+    :class:`worker.progress.Heartbeat`)."""
     worker = worker or worker_name()
     store = ArtifactStore(settings.resolved_artifacts_dir)
     claimed = _claim(job_id, session_factory=session_factory, worker=worker, store=store)
@@ -153,7 +171,14 @@ def run_job(
         if claimed.kind == EVALUATION
         else JobReporter(**common)
     )
-    heartbeat = Heartbeat(owner=owner, session_factory=session_factory, interval_s=settings.heartbeat_interval_s)
+    watchdog = None
+    if settings.stall_timeout_s is not None:
+        watchdog = StallWatchdog(
+            idle_s=reporter.idle_s, timeout_s=settings.stall_timeout_s, on_stall=on_stall or exit_stalled_worker
+        )
+    heartbeat = Heartbeat(
+        owner=owner, session_factory=session_factory, interval_s=settings.heartbeat_interval_s, watchdog=watchdog
+    )
     heartbeat.start()  # until the outcome is stored: packing a large adapter can take a while too
     try:
         if claimed.kind == EVALUATION:

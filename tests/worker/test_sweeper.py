@@ -155,3 +155,73 @@ def test_queued_jobs_are_not_resent_while_their_queue_holds_messages(
     assert _sent_job_ids(queue) == [waiting]
     queue.delete(QUEUE)
     assert queued_messages(app, QUEUE) == 0
+
+
+def test_a_hung_run_is_given_up_and_requeued(
+    store: JobStore, app: Celery, queue: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DAMA_STALL_TIMEOUT_S: a run whose engine goes silent (a hung CUDA call, say) while its heartbeat thread lives
+    on gets a 'stalled' event, its heartbeats stop, on_stall runs (in production: the worker exits), the sweeper
+    re-queues the job, and the hung call returning late cannot overwrite anything."""
+    import threading
+    import time
+
+    from worker import tasks
+
+    released, stalls = threading.Event(), []
+
+    def hang(config: object, callback: tasks.JobReporter) -> None:
+        callback.on_stage("loading_model", {"model": "tiny"})
+        released.wait(60)
+        raise RuntimeError("the hung call returned late")
+
+    monkeypatch.setattr(tasks, "train", hang)
+    settings = store.settings.model_copy(
+        update={"stall_timeout_s": 1.0, "heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.5}
+    )
+    job_id = store.create_job(tiny_spec(store.dataset(8)), queue=QUEUE)
+    outcome: list[str | None] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(
+            tasks.run_job(
+                job_id, session_factory=store.factory, settings=settings, worker="pytest:hung", on_stall=stalls.append
+            )
+        )
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not stalls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stalls and stalls[0] > 1.0, "the watchdog did not fire"
+        stalled = [event for event in store.events(job_id) if event[0] == "stalled"]
+        assert len(stalled) == 1 and "treated as hung" in stalled[0][1] and stalled[0][2]["attempt"] == 1
+        beat = store.job(job_id).heartbeat_at
+        time.sleep(0.6)
+        assert store.job(job_id).heartbeat_at == beat, "heartbeats must stop once the run is given up"
+        assert store.job(job_id).status == "running"
+
+        time.sleep(1.5)  # heartbeat_timeout_s after the last heartbeat
+        done = sweep(store.factory, app, settings)
+        assert done["requeued"] == 1
+        job = store.job(job_id)
+        assert job.status == "queued" and job.worker is None
+        assert _sent_job_ids(queue) == [job_id]
+    finally:
+        released.set()
+        runner.join(timeout=30)
+    # The hung call came back and failed: that attempt no longer owns the job, so nothing is recorded for it.
+    assert outcome == [None]
+    assert store.job(job_id).status == "queued" and store.job(job_id).error_kind is None
+
+
+def test_the_default_stall_action_ends_the_worker_process() -> None:
+    import subprocess
+    import sys
+
+    code = "from worker.tasks import exit_stalled_worker; exit_stalled_worker(7200.0); print('still alive')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    from worker.tasks import STALL_EXIT_CODE
+
+    assert result.returncode == STALL_EXIT_CODE and "still alive" not in result.stdout
+    assert "no progress for 7200 s" in result.stderr
