@@ -7,7 +7,8 @@ request is answered 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds) a
 ``DAMA_RATE_LIMIT_STORAGE``: ``memory://`` counts per API process (the embedded default, one process); a Redis
 URL shares them between API replicas (docker-compose.yml uses the broker's Redis, another database number).
 
-If the counter store is unreachable the request goes through (with a logged warning): a rate limiter that turns a
+If the counter store is unreachable or slow (Redis answers within 100 ms or not at all), the request goes through
+and the limiter skips the store for ``OUTAGE_BACKOFF_S`` with one logged warning: a rate limiter that turns a
 Redis hiccup into an outage of the whole API does more harm than the traffic it would have stopped.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from typing import Any
 
 from limits import RateLimitItem, parse_many
 from limits.storage import storage_from_string
@@ -25,6 +28,9 @@ from api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
+STORE_TIMEOUT_S = 0.1
+OUTAGE_BACKOFF_S = 10.0
+
 
 class RateLimiter:
     """The limits of ``spec`` over the counter store at ``storage_uri``.
@@ -33,7 +39,7 @@ class RateLimiter:
         ValueError: ``spec`` is not in the ``limits`` notation (the message names DAMA_RATE_LIMIT).
     """
 
-    def __init__(self, spec: str, storage_uri: str) -> None:
+    def __init__(self, spec: str, storage_uri: str, *, clock: Any = time.monotonic) -> None:
         self.spec = spec.strip()
         try:
             self.items: list[RateLimitItem] = parse_many(self.spec) if self.spec else []
@@ -41,34 +47,55 @@ class RateLimiter:
             raise ValueError(
                 f"DAMA_RATE_LIMIT {spec!r} is not a rate limit: use e.g. '600/minute;20/second' ({error})"
             ) from None
-        self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri)) if self.items else None
+        self._limiter: MovingWindowRateLimiter | None = None
+        if self.items:
+            options: dict[str, Any] = {}
+            if storage_uri.startswith(("redis://", "rediss://")):
+                options = {"socket_timeout": STORE_TIMEOUT_S, "socket_connect_timeout": STORE_TIMEOUT_S}
+            self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
+        self._clock = clock
+        self._skip_until = -math.inf
+        self._lock = threading.Lock()
 
     def check(self, tenant_id: str) -> None:
-        """Count one request of ``tenant_id``; raise a 429 :class:`ApiError` when a limit is exhausted."""
-        if self._limiter is None:
+        """Count one request of ``tenant_id``; raise a 429 :class:`ApiError` when a limit is exhausted.
+
+        A request refused by one limit is counted against none (every limit is tested before any is hit)."""
+        if self._limiter is None or self._clock() < self._skip_until:
             return
-        for item in self.items:
-            try:
-                allowed = self._limiter.hit(item, "tenant", tenant_id)
-                if allowed:
-                    continue
-                reset_at, _ = self._limiter.get_window_stats(item, "tenant", tenant_id)
-            except Exception:  # the counter store is down: let the request through
-                log.warning("rate limit counters unreachable; request not counted", exc_info=True)
-                return
-            retry_after = max(1, math.ceil(reset_at - time.time()))
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                f"too many requests: the limit is {item.amount} per {_window(item)} for this account; "
-                f"retry in {retry_after} s",
-                headers={
-                    "Retry-After": str(retry_after),
-                    "X-RateLimit-Limit": str(item.amount),
-                    "X-RateLimit-Remaining": "0",
-                    "X-RateLimit-Reset": str(math.ceil(reset_at)),
-                },
-            )
+        try:
+            for item in self.items:
+                if not self._limiter.test(item, "tenant", tenant_id):
+                    reset_at, _ = self._limiter.get_window_stats(item, "tenant", tenant_id)
+                    raise _too_many(item, reset_at)
+            for item in self.items:
+                self._limiter.hit(item, "tenant", tenant_id)
+        except ApiError:
+            raise
+        except Exception as error:  # the counter store is down or slow: let requests through for a while
+            with self._lock:
+                if self._clock() >= self._skip_until:
+                    log.warning(
+                        "rate limit counters unreachable (%s); not counting requests for %.0f s",
+                        error,
+                        OUTAGE_BACKOFF_S,
+                    )
+                    self._skip_until = self._clock() + OUTAGE_BACKOFF_S
+
+
+def _too_many(item: RateLimitItem, reset_at: float) -> ApiError:
+    retry_after = max(1, math.ceil(reset_at - time.time()))
+    return ApiError(
+        429,
+        "rate_limit_exceeded",
+        f"too many requests: the limit is {item.amount} per {_window(item)} for this account; retry in {retry_after} s",
+        headers={
+            "Retry-After": str(retry_after),
+            "X-RateLimit-Limit": str(item.amount),
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(math.ceil(reset_at)),
+        },
+    )
 
 
 def _window(item: RateLimitItem) -> str:

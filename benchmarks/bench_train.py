@@ -1081,13 +1081,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.budget_s = args.budget_s if args.budget_s is not None else workload.budget_s
     args.compile = args.compile or ("both" if args.llava7b else "off")
     args.extra = [name for name in args.extra.split(",") if name]
-    if args.llava7b and not args.extra and args.compile != "off" and "packed" in args.forwards:
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.forwards = [f for f in args.forwards.split(",") if f]
+    if args.llava7b and args.methods and not args.extra and args.compile != "off" and "packed" in args.forwards:
         # The best batch sizes with compiled layers on an H100 (docs/PERFORMANCE.md): 8 without checkpointing
         # (51 GiB), 12 with it (21 GiB, within TRL's 22.5).
         headline = "dama" if "dama" in args.methods else args.methods[0]
         args.extra = [f"engine/packed/{headline}/gc_off/b8/compiled", f"engine/packed/{headline}/gc_on/b12/compiled"]
-    args.methods = [m for m in args.methods.split(",") if m]
-    args.forwards = [f for f in args.forwards.split(",") if f]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")

@@ -32,6 +32,10 @@ class Callback:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """A resumable checkpoint was written."""
 
+    def on_activity(self) -> None:
+        """The run is alive (e.g. a launcher saw its ranks write output) without a stage, step or progress to
+        report; a watchdog may count it as activity."""
+
     def should_stop(self) -> bool:
         """Polled at least once per optimizer step."""
         return False
@@ -62,6 +66,10 @@ class CallbackList(Callback):
     def on_checkpoint(self, step: int, path: Path) -> None:
         for callback in self.callbacks:
             callback.on_checkpoint(step, path)
+
+    def on_activity(self) -> None:
+        for callback in self.callbacks:
+            callback.on_activity()
 
     def should_stop(self) -> bool:
         return any(callback.should_stop() for callback in self.callbacks)

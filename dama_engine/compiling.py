@@ -91,10 +91,12 @@ def compile_decoder_layers(model: Any, mode: str, device: torch.device) -> int:
     # float32 intermediates, and the small LoRA updates that eager's bf16 rounding drops survive, so the compiled
     # and eager models drift apart as training goes on (measured on an H100: docs/PERFORMANCE.md).
     inductor_config.emulate_precision_casts = True
+    # A worker runs job after job in one process: start each run from an empty compile cache (graphs of the last
+    # job's model would pile up towards the recompile limit) and with this run's own failure policy.
+    torch._dynamo.reset()
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
-    if mode == "auto":
-        # Fall back to the eager layer (with the compiler's warning) instead of failing the run.
-        dynamo_config.suppress_errors = True
+    # auto: fall back to the eager layer (with the compiler's warning) instead of failing the run; layers: fail.
+    dynamo_config.suppress_errors = mode == "auto"
     for layer in layers:
         layer.compile()
     logger.info("compiled %d decoder layers (regional torch.compile)", len(layers))

@@ -175,7 +175,8 @@ def prune_idempotency_keys(session: Session, *, older_than: timedelta) -> int:
 def active_job_count(session: Session, *, tenant_id: str) -> int:
     """How many of the tenant's jobs are queued, running or cancelling. Locks the tenant's row first (Postgres;
     a no-op on SQLite), so concurrent submissions of one tenant count one after the other until they commit."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    # FOR NO KEY UPDATE: serialises one tenant's submissions without blocking inserts that reference the tenant.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     statuses = [s.value for s in ACTIVE]
     count = session.scalar(
         select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(statuses))

@@ -175,6 +175,9 @@ class _Follower:
         with self.log_file.open("rb") as handle:
             handle.seek(self.log_offset)
             chunk = handle.read()
+        if chunk:
+            # Rank 0's log grew (progress bars included): the ranks are alive, whatever the stage.
+            self.callback.on_activity()
         end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
         if end < 0:
             return []

@@ -116,12 +116,15 @@ class JobReporter(Callback):
         self._last_activity = clock()
 
     def idle_s(self) -> float:
-        """Seconds since the engine last reported anything (a stage, progress, a step, an evaluation, a checkpoint);
-        stop polls do not count, since a launcher polls them while its ranks may hang."""
+        """Seconds since the engine last reported anything (a stage, progress, a step, an evaluation, a checkpoint,
+        output of torchrun's ranks); stop polls do not count, since a launcher polls them while its ranks may hang."""
         return self.clock() - self._last_activity
 
     def _touch(self) -> None:
         self._last_activity = self.clock()
+
+    def on_activity(self) -> None:
+        self._touch()
 
     # ---- the engine's callback ----------------------------------------------------------------------------
 

@@ -126,13 +126,20 @@ def submit_job(
     """Create a queued job of ``kind`` (after ``check`` validated what it refers to), commit, then enqueue it by
     task name; with an Idempotency-Key, a retry answers the job made the first time (status 200)."""
     request_hash = _request_hash(body)
-    if idempotency_key is not None:
-        replayed = _replay(
+
+    def replay() -> Job | None:
+        """The job an earlier request with this Idempotency-Key created (answered with 200), if any."""
+        if idempotency_key is None:
+            return None
+        job = _replay(
             session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash, endpoint=endpoint, kind=kind
         )
-        if replayed is not None:
+        if job is not None:
             response.status_code = status.HTTP_200_OK
-            return replayed
+        return job
+
+    if (replayed := replay()) is not None:
+        return replayed
     if body.get("trust_remote_code") and not services.settings.allow_remote_code:
         raise ApiError(
             422,
@@ -145,6 +152,9 @@ def submit_job(
     limit = services.settings.max_active_jobs
     if limit is not None:
         active = repository.active_job_count(session, tenant_id=tenant_id)
+        # A retry that waited on the lock behind its own first request answers that request's job.
+        if (replayed := replay()) is not None:
+            return replayed
         if active >= limit:
             raise ApiError(
                 429,
@@ -171,14 +181,10 @@ def submit_job(
         session.rollback()
         if idempotency_key is None:
             raise
-        replayed = _replay(
-            session, tenant_id=tenant_id, key=idempotency_key, request_hash=request_hash, endpoint=endpoint, kind=kind
-        )
-        if replayed is None:
+        if (replayed := replay()) is None:
             raise ApiError(
                 409, "idempotency_conflict", "a concurrent request used this Idempotency-Key; retry"
             ) from None
-        response.status_code = status.HTTP_200_OK
         return replayed
     try:
         enqueue_job(services.celery, job_id=job.id, queue=queue)

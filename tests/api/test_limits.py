@@ -96,11 +96,11 @@ def test_active_job_quota(limited_pair: list[ApiServer], db: sessionmaker[Sessio
 
 
 def test_rate_limiter_unit(redis_url: str) -> None:
-    limiter = RateLimiter("2/second;3/minute", "memory://")
+    limiter = RateLimiter("3/minute;2/second", "memory://")
     limiter.check("t")
     limiter.check("t")
     with pytest.raises(ApiError) as raised:
-        limiter.check("t")  # the per-second limit
+        limiter.check("t")  # the per-second limit; the refused request uses none of the minute's three
     assert raised.value.status_code == 429 and "2 per second" in raised.value.message
     limiter.check("u")  # another tenant
     time.sleep(1.1)
@@ -114,13 +114,23 @@ def test_rate_limiter_unit(redis_url: str) -> None:
     with pytest.raises(ValueError, match="DAMA_RATE_LIMIT 'lots' is not a rate limit"):
         RateLimiter("lots", "memory://")
 
-    # A counter store that is down lets requests through instead of failing them.
+    # A counter store that is down, or that accepts connections and never answers, lets requests through at once
+    # instead of failing or stalling them, and is skipped for a while after a failure.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    down = RateLimiter("1/minute", f"redis://127.0.0.1:{port}/0")
-    down.check("t")
-    down.check("t")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nothing ever reads or replies
+        for uri in (f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{silent.getsockname()[1]}/0"):
+            down = RateLimiter("1/minute", uri)
+            start = time.monotonic()
+            down.check("t")
+            assert time.monotonic() - start < 2.0, uri
+            start = time.monotonic()
+            for _ in range(50):
+                down.check("t")
+            assert time.monotonic() - start < 0.05, "after a failure the store is not asked again for a while"
 
 
 def test_the_openapi_document_lists_429(api_server: ApiServer) -> None:

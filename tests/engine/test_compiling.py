@@ -68,6 +68,7 @@ def test_compiled_layers_equal_eager_layers(tiny_models, uneven_rows: list[Prefe
         eager_reference = torch.stack(pair_log_probs(model, batch, forward="packed"))
 
     assert compile_decoder_layers(model, "layers", torch.device("cpu")) == 2
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert all(is_compiled(layer) for layer in decoder_layers(model))
     # The state dict (what the adapter export saves) keeps its names: compiling is in place.
     assert not any("_orig_mod" in name for name in model.state_dict())
@@ -81,6 +82,8 @@ def test_compiled_layers_equal_eager_layers(tiny_models, uneven_rows: list[Prefe
         assert grads.keys() == want_grads.keys() and len(grads) == 2 * 7 * 2
         for name, grad in want_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{case}: {name}")
+    # The layers really ran compiled (a silent fall-back to eager would pass the comparisons above too).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
     _set_checkpointing(model, False)
     with torch.no_grad(), model.disable_adapter():
         reference = torch.stack(pair_log_probs(model, batch, forward="packed"))

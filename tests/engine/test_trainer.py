@@ -285,7 +285,9 @@ def test_compiled_decoder_layers_train_like_eager_ones(demo_base: dict[str, Any]
         "evaluation.max_new_tokens=4",
     )
     eager = train(derive(demo_base, tmp_path / "eager", *common, "optim.compile=off"))
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = train(derive(demo_base, tmp_path / "compiled", *common, "optim.compile=layers"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it really compiled
 
     def losses(run: Path) -> list[float]:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

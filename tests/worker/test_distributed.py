@@ -75,6 +75,9 @@ class Recorder(Callback):
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.calls.append(("checkpoint", step))
 
+    def on_activity(self) -> None:
+        self.calls.append(("activity", None))
+
 
 def test_rank_zero_files_become_callback_calls_in_stage_order(store: JobStore, tmp_path: Path) -> None:
     spec = JobSpec.model_validate({**tiny_spec(store.dataset(48), max_steps=None, epochs=2), "gpus": 2})
@@ -96,6 +99,7 @@ def test_rank_zero_files_become_callback_calls_in_stage_order(store: JobStore, t
     (run / "checkpoints" / "step-000002" / "state.json").write_text('{"step": 2}')
     follower.poll()
     assert recorder.calls == [
+        ("activity", None),  # rank 0's log grew: the stall watchdog counts it
         ("stage", "validating"),
         ("stage", "loading_model"),
         ("stage", "scoring"),
@@ -110,7 +114,11 @@ def test_rank_zero_files_become_callback_calls_in_stage_order(store: JobStore, t
         ("stage", "exporting"),
     ]
     follower.poll()
-    assert len(recorder.calls) == 12  # nothing is reported twice
+    assert len(recorder.calls) == 13  # nothing is reported twice
+    with log.open("a") as handle:
+        handle.write("training:  20%|## | 2/12\r")  # a progress bar moving, nothing else
+    follower.poll()
+    assert recorder.calls[13:] == [("activity", None)]
 
 
 @pytest.mark.slow

@@ -106,3 +106,27 @@ def test_an_unreachable_job_store_never_breaks_the_run() -> None:
     reporter.close()
     assert len(reporter._points) == 3  # kept for the next flush
     engine.dispose()
+
+
+def test_idle_time_counts_engine_reports_not_stop_polls(store: JobStore) -> None:
+    """What the stall watchdog reads: stages, progress, steps and launcher-seen output reset it; polls do not."""
+    owner, clock = _claimed(store), Clock()
+    reporter = JobReporter(owner=owner, session_factory=store.factory, flush_interval_s=1.0, clock=clock)
+    clock.now += 30
+    assert reporter.idle_s() == 30
+    reporter.on_stage("reference", {"pairs": 48})
+    assert reporter.idle_s() == 0
+    clock.now += 5
+    reporter.on_progress("reference", 8, 48)
+    assert reporter.idle_s() == 0
+    clock.now += 7
+    reporter.should_stop()  # a poll is not progress
+    assert reporter.idle_s() == 7
+    reporter.on_activity()  # e.g. torchrun's rank 0 wrote to its log
+    assert reporter.idle_s() == 0
+    clock.now += 2
+    reporter.on_stage("training", {"steps": 4, "resumed_from_step": 0})
+    clock.now += 3
+    reporter.on_step(1, 4, {"loss": 0.6})
+    assert reporter.idle_s() == 0
+    _end(store, owner.job_id)
