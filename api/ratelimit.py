@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from limits import RateLimitItem, parse_many
@@ -39,7 +40,7 @@ class RateLimiter:
         ValueError: ``spec`` is not in the ``limits`` notation (the message names DAMA_RATE_LIMIT).
     """
 
-    def __init__(self, spec: str, storage_uri: str, *, clock: Any = time.monotonic) -> None:
+    def __init__(self, spec: str, storage_uri: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec.strip()
         try:
             self.items: list[RateLimitItem] = parse_many(self.spec) if self.spec else []

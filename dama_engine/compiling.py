@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -35,7 +35,7 @@ from dama_engine.families import family_for
 from dama_engine.logprobs import unwrap_model
 
 CompileMode = Literal["auto", "layers", "off"]
-COMPILE_MODES: tuple[str, ...] = ("auto", "layers", "off")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 # Guard sets one training run may need per layer class: training with and without gradients, the adapter on and
 # off (reference pass), train/eval mode, a static and then a dynamic batch shape, checkpointing. PyTorch's default

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dama_engine.compiling import CompileMode
 from dama_engine.objective import ObjectiveConfig
 
 
@@ -106,7 +107,7 @@ class OptimSection(_Section):
             "and attention take it, else two_rows, else model_logits."
         ),
     )
-    compile: Literal["auto", "layers", "off"] = Field(
+    compile: CompileMode = Field(
         default="auto",
         description=(
             "Regional torch.compile of the language model's decoder layers (dama_engine.compiling): layers = "

@@ -120,16 +120,13 @@ class JobReporter(Callback):
         output of torchrun's ranks); stop polls do not count, since a launcher polls them while its ranks may hang."""
         return self.clock() - self._last_activity
 
-    def _touch(self) -> None:
-        self._last_activity = self.clock()
-
     def on_activity(self) -> None:
-        self._touch()
+        self._last_activity = self.clock()
 
     # ---- the engine's callback ----------------------------------------------------------------------------
 
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
-        self._touch()
+        self.on_activity()
         self.stage = stage
         self._stage_changed = True
         details = ", ".join(f"{key} {value}" for key, value in info.items())
@@ -153,18 +150,18 @@ class JobReporter(Callback):
             self._raise_if_stopping()
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
-        self._touch()
+        self.on_activity()
         self._raise_if_stopping()
 
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
-        self._touch()
+        self.on_activity()
         self.step, self.total_steps = step, total_steps
         self._buffer(step, metrics)
         if self.clock() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self._touch()
+        self.on_activity()
         self._buffer(step, metrics)
         accuracy, margin = metrics.get("eval_accuracy"), metrics.get("eval_margin")
         summary = ""
@@ -174,7 +171,7 @@ class JobReporter(Callback):
         self.flush()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self._touch()
+        self.on_activity()
         # Metrics first: after a crash the run resumes here, and the rows up to this step must already exist.
         self.flush()
 
@@ -393,8 +390,10 @@ class Heartbeat:
         log.error("job %s: no progress for %.0f s (stall timeout %.0f s): treated as hung", self.job_id, idle, timeout)
         try:
             with session_scope(self.session_factory) as session:
-                row = repository.job_owner(session, job_id=self.job_id)
-                if row is None or row[1] != self.owner.worker or row[2] != self.owner.attempt:
+                owned = repository.lock_owned_job(
+                    session, job_id=self.job_id, worker=self.owner.worker, attempt=self.owner.attempt
+                )
+                if owned is None:
                     return
                 message = (
                     f"no progress for {idle:.0f} s (DAMA_STALL_TIMEOUT_S {timeout:.0f}): the run is treated as hung; "
