@@ -88,7 +88,7 @@ def test_console_and_docs_pages_are_offline_with_a_csp(api_server: ApiServer) ->
         console = client.get("/console/")
         csp = console.headers["content-security-policy"]
         assert "script-src 'self';" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
-        assert "<script type=\"module\" src=\"/console/static/main.js\">" in console.text
+        assert '<script type="module" src="/console/static/main.js">' in console.text
         assert client.get("/console/static/main.js").headers["content-security-policy"] == csp
         for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
             response = client.get(page)

@@ -58,22 +58,38 @@ def chromium(download_dir: Path) -> Iterator[Any]:
 
 
 class NetworkLog:
-    """Every URL the browser requested (from the performance log, which is drained on each read)."""
+    """Every request the browser made (from the performance log, which each read drains): its URL and headers,
+    and which ones the page's Content-Security-Policy blocked before they were sent."""
 
     def __init__(self, driver: Any) -> None:
         self.driver = driver
-        self.urls: list[str] = []
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.blocked: set[str] = set()
         self.console: list[dict[str, Any]] = []
 
     def collect(self) -> None:
         for entry in self.driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
+            params = message.get("params", {})
             if message.get("method") == "Network.requestWillBeSent":
-                self.urls.append(message["params"]["request"]["url"])
+                self.requests[params["requestId"]] = params["request"]
             elif message.get("method") == "Network.webSocketCreated":
-                self.urls.append(message["params"]["url"])
+                self.requests[params["requestId"]] = {"url": params["url"], "headers": {}}
+            elif message.get("method") == "Network.loadingFailed" and params.get("blockedReason"):
+                self.blocked.add(params["requestId"])
         self.console.extend(self.driver.get_log("browser"))
 
-    def hosts(self) -> set[str]:
-        """Hosts of every request that went over the network (blob: and data: URLs never leave the page)."""
-        return {urlsplit(url).hostname or "" for url in self.urls if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
+    @property
+    def urls(self) -> list[str]:
+        return [request["url"] for request in self.requests.values()]
+
+    def sent_off_host(self, allowed: set[str]) -> list[str]:
+        """URLs of requests that went out to a host not in ``allowed`` (blob: and data: URLs never leave the page;
+        a request the CSP blocked was never sent)."""
+        return [
+            request["url"]
+            for request_id, request in self.requests.items()
+            if request_id not in self.blocked
+            and urlsplit(request["url"]).scheme in ("http", "https", "ws", "wss")
+            and urlsplit(request["url"]).hostname not in allowed
+        ]
