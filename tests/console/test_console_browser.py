@@ -251,6 +251,26 @@ def compare(driver: Any, job_ids: list[str]) -> None:
     screenshot(driver, "compare")
 
 
+def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str) -> None:
+    spec = {"model": "dama/tiny-llava", "adapter_job_id": job_id, "preference_dataset_id": held_out}
+    created = api.post("/evaluations", json=spec)
+    assert created.status_code == 201, created.text
+    driver.get(driver.current_url.split("#")[0] + "#/evaluations")
+    wait(driver, lambda d: css(d, "#evaluations-table a"), what="evaluations list")[0].click()
+    rows = wait(driver, lambda d: css(d, "#evaluation-outputs tbody tr"), timeout=240, what="per-pair outputs")
+    assert len(rows) == 8  # every held-out pair, with its bucket and margins
+    metrics = css(driver, "#evaluation-metrics")[0].text
+    assert "overall" in metrics and "implicit-reward accuracy" in metrics
+    wait(
+        driver,
+        lambda d: d.execute_script(
+            "const i = document.querySelector('img.chart-png');return i && i.complete && i.naturalWidth > 0"
+        ),
+        what="chart",
+    )
+    screenshot(driver, "evaluation")
+
+
 def open_docs(driver: Any, service: Service) -> None:
     driver.get(f"{service.url}/docs")
     wait(driver, lambda d: len(css(d, ".opblock")) >= 20, timeout=60, what="Swagger UI operations")
@@ -288,6 +308,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     compare(driver, [job_id, dpo.json()["id"]])
+    check_evaluation(driver, api, job_id, held_out)
     open_docs(driver, service)
 
     network.collect()

@@ -29,30 +29,55 @@ export async function evaluationsPage(view, { signal }) {
   );
 }
 
-async function outputs(id, signal) {
-  const lines = [];
-  for (const file of ["generations", "pairs"]) {
-    try {
-      const text = await (await fetchRaw(`/evaluations/${id}/outputs?file=${file}`, { signal })).text();
-      for (const line of text.split("\n").slice(0, 50)) if (line.trim()) lines.push({ file, row: JSON.parse(line) });
-    } catch {
-      // that kind of output was not asked for
-    }
+async function jsonLines(path, signal) {
+  const text = await (await fetchRaw(path, { signal })).text();
+  return text.split("\n").filter((line) => line.trim()).slice(0, 50).map((line) => JSON.parse(line));
+}
+
+const listed = (values) => (values && values.length ? values.join(", ") : "-");
+
+/** Per-sample outputs: generations (answers with their hallucinated objects) and preference pairs (log-probs). */
+async function outputs(evaluation, signal) {
+  const parts = [];
+  if (evaluation.spec.generative_dataset_id) {
+    const rows = await jsonLines(`/evaluations/${evaluation.id}/outputs?file=generations`, signal);
+    parts.push(
+      h("h3", null, "Generations"),
+      table(
+        [
+          { label: "sample", value: (r) => r.id },
+          { label: "prompt", value: (r) => r.prompt },
+          { label: "objects", value: (r) => listed(r.objects) },
+          { label: "base answer", value: (r) => r.base?.response ?? "-" },
+          { label: "base hallucinated", value: (r) => listed(r.base?.hallucinated) },
+          { label: "tuned answer", value: (r) => r.tuned?.response ?? "-" },
+          { label: "tuned hallucinated", value: (r) => listed(r.tuned?.hallucinated) },
+        ],
+        rows,
+        { class: "outputs" },
+      ),
+    );
   }
-  if (!lines.length) return h("p", { class: "muted" }, "No per-sample outputs.");
-  const text = (value) => (typeof value === "string" ? value : JSON.stringify(value));
-  return table(
-    [
-      { label: "set", value: (l) => l.file },
-      { label: "sample", value: (l) => text(l.row.sample_id ?? l.row.row_id ?? l.row.id ?? "") },
-      { label: "prompt", value: (l) => text(l.row.prompt ?? "") },
-      { label: "base", value: (l) => text(l.row.base?.response ?? l.row.base_response ?? l.row.base ?? "") },
-      { label: "tuned", value: (l) => text(l.row.tuned?.response ?? l.row.tuned_response ?? l.row.tuned ?? "") },
-      { label: "details", value: (l) => h("code", null, text(l.row.hallucinated ?? l.row.margin ?? l.row.bucket ?? "")) },
-    ],
-    lines,
-    { class: "outputs" },
-  );
+  if (evaluation.spec.preference_dataset_id) {
+    const rows = await jsonLines(`/evaluations/${evaluation.id}/outputs?file=pairs`, signal);
+    const margin = (r, model) => r[`${model}_logp_chosen`] - r[`${model}_logp_rejected`];
+    parts.push(
+      h("h3", null, "Preference pairs"),
+      table(
+        [
+          { label: "pair", value: (r) => r.id },
+          { label: "bucket", value: (r) => r.bucket ?? "-" },
+          { label: "hardness", value: (r) => fmt(r.hardness), class: "num" },
+          { label: "base log-prob margin", value: (r) => fmt(margin(r, "base")), class: "num" },
+          { label: "tuned log-prob margin", value: (r) => fmt(margin(r, "tuned")), class: "num" },
+          { label: "reward margin", value: (r) => fmt(r.reward_margin), class: "num" },
+        ],
+        rows,
+        { class: "outputs" },
+      ),
+    );
+  }
+  return parts.length ? parts : h("p", { class: "muted" }, "No per-sample outputs.");
 }
 
 export async function evaluationPage(view, { id, signal }) {
@@ -72,7 +97,8 @@ export async function evaluationPage(view, { id, signal }) {
         h("dt", null, "progress"), h("dd", null, progressCell(evaluation)),
         h("dt", null, "ETA"), h("dd", null, ENDED.has(evaluation.status) ? "-" : duration(evaluation.eta_seconds)),
         h("dt", null, "model"), h("dd", null, evaluation.spec.model),
-        h("dt", null, "adapter of"), h("dd", null, evaluation.spec.adapter_job_id || "-"),
+        h("dt", null, "adapter of"),
+        h("dd", null, evaluation.spec.adapter_job_id ? h("a", { href: `#/jobs/${evaluation.spec.adapter_job_id}` }, evaluation.spec.adapter_job_id) : "-"),
       ),
       evaluation.error ? h("div", { class: "error" }, `${evaluation.error.kind}: ${evaluation.error.message}`) : null,
     ];
@@ -83,9 +109,9 @@ export async function evaluationPage(view, { id, signal }) {
         chart.src = url;
       }).catch(() => chart.remove());
       parts.push(
-        h("section", { class: "card" }, h("h2", null, "Metrics"), evaluationTables(evaluation.metrics), h("p", null, "Preference pairs: ", fmt(evaluation.metrics?.preference?.pairs))),
+        h("section", { class: "card", id: "evaluation-metrics" }, h("h2", null, "Metrics"), evaluationTables(evaluation.metrics)),
         h("section", { class: "card" }, h("h2", null, "Chart"), chart),
-        h("section", { class: "card" }, h("h2", null, "Per-sample outputs (first 50)"), await outputs(id, signal)),
+        h("section", { class: "card", id: "evaluation-outputs" }, h("h2", null, "Per-sample outputs (first 50)"), await outputs(evaluation, signal)),
       );
     }
     mount(body, parts);
