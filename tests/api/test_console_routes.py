@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from dama_engine.data.demo import make_demo_dataset
 from tests.api.conftest import ApiServer, assert_error, upload, zip_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -107,3 +109,20 @@ def test_openapi_documents_the_preview_routes(api_server: ApiServer) -> None:
     assert "image/png" in image["responses"]["200"]["content"]
     assert paths["/datasets/{dataset_id}/hardness"]["get"]["responses"]["200"]["content"]["application/json"]
     assert not any(path.startswith(("/console", "/docs")) for path in paths)
+
+
+def test_a_generative_set_previews_its_objects(client1: httpx.Client, tmp_path: Path) -> None:
+    demo = make_demo_dataset(tmp_path, n_train=1, n_eval=0, n_generative=3, image_size=32)
+    members = {
+        "generative_eval.jsonl": demo.generative_eval.read_bytes(),
+        "vocabulary.json": (tmp_path / "vocabulary.json").read_bytes(),
+    }
+    members |= {f"images/{image.name}": image.read_bytes() for image in demo.images_dir.glob("gen_*")}
+    created = upload(client1, zip_bytes(members), "generative.zip")
+    assert created.status_code == 201 and created.json()["format"] == "generative", created.text
+    rows = client1.get(f"/datasets/{created.json()['id']}/rows").json()
+    assert rows["format"] == "generative" and rows["total_rows"] == 3 and len(rows["data"]) == 3
+    first = rows["data"][0]
+    assert first["objects"] and first["prompt"] and first["chosen"] is None
+    assert client1.get(first["images"][0]).content.startswith(PNG)
+    assert client1.get(f"/datasets/{created.json()['id']}/hardness").json()["source"] is None
