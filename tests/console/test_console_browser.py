@@ -271,6 +271,16 @@ def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str)
     screenshot(driver, "evaluation")
 
 
+def cancel_from_the_page(driver: Any, api: httpx.Client, dataset_id: str) -> None:
+    spec = {"model": "dama/tiny-llava", "dataset_id": dataset_id, "hyperparameters": {**HYPERPARAMETERS, "epochs": 50}}
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    driver.get(driver.current_url.split("#")[0] + f"#/jobs/{job_id}")
+    wait(driver, lambda d: css(d, "#job-header .badge")[0].text == "running", timeout=120, what="a running job")
+    css(driver, "#cancel-job")[0].click()
+    wait(driver, lambda d: css(d, "#job-header .badge")[0].text == "cancelled", timeout=120, what="cancelled")
+    assert not css(driver, "#cancel-job") and not css(driver, "#download-adapter")
+
+
 def open_docs(driver: Any, service: Service) -> None:
     driver.get(f"{service.url}/docs")
     wait(driver, lambda d: len(css(d, ".opblock")) >= 20, timeout=60, what="Swagger UI operations")
@@ -292,6 +302,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
     upload(driver, files["train"], name=XSS_NAME)
     link = wait(driver, lambda d: css(d, "#upload-result a"), timeout=60, what="upload")[0]
     dataset_id = link.get_attribute("href").rsplit("/", 1)[1]
+    assert css(driver, "#upload-progress")[0].get_attribute("value") == "1"  # the progress bar followed the upload
     screenshot(driver, "datasets")
     check_dataset_page(driver, dataset_id)
 
@@ -309,6 +320,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
         time.sleep(0.5)
     compare(driver, [job_id, dpo.json()["id"]])
     check_evaluation(driver, api, job_id, held_out)
+    cancel_from_the_page(driver, api, dataset_id)
     open_docs(driver, service)
 
     network.collect()
