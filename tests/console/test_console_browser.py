@@ -118,6 +118,7 @@ def chart_points(driver: Any, scope: str) -> list[int]:
 def sign_in(driver: Any, service: Service) -> None:
     driver.get(f"{service.url}/")
     wait(driver, lambda d: d.current_url.startswith(f"{service.url}/console/") and css(d, "#api-key"), what="sign-in")
+    assert not css(driver, "#nav")[0].is_displayed() and not css(driver, "#sign-out")[0].is_displayed()
     screenshot(driver, "sign-in")
     css(driver, "#api-key")[0].send_keys(service.key)
     css(driver, "#sign-in button")[0].click()
@@ -153,6 +154,8 @@ def check_dataset_page(driver: Any, dataset_id: str) -> None:
         what="sample images",
     )
     assert "32 of 32 rows valid" in css(driver, "#validation")[0].text
+    css(driver, "#more-rows")[0].click()
+    wait(driver, lambda d: len(css(d, "#samples article.sample")) == 24, what="more sample rows")
     assert chart_points(driver, "#hardness")[0] >= 2  # histogram bars
     screenshot(driver, "dataset")
 
@@ -334,6 +337,11 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
     assert streams and all(r["headers"].get("Accept") == "text/event-stream" for r in streams)
     assert all(r["headers"].get("Authorization") == f"Bearer {service.key}" for r in streams)
     assert driver.execute_script("return localStorage.length") == 0  # the key is kept for the tab only
+    driver.get(f"{service.url}/console/#/jobs")
+    wait(driver, lambda d: css(d, "#sign-out")[0].is_displayed(), what="signed in")
+    css(driver, "#sign-out")[0].click()
+    wait(driver, lambda d: css(d, "#api-key"), what="the sign-in form")
+    assert driver.execute_script("return sessionStorage.length") == 0
     assert not [
         entry
         for entry in network.console

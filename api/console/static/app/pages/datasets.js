@@ -172,9 +172,20 @@ export async function datasetPage(view, { id, signal }) {
         ]
       : h("p", { class: "muted" }, "The rows carry no hardness scores: a job scores the pairs with CLIP when it starts."),
   );
-  mount(
-    samples,
-    h("h2", null, `Sample rows (${rows.data.length} of ${rows.total_rows})`),
-    rows.data.map((row) => sampleRow(row, urls, signal)),
-  );
+  const heading = h("h2", null);
+  const list = h("div", null, rows.data.map((row) => sampleRow(row, urls, signal)));
+  const more = h("button", { type: "button", id: "more-rows" }, "More rows");
+  let shown = rows.data.length;
+  const label = (page) => {
+    heading.textContent = `Sample rows (${shown} of ${page.total_rows}; the first ${page.sampled_rows} can be shown)`;
+    more.hidden = !page.has_more;
+  };
+  more.addEventListener("click", async () => {
+    const page = await api(`/datasets/${id}/rows`, { query: { offset: shown, limit: 12 }, signal });
+    list.append(...page.data.map((row) => sampleRow(row, urls, signal)));
+    shown += page.data.length;
+    label(page);
+  });
+  label(rows);
+  mount(samples, heading, list, more);
 }
