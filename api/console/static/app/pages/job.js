@@ -227,7 +227,14 @@ export async function jobPage(view, { id, signal }) {
   });
   while (!signal.aborted && !ENDED.has(job.status)) {
     await new Promise((resolve) => setTimeout(resolve, 1000));
-    if (!signal.aborted) await refresh();
+    if (signal.aborted) break;
+    try {
+      await refresh();
+    } catch (error) {
+      // a blip (rate limit, restart): say so and keep following; a vanished job or a refused key ends the view
+      if (error.name === "AbortError" || error.status === 401 || error.status === 404) throw error;
+      mount(actionMessage, errorBox(error));
+    }
   }
   await stream;
   if (!signal.aborted) await refresh();
