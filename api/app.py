@@ -13,11 +13,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.console.router import install_console
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
 from api.ratelimit import RateLimiter
-from api.routers import datasets, evaluations, health, job_outputs, jobs, models
+from api.routers import dataset_preview, datasets, evaluations, health, job_outputs, jobs, models
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory
@@ -67,13 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         openapi_tags=TAGS,
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url="/redoc",
+        docs_url=None,  # served offline by the console module, without inline script
+        redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (datasets, jobs, job_outputs, evaluations, models, health):
+    for module in (datasets, dataset_preview, jobs, job_outputs, evaluations, models, health):
         app.include_router(module.router)
+    install_console(app)
 
     def openapi() -> dict[str, Any]:
         return build_openapi(app)

@@ -1,0 +1,241 @@
+// A job: live status (events streamed with fetch + the Authorization header), training curves, held-out
+// evaluation points, the base-vs-tuned evaluation, checkpoints, cancel and the adapter download.
+
+import { api, download, followEvents } from "../api.js";
+import { lineChart } from "../charts.js";
+import { duration, errorBox, fmt, h, mount, statusBadge, table, when } from "../dom.js";
+import { progressCell } from "./jobs.js";
+
+export const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+export const METRIC_KEYS = [
+  "loss",
+  "reward_margin",
+  "reward_accuracy",
+  "beta_mean",
+  "beta_min",
+  "beta_max",
+  "alpha_d_mean",
+  "alpha_m",
+  "kept",
+  "eval_loss",
+  "eval_accuracy",
+  "eval_margin",
+];
+
+/** Pairs seen per optimizer step, to turn the kept count into a share. */
+function pairsPerStep(spec) {
+  return spec.hyperparameters.batch_size * spec.hyperparameters.grad_accumulation * (spec.gpus || 1);
+}
+
+export function keptShare(series, spec) {
+  const total = pairsPerStep(spec);
+  return (series.kept || []).map(([step, kept]) => [step, Math.min(1, kept / total)]);
+}
+
+function betaBand(series) {
+  const low = new Map(series.beta_min || []);
+  const high = new Map(series.beta_max || []);
+  return (series.beta_mean || []).filter(([step]) => low.has(step) && high.has(step)).map(([step]) => [step, low.get(step), high.get(step)]);
+}
+
+export function trainingCharts(series, spec) {
+  const s = (key) => series[key] || [];
+  return [
+    lineChart({ title: "loss", series: [{ label: "loss", points: s("loss") }, { label: "held-out loss", points: s("eval_loss"), dots: true, color: 1 }] }),
+    lineChart({ title: "reward margin", series: [{ label: "train", points: s("reward_margin") }, { label: "held-out", points: s("eval_margin"), dots: true, color: 1 }] }),
+    lineChart({ title: "preference accuracy", series: [{ label: "train", points: s("reward_accuracy") }, { label: "held-out", points: s("eval_accuracy"), dots: true, color: 1 }] }),
+    lineChart({ title: "beta: mean, min-max band", series: [{ label: "beta mean", points: s("beta_mean"), band: betaBand(series) }] }),
+    lineChart({ title: "alpha_D and alpha_M", series: [{ label: "alpha_D (mean)", points: s("alpha_d_mean") }, { label: "alpha_M", points: s("alpha_m") }] }),
+    lineChart({ title: "kept share", series: [{ label: "kept", points: keptShare(series, spec) }] }),
+  ];
+}
+
+function heldOutTable(series) {
+  const steps = (series.eval_accuracy || []).map(([step]) => step);
+  if (!steps.length) return h("p", { class: "muted" }, "No held-out evaluation (set evaluation.dataset_id or holdout_fraction).");
+  const at = (key) => new Map(series[key] || []);
+  const [loss, accuracy, margin] = [at("eval_loss"), at("eval_accuracy"), at("eval_margin")];
+  return table(
+    [
+      { label: "step", value: (step) => String(step), class: "num" },
+      { label: "loss", value: (step) => fmt(loss.get(step)), class: "num" },
+      { label: "accuracy", value: (step) => fmt(accuracy.get(step)), class: "num" },
+      { label: "margin", value: (step) => fmt(margin.get(step)), class: "num" },
+    ],
+    steps,
+    { id: "held-out" },
+  );
+}
+
+/** Base against tuned, from result.evaluation (preference per hardness bucket; CHAIR on a generative set). */
+export function evaluationTables(evaluation) {
+  if (!evaluation) return h("p", { class: "muted" }, "Not evaluated yet.");
+  const parts = [];
+  const preference = evaluation.preference;
+  if (preference && preference.base) {
+    const buckets = ["overall", ...Object.keys(preference.base.buckets || {})];
+    const pick = (model, bucket) => (bucket === "overall" ? preference[model]?.overall : preference[model]?.buckets?.[bucket]) || {};
+    const reward = (bucket) => (bucket === "overall" ? preference.implicit_reward?.overall : preference.implicit_reward?.buckets?.[bucket]) || {};
+    parts.push(
+      h("h3", null, `Held-out pairs: ${preference.pairs}`),
+      table(
+        [
+          { label: "hardness", value: (b) => b },
+          { label: "pairs", value: (b) => String(pick("base", b).count ?? "-"), class: "num" },
+          { label: "base log-prob accuracy", value: (b) => fmt(pick("base", b).logp_accuracy), class: "num" },
+          { label: "tuned log-prob accuracy", value: (b) => fmt(pick("tuned", b).logp_accuracy), class: "num" },
+          { label: "implicit-reward accuracy", value: (b) => fmt(reward(b).accuracy), class: "num" },
+          { label: "reward margin", value: (b) => fmt(reward(b).margin), class: "num" },
+          { label: "DPO loss", value: (b) => fmt(reward(b).loss), class: "num" },
+        ],
+        buckets,
+        { class: "base-vs-tuned" },
+      ),
+    );
+  }
+  const generative = evaluation.generative;
+  if (generative && generative.base) {
+    const metrics = ["chair_s", "chair_i", "coverage", "hallucination_rate", "mean_length"];
+    parts.push(
+      h("h3", null, `Generative set (CHAIR): ${generative.samples ?? ""} samples`),
+      table(
+        [
+          { label: "metric", value: (m) => m },
+          { label: "base", value: (m) => fmt(generative.base[m]), class: "num" },
+          { label: "tuned", value: (m) => fmt(generative.tuned?.[m]), class: "num" },
+        ],
+        metrics,
+        { class: "chair" },
+      ),
+    );
+  }
+  return parts.length ? parts : h("p", { class: "muted" }, "No evaluation results.");
+}
+
+function header(job) {
+  return [
+    h("h1", null, "Job ", h("code", null, job.id), " ", statusBadge(job.status)),
+    h(
+      "dl",
+      { class: "facts" },
+      h("dt", null, "stage"), h("dd", { id: "job-stage" }, job.stage || "-"),
+      h("dt", null, "progress"), h("dd", { id: "job-progress", dataset: { percent: String(job.percent) } }, progressCell(job)),
+      h("dt", null, "step"), h("dd", null, `${job.step} / ${job.total_steps ?? "?"}`),
+      h("dt", null, "ETA"), h("dd", null, ENDED.has(job.status) ? "-" : duration(job.eta_seconds)),
+      h("dt", null, "method"), h("dd", null, job.spec.method),
+      h("dt", null, "model"), h("dd", null, job.spec.model),
+      h("dt", null, "dataset"), h("dd", null, job.dataset_id ? h("a", { href: `#/datasets/${job.dataset_id}` }, job.dataset_id) : "-"),
+      h("dt", null, "created"), h("dd", null, when(job.created_at)),
+      h("dt", null, "finished"), h("dd", null, when(job.finished_at)),
+    ),
+    job.error ? h("div", { class: "error" }, `${job.error.kind}: ${job.error.message}`) : null,
+  ];
+}
+
+export async function jobPage(view, { id, signal }) {
+  const top = h("section", { id: "job-header" });
+  const actions = h("div", { class: "toolbar", id: "job-actions" });
+  const charts = h("section", { class: "charts", id: "charts" });
+  const heldOut = h("section", { class: "card" }, h("h2", null, "Held-out evaluation"));
+  const baseVsTuned = h("section", { class: "card", id: "base-vs-tuned" }, h("h2", null, "Base vs tuned"));
+  const checkpoints = h("section", { class: "card" }, h("h2", null, "Checkpoints"));
+  const log = h("ol", { class: "events", id: "events" });
+  const actionMessage = h("div", { id: "action-message" });
+  mount(
+    view,
+    top,
+    actions,
+    actionMessage,
+    h("h2", null, "Training"),
+    charts,
+    heldOut,
+    baseVsTuned,
+    checkpoints,
+    h("section", { class: "card" }, h("h2", null, "Events"), log),
+  );
+
+  let job = null;
+  const refresh = async () => {
+    const [fresh, metrics, saved] = await Promise.all([
+      api(`/jobs/${id}`, { signal }),
+      api(`/jobs/${id}/metrics`, { query: { keys: METRIC_KEYS.join(",") }, signal }),
+      api(`/jobs/${id}/checkpoints`, { query: { limit: 100 }, signal }),
+    ]);
+    job = fresh;
+    mount(top, header(job));
+    mount(
+      actions,
+      ENDED.has(job.status) ? null : h("button", { type: "button", id: "cancel-job", onclick: cancel }, "Cancel"),
+      job.status === "succeeded" ? h("button", { type: "button", id: "download-adapter", onclick: downloadAdapter }, "Download adapter") : null,
+      h("a", { class: "button", href: `#/compare?ids=${job.id}` }, "Compare..."),
+    );
+    mount(charts, trainingCharts(metrics.series, job.spec));
+    mount(heldOut, h("h2", null, "Held-out evaluation"), heldOutTable(metrics.series));
+    mount(baseVsTuned, h("h2", null, "Base vs tuned"), evaluationTables(job.result?.evaluation));
+    mount(
+      checkpoints,
+      h("h2", null, "Checkpoints"),
+      saved.data.length
+        ? table(
+            [
+              { label: "step", value: (c) => String(c.step), class: "num" },
+              { label: "id", value: (c) => h("code", null, c.id) },
+              { label: "saved", value: (c) => when(c.created_at) },
+            ],
+            saved.data,
+          )
+        : h("p", { class: "muted" }, "None yet."),
+    );
+  };
+  async function cancel() {
+    try {
+      await api(`/jobs/${id}/cancel`, { method: "POST", signal });
+      await refresh();
+    } catch (error) {
+      mount(actionMessage, errorBox(error));
+    }
+  }
+  async function downloadAdapter() {
+    try {
+      const saved = await download(`/jobs/${id}/adapter`, `${id}-adapter.tar.gz`);
+      mount(actionMessage, h("div", { class: "ok", id: "download-done" }, `Downloaded ${saved.name} (${saved.size} bytes, sha256 ${saved.sha256})`));
+    } catch (error) {
+      mount(actionMessage, errorBox(error));
+    }
+  }
+
+  await refresh();
+  // Events arrive as they happen; metrics (written every step, without events) are polled while the job runs.
+  const stream = followEvents(
+    `/jobs/${id}/events`,
+    (event) => {
+      log.append(
+        h(
+          "li",
+          { class: `event event-${event.type}` },
+          h("time", null, new Date(event.created_at).toLocaleTimeString()),
+          " ",
+          h("span", { class: "event-type" }, event.type),
+          " ",
+          event.message,
+        ),
+      );
+    },
+    { signal },
+  ).catch((error) => {
+    if (error.name !== "AbortError") log.append(h("li", { class: "error" }, error.message));
+  });
+  while (!signal.aborted && !ENDED.has(job.status)) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    if (signal.aborted) break;
+    try {
+      await refresh();
+    } catch (error) {
+      // a blip (rate limit, restart): say so and keep following; a vanished job or a refused key ends the view
+      if (error.name === "AbortError" || error.status === 401 || error.status === 404) throw error;
+      mount(actionMessage, errorBox(error));
+    }
+  }
+  await stream;
+  if (!signal.aborted) await refresh();
+}

@@ -1,0 +1,349 @@
+"""The web console in a real browser (Debian's headless Chromium via Selenium) against the real service: sign in,
+upload datasets (one hostile, one invalid), start a job from the form, watch it to 100% with charts that hold
+data, download the adapter, compare two jobs, open the API docs; then check that no request left the host and
+that the key is in no URL the browser requested and nowhere in the server's access log.
+
+Set DAMA_CONSOLE_SCREENSHOTS=docs/images to refresh the README's screenshots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium.webdriver.support.ui import Select
+
+from dama_engine.data.demo import make_demo_dataset
+from tests.console.browser import NetworkLog, chromium
+from tests.console.conftest import Service
+
+pytestmark = pytest.mark.slow
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+XSS_NAME = '<img src=x onerror="window.__xss=1">.zip'
+XSS_PROMPT = "<script>window.__xss=2</script> What is in this picture?"
+XSS_CHOSEN = '<img src=x onerror="window.__xss=3"> a shape'
+ENDED = {"succeeded", "failed", "cancelled"}
+HYPERPARAMETERS = {"learning_rate": 0.005, "batch_size": 8, "epochs": 2, "max_length": 256, "checkpoint_every": 4}
+
+
+def _zip(folder: Path, data_file: Path, images: Path, rewrite: Callable[[list[dict[str, Any]]], None]) -> Path:
+    rows = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+    rewrite(rows)
+    target = folder / f"{data_file.stem}.zip"
+    with zipfile.ZipFile(target, "w") as bundle:
+        bundle.writestr(data_file.name, "\n".join(json.dumps(row) for row in rows))
+        for image in sorted(images.glob(f"{data_file.stem}_*")):
+            bundle.write(image, f"images/{image.name}")
+    return target
+
+
+def _hostile(rows: list[dict[str, Any]]) -> None:
+    rows[0]["prompt"][0]["content"][1]["text"] = XSS_PROMPT
+    rows[0]["chosen"][0]["content"] = XSS_CHOSEN
+
+
+def _broken(rows: list[dict[str, Any]]) -> None:
+    del rows[1]["rejected"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("console-data")
+    demo = make_demo_dataset(folder / "demo", n_train=32, n_eval=8, n_generative=0, image_size=32, with_hardness=True)
+    return {
+        "train": _zip(folder, demo.train, demo.images_dir, _hostile),
+        "eval": _zip(folder, demo.eval, demo.images_dir, lambda rows: None),
+        "broken": _zip(folder / "demo", demo.train, demo.images_dir, _broken),
+    }
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, NetworkLog, Path]]:
+    downloads = tmp_path_factory.mktemp("downloads")
+    with chromium(downloads) as driver:
+        yield driver, NetworkLog(driver), downloads
+
+
+def wait(driver: Any, predicate: Callable[[Any], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate(driver)
+        except Exception:  # an element replaced while the page redraws: look again
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}; page: {driver.find_element('tag name', 'body').text[:2000]}"
+            )
+        time.sleep(0.2)
+
+
+def css(driver: Any, selector: str) -> list[Any]:
+    return list(driver.find_elements("css selector", selector))
+
+
+def screenshot(driver: Any, name: str) -> None:
+    folder = os.environ.get("DAMA_CONSOLE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / f"console-{name}.png"))
+
+
+def chart_points(driver: Any, scope: str) -> list[int]:
+    """Per chart in ``scope``: the points drawn (path vertices and dots), read from the SVG itself."""
+    return driver.execute_script(
+        """
+        return [...document.querySelectorAll(arguments[0] + ' svg.plot')].map((svg) =>
+          [...svg.querySelectorAll('path.line')]
+            .reduce((n, p) => n + (p.getAttribute('d').match(/[ML]/g) || []).length, 0)
+          + svg.querySelectorAll('circle.dot, rect.bar').length);
+        """,
+        scope,
+    )
+
+
+def sign_in(driver: Any, service: Service) -> None:
+    driver.get(f"{service.url}/")
+    wait(driver, lambda d: d.current_url.startswith(f"{service.url}/console/") and css(d, "#api-key"), what="sign-in")
+    assert not css(driver, "#nav")[0].is_displayed() and not css(driver, "#sign-out")[0].is_displayed()
+    screenshot(driver, "sign-in")
+    css(driver, "#api-key")[0].send_keys(service.key)
+    css(driver, "#sign-in button")[0].click()
+    wait(driver, lambda d: css(d, "#jobs-table") or "No jobs match" in d.find_element("id", "main").text, what="jobs")
+
+
+def upload(driver: Any, path: Path, name: str = "") -> None:
+    driver.get(driver.current_url.split("#")[0] + "#/datasets")
+    wait(driver, lambda d: css(d, "#upload-file"), what="upload form")
+    if name:
+        css(driver, "#upload-name")[0].send_keys(name)
+    css(driver, "#upload-file")[0].send_keys(str(path))
+    css(driver, "#upload-form button[type=submit]")[0].click()
+
+
+def check_dataset_page(driver: Any, dataset_id: str) -> None:
+    driver.get(driver.current_url.split("#")[0] + f"#/datasets/{dataset_id}")
+    wait(driver, lambda d: len(css(d, "#samples article.sample")) >= 5, what="sample rows")
+    assert css(driver, "#dataset-name")[0].text == XSS_NAME  # shown as text, not parsed
+    assert css(driver, "#dataset-format")[0].text == "trl" and css(driver, "#dataset-rows")[0].text == "32"
+    first = css(driver, '#samples article.sample[data-row="1"]')[0].text
+    assert XSS_PROMPT in first and XSS_CHOSEN in first
+    assert driver.execute_script("return window.__xss") is None
+    assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"], main script').length") == 0
+    # every sample image arrived through fetch (with the key) and decoded
+    wait(
+        driver,
+        lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('img.thumb')];"
+            "return imgs.length >= 5 && imgs.every((i) => i.src.startsWith('blob:') && i.complete"
+            " && i.naturalWidth > 0);"
+        ),
+        what="sample images",
+    )
+    assert "32 of 32 rows valid" in css(driver, "#validation")[0].text
+    css(driver, "#more-rows")[0].click()
+    wait(driver, lambda d: len(css(d, "#samples article.sample")) == 24, what="more sample rows")
+    assert chart_points(driver, "#hardness")[0] >= 2  # histogram bars
+    screenshot(driver, "dataset")
+
+
+def fill_job_form(driver: Any, dataset_id: str, eval_id: str, learning_rate: str) -> None:
+    def field(param: str) -> Any:
+        return css(driver, f'[data-param="{param}"]')[0]
+
+    Select(field("dataset_id")).select_by_value(dataset_id)
+    Select(field("evaluation.dataset_id")).select_by_value(eval_id)
+    for name, value in {**HYPERPARAMETERS, "learning_rate": learning_rate}.items():
+        field(f"hyperparameters.{name}").clear()
+        field(f"hyperparameters.{name}").send_keys(str(value))
+    css(driver, "#create-job")[0].click()
+
+
+def create_job(driver: Any, dataset_id: str, eval_id: str) -> str:
+    driver.get(driver.current_url.split("#")[0] + "#/jobs/new")
+    wait(driver, lambda d: css(d, '[data-param="hyperparameters.learning_rate"]'), what="job form")
+    # the schema's defaults and bounds are on the form
+    rate = css(driver, '[data-param="hyperparameters.learning_rate"]')[0]
+    assert float(rate.get_attribute("value")) == 2e-5
+    hint = css(driver, '.field[data-field="hyperparameters.learning_rate"] .hint')[0].text
+    assert "default 0.00002" in hint and "> 0" in hint
+    assert css(driver, '[data-param="hyperparameters.batch_size"]')[0].get_attribute("max") == "1024"
+    assert css(driver, '[data-param="method"]')[0].get_attribute("value") == "dama"
+    # the server's error lands on the field it names
+    fill_job_form(driver, dataset_id, eval_id, learning_rate="-1")
+    error = wait(
+        driver,
+        lambda d: css(d, '.field.invalid[data-field="hyperparameters.learning_rate"] .field-error'),
+        what="field error",
+    )[0]
+    assert "greater than 0" in error.text
+    screenshot(driver, "new-job")
+    fill_job_form(driver, dataset_id, eval_id, learning_rate="0.005")
+    match = wait(driver, lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url), what="job page")
+    return str(match.group(1))
+
+
+def watch_job(driver: Any) -> None:
+    seen: set[str] = set()
+
+    def ended(d: Any) -> bool:
+        progress = css(d, "#job-progress")
+        badge = css(d, "#job-header .badge")
+        if progress and badge:
+            seen.add(badge[0].text)
+            percent = float(progress[0].get_attribute("data-percent"))
+            if 0 < percent < 100:
+                seen.add("partial")
+            return badge[0].text in ENDED and percent == 100.0
+        return False
+
+    wait(driver, ended, timeout=300, what="the job to finish")
+    assert css(driver, "#job-header .badge")[0].text == "succeeded"
+    assert "running" in seen, seen  # the page followed the job while it ran
+    wait(driver, lambda d: "succeeded" in css(d, "#events")[0].text, what="the last event")
+    events = css(driver, "#events li")
+    assert len(events) >= 8 and "stage training" in css(driver, "#events")[0].text
+    points = chart_points(driver, "#charts")
+    assert len(points) == 6 and all(count >= 2 for count in points), points  # loss ... kept share, all with data
+    assert len(css(driver, "#held-out tbody tr")) >= 2  # before and after training
+    assert "overall" in css(driver, "#base-vs-tuned table")[0].text
+    screenshot(driver, "job")
+
+
+def download_adapter(driver: Any, downloads: Path) -> None:
+    css(driver, "#download-adapter")[0].click()
+    message = wait(driver, lambda d: css(d, "#download-done"), what="download")[0].text
+    archive = wait(driver, lambda d: [p for p in downloads.glob("*.tar.gz") if p.stat().st_size], what="file")[0]
+    time.sleep(0.5)  # the file is renamed into place once complete
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() in message
+    with tarfile.open(archive) as bundle:
+        assert any(name.endswith("adapter_config.json") for name in bundle.getnames())
+
+
+def compare(driver: Any, job_ids: list[str]) -> None:
+    driver.get(driver.current_url.split("#")[0] + "#/jobs")
+    wait(driver, lambda d: len(css(d, "#jobs-table input[type=checkbox]")) == 2, what="two jobs")
+    Select(css(driver, "#filter-method")[0]).select_by_value("dpo")
+    wait(driver, lambda d: len(css(d, "#jobs-table tbody tr")) == 1, what="filtered list")
+    Select(css(driver, "#filter-method")[0]).select_by_value("")
+    wait(driver, lambda d: len(css(d, "#jobs-table tbody tr")) == 2, what="unfiltered list")
+    for box in css(driver, "#jobs-table input[type=checkbox]"):
+        box.click()
+    screenshot(driver, "jobs")
+    css(driver, "#compare-selected")[0].click()
+    wait(driver, lambda d: len(css(d, "#compare-table tbody tr")) == 2, what="compare table")
+    assert set(job_ids) <= set(driver.current_url.split("ids=")[1].split(","))
+    lines = driver.execute_script(
+        "return document.querySelectorAll('#compare-charts figure:first-child path.line').length"
+    )
+    assert lines == 2  # both jobs' loss on one chart
+    assert all(count >= 4 for count in chart_points(driver, "#compare-charts"))
+    screenshot(driver, "compare")
+
+
+def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str) -> None:
+    spec = {"model": "dama/tiny-llava", "adapter_job_id": job_id, "preference_dataset_id": held_out}
+    created = api.post("/evaluations", json=spec)
+    assert created.status_code == 201, created.text
+    driver.get(driver.current_url.split("#")[0] + "#/evaluations")
+    wait(driver, lambda d: css(d, "#evaluations-table a"), what="evaluations list")[0].click()
+    rows = wait(driver, lambda d: css(d, "#evaluation-outputs tbody tr"), timeout=240, what="per-pair outputs")
+    assert len(rows) == 8  # every held-out pair, with its bucket and margins
+    metrics = css(driver, "#evaluation-metrics")[0].text
+    assert "overall" in metrics and "implicit-reward accuracy" in metrics
+    wait(
+        driver,
+        lambda d: d.execute_script(
+            "const i = document.querySelector('img.chart-png');return i && i.complete && i.naturalWidth > 0"
+        ),
+        what="chart",
+    )
+    screenshot(driver, "evaluation")
+
+
+def cancel_from_the_page(driver: Any, api: httpx.Client, dataset_id: str) -> None:
+    spec = {"model": "dama/tiny-llava", "dataset_id": dataset_id, "hyperparameters": {**HYPERPARAMETERS, "epochs": 50}}
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    driver.get(driver.current_url.split("#")[0] + f"#/jobs/{job_id}")
+    wait(driver, lambda d: css(d, "#job-header .badge")[0].text == "running", timeout=120, what="a running job")
+    css(driver, "#cancel-job")[0].click()
+    wait(driver, lambda d: css(d, "#job-header .badge")[0].text == "cancelled", timeout=120, what="cancelled")
+    assert not css(driver, "#cancel-job") and not css(driver, "#download-adapter")
+
+
+def open_docs(driver: Any, service: Service) -> None:
+    driver.get(f"{service.url}/docs")
+    wait(driver, lambda d: len(css(d, ".opblock")) >= 20, timeout=60, what="Swagger UI operations")
+    paths = {element.text for element in css(driver, ".opblock-summary-path")}
+    assert {"/jobs", "/datasets/{dataset_id}/rows"} <= paths
+    screenshot(driver, "docs")
+    driver.get(f"{service.url}/redoc")
+    wait(driver, lambda d: "Upload a dataset" in d.find_element("tag name", "body").text, timeout=60, what="ReDoc")
+
+
+def test_console_in_a_browser(service: Service, files: dict[str, Path], browser: tuple[Any, NetworkLog, Path]) -> None:
+    driver, network, downloads = browser
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.key}"}, timeout=60)
+    sign_in(driver, service)
+
+    upload(driver, files["broken"])  # rejected: the report names the row and the field
+    report = wait(driver, lambda d: css(d, "#upload-result table.report tbody tr"), what="upload report")
+    assert re.search(r"\b2\b.*rejected", report[0].text), report[0].text
+    upload(driver, files["train"], name=XSS_NAME)
+    link = wait(driver, lambda d: css(d, "#upload-result a"), timeout=60, what="upload")[0]
+    dataset_id = link.get_attribute("href").rsplit("/", 1)[1]
+    assert css(driver, "#upload-progress")[0].get_attribute("value") == "1"  # the progress bar followed the upload
+    screenshot(driver, "datasets")
+    check_dataset_page(driver, dataset_id)
+
+    held_out = api.post("/datasets", files={"file": ("eval.zip", files["eval"].read_bytes())}).json()["id"]
+    job_id = create_job(driver, dataset_id, held_out)
+    spec = {"model": "dama/tiny-llava", "dataset_id": dataset_id, "method": "dpo"}
+    spec |= {"hyperparameters": HYPERPARAMETERS, "evaluation": {"dataset_id": held_out}}
+    dpo = api.post("/jobs", json=spec)
+    assert dpo.status_code == 201, dpo.text
+    watch_job(driver)
+    download_adapter(driver, downloads)
+    deadline = time.monotonic() + 240
+    while api.get(f"/jobs/{dpo.json()['id']}").json()["status"] not in ENDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    compare(driver, [job_id, dpo.json()["id"]])
+    check_evaluation(driver, api, job_id, held_out)
+    cancel_from_the_page(driver, api, dataset_id)
+    open_docs(driver, service)
+
+    network.collect()
+    assert network.sent_off_host(LOCAL_HOSTS) == []
+    assert len(network.urls) > 30
+    assert not [url for url in network.urls if service.key in url]
+    assert service.key not in service.api_log.read_text(errors="replace")
+    assert "GET /jobs" in service.api_log.read_text(errors="replace")  # the access log is on: the check means something
+    # live progress came as a fetch stream with the header, not an EventSource with the key in the URL
+    streams = [r for r in network.requests.values() if "/events" in r["url"]]
+    assert streams and all(r["headers"].get("Accept") == "text/event-stream" for r in streams)
+    assert all(r["headers"].get("Authorization") == f"Bearer {service.key}" for r in streams)
+    assert driver.execute_script("return localStorage.length") == 0  # the key is kept for the tab only
+    driver.get(f"{service.url}/console/#/jobs")
+    wait(driver, lambda d: css(d, "#sign-out")[0].is_displayed(), what="signed in")
+    css(driver, "#sign-out")[0].click()
+    wait(driver, lambda d: css(d, "#api-key"), what="the sign-in form")
+    assert driver.execute_script("return sessionStorage.length") == 0
+    assert not [
+        entry
+        for entry in network.console
+        if "Content Security Policy" in entry["message"] and "/console" in entry["message"]
+    ]
