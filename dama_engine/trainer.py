@@ -33,9 +33,10 @@ from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
-from dama_engine.hardness import HardnessConfig, compute_hardness
+from dama_engine.hardness import HardnessConfig, compute_hardness, describe_hardness
 from dama_engine.hardness import cache_key as hardness_cache_key
 from dama_engine.logprobs import pair_log_probs, unwrap_model
+from dama_engine.model_files import code_version, folder_identity
 from dama_engine.models import (
     is_peft,
     load_model,
@@ -163,9 +164,10 @@ def _pair_log_probs_all(
 def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: str | None) -> dict[str, Any]:
     path = Path(config.model.name_or_path)
     identity: dict[str, Any] = {"model": config.model.name_or_path, "revision": config.model.revision}
-    if path.is_dir():
-        # A local folder: its weights' sizes and times identify it well enough for a cache key.
-        identity["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.safetensors"))
+    # A local folder: every file that can change the numbers (config, tokenizer, processor, template, weights);
+    # and the code that computes them, so a changed log-prob path never reuses old values.
+    identity["files"] = folder_identity(path)
+    identity["code"] = code_version("reference")
     identity["template"] = getattr(processor, "chat_template", None)
     identity["max_length"] = config.data.max_length
     identity["truncate_answers"] = config.data.truncate_answers
@@ -226,6 +228,7 @@ def _hardness(
         splitter=config.hardness.splitter,
         batch_size=config.hardness.batch_size,
         device=device.type,
+        rescale=config.hardness.rescale,
     )
 
     def compute() -> torch.Tensor:
@@ -488,6 +491,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             eval_before=eval_before,
             eval_after=result.eval_after,
             steps=state.step,
+            hardness_source=describe_hardness(train_rows, config.hardness) if hardness_mean is not None else None,
         )
         # The evaluation loads base and adapter from disk: free the training copy first (a 7B model twice is a lot).
         del ddp_model, model, optimizer, parameters
