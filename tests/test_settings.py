@@ -196,7 +196,7 @@ def test_hardness_config_defaults_are_the_knobs() -> None:
 
 def test_stage_and_method_names_agree() -> None:
     assert callbacks.STAGES == states.STAGES == names.STAGES
-    assert names.STAGES == typing.get_args(names.Stage)
+    assert typing.get_args(names.Stage) == names.STAGES
     assert METHODS == names.METHODS == typing.get_args(spec.Method)
 
 
