@@ -32,6 +32,7 @@ from dama_engine.config import TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
+from dama_engine.evaluation import evaluate_after_training
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
 from dama_engine.hardness import HardnessConfig, compute_hardness, describe_hardness
 from dama_engine.hardness import cache_key as hardness_cache_key
@@ -498,60 +499,14 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        result.evaluation = _evaluate_base_vs_tuned(config, result.adapter_dir, output_dir, callback)
+        result.evaluation = evaluate_after_training(
+            config, result.adapter_dir, output_dir, callback, train_rows=train_rows, held_out=eval_rows
+        )
         if result.evaluation is not None:
             add_evaluation_to_adapter(result.adapter_dir, result.evaluation)
     accelerator.wait_for_everyone()
     result.seconds = time.monotonic() - started
     return result
-
-
-def _evaluate_base_vs_tuned(
-    config: TrainConfig, adapter_dir: Path, output_dir: Path, callback: Callback
-) -> dict[str, Any] | None:
-    """Base against tuned on the held-out pairs and the generative set (``config.evaluation``), if any."""
-    from dama_engine.evaluation import parse_evaluation_config, run_evaluation
-
-    section = config.evaluation
-    if not section.enabled or not (config.data.eval or section.generative):
-        return None
-    evaluation_config = parse_evaluation_config(
-        {
-            "model": config.model.model_dump(),
-            "adapter": str(adapter_dir),
-            "data": {
-                "preference": config.data.eval,
-                "format": config.data.format,
-                "generative": section.generative,
-                "vocabulary": section.vocabulary,
-                "max_pairs": section.max_pairs,
-                "max_samples": section.max_samples,
-                "max_length": config.data.max_length,
-                "truncate_answers": config.data.truncate_answers,
-                "skip_invalid_rows": config.data.skip_invalid_rows,
-            },
-            "generation": {"max_new_tokens": section.max_new_tokens},
-            "beta": config.objective.beta,
-            "batch_size": config.optim.batch_size,
-            "output_dir": str(output_dir / "evaluation"),
-        }
-    )
-    callback.on_stage("evaluating", {"when": "base_vs_tuned"})
-    return run_evaluation(evaluation_config, _EvaluationProgress(callback)).results
-
-
-class _EvaluationProgress(Callback):
-    """The evaluation's inner stages are progress inside this run's ``evaluating`` stage."""
-
-    def __init__(self, outer: Callback) -> None:
-        self.outer = outer
-        self.stage = "evaluating"
-
-    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
-        self.stage = stage
-
-    def on_progress(self, stage: str, done: int, total: int) -> None:
-        self.outer.on_progress(f"evaluating/{stage}", done, total)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
