@@ -154,6 +154,21 @@ def test_a_user_error_arrives_as_a_record(store: JobStore, tmp_path: Path) -> No
     assert follower.error.errors == errors
 
 
+def test_the_cli_records_a_bad_config_as_an_error_event(store: JobStore, tmp_path: Path) -> None:
+    from dama_engine.cli import train_main
+
+    config = build_train_config(
+        JobSpec.model_validate(tiny_spec(store.dataset(8))), job_id="j", store=store.artifacts, settings=store.settings
+    )
+    events = tmp_path / "events.jsonl"
+    follower = _Follower(config, Recorder(), tmp_path / "train.log", events)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\noptim: {learning_rate: -1}\n")
+    assert train_main([str(bad), "--events", str(events)]) == 2
+    follower.poll()
+    assert follower.error is not None and "optim.learning_rate" in follower.error.message
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_two_process_job_runs_under_torchrun(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
