@@ -220,3 +220,10 @@ def test_the_api_accepts_the_data_files_the_engine_reads() -> None:
     assert set(KNOWN_SUFFIXES) == set(names.DATA_FILE_SUFFIXES) | set(names.ARCHIVE_SUFFIXES)
     for suffix in KNOWN_SUFFIXES:
         assert upload_suffix(f"pairs{suffix.upper()}") == suffix  # the longest match wins (.tar.gz, .jsonl)
+
+
+def test_the_tiny_models_the_service_offers_are_the_ones_the_engine_builds() -> None:
+    from dama_engine import tiny
+
+    assert sorted(spec.TINY_MODELS.values()) == sorted(tiny.FAMILIES)
+    assert set(tiny.FAMILIES) <= {layout.name for layout in FAMILY_LAYOUTS}
