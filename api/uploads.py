@@ -21,6 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
+from dama_settings.names import ARCHIVE_SUFFIXES, DATA_FILE_SUFFIXES
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
@@ -28,9 +29,8 @@ MAX_FIELDS = 16
 MAX_PART_HEADER_BYTES = 8 * 1024
 # Multipart framing (boundaries, part headers, small fields) on top of the file itself.
 _ENVELOPE_BYTES = 256 * 1024
-# Longest first, so "x.tar.gz" keeps ".tar.gz".
-KNOWN_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar", ".zip", ".jsonl", ".json", ".parquet")
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Longest first, so "x.tar.gz" keeps ".tar.gz" (and ".jsonl" is tried before ".json").
+KNOWN_SUFFIXES = ARCHIVE_SUFFIXES + DATA_FILE_SUFFIXES
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("validating", "loading_model", "scoring", "reference", "training", "evaluating", "exporting")
+from dama_settings.names import STAGES as STAGES
 
 
 class Callback:

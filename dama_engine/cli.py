@@ -2,6 +2,7 @@
 
     dama-train CONFIG.yaml [section.key=value ...]
     dama-train --demo --output-dir DIR [section.key=value ...]
+    dama-train CONFIG.yaml --events EVENTS.jsonl   # progress records for a follower (dama_engine.events)
 
 A progress bar shows step, loss, margin, accuracy and ETA; metrics go to ``OUTPUT/metrics.jsonl`` and a chart
 to ``OUTPUT/training_curves.png``; the adapter to ``OUTPUT/adapter``. Bad config values stop the run before any
@@ -17,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dama_engine.callbacks import Callback
+from dama_engine.callbacks import Callback, CallbackList
 from dama_engine.config import ConfigError, load_config
+from dama_engine.events import EventLog
 
 
 class ProgressPrinter(Callback):
@@ -106,11 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.learning_rate=1e-5")
     parser.add_argument("--demo", action="store_true", help="train the tiny demo model on synthetic data")
     parser.add_argument("--output-dir", help="where to write the run (overrides run.output_dir)")
+    parser.add_argument(
+        "--events", help="append progress events as JSON lines here (rank 0; what a launcher like the worker follows)"
+    )
     return parser
 
 
 def train_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Under torchrun every rank runs this; only rank 0 prints and records events.
+    is_main = os.environ.get("RANK", "0") == "0"
+    events = EventLog(Path(args.events)) if args.events and is_main else None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the stages; per-file loading bars are noise
@@ -130,18 +138,22 @@ def train_main(argv: list[str] | None = None) -> int:
             _parser().error("give a CONFIG.yaml, or --demo")
     except ConfigError as error:
         print(f"dama-train: {error}", file=sys.stderr)
+        if events is not None:
+            events.error(str(error))
         return 2
 
     from dama_engine.trainer import DataError, train
 
-    # Under torchrun every rank runs this; only rank 0 prints, so the log has one clean line per stage.
-    printer = ProgressPrinter(quiet=os.environ.get("RANK", "0") != "0")
+    printer = ProgressPrinter(quiet=not is_main)
+    callback = CallbackList([printer] if events is None else [printer, events])
     started = time.monotonic()
     try:
-        result = train(config, printer)
+        result = train(config, callback)
     except DataError as error:
         printer.close()
         print(f"dama-train: {error}", file=sys.stderr)
+        if events is not None:
+            events.error(str(error), error.errors)
         return 2
     finally:
         printer.close()

@@ -27,15 +27,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from dama_engine.families import family_for
 from dama_engine.logprobs import unwrap_model
-
-CompileMode = Literal["auto", "layers", "off"]
-COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+from dama_settings.names import COMPILE_MODES as COMPILE_MODES
+from dama_settings.names import CompileMode as CompileMode
 
 # Guard sets one training run may need per layer class: training with and without gradients, the adapter on and
 # off (reference pass), train/eval mode, a static and then a dynamic batch shape, checkpointing. PyTorch's default

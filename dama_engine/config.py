@@ -7,13 +7,25 @@ and every bad value is reported with its dotted field path before any work start
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dama_engine.compiling import CompileMode
 from dama_engine.objective import ObjectiveConfig
+from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
+from dama_settings.names import (
+    Aggregation,
+    CompileMode,
+    DataFormat,
+    EmaSource,
+    FilterStd,
+    HardnessRescale,
+    Method,
+    PairForward,
+    Precision,
+    Scheduler,
+)
 
 
 class ConfigError(ValueError):
@@ -27,94 +39,71 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name_or_path: str = Field(description="Hub name or local folder of an image-text-to-text model.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own code. Off by default.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 where the hardware supports it, float32 otherwise."
-    )
+    trust_remote_code: bool = MODEL["trust_remote_code"].field()
+    precision: Precision = MODEL["precision"].field()
     attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager, flash_attention_2.")
 
 
 class DataSection(_Section):
     train: str = Field(description="Training data: a file, a folder or an archive in a supported format.")
     eval: str | None = Field(default=None, description="Held-out pairs, same formats.")
-    eval_fraction: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="Hold out this share of `train` when `eval` is not given."
-    )
-    format: Literal["auto", "trl", "rlaif_v", "openai"] = "auto"
-    max_length: int = Field(default=2048, gt=0, description="Tokens per sequence, image tokens included.")
-    truncate_answers: bool = Field(
-        default=False,
-        description="Cut over-long answers to fit max_length instead of rejecting the row. Never cuts the prompt.",
-    )
-    skip_invalid_rows: bool = Field(default=False, description="Drop rows that fail validation instead of stopping.")
+    eval_fraction: float = DATA["eval_fraction"].field()
+    format: DataFormat = DATA["format"].field()
+    max_length: int = DATA["max_length"].field()
+    truncate_answers: bool = DATA["truncate_answers"].field()
+    skip_invalid_rows: bool = DATA["skip_invalid_rows"].field()
 
 
 class LoraSection(_Section):
-    enabled: bool = Field(default=True, description="LoRA (default) or full fine-tuning of the language model.")
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(
-        default=None, description="Module names; default: the family's language-model projections."
-    )
-    train_projector: bool = Field(default=False, description="Also train the multimodal projector in full.")
+    enabled: bool = LORA["enabled"].field()
+    r: int = LORA["r"].field()
+    alpha: int = LORA["alpha"].field()
+    dropout: float = LORA["dropout"].field()
+    target_modules: list[str] | None = LORA["target_modules"].field()
+    train_projector: bool = LORA["train_projector"].field()
     freeze_vision_tower: bool = True
 
 
 class ObjectiveSection(_Section):
     """The fields of :class:`dama_engine.objective.ObjectiveConfig` (shared/DAMA.md sections 2-4)."""
 
-    method: Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"] = "dama"
-    beta: float = Field(default=0.1, gt=0)
-    keep_ratio: float = Field(default=0.8, gt=0, le=1)
-    gamma: float = Field(default=0.9, ge=0, lt=1)
-    beta_min: float = Field(default=1e-3, gt=0)
-    beta_max: float = Field(default=1e6, gt=0)
-    filter_std: Literal["fixed", "running"] = "fixed"
-    filter_sigma: float = Field(default=1.0, gt=0)
-    ema_source: Literal["all", "kept"] = "all"
-    beta_dpo_a: float = 0.6
+    method: Method = OBJECTIVE["method"].field()
+    beta: float = OBJECTIVE["beta"].field()
+    keep_ratio: float = OBJECTIVE["keep_ratio"].field()
+    gamma: float = OBJECTIVE["gamma"].field()
+    beta_min: float = OBJECTIVE["beta_min"].field()
+    beta_max: float = OBJECTIVE["beta_max"].field()
+    filter_std: FilterStd = OBJECTIVE["filter_std"].field()
+    filter_sigma: float = OBJECTIVE["filter_sigma"].field()
+    ema_source: EmaSource = OBJECTIVE["ema_source"].field()
+    beta_dpo_a: float = OBJECTIVE["beta_dpo_a"].field()
 
     def build(self) -> ObjectiveConfig:
         return ObjectiveConfig(**self.model_dump())
 
 
 class HardnessSection(_Section):
-    scorer: str = Field(default="openai/clip-vit-large-patch14-336", description="CLIP model name or path.")
-    aggregation: Literal["joint_softmax", "mean_cosine"] = "joint_softmax"
-    splitter: str = "rule"
-    batch_size: int = Field(default=32, gt=0)
+    scorer: str = HARDNESS["scorer"].field()
+    aggregation: Aggregation = HARDNESS["aggregation"].field()
+    splitter: str = HARDNESS["splitter"].field()
+    batch_size: int = HARDNESS["batch_size"].field()
+    rescale: HardnessRescale = HARDNESS["rescale"].field()
 
 
 class OptimSection(_Section):
-    # LoRA needs a far larger step than the paper's full fine-tune (5e-7); 2e-5 is the usual LoRA-DPO choice.
-    learning_rate: float = Field(default=2e-5, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    epochs: int = Field(default=1, gt=0)
-    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs when set.")
-    batch_size: int = Field(default=4, gt=0, description="Pairs per device per micro-batch.")
-    grad_accumulation: int = Field(default=1, gt=0)
-    gradient_checkpointing: bool = False
-    pair_forward: Literal["auto", "packed", "two_rows", "model_logits"] = Field(
-        default="auto",
-        description=(
-            "How pairs go through the model (dama_engine.packing): packed = one row per pair [prompt, chosen, "
-            "rejected] and the lm_head on answer positions only; two_rows = a row per answer, same head; "
-            "model_logits = a row per answer and the model's own logits; auto = packed where the model family "
-            "and attention take it, else two_rows, else model_logits."
-        ),
-    )
-    compile: CompileMode = Field(
-        default="auto",
-        description=(
-            "Regional torch.compile of the language model's decoder layers (dama_engine.compiling): layers = "
-            "always; auto = on CUDA only, falling back to eager with a warning if compiling fails; off = never."
-        ),
-    )
-    seed: int = 0
+    learning_rate: float = OPTIM["learning_rate"].field()
+    weight_decay: float = OPTIM["weight_decay"].field()
+    warmup_ratio: float = OPTIM["warmup_ratio"].field()
+    scheduler: Scheduler = OPTIM["scheduler"].field()
+    max_grad_norm: float | None = OPTIM["max_grad_norm"].field()
+    epochs: int = OPTIM["epochs"].field()
+    max_steps: int | None = OPTIM["max_steps"].field()
+    batch_size: int = OPTIM["batch_size"].field()
+    grad_accumulation: int = OPTIM["grad_accumulation"].field()
+    gradient_checkpointing: bool = OPTIM["gradient_checkpointing"].field()
+    pair_forward: PairForward = OPTIM["pair_forward"].field()
+    compile: CompileMode = OPTIM["compile"].field()
+    seed: int = OPTIM["seed"].field()
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -132,7 +121,7 @@ class EvaluationSection(_Section):
     vocabulary: str | None = Field(default=None, description="Object vocabulary JSON (needed with generative).")
     max_samples: int | None = Field(default=64, gt=0, description="Generative samples used (None: all).")
     max_pairs: int | None = Field(default=None, gt=0, description="Held-out pairs used (None: all).")
-    max_new_tokens: int = Field(default=64, gt=0, description="Greedy generation length.")
+    max_new_tokens: int = EVALUATION["max_new_tokens"].field()
 
     @model_validator(mode="after")
     def _vocabulary_with_generative(self) -> EvaluationSection:
@@ -146,9 +135,9 @@ class RunSection(_Section):
     cache_dir: str | None = Field(
         default=None, description="Reference log-probs and hardness cache; default under output_dir."
     )
-    checkpoint_every: int | None = Field(default=None, gt=0, description="Save a resumable checkpoint every N steps.")
+    checkpoint_every: int | None = RUN["checkpoint_every"].field()
     keep_checkpoints: int = Field(default=2, gt=0)
-    eval_every: int | None = Field(default=None, gt=0, description="Evaluate on the held-out split every N steps.")
+    eval_every: int | None = RUN["eval_every"].field()
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")
     distributed_timeout_s: int = Field(

@@ -46,14 +46,16 @@ from dama_engine.chair import load_generative_eval as load_generative_eval
 from dama_engine.chair import normalize_name as normalize_name
 from dama_engine.chair import plural_forms as plural_forms
 from dama_engine.chair import summarize_chair as summarize_chair
-from dama_engine.config import ConfigError, ModelSection, apply_overrides, read_yaml_mapping
+from dama_engine.config import ConfigError, ModelSection, TrainConfig, apply_overrides, read_yaml_mapping
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError
 from dama_engine.generation import GenerationRequest, GenerationSettings, generate
-from dama_engine.hardness import HardnessConfig, compute_hardness, user_hardness
+from dama_engine.hardness import DEFAULT_SCORER, HardnessConfig, compute_hardness, user_hardness
 from dama_engine.judge import JudgeConfig, judge_answers
 from dama_engine.objective import ObjectiveConfig, preference_loss
+from dama_settings.knobs import HARDNESS
+from dama_settings.names import Aggregation, HardnessRescale
 
 BUCKETS: tuple[str, ...] = ("easy", "medium", "hard")
 EVAL_STAGES: tuple[str, ...] = (
@@ -286,6 +288,8 @@ class EvalHardnessSection(_Section):
         default=None,
         description="CLIP model scoring pairs that carry no hardness scores; none: no buckets for such data.",
     )
+    aggregation: Aggregation = HARDNESS["aggregation"].field()
+    rescale: HardnessRescale = HARDNESS["rescale"].field()
     thresholds: tuple[float, float] | None = Field(
         default=None, description="(low, high) bucket thresholds on delta; default: the data's tertiles."
     )
@@ -397,8 +401,9 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _validate_inputs(config: EvaluationConfig) -> _Inputs:
-    """Read and check everything before a model is loaded, so bad input fails in seconds."""
+def _validate_inputs(config: EvaluationConfig, preference_rows: Sequence[PreferenceRow] | None = None) -> _Inputs:
+    """Read and check everything before a model is loaded, so bad input fails in seconds. ``preference_rows``:
+    pairs already loaded (a training run's held-out split) in place of reading ``data.preference``."""
     inputs = _Inputs()
     if config.adapter is not None:
         adapter = Path(config.adapter)
@@ -411,14 +416,8 @@ def _validate_inputs(config: EvaluationConfig) -> _Inputs:
                 f"adapter: {adapter} holds neither adapter_config.json (a PEFT adapter) nor config.json (a full model)"
             )
     data = config.data
-    if data.preference is not None:
-        rows, report = load_and_validate(data.preference, format=data.format)
-        if not report.ok and not data.skip_invalid_rows:
-            raise DataError(
-                f"data.preference: {len(report.errors)} invalid rows (set data.skip_invalid_rows=true to leave them "
-                f"out)\n{report}",
-                report.to_dict()["errors"],
-            )
+    if preference_rows is not None or data.preference is not None:
+        rows = list(preference_rows) if preference_rows is not None else _read_preference(config)
         inputs.rows = rows[: data.max_pairs] if data.max_pairs else rows
         if not inputs.rows:
             raise DataError("data.preference: no usable pairs")
@@ -429,6 +428,19 @@ def _validate_inputs(config: EvaluationConfig) -> _Inputs:
             loaded.samples = loaded.samples[: data.max_samples]
         inputs.generative = loaded
     return inputs
+
+
+def _read_preference(config: EvaluationConfig) -> list[PreferenceRow]:
+    data = config.data
+    assert data.preference is not None
+    rows, report = load_and_validate(data.preference, format=data.format)
+    if not report.ok and not data.skip_invalid_rows:
+        raise DataError(
+            f"data.preference: {len(report.errors)} invalid rows (set data.skip_invalid_rows=true to leave them "
+            f"out)\n{report}",
+            report.to_dict()["errors"],
+        )
+    return rows
 
 
 def _load_models(config: EvaluationConfig, inputs: _Inputs, device: torch.device, dtype: torch.dtype) -> _Models:
@@ -450,18 +462,24 @@ def _load_models(config: EvaluationConfig, inputs: _Inputs, device: torch.device
 def _preference_hardness(
     config: EvaluationConfig, rows: list[PreferenceRow], device: torch.device, callback: Callback
 ) -> tuple[torch.Tensor | None, str | None]:
+    section = config.hardness
     try:
-        delta = user_hardness(rows)
+        supplied = user_hardness(rows) is not None
     except ValueError as error:
         raise DataError(f"data.preference: {error}") from None
-    if delta is not None:
-        return delta, "user"
-    if config.hardness.scorer is None:
+    if not supplied and section.scorer is None:
         return None, None
-    callback.on_stage("scoring", {"pairs": len(rows), "scorer": config.hardness.scorer})
+    if not supplied:
+        callback.on_stage("scoring", {"pairs": len(rows), "scorer": section.scorer})
+    # User scores (rescaled as configured) or CLIP with the configured aggregation: delta as training sees it.
     result = compute_hardness(
         rows,
-        HardnessConfig(scorer=config.hardness.scorer, device=str(device)),
+        HardnessConfig(
+            scorer=section.scorer or DEFAULT_SCORER,
+            aggregation=section.aggregation,
+            rescale=section.rescale,
+            device=str(device),
+        ),
         progress=lambda done, total: callback.on_progress("scoring", done, total),
     )
     return result.delta, result.source
@@ -588,7 +606,12 @@ def _evaluate_generative(
     return section, per_sample
 
 
-def run_evaluation(config: EvaluationConfig, callback: Callback | None = None) -> EvaluationResult:
+def run_evaluation(
+    config: EvaluationConfig,
+    callback: Callback | None = None,
+    *,
+    preference_rows: Sequence[PreferenceRow] | None = None,
+) -> EvaluationResult:
     """Evaluate the base model and, with ``config.adapter``, the tuned one; write the results.
 
     Preference data: each model's own log-prob statistics, and (with an adapter) the implicit-reward metrics with
@@ -607,7 +630,7 @@ def run_evaluation(config: EvaluationConfig, callback: Callback | None = None) -
 
     callback.on_stage("validating", {})
     device = _resolve_device(config.device)
-    inputs = _validate_inputs(config)
+    inputs = _validate_inputs(config, preference_rows)
 
     callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.adapter})
     dtype = resolve_dtype(config.model.precision, device)
@@ -775,3 +798,81 @@ def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
     figure.savefig(out_png, dpi=100)
     plt.close(figure)
     return out_png
+
+
+# --------------------------------------------------------------------------------------------------------------
+# After training: base against tuned on the run's held-out pairs and generative set
+# --------------------------------------------------------------------------------------------------------------
+
+
+def after_training_config(
+    config: TrainConfig, adapter_dir: Path, output_dir: Path, *, train_rows: Sequence[PreferenceRow], held_out: bool
+) -> EvaluationConfig:
+    """The evaluation a training run ends with (``config.evaluation``): its held-out pairs (``data.eval`` or the
+    ``data.eval_fraction`` split) and its generative set. Pairs are bucketed by hardness as the run computed it:
+    user scores with the run's ``hardness.rescale``, or, when CLIP scored the training data, the same CLIP scorer
+    and aggregation (pairs without scores are not scored when the run used none: that would load a scorer the run
+    never needed)."""
+    section = config.evaluation
+    clip_scored = config.objective.build().uses_hardness and user_hardness(train_rows) is None
+    preference = config.data.eval
+    if preference is None and held_out:
+        preference = f"{config.data.train} (held out: data.eval_fraction {config.data.eval_fraction})"
+    return parse_evaluation_config(
+        {
+            "model": config.model.model_dump(),
+            "adapter": str(adapter_dir),
+            "data": {
+                "preference": preference if held_out else None,
+                "format": config.data.format,
+                "generative": section.generative,
+                "vocabulary": section.vocabulary,
+                "max_pairs": section.max_pairs,
+                "max_samples": section.max_samples,
+                "max_length": config.data.max_length,
+                "truncate_answers": config.data.truncate_answers,
+                "skip_invalid_rows": config.data.skip_invalid_rows,
+            },
+            "generation": {"max_new_tokens": section.max_new_tokens},
+            "hardness": {
+                "scorer": config.hardness.scorer if clip_scored else None,
+                "aggregation": config.hardness.aggregation,
+                "rescale": config.hardness.rescale,
+            },
+            "beta": config.objective.beta,
+            "batch_size": config.optim.batch_size,
+            "output_dir": str(output_dir / "evaluation"),
+        }
+    )
+
+
+def evaluate_after_training(
+    config: TrainConfig,
+    adapter_dir: Path,
+    output_dir: Path,
+    callback: Callback,
+    *,
+    train_rows: Sequence[PreferenceRow],
+    held_out: Sequence[PreferenceRow],
+) -> dict[str, Any] | None:
+    """Base against tuned after training, if configured: the held-out pairs the run used (``held_out``, from
+    ``data.eval`` or ``data.eval_fraction``) and the generative set; None when there is nothing to evaluate."""
+    section = config.evaluation
+    if not section.enabled or not (held_out or section.generative):
+        return None
+    evaluation_config = after_training_config(
+        config, adapter_dir, output_dir, train_rows=train_rows, held_out=bool(held_out)
+    )
+    callback.on_stage("evaluating", {"when": "base_vs_tuned"})
+    progress = _EvaluationProgress(callback)
+    return run_evaluation(evaluation_config, progress, preference_rows=list(held_out) or None).results
+
+
+class _EvaluationProgress(Callback):
+    """The evaluation's inner stages are progress inside the run's ``evaluating`` stage."""
+
+    def __init__(self, outer: Callback) -> None:
+        self.outer = outer
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        self.outer.on_progress(f"evaluating/{stage}", done, total)

@@ -35,6 +35,7 @@ def model_card(
     eval_before: dict[str, float] | None,
     eval_after: dict[str, float] | None,
     steps: int,
+    hardness_source: str | None = None,
 ) -> str:
     objective = config.objective
     kind = f"LoRA r={config.lora.r}, alpha={config.lora.alpha}" if config.lora.enabled else "full fine-tune"
@@ -54,6 +55,7 @@ Trained with DAMA (Data- and Model-aware DPO, Lu et al., ICML 2025) by `dama-tra
   batch {config.optim.batch_size} x accumulation {config.optim.grad_accumulation})
 - Data: {train_rows} training pairs, {eval_rows} held-out pairs
 - Mean data hardness (delta_bar): {"n/a" if hardness_mean is None else f"{hardness_mean:.4f}"}
+- Data hardness from: {hardness_source or "n/a (the method does not use it)"}
 
 ## Held-out preference metrics
 Before training:
@@ -90,6 +92,7 @@ def export_adapter(
     eval_before: dict[str, float] | None,
     eval_after: dict[str, float] | None,
     steps: int,
+    hardness_source: str | None = None,
 ) -> Path:
     adapter_dir = output_dir / "adapter"
     adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,7 @@ def export_adapter(
         eval_before=eval_before,
         eval_after=eval_after,
         steps=steps,
+        hardness_source=hardness_source,
     )
     (adapter_dir / "README.md").write_text(card)
     return adapter_dir

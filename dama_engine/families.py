@@ -21,11 +21,11 @@ layer of its language model); anything else is refused with the list of supporte
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-LM_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Leaf names of the decoder's attention and MLP projections: the default LoRA targets."""
+from dama_settings import families as layouts
+from dama_settings.families import LM_PROJECTIONS as LM_PROJECTIONS
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -82,23 +82,14 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
+# Names and module layouts come from dama_settings.families (what GET /models lists); the rest is the engine's.
 LLAVA = FamilySpec(
-    name="llava",
-    model_types=("llava", "llava_next", "llava_onevision"),
-    language_model_prefix="model.language_model",
-    vision_tower_prefixes=("model.vision_tower",),
-    # llava_next / llava_onevision also learn an `image_newline` vector alongside the projector.
-    projector_prefixes=("model.multi_modal_projector", "model.image_newline"),
+    **asdict(layouts.LLAVA),
     model_input_names=("pixel_values",),  # llava_next / llava_onevision add `image_sizes`
     notes="1D position_ids; each <image> expands to a fixed number of tokens (16 in the tiny model).",
 )
 QWEN2_VL = FamilySpec(
-    name="qwen2_vl",
-    model_types=("qwen2_vl", "qwen2_5_vl"),
-    language_model_prefix="model.language_model",
-    vision_tower_prefixes=("model.visual",),
-    # The patch merger is Qwen2-VL's projector; it lives inside the vision tower.
-    projector_prefixes=("model.visual.merger",),
+    **asdict(layouts.QWEN2_VL),
     model_input_names=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
     position_ids_kind="mrope",
     notes=(
@@ -109,11 +100,7 @@ QWEN2_VL = FamilySpec(
     ),
 )
 IDEFICS3 = FamilySpec(
-    name="idefics3",
-    model_types=("idefics3", "smolvlm"),
-    language_model_prefix="model.text_model",
-    vision_tower_prefixes=("model.vision_model",),
-    projector_prefixes=("model.connector",),
+    **asdict(layouts.IDEFICS3),
     model_input_names=("pixel_values", "pixel_attention_mask"),
     notes=(
         "1D position_ids; pixel_values are (batch, images per sample, 3, H, W), padded with pixel_attention_mask; "

@@ -26,28 +26,31 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from dama_engine.data.rows import PreferenceRow
+from dama_engine.model_files import code_version, folder_identity
+from dama_settings.knobs import HARDNESS
+from dama_settings.names import AGGREGATIONS as AGGREGATIONS
+from dama_settings.names import HARDNESS_RESCALES, HardnessRescale
+from dama_settings.names import Aggregation as Aggregation
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPProcessor
 
-DEFAULT_SCORER = "openai/clip-vit-large-patch14-336"
+DEFAULT_SCORER: str = HARDNESS["scorer"].default
 """The CLIP model behind LLaVA-1.5's vision tower, as in the paper (DAMA.md section 1.2)."""
 
-Aggregation = Literal["joint_softmax", "mean_cosine"]
-AGGREGATIONS: tuple[str, ...] = ("joint_softmax", "mean_cosine")
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 )
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with the number of pairs scored so far."""
 
-# Bump when the splitter rules or the aggregation code change, so cached results are recomputed.
-_CACHE_VERSION = 1
+# Bump when the splitter rules, the CLIP scoring or the aggregation code change, so cached results are recomputed.
+_CACHE_VERSION = 2
 # CLIP's text encoder was trained on at most 77 tokens (start and end tokens included).
 _CLIP_MAX_TOKENS = 77
 
@@ -482,6 +485,40 @@ def user_hardness(rows: Sequence[PreferenceRow]) -> torch.Tensor | None:
     return torch.tensor(deltas, dtype=torch.float32)
 
 
+def rescale_minmax(delta: torch.Tensor) -> torch.Tensor:
+    """Map user scores linearly onto [-1, 1], the range ``joint_softmax`` gives (``hardness.rescale: minmax``).
+
+    ``delta' = 2 (delta - min) / (max - min) - 1`` over the dataset, so the easiest pair gets -1 and the hardest 1
+    and alpha_D spans the same range as with CLIP scores. Equal scores carry no ordering: all map to 0.
+    """
+    low, high = delta.min(), delta.max()
+    if float(high - low) == 0.0:
+        return torch.zeros_like(delta)
+    return (2 * (delta.double() - low) / (high - low) - 1).to(delta.dtype)
+
+
+class HardnessSettings(Protocol):
+    """What :func:`describe_hardness` reads (``HardnessConfig`` or the engine config's ``hardness`` section)."""
+
+    @property
+    def scorer(self) -> str: ...
+    @property
+    def aggregation(self) -> str: ...
+    @property
+    def rescale(self) -> str: ...
+
+
+def describe_hardness(rows: Sequence[PreferenceRow], settings: HardnessSettings) -> str:
+    """Where ``delta`` came from and its scale, for the model card: CLIP and its aggregation, or user scores and
+    whether ``hardness.rescale`` mapped them onto [-1, 1]."""
+    if user_hardness(rows) is None:
+        scale = "[-1, 1]" if settings.aggregation == "joint_softmax" else "[-2, 2]"
+        return f"CLIP `{settings.scorer}`, {settings.aggregation} (delta in {scale})"
+    if settings.rescale == "minmax":
+        return "user-supplied scores, rescaled linearly onto [-1, 1] (hardness.rescale: minmax)"
+    return "user-supplied scores, as given (hardness.rescale: none)"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sections 1.2-1.3: the whole step, its result and its cache key
 # --------------------------------------------------------------------------------------------------------------
@@ -498,14 +535,16 @@ class HardnessConfig:
         batch_size: pairs per CLIP forward.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         dtype: CLIP weights' dtype: ``float32``, ``float16`` or ``bfloat16``.
+        rescale: user-supplied scores: ``none`` (as given) or ``minmax`` (onto [-1, 1], :func:`rescale_minmax`).
     """
 
     scorer: str = DEFAULT_SCORER
-    aggregation: Aggregation = "joint_softmax"
-    splitter: str = "rule"
-    batch_size: int = 32
+    aggregation: Aggregation = HARDNESS["aggregation"].default
+    splitter: str = HARDNESS["splitter"].default
+    batch_size: int = HARDNESS["batch_size"].default
     device: str = "auto"
     dtype: str = "float32"
+    rescale: HardnessRescale = HARDNESS["rescale"].default
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -516,6 +555,8 @@ class HardnessConfig:
             raise ValueError(f"hardness.batch_size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"hardness.dtype is {self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.rescale not in HARDNESS_RESCALES:
+            raise ValueError(f"hardness.rescale is {self.rescale!r}; choose one of {list(HARDNESS_RESCALES)}")
 
 
 @dataclass(frozen=True)
@@ -526,7 +567,8 @@ class HardnessResult:
         delta: (N,) float32, ``delta_i`` in row order.
         mean: ``delta_bar``, the mean of ``delta`` over these rows (section 1.3: from the data, never fixed).
         source: ``"user"`` (section 1.5) or ``"clip:<scorer name or path>"``.
-        aggregation: the aggregation used, or ``"user_scores"`` for user-supplied scores.
+        aggregation: the aggregation used, or ``"user_scores"`` / ``"user_scores_minmax"`` for user-supplied
+            scores as given / rescaled onto [-1, 1].
     """
 
     delta: torch.Tensor
@@ -573,13 +615,16 @@ def compute_hardness(
     """``delta_i`` for every row and ``delta_bar`` (DAMA.md sections 1.2, 1.3, 1.5).
 
     User-supplied scores win (section 1.5; no CLIP model is loaded then); otherwise CLIP ``config.scorer`` scores
-    every pair. ``delta_bar`` is the mean over ``rows`` (section 1.3).
+    every pair. ``delta_bar`` is the mean over ``rows`` (section 1.3). ``config.rescale`` applies to user scores
+    only: CLIP's ``joint_softmax`` already lies in [-1, 1].
     """
     if not rows:
         raise ValueError("no rows to compute hardness for")
     supplied = user_hardness(rows)
     if supplied is not None:
         delta, source, aggregation = supplied, "user", "user_scores"
+        if config.rescale == "minmax":
+            delta, aggregation = rescale_minmax(supplied), "user_scores_minmax"
     else:
         scorer = ClipHardnessScorer.from_pretrained(
             config.scorer,
@@ -597,13 +642,16 @@ def cache_key(rows: Sequence[PreferenceRow], config: HardnessConfig) -> str:
     """A sha256 hex digest that changes whenever the hardness of ``rows`` under ``config`` could change.
 
     Covers each row's id, answers, user scores and the sha256 of every image's bytes, plus the config fields that
-    change the numbers (scorer, aggregation, splitter, dtype). ``batch_size`` and ``device`` are left out: they do
-    not change the result beyond floating-point noise. A local scorer path is keyed by the path, not its weights.
+    change the numbers (scorer, aggregation, splitter, dtype, rescale), the code version of the scoring path and,
+    for a local scorer folder, every file in it (:func:`dama_engine.model_files.folder_identity`). ``batch_size`` and
+    ``device`` are left out: they do not change the result beyond floating-point noise.
     """
     digest = hashlib.sha256()
-    settings = asdict(config)
+    settings: dict[str, Any] = asdict(config)
     settings.pop("batch_size")
     settings.pop("device")
+    settings["scorer_files"] = folder_identity(Path(config.scorer))
+    settings["code"] = code_version("hardness")
     digest.update(json.dumps({"version": _CACHE_VERSION, **settings}, sort_keys=True).encode())
     for row in rows:
         fields = {

@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
-METHODS: tuple[str, ...] = ("dpo", "beta_dpo", "dama_data", "dama_model", "dama")
+from dama_settings.knobs import OBJECTIVE
+from dama_settings.names import METHODS as METHODS
+from dama_settings.names import EmaSource, FilterStd
+from dama_settings.names import Method as Method
 
 # Which factors each method switches on (DAMA.md section 4).
 _USES_DATA = {"dama_data", "dama"}
@@ -56,16 +57,17 @@ class ObjectiveConfig:
         std_eps: floor of the running std used as a Gaussian width, so equal gaps cannot divide by zero.
     """
 
-    method: Method = "dama"
-    beta: float = 0.1
-    keep_ratio: float = 0.8
-    gamma: float = 0.9
-    beta_min: float = 1e-3
-    beta_max: float = 1e6
-    filter_std: Literal["fixed", "running"] = "fixed"
-    filter_sigma: float = 1.0
-    ema_source: Literal["all", "kept"] = "all"
-    beta_dpo_a: float = 0.6
+    # Defaults (and, in tests/test_settings.py, the bounds checked below) come from dama_settings.knobs.
+    method: Method = OBJECTIVE["method"].default
+    beta: float = OBJECTIVE["beta"].default
+    keep_ratio: float = OBJECTIVE["keep_ratio"].default
+    gamma: float = OBJECTIVE["gamma"].default
+    beta_min: float = OBJECTIVE["beta_min"].default
+    beta_max: float = OBJECTIVE["beta_max"].default
+    filter_std: FilterStd = OBJECTIVE["filter_std"].default
+    filter_sigma: float = OBJECTIVE["filter_sigma"].default
+    ema_source: EmaSource = OBJECTIVE["ema_source"].default
+    beta_dpo_a: float = OBJECTIVE["beta_dpo_a"].default
     std_eps: float = 1e-6
 
     def __post_init__(self) -> None:

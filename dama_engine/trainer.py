@@ -32,10 +32,12 @@ from dama_engine.config import TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
+from dama_engine.evaluation import evaluate_after_training
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
-from dama_engine.hardness import HardnessConfig, compute_hardness
+from dama_engine.hardness import HardnessConfig, compute_hardness, describe_hardness
 from dama_engine.hardness import cache_key as hardness_cache_key
 from dama_engine.logprobs import pair_log_probs, unwrap_model
+from dama_engine.model_files import code_version, folder_identity
 from dama_engine.models import (
     is_peft,
     load_model,
@@ -163,9 +165,10 @@ def _pair_log_probs_all(
 def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: str | None) -> dict[str, Any]:
     path = Path(config.model.name_or_path)
     identity: dict[str, Any] = {"model": config.model.name_or_path, "revision": config.model.revision}
-    if path.is_dir():
-        # A local folder: its weights' sizes and times identify it well enough for a cache key.
-        identity["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.safetensors"))
+    # A local folder: every file that can change the numbers (config, tokenizer, processor, template, weights);
+    # and the code that computes them, so a changed log-prob path never reuses old values.
+    identity["files"] = folder_identity(path)
+    identity["code"] = code_version("reference")
     identity["template"] = getattr(processor, "chat_template", None)
     identity["max_length"] = config.data.max_length
     identity["truncate_answers"] = config.data.truncate_answers
@@ -226,6 +229,7 @@ def _hardness(
         splitter=config.hardness.splitter,
         batch_size=config.hardness.batch_size,
         device=device.type,
+        rescale=config.hardness.rescale,
     )
 
     def compute() -> torch.Tensor:
@@ -488,66 +492,21 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             eval_before=eval_before,
             eval_after=result.eval_after,
             steps=state.step,
+            hardness_source=describe_hardness(train_rows, config.hardness) if hardness_mean is not None else None,
         )
         # The evaluation loads base and adapter from disk: free the training copy first (a 7B model twice is a lot).
         del ddp_model, model, optimizer, parameters
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        result.evaluation = _evaluate_base_vs_tuned(config, result.adapter_dir, output_dir, callback)
+        result.evaluation = evaluate_after_training(
+            config, result.adapter_dir, output_dir, callback, train_rows=train_rows, held_out=eval_rows
+        )
         if result.evaluation is not None:
             add_evaluation_to_adapter(result.adapter_dir, result.evaluation)
     accelerator.wait_for_everyone()
     result.seconds = time.monotonic() - started
     return result
-
-
-def _evaluate_base_vs_tuned(
-    config: TrainConfig, adapter_dir: Path, output_dir: Path, callback: Callback
-) -> dict[str, Any] | None:
-    """Base against tuned on the held-out pairs and the generative set (``config.evaluation``), if any."""
-    from dama_engine.evaluation import parse_evaluation_config, run_evaluation
-
-    section = config.evaluation
-    if not section.enabled or not (config.data.eval or section.generative):
-        return None
-    evaluation_config = parse_evaluation_config(
-        {
-            "model": config.model.model_dump(),
-            "adapter": str(adapter_dir),
-            "data": {
-                "preference": config.data.eval,
-                "format": config.data.format,
-                "generative": section.generative,
-                "vocabulary": section.vocabulary,
-                "max_pairs": section.max_pairs,
-                "max_samples": section.max_samples,
-                "max_length": config.data.max_length,
-                "truncate_answers": config.data.truncate_answers,
-                "skip_invalid_rows": config.data.skip_invalid_rows,
-            },
-            "generation": {"max_new_tokens": section.max_new_tokens},
-            "beta": config.objective.beta,
-            "batch_size": config.optim.batch_size,
-            "output_dir": str(output_dir / "evaluation"),
-        }
-    )
-    callback.on_stage("evaluating", {"when": "base_vs_tuned"})
-    return run_evaluation(evaluation_config, _EvaluationProgress(callback)).results
-
-
-class _EvaluationProgress(Callback):
-    """The evaluation's inner stages are progress inside this run's ``evaluating`` stage."""
-
-    def __init__(self, outer: Callback) -> None:
-        self.outer = outer
-        self.stage = "evaluating"
-
-    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
-        self.stage = stage
-
-    def on_progress(self, stage: str, done: int, total: int) -> None:
-        self.outer.on_progress(f"evaluating/{stage}", done, total)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

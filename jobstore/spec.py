@@ -5,11 +5,13 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
+from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
+from dama_settings.names import CompileMode, HardnessRescale
+from dama_settings.names import Method as Method
 
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
@@ -20,57 +22,47 @@ class _Spec(BaseModel):
 
 
 class Hyperparameters(_Spec):
-    beta: float = Field(default=0.1, gt=0, description="Base DPO temperature (DAMA.md section 3).")
-    keep_ratio: float = Field(
-        default=0.8, gt=0, le=1, description="Share of each batch kept by the model-aware filter."
-    )
-    gamma: float = Field(default=0.9, ge=0, lt=1, description="Momentum of the running reward-gap mean.")
-    learning_rate: float = Field(default=2e-5, gt=0, description="AdamW learning rate (LoRA default 2e-5).")
-    epochs: int = Field(default=1, gt=0, le=100)
-    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs when set.")
-    batch_size: int = Field(default=4, gt=0, le=1024, description="Pairs per GPU per micro-batch.")
-    grad_accumulation: int = Field(default=1, gt=0, le=1024)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_length: int = Field(default=2048, gt=0, description="Tokens per sequence, image tokens included.")
-    gradient_checkpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass: less memory, about 30% slower."
-    )
-    compile: Literal["auto", "layers", "off"] = Field(
-        default="auto",
-        description="torch.compile of the decoder layers: auto = on GPU workers (eager if compiling fails), "
-        "layers = always, off = never.",
-    )
-    seed: int = 0
-    checkpoint_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every N steps.")
-    eval_every: int | None = Field(default=None, gt=0, description="Held-out evaluation every N steps.")
+    """Defaults, bounds and descriptions: ``dama_settings.knobs`` (the engine config's, with the service's caps)."""
+
+    beta: float = OBJECTIVE["beta"].field(service=True)
+    keep_ratio: float = OBJECTIVE["keep_ratio"].field(service=True)
+    gamma: float = OBJECTIVE["gamma"].field(service=True)
+    learning_rate: float = OPTIM["learning_rate"].field(service=True)
+    epochs: int = OPTIM["epochs"].field(service=True)
+    max_steps: int | None = OPTIM["max_steps"].field(service=True)
+    batch_size: int = OPTIM["batch_size"].field(service=True)
+    grad_accumulation: int = OPTIM["grad_accumulation"].field(service=True)
+    warmup_ratio: float = OPTIM["warmup_ratio"].field(service=True)
+    weight_decay: float = OPTIM["weight_decay"].field(service=True)
+    max_length: int = DATA["max_length"].field(service=True)
+    gradient_checkpointing: bool = OPTIM["gradient_checkpointing"].field(service=True)
+    compile: CompileMode = OPTIM["compile"].field(service=True)
+    seed: int = OPTIM["seed"].field(service=True)
+    checkpoint_every: int = RUN["checkpoint_every"].field(service=True)
+    eval_every: int | None = RUN["eval_every"].field(service=True)
 
 
 class LoraSpec(_Spec):
-    enabled: bool = Field(default=True, description="false: full fine-tune (for models that fit).")
-    r: int = Field(default=16, gt=0, le=1024)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(default=None, description="Default: the family's LM projections.")
-    train_projector: bool = Field(default=False, description="Also train the multimodal projector.")
+    enabled: bool = LORA["enabled"].field(service=True)
+    r: int = LORA["r"].field(service=True)
+    alpha: int = LORA["alpha"].field(service=True)
+    dropout: float = LORA["dropout"].field(service=True)
+    target_modules: list[str] | None = LORA["target_modules"].field(service=True)
+    train_projector: bool = LORA["train_projector"].field(service=True)
 
 
 class EvaluationSpec(_Spec):
     dataset_id: str | None = Field(
         default=None, description="Held-out pairs (an uploaded preference dataset).", examples=[None]
     )
-    holdout_fraction: float = Field(
-        default=0.0, ge=0, lt=1, description="Or hold out this share of the data.", examples=[0.05]
-    )
+    holdout_fraction: float = DATA["eval_fraction"].field(service=True, examples=[0.05])
     generative_dataset_id: str | None = Field(
         default=None,
         description="A generative evaluation dataset (format 'generative': image, prompt, objects + vocabulary): "
         "after training, base and tuned answer its prompts and are scored for object hallucination (CHAIR).",
         examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
     )
-    max_new_tokens: int = Field(
-        default=64, gt=0, le=4096, description="Greedy generation length on the generative set.", examples=[64]
-    )
+    max_new_tokens: int = EVALUATION["max_new_tokens"].field(service=True, examples=[64])
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:
@@ -88,7 +80,6 @@ QueueName = Annotated[
     str | None,
     Field(description="Worker queue (one per GPU class); default: the service's.", pattern=r"^[a-z0-9_.-]{1,100}$"),
 ]
-_REMOTE_CODE_DESCRIPTION = "Allow the model repo's own code (refused unless the service allows it)."
 
 
 class JobSpec(_Spec):
@@ -98,15 +89,13 @@ class JobSpec(_Spec):
     dataset_id: str = Field(
         description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
     )
-    method: Method = Field(default="dama", description="dpo, beta_dpo, dama_data, dama_model or dama (DAMA.md 4).")
+    method: Method = OBJECTIVE["method"].field(service=True)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     evaluation: EvaluationSpec | None = Field(default=None, description="Held-out preference evaluation.")
-    hardness_scorer: str = Field(
-        default="openai/clip-vit-large-patch14-336",
-        description="CLIP model for data hardness; unused when every row carries scores.",
-    )
-    trust_remote_code: bool = Field(default=False, description=_REMOTE_CODE_DESCRIPTION)
+    hardness_scorer: str = HARDNESS["scorer"].field(service=True)
+    hardness_rescale: HardnessRescale = HARDNESS["rescale"].field(service=True)
+    trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True)
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
     queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
@@ -161,16 +150,12 @@ class EvaluationCreate(_Spec):
     max_pairs: int | None = Field(
         default=None, gt=0, description="Use only the first N preference pairs (null: all).", examples=[None]
     )
-    max_length: int = Field(
-        default=2048, gt=0, description="Tokens per scored sequence, image tokens included.", examples=[2048]
-    )
-    beta: float = Field(
-        default=0.1, gt=0, description="Base beta of the implicit rewards (DAMA.md section 3).", examples=[0.1]
-    )
+    max_length: int = DATA["max_length"].field(service=True, examples=[2048])
+    beta: float = OBJECTIVE["beta"].field(service=True, examples=[0.1])
     batch_size: int = Field(
         default=8, gt=0, le=1024, description="Pairs per scoring pass and prompts per generation batch.", examples=[8]
     )
-    trust_remote_code: bool = Field(default=False, description=_REMOTE_CODE_DESCRIPTION, examples=[False])
+    trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True, examples=[False])
     queue: QueueName = Field(default=None, examples=[None])
 
     @model_validator(mode="after")

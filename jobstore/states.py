@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from dama_settings.names import STAGES as STAGES
+
 
 class JobStatus(StrEnum):
     queued = "queued"
@@ -38,8 +40,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }
-
-STAGES = ("validating", "loading_model", "scoring", "reference", "training", "evaluating", "exporting")
 
 
 class IllegalTransition(ValueError):

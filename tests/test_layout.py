@@ -1,4 +1,5 @@
-"""Package boundaries: the engine never pulls in the service stack, and the API never pulls in the engine.
+"""Package boundaries: the engine never pulls in the service stack, the API never pulls in the engine, and the
+settings both share (``dama_settings``) pull in neither.
 
 Each check imports a package and every module under it (pkgutil.walk_packages, none skipped) in a fresh
 interpreter, then looks at the top-level names of everything in ``sys.modules``.
@@ -61,6 +62,14 @@ def test_api_does_not_import_the_engine_or_ml_stack() -> None:
     imported, top_level = _import_everything("api")
     assert "api" in imported
     forbidden = {"torch", "transformers", "peft", "dama_engine"}
+    assert not top_level & forbidden, f"importing {imported} pulled in {sorted(top_level & forbidden)}"
+
+
+def test_shared_settings_import_neither_side() -> None:
+    """``dama_settings`` is imported by the engine and by the service: it may pull in neither, nor torch."""
+    imported, top_level = _import_everything("dama_settings")
+    assert "dama_settings.knobs" in imported
+    forbidden = {"torch", "transformers", "peft", "dama_engine", "api", "worker", "jobstore", "fastapi", "sqlalchemy"}
     assert not top_level & forbidden, f"importing {imported} pulled in {sorted(top_level & forbidden)}"
 
 

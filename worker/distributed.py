@@ -2,12 +2,11 @@
 
 The engine's own launcher support is the distributed runtime (``torchrun --nproc_per_node N -m dama_engine.cli
 CONFIG.yaml``; each rank takes its slice of every batch and rank 0 writes checkpoints, metrics and the adapter),
-so the worker only writes the config file, starts the launcher in a process group of its own, and turns what
-rank 0 writes into the same callback calls an in-process run makes:
-
-* stages from the CLI's ``[dama] <stage> (...)`` lines in the run log,
-* steps and evaluations from new lines of ``run/metrics.jsonl``,
-* checkpoints from new complete ``run/checkpoints/step-*`` folders.
+so the worker only writes the config file, starts the launcher in a process group of its own, and follows the
+progress events rank 0 appends to ``events.jsonl`` (``dama-train --events``; schema in :mod:`dama_engine.events`):
+each record becomes the same callback call an in-process run makes, which goes through the same records
+(:class:`dama_engine.events.EventRelay`). The run log is for people: nothing reads it but the liveness check (it
+grew) and the tail quoted when the launcher fails.
 
 Stopping (cancel, shutdown, a lost run) ends the launcher's process group (SIGTERM, then SIGKILL); the launcher
 passes SIGTERM to its ranks. The launcher also gets SIGTERM if the worker itself dies (Linux ``PDEATHSIG``), so a
@@ -19,25 +18,23 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
+from pydantic import JsonValue
 
 import dama_engine
-from dama_engine.callbacks import STAGES, Callback
+from dama_engine.callbacks import Callback
 from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import TrainConfig
+from dama_engine.events import ErrorEvent, EvaluationEvent, Event, StageEvent, StepEvent, decode, deliver
 from dama_engine.trainer import DataError, TrainResult
 
-_STAGE_LINE = re.compile(r"^\[dama\] (?P<stage>[a-z_]+)(?: \((?P<info>.*)\))?\s*$")
-_PRE_TRAINING = ("validating", "loading_model", "scoring", "reference")
 USER_ERROR_EXIT = 2  # dama-train's exit code for a bad config or bad data
 TERMINATE_GRACE_S = 30.0
 
@@ -46,8 +43,9 @@ class LauncherError(RuntimeError):
     """The launcher or one of its ranks failed for a reason that is not the job's input."""
 
 
-def torchrun_command(config_file: Path, *, nproc: int, python: str = sys.executable) -> list[str]:
-    """``torchrun --standalone --nproc_per_node N -m dama_engine.cli CONFIG`` with this interpreter (same venv).
+def torchrun_command(config_file: Path, events_file: Path, *, nproc: int, python: str = sys.executable) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m dama_engine.cli CONFIG --events EVENTS`` with this
+    interpreter (same venv).
 
     ``--standalone`` runs the rendezvous on a free local port, so several jobs on one machine never collide."""
     if nproc < 1:
@@ -61,6 +59,8 @@ def torchrun_command(config_file: Path, *, nproc: int, python: str = sys.executa
         "-m",
         "dama_engine.cli",
         str(config_file),
+        "--events",
+        str(events_file),
     ]
 
 
@@ -82,7 +82,7 @@ def launcher_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class MetricsTail:
+class JsonlTail:
     """The complete lines appended to a JSONL file since the last read."""
 
     def __init__(self, path: Path) -> None:
@@ -92,7 +92,7 @@ class MetricsTail:
     def skip_existing(self) -> None:
         self.offset = self.path.stat().st_size if self.path.is_file() else 0
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[bytes]:
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
@@ -106,7 +106,7 @@ class MetricsTail:
         if end < 0:
             return []
         self.offset += end + 1
-        return [json.loads(line) for line in chunk[: end + 1].splitlines() if line.strip()]
+        return [line for line in chunk[: end + 1].split(b"\n") if line.strip()]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -117,13 +117,8 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _stage_info(raw: str | None) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    for part in (raw or "").split(", "):
-        key, sep, value = part.partition("=")
-        if sep:
-            info[key] = int(value) if value.isdigit() else value
-    return info
+def _count(value: JsonValue) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -143,97 +138,63 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 class _Follower:
-    """Turns rank 0's files into callback calls."""
+    """Turns rank 0's event records into callback calls, and keeps what the result needs."""
 
-    def __init__(self, config: TrainConfig, callback: Callback, log_file: Path, resume_step: int) -> None:
+    def __init__(self, config: TrainConfig, callback: Callback, log_file: Path, events_file: Path) -> None:
         self.config = config
         self.callback = callback
         self.output_dir = Path(config.run.output_dir)
         self.log_file = log_file
         self.log_offset = log_file.stat().st_size if log_file.is_file() else 0
         self.log_start = self.log_offset
-        self.metrics = MetricsTail(self.output_dir / "metrics.jsonl")
-        self.metrics.skip_existing()
-        self.resume_step = resume_step
-        self.step = resume_step
+        self.events = JsonlTail(events_file)
+        self.step = 0
         self.total_steps: int | None = config.optim.max_steps
-        self.training_started = False
-        self.stages_seen: set[tuple[str, Any]] = set()
+        self.when: JsonValue = None  # the `when` of the last stage (evaluating: before, after, base_vs_tuned)
         self.train_metrics: dict[str, float] = {}
+        self.eval_before: dict[str, float] | None = None
         self.eval_after: dict[str, float] | None = None
-        self.seen_checkpoints = self._checkpoints()
+        self.error: ErrorEvent | None = None
 
-    def _checkpoints(self) -> set[Path]:
-        root = self.output_dir / "checkpoints"
-        if not root.is_dir():
-            return set()
-        return {path for path in root.glob("step-*") if (path / "state.json").is_file()}
-
-    def _stage_lines(self) -> list[tuple[str, dict[str, Any]]]:
-        if not self.log_file.is_file():
-            return []
-        with self.log_file.open("rb") as handle:
-            handle.seek(self.log_offset)
-            chunk = handle.read()
-        if chunk:
-            # Rank 0's log grew (progress bars included): the ranks are alive, whatever the stage.
-            self.callback.on_activity()
-        end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
-        if end < 0:
-            return []
-        self.log_offset += end + 1
-        stages = []
-        for line in re.split(r"[\r\n]", chunk[: end + 1].decode(errors="replace")):
-            match = _STAGE_LINE.match(line.strip())
-            if match and match["stage"] in STAGES:
-                info = _stage_info(match["info"])
-                key = (match["stage"], info.get("when"))
-                if key not in self.stages_seen:  # every rank prints its stages; report each once
-                    self.stages_seen.add(key)
-                    stages.append((match["stage"], info))
-        return stages
-
-    def _start_training(self) -> None:
-        if not self.training_started:
-            self.training_started = True
-            self.callback.on_stage("training", {"steps": self.total_steps or 0, "resumed_from_step": self.resume_step})
+    def _log_grew(self) -> bool:
+        size = self.log_file.stat().st_size if self.log_file.is_file() else 0
+        grew, self.log_offset = size > self.log_offset, size
+        return grew
 
     def poll(self) -> None:
-        stages = self._stage_lines()
-        early = [(stage, info) for stage, info in stages if stage in _PRE_TRAINING or info.get("when") == "before"]
-        late = [item for item in stages if item not in early]
-        for stage, info in early:
-            self.callback.on_stage(stage, info)
-        for record in self.metrics.read():
-            step = int(record.pop("step"))
-            if "loss" in record:
-                self._on_train_line(step, record)
-            elif any(key.startswith("eval_") for key in record):
-                if step > 0 and step >= self.step and self.training_started and self._at_end(step):
-                    self.eval_after = record
-                self.callback.on_eval(step, record)
-        for path in sorted(self._checkpoints() - self.seen_checkpoints):
-            self.seen_checkpoints.add(path)
-            self.callback.on_checkpoint(int(json.loads((path / "state.json").read_text())["step"]), path)
-        for stage, info in late:
-            self.callback.on_stage(stage, info)
+        if self._log_grew():
+            # Rank 0's log grew (progress bars included): the ranks are alive, whatever the stage.
+            self.callback.on_activity()
+        for line in self.events.read():
+            event = decode(line)
+            self._note(event)
+            deliver(event, self.callback)
 
-    def _on_train_line(self, step: int, record: dict[str, Any]) -> None:
-        if self.total_steps is None and record.get("epoch"):
-            # steps per epoch = step / epoch; the run lasts optim.epochs of them.
-            self.total_steps = round(self.config.optim.epochs * step / float(record["epoch"]))
-        self._start_training()
-        self.step = step
-        self.train_metrics = {key: float(value) for key, value in record.items()}
-        self.callback.on_step(step, self.total_steps or step, self.train_metrics)
+    def _note(self, event: Event) -> None:
+        if isinstance(event, StageEvent):
+            self.when = event.info.get("when")
+            if event.stage == "training":
+                self.total_steps = _count(event.info.get("steps"))
+                self.step = _count(event.info.get("resumed_from_step"))
+        elif isinstance(event, StepEvent):
+            self.step, self.total_steps, self.train_metrics = event.step, event.total_steps, dict(event.metrics)
+        elif isinstance(event, EvaluationEvent):
+            if self.when == "before":
+                self.eval_before = dict(event.metrics)
+            elif self.when == "after":
+                self.eval_after = dict(event.metrics)
+        elif isinstance(event, ErrorEvent):
+            self.error = event
 
-    def _at_end(self, step: int) -> bool:
-        return self.total_steps is not None and step >= self.total_steps
-
-    def eval_before(self) -> dict[str, float] | None:
-        if not self.metrics.path.is_file():
+    def logged_eval_before(self) -> dict[str, float] | None:
+        """The held-out evaluation before training: this attempt's, or the first attempt's (a resumed run does not
+        evaluate again; ``metrics.jsonl`` keeps it at step 0)."""
+        if self.eval_before is not None:
+            return self.eval_before
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
             return None
-        for line in self.metrics.path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             record = json.loads(line)
             if record.get("step") == 0 and "eval_loss" in record:
                 return {key: value for key, value in record.items() if key != "step"}
@@ -266,8 +227,10 @@ def run_distributed(
     truncate_metrics(output_dir / "metrics.jsonl", resume_step if checkpoint else -1)
     config_file = write_config(config, work_dir / "train_config.yaml")
     log_file = work_dir / "train.log"
-    follower = _Follower(config, callback, log_file, resume_step)
-    command = torchrun_command(config_file, nproc=nproc)
+    events_file = work_dir / "events.jsonl"
+    events_file.unlink(missing_ok=True)  # this attempt's records only
+    follower = _Follower(config, callback, log_file, events_file)
+    command = torchrun_command(config_file, events_file, nproc=nproc)
     with log_file.open("ab") as log:
         process = subprocess.Popen(
             command,
@@ -298,16 +261,13 @@ def run_distributed(
         total_steps=follower.total_steps or follower.step,
         stopped=stopped,
         train_metrics=follower.train_metrics,
-        eval_before=follower.eval_before(),
+        eval_before=follower.logged_eval_before(),
         eval_after=follower.eval_after,
     )
     if not stopped:
         code = process.returncode
-        if code == USER_ERROR_EXIT:
-            text = follower.log_since_start()
-            position = text.rfind("dama-train: ")
-            message = text[position + len("dama-train: ") :] if position >= 0 else text[-4000:]
-            raise DataError(message.strip())
+        if code == USER_ERROR_EXIT and follower.error is not None:
+            raise DataError(follower.error.message, [dict(item) for item in follower.error.errors])
         if code != 0:
             tail = follower.log_since_start()[-4000:]
             raise LauncherError(f"torchrun exited with code {code}; the end of {log_file}:\n{tail}")

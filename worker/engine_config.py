@@ -158,7 +158,7 @@ def build_train_config(
             "train_projector": lora.train_projector,
         },
         "objective": {"method": spec.method, "beta": hp.beta, "keep_ratio": hp.keep_ratio, "gamma": hp.gamma},
-        "hardness": {"scorer": spec.hardness_scorer},
+        "hardness": {"scorer": spec.hardness_scorer, "rescale": spec.hardness_rescale},
         "optim": {
             "learning_rate": learning_rate,
             "weight_decay": hp.weight_decay,

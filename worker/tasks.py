@@ -50,6 +50,7 @@ from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import ConfigError
 from dama_engine.data.formats import DataFormatError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
+from dama_engine.events import EventRelay
 from dama_engine.trainer import DataError, TrainResult, train
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore, file_sha256
@@ -352,7 +353,8 @@ def _train(
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
         return run_distributed(config, reporter, nproc=spec.gpus, work_dir=store.job_dir(claimed.job_id))
-    return train(config, reporter)
+    # The same progress records as under torchrun, delivered in process (dama_engine.events).
+    return train(config, EventRelay(reporter))
 
 
 def _check_gpus(wanted: int) -> None:

@@ -1,7 +1,7 @@
 """``/models``: the supported model families, their default LoRA targets, and the built-in tiny models.
 
-A small copy of ``dama_engine.families`` (names only): the API must not import the engine. The engine's registry
-is the source of truth; keep this table in step with it when a family is added.
+The table is ``dama_settings.families`` (torch-free; the API must not import the engine), from which
+``dama_engine.families`` takes the same layouts.
 """
 
 from __future__ import annotations
@@ -12,45 +12,28 @@ from fastapi import APIRouter
 
 from api.deps import CurrentTenant
 from api.schemas import ModelCatalogPublic, ModelFamilyPublic, TinyModelPublic
+from dama_settings.families import FAMILY_LAYOUTS, FamilyLayout
 from jobstore.spec import TINY_MODELS
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-def _family(
-    name: str,
-    model_types: tuple[str, ...],
-    language_model_prefix: str,
-    vision_tower_prefixes: tuple[str, ...],
-    projector_prefixes: tuple[str, ...],
-) -> ModelFamilyPublic:
-    leaves = "|".join(re.escape(leaf) for leaf in LM_PROJECTIONS)
+def _family(layout: FamilyLayout) -> ModelFamilyPublic:
+    leaves = "|".join(re.escape(leaf) for leaf in layout.lora_leaf_names)
+    prefix = layout.language_model_prefix
     return ModelFamilyPublic(
-        name=name,
-        model_types=list(model_types),
-        language_model_prefix=language_model_prefix,
-        default_lora_target_modules=list(LM_PROJECTIONS),
-        default_lora_target_regex=rf"{re.escape(language_model_prefix)}\.(?:.*\.)?(?:{leaves})",
-        vision_tower_prefixes=list(vision_tower_prefixes),
-        projector_prefixes=list(projector_prefixes),
+        name=layout.name,
+        model_types=list(layout.model_types),
+        language_model_prefix=prefix,
+        default_lora_target_modules=list(layout.lora_leaf_names),
+        # The same regex as dama_engine.families.FamilySpec.lora_target_regex (tests/test_settings.py checks it).
+        default_lora_target_regex=rf"{re.escape(prefix)}\.(?:.*\.)?(?:{leaves})",
+        vision_tower_prefixes=list(layout.vision_tower_prefixes),
+        projector_prefixes=list(layout.projector_prefixes),
     )
 
 
-FAMILIES = (
-    _family(
-        "llava",
-        ("llava", "llava_next", "llava_onevision"),
-        "model.language_model",
-        ("model.vision_tower",),
-        ("model.multi_modal_projector", "model.image_newline"),
-    ),
-    _family(
-        "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "model.language_model", ("model.visual",), ("model.visual.merger",)
-    ),
-    _family("idefics3", ("idefics3", "smolvlm"), "model.text_model", ("model.vision_model",), ("model.connector",)),
-)
+FAMILIES = tuple(_family(layout) for layout in FAMILY_LAYOUTS)
 
 _TINY_DESCRIPTIONS = {
     "llava": "A tiny randomly initialised LLaVA built on the worker: for trying the service on a CPU.",

@@ -53,13 +53,14 @@ from dama_engine.data.validation import (
     ValidationReport,
     validate_rows,
 )
+from dama_settings.names import DATA_FILE_SUFFIXES
 
 FORMATS: dict[str, str] = {
     "trl": "TRL/HF conversational preference: prompt, chosen, rejected, images",
     "rlaif_v": "RLAIF-V: question, chosen, rejected, image or image_path (ds_name, idx, ... optional)",
     "openai": "OpenAI preference JSONL: input.messages, preferred_output, non_preferred_output (images as data URIs)",
 }
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = DATA_FILE_SUFFIXES  # the API accepts the same (dama_settings.names)
 
 _ROLES = ("system", "user", "assistant")
 _OPTIONAL_FLOATS = ("chosen_score", "rejected_score", "hardness")

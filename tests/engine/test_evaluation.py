@@ -479,3 +479,51 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path.write_text(yaml.safe_dump(settings))
     assert main([str(path)]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def _row(number: int, hardness: float | None = None) -> Any:
+    from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
+
+    return PreferenceRow(
+        row_id=f"r{number}",
+        prompt=(Message(role="user", content=(ImagePart(), TextPart("Describe."))),),
+        chosen="A red square.",
+        rejected="A blue circle.",
+        images=(ImageSource(data=png_bytes((200, 30, 30))),),
+        hardness=hardness,
+        row_number=number,
+    )
+
+
+def test_after_training_evaluation_covers_eval_fraction_and_clip_scored_runs(tmp_path: Path) -> None:
+    from dama_engine.config import parse_config
+    from dama_engine.evaluation import after_training_config
+
+    def config(method: str, **data: Any) -> Any:
+        return parse_config(
+            {
+                "model": {"name_or_path": "m"},
+                "data": {"train": "pairs.jsonl", **data},
+                "objective": {"method": method},
+                "hardness": {"scorer": "my/clip", "aggregation": "mean_cosine", "rescale": "minmax"},
+            }
+        )
+
+    unscored, scored = [_row(1), _row(2)], [_row(1, 0.5), _row(2, -0.5)]
+    # eval_fraction: the held-out pairs come from the run (no file); CLIP scored the training data, so the same
+    # scorer and aggregation bucket them.
+    held_out = after_training_config(
+        config("dama", eval_fraction=0.2), tmp_path / "a", tmp_path, train_rows=unscored, held_out=True
+    )
+    assert held_out.data.preference == "pairs.jsonl (held out: data.eval_fraction 0.2)"
+    assert (held_out.hardness.scorer, held_out.hardness.aggregation, held_out.hardness.rescale) == (
+        "my/clip",
+        "mean_cosine",
+        "minmax",
+    )
+    # User scores: no scorer to load (the pairs carry their own, rescaled as in training); nor for plain DPO.
+    for method, rows in (("dama", scored), ("dpo", unscored)):
+        evaluation = after_training_config(
+            config(method, eval="heldout.jsonl"), tmp_path / "a", tmp_path, train_rows=rows, held_out=True
+        )
+        assert evaluation.data.preference == "heldout.jsonl" and evaluation.hardness.scorer is None

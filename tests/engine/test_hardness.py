@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dama_engine.callbacks import Callback
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
+from dama_engine.evaluation import _preference_hardness, parse_evaluation_config, preference_metrics
 from dama_engine.hardness import (
     ClipHardnessScorer,
     HardnessConfig,
@@ -19,10 +21,12 @@ from dama_engine.hardness import (
     aggregate,
     cache_key,
     compute_hardness,
+    describe_hardness,
     flat_index,
     get_splitter,
     joint_softmax,
     mean_cosine,
+    rescale_minmax,
     split_sub_sentences,
     user_hardness,
 )
@@ -378,6 +382,47 @@ def test_compute_hardness_with_user_scores_loads_no_model() -> None:
         compute_hardness([], HardnessConfig())
 
 
+def test_minmax_rescale_hand_computed() -> None:
+    # min -0.6, max 1.0: delta' = 2 (delta + 0.6) / 1.6 - 1
+    delta = torch.tensor([0.2, 0.5, 1.0, -0.6])
+    assert rescale_minmax(delta).tolist() == pytest.approx([0.0, 0.375, 1.0, -1.0], abs=1e-6)  # float32 inputs
+    assert rescale_minmax(torch.tensor([0.3, 0.3])).tolist() == [0.0, 0.0]  # no spread: no ordering to keep
+
+    rows = [make_row(i, hardness=value) for i, value in enumerate([0.2, 0.5, 1.0, -0.6])]
+    as_given = compute_hardness(rows, HardnessConfig(scorer="/nonexistent/clip"))
+    rescaled = compute_hardness(rows, HardnessConfig(scorer="/nonexistent/clip", rescale="minmax"))
+    assert as_given.delta.tolist() == pytest.approx([0.2, 0.5, 1.0, -0.6]) and as_given.aggregation == "user_scores"
+    assert rescaled.delta.tolist() == pytest.approx([0.0, 0.375, 1.0, -1.0], abs=1e-6)
+    assert rescaled.aggregation == "user_scores_minmax" and rescaled.source == "user"
+    assert rescaled.mean == pytest.approx(0.09375, abs=1e-6)  # (0 + 0.375 + 1 - 1) / 4
+    # alpha_D = sigma(delta) / sigma(delta_bar) spans what joint_softmax's [-1, 1] gives: sigma(+-1) / sigma(0.09375)
+    alpha = torch.sigmoid(rescaled.delta.double()) / torch.sigmoid(torch.tensor(rescaled.mean, dtype=torch.float64))
+    sigma = torch.sigmoid(torch.tensor([-1.0, 1.0], dtype=torch.float64)) / torch.sigmoid(torch.tensor(0.09375))
+    assert [float(alpha.min()), float(alpha.max())] == pytest.approx(sigma.tolist())
+
+    assert describe_hardness(rows, HardnessConfig(rescale="minmax")).startswith("user-supplied scores, rescaled")
+    assert "as given" in describe_hardness(rows, HardnessConfig())
+    unscored = [make_row(1)]
+    assert (
+        describe_hardness(unscored, HardnessConfig())
+        == f"CLIP `{HardnessConfig().scorer}`, joint_softmax (delta in [-1, 1])"
+    )
+
+
+def test_held_out_pairs_scored_by_clip_get_buckets(tiny_clip: Path, rows: list[PreferenceRow]) -> None:
+    config = parse_evaluation_config(
+        {"model": {"name_or_path": "m"}, "data": {"preference": "held-out"}, "hardness": {"scorer": str(tiny_clip)}}
+    )
+    delta, source = _preference_hardness(config, rows, torch.device("cpu"), Callback())
+    assert delta is not None and source == f"clip:{tiny_clip}"
+    no_scorer = config.model_copy(update={"hardness": config.hardness.model_copy(update={"scorer": None})})
+    assert _preference_hardness(no_scorer, rows, torch.device("cpu"), Callback()) == (None, None)
+    logps = [torch.randn(len(rows), dtype=torch.float64) for _ in range(4)]
+    metrics = preference_metrics(*logps, beta=0.1, hardness=delta)
+    assert metrics["buckets"] is not None
+    assert sum(block["count"] for block in metrics["buckets"].values()) == len(rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config, results on disk, cache key
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,5 +473,6 @@ def test_cache_key() -> None:
         cache_key([make_row(1), make_row(3, color=(0, 0, 255))], config),  # row id
         cache_key([make_row(1, hardness=0.5), make_row(2, color=(0, 0, 255))], config),  # user score
         cache_key(rows[::-1], config),  # order
+        cache_key(rows, HardnessConfig(rescale="minmax")),
     ]
     assert len({key, *changed}) == len(changed) + 1

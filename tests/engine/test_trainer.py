@@ -111,6 +111,11 @@ def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str,
         assert (adapter / name).is_file(), name
     assert (adapter / "training_curves.png").stat().st_size > 10_000
     assert "dama" in (adapter / "README.md").read_text()
+    # The demo rows carry their own hardness, used as given (hardness.rescale: none).
+    assert (
+        "Data hardness from: user-supplied scores, as given (hardness.rescale: none)"
+        in (adapter / "README.md").read_text()
+    )
     assert "## Base against tuned" in (adapter / "README.md").read_text()
     assert (adapter / "evaluation.png").stat().st_size > 10_000
     evaluation = json.loads((adapter / "evaluation.json").read_text())

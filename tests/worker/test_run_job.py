@@ -43,7 +43,8 @@ def test_a_job_runs_to_succeeded_in_process(store: JobStore, finished_job: str) 
     job = store.job(finished_job)
     assert job.status == "succeeded" and job.error_kind is None
     assert (job.step, job.total_steps, job.progress, job.attempts) == (12, 12, 1.0, 1)
-    assert job.stage == "exporting" and job.eta_seconds is None and job.finished_at is not None
+    # Last: base against tuned on the held-out split (holdout_fraction = the engine's data.eval_fraction).
+    assert job.stage == "evaluating" and job.eta_seconds is None and job.finished_at is not None
     stages = store.stages(finished_job)
     assert [stage for stage in STAGES if stage in stages] == list(STAGES)
     assert stages.index("training") < len(stages) - 1 - stages[::-1].index("evaluating")
@@ -58,6 +59,9 @@ def test_a_job_runs_to_succeeded_in_process(store: JobStore, finished_job: str) 
     assert result["steps"] == 12 and result["total_steps"] == 12 and result["attempts"] == 1
     assert set(result["train_metrics"]) >= {"loss", "reward_margin", "reward_accuracy", "lr", "grad_norm"}
     assert result["eval_before"]["eval_pairs"] == 6.0 and result["eval_after"]["eval_pairs"] == 6.0
+    implicit_reward = result["evaluation"]["preference"]["implicit_reward"]
+    assert implicit_reward["overall"]["count"] == 6
+    assert sum(block["count"] for block in implicit_reward["buckets"].values()) == 6  # by the rows' hardness
     archive = store.artifacts.adapter_archive(finished_job)
     assert result["adapter_sha256"] == file_sha256(archive)
     with session_scope(store.factory) as session:
