@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from jobstore.models import Checkpoint, Dataset, Job, JobEvent
+from jobstore.redact import redact_json, redact_paths
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import JobStatus
 
@@ -164,7 +165,7 @@ def dataset_public(dataset: Dataset) -> DatasetPublic:
         image_count=dataset.image_count,
         size_bytes=dataset.size_bytes,
         sha256=dataset.sha256,
-        validation=ValidationReportPublic.model_validate(validation),
+        validation=ValidationReportPublic.model_validate(redact_json(validation)),
         created_at=dataset.created_at,
     )
 
@@ -221,11 +222,15 @@ class JobsPublic(_Public):
     next_cursor: str | None = _next_cursor()
 
 
+def _job_error(job: Job) -> JobErrorPublic | None:
+    if job.error_kind is None:
+        return None
+    return JobErrorPublic.model_validate({"kind": job.error_kind, "message": redact_paths(job.error_message or "")})
+
+
 def job_public(job: Job) -> JobPublic:
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = None
-    if job.error_kind is not None:
-        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    error = _job_error(job)
     return JobPublic(
         id=job.id,
         kind=job.kind,
@@ -241,7 +246,7 @@ def job_public(job: Job) -> JobPublic:
         dataset_id=job.dataset_id,
         queue=job.queue,
         spec=JobSpec.model_validate(job.spec),
-        result=job.result,
+        result=redact_json(job.result),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -297,9 +302,7 @@ class EvaluationsPublic(_Public):
 
 def evaluation_public(job: Job) -> EvaluationPublic:
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = None
-    if job.error_kind is not None:
-        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    error = _job_error(job)
     result = job.result or {}
     succeeded = job.status == JobStatus.succeeded.value
     return EvaluationPublic(
@@ -313,7 +316,7 @@ def evaluation_public(job: Job) -> EvaluationPublic:
         attempts=job.attempts or 0,
         queue=job.queue,
         spec=EvaluationCreate.model_validate(job.spec),
-        metrics=result.get("results") if succeeded else None,
+        metrics=redact_json(result.get("results")) if succeeded else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -341,7 +344,11 @@ class EventsPublic(_Public):
 
 def event_public(event: JobEvent) -> EventPublic:
     return EventPublic(
-        seq=event.seq, type=event.type, message=event.message, data=event.data, created_at=event.created_at
+        seq=event.seq,
+        type=event.type,
+        message=redact_paths(event.message),
+        data=redact_json(event.data),
+        created_at=event.created_at,
     )
 
 

@@ -5,9 +5,9 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
 
@@ -15,8 +15,22 @@ Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 
 
+# An uploaded object's id (``ds_...``, ``job_...``): bounded, like every string and list a spec may hold.
+ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # PostgreSQL stores no NUL character in text or JSONB, and no name, id or label needs one.
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain a NUL character (\\u0000)")
+        return value
 
 
 class Hyperparameters(_Spec):
@@ -27,7 +41,9 @@ class Hyperparameters(_Spec):
     gamma: float = Field(default=0.9, ge=0, lt=1, description="Momentum of the running reward-gap mean.")
     learning_rate: float = Field(default=2e-5, gt=0, description="AdamW learning rate (LoRA default 2e-5).")
     epochs: int = Field(default=1, gt=0, le=100)
-    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    max_steps: int | None = Field(
+        default=None, gt=0, le=10**9, description="Optimizer steps; overrides epochs when set."
+    )
     batch_size: int = Field(default=4, gt=0, le=1024, description="Pairs per GPU per micro-batch.")
     grad_accumulation: int = Field(default=1, gt=0, le=1024)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
@@ -41,7 +57,7 @@ class Hyperparameters(_Spec):
         description="torch.compile of the decoder layers: auto = on GPU workers (eager if compiling fails), "
         "layers = always, off = never.",
     )
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     checkpoint_every: int = Field(default=50, gt=0, description="Save a resumable checkpoint every N steps.")
     eval_every: int | None = Field(default=None, gt=0, description="Held-out evaluation every N steps.")
 
@@ -51,18 +67,20 @@ class LoraSpec(_Spec):
     r: int = Field(default=16, gt=0, le=1024)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | None = Field(default=None, description="Default: the family's LM projections.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=64, description="Default: the family's LM projections (at most 64 names)."
+    )
     train_projector: bool = Field(default=False, description="Also train the multimodal projector.")
 
 
 class EvaluationSpec(_Spec):
-    dataset_id: str | None = Field(
+    dataset_id: ObjectId | None = Field(
         default=None, description="Held-out pairs (an uploaded preference dataset).", examples=[None]
     )
     holdout_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Or hold out this share of the data.", examples=[0.05]
     )
-    generative_dataset_id: str | None = Field(
+    generative_dataset_id: ObjectId | None = Field(
         default=None,
         description="A generative evaluation dataset (format 'generative': image, prompt, objects + vocabulary): "
         "after training, base and tuned answer its prompts and are scored for object hallucination (CHAIR).",
@@ -95,7 +113,7 @@ class JobSpec(_Spec):
     """A DAMA fine-tuning job."""
 
     model: ModelName = Field(description=_MODEL_DESCRIPTION)
-    dataset_id: str = Field(
+    dataset_id: ObjectId = Field(
         description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
     )
     method: Method = Field(default="dama", description="dpo, beta_dpo, dama_data, dama_model or dama (DAMA.md 4).")
@@ -104,6 +122,8 @@ class JobSpec(_Spec):
     evaluation: EvaluationSpec | None = Field(default=None, description="Held-out preference evaluation.")
     hardness_scorer: str = Field(
         default="openai/clip-vit-large-patch14-336",
+        min_length=1,
+        max_length=300,
         description="CLIP model for data hardness; unused when every row carries scores.",
     )
     trust_remote_code: bool = Field(default=False, description=_REMOTE_CODE_DESCRIPTION)
@@ -133,20 +153,20 @@ class EvaluationCreate(_Spec):
     """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets."""
 
     model: ModelName = Field(description=_MODEL_DESCRIPTION + " With adapter_job_id, the training job's base.")
-    adapter_job_id: str | None = Field(
+    adapter_job_id: ObjectId | None = Field(
         default=None,
         description="A succeeded training job of this tenant: its adapter is the tuned model, compared against the "
         "base. Null: evaluate the base model alone.",
         examples=["job_0192a0c1d2e3f4a5b6c7d8"],
     )
-    preference_dataset_id: str | None = Field(
+    preference_dataset_id: ObjectId | None = Field(
         default=None,
         description="Held-out preference pairs (an uploaded preference dataset): log-prob accuracy per model and, "
         "with an adapter, DPO loss / accuracy / reward margin of the tuned model against the base, per hardness "
         "bucket when the rows carry hardness scores.",
         examples=["ds_0192a0c1d2e3f4a5b6c7d8"],
     )
-    generative_dataset_id: str | None = Field(
+    generative_dataset_id: ObjectId | None = Field(
         default=None,
         description="A generative evaluation dataset (format 'generative'): answers are generated and scored for "
         "object hallucination (CHAIR-s, CHAIR-i, coverage, hallucination rate).",
