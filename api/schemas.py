@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from jobstore.models import Checkpoint, Dataset, Job, JobEvent
 from jobstore.redact import redact_json, redact_paths
@@ -352,9 +352,17 @@ def event_public(event: JobEvent) -> EventPublic:
     )
 
 
+# A [step, value] pair. Documented as two numbers rather than with prefixItems, which OpenAPI 3.1 allows but
+# common tools (schemathesis among them) still read as the old tuple form and reject.
+MetricPoint = Annotated[
+    tuple[int, float],
+    WithJsonSchema({"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}),
+]
+
+
 class MetricsPublic(_Public):
     job_id: str = Field(description="The job.", examples=[_JOB_ID])
-    series: dict[str, list[tuple[int, float]]] = Field(
+    series: dict[str, list[MetricPoint]] = Field(
         description="Per metric key, [step, value] pairs in step order.",
         examples=[{"loss": [[1, 0.69], [2, 0.66]], "reward_margin": [[1, 0.0], [2, 0.05]]}],
     )
