@@ -4,17 +4,23 @@ in what tenants read."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
+import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,7 +31,16 @@ from jobstore import repository
 from jobstore.db import session_scope
 from jobstore.models import IdempotencyKey, Job, JobEvent, Tenant
 from jobstore.settings import Settings
-from tests.api.conftest import PEPPER, ROOT, ApiServer, _server_env, _start, assert_error, create_key
+from tests.api.conftest import (
+    PEPPER,
+    ROOT,
+    ApiServer,
+    _server_env,
+    _start,
+    assert_error,
+    create_key,
+    zip_bytes,
+)
 
 THROTTLE = 4  # invalid keys per minute per address on the throttled server
 
@@ -256,3 +271,48 @@ def test_the_openapi_document_lists_every_error(api_server: ApiServer) -> None:
     assert "invalid_json" in create["400"]["description"] and "413" in create
     assert "413" not in paths["/jobs"]["get"]["responses"]
     assert "invalid_characters" in paths["/jobs/{job_id}"]["get"]["responses"]["400"]["description"]
+
+
+def test_upload_messages_name_the_real_problem(client1: httpx.Client, demo_archive: bytes) -> None:
+    # JSON nested deeper than the parser recurses: named as such, not as "a corrupt archive or image?".
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b', "chosen": "a", "rejected": "b"}\n'
+    for name, content in (("deep.jsonl", deep), ("deep.json", b"[" * 100_000 + b"]" * 100_000)):
+        response = client1.post("/datasets", files={"file": (name, content)})
+        assert response.status_code in (400, 422), response.text
+        message = response.json()["error"]["message"]
+        assert "too deeply" in message and "corrupt" not in message, message
+
+    # An image far over the pixel limit: the service's limit is quoted, not Pillow's own.
+    with zipfile.ZipFile(io.BytesIO(demo_archive)) as original:
+        members = {item: original.read(item) for item in original.namelist()}
+    first_image = sorted(name for name in members if name.startswith("images/"))[0]
+    huge = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(huge, format="PNG")  # 400 M pixels in 48 KB
+    members[first_image] = huge.getvalue()
+    response = client1.post("/datasets", files={"file": ("big.zip", zip_bytes(members))})
+    error = assert_error(response, 422, "invalid_rows")
+    assert "400000000 pixels, over max_image_pixels=16777216" in error["message"], error
+    assert "178956970" not in response.text
+
+
+def test_a_client_leaving_mid_upload_is_not_an_application_error(api_server: ApiServer, key1: str) -> None:
+    log = api_server.artifacts.parent / "server.log"
+    seen = len(log.read_bytes())
+    boundary = "----dama-test"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'.encode()
+    port = int(api_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(
+            (
+                f"POST /datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key1}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 10000000\r\n\r\n"
+            ).encode()
+            + head
+            + b"x" * 200_000
+        )
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert httpx.get(f"{api_server.url}/healthz").status_code == 200
+    written = log.read_bytes()[seen:].decode(errors="replace")
+    assert "Exception in ASGI application" not in written and "Traceback" not in written, written
+    assert not any(name.startswith("tmp-") for name in os.listdir(api_server.artifacts / "uploads"))
