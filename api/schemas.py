@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from jobstore.models import Checkpoint, Dataset, Job, JobEvent
-from jobstore.redact import redact_json, redact_paths
+from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import JobStatus
 
@@ -225,7 +225,8 @@ class JobsPublic(_Public):
 def _job_error(job: Job) -> JobErrorPublic | None:
     if job.error_kind is None:
         return None
-    return JobErrorPublic.model_validate({"kind": job.error_kind, "message": redact_paths(job.error_message or "")})
+    message = redact_paths(job.error_message or "", strings_in(job.spec))
+    return JobErrorPublic.model_validate({"kind": job.error_kind, "message": message})
 
 
 def job_public(job: Job) -> JobPublic:
@@ -246,7 +247,7 @@ def job_public(job: Job) -> JobPublic:
         dataset_id=job.dataset_id,
         queue=job.queue,
         spec=JobSpec.model_validate(job.spec),
-        result=redact_json(job.result),
+        result=redact_json(job.result, strings_in(job.spec)),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -316,7 +317,7 @@ def evaluation_public(job: Job) -> EvaluationPublic:
         attempts=job.attempts or 0,
         queue=job.queue,
         spec=EvaluationCreate.model_validate(job.spec),
-        metrics=redact_json(result.get("results")) if succeeded else None,
+        metrics=redact_json(result.get("results"), strings_in(job.spec)) if succeeded else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

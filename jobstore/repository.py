@@ -30,7 +30,7 @@ from jobstore.models import (
     new_id,
     utcnow,
 )
-from jobstore.redact import redact_json, redact_paths
+from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
@@ -309,13 +309,14 @@ def set_status(
         job.eta_seconds = None
         if target == JobStatus.succeeded:
             job.progress = 1.0
-    # The tenant reads the error and the result: no worker file paths in them (jobstore.redact).
-    error_message = redact_paths(error_message) if error_message is not None else None
+    # The tenant reads the error and the result: no worker file paths in them but its own (jobstore.redact).
+    own = strings_in(job.spec)
+    error_message = redact_paths(error_message, own) if error_message is not None else None
     if error_kind is not None:
         job.error_kind = error_kind.value
         job.error_message = error_message
     if result is not None:
-        job.result = redact_json(result)
+        job.result = redact_json(result, own)
     data: dict[str, Any] = {"status": target.value}
     if error_kind is not None:
         data["error"] = {"kind": error_kind.value, "message": error_message}

@@ -262,6 +262,18 @@ def test_server_paths_never_reach_tenants(
     assert ".../train.jsonl" in failed["error"]["message"] and ".../x.py" in failed["error"]["message"]
     assert events[-1]["message"] == "saved .../ckpt"
 
+    # A path the tenant wrote itself (a model folder on the workers) is its own: it stays.
+    own = client1.post("/jobs", json=_spec(dataset1["id"], model="/models/team/llava-ours")).json()
+    with session_scope(db) as session:
+        row = session.get(Job, own["id"])
+        assert row is not None
+        repository.set_status(session, job=row, status="running")
+        message = f"model '/models/team/llava-ours' could not be loaded: no config.json in {root}/cache/x"
+        failed_error = repository.ErrorKind.user_error
+        repository.set_status(session, job=row, status="failed", error_kind=failed_error, error_message=message)
+    shown_error = client1.get(f"/jobs/{own['id']}").json()["error"]["message"]
+    assert shown_error == "model '/models/team/llava-ours' could not be loaded: no config.json in .../x"
+
 
 def test_the_openapi_document_lists_every_error(api_server: ApiServer) -> None:
     paths = httpx.get(f"{api_server.url}/openapi.json").json()["paths"]
