@@ -1,9 +1,11 @@
 """The OpenAPI document, part of the product: every field described, errors in the one shape the API answers.
 
-FastAPI's document is adjusted in three ways: its 422 ``HTTPValidationError`` is replaced by our
-:class:`~api.schemas.ErrorResponse` (that is what the handler answers); the multipart form of ``POST /datasets``
-(parsed by hand, to stream it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves
-undescribed get a description here (a field described there wins).
+FastAPI's document is adjusted in four ways: its 422 ``HTTPValidationError`` is replaced by our
+:class:`~api.schemas.ErrorResponse` (that is what the handler answers); the errors any route may answer besides its
+own (400 from :mod:`api.errors` and :mod:`api.guards`, 413 for JSON bodies, 401 and 429 for authenticated routes)
+are listed on every operation they apply to; the multipart form of ``POST /datasets`` (parsed by hand, to stream
+it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves undescribed get a
+description here (a field described there wins).
 """
 
 from __future__ import annotations
