@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from api.console.router import install_console
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.guards import RequestGuard
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
 from api.ratelimit import RateLimiter
 from api.routers import dataset_preview, datasets, evaluations, health, job_outputs, jobs, models
@@ -42,6 +43,14 @@ def make_services(settings: Settings) -> Services:
         artifacts=artifacts,
         celery=make_celery(settings),
         rate_limiter=RateLimiter(settings.rate_limit, settings.rate_limit_storage),
+        auth_failure_limiter=RateLimiter(
+            settings.auth_failure_limit,
+            settings.rate_limit_storage,
+            setting="DAMA_AUTH_FAILURE_LIMIT",
+            namespace="auth-failures",
+            code="too_many_failed_authentications",
+            what="requests with an invalid API key from this address",
+        ),
     )
 
 
@@ -73,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
     for module in (datasets, dataset_preview, jobs, job_outputs, evaluations, models, health):
         app.include_router(module.router)
     install_console(app)

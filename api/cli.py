@@ -30,6 +30,11 @@ def _create_key(args: argparse.Namespace, settings: Settings) -> int:
     from jobstore import repository
     from jobstore.db import make_engine, make_session_factory, session_scope
 
+    try:
+        repository.check_tenant_name(args.tenant)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if settings.database_url is None:
         settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
@@ -95,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     admin = commands.add_parser("admin", help="administration: API keys")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
     create_key = admin_commands.add_parser("create-key", help="create a tenant's API key and print it once")
-    create_key.add_argument("--tenant", required=True, help="tenant name (created if it does not exist)")
+    create_key.add_argument(
+        "--tenant",
+        required=True,
+        help="tenant name, created if it does not exist: 1-64 characters of a-z, 0-9, '-', '_', '.', starting "
+        "with a letter or digit",
+    )
     create_key.set_defaults(handler=_create_key)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema (alembic head)")

@@ -30,6 +30,7 @@ class Services:
     artifacts: ArtifactStore
     celery: Celery
     rate_limiter: RateLimiter
+    auth_failure_limiter: RateLimiter
 
 
 def get_services(request: Request) -> Services:
@@ -60,6 +61,7 @@ _bearer = HTTPBearer(
 
 
 def get_current_tenant(
+    request: Request,
     session: SessionDep,
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -72,10 +74,14 @@ def get_current_tenant(
             "send an API key as 'Authorization: Bearer <key>' (create one with `dama admin create-key`)",
             headers=challenge,
         )
+    # An address that sent too many invalid keys is refused before its key costs a database query.
+    address = request.client.host if request.client is not None else "unknown"
+    services.auth_failure_limiter.refuse_if_exhausted(address)
     tenant = repository.tenant_for_key(
         session, key=credentials.credentials, pepper=services.settings.resolved_api_key_pepper
     )
     if tenant is None:
+        services.auth_failure_limiter.count(address)
         raise ApiError(401, "invalid_api_key", "the API key is not valid (unknown or revoked)", headers=challenge)
     services.rate_limiter.check(tenant.id)
     return tenant

@@ -16,8 +16,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from jobstore.redact import redact_json, redact_paths
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ class ApiError(Exception):
         return ERROR_TYPES.get(self.status_code, "invalid_request_error" if self.status_code < 500 else "api_error")
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message, "param": self.param}
+        # Messages may quote an engine or OS error naming a file: the tenant sees its name, not the server's path.
+        message = redact_paths(self.message)
+        error: dict[str, Any] = {"type": self.type, "code": self.code, "message": message, "param": self.param}
         if self.errors is not None:
-            error["errors"] = self.errors
+            error["errors"] = redact_json(self.errors)
         return {"error": error}
 
     def response(self) -> JSONResponse:
@@ -137,7 +142,7 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    codes = {404: "route_not_found", 405: "method_not_allowed"}
+    codes = {404: "route_not_found", 405: "method_not_allowed", 413: "request_too_large"}
     try:
         phrase = HTTPStatus(status).phrase.lower().replace(" ", "_")
     except ValueError:
@@ -152,6 +157,25 @@ async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     return ApiError(503, "database_unavailable", "the job store is unavailable; retry shortly").response()
 
 
+async def _client_gone(request: Request, _exc: Exception) -> JSONResponse:
+    # The client hung up mid-request (an upload cancelled): nothing to answer and nothing went wrong here; the
+    # route's own cleanup has run. Handled here, it is not logged as an error of the application.
+    logger.info("client disconnected during %s %s", request.method, request.url.path)
+    return ApiError(400, "client_disconnected", "the client disconnected before the request was complete").response()
+
+
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    # The last line of defence: inputs are validated before they reach the job store, but a value PostgreSQL
+    # refuses (a NUL character in text, a number out of its column's range) is the request's fault, not a 500.
+    logger.warning("%s %s: the job store refused a value: %s", request.method, request.url.path, exc)
+    return ApiError(
+        400,
+        "invalid_value",
+        "a value in the request cannot be stored (a NUL character, or a number out of range); check the ids, "
+        "parameters and strings sent",
+    ).response()
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return ApiError(500, "internal_error", "an unexpected error occurred; it has been logged").response()
@@ -162,4 +186,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(DataError, _unstorable_value)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,9 +1,11 @@
 """The OpenAPI document, part of the product: every field described, errors in the one shape the API answers.
 
-FastAPI's document is adjusted in three ways: its 422 ``HTTPValidationError`` is replaced by our
-:class:`~api.schemas.ErrorResponse` (that is what the handler answers); the multipart form of ``POST /datasets``
-(parsed by hand, to stream it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves
-undescribed get a description here (a field described there wins).
+FastAPI's document is adjusted in four ways: its 422 ``HTTPValidationError`` is replaced by our
+:class:`~api.schemas.ErrorResponse` (that is what the handler answers); the errors any route may answer besides its
+own (400 from :mod:`api.errors` and :mod:`api.guards`, 413 for JSON bodies, 401 and 429 for authenticated routes)
+are listed on every operation they apply to; the multipart form of ``POST /datasets`` (parsed by hand, to stream
+it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves undescribed get a
+description here (a field described there wins).
 """
 
 from __future__ import annotations
@@ -86,6 +88,40 @@ def _replace_refs(node: Any, old: str, new: str) -> None:
             _replace_refs(item, old, new)
 
 
+def _document_common_errors(operation: dict[str, Any], error_content: dict[str, Any]) -> None:
+    """The errors any route may answer besides its own (api.errors, api.guards, api.deps), in the document."""
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    response = responses.get("422")
+    if response is not None and response.get("description") == "Validation Error":
+        response["description"] = "Invalid request; error.param names the field at fault."
+    json_body = "application/json" in operation.get("requestBody", {}).get("content", {})
+    causes = ["invalid_characters (a NUL character in the path or a query parameter)"]
+    if json_body:
+        causes.insert(0, "invalid_json (the body is not a JSON document)")
+    causes.append("invalid_value (a value the job store cannot hold)")
+    responses.setdefault("400", {"description": "; ".join(causes) + ".", "content": error_content})
+    if json_body:
+        responses.setdefault(
+            "413",
+            {
+                "description": "request_too_large: the body is over DAMA_MAX_JSON_BODY_BYTES.",
+                "content": error_content,
+            },
+        )
+    if operation.get("security"):
+        responses.setdefault("401", {"description": "Missing or invalid API key.", "content": error_content})
+    if "401" in responses:  # authenticated routes count against the tenant's rate limit (api.ratelimit)
+        responses.setdefault(
+            "429",
+            {
+                "description": "rate_limit_exceeded: the tenant's request rate (DAMA_RATE_LIMIT) is used up; or "
+                "too_many_failed_authentications: this address sent too many invalid API keys "
+                "(DAMA_AUTH_FAILURE_LIMIT). Retry-After says when to retry.",
+                "content": error_content,
+            },
+        )
+
+
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
@@ -104,21 +140,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             schemas.setdefault(name, nested)
         schemas[model.__name__] = definition
     _replace_refs(document, "#/components/schemas/HTTPValidationError", "#/components/schemas/ErrorResponse")
+    error_content = {"application/json": {"schema": {"$ref": template.format(model="ErrorResponse")}}}
     for paths in document.get("paths", {}).values():
         for operation in paths.values():
-            response = operation.get("responses", {}).get("422")
-            if response is not None and response.get("description") == "Validation Error":
-                response["description"] = "Invalid request; error.param names the field at fault."
-            responses = operation.get("responses", {})
-            if "401" in responses:  # authenticated routes count against the tenant's rate limit (api.ratelimit)
-                responses.setdefault(
-                    "429",
-                    {
-                        "description": "rate_limit_exceeded: the tenant's request rate (DAMA_RATE_LIMIT) is used up; "
-                        "Retry-After says when to retry.",
-                        "content": {"application/json": {"schema": {"$ref": template.format(model="ErrorResponse")}}},
-                    },
-                )
+            _document_common_errors(operation, error_content)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     _describe_spec_fields(schemas)

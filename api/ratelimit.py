@@ -7,6 +7,10 @@ request is answered 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds) a
 ``DAMA_RATE_LIMIT_STORAGE``: ``memory://`` counts per API process (the embedded default, one process); a Redis
 URL shares them between API replicas (docker-compose.yml uses the broker's Redis, another database number).
 
+The same counters throttle guessing: requests with an invalid API key count per client address
+(``DAMA_AUTH_FAILURE_LIMIT``); an address past it gets 429 ``too_many_failed_authentications`` before its key is
+looked up, so a flood of bad keys costs no database queries.
+
 If the counter store is unreachable or slow (Redis answers within 100 ms or not at all), the request goes through
 and the limiter skips the store for ``OUTAGE_BACKOFF_S`` with one logged warning: a rate limiter that turns a
 Redis hiccup into an outage of the whole API does more harm than the traffic it would have stopped.
@@ -34,19 +38,32 @@ OUTAGE_BACKOFF_S = 10.0
 
 
 class RateLimiter:
-    """The limits of ``spec`` over the counter store at ``storage_uri``.
+    """The limits of ``spec`` over the counter store at ``storage_uri``, counted per key in ``namespace``.
+
+    ``setting`` names the variable ``spec`` came from (in errors); ``code`` and ``what`` make the 429's code and
+    message (``what``: whose requests are counted, e.g. "this account").
 
     Raises:
-        ValueError: ``spec`` is not in the ``limits`` notation (the message names DAMA_RATE_LIMIT).
+        ValueError: ``spec`` is not in the ``limits`` notation (the message names ``setting``).
     """
 
-    def __init__(self, spec: str, storage_uri: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        spec: str,
+        storage_uri: str,
+        *,
+        setting: str = "DAMA_RATE_LIMIT",
+        namespace: str = "tenant",
+        code: str = "rate_limit_exceeded",
+        what: str = "this account",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec.strip()
         try:
             self.items: list[RateLimitItem] = parse_many(self.spec) if self.spec else []
         except ValueError as error:
             raise ValueError(
-                f"DAMA_RATE_LIMIT {spec!r} is not a rate limit: use e.g. '600/minute;20/second' ({error})"
+                f"{setting} {spec!r} is not a rate limit: use e.g. '600/minute;20/second' ({error})"
             ) from None
         self._limiter: MovingWindowRateLimiter | None = None
         if self.items:
@@ -54,23 +71,36 @@ class RateLimiter:
             if storage_uri.startswith(("redis://", "rediss://")):
                 options = {"socket_timeout": STORE_TIMEOUT_S, "socket_connect_timeout": STORE_TIMEOUT_S}
             self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
+        self._namespace, self._code, self._what = namespace, code, what
         self._clock = clock
         self._skip_until = -math.inf
         self._lock = threading.Lock()
 
-    def check(self, tenant_id: str) -> None:
-        """Count one request of ``tenant_id``; raise a 429 :class:`ApiError` when a limit is exhausted.
+    def check(self, key: str) -> None:
+        """Count one request of ``key``; raise a 429 :class:`ApiError` when a limit is exhausted.
 
         A request refused by one limit is counted against none (every limit is tested before any is hit)."""
-        if self._limiter is None or self._clock() < self._skip_until:
+        self._guarded(key, test=True, hit=True)
+
+    def refuse_if_exhausted(self, key: str) -> None:
+        """Raise the 429 if ``key`` has used up a limit, without counting this request."""
+        self._guarded(key, test=True, hit=False)
+
+    def count(self, key: str) -> None:
+        """Count one request of ``key`` (refused or not: it happened)."""
+        self._guarded(key, test=False, hit=True)
+
+    def _guarded(self, key: str, *, test: bool, hit: bool) -> None:
+        limiter = self._limiter
+        if limiter is None or self._clock() < self._skip_until:
             return
         try:
-            for item in self.items:
-                if not self._limiter.test(item, "tenant", tenant_id):
-                    reset_at, _ = self._limiter.get_window_stats(item, "tenant", tenant_id)
-                    raise _too_many(item, reset_at)
-            for item in self.items:
-                self._limiter.hit(item, "tenant", tenant_id)
+            for item in self.items if test else ():
+                if not limiter.test(item, self._namespace, key):
+                    reset_at, _ = limiter.get_window_stats(item, self._namespace, key)
+                    raise _too_many(item, reset_at, code=self._code, what=self._what)
+            for item in self.items if hit else ():
+                limiter.hit(item, self._namespace, key)
         except ApiError:
             raise
         except Exception as error:  # the counter store is down or slow: let requests through for a while
@@ -84,12 +114,12 @@ class RateLimiter:
                     self._skip_until = self._clock() + OUTAGE_BACKOFF_S
 
 
-def _too_many(item: RateLimitItem, reset_at: float) -> ApiError:
+def _too_many(item: RateLimitItem, reset_at: float, *, code: str, what: str) -> ApiError:
     retry_after = max(1, math.ceil(reset_at - time.time()))
     return ApiError(
         429,
-        "rate_limit_exceeded",
-        f"too many requests: the limit is {item.amount} per {_window(item)} for this account; retry in {retry_after} s",
+        code,
+        f"too many requests: the limit is {item.amount} per {_window(item)} for {what}; retry in {retry_after} s",
         headers={
             "Retry-After": str(retry_after),
             "X-RateLimit-Limit": str(item.amount),

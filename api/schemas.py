@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from jobstore.models import Checkpoint, Dataset, Job, JobEvent
+from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import JobStatus
 
@@ -164,7 +165,7 @@ def dataset_public(dataset: Dataset) -> DatasetPublic:
         image_count=dataset.image_count,
         size_bytes=dataset.size_bytes,
         sha256=dataset.sha256,
-        validation=ValidationReportPublic.model_validate(validation),
+        validation=ValidationReportPublic.model_validate(redact_json(validation)),
         created_at=dataset.created_at,
     )
 
@@ -221,11 +222,16 @@ class JobsPublic(_Public):
     next_cursor: str | None = _next_cursor()
 
 
+def _job_error(job: Job) -> JobErrorPublic | None:
+    if job.error_kind is None:
+        return None
+    message = redact_paths(job.error_message or "", strings_in(job.spec))
+    return JobErrorPublic.model_validate({"kind": job.error_kind, "message": message})
+
+
 def job_public(job: Job) -> JobPublic:
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = None
-    if job.error_kind is not None:
-        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    error = _job_error(job)
     return JobPublic(
         id=job.id,
         kind=job.kind,
@@ -241,7 +247,7 @@ def job_public(job: Job) -> JobPublic:
         dataset_id=job.dataset_id,
         queue=job.queue,
         spec=JobSpec.model_validate(job.spec),
-        result=job.result,
+        result=redact_json(job.result, strings_in(job.spec)),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -297,9 +303,7 @@ class EvaluationsPublic(_Public):
 
 def evaluation_public(job: Job) -> EvaluationPublic:
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = None
-    if job.error_kind is not None:
-        error = JobErrorPublic.model_validate({"kind": job.error_kind, "message": job.error_message or ""})
+    error = _job_error(job)
     result = job.result or {}
     succeeded = job.status == JobStatus.succeeded.value
     return EvaluationPublic(
@@ -313,7 +317,7 @@ def evaluation_public(job: Job) -> EvaluationPublic:
         attempts=job.attempts or 0,
         queue=job.queue,
         spec=EvaluationCreate.model_validate(job.spec),
-        metrics=result.get("results") if succeeded else None,
+        metrics=redact_json(result.get("results"), strings_in(job.spec)) if succeeded else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -341,13 +345,25 @@ class EventsPublic(_Public):
 
 def event_public(event: JobEvent) -> EventPublic:
     return EventPublic(
-        seq=event.seq, type=event.type, message=event.message, data=event.data, created_at=event.created_at
+        seq=event.seq,
+        type=event.type,
+        message=redact_paths(event.message),
+        data=redact_json(event.data),
+        created_at=event.created_at,
     )
+
+
+# A [step, value] pair. Documented as two numbers rather than with prefixItems, which OpenAPI 3.1 allows but
+# common tools (schemathesis among them) still read as the old tuple form and reject.
+MetricPoint = Annotated[
+    tuple[int, float],
+    WithJsonSchema({"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}),
+]
 
 
 class MetricsPublic(_Public):
     job_id: str = Field(description="The job.", examples=[_JOB_ID])
-    series: dict[str, list[tuple[int, float]]] = Field(
+    series: dict[str, list[MetricPoint]] = Field(
         description="Per metric key, [step, value] pairs in step order.",
         examples=[{"loss": [[1, 0.69], [2, 0.66]], "reward_margin": [[1, 0.0], [2, 0.05]]}],
     )

@@ -58,7 +58,13 @@ OBJECTIVE = by_name(
 
 # ---- data hardness (DAMA.md section 1): config `hardness.*`, spec `hardness_scorer`, `hardness_rescale` ----
 HARDNESS = by_name(
-    Setting("scorer", DEFAULT_SCORER, "CLIP model for data hardness; unused when every row carries scores."),
+    Setting(
+        "scorer",
+        DEFAULT_SCORER,
+        "CLIP model for data hardness; unused when every row carries scores.",
+        min_length=1,
+        max_length=300,
+    ),
     Setting(
         "aggregation",
         "joint_softmax",
@@ -85,7 +91,7 @@ OPTIM = by_name(
     Setting("scheduler", "cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS),
     Setting("max_grad_norm", 1.0, "Gradient clipping norm (None: no clipping).", gt=0),
     Setting("epochs", 1, "Passes over the training pairs.", gt=0, service_le=100),
-    Setting("max_steps", None, "Optimizer steps; overrides epochs when set.", gt=0),
+    Setting("max_steps", None, "Optimizer steps; overrides epochs when set.", gt=0, service_le=10**9),
     Setting("batch_size", 4, "Pairs per device per micro-batch.", gt=0, service_le=1024),
     Setting("grad_accumulation", 1, "Micro-batches per optimizer step.", gt=0, service_le=1024),
     Setting(
@@ -109,7 +115,7 @@ OPTIM = by_name(
         "always; auto = on CUDA only, falling back to eager with a warning if compiling fails; off = never.",
         choices=COMPILE_MODES,
     ),
-    Setting("seed", 0, "Seed of the batch order, the filtering draws and the LoRA initialisation."),
+    Setting("seed", 0, "Seed of the batch order, the filtering draws and the LoRA initialisation.", ge=0, le=2**32 - 1),
 )
 
 # ---- data: config `data.*`, spec `hyperparameters.max_length`, `evaluation.holdout_fraction` -----------------
@@ -137,7 +143,12 @@ LORA = by_name(
     Setting("r", 16, "LoRA rank.", gt=0, service_le=1024),
     Setting("alpha", 32, "LoRA scaling alpha.", gt=0),
     Setting("dropout", 0.05, "LoRA dropout.", ge=0, lt=1),
-    Setting("target_modules", None, "Module names; default: the family's language-model projections."),
+    Setting(
+        "target_modules",
+        None,
+        "Module names (at most 64); default: the family's language-model projections.",
+        max_length=64,
+    ),
     Setting("train_projector", False, "Also train the multimodal projector in full."),
 )
 

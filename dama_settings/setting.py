@@ -22,6 +22,7 @@ class Setting:
         choices: the allowed values of a string knob (the Literal's values), else None.
         service_le: a tighter upper bound the HTTP service applies on top of ``le`` (a resource cap for shared
             workers, not a property of the method).
+        min_length, max_length: length bounds of a string or list knob (an untrusted spec must not be unbounded).
         service_default: the job spec's default where the service wants another one than the engine (e.g.
             checkpoints on by default for jobs that may be re-queued); ``SAME`` otherwise.
     """
@@ -35,6 +36,8 @@ class Setting:
     le: float | None = None
     choices: tuple[str, ...] | None = None
     service_le: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
     service_default: Any = SAME
 
     def field(self, *, service: bool = False, **extra: Any) -> Any:
@@ -45,7 +48,17 @@ class Setting:
             le = self.service_le if le is None else min(le, self.service_le)
         if service and self.service_default is not SAME:
             default = self.service_default
-        return Field(default=default, gt=self.gt, ge=self.ge, lt=self.lt, le=le, description=self.description, **extra)
+        return Field(
+            default=default,
+            gt=self.gt,
+            ge=self.ge,
+            lt=self.lt,
+            le=le,
+            min_length=self.min_length,
+            max_length=self.max_length,
+            description=self.description,
+            **extra,
+        )
 
 
 def by_name(*settings: Setting) -> dict[str, Setting]:

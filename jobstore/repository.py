@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from jobstore.models import (
     new_id,
     utcnow,
 )
+from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
@@ -44,8 +46,23 @@ def hash_api_key(key: str, *, pepper: str) -> str:
     return hmac.new(pepper.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+TENANT_NAME_RULE = "1-64 characters of lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"
+
+
+def check_tenant_name(name: str) -> str:
+    """``name`` if it is a valid tenant name, else ValueError saying what a name may hold. Names are lower case,
+    so they are unique regardless of case (the database's unique index on ``lower(name)`` holds for old ones)."""
+    if TENANT_NAME.fullmatch(name) is None:
+        shown = repr(name) if len(name) <= 80 else f"of {len(name)} characters"
+        raise ValueError(f"tenant name {shown} is not valid: use {TENANT_NAME_RULE}")
+    return name
+
+
 def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
-    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    """The tenant called ``name`` (in any case), created if there is none; ValueError for an invalid name."""
+    check_tenant_name(name)
+    tenant = session.scalar(select(Tenant).where(func.lower(Tenant.name) == name))
     if tenant is None:
         tenant = Tenant(name=name)
         session.add(tenant)
@@ -249,8 +266,9 @@ def add_events(
         .execution_options(synchronize_session=False)
     ).scalar_one()
     first = last - len(events) + 1
+    # Tenants read events: worker file paths in engine messages are shortened to file names (jobstore.redact).
     rows = [
-        JobEvent(job_id=job_id, seq=first + i, type=kind, message=message, data=data)
+        JobEvent(job_id=job_id, seq=first + i, type=kind, message=redact_paths(message), data=redact_json(data))
         for i, (kind, message, data) in enumerate(events)
     ]
     session.add_all(rows)
@@ -291,11 +309,14 @@ def set_status(
         job.eta_seconds = None
         if target == JobStatus.succeeded:
             job.progress = 1.0
+    # The tenant reads the error and the result: no worker file paths in them but its own (jobstore.redact).
+    own = strings_in(job.spec)
+    error_message = redact_paths(error_message, own) if error_message is not None else None
     if error_kind is not None:
         job.error_kind = error_kind.value
         job.error_message = error_message
     if result is not None:
-        job.result = result
+        job.result = redact_json(result, own)
     data: dict[str, Any] = {"status": target.value}
     if error_kind is not None:
         data["error"] = {"kind": error_kind.value, "message": error_message}

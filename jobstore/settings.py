@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(default=None, description="Datasets, adapters; default under home.")
     api_key_pepper: str = Field(default="", description="Secret mixed into API-key hashes. Required in production.")
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest accepted dataset upload.")
+    max_json_body_bytes: int = Field(
+        default=1024**2,
+        gt=0,
+        description="Largest request body other than a dataset upload (a job spec, an evaluation): 413 above.",
+    )
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_timeout_s: float = Field(default=120.0, gt=0, description="A running job silent this long is stale.")
     sweep_interval_s: float = Field(default=30.0, gt=0)
@@ -61,6 +66,12 @@ class Settings(BaseSettings):
         default="memory://",
         description="Where the request counters live: memory:// (counts per API process) or a Redis URL such as "
         "redis://redis:6379/1 (shared by every API replica; docker-compose.yml sets it).",
+    )
+    auth_failure_limit: str = Field(
+        default="30/minute",
+        description="Requests with an invalid API key one client address may send (the `limits` notation, in "
+        "DAMA_RATE_LIMIT_STORAGE); beyond it that address gets 429 with Retry-After before any database lookup. "
+        "Behind a proxy, let uvicorn trust its X-Forwarded-For (--forwarded-allow-ips). Empty: no limit.",
     )
     max_active_jobs: int | None = Field(
         default=None,

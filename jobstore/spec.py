@@ -5,9 +5,9 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
 from dama_settings.names import CompileMode, HardnessRescale
@@ -17,8 +17,22 @@ from dama_settings.names import Method as Method
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 
 
+# An uploaded object's id (``ds_...``, ``job_...``): bounded, like every string and list a spec may hold.
+ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # PostgreSQL stores no NUL character in text or JSONB, and no name, id or label needs one.
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain a NUL character (\\u0000)")
+        return value
 
 
 class Hyperparameters(_Spec):
@@ -47,16 +61,18 @@ class LoraSpec(_Spec):
     r: int = LORA["r"].field(service=True)
     alpha: int = LORA["alpha"].field(service=True)
     dropout: float = LORA["dropout"].field(service=True)
-    target_modules: list[str] | None = LORA["target_modules"].field(service=True)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = LORA["target_modules"].field(
+        service=True
+    )
     train_projector: bool = LORA["train_projector"].field(service=True)
 
 
 class EvaluationSpec(_Spec):
-    dataset_id: str | None = Field(
+    dataset_id: ObjectId | None = Field(
         default=None, description="Held-out pairs (an uploaded preference dataset).", examples=[None]
     )
     holdout_fraction: float = DATA["eval_fraction"].field(service=True, examples=[0.05])
-    generative_dataset_id: str | None = Field(
+    generative_dataset_id: ObjectId | None = Field(
         default=None,
         description="A generative evaluation dataset (format 'generative': image, prompt, objects + vocabulary): "
         "after training, base and tuned answer its prompts and are scored for object hallucination (CHAIR).",
@@ -86,7 +102,7 @@ class JobSpec(_Spec):
     """A DAMA fine-tuning job."""
 
     model: ModelName = Field(description=_MODEL_DESCRIPTION)
-    dataset_id: str = Field(
+    dataset_id: ObjectId = Field(
         description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
     )
     method: Method = OBJECTIVE["method"].field(service=True)
@@ -122,20 +138,20 @@ class EvaluationCreate(_Spec):
     """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets."""
 
     model: ModelName = Field(description=_MODEL_DESCRIPTION + " With adapter_job_id, the training job's base.")
-    adapter_job_id: str | None = Field(
+    adapter_job_id: ObjectId | None = Field(
         default=None,
         description="A succeeded training job of this tenant: its adapter is the tuned model, compared against the "
         "base. Null: evaluate the base model alone.",
         examples=["job_0192a0c1d2e3f4a5b6c7d8"],
     )
-    preference_dataset_id: str | None = Field(
+    preference_dataset_id: ObjectId | None = Field(
         default=None,
         description="Held-out preference pairs (an uploaded preference dataset): log-prob accuracy per model and, "
         "with an adapter, DPO loss / accuracy / reward margin of the tuned model against the base, per hardness "
         "bucket when the rows carry hardness scores.",
         examples=["ds_0192a0c1d2e3f4a5b6c7d8"],
     )
-    generative_dataset_id: str | None = Field(
+    generative_dataset_id: ObjectId | None = Field(
         default=None,
         description="A generative evaluation dataset (format 'generative'): answers are generated and scored for "
         "object hallucination (CHAIR-s, CHAIR-i, coverage, hallucination rate).",

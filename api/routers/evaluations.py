@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
 from api.errors import ApiError
-from api.routers.job_outputs import events_response
+from api.routers.job_outputs import EventsAfter, EventsLimit, events_response
 from api.routers.jobs import IdempotencyKey, cancel_or_conflict, check_dataset, get_tenant_job, submit_job
 from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic, evaluation_public
 from jobstore import repository
@@ -210,8 +210,8 @@ def list_evaluation_events(
     session: SessionDep,
     tenant: CurrentTenant,
     services: ServicesDep,
-    after: Annotated[int, Query(ge=0, description="Events after this seq (0: from the start).", examples=[0])] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).", examples=[100])] = 100,
+    after: EventsAfter = 0,
+    limit: EventsLimit = 100,
 ) -> Any:
     _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
     return events_response(

@@ -46,6 +46,13 @@ POLL_INTERVAL_S = 0.5
 DB_RETRY_S = 2.0
 STREAM_BATCH = 500
 SSE_PING_S = 15
+MAX_SEQ = 2**31 - 1  # event seqs are 32-bit integers in the job store; a larger cursor is refused, not a 500
+
+# ``?after=`` and ``?limit=`` of the two events routes (jobs and evaluations).
+EventsAfter = Annotated[
+    int, Query(ge=0, le=MAX_SEQ, description="Events after this seq (0: from the start).", examples=[0])
+]
+EventsLimit = Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).", examples=[100])]
 
 _SSE_DOC = (
     "With `Accept: text/event-stream`, follows the job live instead: each event is sent as `id: <seq>`, "
@@ -93,8 +100,10 @@ def _start_seq(after: int, last_event_id: str | None) -> int:
         raise ApiError(
             422, "invalid_last_event_id", "Last-Event-ID: must be an event seq (an integer)", param="Last-Event-ID"
         ) from None
-    if value < 0:
-        raise ApiError(422, "invalid_last_event_id", "Last-Event-ID: must be >= 0", param="Last-Event-ID")
+    if not 0 <= value <= MAX_SEQ:
+        raise ApiError(
+            422, "invalid_last_event_id", f"Last-Event-ID: must be between 0 and {MAX_SEQ}", param="Last-Event-ID"
+        )
     return value
 
 
@@ -123,11 +132,16 @@ def list_events(
     session: SessionDep,
     tenant: CurrentTenant,
     services: ServicesDep,
-    after: Annotated[int, Query(ge=0, description="Events after this seq (0: from the start).", examples=[0])] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).", examples=[100])] = 100,
+    after: EventsAfter = 0,
+    limit: EventsLimit = 100,
     last_event_id: Annotated[
         str | None,
-        Header(alias="Last-Event-ID", description="SSE resume point: stream events after this seq.", examples=["7"]),
+        Header(
+            alias="Last-Event-ID",
+            max_length=20,
+            description="SSE resume point: stream events after this seq.",
+            examples=["7"],
+        ),
     ] = None,
 ) -> Any:
     get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)

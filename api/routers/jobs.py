@@ -37,8 +37,11 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
+        min_length=1,
         max_length=200,
-        description="Retry safely: the same key with the same body returns the job created the first time.",
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Retry safely: the same key with the same body returns the job created the first time "
+        "(1-200 characters, no control characters).",
     ),
 ]
 
@@ -164,26 +167,33 @@ def submit_job(
                 headers={"Retry-After": "60"},
             )
     queue = queue or services.settings.default_queue
-    job = repository.create_job(session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind)
-    if idempotency_key is not None:
-        repository.remember_idempotency_key(
-            session,
-            tenant_id=tenant_id,
-            endpoint=endpoint,
-            key=idempotency_key,
-            request_hash=request_hash,
-            resource_id=job.id,
-        )
     try:
+        job = repository.create_job(
+            session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind
+        )
+        if idempotency_key is not None:
+            # Inserting the key waits for a concurrent request's uncommitted row with the same key and fails
+            # once that one commits: the flush, not only the commit, may raise.
+            repository.remember_idempotency_key(
+                session,
+                tenant_id=tenant_id,
+                endpoint=endpoint,
+                key=idempotency_key,
+                request_hash=request_hash,
+                resource_id=job.id,
+            )
         session.commit()
     except IntegrityError:
-        # A concurrent request with the same key committed first: answer with its job.
+        # A concurrent request with the same key committed first: answer with its job (or 409, another body).
         session.rollback()
         if idempotency_key is None:
             raise
         if (replayed := replay()) is None:
             raise ApiError(
-                409, "idempotency_conflict", "a concurrent request used this Idempotency-Key; retry"
+                409,
+                "idempotency_conflict",
+                "a concurrent request used this Idempotency-Key; retry",
+                param="Idempotency-Key",
             ) from None
         return replayed
     try:

@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataFormatError, OSError) as error:
         print(json.dumps({"ok": False, "error": str(error)}))
         return 2
+    except RecursionError:  # json's parser recurses once per level: a document nested deeper than Python's stack
+        print(json.dumps({"ok": False, "error": "the data nests JSON arrays or objects too deeply to read"}))
+        return 2
     finally:
         if owned is not None:
             shutil.rmtree(owned, ignore_errors=True)

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -376,6 +377,9 @@ def _iter_jsonl(data_file: Path) -> Iterator[tuple[int, _Record]]:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
                 yield number, _Malformed(f"malformed JSON: {error.msg} at column {error.colno}")
+                continue
+            except RecursionError:  # json's parser recurses once per level; no row nests this deep
+                yield number, _Malformed(f"JSON nested too deeply (over {sys.getrecursionlimit()} levels)")
                 continue
             if not isinstance(value, dict):
                 yield number, _Malformed(f"expected a JSON object, got {_type_name(value)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -338,7 +339,10 @@ def _decode_problem(data: bytes, limits: DataLimits) -> tuple[ErrorCode, str] | 
                 # A full decode: a truncated file must fail here, not in the middle of training.
                 image.load()
         except Image.DecompressionBombError as error:
-            return ErrorCode.IMAGE_TOO_LARGE, str(error)
+            # Pillow refuses at open what is far over its own limit; the limit that applies here is ours.
+            declared = re.search(r"\((\d+) pixels\)", str(error))
+            size = f"{declared.group(1)} pixels, " if declared else ""
+            return ErrorCode.IMAGE_TOO_LARGE, f"{size}over max_image_pixels={limits.max_image_pixels}"
         except Exception as error:  # PIL raises many types for corrupt data; every one is the row's problem
             return ErrorCode.UNDECODABLE_IMAGE, f"not a decodable image ({type(error).__name__}: {error})"
     return None

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,10 +72,14 @@ def _server_env(pg_url: str, broker_url: str, artifacts: Path, queue: str, **ext
     return env
 
 
-def _start(tmp: Path, env: dict[str, str], queue: str) -> Iterator[ApiServer]:
+def _start(
+    tmp: Path, env: dict[str, str], queue: str, *, runner: Sequence[str] = ("-m", "uvicorn")
+) -> Iterator[ApiServer]:
+    """Run ``python <runner> --factory api.app:create_app ...`` (``runner``: uvicorn's CLI, or a script that
+    prepares the process and then runs it) until the fixture ends."""
     port = _free_port()
     log_path = tmp / "server.log"
-    command = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app"]
+    command = [sys.executable, *runner, "--factory", "api.app:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
@@ -67,3 +68,22 @@ def test_models_and_migrations_agree(pg_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert diff == [], f"models differ from migrations: {diff}"
+
+
+def test_tenant_names_that_clash_by_case_stop_the_upgrade(tmp_path: Path) -> None:
+    """0002 adds the unique index on lower(name); names that already clash are named, not silently merged."""
+    url = f"sqlite:///{tmp_path / 'dama.db'}"
+    command.upgrade(_config(url), "0001")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for tenant_id, name in (("ten_1", "Alpha"), ("ten_2", "alpha"), ("ten_3", "beta")):
+            connection.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES (:id, :name, CURRENT_TIMESTAMP)"),
+                {"id": tenant_id, "name": name},
+            )
+    with pytest.raises(RuntimeError, match=r"'alpha' \(2 tenants\)"):
+        command.upgrade(_config(url), "head")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE tenants SET name = 'alpha-old' WHERE id = 'ten_1'"))
+    engine.dispose()
+    command.upgrade(_config(url), "head")
