@@ -38,6 +38,7 @@ from jobstore.db import session_scope
 from jobstore.models import utcnow
 from jobstore.settings import Settings
 from jobstore.states import JobStatus
+from worker.progress import store_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ class SweeperThread:
                 done = sweep(self.session_factory, self.celery_app, self.settings, self.watch)
                 if done:
                     log.info("sweeper: %s", dict(done))
-            except Exception:
-                log.exception("sweeper: pass failed")
+            except Exception as error:
+                if store_unreachable(error):  # one line per pass while the job store is down, not a traceback
+                    log.warning("sweeper: the job store is unreachable: %s", str(error).splitlines()[0])
+                else:
+                    log.exception("sweeper: pass failed")
             self._stopped.wait(self.settings.sweep_interval_s)
