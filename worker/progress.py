@@ -223,6 +223,7 @@ class JobReporter(Callback):
                     len(self.outbox),
                     self.last_error,
                 )
+                self.outbox.close()
                 return False
             log.info("job %s: job store unreachable; %d reports wait, retry in %.1f s", *self._ids(), delay)
             time.sleep(delay)
