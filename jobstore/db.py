@@ -15,6 +15,10 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # Several threads (API) and processes (worker) share the file: wait on locks instead of failing.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif url.startswith("postgresql") and "connect_timeout" not in url:
+        # A database behind a network cut must fail a connection attempt in seconds, not after TCP's minutes:
+        # the worker retries with backoff and its training goes on meanwhile.
+        kwargs["connect_args"] = {"connect_timeout": 10}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
 

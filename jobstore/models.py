@@ -115,6 +115,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     event_count: Mapped[int] = mapped_column(Integer, default=0)
+    # How many report batches (metrics, events, checkpoints) the current attempt has delivered, written in the
+    # batch's own transaction: a batch retried after a commit whose outcome the worker never saw is not stored twice.
+    report_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_jobs_tenant_status_id", "tenant_id", "status", "id"),)
 

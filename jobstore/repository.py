@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.models import (
@@ -336,6 +336,7 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
             worker=worker,
             attempts=Job.attempts + 1,
             heartbeat_at=now,
+            report_seq=0,  # each attempt numbers its report batches from 1
             started_at=func.coalesce(Job.started_at, now),
             updated_at=now,
         )
@@ -402,10 +403,44 @@ def record_progress(
 
 
 def add_metrics(session: Session, *, job_id: str, points: Iterable[tuple[int, str, float]]) -> int:
-    rows = [JobMetric(job_id=job_id, step=step, key=key, value=value) for step, key, value in points]
-    session.add_all(rows)
-    session.flush()
+    rows = [{"job_id": job_id, "step": step, "key": key, "value": value} for step, key, value in points]
+    if rows:  # one multi-row INSERT: a backlog delivered after an outage holds thousands of points
+        session.execute(insert(JobMetric), rows)
     return len(rows)
+
+
+def take_report_batch(session: Session, *, job_id: str, worker: str, attempt: int, batch: int) -> str | None:
+    """Number ``batch`` of a run's report deliveries: move ``jobs.report_seq`` from ``batch - 1`` to ``batch`` if
+    ``worker`` still runs the job in ``attempt``; return the job's status then, else None (see
+    :func:`delivered_report_batches` for why). The caller writes the batch's rows in the same transaction, so the
+    number and the rows commit together or not at all."""
+    return session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.worker == worker,
+            Job.attempts == attempt,
+            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+            Job.report_seq == batch - 1,
+        )
+        .values(report_seq=batch)
+        .returning(Job.status)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+
+
+def delivered_report_batches(session: Session, *, job_id: str, worker: str, attempt: int) -> int | None:
+    """How many report batches ``worker``'s ``attempt`` has delivered, or None if it no longer runs the job.
+    After a delivery whose commit outcome is unknown (the connection died during COMMIT), this says whether the
+    batch landed: retrying it blindly would store its metrics and events twice."""
+    return session.scalar(
+        select(Job.report_seq).where(
+            Job.id == job_id,
+            Job.worker == worker,
+            Job.attempts == attempt,
+            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+        )
+    )
 
 
 def delete_metrics_after(session: Session, *, job_id: str, step: int) -> None:

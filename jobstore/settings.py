@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, gt=0, description="Runs of one job before it fails with system_error.")
     default_queue: str = Field(default="gpu", description="Celery queue of jobs that name none.")
     metrics_flush_s: float = Field(default=1.0, gt=0, description="Worker buffers metrics/events this long.")
+    store_wait_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="How long a worker whose run has ended waits for an unreachable job store (retrying with "
+        "backoff, heartbeating on) to deliver the run's pending metrics and events and record its outcome, instead "
+        "of leaving a finished run to be re-queued and redone.",
+    )
     model_cache_dir: Path | None = Field(default=None, description="Where workers keep models (HF_HOME).")
     allow_remote_code: bool = Field(
         default=False,

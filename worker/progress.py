@@ -1,12 +1,17 @@
 """How a running job reports to the job store: the engine callback and the heartbeat thread.
 
-:class:`JobReporter` is the engine's :class:`~dama_engine.callbacks.Callback` for one run. It buffers each step's
-metrics in memory and writes them, the progress (step, total, fraction, ETA) and a heartbeat at most every
-``metrics_flush_s`` (and at every stage change, checkpoint and the end), so a fast training loop is not slowed by
-database round trips. It polls the job's status at most every ``poll_interval_s`` and asks the engine to stop when
-the job is ``cancelling``, when this worker no longer owns the run (the sweeper gave it to another worker), or
-when the worker is shutting down. No database error escapes it: a failed write is logged and retried at the next
-flush, so a flaky job store never kills a training run (the heartbeat going silent is what the sweeper watches).
+:class:`JobReporter` is the engine's :class:`~dama_engine.callbacks.Callback` for one run. It queues each step's
+metrics, the events and the checkpoint registrations in an :class:`~worker.outbox.Outbox` and delivers them, the
+progress (step, total, fraction, ETA) and a heartbeat at most every ``metrics_flush_s`` (and at every stage
+change, checkpoint and the end), so a fast training loop is not slowed by database round trips. It polls the
+job's status at most every ``poll_interval_s`` and asks the engine to stop when the job is ``cancelling``, when
+this worker no longer owns the run (the sweeper gave it to another worker), or when the worker is shutting down.
+
+No database error escapes it, and nothing reported is lost to an outage: undelivered reports stay in the outbox
+(spilled to disk past a bound), writes are retried with backoff, and the backlog goes out in order, in batches,
+once the job store answers again. Each batch carries a number that commits with its rows (``jobs.report_seq``),
+so a batch whose commit outcome was never heard is not stored twice. At the end of the run :meth:`JobReporter.close`
+waits for an unreachable job store (``DAMA_STORE_WAIT_S``) before the outcome is recorded.
 
 :class:`Heartbeat` keeps ``heartbeat_at`` fresh during long work without steps (model loading, the reference
 pass, evaluation) from a background thread.
@@ -23,18 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.callbacks import Callback
 from jobstore import repository
 from jobstore.db import session_scope
 from jobstore.states import JobStatus
+from worker.outbox import MEMORY_LIMIT, Outbox, Report
 
 log = logging.getLogger(__name__)
 
 StopReason = Literal["cancelled", "lost", "shutdown"]
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
-MAX_BUFFERED_POINTS = 500_000  # while the job store is unreachable; older points are dropped beyond this
+BATCH_REPORTS = 2_000  # reports per delivery transaction (a backlog after an outage goes in several)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0  # backoff between attempts to reach an unreachable job store
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ class JobReporter(Callback):
         poll_interval_s: float = 0.5,
         shutdown: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spool_dir: Path | None = None,
+        memory_limit: int = MEMORY_LIMIT,
     ) -> None:
         self.owner = owner
         self.session_factory = session_factory
@@ -107,9 +117,12 @@ class JobReporter(Callback):
         self.total_steps: int | None = None
         self.resumed_from_step = 0
         self.stop_reason: StopReason | None = None
-        self._points: list[tuple[int, str, float]] = []
-        self._events: list[tuple[str, str, dict[str, Any] | None]] = []
-        self._stage_changed = False
+        self.outbox = Outbox(memory_limit=memory_limit, spool_dir=spool_dir)
+        self.last_error: BaseException | None = None  # of the last failed write; None after a good one
+        self._batches = 0  # report batches this attempt has delivered (jobs.report_seq)
+        self._backoff = Backoff()
+        self._retry_at = -math.inf  # no write before this (clock) time: the job store failed just now
+        self._closed = False
         self._last_flush = -math.inf
         self._last_poll = -math.inf
         self._rate_origin: tuple[float, int] | None = None  # (time, step) when training (re)started
@@ -117,8 +130,9 @@ class JobReporter(Callback):
 
     def idle_s(self) -> float:
         """Seconds since the engine last reported anything (a stage, progress, a step, an evaluation, a checkpoint,
-        output of torchrun's ranks); stop polls do not count, since a launcher polls them while its ranks may hang."""
-        return self.clock() - self._last_activity
+        output of torchrun's ranks); stop polls do not count, since a launcher polls them while its ranks may hang.
+        Zero once the run is closed: waiting for the job store to come back is not a hung run."""
+        return 0.0 if self._closed else self.clock() - self._last_activity
 
     def on_activity(self) -> None:
         self._last_activity = self.clock()
@@ -128,22 +142,19 @@ class JobReporter(Callback):
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
         self.on_activity()
         self.stage = stage
-        self._stage_changed = True
         details = ", ".join(f"{key} {value}" for key, value in info.items())
         message = f"stage {stage}" + (f" ({details})" if details else "")
-        self._events.append(("stage", message, {"stage": stage, **json_safe(info)}))
+        self._event("stage", message, {"stage": stage, **json_safe(info)})
         if stage == "training":
             self.total_steps = int(info["steps"])
             self.resumed_from_step = int(info.get("resumed_from_step") or 0)
             self.step = self.resumed_from_step
             self._rate_origin = (self.clock(), self.step)
             if self.resumed_from_step:
-                self._events.append(
-                    (
-                        "resumed",
-                        f"resumed from the checkpoint at step {self.resumed_from_step} (attempt {self.owner.attempt})",
-                        {"step": self.resumed_from_step, "attempt": self.owner.attempt},
-                    )
+                self._event(
+                    "resumed",
+                    f"resumed from the checkpoint at step {self.resumed_from_step} (attempt {self.owner.attempt})",
+                    {"step": self.resumed_from_step, "attempt": self.owner.attempt},
                 )
         self.flush()
         if stage != "training":
@@ -167,27 +178,16 @@ class JobReporter(Callback):
         summary = ""
         if accuracy is not None and margin is not None:
             summary = f": accuracy {accuracy:.3f}, margin {margin:.4f}"
-        self._events.append(("evaluation", f"held-out evaluation at step {step}{summary}", json_safe(metrics)))
+        self._event("evaluation", f"held-out evaluation at step {step}{summary}", json_safe(metrics))
         self.flush()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_activity()
-        # Metrics first: after a crash the run resumes here, and the rows up to this step must already exist.
+        # Registered after the metrics before it (the outbox keeps order, a batch commits whole): after a crash
+        # the run resumes here, and the rows up to this step must already exist.
+        self.outbox.add(["checkpoint", step, str(path)])
+        self._event("checkpoint", f"checkpoint saved at step {step}", {"step": step, "path": str(path)})
         self.flush()
-
-        def register(session: Session) -> None:
-            repository.add_checkpoint(session, job_id=self.owner.job_id, step=step, path=str(path))
-            # The engine keeps only the newest checkpoints on disk: the list must not offer pruned ones.
-            known = repository.list_checkpoints(session, job_id=self.owner.job_id)
-            pruned = [row.path for row in known if row.path != str(path) and not Path(row.path).exists()]
-            repository.forget_checkpoints(session, job_id=self.owner.job_id, paths=pruned)
-            repository.add_events(
-                session,
-                job_id=self.owner.job_id,
-                events=[("checkpoint", f"checkpoint saved at step {step}", {"step": step, "path": str(path)})],
-            )
-
-        self._write(register)
 
     def should_stop(self) -> bool:
         self._poll()
@@ -196,37 +196,91 @@ class JobReporter(Callback):
     # ---- writing and polling ------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write buffered metrics and events, the progress and a heartbeat, in one transaction."""
-        points, events = self._points, self._events
-        progress, eta = self._progress()
-
-        def write(session: Session) -> None:
-            if not self._owns(session):
-                return
-            repository.add_metrics(session, job_id=self.owner.job_id, points=points)
-            repository.add_events(session, job_id=self.owner.job_id, events=events)
-            status = repository.record_progress(
-                session,
-                job_id=self.owner.job_id,
-                stage=self.stage if self._stage_changed else None,
-                step=self.step,
-                total_steps=self.total_steps,
-                progress=progress,
-                eta_seconds=eta,
-            )
-            self._note_status(status)
-
+        """Deliver the pending reports, the progress and a heartbeat. After a failed write, nothing is tried until
+        a backoff delay has passed (a down database must not cost every training step a connection attempt);
+        the reports stay pending meanwhile."""
         self._last_flush = self.clock()
-        if self._write(write):
-            self._points, self._events = [], []
-            self._stage_changed = False
-            self._last_poll = self._last_flush
-        elif len(self._points) > MAX_BUFFERED_POINTS:
-            log.warning("job %s: dropping %d buffered metric points", self.owner.job_id, len(points) // 2)
-            del self._points[: len(points) // 2]
+        if self._last_flush >= self._retry_at:
+            self._attempt(self._deliver_pending)
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, *, wait_s: float = 0.0) -> bool:
+        """The run's last delivery. While the job store is unreachable, retry with backoff for up to ``wait_s``
+        seconds. True when nothing is left to deliver (or the run lost the job: none of it is wanted then)."""
+        self._closed = True
+        deadline = time.monotonic() + wait_s
+        backoff = Backoff()
+        while True:
+            self._retry_at = -math.inf
+            self.flush()
+            if self.stop_reason == "lost" or (self.last_error is None and not self.outbox):
+                self.outbox.close()
+                return True
+            delay = backoff.next()
+            if not store_unreachable(self.last_error) or time.monotonic() + delay > deadline:
+                log.error(
+                    "job %s: %d reports could not be delivered to the job store; giving up on them (%r)",
+                    self.owner.job_id,
+                    len(self.outbox),
+                    self.last_error,
+                )
+                self.outbox.close()
+                return False
+            log.info("job %s: job store unreachable; %d reports wait, retry in %.1f s", *self._ids(), delay)
+            time.sleep(delay)
+
+    def _deliver_pending(self, session: Session) -> None:
+        """One transaction per batch of reports, in order, until none is left; the last one also writes progress."""
+        while True:
+            batch = self.outbox.take(BATCH_REPORTS)
+            status = self._deliver(session, batch)
+            if status is None:
+                return
+            if not batch:
+                self._write_progress(session)
+                return
+            session.commit()
+            self._batches += 1
+            self.outbox.delivered()
+            if not self.outbox:
+                self._write_progress(session)
+                return
+
+    def _deliver(self, session: Session, batch: list[Report]) -> str | None:
+        """Write one batch as delivery number ``_batches + 1``, once: a batch whose earlier commit landed unheard
+        is skipped. Returns the job's status, or None when this attempt no longer runs the job."""
+        if not batch:
+            return self._owns(session)
+        number = self._batches + 1
+        job_id, worker, attempt = self.owner.job_id, self.owner.worker, self.owner.attempt
+        status = repository.take_report_batch(session, job_id=job_id, worker=worker, attempt=attempt, batch=number)
+        if status is None:
+            delivered = repository.delivered_report_batches(session, job_id=job_id, worker=worker, attempt=attempt)
+            if delivered is None:
+                self._owns(session)  # notes the lost run
+                return None
+            if delivered < number:
+                raise RuntimeError(f"report batch {number} out of order: the job store holds {delivered}")
+            log.info("job %s: report batch %d was already stored (its commit went unheard)", self.owner.job_id, number)
+            return JobStatus.running.value
+        self._note_status(status)
+        write_reports(session, job_id=self.owner.job_id, reports=batch)
+        return status
+
+    def _write_progress(self, session: Session) -> None:
+        progress, eta = self._progress()
+        status = repository.record_progress(
+            session,
+            job_id=self.owner.job_id,
+            stage=self.stage,
+            step=self.step,
+            total_steps=self.total_steps,
+            progress=progress,
+            eta_seconds=eta,
+            worker=self.owner.worker,
+            attempt=self.owner.attempt,
+        )
+        self._note_status(status)
+        self._last_poll = self.clock()
 
     def _progress(self) -> tuple[float | None, float | None]:
         if not self.total_steps:
@@ -240,35 +294,41 @@ class JobReporter(Callback):
                 eta = max(0.0, (self.total_steps - self.step) * elapsed / done)
         return progress, eta
 
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None) -> None:
+        self.outbox.add(["event", kind, message, data])
+
     def _buffer(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                self._points.append((step, key, float(value)))
+                self.outbox.add(["metric", step, key, float(value)])
 
     def _poll(self) -> None:
         if self.shutdown.is_set() and self.stop_reason is None:
             self.stop_reason = "shutdown"
         now = self.clock()
-        if now - self._last_poll < self.poll_interval_s:
+        if now - self._last_poll < self.poll_interval_s or now < self._retry_at:
             return
         self._last_poll = now
-        self._write(self._owns)
+        self._attempt(self._owns)
 
     def _raise_if_stopping(self) -> None:
         if self.should_stop():
             assert self.stop_reason is not None
             raise JobStopped(self.stop_reason)
 
-    def _owns(self, session: Session) -> bool:
-        """Whether this attempt still runs the job; notes a cancel request or a lost run as the stop reason."""
+    def _owns(self, session: Session) -> str | None:
+        """The job's status if this attempt still runs the job, else None; notes a cancel request, or a lost run
+        (whose pending reports are dropped: the job's new owner reports from its own checkpoint) as the stop
+        reason."""
         row = repository.job_owner(session, job_id=self.owner.job_id)
         if row is None or row[0] not in ACTIVE or row[1] != self.owner.worker or row[2] != self.owner.attempt:
             if self.stop_reason != "lost":
                 log.warning("job %s: this worker no longer owns attempt %d; stopping", *self._ids())
             self.stop_reason = "lost"
-            return False
+            self.outbox.clear()
+            return None
         self._note_status(row[0])
-        return True
+        return row[0]
 
     def _note_status(self, status: str | None) -> None:
         if status == JobStatus.cancelling.value and self.stop_reason in (None, "shutdown"):
@@ -277,14 +337,76 @@ class JobReporter(Callback):
     def _ids(self) -> tuple[str, int]:
         return self.owner.job_id, self.owner.attempt
 
-    def _write(self, action: Callable[[Session], Any]) -> bool:
+    def _attempt(self, action: Callable[[Session], Any]) -> bool:
+        """Run ``action`` in a transaction; a failure is logged (fully the first time of an outage) and starts
+        the backoff, never raised: a flaky job store must not kill a training run."""
         try:
             with session_scope(self.session_factory) as session:
                 action(session)
-            return True
-        except Exception:
-            log.warning("job %s: could not write to the job store; will retry", self.owner.job_id, exc_info=True)
+        except Exception as error:
+            delay = self._backoff.next()
+            self._retry_at = self.clock() + delay
+            first = self.last_error is None
+            self.last_error = error
+            log.warning(
+                "job %s: could not write to the job store (%d reports pending); retrying in %.1f s: %s",
+                self.owner.job_id,
+                len(self.outbox),
+                delay,
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                exc_info=first,
+            )
             return False
+        if self.last_error is not None:
+            log.info("job %s: the job store is reachable again", self.owner.job_id)
+        self.last_error = None
+        self._backoff.reset()
+        self._retry_at = -math.inf
+        return True
+
+
+def write_reports(session: Session, *, job_id: str, reports: list[Report]) -> None:
+    """Store one batch of reports: its metric points, its events (in order) and its checkpoints."""
+    points = [(int(step), str(key), float(value)) for _, step, key, value in _of_kind(reports, "metric")]
+    repository.add_metrics(session, job_id=job_id, points=points)
+    events = [(str(kind), str(message), data) for _, kind, message, data in _of_kind(reports, "event")]
+    repository.add_events(session, job_id=job_id, events=events)
+    for _, step, path in _of_kind(reports, "checkpoint"):
+        # Delivered late (after an outage), a checkpoint may already be pruned from disk: the list offers only
+        # what a resume can use, i.e. what the engine still keeps (its newest few).
+        if Path(path).exists():
+            repository.add_checkpoint(session, job_id=job_id, step=int(step), path=str(path))
+        known = repository.list_checkpoints(session, job_id=job_id)
+        pruned = [row.path for row in known if not Path(row.path).exists()]
+        repository.forget_checkpoints(session, job_id=job_id, paths=pruned)
+
+
+def _of_kind(reports: list[Report], kind: str) -> list[Report]:
+    return [report for report in reports if report[0] == kind]
+
+
+@dataclass
+class Backoff:
+    """Delays between attempts to reach the job store: doubling from ``first_s`` up to ``max_s``."""
+
+    first_s: float = RETRY_FIRST_S
+    max_s: float = RETRY_MAX_S
+    _last: float = 0.0
+
+    def next(self) -> float:
+        self._last = min(self.max_s, max(self.first_s, 2 * self._last))
+        return self._last
+
+    def reset(self) -> None:
+        self._last = 0.0
+
+
+def store_unreachable(error: BaseException | None) -> bool:
+    """Whether ``error`` says the job store could not be reached (temporary: worth waiting for), rather than that
+    a statement was wrong."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
 
 
 class EvaluationReporter(JobReporter):
@@ -372,6 +494,7 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        failing = False
         while not self._stopped.wait(self.interval_s):
             watchdog = self.watchdog
             if watchdog is not None and (idle := watchdog.idle_s()) > watchdog.timeout_s:
@@ -383,8 +506,12 @@ class Heartbeat:
                     repository.record_progress(
                         session, job_id=self.job_id, worker=self.owner.worker, attempt=self.owner.attempt
                     )
-            except Exception:
-                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+                failing = False
+            except Exception as error:
+                # The traceback once per outage; the run (or its wait to record its outcome) goes on meanwhile.
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                log.warning("job %s: heartbeat failed: %s", self.job_id, reason, exc_info=not failing)
+                failing = True
 
     def _record_stall(self, idle: float, timeout: float) -> None:
         log.error("job %s: no progress for %.0f s (stall timeout %.0f s): treated as hung", self.job_id, idle, timeout)

@@ -7,6 +7,9 @@ broker; heartbeats in the job store are what tell a live run from a dead one:
   :func:`jobstore.repository.recover_stale_job`: re-queued and sent again (it resumes from its newest checkpoint,
   since the run folder persists and ``run.resume`` is on), failed with ``system_error`` after ``max_attempts``,
   or ``cancelled`` if it was being cancelled;
+* a run is not judged by a silence the job store itself caused: after this process failed to reach the store,
+  runs count as stale only ``heartbeat_timeout_s`` after it came back (:class:`StoreWatch`), so a run that
+  finished during a database outage and waits to record its outcome is not re-queued and redone;
 * a ``queued`` job nobody claimed for two sweep intervals is sent again, unless its queue still holds messages
   (then its message is most likely among them, waiting for a free worker). Claiming is a conditional update, so
   a duplicate message is a no-op.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import Celery
 from kombu.exceptions import ChannelError
@@ -35,17 +38,55 @@ from jobstore.db import session_scope
 from jobstore.models import utcnow
 from jobstore.settings import Settings
 from jobstore.states import JobStatus
+from worker.progress import store_unreachable
 
 log = logging.getLogger(__name__)
 
 
-def sweep(session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings) -> Counter[str]:
-    """One pass; returns counts of what it did (``requeued``, ``failed``, ``cancelled``, ``resent``)."""
+class StoreWatch:
+    """When this process last got the job store back after failing to reach it.
+
+    While the job store is down no heartbeat can land, so every run looks silent once it is back, finished runs
+    waiting to record their outcome included. Silence is evidence of a dead worker only for time the store could
+    have recorded a heartbeat: runs are judged stale only ``heartbeat_timeout_s`` after the store came back."""
+
+    def __init__(self) -> None:
+        self.back_since: datetime | None = None  # None: no outage seen, or long enough ago
+        self._down = False
+
+    def failed(self) -> None:
+        self._down = True
+
+    def reached(self, now: datetime) -> None:
+        if self._down:
+            self.back_since, self._down = now, False
+            log.warning("sweeper: the job store answers again; no run is judged stale before a heartbeat could land")
+
+    def grace(self, silent_since: datetime) -> bool:
+        """Whether a run silent since ``silent_since`` may owe its silence to the outage."""
+        return self.back_since is not None and self.back_since > silent_since
+
+
+def sweep(
+    session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings, watch: StoreWatch | None = None
+) -> Counter[str]:
+    """One pass; returns counts of what it did (``requeued``, ``failed``, ``cancelled``, ``resent``). With
+    ``watch`` (the process's own view of job-store outages), no run is re-queued for a silence an outage caused."""
     done: Counter[str] = Counter()
     now = utcnow()
     silent_since = now - timedelta(seconds=settings.heartbeat_timeout_s)
-    with session_scope(session_factory) as session:
-        stale = [job.id for job in repository.stale_jobs(session, older_than=silent_since)]
+    try:
+        with session_scope(session_factory) as session:
+            stale = [job.id for job in repository.stale_jobs(session, older_than=silent_since)]
+    except Exception:
+        if watch is not None:
+            watch.failed()
+        raise
+    if watch is not None:
+        watch.reached(now)
+        if stale and watch.grace(silent_since):
+            log.info("sweeper: %d silent runs left alone: the job store came back at %s", len(stale), watch.back_since)
+            stale = []
     for job_id in stale:
         try:
             with session_scope(session_factory) as session:
@@ -104,6 +145,7 @@ class SweeperThread:
         self.session_factory = session_factory
         self.celery_app = celery_app
         self.settings = settings
+        self.watch = StoreWatch()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dama-sweeper", daemon=True)
 
@@ -119,9 +161,12 @@ class SweeperThread:
     def _run(self) -> None:
         while not self._stopped.is_set():
             try:
-                done = sweep(self.session_factory, self.celery_app, self.settings)
+                done = sweep(self.session_factory, self.celery_app, self.settings, self.watch)
                 if done:
                     log.info("sweeper: %s", dict(done))
-            except Exception:
-                log.exception("sweeper: pass failed")
+            except Exception as error:
+                if store_unreachable(error):  # one line per pass while the job store is down, not a traceback
+                    log.warning("sweeper: the job store is unreachable: %s", str(error).splitlines()[0])
+                else:
+                    log.exception("sweeper: pass failed")
             self._stopped.wait(self.settings.sweep_interval_s)

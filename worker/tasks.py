@@ -2,9 +2,11 @@
 
 :func:`run_job` is a plain function (tests call it directly); :func:`register_tasks` wraps it, and the sweeper,
 as thin Celery tasks. The task table (``jobs``) is the product's own: Celery carries only job ids, and nothing a
-task writes to the job store can crash the task (progress writes are logged and retried, see
-:mod:`worker.progress`; final writes are logged, and a run whose outcome could not be stored goes stale and is
-recovered by the sweeper).
+task writes to the job store can crash the task (progress writes are kept and retried, see
+:mod:`worker.progress`). A run that ends while the job store is unreachable waits for it (``DAMA_STORE_WAIT_S``,
+with backoff, heartbeating on), then delivers its pending metrics and events and records its outcome, so a
+database outage does not make finished work be redone; only past that wait is the run left to go stale and be
+recovered by the sweeper.
 
 Outcomes:
 
@@ -34,6 +36,7 @@ import os
 import socket
 import tarfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +72,7 @@ from worker.engine_config import (
     evaluation_passes,
 )
 from worker.progress import (
+    Backoff,
     EvaluationReporter,
     Heartbeat,
     JobReporter,
@@ -77,8 +81,9 @@ from worker.progress import (
     StallWatchdog,
     deep_json_safe,
     json_safe,
+    store_unreachable,
 )
-from worker.sweeper import sweep
+from worker.sweeper import StoreWatch, sweep
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,7 @@ class WorkerContext:
     settings: Settings
     session_factory: sessionmaker[Session]
     shutdown: threading.Event = field(default_factory=threading.Event)
+    store_watch: StoreWatch = field(default_factory=StoreWatch)  # job-store outages, as the sweep task sees them
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
@@ -166,6 +172,7 @@ def run_job(
         "session_factory": session_factory,
         "flush_interval_s": settings.metrics_flush_s,
         "shutdown": shutdown,
+        "spool_dir": store.job_dir(job_id),  # where reports go past the in-memory bound during an outage
     }
     reporter = (
         EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
@@ -180,27 +187,21 @@ def run_job(
     heartbeat = Heartbeat(
         owner=owner, session_factory=session_factory, interval_s=settings.heartbeat_interval_s, watchdog=watchdog
     )
-    heartbeat.start()  # until the outcome is stored: packing a large adapter can take a while too
+    # Until the outcome is stored: packing a large adapter takes a while, and so may waiting out a database outage
+    # (a run that has finished must keep its job alive meanwhile, or the sweeper would have it redone).
+    heartbeat.start()
+    recorder = _Recorder(owner=owner, reporter=reporter, session_factory=session_factory, wait_s=settings.store_wait_s)
     try:
         if claimed.kind == EVALUATION:
-            return _run_evaluation(
-                claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings
-            )
-        return _run_claimed(claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings)
+            return _run_evaluation(claimed, recorder, store=store, settings=settings)
+        return _run_claimed(claimed, recorder, store=store, settings=settings)
     finally:
         heartbeat.stop()
         _release_memory()
 
 
-def _run_claimed(
-    claimed: _Claimed,
-    owner: RunOwner,
-    reporter: JobReporter,
-    *,
-    session_factory: sessionmaker[Session],
-    store: ArtifactStore,
-    settings: Settings,
-) -> str | None:
+def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings) -> str | None:
+    reporter, job_id = recorder.reporter, claimed.job_id
     spec: JobSpec | None = None
     try:
         spec = JobSpec.model_validate(claimed.spec)
@@ -208,22 +209,20 @@ def _run_claimed(
     except JobStopped:
         result = None
     except Exception as error:
-        reporter.close()
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning("job %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else "")
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
-    reporter.close()
+        log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
+        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
 
     if result is None or result.stopped:
-        return _stopped(owner, session_factory, reporter)
+        return recorder.stopped()
     try:
-        archive = store.adapter_archive(owner.job_id)
+        archive = store.adapter_archive(job_id)
         assert result.adapter_dir is not None
         pack_adapter(result.adapter_dir, archive)
         sha256, size = file_sha256(archive), archive.stat().st_size
     except Exception as error:
         kind, message = ErrorKind.system_error, short_traceback(error)
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
     summary = {
         "steps": result.steps,
         "total_steps": result.total_steps,
@@ -237,9 +236,7 @@ def _run_claimed(
         "seconds": round(result.seconds, 3),
         "attempts": claimed.attempt,
     }
-    return _finish(
-        owner,
-        session_factory,
+    return recorder.finish(
         JobStatus.succeeded,
         message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
         result=summary,
@@ -247,16 +244,9 @@ def _run_claimed(
     )
 
 
-def _run_evaluation(
-    claimed: _Claimed,
-    owner: RunOwner,
-    reporter: JobReporter,
-    *,
-    session_factory: sessionmaker[Session],
-    store: ArtifactStore,
-    settings: Settings,
-) -> str | None:
+def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings) -> str | None:
     """An evaluation job: base (and tuned) model scored on its datasets; results and output files recorded."""
+    reporter = recorder.reporter
     spec: EvaluationCreate | None = None
     outcome: EvaluationResult | None = None
     try:
@@ -272,15 +262,13 @@ def _run_evaluation(
     except JobStopped:
         outcome = None
     except Exception as error:
-        reporter.close()
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
         log.warning(
-            "evaluation %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else ""
+            "evaluation %s failed (%s): %s", claimed.job_id, kind.value, message.splitlines()[0] if message else ""
         )
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
-    reporter.close()
+        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
     if outcome is None:
-        return _stopped(owner, session_factory, reporter)
+        return recorder.stopped()
     try:
         artifacts: list[ArtifactRecord] = []
         for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
@@ -288,22 +276,15 @@ def _run_evaluation(
             if path is not None and path.is_file():
                 artifacts.append((claimed.tenant_id, artifact_kind, path, file_sha256(path), path.stat().st_size))
     except Exception as error:
-        return _finish(
-            owner,
-            session_factory,
-            JobStatus.failed,
-            error_kind=ErrorKind.system_error,
-            error_message=short_traceback(error),
-        )
+        message = short_traceback(error)
+        return recorder.finish(JobStatus.failed, error_kind=ErrorKind.system_error, error_message=message)
     summary = {
         "results": deep_json_safe(outcome.results),
         "outputs": {kind: path.name for _, kind, path, _, _ in artifacts},
         "seconds": round(outcome.seconds, 3),
         "attempts": claimed.attempt,
     }
-    return _finish(
-        owner,
-        session_factory,
+    return recorder.finish(
         JobStatus.succeeded,
         message=f"evaluation succeeded in {outcome.seconds:.1f} s",
         result=summary,
@@ -367,22 +348,59 @@ def _check_gpus(wanted: int) -> None:
         )
 
 
-def _stopped(owner: RunOwner, session_factory: sessionmaker[Session], reporter: JobReporter) -> str | None:
-    reason = reporter.stop_reason
-    where = f"at step {reporter.step}" + (f" of {reporter.total_steps}" if reporter.total_steps else "")
-    if reason == "lost":
-        return None
-    if reason == "shutdown":
-        return _finish(
-            owner,
-            session_factory,
-            JobStatus.queued,
-            message=f"the worker is shutting down: re-queued {where}; it resumes from its last checkpoint",
-        )
-    return _finish(owner, session_factory, JobStatus.cancelled, message=f"cancelled {where}")
+@dataclass
+class _Recorder:
+    """The end of a run: its pending reports delivered, then its outcome recorded, if this attempt still owns the
+    job. An unreachable job store is waited for, with backoff, for up to ``wait_s`` seconds in all (the heartbeat
+    thread keeps the job alive meanwhile): a run that finished during a database outage is recorded as it ended,
+    not re-queued and redone. Past that, the job stays running with a silent heartbeat and the sweeper recovers it."""
+
+    owner: RunOwner
+    reporter: JobReporter
+    session_factory: sessionmaker[Session]
+    wait_s: float
+
+    def stopped(self) -> str | None:
+        """The engine stopped early: cancelled, re-queued (the worker is shutting down), or lost."""
+        deadline = time.monotonic() + self.wait_s
+        self.reporter.close(wait_s=self.wait_s)
+        reporter = self.reporter
+        where = f"at step {reporter.step}" + (f" of {reporter.total_steps}" if reporter.total_steps else "")
+        if reporter.stop_reason == "lost":
+            return None
+        if reporter.stop_reason == "shutdown":
+            message = f"the worker is shutting down: re-queued {where}; it resumes from its last checkpoint"
+            return self._record(JobStatus.queued, deadline, message=message)
+        return self._record(JobStatus.cancelled, deadline, message=f"cancelled {where}")
+
+    def finish(self, status: JobStatus, **outcome: Any) -> str | None:
+        deadline = time.monotonic() + self.wait_s
+        self.reporter.close(wait_s=self.wait_s)  # metrics and events before the outcome that ends the job
+        if self.reporter.stop_reason == "lost":
+            return None
+        return self._record(status, deadline, **outcome)
+
+    def _record(self, status: JobStatus, deadline: float, **outcome: Any) -> str | None:
+        backoff = Backoff()
+        while True:
+            try:
+                return _store_outcome(self.owner, self.session_factory, status, **outcome)
+            except Exception as error:
+                delay = backoff.next()
+                if not store_unreachable(error) or time.monotonic() + delay > deadline:
+                    # The job stays running with a silent heartbeat; the sweeper recovers it.
+                    log.exception("job %s: could not record its outcome (%s)", self.owner.job_id, status.value)
+                    return None
+                log.warning(
+                    "job %s: job store unreachable; recording the outcome (%s) again in %.1f s",
+                    self.owner.job_id,
+                    status.value,
+                    delay,
+                )
+                time.sleep(delay)
 
 
-def _finish(
+def _store_outcome(
     owner: RunOwner,
     session_factory: sessionmaker[Session],
     status: JobStatus,
@@ -394,40 +412,47 @@ def _finish(
     artifacts: list[ArtifactRecord] | None = None,
 ) -> str | None:
     """Record the run's outcome if this attempt still owns the job; return the job's status then."""
-    try:
-        with session_scope(session_factory) as session:
-            job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
-            if job is None:
-                log.warning("job %s: attempt %d lost the job before it ended; leaving it", owner.job_id, owner.attempt)
-                return None
-            if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
-                status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
-            for tenant_id, kind, path, sha256, size in artifacts or ():
-                repository.add_artifact(
-                    session,
-                    tenant_id=tenant_id,
-                    job_id=owner.job_id,
-                    kind=kind,
-                    path=str(path),
-                    size_bytes=size,
-                    sha256=sha256,
-                )
-            repository.set_status(
+    with session_scope(session_factory) as session:
+        job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
+        if job is None:
+            if _already_recorded(session, owner, status):
+                log.info("job %s: outcome %s was stored by a commit that went unheard", owner.job_id, status.value)
+                return status.value
+            log.warning("job %s: attempt %d lost the job before it ended; leaving it", owner.job_id, owner.attempt)
+            return None
+        if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
+            status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
+        for tenant_id, kind, path, sha256, size in artifacts or ():
+            repository.add_artifact(
                 session,
-                job=job,
-                status=status.value,
-                message=message,
-                error_kind=error_kind,
-                error_message=error_message,
-                result=result,
+                tenant_id=tenant_id,
+                job_id=owner.job_id,
+                kind=kind,
+                path=str(path),
+                size_bytes=size,
+                sha256=sha256,
             )
-            if status == JobStatus.queued:
-                job.worker = None
-            return job.status
-    except Exception:
-        # The job stays running with a silent heartbeat; the sweeper recovers it.
-        log.exception("job %s: could not record its outcome (%s)", owner.job_id, status.value)
-        return None
+        repository.set_status(
+            session,
+            job=job,
+            status=status.value,
+            message=message,
+            error_kind=error_kind,
+            error_message=error_message,
+            result=result,
+        )
+        if status == JobStatus.queued:
+            job.worker = None
+        return job.status
+
+
+def _already_recorded(session: Session, owner: RunOwner, status: JobStatus) -> bool:
+    """Whether this attempt's outcome is already in the job store: a retry after a commit whose answer was lost
+    finds the job moved on by its own hand (same attempt; re-queuing clears the worker)."""
+    row = repository.job_owner(session, job_id=owner.job_id)
+    if row is None or row[2] != owner.attempt or row[0] != status.value:
+        return False
+    return row[1] == (None if status == JobStatus.queued else owner.worker)
 
 
 def classify_error(error: BaseException, *, stage: str | None, model: str | None) -> tuple[ErrorKind, str]:
@@ -519,4 +544,4 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 
     @app.task(name=SWEEP_TASK, ignore_result=True)
     def sweep_task() -> None:
-        sweep(context.session_factory, app, context.settings)
+        sweep(context.session_factory, app, context.settings, context.store_watch)

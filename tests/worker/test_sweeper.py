@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from jobstore import repository
 from jobstore.broker import RUN_JOB_TASK, enqueue_job, make_celery
@@ -225,3 +226,28 @@ def test_the_default_stall_action_ends_the_worker_process() -> None:
 
     assert result.returncode == STALL_EXIT_CODE and "still alive" not in result.stdout
     assert "no progress for 7200 s" in result.stderr
+
+
+def test_a_silence_the_job_store_caused_is_not_held_against_a_run(
+    store: JobStore, app: Celery, queue: redis.Redis
+) -> None:
+    """After this sweeper could not reach the job store, a run counts as stale only once a heartbeat has had
+    heartbeat_timeout_s to land since the store came back: a run that finished during the outage and waits to
+    record its outcome is not re-queued and redone."""
+    import time
+
+    from jobstore.db import make_engine, make_session_factory
+    from worker.sweeper import StoreWatch
+
+    settings = store.settings.model_copy(update={"heartbeat_timeout_s": 1.0})
+    job_id = _dead_run(store, silent_s=60.0)  # silent for the whole outage
+    watch = StoreWatch()
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1")
+    with pytest.raises(OperationalError):
+        sweep(make_session_factory(down), app, settings, watch)
+    down.dispose()
+    assert sweep(store.factory, app, settings, watch)["requeued"] == 0  # the store is back: give heartbeats time
+    assert store.job(job_id).status == "running" and job_id not in _sent_job_ids(queue)
+    time.sleep(1.2)  # heartbeat_timeout_s since the store came back, and still silent: now it is dead
+    assert sweep(store.factory, app, settings, watch)["requeued"] >= 1
+    assert store.job(job_id).status == "queued" and _sent_job_ids(queue) == [job_id]
