@@ -6,6 +6,7 @@ Celery app are made once per process and kept on ``app.state.services``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.cleanup import run_periodically
+from api.dataset_check import DatasetChecker
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
@@ -55,9 +58,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info(
             "API up: database %s, broker %s, default queue %r", services.engine.url, broker, settings.default_queue
         )
+        # Leftovers of a killed API (upload folders, orphaned checks): now, then every cleanup_interval_s.
+        cleaner = asyncio.create_task(
+            run_periodically(
+                services.artifacts.uploads_dir(),
+                older_than_s=settings.stale_upload_s,
+                interval_s=settings.cleanup_interval_s,
+            )
+        )
         try:
             yield
         finally:
+            cleaner.cancel()
             services.engine.dispose()
             services.celery.close()
 
@@ -71,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc",
     )
     app.state.services = services
+    app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
     for module in (datasets, jobs, job_outputs, evaluations, models, health):
         app.include_router(module.router)

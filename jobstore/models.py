@@ -111,6 +111,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     event_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Bytes under the job's folder (checkpoints, adapter, outputs) when its worker last ended a run; with the
+    # datasets' size_bytes, what DAMA_TENANT_STORAGE_BYTES counts (jobstore.quota).
+    storage_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_jobs_tenant_status_id", "tenant_id", "status", "id"),)
 

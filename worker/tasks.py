@@ -18,6 +18,11 @@ Outcomes:
 * anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
   only retry is of the claim itself when the job store is unreachable (a known temporary error).
 
+Storage (``DAMA_TENANT_STORAGE_BYTES``, :mod:`jobstore.quota`): a run does not start while its tenant's storage
+is full (``failed``, ``user_error`` naming the setting). Whenever a run ends, the bytes under the job's folder are
+recorded in ``jobs.storage_bytes``; a run that would succeed but whose files push the tenant over its quota
+fails instead (``user_error`` naming the setting) and its files are removed, so the quota stays true.
+
 Evaluation jobs (``job.kind == "evaluation"``, :func:`_run_evaluation`) run
 :func:`dama_engine.evaluation.run_evaluation` instead of training: stages ``validating``, ``loading_model``,
 ``scoring``, ``log_probs``, ``generating``, ``writing``; on success the results go in ``result["results"]`` and the
@@ -31,6 +36,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -51,11 +57,11 @@ from dama_engine.config import ConfigError
 from dama_engine.data.formats import DataFormatError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.trainer import DataError, TrainResult, train
-from jobstore import repository
+from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, file_sha256
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
-from jobstore.models import Dataset
+from jobstore.models import Dataset, Job
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
@@ -122,6 +128,15 @@ class _Claimed:
     kind: str = repository.TRAINING
 
 
+@dataclass(frozen=True)
+class StorageAccount:
+    """Where a job's files are and its tenant's quota: :func:`_finish` measures the one against the other."""
+
+    folder: Path
+    tenant_id: str
+    quota_bytes: int | None
+
+
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: the supervisor (Compose's restart policy) starts a fresh worker
 
 
@@ -160,6 +175,11 @@ def run_job(
         return None
     owner = RunOwner(job_id=job_id, worker=worker, attempt=claimed.attempt)
     log.info("job %s: attempt %d on %s", job_id, claimed.attempt, worker)
+    storage = StorageAccount(store.job_dir(job_id), claimed.tenant_id, settings.tenant_storage_bytes)
+    if full := _storage_full(claimed, session_factory, settings):
+        log.warning("job %s: not started, its tenant's storage is full", job_id)
+        failed, kind = JobStatus.failed, ErrorKind.user_error
+        return _finish(owner, session_factory, storage, failed, error_kind=kind, error_message=full)
     common: dict[str, Any] = {
         "owner": owner,
         "session_factory": session_factory,
@@ -181,11 +201,8 @@ def run_job(
     )
     heartbeat.start()  # until the outcome is stored: packing a large adapter can take a while too
     try:
-        if claimed.kind == EVALUATION:
-            return _run_evaluation(
-                claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings
-            )
-        return _run_claimed(claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings)
+        run = _run_evaluation if claimed.kind == EVALUATION else _run_claimed
+        return run(claimed, owner, reporter, session_factory=session_factory, store=store, settings=settings)
     finally:
         heartbeat.stop()
         _release_memory()
@@ -200,6 +217,7 @@ def _run_claimed(
     store: ArtifactStore,
     settings: Settings,
 ) -> str | None:
+    storage = StorageAccount(store.job_dir(owner.job_id), claimed.tenant_id, settings.tenant_storage_bytes)
     spec: JobSpec | None = None
     try:
         spec = JobSpec.model_validate(claimed.spec)
@@ -210,11 +228,11 @@ def _run_claimed(
         reporter.close()
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
         log.warning("job %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else "")
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+        return _finish(owner, session_factory, storage, JobStatus.failed, error_kind=kind, error_message=message)
     reporter.close()
 
     if result is None or result.stopped:
-        return _stopped(owner, session_factory, reporter)
+        return _stopped(owner, session_factory, reporter, storage)
     try:
         archive = store.adapter_archive(owner.job_id)
         assert result.adapter_dir is not None
@@ -222,7 +240,7 @@ def _run_claimed(
         sha256, size = file_sha256(archive), archive.stat().st_size
     except Exception as error:
         kind, message = ErrorKind.system_error, short_traceback(error)
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+        return _finish(owner, session_factory, storage, JobStatus.failed, error_kind=kind, error_message=message)
     summary = {
         "steps": result.steps,
         "total_steps": result.total_steps,
@@ -239,6 +257,7 @@ def _run_claimed(
     return _finish(
         owner,
         session_factory,
+        storage,
         JobStatus.succeeded,
         message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
         result=summary,
@@ -256,6 +275,7 @@ def _run_evaluation(
     settings: Settings,
 ) -> str | None:
     """An evaluation job: base (and tuned) model scored on its datasets; results and output files recorded."""
+    storage = StorageAccount(store.job_dir(owner.job_id), claimed.tenant_id, settings.tenant_storage_bytes)
     spec: EvaluationCreate | None = None
     outcome: EvaluationResult | None = None
     try:
@@ -276,10 +296,10 @@ def _run_evaluation(
         log.warning(
             "evaluation %s failed (%s): %s", owner.job_id, kind.value, message.splitlines()[0] if message else ""
         )
-        return _finish(owner, session_factory, JobStatus.failed, error_kind=kind, error_message=message)
+        return _finish(owner, session_factory, storage, JobStatus.failed, error_kind=kind, error_message=message)
     reporter.close()
     if outcome is None:
-        return _stopped(owner, session_factory, reporter)
+        return _stopped(owner, session_factory, reporter, storage)
     try:
         artifacts: list[ArtifactRecord] = []
         for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
@@ -290,6 +310,7 @@ def _run_evaluation(
         return _finish(
             owner,
             session_factory,
+            storage,
             JobStatus.failed,
             error_kind=ErrorKind.system_error,
             error_message=short_traceback(error),
@@ -303,6 +324,7 @@ def _run_evaluation(
     return _finish(
         owner,
         session_factory,
+        storage,
         JobStatus.succeeded,
         message=f"evaluation succeeded in {outcome.seconds:.1f} s",
         result=summary,
@@ -365,7 +387,9 @@ def _check_gpus(wanted: int) -> None:
         )
 
 
-def _stopped(owner: RunOwner, session_factory: sessionmaker[Session], reporter: JobReporter) -> str | None:
+def _stopped(
+    owner: RunOwner, session_factory: sessionmaker[Session], reporter: JobReporter, storage: StorageAccount
+) -> str | None:
     reason = reporter.stop_reason
     where = f"at step {reporter.step}" + (f" of {reporter.total_steps}" if reporter.total_steps else "")
     if reason == "lost":
@@ -374,15 +398,17 @@ def _stopped(owner: RunOwner, session_factory: sessionmaker[Session], reporter: 
         return _finish(
             owner,
             session_factory,
+            storage,
             JobStatus.queued,
             message=f"the worker is shutting down: re-queued {where}; it resumes from its last checkpoint",
         )
-    return _finish(owner, session_factory, JobStatus.cancelled, message=f"cancelled {where}")
+    return _finish(owner, session_factory, storage, JobStatus.cancelled, message=f"cancelled {where}")
 
 
 def _finish(
     owner: RunOwner,
     session_factory: sessionmaker[Session],
+    storage: StorageAccount,
     status: JobStatus,
     *,
     message: str | None = None,
@@ -400,6 +426,9 @@ def _finish(
                 return None
             if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
                 status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
+            if (over := _account_storage(session, job, storage, succeeded=status == JobStatus.succeeded)) is not None:
+                status, message, error_kind, error_message = JobStatus.failed, None, ErrorKind.user_error, over
+                result, artifacts = None, None
             for tenant_id, kind, path, sha256, size in artifacts or ():
                 repository.add_artifact(
                     session,
@@ -426,6 +455,34 @@ def _finish(
         # The job stays running with a silent heartbeat; the sweeper recovers it.
         log.exception("job %s: could not record its outcome (%s)", owner.job_id, status.value)
         return None
+
+
+def _storage_full(claimed: _Claimed, session_factory: sessionmaker[Session], settings: Settings) -> str | None:
+    """The user_error message when the job's tenant has no storage left for a run; None otherwise."""
+    what = f"running {claimed.kind} job {claimed.job_id} (it writes checkpoints and outputs)"
+    with session_scope(session_factory) as session:
+        return quota.full_message(session, tenant_id=claimed.tenant_id, quota=settings.tenant_storage_bytes, what=what)
+
+
+def _account_storage(session: Session, job: Job, storage: StorageAccount, *, succeeded: bool) -> str | None:
+    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota,
+    remove its files and return the user_error message (the run then fails)."""
+    if storage.quota_bytes is not None and succeeded:
+        quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
+    job.storage_bytes = quota.folder_bytes(storage.folder)
+    if storage.quota_bytes is None or not succeeded:
+        return None
+    session.flush()
+    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id)
+    if used <= storage.quota_bytes:
+        return None
+    adding = job.storage_bytes
+    shutil.rmtree(storage.folder, ignore_errors=True)
+    job.storage_bytes = 0
+    message = quota.over_quota_message(
+        used=used - adding, adding=adding, quota=storage.quota_bytes, what="this job's files (checkpoints, adapter)"
+    )
+    return message + "; the job's files were removed"
 
 
 def classify_error(error: BaseException, *, stage: str | None, model: str | None) -> tuple[ErrorKind, str]:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import ErrorResponse, JobPublic, JobsPublic, job_public
-from jobstore import repository
+from jobstore import quota, repository
 from jobstore.broker import enqueue_job
 from jobstore.models import Dataset, Job
 from jobstore.spec import JobSpec
@@ -149,6 +149,10 @@ def submit_job(
             param="trust_remote_code",
         )
     check()
+    # A run writes checkpoints and an adapter: refused while the account's storage is full.
+    what, quota_bytes = f"starting another {kind} job", services.settings.tenant_storage_bytes
+    if full := quota.full_message(session, tenant_id=tenant_id, quota=quota_bytes, what=what):
+        raise ApiError(403, "storage_quota_exceeded", full)
     limit = services.settings.max_active_jobs
     if limit is not None:
         active = repository.active_job_count(session, tenant_id=tenant_id)
