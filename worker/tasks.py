@@ -470,15 +470,16 @@ def _account_storage(session: Session, job: Job, storage: StorageAccount, *, suc
     if storage.quota_bytes is not None and succeeded:
         quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
     job.storage_bytes = quota.folder_bytes(storage.folder)
+    session.flush()  # before set_status refreshes the row
     if storage.quota_bytes is None or not succeeded:
         return None
-    session.flush()
     used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id)
     if used <= storage.quota_bytes:
         return None
     adding = job.storage_bytes
     shutil.rmtree(storage.folder, ignore_errors=True)
     job.storage_bytes = 0
+    session.flush()
     message = quota.over_quota_message(
         used=used - adding, adding=adding, quota=storage.quota_bytes, what="this job's files (checkpoints, adapter)"
     )

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.cleanup import keep_fresh
+from api.cleanup import TOUCH_INTERVAL_S, keep_fresh
 from api.dataset_check import DatasetChecker
 from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
@@ -222,7 +222,8 @@ async def upload_dataset(
                 response.status_code = status.HTTP_200_OK
                 return replayed
         extract_dir = None if upload.is_data_file else upload.folder / "data"
-        async with keep_fresh(upload.folder):  # a check can run long: no cleaner may take the folder meanwhile
+        # A check can run long: no cleaner may take the folder for a leftover meanwhile.
+        async with keep_fresh(upload.folder, interval_s=min(TOUCH_INTERVAL_S, settings.stale_upload_s / 4)):
             outcome = await checker.check(upload.path, format=data_format, extract_dir=extract_dir)
             created = await run_in_threadpool(
                 _store, services, upload, outcome, tenant_id=tenant_id, name=name, idempotency_key=idempotency_key

@@ -45,6 +45,8 @@ LIMITS = {
     "DAMA_MAX_JSON_FILE_BYTES": str(MiB),
     "DAMA_CHECK_MEMORY_BYTES": str(256 * MiB),
     "DAMA_TENANT_STORAGE_BYTES": str(QUOTA),
+    "DAMA_MAX_CONCURRENT_CHECKS": "1",
+    "DAMA_CHECK_SLOT_WAIT_S": "0.2",
     "DAMA_STALE_UPLOAD_S": "3",
     "DAMA_CLEANUP_INTERVAL_S": "0.5",
 }
@@ -178,6 +180,37 @@ def test_the_tenant_storage_quota_refuses_uploads_and_jobs(
     assert "DAMA_TENANT_STORAGE_BYTES" in error["message"]
 
 
+def _server_process(server: ApiServer) -> psutil.Process:
+    port = server.url.rsplit(":", 1)[1]
+    return next(p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or []))
+
+
+def test_checks_run_one_at_a_time_and_waiting_past_the_slot_wait_is_503(
+    client: httpx.Client, guarded: ApiServer
+) -> None:
+    api = _server_process(guarded)
+    slow = _jsonl(*[{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(50_000)])  # seconds to check
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+
+    def send() -> None:
+        response = upload(client, slow, "slow.jsonl")
+        statuses.append(response.status_code)
+        retry_after.append(response.headers.get("Retry-After"))
+
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    most = 0
+    while any(sender.is_alive() for sender in senders):
+        most = max(most, sum(CHECK_MODULE in child.cmdline() for child in api.children()))
+        time.sleep(0.02)
+    assert most == 1
+    assert 503 in statuses and len(statuses) == 3, statuses
+    assert all(after == "60" for status, after in zip(statuses, retry_after, strict=True) if status == 503)
+    assert set(statuses) - {503} == {413}  # the one checked is over this tenant's storage quota
+
+
 def test_stale_upload_folders_go_and_live_ones_stay(guarded: ApiServer) -> None:
     uploads = guarded.artifacts / "uploads"
     dead, live = uploads / "tmp-killed", uploads / "tmp-in-flight"
@@ -224,9 +257,7 @@ def test_a_killed_api_takes_its_check_along_and_the_next_one_cleans_up(
     env = _server_env(pg_url, redis_url, tmp_path / "artifacts", queue, DAMA_STALE_UPLOAD_S="1")
     start = _start(tmp_path, env, queue)
     server = next(start)
-    api = next(
-        p for p in psutil.process_iter(["cmdline"]) if str(server.url.rsplit(":", 1)[1]) in (p.info["cmdline"] or [])
-    )
+    api = _server_process(server)
     slow = _jsonl(*[{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(400_000)])  # a long check
     key = create_key(db, f"killed-{secrets.token_hex(4)}")
 
