@@ -205,7 +205,7 @@ def check(
             generative = _check_generative_path(source, format == GENERATIVE, limits)
             if generative is not None:
                 outcome, used = generative
-                if keep_only_used and outcome.get("ok") and source.is_dir():
+                if keep_only_used and outcome.get("ok") and source != path:
                     outcome["kept_files"] = keep_only(source, used)
                 return outcome
         data_file = find_data_file(source) if source.is_dir() else source
@@ -218,7 +218,7 @@ def check(
             "image_count": sum(len(row.images) for row in rows),
             "report": report.to_dict(),
         }
-        if keep_only_used and report.ok and source.is_dir():
+        if keep_only_used and report.ok and source != path:  # only a folder this check unpacked
             outcome["kept_files"] = keep_only(source, {data_file, *_image_files(i for r in rows for i in r.images)})
         return outcome
     finally:
