@@ -44,6 +44,10 @@ IdempotencyKey = Annotated[
 
 UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
 JOB_NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such job for this tenant."}
+STORAGE_FULL: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "storage_quota_exceeded: the tenant stores DAMA_TENANT_STORAGE_BYTES already.",
+}
 
 
 def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
@@ -210,6 +214,7 @@ def submit_job(
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
         401: UNAUTHORIZED,
+        403: STORAGE_FULL,
         429: {
             "model": ErrorResponse,
             "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "

@@ -258,18 +258,15 @@ def _member_parts(name: str) -> tuple[str, ...]:
 
 
 def _too_many_bytes(limits: DataLimits, declared: int | None = None) -> DataLimitError:
-    size = f"{declared} bytes" if declared is not None else "more"
-    return DataLimitError(
-        f"the archive unpacks to {size}, over max_archive_bytes={limits.max_archive_bytes}", limit="max_archive_bytes"
-    )
+    size = f"{declared} bytes, over" if declared is not None else "more than"
+    message = f"the archive unpacks to {size} max_archive_bytes={limits.max_archive_bytes} bytes"
+    return DataLimitError(message, limit="max_archive_bytes")
 
 
 def _too_many_members(limits: DataLimits, count: int | None = None) -> DataLimitError:
-    counted = f"{count} members" if count is not None else "more members"
-    return DataLimitError(
-        f"the archive has {counted}, over max_archive_members={limits.max_archive_members}",
-        limit="max_archive_members",
-    )
+    counted = f"{count} members, over" if count is not None else "more members than"
+    message = f"the archive has {counted} max_archive_members={limits.max_archive_members}"
+    return DataLimitError(message, limit="max_archive_members")
 
 
 def _copy_member(source: IO[bytes], target: Path, remaining: int, limits: DataLimits) -> int:
