@@ -313,6 +313,8 @@ def _extract_zip(archive: Path, dest: Path, limits: DataLimits) -> None:
                     continue
                 if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                     raise DataFormatError(f"archive member {member.filename!r} is not a regular file")
+                if member.file_size == 0:  # zipfile reads no more than declared: an empty member stays empty
+                    continue
                 with bundle.open(member) as source:
                     remaining -= _copy_member(source, target, remaining, limits)
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as error:
@@ -337,7 +339,7 @@ def _extract_tar(archive: Path, dest: Path, limits: DataLimits) -> None:
                     raise DataFormatError(f"archive member {member.name!r} is not a regular file")
                 if member.size > remaining:
                     raise _too_many_bytes(limits)
-                if not parts:
+                if not parts or member.size == 0:
                     continue
                 source = bundle.extractfile(member)
                 if source is None:
