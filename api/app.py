@@ -6,6 +6,7 @@ Celery app are made once per process and kept on ``app.state.services``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.cleanup import run_periodically
 from api.console.router import install_console
+from api.dataset_check import DatasetChecker
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.guards import RequestGuard
@@ -65,9 +68,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info(
             "API up: database %s, broker %s, default queue %r", services.engine.url, broker, settings.default_queue
         )
+        # Leftovers of a killed API (upload folders, orphaned checks): now, then every cleanup_interval_s.
+        cleaner = asyncio.create_task(
+            run_periodically(
+                services.artifacts.uploads_dir(),
+                older_than_s=settings.stale_upload_s,
+                interval_s=settings.cleanup_interval_s,
+            )
+        )
         try:
             yield
         finally:
+            cleaner.cancel()
             services.engine.dispose()
             services.celery.close()
 
@@ -81,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
     for module in (datasets, dataset_preview, jobs, job_outputs, evaluations, models, health):

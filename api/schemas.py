@@ -139,7 +139,11 @@ class DatasetPublic(_Public):
         description="Preference pairs in the dataset (samples, for a generative set).", examples=[512]
     )
     image_count: int = Field(description="Images referenced by the rows.", examples=[512])
-    size_bytes: int = Field(description="Size of the upload as received.", examples=[1048576])
+    size_bytes: int = Field(
+        description="Bytes stored: the data file and the images rows use (not the upload: an archive's other "
+        "members are not kept). Counts against the tenant's storage quota.",
+        examples=[1048576],
+    )
     sha256: str = Field(
         description="SHA-256 of the upload as received (hex).",
         examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],

@@ -62,8 +62,9 @@ from pathlib import Path
 from typing import Any
 
 from dama_engine.data.formats import _image_string, _RowContext
+from dama_engine.data.lines import iter_lines
 from dama_engine.data.rows import ImageSource
-from dama_engine.data.validation import DataError
+from dama_engine.data.validation import DataError, DataLimits
 
 
 class VocabularyError(ValueError):
@@ -383,8 +384,11 @@ class GenerativeEvalSet:
     path: Path
 
 
-def load_generative_eval(path: str | Path, vocabulary_path: str | Path) -> GenerativeEvalSet:
-    """Read a generative eval JSONL file and its vocabulary (formats in the module docstring).
+def load_generative_eval(
+    path: str | Path, vocabulary_path: str | Path, *, max_line_bytes: int = DataLimits.max_line_bytes
+) -> GenerativeEvalSet:
+    """Read a generative eval JSONL file and its vocabulary (formats in the module docstring), a line at a time
+    (:class:`~dama_engine.data.lines.DataLimitError` at a line over ``max_line_bytes``).
 
     Raises:
         GenerativeEvalError: listing every bad line (missing or wrong fields, unreadable image references, object
@@ -400,7 +404,12 @@ def load_generative_eval(path: str | Path, vocabulary_path: str | Path) -> Gener
     samples: list[GenerativeSample] = []
     errors: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in iter_lines(path, max_line_bytes):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            errors.append({"row": number, "field": None, "reason": f"not valid UTF-8 ({error.reason})"})
+            continue
         if not line.strip():
             continue
         problems: list[tuple[str | None, str]] = []

@@ -2,11 +2,12 @@
 
 Layout::
 
-    datasets/<dataset_id>/upload.<ext>     the uploaded file, as received
-    datasets/<dataset_id>/data/            the unpacked dataset the workers read
+    datasets/<dataset_id>/data/            the dataset the workers read: the data file and the images rows use
+                                           (an archive is unpacked here and not kept itself)
     jobs/<job_id>/run/                     the engine's output folder (checkpoints, metrics, adapter)
     jobs/<job_id>/adapter.tar.gz           the adapter archive served by GET /jobs/{id}/adapter
-    uploads/tmp-*                          uploads in flight (removed when rejected)
+    uploads/tmp-*                          uploads in flight (removed when rejected; left by a killed API:
+                                           removed once stale, api.cleanup)
 """
 
 from __future__ import annotations

@@ -118,6 +118,9 @@ class Job(Base):
     # How many report batches (metrics, events, checkpoints) the current attempt has delivered, written in the
     # batch's own transaction: a batch retried after a commit whose outcome the worker never saw is not stored twice.
     report_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Bytes under the job's folder (checkpoints, adapter, outputs) when its worker last ended a run; with the
+    # datasets' size_bytes, what DAMA_TENANT_STORAGE_BYTES counts (jobstore.quota).
+    storage_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_jobs_tenant_status_id", "tenant_id", "status", "id"),)
 

@@ -86,6 +86,48 @@ class Settings(BaseSettings):
         description="Queued, running and cancelling jobs (training and evaluation) one tenant may have at once; "
         "POST /jobs and POST /evaluations answer 429 beyond it. None: no limit.",
     )
+    tenant_storage_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bytes one tenant may store: its datasets (as kept after the check) and its jobs' folders "
+        "(checkpoints, adapters, exports, evaluation outputs). Uploads (413) and job submissions (403) are refused "
+        "once it is reached; a worker refuses to start a run then, and fails a run whose files push the tenant "
+        "over it (user_error; the run's files are removed). None: no quota.",
+    )
+    # Dataset uploads: what one upload may unpack to, and the bounds of its check (a child process).
+    max_extracted_bytes: int = Field(
+        default=8 * 1024**3, gt=0, description="Bytes an uploaded archive may unpack to, every byte counted (413)."
+    )
+    max_archive_members: int = Field(default=500_000, gt=0, description="Members an uploaded archive may hold (413).")
+    max_line_bytes: int = Field(
+        default=64 * 1024**2, gt=0, description="Longest JSONL line (one row, embedded images included) (413)."
+    )
+    max_json_file_bytes: int = Field(
+        default=256 * 1024**2, gt=0, description="Largest .json document (read whole; JSONL is read by line) (413)."
+    )
+    check_memory_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=64 * 1024**2,
+        description="Address space of one dataset check process (RLIMIT_AS); a dataset needing more is refused "
+        "(413). It counts mapped libraries and thread stacks too: the check of a JSONL file starts in ~150 MiB, "
+        "Parquet's reader needs ~1 GiB.",
+    )
+    max_concurrent_checks: int = Field(
+        default=2, gt=0, description="Dataset checks one API process runs at once; further uploads wait for a slot."
+    )
+    check_slot_wait_s: float = Field(
+        default=600.0, gt=0, description="How long an upload waits for a check slot before a 503 with Retry-After."
+    )
+    stale_upload_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An upload folder (uploads/tmp-*) untouched this long is left over from a killed API and is "
+        "removed; live uploads touch theirs every minute, so this only needs to exceed a minute or two of "
+        "stalls (other replicas may be mid-upload).",
+    )
+    cleanup_interval_s: float = Field(
+        default=600.0, gt=0, description="How often the API removes stale upload folders and orphaned checks."
+    )
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")

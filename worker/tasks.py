@@ -20,6 +20,11 @@ Outcomes:
 * anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
   only retry is of the claim itself when the job store is unreachable (a known temporary error).
 
+Storage (``DAMA_TENANT_STORAGE_BYTES``, :mod:`jobstore.quota`): a run does not start while its tenant's storage
+is full (``failed``, ``user_error`` naming the setting). Whenever a run ends, the bytes under the job's folder are
+recorded in ``jobs.storage_bytes``; a run that would succeed but whose files push the tenant over its quota
+fails instead (``user_error`` naming the setting) and its files are removed, so the quota stays true.
+
 Evaluation jobs (``job.kind == "evaluation"``, :func:`_run_evaluation`) run
 :func:`dama_engine.evaluation.run_evaluation` instead of training: stages ``validating``, ``loading_model``,
 ``scoring``, ``log_probs``, ``generating``, ``writing``; on success the results go in ``result["results"]`` and the
@@ -33,6 +38,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -55,11 +61,11 @@ from dama_engine.data.formats import DataFormatError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
 from dama_engine.trainer import DataError, TrainResult, train
-from jobstore import repository
+from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, file_sha256
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
-from jobstore.models import Dataset
+from jobstore.models import Dataset, Job
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
@@ -129,6 +135,15 @@ class _Claimed:
     kind: str = repository.TRAINING
 
 
+@dataclass(frozen=True)
+class StorageAccount:
+    """Where a job's files are and its tenant's quota: the outcome's recording measures the one against the other."""
+
+    folder: Path
+    tenant_id: str
+    quota_bytes: int | None
+
+
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: the supervisor (Compose's restart policy) starts a fresh worker
 
 
@@ -190,8 +205,18 @@ def run_job(
     # Until the outcome is stored: packing a large adapter takes a while, and so may waiting out a database outage
     # (a run that has finished must keep its job alive meanwhile, or the sweeper would have it redone).
     heartbeat.start()
-    recorder = _Recorder(owner=owner, reporter=reporter, session_factory=session_factory, wait_s=settings.store_wait_s)
+    storage = StorageAccount(store.job_dir(job_id), claimed.tenant_id, settings.tenant_storage_bytes)
+    recorder = _Recorder(
+        owner=owner,
+        reporter=reporter,
+        session_factory=session_factory,
+        wait_s=settings.store_wait_s,
+        storage=storage,
+    )
     try:
+        if full := _storage_full(claimed, session_factory, settings):
+            log.warning("job %s: not started, its tenant's storage is full", job_id)
+            return recorder.finish(JobStatus.failed, error_kind=ErrorKind.user_error, error_message=full)
         if claimed.kind == EVALUATION:
             return _run_evaluation(claimed, recorder, store=store, settings=settings)
         return _run_claimed(claimed, recorder, store=store, settings=settings)
@@ -359,6 +384,7 @@ class _Recorder:
     reporter: JobReporter
     session_factory: sessionmaker[Session]
     wait_s: float
+    storage: StorageAccount
 
     def stopped(self) -> str | None:
         """The engine stopped early: cancelled, re-queued (the worker is shutting down), or lost."""
@@ -384,7 +410,7 @@ class _Recorder:
         backoff = Backoff()
         while True:
             try:
-                return _store_outcome(self.owner, self.session_factory, status, **outcome)
+                return _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome)
             except Exception as error:
                 delay = backoff.next()
                 if not store_unreachable(error) or time.monotonic() + delay > deadline:
@@ -403,6 +429,7 @@ class _Recorder:
 def _store_outcome(
     owner: RunOwner,
     session_factory: sessionmaker[Session],
+    storage: StorageAccount,
     status: JobStatus,
     *,
     message: str | None = None,
@@ -422,6 +449,9 @@ def _store_outcome(
             return None
         if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
             status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
+        if (over := _account_storage(session, job, storage, succeeded=status == JobStatus.succeeded)) is not None:
+            status, message, error_kind, error_message = JobStatus.failed, None, ErrorKind.user_error, over
+            result, artifacts = None, None
         for tenant_id, kind, path, sha256, size in artifacts or ():
             repository.add_artifact(
                 session,
@@ -453,6 +483,35 @@ def _already_recorded(session: Session, owner: RunOwner, status: JobStatus) -> b
     if row is None or row[2] != owner.attempt or row[0] != status.value:
         return False
     return row[1] == (None if status == JobStatus.queued else owner.worker)
+
+
+def _storage_full(claimed: _Claimed, session_factory: sessionmaker[Session], settings: Settings) -> str | None:
+    """The user_error message when the job's tenant has no storage left for a run; None otherwise."""
+    what = f"running {claimed.kind} job {claimed.job_id} (it writes checkpoints and outputs)"
+    with session_scope(session_factory) as session:
+        return quota.full_message(session, tenant_id=claimed.tenant_id, quota=settings.tenant_storage_bytes, what=what)
+
+
+def _account_storage(session: Session, job: Job, storage: StorageAccount, *, succeeded: bool) -> str | None:
+    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota,
+    remove its files and return the user_error message (the run then fails)."""
+    if storage.quota_bytes is not None and succeeded:
+        quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
+    job.storage_bytes = quota.folder_bytes(storage.folder)
+    session.flush()  # before set_status refreshes the row
+    if storage.quota_bytes is None or not succeeded:
+        return None
+    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id)
+    if used <= storage.quota_bytes:
+        return None
+    adding = job.storage_bytes
+    shutil.rmtree(storage.folder, ignore_errors=True)
+    job.storage_bytes = 0
+    session.flush()
+    message = quota.over_quota_message(
+        used=used - adding, adding=adding, quota=storage.quota_bytes, what="this job's files (checkpoints, adapter)"
+    )
+    return message + "; the job's files were removed"
 
 
 def classify_error(error: BaseException, *, stage: str | None, model: str | None) -> tuple[ErrorKind, str]:

@@ -1,7 +1,9 @@
 """``/datasets``: upload (streamed, validated in a child process), list, get, delete.
 
 An upload is received into ``uploads/tmp-*``, checked there, and only a dataset that passed every check is moved
-to ``datasets/<id>/`` and recorded; anything rejected leaves no row and no file behind.
+to ``datasets/<id>/`` and recorded; anything rejected leaves no row and no file behind. Of an archive only the
+files rows use are kept (the archive itself and unreferenced members are deleted), and ``size_bytes`` is what is
+kept: that is what counts against the tenant's storage quota (``DAMA_TENANT_STORAGE_BYTES``, :mod:`jobstore.quota`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from typing import Annotated, Any, get_args
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from api.dataset_check import check_dataset
+from api.cleanup import TOUCH_INTERVAL_S, keep_fresh
+from api.dataset_check import DatasetChecker
 from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import DatasetFormat, DatasetPublic, DatasetsPublic, ErrorResponse, dataset_public
 from api.uploads import ReceivedUpload, receive_upload
-from jobstore import repository
+from jobstore import quota, repository
 from jobstore.db import session_scope
 from jobstore.models import new_id
 
@@ -81,6 +85,16 @@ def _data_file_name(filename: str, suffix: str) -> str:
     return (stem.strip("._") or "data") + suffix
 
 
+def _quota_exceeded(message: str) -> ApiError:
+    return ApiError(413, "storage_quota_exceeded", message, param="file")
+
+
+def _check_room(session: Session, *, tenant_id: str, quota_bytes: int | None) -> None:
+    """413 before reading a byte of the upload when the tenant's storage is already full."""
+    if full := quota.full_message(session, tenant_id=tenant_id, quota=quota_bytes, what="uploading"):
+        raise _quota_exceeded(full)
+
+
 def _store(
     services: Services,
     upload: ReceivedUpload,
@@ -97,11 +111,23 @@ def _store(
     if upload.is_data_file:
         data_dir.mkdir(exist_ok=True)
         upload.path.rename(data_dir / _data_file_name(upload.filename, upload.suffix))
+    else:
+        upload.path.unlink()  # unpacked into data/ (only what rows use): the archive itself is not needed
+    stored_bytes = quota.folder_bytes(data_dir)
+    quota_bytes = services.settings.tenant_storage_bytes
     target = services.artifacts.dataset_dir(dataset_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.move(str(upload.folder), str(target))  # a rename: uploads/ and datasets/ share the store's volume
         with session_scope(services.session_factory) as session:
+            if quota_bytes is not None:
+                quota.lock_tenant(session, tenant_id=tenant_id)  # concurrent uploads decide one after the other
+                used = quota.tenant_storage_bytes(session, tenant_id=tenant_id)
+                if used + stored_bytes > quota_bytes:
+                    message = quota.over_quota_message(
+                        used=used, adding=stored_bytes, quota=quota_bytes, what="this dataset"
+                    )
+                    raise _quota_exceeded(message)
             dataset = repository.create_dataset(
                 session,
                 dataset_id=dataset_id,
@@ -110,7 +136,7 @@ def _store(
                 format=str(outcome.get("format") or "unknown"),
                 row_count=int(outcome.get("row_count", 0)),
                 image_count=int(outcome.get("image_count", 0)),
-                size_bytes=upload.size_bytes,
+                size_bytes=stored_bytes,
                 sha256=upload.sha256,
                 path=str((target / "data").resolve()),
                 report=dict(outcome.get("report") or {}),
@@ -153,9 +179,15 @@ def _store(
         400: {"model": ErrorResponse, "description": "Unreadable as a whole (unsafe archive, no data file...)."},
         401: _ERRORS[401],
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different file."},
-        413: {"model": ErrorResponse, "description": "Larger than DAMA_MAX_UPLOAD_BYTES."},
+        413: {
+            "model": ErrorResponse,
+            "description": "Over a limit, named in the message: the upload (DAMA_MAX_UPLOAD_BYTES), what it unpacks "
+            "to or holds (DAMA_MAX_EXTRACTED_BYTES, DAMA_MAX_ARCHIVE_MEMBERS, DAMA_MAX_LINE_BYTES, "
+            "DAMA_MAX_JSON_FILE_BYTES, DAMA_CHECK_MEMORY_BYTES), or the tenant's storage (DAMA_TENANT_STORAGE_BYTES).",
+        },
         415: {"model": ErrorResponse, "description": "Not multipart/form-data."},
         422: {"model": ErrorResponse, "description": "Rows with problems (all in error.errors), or bad form fields."},
+        503: {"model": ErrorResponse, "description": "Every dataset check slot is busy; retry after Retry-After."},
     },
 )
 async def upload_dataset(
@@ -167,8 +199,10 @@ async def upload_dataset(
     idempotency_key: IdempotencyKey = None,
 ) -> DatasetPublic:
     tenant_id = tenant.id
-    await run_in_threadpool(session.close)  # hold no database connection while the upload streams in
     settings = services.settings
+    await run_in_threadpool(_check_room, session, tenant_id=tenant_id, quota_bytes=settings.tenant_storage_bytes)
+    await run_in_threadpool(session.close)  # hold no database connection while the upload streams in
+    checker: DatasetChecker = request.app.state.dataset_checker
     upload = await receive_upload(
         request, uploads_dir=services.artifacts.uploads_dir(), max_bytes=settings.max_upload_bytes
     )
@@ -188,10 +222,12 @@ async def upload_dataset(
                 response.status_code = status.HTTP_200_OK
                 return replayed
         extract_dir = None if upload.is_data_file else upload.folder / "data"
-        outcome = await check_dataset(upload.path, format=data_format, extract_dir=extract_dir)
-        created = await run_in_threadpool(
-            _store, services, upload, outcome, tenant_id=tenant_id, name=name, idempotency_key=idempotency_key
-        )
+        # A check can run long: no cleaner may take the folder for a leftover meanwhile.
+        async with keep_fresh(upload.folder, interval_s=min(TOUCH_INTERVAL_S, settings.stale_upload_s / 4)):
+            outcome = await checker.check(upload.path, format=data_format, extract_dir=extract_dir)
+            created = await run_in_threadpool(
+                _store, services, upload, outcome, tenant_id=tenant_id, name=name, idempotency_key=idempotency_key
+            )
         if created is None:  # a concurrent request with the same key committed first
             assert idempotency_key is not None
             replayed = await run_in_threadpool(

@@ -17,7 +17,14 @@ from fastapi.responses import FileResponse
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
 from api.errors import ApiError
 from api.routers.job_outputs import EventsAfter, EventsLimit, events_response
-from api.routers.jobs import IdempotencyKey, cancel_or_conflict, check_dataset, get_tenant_job, submit_job
+from api.routers.jobs import (
+    STORAGE_FULL,
+    IdempotencyKey,
+    cancel_or_conflict,
+    check_dataset,
+    get_tenant_job,
+    submit_job,
+)
 from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic, evaluation_public
 from jobstore import repository
 from jobstore.models import Job
@@ -79,6 +86,7 @@ def _check_adapter_job(session: Any, *, tenant_id: str, spec: EvaluationCreate) 
     responses={
         200: {"model": EvaluationPublic, "description": "Replayed: the evaluation an earlier request created."},
         401: UNAUTHORIZED,
+        403: STORAGE_FULL,
         429: {
             "model": ErrorResponse,
             "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import ErrorResponse, JobPublic, JobsPublic, job_public
-from jobstore import repository
+from jobstore import quota, repository
 from jobstore.broker import enqueue_job
 from jobstore.models import Dataset, Job
 from jobstore.spec import JobSpec
@@ -47,6 +47,10 @@ IdempotencyKey = Annotated[
 
 UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
 JOB_NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such job for this tenant."}
+STORAGE_FULL: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "storage_quota_exceeded: the tenant stores DAMA_TENANT_STORAGE_BYTES already.",
+}
 
 
 def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
@@ -152,6 +156,10 @@ def submit_job(
             param="trust_remote_code",
         )
     check()
+    # A run writes checkpoints and an adapter: refused while the account's storage is full.
+    what, quota_bytes = f"starting another {kind} job", services.settings.tenant_storage_bytes
+    if full := quota.full_message(session, tenant_id=tenant_id, quota=quota_bytes, what=what):
+        raise ApiError(403, "storage_quota_exceeded", full)
     limit = services.settings.max_active_jobs
     if limit is not None:
         active = repository.active_job_count(session, tenant_id=tenant_id)
@@ -216,6 +224,7 @@ def submit_job(
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
         401: UNAUTHORIZED,
+        403: STORAGE_FULL,
         429: {
             "model": ErrorResponse,
             "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "

@@ -13,83 +13,105 @@ A **generative evaluation set** (``dama_engine.chair``: JSONL rows ``{"image", "
 :func:`dama_engine.chair.load_generative_eval` and reported the same way, with ``"format": "generative"``
 and every bad line as ``{"row", "field", "code", "reason"}``. Nothing here imports torch (the check runs once per
 upload; ``dama_engine.evaluation`` would add seconds of torch / transformers / peft imports).
+
+Bounds (the service passes its settings): every ``DataLimits`` field has an option; ``--max-memory-bytes`` caps the
+process's address space (RLIMIT_AS), and running out of it is reported, not crashed on; ``--parent-pid`` makes the
+process die with its parent (PR_SET_PDEATHSIG on Linux), so a killed API leaves no checker behind. A dataset over
+a limit is reported with the limit's name: ``{"ok": false, "error": "...", "limit": "max_line_bytes"}``.
+``--keep-only-referenced`` deletes, once a dataset passed, every unpacked file no row references (the data file,
+``vocabulary.json`` and the images rows name are kept), so what is stored is what is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import resource
 import shutil
+import signal
 import sys
 import tempfile
+from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from dama_engine.chair import GenerativeEvalError, load_generative_eval
 from dama_engine.data.formats import (
     DATA_SUFFIXES,
-    DataFormatError,
     archive_kind,
     extract_archive,
     find_data_file,
     load_and_validate,
 )
+from dama_engine.data.lines import DataFormatError, DataLimitError, check_file_size, iter_lines
 from dama_engine.data.validation import DataLimits
 
 GENERATIVE = "generative"
 VOCABULARY_FILE = "vocabulary.json"
+MEMORY_LIMIT = "max_memory_bytes"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Keys of a preference row in any accepted format: a row with one of them is not a generative sample.
 _PREFERENCE_KEYS = frozenset({"chosen", "rejected", "preferred_output", "non_preferred_output"})
 
 
-def find_generative_files(folder: Path) -> tuple[Path, Path] | None:
+def find_generative_files(folder: Path, limits: DataLimits | None = None) -> tuple[Path, Path] | None:
     """``(eval JSONL, vocabulary.json)`` when ``folder`` holds a generative evaluation set, else None.
 
     The vocabulary is a ``vocabulary.json`` at the shallowest level holding data files, beside exactly one other
     data file whose rows are generative samples (``objects`` and no ``chosen``)."""
     found = [path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in DATA_SUFFIXES]
-    found = [path for path in found if not any(part.startswith(".") or part == "__MACOSX" for part in path.parts)]
+    found = [
+        path
+        for path in found
+        if not any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(folder).parts)
+    ]
     if not found:
         return None
     depth = min(len(path.relative_to(folder).parts) for path in found)
     shallowest = [path for path in found if len(path.relative_to(folder).parts) == depth]
     vocabulary = [path for path in shallowest if path.name.lower() == VOCABULARY_FILE]
     others = [path for path in shallowest if path.name.lower() != VOCABULARY_FILE]
-    if len(vocabulary) != 1 or len(others) != 1 or not looks_generative(others[0]):
+    if len(vocabulary) != 1 or len(others) != 1 or not looks_generative(others[0], limits or DataLimits()):
         return None
     return others[0], vocabulary[0]
 
 
-def looks_generative(data_file: Path, max_lines: int = 1000) -> bool:
+def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000) -> bool:
     """Whether a JSONL file's rows are generative samples: some carry ``objects``, none a preference answer."""
     if data_file.suffix.lower() != ".jsonl":
         return False
     with_objects = False
-    with data_file.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle):
-            if number >= max_lines:
-                break
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            if _PREFERENCE_KEYS & set(record):
-                return False
-            with_objects = with_objects or "objects" in record
+    for number, raw in iter_lines(data_file, limits.max_line_bytes):
+        if number > max_lines:
+            break
+        try:
+            record = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if _PREFERENCE_KEYS & set(record):
+            return False
+        with_objects = with_objects or "objects" in record
     return with_objects
 
 
-def check_generative(data_file: Path, vocabulary: Path, root: Path) -> dict[str, Any]:
-    """The check's JSON for a generative evaluation set (every bad line listed with its line number)."""
-    total = sum(1 for line in data_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+def check_generative(
+    data_file: Path, vocabulary: Path, root: Path, limits: DataLimits
+) -> tuple[dict[str, Any], set[Path]]:
+    """The check's JSON for a generative evaluation set (every bad line listed with its line number), and the files
+    it uses (the JSONL file, the vocabulary and the images its lines name)."""
+    check_file_size(vocabulary, limits.max_json_file_bytes, limit="max_json_file_bytes")
+    total = sum(1 for _, raw in iter_lines(data_file, limits.max_line_bytes) if raw.strip())
     files = {"data_file": str(data_file.relative_to(root)), "vocabulary_file": str(vocabulary.relative_to(root))}
     try:
-        loaded = load_generative_eval(data_file, vocabulary)
+        loaded = load_generative_eval(data_file, vocabulary, max_line_bytes=limits.max_line_bytes)
     except GenerativeEvalError as error:
         if not error.errors:  # the vocabulary, or the file as a whole
-            return {"ok": False, "format": GENERATIVE, "error": str(error).replace(str(root) + "/", "")}
+            return {"ok": False, "format": GENERATIVE, "error": str(error).replace(str(root) + "/", "")}, set()
         errors = [
             {"row": item["row"], "field": item.get("field"), "code": "invalid_generative_row", "reason": item["reason"]}
             for item in error.errors
@@ -103,10 +125,10 @@ def check_generative(data_file: Path, vocabulary: Path, root: Path) -> dict[str,
             "invalid_rows": invalid,
             "errors": errors,
         }
-        return {"ok": False, "format": GENERATIVE, "row_count": total, "report": report, **files}
+        return {"ok": False, "format": GENERATIVE, "row_count": total, "report": report, **files}, set()
     count = len(loaded.samples)
     report = {"ok": True, "format": GENERATIVE, "total_rows": count, "valid_rows": count, "invalid_rows": 0}
-    return {
+    outcome = {
         "ok": True,
         "format": GENERATIVE,
         "row_count": count,
@@ -115,24 +137,25 @@ def check_generative(data_file: Path, vocabulary: Path, root: Path) -> dict[str,
         "report": {**report, "errors": [], **files},
         **files,
     }
+    return outcome, {data_file, vocabulary, *_image_files(sample.image for sample in loaded.samples)}
 
 
-def _check_generative_path(path: Path, forced: bool) -> dict[str, Any] | None:
-    """The generative check's JSON when ``path`` holds a generative set (or ``forced``), else None (the caller
-    then reads ``folder`` -- the archive unpacked, when it was one -- as preference data)."""
+def _check_generative_path(path: Path, forced: bool, limits: DataLimits) -> tuple[dict[str, Any], set[Path]] | None:
+    """The generative check's JSON (and the files it uses) when ``path`` holds a generative set (or ``forced``),
+    else None (the caller then reads ``path`` -- the archive unpacked, when it was one -- as preference data)."""
     if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
-        if forced or looks_generative(path):
+        if forced or looks_generative(path, limits):
             return {
                 "ok": False,
                 "format": GENERATIVE,
                 "error": f"a generative evaluation set needs its {VOCABULARY_FILE}: upload a .zip / .tar.gz archive "
                 f"holding the JSONL file, {VOCABULARY_FILE} and the images",
-            }
+            }, set()
         return None
     folder = path if path.is_dir() else None
     if folder is None:
         return None
-    found = find_generative_files(folder)
+    found = find_generative_files(folder, limits)
     if found is None:
         if forced:
             return {
@@ -140,9 +163,75 @@ def _check_generative_path(path: Path, forced: bool) -> dict[str, Any] | None:
                 "format": GENERATIVE,
                 "error": f"no generative evaluation set found: expected one JSONL file of rows with image, prompt and "
                 f"objects, and {VOCABULARY_FILE} beside it",
-            }
+            }, set()
         return None
-    return check_generative(found[0], found[1], folder)
+    return check_generative(found[0], found[1], folder, limits)
+
+
+def _image_files(images: Iterable[Any]) -> set[Path]:
+    return {image.path for image in images if image.path is not None}
+
+
+def keep_only(folder: Path, used: set[Path]) -> int:
+    """Delete every file under ``folder`` not in ``used`` (and the folders left empty); return the files kept."""
+    keep = {path.resolve() for path in used}
+    kept = 0
+    for directory, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = Path(directory, name)
+            if path.resolve() in keep:
+                kept += 1
+            else:
+                path.unlink()
+        if Path(directory) != folder and not any(Path(directory).iterdir()):
+            Path(directory).rmdir()
+    return kept
+
+
+def check(
+    path: Path, *, format: str, extract_dir: Path | None, limits: DataLimits, keep_only_used: bool
+) -> dict[str, Any]:
+    """Check the dataset at ``path`` (a data file, a folder, or an archive unpacked into ``extract_dir``, default a
+    temporary folder removed afterwards); the JSON object :func:`main` prints."""
+    owned: Path | None = None
+    source = path
+    try:
+        if path.is_file() and archive_kind(path) is not None and path.suffix.lower() not in DATA_SUFFIXES:
+            target = extract_dir if extract_dir is not None else Path(tempfile.mkdtemp(prefix="dama-check-"))
+            owned = None if extract_dir is not None else target
+            extract_archive(path, target, limits=limits)
+            source = target
+        if format in ("auto", GENERATIVE):
+            generative = _check_generative_path(source, format == GENERATIVE, limits)
+            if generative is not None:
+                outcome, used = generative
+                if keep_only_used and outcome.get("ok") and source != path:
+                    outcome["kept_files"] = keep_only(source, used)
+                return outcome
+        data_file = find_data_file(source) if source.is_dir() else source
+        rows, report = load_and_validate(data_file, format="auto" if format == GENERATIVE else format, limits=limits)
+        outcome = {
+            "ok": report.ok,
+            "format": report.format,
+            "row_count": report.total_rows,
+            "valid_rows": len(rows),
+            "image_count": sum(len(row.images) for row in rows),
+            "report": report.to_dict(),
+        }
+        if keep_only_used and report.ok and source != path:  # only a folder this check unpacked
+            outcome["kept_files"] = keep_only(source, {data_file, *_image_files(i for r in rows for i in r.images)})
+        return outcome
+    finally:
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+
+
+def bind_to_parent(parent_pid: int) -> None:
+    """Die with the process that started this one (SIGKILL on its death; Linux), or now if it is already gone."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before prctl took effect: nobody waits for this check
+        os._exit(3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,51 +239,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="a data file, a folder or an archive")
     parser.add_argument("--format", default="auto", help="auto, trl, rlaif_v, openai or generative")
     parser.add_argument("--extract-dir", help="unpack an archive here (kept); default: a temporary folder")
-    parser.add_argument("--max-rows", type=int, default=DataLimits().max_rows)
-    args = parser.parse_args(argv)
-    limits = DataLimits(max_rows=args.max_rows)
-    path = Path(args.path)
-    owned: Path | None = None
-    try:
-        if args.format in ("auto", GENERATIVE):
-            source = path
-            if path.is_file() and archive_kind(path) is not None and path.suffix.lower() not in DATA_SUFFIXES:
-                # Unpack once here; the preference reader below then reads the folder.
-                target = Path(args.extract_dir) if args.extract_dir else Path(tempfile.mkdtemp(prefix="dama-check-"))
-                owned = None if args.extract_dir else target
-                extract_archive(path, target, limits=limits)
-                source = target
-            generative = _check_generative_path(source, args.format == GENERATIVE)
-            if generative is not None:
-                print(json.dumps(generative))
-                return 2 if "error" in generative else 0
-            if source != path:
-                find_data_file(source)  # a clear error for an archive without a (single) data file
-            rows, report = load_and_validate(source, format="auto", limits=limits)
-        else:
-            rows, report = load_and_validate(args.path, format=args.format, limits=limits, extract_dir=args.extract_dir)
-    except (DataFormatError, OSError) as error:
-        print(json.dumps({"ok": False, "error": str(error)}))
-        return 2
-    except RecursionError:  # json's parser recurses once per level: a document nested deeper than Python's stack
-        print(json.dumps({"ok": False, "error": "the data nests JSON arrays or objects too deeply to read"}))
-        return 2
-    finally:
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
-    print(
-        json.dumps(
-            {
-                "ok": report.ok,
-                "format": report.format,
-                "row_count": report.total_rows,
-                "valid_rows": len(rows),
-                "image_count": sum(len(row.images) for row in rows),
-                "report": report.to_dict(),
-            }
-        )
+    parser.add_argument(
+        "--keep-only-referenced", action="store_true", help="delete unpacked files no row references (when ok)"
     )
-    return 0
+    defaults = DataLimits()
+    for limit in fields(DataLimits):
+        flag = "--" + limit.name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, limit.name), help=f"DataLimits.{limit.name}")
+    parser.add_argument("--max-memory-bytes", type=int, help="cap this process's address space (RLIMIT_AS)")
+    parser.add_argument("--parent-pid", type=int, help="die with this process (the one that started the check)")
+    args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        bind_to_parent(args.parent_pid)
+    if args.max_memory_bytes is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (args.max_memory_bytes, args.max_memory_bytes))
+    extract_dir = Path(args.extract_dir) if args.extract_dir else None
+    try:
+        limits = DataLimits(**{limit.name: getattr(args, limit.name) for limit in fields(DataLimits)})
+        outcome = check(
+            Path(args.path),
+            format=args.format,
+            extract_dir=extract_dir,
+            limits=limits,
+            keep_only_used=args.keep_only_referenced,
+        )
+    except DataLimitError as error:
+        outcome = {"ok": False, "error": str(error), "limit": error.limit}
+    except MemoryError:
+        message = f"checking the dataset needs more memory than {MEMORY_LIMIT}={args.max_memory_bytes}"
+        outcome = {"ok": False, "error": message, "limit": MEMORY_LIMIT}
+    except RecursionError:  # json's parser recurses once per level: a document nested deeper than Python's stack
+        outcome = {"ok": False, "error": "the data nests JSON arrays or objects too deeply to read"}
+    except (DataFormatError, OSError, ValueError) as error:
+        outcome = {"ok": False, "error": str(error)}
+    print(json.dumps(outcome))
+    return 2 if "error" in outcome else 0
 
 
 if __name__ == "__main__":

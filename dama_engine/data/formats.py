@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast
 
+from dama_engine.data.lines import DataFormatError, DataLimitError, check_file_size, iter_lines
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, Role, TextPart
 from dama_engine.data.validation import (
     SOURCE_FIELDS_META_KEY,
@@ -72,10 +73,6 @@ _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DRIVE = re.compile(r"^[a-zA-Z]:")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _COPY_CHUNK = 1 << 20
-
-
-class DataFormatError(ValueError):
-    """The dataset as a whole cannot be read; the message says what is wrong and what to change."""
 
 
 @dataclass
@@ -262,15 +259,35 @@ def _member_parts(name: str) -> tuple[str, ...]:
     return parts
 
 
+def _too_many_bytes(limits: DataLimits, declared: int | None = None) -> DataLimitError:
+    size = f"{declared} bytes, over" if declared is not None else "more than"
+    message = f"the archive unpacks to {size} max_archive_bytes={limits.max_archive_bytes} bytes"
+    return DataLimitError(message, limit="max_archive_bytes")
+
+
+def _too_many_members(limits: DataLimits, count: int | None = None) -> DataLimitError:
+    counted = f"{count} members, over" if count is not None else "more members than"
+    message = f"the archive has {counted} max_archive_members={limits.max_archive_members}"
+    return DataLimitError(message, limit="max_archive_members")
+
+
 def _copy_member(source: IO[bytes], target: Path, remaining: int, limits: DataLimits) -> int:
+    """Write one member (every byte counted against ``remaining``, not trusted from headers). An empty member is
+    not written: no row can use it (an empty image does not decode, an empty data file has no rows), and skipping
+    it keeps an archive of many empty members cheap."""
+    first = source.read(_COPY_CHUNK)
+    if not first:
+        return 0
     target.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with target.open("xb") as out:
-        while chunk := source.read(_COPY_CHUNK):
+        chunk = first
+        while chunk:
             written += len(chunk)
             if written > remaining:
-                raise DataFormatError(f"the archive unpacks to more than max_archive_bytes={limits.max_archive_bytes}")
+                raise _too_many_bytes(limits)
             out.write(chunk)
+            chunk = source.read(_COPY_CHUNK)
     return written
 
 
@@ -279,14 +296,10 @@ def _extract_zip(archive: Path, dest: Path, limits: DataLimits) -> None:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
             if len(members) > limits.max_archive_members:
-                raise DataFormatError(
-                    f"the archive has {len(members)} members, over max_archive_members={limits.max_archive_members}"
-                )
+                raise _too_many_members(limits, len(members))
             declared = sum(member.file_size for member in members)
             if declared > limits.max_archive_bytes:
-                raise DataFormatError(
-                    f"the archive unpacks to {declared} bytes, over max_archive_bytes={limits.max_archive_bytes}"
-                )
+                raise _too_many_bytes(limits, declared)
             remaining = limits.max_archive_bytes
             for member in members:
                 parts = _member_parts(member.filename)
@@ -298,11 +311,12 @@ def _extract_zip(archive: Path, dest: Path, limits: DataLimits) -> None:
                 if not parts:
                     continue
                 target = dest.joinpath(*parts)
-                if member.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
+                if member.is_dir():  # folders are made for the files in them: empty ones are of no use
                     continue
                 if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                     raise DataFormatError(f"archive member {member.filename!r} is not a regular file")
+                if member.file_size == 0:  # zipfile reads no more than declared: an empty member stays empty
+                    continue
                 with bundle.open(member) as source:
                     remaining -= _copy_member(source, target, remaining, limits)
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as error:
@@ -317,20 +331,17 @@ def _extract_tar(archive: Path, dest: Path, limits: DataLimits) -> None:
             for member in bundle:  # streamed: the limits stop a bomb before it is all read
                 count += 1
                 if count > limits.max_archive_members:
-                    raise DataFormatError(f"the archive has more than max_archive_members={limits.max_archive_members}")
+                    raise _too_many_members(limits)
                 parts = _member_parts(member.name)
                 if member.issym() or member.islnk():
                     raise DataFormatError(f"archive member {member.name!r} is a link; links are not allowed")
                 if member.isdir():
-                    dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
                     continue
                 if not member.isfile():
                     raise DataFormatError(f"archive member {member.name!r} is not a regular file")
                 if member.size > remaining:
-                    raise DataFormatError(
-                        f"the archive unpacks to more than max_archive_bytes={limits.max_archive_bytes}"
-                    )
-                if not parts:
+                    raise _too_many_bytes(limits)
+                if not parts or member.size == 0:
                     continue
                 source = bundle.extractfile(member)
                 if source is None:
@@ -353,44 +364,46 @@ class _Malformed:
 _Record = dict[str, Any] | _Malformed
 
 
-def _iter_records(data_file: Path) -> Iterator[tuple[int, _Record]]:
+def _iter_records(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
     suffix = data_file.suffix.lower()
     if suffix == ".parquet":
         return _iter_parquet(data_file)
-    if suffix == ".json" and not _first_line_is_object(data_file):
-        return _iter_json_document(data_file)
+    if suffix == ".json" and not _first_line_is_object(data_file, limits):
+        return _iter_json_document(data_file, limits)
     # .jsonl, and .json files written one object per line (what HF datasets' to_json writes).
-    return _iter_jsonl(data_file)
+    return _iter_jsonl(data_file, limits)
 
 
-def _iter_jsonl(data_file: Path) -> Iterator[tuple[int, _Record]]:
-    with data_file.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                yield number, _Malformed(f"not valid UTF-8 ({error.reason} at byte {error.start})")
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield number, _Malformed(f"malformed JSON: {error.msg} at column {error.colno}")
-                continue
-            except RecursionError:  # json's parser recurses once per level; no row nests this deep
-                yield number, _Malformed(f"JSON nested too deeply (over {sys.getrecursionlimit()} levels)")
-                continue
-            if not isinstance(value, dict):
-                yield number, _Malformed(f"expected a JSON object, got {_type_name(value)}")
-                continue
-            yield number, value
+def _iter_jsonl(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
+    for number, raw in iter_lines(data_file, limits.max_line_bytes):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            yield number, _Malformed(f"not valid UTF-8 ({error.reason} at byte {error.start})")
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield number, _Malformed(f"malformed JSON: {error.msg} at column {error.colno}")
+            continue
+        except RecursionError:  # json's parser recurses once per level; no row nests this deep
+            yield number, _Malformed(f"JSON nested too deeply (over {sys.getrecursionlimit()} levels)")
+            continue
+        if not isinstance(value, dict):
+            yield number, _Malformed(f"expected a JSON object, got {_type_name(value)}")
+            continue
+        yield number, value
 
 
-def _first_line_is_object(data_file: Path) -> bool:
+def _first_line_is_object(data_file: Path, limits: DataLimits) -> bool:
     """Whether a .json file holds one row object per line (its first line parses alone as a row object)."""
     with data_file.open("rb") as handle:
-        for raw in handle:
+        # A first line over the line limit is no row of a one-object-per-line file: the document reader decides.
+        while raw := handle.readline(limits.max_line_bytes + 1):
+            if len(raw) > limits.max_line_bytes:
+                return False
             if raw.strip():
                 try:
                     value = json.loads(raw.decode("utf-8-sig"))
@@ -409,7 +422,9 @@ def _wrapped_rows(document: dict[str, Any]) -> list[Any] | None:
     return None
 
 
-def _iter_json_document(data_file: Path) -> Iterator[tuple[int, _Record]]:
+def _iter_json_document(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
+    hint = "; write the rows as JSONL (one object per line), which is read a line at a time"
+    check_file_size(data_file, limits.max_json_file_bytes, limit="max_json_file_bytes", hint=hint)
     try:
         document = json.loads(data_file.read_bytes())
     except json.JSONDecodeError as error:
@@ -458,7 +473,7 @@ def _read_data_file(
     base_dir = data_file.parent.absolute()
     detected: str | None = None if format == "auto" else format
     rows: list[PreferenceRow] = []
-    for number, record in _iter_records(data_file):
+    for number, record in _iter_records(data_file, limits):
         builder.total_rows += 1
         if builder.total_rows > limits.max_rows:
             reason = f"more than max_rows={limits.max_rows} rows; reading stopped here"

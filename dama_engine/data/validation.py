@@ -68,6 +68,10 @@ class DataLimits:
     # Archives (zip bombs): number of members and their total uncompressed size.
     max_archive_members: int = 1_000_000
     max_archive_bytes: int = 20 * 1024**3
+    # A JSONL line (one row) is parsed whole, and a JSON document (a list of rows) is read whole: these bound the
+    # reader's memory. The service passes smaller ones (DAMA_MAX_LINE_BYTES, DAMA_MAX_JSON_FILE_BYTES).
+    max_line_bytes: int = 256 * 1024**2
+    max_json_file_bytes: int = 1024**3
     # The report keeps this many errors in full and counts the rest (every bad row is still counted).
     max_reported_errors: int = 10_000
 
