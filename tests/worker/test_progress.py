@@ -235,7 +235,7 @@ def test_a_batch_whose_commit_went_unheard_is_not_stored_twice(store: JobStore) 
     _end(store, owner.job_id)
 
 
-def test_an_outcome_whose_commit_went_unheard_counts_as_recorded(store: JobStore) -> None:
+def test_an_outcome_whose_commit_went_unheard_counts_as_recorded(store: JobStore, tmp_path: Path) -> None:
     owner = _claimed(store)
     reporter = JobReporter(owner=owner, session_factory=store.factory, flush_interval_s=0.0)
     recorder = tasks._Recorder(
@@ -243,6 +243,7 @@ def test_an_outcome_whose_commit_went_unheard_counts_as_recorded(store: JobStore
         reporter=reporter,
         session_factory=cast(sessionmaker[Session], UnheardCommits(store.factory, count=1)),
         wait_s=10.0,
+        storage=tasks.StorageAccount(tmp_path, store.job(owner.job_id).tenant_id, None),
     )
     assert recorder.finish(JobStatus.succeeded, message="done", result={"steps": 3}) == "succeeded"
     statuses = [message for kind, message, _ in store.events(owner.job_id) if kind == "status"]
