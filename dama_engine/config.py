@@ -74,6 +74,13 @@ class ObjectiveSection(_Section):
     filter_sigma: float = Field(default=1.0, gt=0)
     ema_source: Literal["all", "kept"] = "all"
     beta_dpo_a: float = 0.6
+    filter_scope: Literal["micro_batch", "step"] = Field(
+        default="micro_batch",
+        description=(
+            "The group the model-aware filter and alpha_M see (shared/DAMA.md 2.5): micro_batch = each micro-batch "
+            "across processes; step = every pair of the optimizer step (a no-grad scoring pass first)."
+        ),
+    )
 
     def build(self) -> ObjectiveConfig:
         return ObjectiveConfig(**self.model_dump())
