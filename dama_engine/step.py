@@ -18,6 +18,7 @@ checkpointed and reported as plain floats). Metrics become floats only when ``lo
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,8 +103,8 @@ def train_step(
                 selection, offset = step_selection, _offset(micro, batch, micro_batches)
             else:
                 gap = reward_gap(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1]).detach()
-                group, offset = _gather(gap.unsqueeze(0))
-                selection = _broadcast_keep(select_pairs(group, state, config, setup.generator))
+                group, offset = gather_group(gap.unsqueeze(0))
+                selection = broadcast_selection(select_pairs(group, state, config, setup.generator))
             output = preference_loss(
                 policy_chosen,
                 policy_rejected,
@@ -131,9 +132,9 @@ def train_step(
     setup.optimizer.zero_grad(set_to_none=True)
     if not log:
         return StepResult(new_state, float(learning_rate))
-    metrics = _step_metrics(outputs, step_selection, new_state)
-    metrics.update(metric_floats({"grad_norm": grad_norm}) | {"lr": float(learning_rate)})
-    if not torch.isfinite(torch.tensor(metrics["loss"])):
+    metrics = _step_metrics(outputs, step_selection, new_state, grad_norm)
+    metrics["lr"] = float(learning_rate)
+    if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"the loss is {metrics['loss']} at this step: training diverged")
     return StepResult(new_state, float(learning_rate), metrics)
 
@@ -149,8 +150,8 @@ def batch_reward_gaps(setup: StepSetup, batch: PairBatch) -> torch.Tensor:
 def _score_step(setup: StepSetup, micro_batches: Sequence[PairBatch], state: ObjectiveState) -> Selection:
     """The no-grad scoring pass of ``filter_scope: step``: every pair's gap, gathered, one draw."""
     local = torch.stack([batch_reward_gaps(setup, batch) for batch in micro_batches])  # (micro, pairs)
-    group, _ = _gather(local)
-    return _broadcast_keep(select_pairs(group, state, setup.objective, setup.generator))
+    group, _ = gather_group(local)
+    return broadcast_selection(select_pairs(group, state, setup.objective, setup.generator))
 
 
 def _lookup(setup: StepSetup, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -166,8 +167,8 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _gather(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's (micro, pairs) gaps as one group ordered micro-batch by micro-batch, rank by rank within one
+def gather_group(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The objective's collective: every rank's (micro, pairs) gaps as one group ordered micro-batch by micro-batch, rank by rank within one
     (the order of one process running the global batch); and this rank's offset in its first micro-batch.
 
     Ranks take equal micro-batches (the trainer's schedule), so one all-gather of a fixed size does it.
@@ -176,24 +177,30 @@ def _gather(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     pairs = local.shape[1]
     if world == 1:
         return local.reshape(-1), 0
-    gathered = torch.empty((world, *local.shape), dtype=local.dtype, device=local.device)
-    torch.distributed.all_gather_into_tensor(gathered, local.contiguous())
-    return gathered.transpose(0, 1).reshape(-1), rank * pairs
+    parts = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(parts, local.contiguous())  # gloo (CPU) has no all_gather_into_tensor
+    return torch.stack(parts, dim=1).reshape(-1), rank * pairs
 
 
-def _broadcast_keep(selection: Selection) -> Selection:
-    """Rank 0's draw for every rank: ranks may hold differently seeded generators."""
+def broadcast_selection(selection: Selection) -> Selection:
+    """Rank 0's selection for every rank (draw, alpha_M, beta, statistics): ranks may hold differently seeded
+    generators, and everything drawn from the gaps must agree across ranks."""
     world, _ = _world()
     if world == 1:
         return selection
-    as_int = selection.keep.to(torch.uint8)
-    torch.distributed.broadcast(as_int, src=0)
+    keep = selection.keep.to(torch.uint8)
+    values = torch.stack(
+        [selection.alpha_m, selection.batch_beta, selection.reward_gap_mean, selection.reward_gap_std]
+    ).to(torch.float64)
+    torch.distributed.broadcast(keep, src=0)
+    torch.distributed.broadcast(values, src=0)
+    alpha_m, batch_beta, mean, std = values.unbind()
     return Selection(
-        keep=as_int.bool(),
-        alpha_m=selection.alpha_m,
-        batch_beta=selection.batch_beta,
-        reward_gap_mean=selection.reward_gap_mean,
-        reward_gap_std=selection.reward_gap_std,
+        keep=keep.bool(),
+        alpha_m=alpha_m.to(selection.alpha_m.dtype),
+        batch_beta=batch_beta.to(selection.batch_beta.dtype),
+        reward_gap_mean=mean,
+        reward_gap_std=std,
         kept=selection.kept,
     )
 
@@ -224,7 +231,7 @@ def _merge_state(
     if setup.objective.filter_scope == "step":
         selection = step_selection
         if selection is None:
-            group, _ = _gather(torch.stack([output.reward_gap for output in outputs]))
+            group, _ = gather_group(torch.stack([output.reward_gap for output in outputs]))
             selection = select_pairs(group, start, setup.objective)
         mean, std = selection.reward_gap_mean, selection.reward_gap_std
     else:
@@ -235,12 +242,13 @@ def _merge_state(
 
 
 def _step_metrics(
-    outputs: list[ObjectiveOutput], step_selection: Selection | None, state: ObjectiveState
+    outputs: list[ObjectiveOutput], step_selection: Selection | None, state: ObjectiveState, grad_norm: torch.Tensor
 ) -> dict[str, float]:
-    """The step's section 5 metrics: micro-batch means, the kept count summed over the step's groups."""
+    """The step's section 5 metrics and grad norm, read back in one host sync: micro-batch means, the kept
+    count summed over the step's groups."""
     names = list(outputs[0].metric_tensors)
     stacked = {name: torch.stack([o.metric_tensors[name].double() for o in outputs]).mean() for name in names}
-    metrics = metric_floats(stacked)
+    metrics = metric_floats({**stacked, "grad_norm": grad_norm})
     groups = [step_selection] if step_selection is not None else [o.selection for o in outputs]
     metrics["kept"] = float(sum(group.kept for group in groups))
     metrics["reward_gap_mean"] = state.reward_gap_mean
