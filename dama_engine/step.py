@@ -168,8 +168,9 @@ def _world() -> tuple[int, int]:
 
 
 def gather_group(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The objective's collective: every rank's (micro, pairs) gaps as one group ordered micro-batch by micro-batch, rank by rank within one
-    (the order of one process running the global batch); and this rank's offset in its first micro-batch.
+    """The objective's collective: every rank's (micro, pairs) gaps as one group, ordered micro-batch by
+    micro-batch, rank by rank within one (the order of one process running the global batch); and this rank's
+    offset in its first micro-batch.
 
     Ranks take equal micro-batches (the trainer's schedule), so one all-gather of a fixed size does it.
     """
