@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,6 +77,7 @@ class StepResult:
     state: ObjectiveState
     learning_rate: float
     metrics: dict[str, float] | None = None
+    outputs: list[ObjectiveOutput] = field(default_factory=list)  # per micro-batch, for tests and inspection
 
 
 def train_step(
@@ -131,12 +132,12 @@ def train_step(
         setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
     if not log:
-        return StepResult(new_state, float(learning_rate))
+        return StepResult(new_state, float(learning_rate), outputs=outputs)
     metrics = _step_metrics(outputs, step_selection, new_state, grad_norm)
     metrics["lr"] = float(learning_rate)
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"the loss is {metrics['loss']} at this step: training diverged")
-    return StepResult(new_state, float(learning_rate), metrics)
+    return StepResult(new_state, float(learning_rate), metrics, outputs)
 
 
 def batch_reward_gaps(setup: StepSetup, batch: PairBatch) -> torch.Tensor:
@@ -249,6 +250,9 @@ def _step_metrics(
     count summed over the step's groups."""
     names = list(outputs[0].metric_tensors)
     stacked = {name: torch.stack([o.metric_tensors[name].double() for o in outputs]).mean() for name in names}
+    if step_selection is not None:
+        # Each micro-batch's loss is already its share of the step's (normalised by the step's kept count).
+        stacked["loss"] = torch.stack([o.metric_tensors["loss"].double() for o in outputs]).sum()
     metrics = metric_floats({**stacked, "grad_norm": grad_norm})
     groups = [step_selection] if step_selection is not None else [o.selection for o in outputs]
     metrics["kept"] = float(sum(group.kept for group in groups))
