@@ -22,8 +22,8 @@ What is timed (each configuration: ``--warmup`` steps, then the median of ``--st
   step only (as ``run.log_every`` > 1 would). ``host_syncs_per_logging_step`` counts the host syncs of one more
   step (``dama_engine.host_syncs``). ``forward`` is a ``dama_engine.packing.PairForward``: ``model_logits`` (the
   plain 2N-row layout with the model's own logits: the engine before the fast paths), ``two_rows`` (plain layout,
-  answer-only head), ``packed`` (one row per pair). Encoding (image processor, tokenizer) is timed apart as ``encode_pairs_per_s``,
-  as TRL's collation falls outside its step timer too.
+  answer-only head), ``packed`` (one row per pair). Encoding (image processor, tokenizer) is timed apart as
+  ``encode_pairs_per_s``, as TRL's collation falls outside its step timer too.
 * ``reference/<forward>``: the engine's reference pre-pass (adapter off, no grad), pairs/s. The trainer runs it once
   per data set and caches it; ``e2e_pairs_per_s`` amortises it over ``--epochs`` epochs:
   ``1 / (1 / step + 1 / (epochs * reference))``. TRL recomputes the reference inside every step.
