@@ -5,11 +5,14 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
+# The methods that draw a kept subset of each filter group (dama_engine.objective.ObjectiveConfig.filters).
+FILTERING_METHODS = frozenset({"beta_dpo", "dama_model", "dama"})
 
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
@@ -25,6 +28,11 @@ class Hyperparameters(_Spec):
         default=0.8, gt=0, le=1, description="Share of each batch kept by the model-aware filter."
     )
     gamma: float = Field(default=0.9, ge=0, lt=1, description="Momentum of the running reward-gap mean.")
+    filter_scope: Literal["micro_batch", "step"] = Field(
+        default="micro_batch",
+        description="The group the model-aware filter sees (DAMA.md 2.5): micro_batch = each micro-batch across "
+        "GPUs; step = every pair of the optimizer step (a no-grad scoring pass first, about a third more step time).",
+    )
     learning_rate: float = Field(default=2e-5, gt=0, description="AdamW learning rate (LoRA default 2e-5).")
     epochs: int = Field(default=1, gt=0, le=100)
     max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs when set.")
@@ -114,6 +122,27 @@ class JobSpec(_Spec):
     @property
     def tiny_family(self) -> str | None:
         return TINY_MODELS.get(self.model)
+
+    def filter_group_problem(self) -> str | None:
+        """Why the model-aware filter's group is too small (DAMA.md 2.5: floor(keep_ratio x group) < 2 with
+        filtering on), naming both fixes; None when it is fine. The engine refuses the same run
+        (``dama_engine.objective.filter_group_problem``; this side cannot import it)."""
+        hp = self.hyperparameters
+        if self.method not in FILTERING_METHODS:
+            return None
+        group = hp.batch_size * self.gpus * (hp.grad_accumulation if hp.filter_scope == "step" else 1)
+        if math.floor(hp.keep_ratio * group + 1e-9) >= 2:
+            return None
+        fix = (
+            "set hyperparameters.filter_scope to 'step' or raise hyperparameters.batch_size"
+            if hp.filter_scope == "micro_batch"
+            else "raise hyperparameters.batch_size or hyperparameters.grad_accumulation"
+        )
+        return (
+            f"the model-aware filter of method {self.method!r} would see {group} pairs at a time (filter_scope "
+            f"{hp.filter_scope}), and floor(keep_ratio {hp.keep_ratio} x {group}) < 2 turns filtering off and sets "
+            f"beta from one pair; {fix}"
+        )
 
 
 class GenerationSpec(_Spec):
