@@ -139,7 +139,7 @@ def train_main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         result = train(config, printer)
-    except DataError as error:
+    except (DataError, ConfigError) as error:  # ConfigError: what needs the process count (the filter group)
         printer.close()
         print(f"dama-train: {error}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dama_engine.batching import PairBatch, PairEncoder, collate_pairs
+from dama_engine.cli import train_main
 from dama_engine.config import ConfigError, LoraSection, parse_config
 from dama_engine.host_syncs import count_host_syncs
 from dama_engine.logprobs import pair_log_probs
@@ -152,3 +154,22 @@ def test_a_filter_group_below_two_kept_pairs_is_refused_naming_both_fixes() -> N
     check_filter_group(_config(batch_size=1, grad_accumulation=4, filter_scope="step"), processes=1)
     with pytest.raises(ConfigError, match=r"gradient accumulation"):
         check_filter_group(_config(batch_size=1, grad_accumulation=2, filter_scope="step"), processes=1)
+
+
+def test_the_cli_refuses_a_filter_group_of_one_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = train_main(
+        [
+            "--demo",
+            "--output-dir",
+            str(tmp_path),
+            "optim.batch_size=1",
+            "optim.grad_accumulation=4",
+            "objective.method=dama",
+        ]
+    )
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "filter_scope: step" in message and "batch size" in message
+    assert not (tmp_path / "metrics.jsonl").exists()
