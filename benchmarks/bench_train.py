@@ -79,7 +79,7 @@ from dama_engine.compiling import compile_decoder_layers, eager
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
 from dama_engine.families import family_for
-from dama_engine.host_syncs import count_host_syncs
+from dama_engine.host_syncs import HostSyncs, count_host_syncs
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import make_trainable
 from dama_engine.objective import METHODS, ObjectiveConfig, ObjectiveState
@@ -655,6 +655,30 @@ def _step_setup(run: Run, model: Any, objective: ObjectiveConfig, forward: str, 
     )
 
 
+@contextlib.contextmanager
+def _optimizer_uncounted(setup: StepSetup, counter: HostSyncs | None) -> Iterator[None]:
+    """Leave AdamW's step out of the host-sync count: its step counters are host tensors (not ``capturable``), so
+    their ``.item()`` reads host memory, not the device's."""
+    if counter is None:
+        yield
+        return
+    step = setup.optimizer.step
+
+    def uncounted(*args: Any, **kwargs: Any) -> Any:
+        with counter.pause():
+            return step(*args, **kwargs)
+
+    own = vars(setup.optimizer).get("step")  # an instance attribute already there, if any
+    setup.optimizer.step = uncounted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del setup.optimizer.step  # the class's method shows through again
+        else:
+            setup.optimizer.step = own  # type: ignore[method-assign]
+
+
 def engine_step_config(
     run: Run, forward: str, method: str, checkpointing: bool, size: int, compiled: bool = False
 ) -> dict[str, Any]:
@@ -682,7 +706,7 @@ def engine_step_config(
                 measuring = saved.hooks() if step == 0 else contextlib.nullcontext()
                 last = step == warmup + steps
                 counting = count_host_syncs() if last else contextlib.nullcontext()
-                with measuring, counting as counter:
+                with measuring, counting as counter, _optimizer_uncounted(setup, counter):
                     result = train_step(setup, [batch], state, log=last or step == warmup + steps - 1)
                 state = result.state
                 _sync(run.device)
@@ -692,8 +716,8 @@ def engine_step_config(
                     times.append(time.perf_counter() - start)
                 elif step == 0:
                     first_step_s = time.perf_counter() - start  # with compiling, when compiled
-                if result.metrics is not None:
-                    last_loss = result.metrics["loss"]
+                if result.metrics is not None and not last:
+                    last_loss = result.metrics["loss"]  # the last timed step's
                 del result
     finally:
         setup.optimizer.zero_grad(set_to_none=True)
