@@ -463,23 +463,21 @@ def preference_loss(
     )
 
 
-def merge_step_states(start: ObjectiveState, micro_states: Sequence[ObjectiveState]) -> ObjectiveState:
-    """One optimizer step's state from its micro-batches' (gradient accumulation).
+def merge_step_states(start: ObjectiveState, selections: Sequence[Selection]) -> ObjectiveState:
+    """One optimizer step's state from its filter groups' selections, read back in one host sync.
 
-    Each micro-batch ran :func:`preference_loss` from the same ``start`` state, so its new mean is
-    ``gamma * R_bar + (1 - gamma) * mean_m`` with ``mean_m`` its batch mean; micro-batches are equally sized, so
-    the average of those is the EMA over the whole step's pairs (DAMA.md section 2.4, once per optimizer step).
-    The running std is averaged the same way (an average of the micro-batch stds). With one micro-batch this is
-    that micro-batch's state.
+    With ``filter_scope: micro_batch`` each micro-batch's group updated from the same ``start`` state, so its
+    new mean is ``gamma * R_bar + (1 - gamma) * mean_m`` with ``mean_m`` its batch mean; micro-batches are
+    equally sized, so the average of those is the EMA over the whole step's pairs (DAMA.md section 2.4, once per
+    optimizer step). The running std is averaged the same way (an average of the micro-batch stds). With one
+    group (one micro-batch, or ``filter_scope: step``) this is that group's state.
     """
-    if not micro_states:
+    if not selections:
         return start
-    count = len(micro_states)
-    return ObjectiveState(
-        reward_gap_mean=sum(s.reward_gap_mean for s in micro_states) / count,
-        reward_gap_std=sum(s.reward_gap_std for s in micro_states) / count,
-        steps=start.steps + 1,
-    )
+    mean = torch.stack([s.reward_gap_mean.double() for s in selections]).mean()
+    std = torch.stack([s.reward_gap_std.double() for s in selections]).mean()
+    values = torch.stack([mean, std]).tolist()
+    return ObjectiveState(reward_gap_mean=values[0], reward_gap_std=values[1], steps=start.steps + 1)
 
 
 def _filter(

@@ -33,6 +33,7 @@ from dama_engine.objective import (
     ObjectiveOutput,
     ObjectiveState,
     Selection,
+    merge_step_states,
     metric_floats,
     preference_loss,
     reward_gap,
@@ -223,24 +224,17 @@ def _local_kept(selection: Selection, micro_batches: Sequence[PairBatch]) -> tor
 def _merge_state(
     setup: StepSetup, start: ObjectiveState, outputs: list[ObjectiveOutput], step_selection: Selection | None
 ) -> ObjectiveState:
-    """The step's state (DAMA.md section 2.4, once per optimizer step), read back in one host sync.
+    """The step's state (DAMA.md section 2.4, once per optimizer step; :func:`merge_step_states`).
 
-    ``micro_batch``: every micro-batch updated from the same start state; equal sizes make the average of their
-    means the EMA over all the step's pairs (the stds are averaged likewise). ``step``: the EMA over the step's
-    gathered gaps, once: the scoring pass's selection has it; a method without filtering has no scoring pass,
-    and takes the gaps of the backward passes.
+    ``micro_batch``: one group per micro-batch. ``step``: one group, the step's: the scoring pass's selection has
+    its statistics; a method without filtering has no scoring pass and takes the gaps of the backward passes.
     """
-    if setup.objective.filter_scope == "step":
-        selection = step_selection
-        if selection is None:
-            group, _ = gather_group(torch.stack([output.reward_gap for output in outputs]))
-            selection = select_pairs(group, start, setup.objective)
-        mean, std = selection.reward_gap_mean, selection.reward_gap_std
-    else:
-        mean = torch.stack([o.selection.reward_gap_mean for o in outputs]).mean()
-        std = torch.stack([o.selection.reward_gap_std for o in outputs]).mean()
-    values = torch.stack([mean, std]).tolist()
-    return ObjectiveState(reward_gap_mean=values[0], reward_gap_std=values[1], steps=start.steps + 1)
+    if setup.objective.filter_scope == "micro_batch":
+        return merge_step_states(start, [output.selection for output in outputs])
+    if step_selection is None:
+        group, _ = gather_group(torch.stack([output.reward_gap for output in outputs]))
+        step_selection = select_pairs(group, start, setup.objective)
+    return merge_step_states(start, [step_selection])
 
 
 def _step_metrics(
