@@ -93,34 +93,12 @@ def train_step(
         _score_step(setup, micro_batches, state) if config.filter_scope == "step" and config.filters else None
     )
     normalizer = _local_kept(step_selection, micro_batches) if step_selection is not None else None
-    outputs: list[ObjectiveOutput] = []
     last = len(micro_batches) - 1
+    outputs = []
     for micro, batch in enumerate(micro_batches):
         # Gradients are all-reduced across ranks only on the last micro-batch of the step.
         with _no_sync(setup.model) if micro != last else contextlib.nullcontext():
-            with autocast(setup.device, setup.bf16):
-                policy_chosen, policy_rejected = pair_log_probs(setup.model, batch)
-            reference, hardness = _lookup(setup, batch)
-            if step_selection is not None:
-                selection, offset = step_selection, _offset(micro, batch, micro_batches)
-            else:
-                gap = reward_gap(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1]).detach()
-                group, offset = gather_group(gap.unsqueeze(0))
-                selection = broadcast_selection(select_pairs(group, state, config, setup.generator))
-            output = preference_loss(
-                policy_chosen,
-                policy_rejected,
-                reference[:, 0],
-                reference[:, 1],
-                hardness=hardness,
-                hardness_mean=setup.hardness_mean,
-                state=state,
-                config=config,
-                selection=selection,
-                offset=offset,
-                normalizer=normalizer,
-                check_finite=False,  # the trainer checked reference and hardness once; the loss is checked on logging
-            )
+            output = _micro_batch_loss(setup, batch, state, step_selection, normalizer, micro)
             # micro_batch scope: each micro-batch's kept mean, averaged over the step; step scope: already
             # normalised by the step's kept count.
             (output.loss if normalizer is not None else output.loss / len(micro_batches)).backward()
@@ -139,6 +117,41 @@ def train_step(
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"the loss is {metrics['loss']} at this step: training diverged")
     return StepResult(new_state, float(learning_rate), metrics, outputs)
+
+
+def _micro_batch_loss(
+    setup: StepSetup,
+    batch: PairBatch,
+    state: ObjectiveState,
+    step_selection: Selection | None,
+    normalizer: torch.Tensor | None,
+    micro: int,
+) -> ObjectiveOutput:
+    """Forward one micro-batch and apply the objective: with the step's selection (``step`` scope), or with the
+    selection of this micro-batch's group gathered over the ranks (``micro_batch`` scope)."""
+    with autocast(setup.device, setup.bf16):
+        policy_chosen, policy_rejected = pair_log_probs(setup.model, batch)
+    reference, hardness = _lookup(setup, batch)
+    if step_selection is not None:
+        selection, offset = step_selection, _offset(micro, batch)
+    else:
+        gap = reward_gap(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1]).detach()
+        group, offset = gather_group(gap.unsqueeze(0))
+        selection = broadcast_selection(select_pairs(group, state, setup.objective, setup.generator))
+    return preference_loss(
+        policy_chosen,
+        policy_rejected,
+        reference[:, 0],
+        reference[:, 1],
+        hardness=hardness,
+        hardness_mean=setup.hardness_mean,
+        state=state,
+        config=setup.objective,
+        selection=selection,
+        offset=offset,
+        normalizer=normalizer,
+        check_finite=False,  # the trainer checked reference and hardness once; the loss is checked on logging
+    )
 
 
 def batch_reward_gaps(setup: StepSetup, batch: PairBatch) -> torch.Tensor:
@@ -208,7 +221,7 @@ def broadcast_selection(selection: Selection) -> Selection:
     )
 
 
-def _offset(micro: int, batch: PairBatch, micro_batches: Sequence[PairBatch]) -> int:
+def _offset(micro: int, batch: PairBatch) -> int:
     """Where this rank's pairs of micro-batch ``micro`` start in the step's group (see :func:`_gather`)."""
     world, rank = _world()
     return (micro * world + rank) * batch.num_pairs
