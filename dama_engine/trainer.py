@@ -312,6 +312,60 @@ def check_filter_group(config: TrainConfig, processes: int) -> None:
         raise ConfigError(problem)
 
 
+def _validated_data(
+    config: TrainConfig, encoder: PairEncoder, world_size: int, rank: int
+) -> tuple[list[PreferenceRow], list[PreferenceRow], _Batches]:
+    """Training and held-out rows that load, validate and fit the model, and the micro-batch schedule."""
+    optim = config.optim
+    train_rows, eval_rows = _load_rows(config)
+    train_rows = _check_lengths(encoder, train_rows, "train", config.data.skip_invalid_rows)
+    eval_rows = _check_lengths(encoder, eval_rows, "eval", config.data.skip_invalid_rows)
+    schedule = _Batches(len(train_rows), optim.batch_size, world_size, rank, optim.seed)
+    if schedule.per_epoch < optim.grad_accumulation:
+        raise DataError(
+            f"data.train: {len(train_rows)} usable pairs are fewer than one optimizer step needs "
+            f"(optim.batch_size {optim.batch_size} x {world_size} processes x optim.grad_accumulation "
+            f"{optim.grad_accumulation}); lower optim.batch_size or add data"
+        )
+    return train_rows, eval_rows, schedule
+
+
+def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
+    """The model with LoRA (or unfrozen for a full fine-tune), on the device, its pair forward and compiling set."""
+    optim = config.optim
+    model = make_trainable(load_model(config.model, dtype=resolve_dtype(config.model.precision, device)), config.lora)
+    if optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    # The reference pass, the evaluation and the training step all take this path (dama_engine.packing).
+    set_pair_forward(model, optim.pair_forward)
+    compile_decoder_layers(model, optim.compile, device)
+    return model
+
+
+def _optimizer_and_state(
+    config: TrainConfig, model: Any, parameters: list[torch.nn.Parameter], total_steps: int, rank: int
+) -> tuple[torch.optim.Optimizer, Any, torch.Generator, TrainingState]:
+    """AdamW, its schedule, the filtering draw's generator and the training state, from the newest checkpoint
+    when the run resumes (exact resume: all four come back as they were)."""
+    optim = config.optim
+    optimizer = torch.optim.AdamW(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = get_scheduler(
+        optim.scheduler if optim.scheduler != "constant" else "constant_with_warmup",
+        optimizer=optimizer,
+        num_warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    generator = torch.Generator().manual_seed(optim.seed)
+    state = TrainingState(step=0, objective=ObjectiveState())
+    resume_from = latest_checkpoint(Path(config.run.output_dir)) if config.run.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank
+        )
+    return optimizer, scheduler, generator, state
+
+
 def _setup(config: TrainConfig, callback: Callback) -> _Run:
     """Data, model, hardness, reference log-probs, optimizer and the resumed state: everything before step 1."""
     optim = config.optim
@@ -334,33 +388,15 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- validating ------------------------------------------------------------------------------------------
     callback.on_stage("validating", {})
     processor = load_processor(config.model)
     encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
-    train_rows, eval_rows = _load_rows(config)
-    train_rows = _check_lengths(encoder, train_rows, "train", config.data.skip_invalid_rows)
-    eval_rows = _check_lengths(encoder, eval_rows, "eval", config.data.skip_invalid_rows)
-    schedule = _Batches(len(train_rows), optim.batch_size, world_size, rank, optim.seed)
-    if schedule.per_epoch < optim.grad_accumulation:
-        raise DataError(
-            f"data.train: {len(train_rows)} usable pairs are fewer than one optimizer step needs "
-            f"(optim.batch_size {optim.batch_size} x {world_size} processes x optim.grad_accumulation "
-            f"{optim.grad_accumulation}); lower optim.batch_size or add data"
-        )
+    train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
     steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
 
-    # ---- loading_model ---------------------------------------------------------------------------------------
     callback.on_stage("loading_model", {"model": config.model.name_or_path})
-    dtype = resolve_dtype(config.model.precision, device)
-    model = make_trainable(load_model(config.model, dtype=dtype), config.lora)
-    if optim.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    # The reference pass, the evaluation and the training step all take this path (dama_engine.packing).
-    set_pair_forward(model, optim.pair_forward)
-    compile_decoder_layers(model, optim.compile, device)
+    model = _trainable_model(config, device)
 
     # ---- scoring (data hardness, shared/DAMA.md section 1) ---------------------------------------------------
     callback.on_stage("scoring", {"pairs": len(train_rows)})
@@ -402,20 +438,7 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
 
     # ---- optimizer, schedule, resumed state --------------------------------------------------------------------
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    scheduler = get_scheduler(
-        optim.scheduler if optim.scheduler != "constant" else "constant_with_warmup",
-        optimizer=optimizer,
-        num_warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    generator = torch.Generator().manual_seed(optim.seed)
-    state = TrainingState(step=0, objective=ObjectiveState())
-    resume_from = latest_checkpoint(output_dir) if config.run.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank
-        )
+    optimizer, scheduler, generator, state = _optimizer_and_state(config, model, parameters, total_steps, rank)
     accelerator.wait_for_everyone()
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     step_setup = StepSetup(
