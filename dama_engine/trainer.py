@@ -504,6 +504,8 @@ def _train_loop(run: _Run, callback: Callback) -> tuple[bool, dict[str, float]]:
             ).to(run.step_setup.device)
             for micro in range(optim.grad_accumulation)
         ]
+        # Metrics are read off the device on logging steps only (and on a run's first step, so the callback
+        # always has some); between them the callback gets the last logged ones with this step's lr and epoch.
         logs = _is_logging_step(step + 1, config.run.log_every, run.total_steps)
         result = train_step(run.step_setup, micro_batches, run.state.objective, log=logs or not metrics)
         run.state = TrainingState(step=step + 1, objective=result.state)
