@@ -16,12 +16,14 @@ configurations left, so one failure cannot starve the rest of the run.
 
 What is timed (each configuration: ``--warmup`` steps, then the median of ``--steps`` synchronised steps):
 
-* ``engine/<forward>/<method>/gc_<on|off>/b<N>``: the trainer's step on pre-encoded batches: forward under bf16
-  autocast (GPU), the objective of ``dama_engine.objective`` with cached reference log-probs, backward, gradient
-  clipping, AdamW. ``forward`` is a ``dama_engine.packing.PairForward``: ``model_logits`` (the plain 2N-row layout
-  with the model's own logits: the engine before the fast paths), ``two_rows`` (plain layout, answer-only head),
-  ``packed`` (one row per pair). Encoding (image processor, tokenizer) is timed apart as ``encode_pairs_per_s``,
-  as TRL's collation falls outside its step timer too.
+* ``engine/<forward>/<method>/gc_<on|off>/b<N>``: the trainer's own step, ``dama_engine.step.train_step``, on
+  pre-encoded batches (one micro-batch per step): forward under bf16 autocast (GPU), the objective with cached
+  reference log-probs, backward, the state merge, gradient clipping, AdamW; metrics read back on the last timed
+  step only (as ``run.log_every`` > 1 would). ``host_syncs_per_logging_step`` counts the host syncs of one more
+  step (``dama_engine.host_syncs``). ``forward`` is a ``dama_engine.packing.PairForward``: ``model_logits`` (the
+  plain 2N-row layout with the model's own logits: the engine before the fast paths), ``two_rows`` (plain layout,
+  answer-only head), ``packed`` (one row per pair). Encoding (image processor, tokenizer) is timed apart as
+  ``encode_pairs_per_s``, as TRL's collation falls outside its step timer too.
 * ``reference/<forward>``: the engine's reference pre-pass (adapter off, no grad), pairs/s. The trainer runs it once
   per data set and caches it; ``e2e_pairs_per_s`` amortises it over ``--epochs`` epochs:
   ``1 / (1 / step + 1 / (epochs * reference))``. TRL recomputes the reference inside every step.
@@ -77,9 +79,12 @@ from dama_engine.compiling import compile_decoder_layers, eager
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
 from dama_engine.families import family_for
+from dama_engine.host_syncs import HostSyncs, count_host_syncs
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import make_trainable
-from dama_engine.objective import METHODS, ObjectiveConfig, ObjectiveState, preference_loss
+from dama_engine.objective import METHODS, ObjectiveConfig, ObjectiveState
+from dama_engine.packing import set_pair_forward
+from dama_engine.step import StepSetup, train_step
 
 GIB = 2**30
 LORA = LoraSection(r=64, alpha=16, dropout=0.0)
@@ -630,62 +635,94 @@ def _set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def _step_setup(run: Run, model: Any, objective: ObjectiveConfig, forward: str, lr: float) -> StepSetup:
+    """The trainer's step setup for this run's data: AdamW, clipping at 1.0, no schedule, cached reference."""
+    set_pair_forward(model, forward)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return StepSetup(
+        model=model,
+        parameters=parameters,
+        optimizer=torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0),
+        scheduler=None,
+        objective=objective,
+        reference=run.data.reference,
+        hardness=run.data.hardness,
+        hardness_mean=float(run.data.hardness.mean()),
+        generator=torch.Generator().manual_seed(0),
+        device=run.device,
+        bf16=run.device.type == "cuda",  # as the trainer: bf16 autocast on a GPU, float32 on a CPU
+        max_grad_norm=1.0,
+    )
+
+
+@contextlib.contextmanager
+def _optimizer_uncounted(setup: StepSetup, counter: HostSyncs | None) -> Iterator[None]:
+    """Leave AdamW's step out of the host-sync count: its step counters are host tensors (not ``capturable``), so
+    their ``.item()`` reads host memory, not the device's."""
+    if counter is None:
+        yield
+        return
+    step = setup.optimizer.step
+
+    def uncounted(*args: Any, **kwargs: Any) -> Any:
+        with counter.pause():
+            return step(*args, **kwargs)
+
+    own = vars(setup.optimizer).get("step")  # an instance attribute already there, if any
+    setup.optimizer.step = uncounted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del setup.optimizer.step  # the class's method shows through again
+        else:
+            setup.optimizer.step = own  # type: ignore[method-assign]
+
+
 def engine_step_config(
     run: Run, forward: str, method: str, checkpointing: bool, size: int, compiled: bool = False
 ) -> dict[str, Any]:
+    """Times ``dama_engine.step.train_step``, the trainer's own step (one micro-batch per step)."""
     model = run.engine_model()
     _set_checkpointing(model, checkpointing)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.0)
     batches, encode_pairs_per_s = run.batches(size)
-    objective = ObjectiveConfig(method=method, beta=0.1)  # type: ignore[arg-type]
+    setup = _step_setup(run, model, ObjectiveConfig(method=method, beta=0.1), forward, lr=1e-5)  # type: ignore[arg-type]
     state = ObjectiveState()
-    generator = torch.Generator().manual_seed(0)
-    hardness_mean = float(run.data.hardness.mean())
     warmup, steps = run.args.warmup, run.args.steps
     times: list[float] = []
+    syncs: list[int] = []
     saved = SavedTensorBytes(model)
     last_loss = float("nan")
     first_step_s = float("nan")
     try:
         with run.layers(compiled), PeakMemory(run.device) as memory:
-            for step in range(warmup + steps):
+            for step in range(warmup + steps + 1):
                 batch = batches[step % len(batches)]
                 _sync(run.device)
                 start = time.perf_counter()
-                # The first step (a warm-up one unless --warmup 0) also counts what autograd saves for backward.
+                # The first step (a warm-up one unless --warmup 0) also counts what autograd saves for backward;
+                # one more step after the timed ones counts host syncs (the counter wraps tensor methods).
                 measuring = saved.hooks() if step == 0 else contextlib.nullcontext()
-                with run.autocast(), measuring:
-                    chosen, rejected = pair_log_probs(model, batch, forward=forward)
-                reference = run.data.reference[batch.indices].to(run.device)
-                output = preference_loss(
-                    chosen,
-                    rejected,
-                    reference[:, 0],
-                    reference[:, 1],
-                    hardness=run.data.hardness[batch.indices].to(run.device),
-                    hardness_mean=hardness_mean,
-                    state=state,
-                    config=objective,
-                    generator=generator,
-                )
-                output.loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state = output.state
+                last = step == warmup + steps
+                counting = count_host_syncs() if last else contextlib.nullcontext()
+                with measuring, counting as counter, _optimizer_uncounted(setup, counter):
+                    result = train_step(setup, [batch], state, log=last or step == warmup + steps - 1)
+                state = result.state
                 _sync(run.device)
-                if step >= warmup:
+                if counter is not None:
+                    syncs.append(counter.total)
+                elif step >= warmup:
                     times.append(time.perf_counter() - start)
                 elif step == 0:
                     first_step_s = time.perf_counter() - start  # with compiling, when compiled
-                last_loss = float(output.loss.detach())
-                del chosen, rejected, output, reference
+                if result.metrics is not None and not last:
+                    last_loss = result.metrics["loss"]  # the last timed step's
+                del result
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        setup.optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
-        del optimizer, parameters
+        del setup
         _set_checkpointing(model, False)
     median = statistics.median(times)
     run.step_seconds[(checkpointing, size)] = max(run.step_seconds.get((checkpointing, size), 0.0), median)
@@ -707,35 +744,46 @@ def engine_step_config(
         **memory.fields(),
         "saved_for_backward_gib": round(saved.nbytes / GIB, 4),
         "encode_pairs_per_s": round(encode_pairs_per_s, 2),
+        "host_syncs_per_logging_step": syncs[0] if syncs else None,
         "last_loss": round(last_loss, 4),
     }
 
 
 def agreement_config(run: Run, forwards: list[str], size: int) -> dict[str, Any]:
-    """The fast paths against ``model_logits`` on one batch, in the run's precision: log-probs, loss, gradients."""
+    """The fast paths against ``model_logits`` on one batch, in the run's precision: log-probs, loss, gradients.
+
+    Each path runs one ``train_step`` at learning rate 0 (AdamW moves nothing) and hands over the gradients it
+    stepped with, so no backward pass lives here apart from the trainer's.
+    """
     model = run.engine_model()
     model.train()
     batch = run.batches(size)[0][0]
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    reference = run.data.reference[batch.indices].to(run.device)
     results: dict[str, tuple[torch.Tensor, float, torch.Tensor]] = {}
     # (name, pair forward, compiled layers); the compiled entry when the run times compiled layers.
     cases = [(forward, forward, False) for forward in ["model_logits", *forwards]]
     if run.args.compile != "off" and forwards:
         cases.append((f"{forwards[0]}+compiled", forwards[0], True))
     for name, forward, compiled in cases:
-        model.zero_grad(set_to_none=True)
-        with run.layers(compiled), run.autocast():
+        setup = _step_setup(run, model, ObjectiveConfig(method="dpo", beta=0.1), forward, lr=0.0)
+        setup.max_grad_norm = None  # the gradients as computed, not clipped
+        grads: list[torch.Tensor] = []
+        step = setup.optimizer.step
+
+        def keep_grads(
+            *args: Any, _step: Any = step, _setup: StepSetup = setup, _grads: list[torch.Tensor] = grads, **kwargs: Any
+        ) -> Any:
+            _grads.extend(p.grad.detach().double().reshape(-1) for p in _setup.parameters if p.grad is not None)
+            return _step(*args, **kwargs)
+
+        setup.optimizer.step = keep_grads  # type: ignore[method-assign]
+        with run.layers(compiled):
+            result = train_step(setup, [batch], ObjectiveState(), log=True)
+        with torch.no_grad(), run.layers(compiled), run.autocast():
             chosen, rejected = pair_log_probs(model, batch, forward=forward)
-        output = preference_loss(
-            chosen, rejected, reference[:, 0], reference[:, 1], config=ObjectiveConfig(method="dpo", beta=0.1)
-        )
-        output.loss.backward()
-        grads = torch.cat([p.grad.detach().double().reshape(-1) for p in parameters if p.grad is not None])
-        results[name] = (torch.stack([chosen, rejected]).detach().float(), float(output.loss.detach()), grads)
-        del chosen, rejected, output
+        assert result.metrics is not None
+        results[name] = (torch.stack([chosen, rejected]).float(), result.metrics["loss"], torch.cat(grads))
+        del setup, result, chosen, rejected
     model.zero_grad(set_to_none=True)
-    del parameters
     plain_logps, plain_loss, plain_grads = results.pop("model_logits")
     record: dict[str, Any] = {"kind": "agreement", "batch": size, "dtype": str(run.dtype).removeprefix("torch.")}
     for forward, (logps, loss, grads) in results.items():

@@ -149,11 +149,11 @@ def train_main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         result = train(config, callback)
-    except DataError as error:
+    except (DataError, ConfigError) as error:  # ConfigError: what needs the process count (the filter group)
         printer.close()
         print(f"dama-train: {error}", file=sys.stderr)
         if events is not None:
-            events.error(str(error), error.errors)
+            events.error(str(error), getattr(error, "errors", None))
         return 2
     finally:
         printer.close()

@@ -19,6 +19,7 @@ from dama_settings.names import (
     CompileMode,
     DataFormat,
     EmaSource,
+    FilterScope,
     FilterStd,
     HardnessRescale,
     Method,
@@ -77,6 +78,7 @@ class ObjectiveSection(_Section):
     filter_sigma: float = OBJECTIVE["filter_sigma"].field()
     ema_source: EmaSource = OBJECTIVE["ema_source"].field()
     beta_dpo_a: float = OBJECTIVE["beta_dpo_a"].field()
+    filter_scope: FilterScope = OBJECTIVE["filter_scope"].field()
 
     def build(self) -> ObjectiveConfig:
         return ObjectiveConfig(**self.model_dump())

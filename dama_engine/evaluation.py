@@ -161,7 +161,6 @@ def _dpo_block(logps: Sequence[torch.Tensor], beta: float) -> dict[str, float | 
         ref_chosen,
         ref_rejected,
         config=ObjectiveConfig(method="dpo", beta=beta),
-        local=True,  # evaluation runs on one rank: no gather across processes
     ).metrics
     return {
         "count": count,

@@ -12,9 +12,12 @@ through :func:`preference_loss`; a method only switches the two factors on or of
 where ``R_i = [logp_pi(y_w) - logp_ref(y_w)] - [logp_pi(y_l) - logp_ref(y_l)]`` uses log-probs *summed* over
 response tokens, and ``R_bar`` is the running mean of the gap carried in :class:`ObjectiveState`.
 
-Under ``torch.distributed`` the detached gaps are gathered over all ranks, the filtering draw is made once
-(rank 0) and broadcast, so every rank holds the same keep mask, betas and state; each rank's loss is the mean
-over its own kept pairs (DAMA.md section 3).
+The function is pure: no collectives, no host syncs (its metrics are tensors until someone asks for floats).
+A filter group larger than the call's own pairs (every rank's pairs under DDP, every micro-batch of the step with
+``filter_scope: step``) is the caller's to assemble: :func:`select_pairs` runs on the group's detached gaps and
+:func:`preference_loss` takes that :class:`Selection` with the offset of its own pairs in the group
+(``dama_engine.step`` does this for training). Each rank's loss is the mean over its own kept pairs (DAMA.md
+section 3), or over the count the caller passes as ``normalizer``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from dama_settings.knobs import OBJECTIVE
+from dama_settings.names import FILTER_SCOPES as FILTER_SCOPES
 from dama_settings.names import METHODS as METHODS
 from dama_settings.names import EmaSource, FilterStd
+from dama_settings.names import FilterScope as FilterScope
 from dama_settings.names import Method as Method
+from dama_settings.rules import keep_count as keep_count
+from dama_settings.rules import too_small_filter_group
 
 # Which factors each method switches on (DAMA.md section 4).
 _USES_DATA = {"dama_data", "dama"}
@@ -55,6 +62,8 @@ class ObjectiveConfig:
             ``kept`` from the kept pairs only (the paper's text).
         beta_dpo_a: the beta-DPO scaling ``a`` in ``beta_B = beta * (1 + a * (mean_kept R - R_bar))``.
         std_eps: floor of the running std used as a Gaussian width, so equal gaps cannot divide by zero.
+        filter_scope: [decision] the filter group (section 2.5): ``micro_batch`` (each micro-batch across ranks,
+            the released code) or ``step`` (every pair of the optimizer step across micro-batches and ranks).
     """
 
     # Defaults (and, in tests/test_settings.py, the bounds checked below) come from dama_settings.knobs.
@@ -69,6 +78,7 @@ class ObjectiveConfig:
     ema_source: EmaSource = OBJECTIVE["ema_source"].default
     beta_dpo_a: float = OBJECTIVE["beta_dpo_a"].default
     std_eps: float = 1e-6
+    filter_scope: FilterScope = "micro_batch"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +104,8 @@ class ObjectiveConfig:
         if self.ema_source not in ("all", "kept"):
             raise ValueError(f"ema_source: must be 'all' or 'kept', got {self.ema_source!r}")
         _check_finite("beta_dpo_a", self.beta_dpo_a)
+        if self.filter_scope not in FILTER_SCOPES:
+            raise ValueError(f"filter_scope: must be 'micro_batch' or 'step', got {self.filter_scope!r}")
 
     @property
     def uses_hardness(self) -> bool:
@@ -104,6 +116,50 @@ class ObjectiveConfig:
     def filters(self) -> bool:
         """Whether the method draws a kept subset of the batch."""
         return self.method in _USES_MODEL or self.method == "beta_dpo"
+
+    def filter_group_problem(self, *, batch_size: int, processes: int, accumulation: int) -> str | None:
+        """Why this filter group is too small to filter (section 2.5), or None when it is fine.
+
+        With filtering on, a group whose ``floor(keep_ratio * size)`` is below 2 silently turns filtering off
+        (``K = max(1, ...) = 1``) and sets alpha_M, so every beta, from a single pair.
+        """
+        return filter_group_problem(
+            method=self.method,
+            keep_ratio=self.keep_ratio,
+            filter_scope=self.filter_scope,
+            batch_size=batch_size,
+            processes=processes,
+            accumulation=accumulation,
+        )
+
+
+def filter_group_problem(
+    *, method: str, keep_ratio: float, filter_scope: str, batch_size: int, processes: int, accumulation: int
+) -> str | None:
+    """The guard of section 2.5 (``dama_settings.rules``, which the job spec applies too) as the engine's message."""
+    group = too_small_filter_group(
+        method=method,
+        keep_ratio=keep_ratio,
+        filter_scope=filter_scope,
+        batch_size=batch_size,
+        processes=processes,
+        accumulation=accumulation,
+    )
+    if group is None:
+        return None
+    where = f"batch_size {batch_size} x {processes} processes" + (
+        f" x grad_accumulation {accumulation}" if filter_scope == "step" else ""
+    )
+    fixes = (
+        "set objective.filter_scope: step (the group becomes every pair of the optimizer step) or raise the batch size"
+        if filter_scope == "micro_batch"
+        else "raise the batch size or the gradient accumulation"
+    )
+    return (
+        f"objective.filter_scope {filter_scope}: the filter group is {group} pairs ({where}), and "
+        f"floor(keep_ratio {keep_ratio} x {group}) < 2 would turn filtering off and set beta from one pair; {fixes} "
+        "so that floor(keep_ratio x group) >= 2"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,27 +189,67 @@ class ObjectiveState:
         )
 
 
-@dataclass
-class ObjectiveOutput:
-    """What :func:`preference_loss` returns.
+@dataclass(frozen=True)
+class Selection:
+    """The model-aware part of one filter group, from its detached gaps (:func:`select_pairs`); all tensors.
 
     Attributes:
-        loss: scalar, differentiable: mean of ``losses`` over this rank's kept pairs.
+        keep: (G,) bool, the pairs of the group that enter the loss.
+        alpha_m: the batch factor alpha_M (1 for methods without it).
+        batch_beta: the base beta of the group (beta-DPO's ``beta_B`` for ``beta_dpo``, else ``beta``).
+        reward_gap_mean, reward_gap_std: the running statistics after this group's update.
+        kept: how many pairs of the group are kept, a plain int (known from the sizes).
+    """
+
+    keep: torch.Tensor
+    alpha_m: torch.Tensor
+    batch_beta: torch.Tensor
+    reward_gap_mean: torch.Tensor
+    reward_gap_std: torch.Tensor
+    kept: int
+
+
+@dataclass
+class ObjectiveOutput:
+    """What :func:`preference_loss` returns. ``state`` and ``metrics`` read values off the device when asked.
+
+    Attributes:
+        loss: scalar, differentiable: the kept pairs' losses summed over ``normalizer`` (their count by default).
         losses: (N,) per-pair losses ``-log sigma(beta_i * R_i)`` (for every pair, kept or not).
         beta: (N,) the beta used per pair, detached.
         keep_mask: (N,) bool, the pairs that enter the loss.
-        state: the updated :class:`ObjectiveState` (a new object).
-        metrics: floats of DAMA.md section 5 (learning rate and grad norm are added by the trainer).
         reward_gap: (N,) the detached gap ``R_i``.
+        selection: the group's :class:`Selection` (this call's own when none was passed).
+        steps: the state's update count after this call.
+        metric_tensors: the section 5 metrics as 0-dim tensors (learning rate and grad norm are the trainer's).
     """
 
     loss: torch.Tensor
     losses: torch.Tensor
     beta: torch.Tensor
     keep_mask: torch.Tensor
-    state: ObjectiveState
-    metrics: dict[str, float] = field(default_factory=dict)
-    reward_gap: torch.Tensor | None = None
+    reward_gap: torch.Tensor
+    selection: Selection
+    steps: int
+    metric_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def state(self) -> ObjectiveState:
+        """The updated :class:`ObjectiveState` (a host sync)."""
+        mean, std = torch.stack([self.selection.reward_gap_mean, self.selection.reward_gap_std]).tolist()
+        return ObjectiveState(reward_gap_mean=mean, reward_gap_std=std, steps=self.steps)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The section 5 metrics as floats (one host sync)."""
+        return metric_floats(self.metric_tensors)
+
+
+def metric_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-dim metric tensors as floats, read off the device in one transfer."""
+    names = list(tensors)
+    values = torch.stack([tensors[name].detach().double() for name in names]).tolist()
+    return dict(zip(names, values, strict=True))
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -161,8 +257,9 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name}: must be finite, got {value}")
 
 
-def _check_logps(**tensors: torch.Tensor | None) -> int:
-    """Validate the log-prob and hardness tensors; return the batch size N."""
+def _check_logps(check_finite: bool, **tensors: torch.Tensor | None) -> int:
+    """Validate the log-prob and hardness tensors; return the batch size N. The finiteness check reads every
+    tensor back to the host: the trainer checks its inputs once up front and skips it per step."""
     size: int | None = None
     first = ""
     for name, tensor in tensors.items():
@@ -178,34 +275,11 @@ def _check_logps(**tensors: torch.Tensor | None) -> int:
             size, first = tensor.shape[0], name
         elif tensor.shape[0] != size:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {first} of shape ({size},)")
-        if not bool(torch.isfinite(tensor.detach()).all()):
+        if check_finite and not bool(torch.isfinite(tensor.detach()).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
     if not size:
         raise ValueError("policy_chosen: the batch is empty")
     return size
-
-
-def _world_size() -> int:
-    """Processes in the default group; 1 outside an initialised process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _gather_gaps(local_gap: torch.Tensor, world_size: int) -> tuple[torch.Tensor, int]:
-    """All-gather the detached gaps of every rank (local sizes may differ); return them and this rank's offset."""
-    if world_size == 1:
-        return local_gap, 0
-    size = torch.tensor([local_gap.shape[0]], device=local_gap.device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    torch.distributed.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(counts), device=local_gap.device, dtype=local_gap.dtype)
-    padded[: local_gap.shape[0]] = local_gap
-    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, padded)
-    rank = torch.distributed.get_rank()
-    return torch.cat([g[:c] for g, c in zip(gathered, counts, strict=True)]), sum(counts[:rank])
 
 
 def gumbel_top_k(log_weights: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -214,16 +288,16 @@ def gumbel_top_k(log_weights: torch.Tensor, k: int, generator: torch.Generator |
     Gumbel-top-k: the ``k`` largest of ``log w_i + G_i`` with ``G_i`` standard Gumbel noise are a draw without
     replacement proportional to ``w_i`` (section 2.2). Working in log space means weights that would all
     underflow to zero (huge gaps) still give a valid draw. Noise comes from ``generator`` on the CPU in float64,
-    so the draw is reproducible whatever the tensors' device. Returns a bool mask of shape (N,).
+    so the draw is reproducible whatever the tensors' device; it travels to the weights' device (a copy, not a
+    wait), where the top-k runs. Returns a bool mask of shape (N,) on that device.
     """
     n = log_weights.shape[0]
     uniform = torch.rand(n, generator=generator, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
     gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 1e-16)))
-    keys = log_weights.detach().to(device="cpu", dtype=torch.float64) + gumbel
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.topk(keys, k).indices] = True
-    return mask.to(log_weights.device)
+    keys = log_weights.detach().to(torch.float64) + gumbel.to(log_weights.device)
+    mask = torch.zeros(n, dtype=torch.bool, device=log_weights.device)
+    return mask.scatter(0, torch.topk(keys, k).indices, True)
 
 
 def data_factor(hardness: torch.Tensor, hardness_mean: float) -> torch.Tensor:
@@ -231,6 +305,64 @@ def data_factor(hardness: torch.Tensor, hardness_mean: float) -> torch.Tensor:
     # A ratio of log-sigmoids in float64: sigmoid itself underflows to 0 for very negative arguments.
     log_ratio = F.logsigmoid(hardness.double()) - F.logsigmoid(torch.tensor(float(hardness_mean), dtype=torch.float64))
     return log_ratio.exp().to(hardness.dtype)
+
+
+def reward_gap(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+) -> torch.Tensor:
+    """``R_i = [logp_pi(y_w) - logp_ref(y_w)] - [logp_pi(y_l) - logp_ref(y_l)]``, as :func:`preference_loss`
+    computes it (same operations, same rounding), with gradient through the policy."""
+    return (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())
+
+
+def select_pairs(
+    gap: torch.Tensor,
+    state: ObjectiveState,
+    config: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+) -> Selection:
+    """Filtering, alpha_M and the running statistics over one filter group's detached gaps (section 2).
+
+    ``gap`` is the whole group in a fixed order (every rank's pairs, and under ``filter_scope: step`` every
+    micro-batch's): one Gumbel draw over it. Runs on the gaps' device without host syncs.
+    """
+    gap = gap.detach()
+    n = gap.shape[0]
+    dtype, device = gap.dtype, gap.device
+    r_bar = torch.tensor(state.reward_gap_mean, dtype=dtype, device=device)
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    kept = n
+    alpha_m = torch.ones((), dtype=dtype, device=device)
+    batch_beta = torch.tensor(config.beta, dtype=dtype, device=device)
+    if config.method == "beta_dpo":
+        # beta-DPO: the running statistics are updated *before* the loss and define the filter.
+        new_mean, new_std = _ema(state, gap, keep, n, config)
+        keep, kept = _filter(gap, new_mean.to(dtype), new_std.clamp(min=config.std_eps).to(dtype), config, generator)
+        kept_mean = torch.where(keep, gap, 0).sum() / kept
+        batch_beta = config.beta * (1 + config.beta_dpo_a * (kept_mean - new_mean.to(dtype)))
+    elif config.filters:
+        width = (
+            torch.tensor(config.filter_sigma, dtype=dtype, device=device)
+            if config.filter_std == "fixed"
+            else torch.tensor(max(state.reward_gap_std, config.std_eps), dtype=dtype, device=device)
+        )
+        keep, kept = _filter(gap, r_bar, width, config, generator)
+        # mean sigma(R_kept) / sigma(R_bar), in log space and float64 so a very negative R_bar cannot give 0/0.
+        kept_logsig = torch.where(keep, F.logsigmoid(gap.double()), -math.inf)
+        log_alpha_m = torch.logsumexp(kept_logsig, 0) - math.log(kept) - F.logsigmoid(r_bar.double())
+        alpha_m = log_alpha_m.exp().to(dtype)
+        new_mean, new_std = _ema(state, gap, keep, kept, config)
+    else:
+        # No filtering: R_bar is still tracked (and logged) so a run can switch methods on resume.
+        new_mean, new_std = _ema(state, gap, keep, n, config)
+    return Selection(
+        keep=keep,
+        alpha_m=alpha_m,
+        batch_beta=batch_beta,
+        reward_gap_mean=new_mean,
+        reward_gap_std=new_std,
+        kept=kept,
+    )
 
 
 def preference_loss(
@@ -244,9 +376,12 @@ def preference_loss(
     state: ObjectiveState | None = None,
     config: ObjectiveConfig | None = None,
     generator: torch.Generator | None = None,
-    local: bool = False,
+    selection: Selection | None = None,
+    offset: int = 0,
+    normalizer: torch.Tensor | float | None = None,
+    check_finite: bool = True,
 ) -> ObjectiveOutput:
-    """The DAMA objective over one (local) batch of N preference pairs.
+    """The DAMA objective over N preference pairs: a pure function of its inputs.
 
     Args:
         policy_chosen, policy_rejected: (N,) summed log-probs of the chosen / rejected response under the
@@ -256,17 +391,21 @@ def preference_loss(
         hardness_mean: ``delta_bar``, the training-set mean of ``delta`` (section 1.3); same methods.
         state: running statistics; a fresh :class:`ObjectiveState` when omitted. It is not mutated.
         config: the :class:`ObjectiveConfig`; the defaults (``dama``) when omitted.
-        generator: CPU generator of the filtering draw (reproducible from its seed).
-        local: treat the batch as the whole batch even under ``torch.distributed`` (no gather, no broadcast):
-            for evaluation on one rank, where the other ranks do not take part.
+        generator: CPU generator of the filtering draw (reproducible from its seed); unused with ``selection``.
+        selection: the filter group's :class:`Selection` when the group is larger than these N pairs (other
+            ranks, other micro-batches); by default the N pairs are the group.
+        offset: where these N pairs start in the group of ``selection``.
+        normalizer: what the kept pairs' summed loss is divided by; by default their count (at least 1).
+        check_finite: reject NaN or infinite inputs (reads each input back to the host once).
 
     Returns:
-        :class:`ObjectiveOutput` with the loss, per-pair losses and betas, the keep mask, the new state and the
-        metrics of section 5.
+        :class:`ObjectiveOutput` with the loss, per-pair losses and betas, the keep mask, the selection (new
+        state) and the metrics of section 5 as tensors.
     """
     config = config or ObjectiveConfig()
     state = state or ObjectiveState()
-    n_local = _check_logps(
+    n = _check_logps(
+        check_finite,
         policy_chosen=policy_chosen,
         policy_rejected=policy_rejected,
         ref_chosen=ref_chosen,
@@ -282,63 +421,36 @@ def preference_loss(
 
     chosen_logratio = policy_chosen - ref_chosen.detach()
     rejected_logratio = policy_rejected - ref_rejected.detach()
-    reward_gap = chosen_logratio - rejected_logratio  # R_i, with gradient through the policy
-    gap_local = reward_gap.detach()
-
-    world_size = 1 if local else _world_size()
-    gap, offset = _gather_gaps(gap_local, world_size)
-    n_global = gap.shape[0]
+    gap_with_grad = chosen_logratio - rejected_logratio  # R_i, with gradient through the policy
+    gap = gap_with_grad.detach()
+    if selection is None:
+        selection, offset = select_pairs(gap, state, config, generator), 0
+    elif not 0 <= offset <= selection.keep.shape[0] - n:
+        raise ValueError(f"offset: {offset} + {n} pairs lie outside the selection's {selection.keep.shape[0]}")
     dtype, device = gap.dtype, gap.device
-    r_bar = torch.tensor(state.reward_gap_mean, dtype=dtype, device=device)
-    new_mean, new_std = state.reward_gap_mean, state.reward_gap_std
-
-    # ---- filtering and the model-aware factor (section 2; beta-DPO for beta_dpo) ----------------------------
-    keep_global = torch.ones(n_global, dtype=torch.bool, device=device)
-    alpha_m = torch.ones((), dtype=dtype, device=device)
-    batch_beta = torch.tensor(config.beta, dtype=dtype, device=device)
-    if config.method == "beta_dpo":
-        # beta-DPO: the running statistics are updated *before* the loss and define the filter.
-        new_mean, new_std = _ema(state, gap, gap, config)
-        r_bar = torch.tensor(new_mean, dtype=dtype, device=device)
-        keep_global = _filter(gap, r_bar, max(new_std, config.std_eps), config, generator, world_size)
-        batch_beta = config.beta * (1 + config.beta_dpo_a * (gap[keep_global].mean() - r_bar))
-    elif config.filters:
-        width = config.filter_sigma if config.filter_std == "fixed" else max(state.reward_gap_std, config.std_eps)
-        keep_global = _filter(gap, r_bar, width, config, generator, world_size)
-        # mean sigma(R_kept) / sigma(R_bar), in log space and float64 so a very negative R_bar cannot give 0/0.
-        kept_gap = gap[keep_global].double()
-        log_alpha_m = (
-            torch.logsumexp(F.logsigmoid(kept_gap), 0) - math.log(kept_gap.numel()) - F.logsigmoid(r_bar.double())
-        )
-        alpha_m = log_alpha_m.exp().to(dtype)
-        new_mean, new_std = _ema(state, gap, gap[keep_global], config)
-    else:
-        # No filtering: R_bar is still tracked (and logged) so a run can switch methods on resume.
-        new_mean, new_std = _ema(state, gap, gap, config)
 
     # ---- per-pair beta (section 3) ---------------------------------------------------------------------------
-    keep_mask = keep_global[offset : offset + n_local]
-    alpha_d = torch.ones(n_local, dtype=dtype, device=device)
+    keep_mask = selection.keep[offset : offset + n]
+    alpha_d = torch.ones(n, dtype=dtype, device=device)
     if config.uses_hardness:
         assert hardness is not None and hardness_mean is not None
         alpha_d = data_factor(hardness.detach().to(dtype), float(hardness_mean)).to(device)
-    raw_beta = batch_beta * alpha_d * alpha_m
+    alpha_m = selection.alpha_m.to(dtype)
+    raw_beta = selection.batch_beta.to(dtype) * alpha_d * alpha_m
     beta = raw_beta.clamp(min=config.beta_min, max=config.beta_max).detach()
 
-    losses = -F.logsigmoid(beta.to(reward_gap.dtype) * reward_gap)
+    losses = -F.logsigmoid(beta.to(gap_with_grad.dtype) * gap_with_grad)
     kept = keep_mask.to(losses.dtype)
-    loss = (losses * kept).sum() / kept.sum().clamp(min=1)
+    denominator = kept.sum().clamp(min=1) if normalizer is None else normalizer
+    loss = (losses * kept).sum() / denominator
 
-    new_state = ObjectiveState(reward_gap_mean=new_mean, reward_gap_std=new_std, steps=state.steps + 1)
     metrics = _metrics(
         loss=loss,
         beta=beta,
         raw_beta=raw_beta,
         config=config,
         alpha_d=alpha_d,
-        alpha_m=alpha_m,
-        keep_global=keep_global,
-        state=new_state,
+        selection=selection,
         chosen_logratio=chosen_logratio.detach(),
         rejected_logratio=rejected_logratio.detach(),
         logps=(policy_chosen, policy_rejected, ref_chosen, ref_rejected),
@@ -348,61 +460,58 @@ def preference_loss(
         losses=losses,
         beta=beta,
         keep_mask=keep_mask,
-        state=new_state,
-        metrics=metrics,
-        reward_gap=gap_local,
+        reward_gap=gap,
+        selection=selection,
+        steps=state.steps + 1,
+        metric_tensors=metrics,
     )
 
 
-def merge_step_states(start: ObjectiveState, micro_states: Sequence[ObjectiveState]) -> ObjectiveState:
-    """One optimizer step's state from its micro-batches' (gradient accumulation).
+def merge_step_states(start: ObjectiveState, selections: Sequence[Selection]) -> ObjectiveState:
+    """One optimizer step's state from its filter groups' selections, read back in one host sync.
 
-    Each micro-batch ran :func:`preference_loss` from the same ``start`` state, so its new mean is
-    ``gamma * R_bar + (1 - gamma) * mean_m`` with ``mean_m`` its batch mean; micro-batches are equally sized, so
-    the average of those is the EMA over the whole step's pairs (DAMA.md section 2.4, once per optimizer step).
-    The running std is averaged the same way (an average of the micro-batch stds). With one micro-batch this is
-    that micro-batch's state.
+    With ``filter_scope: micro_batch`` each micro-batch's group updated from the same ``start`` state, so its
+    new mean is ``gamma * R_bar + (1 - gamma) * mean_m`` with ``mean_m`` its batch mean; micro-batches are
+    equally sized, so the average of those is the EMA over the whole step's pairs (DAMA.md section 2.4, once per
+    optimizer step). The running std is averaged the same way (an average of the micro-batch stds). With one
+    group (one micro-batch, or ``filter_scope: step``) this is that group's state.
     """
-    if not micro_states:
+    if not selections:
         return start
-    count = len(micro_states)
-    return ObjectiveState(
-        reward_gap_mean=sum(s.reward_gap_mean for s in micro_states) / count,
-        reward_gap_std=sum(s.reward_gap_std for s in micro_states) / count,
-        steps=start.steps + 1,
-    )
+    mean = torch.stack([s.reward_gap_mean.double() for s in selections]).mean()
+    std = torch.stack([s.reward_gap_std.double() for s in selections]).mean()
+    values = torch.stack([mean, std]).tolist()
+    return ObjectiveState(reward_gap_mean=values[0], reward_gap_std=values[1], steps=start.steps + 1)
 
 
 def _filter(
     gap: torch.Tensor,
     center: torch.Tensor,
-    width: float,
+    width: torch.Tensor,
     config: ObjectiveConfig,
     generator: torch.Generator | None,
-    world_size: int,
-) -> torch.Tensor:
-    """Gaussian-weighted draw of ``K = max(1, floor(keep_ratio * N))`` pairs (section 2.2), same on all ranks."""
+) -> tuple[torch.Tensor, int]:
+    """Gaussian-weighted draw of ``K = max(1, floor(keep_ratio * N))`` pairs (section 2.2): the mask and K."""
     n = gap.shape[0]
-    k = max(1, math.floor(config.keep_ratio * n + 1e-9))  # 0.7 * 90 is 62.999...: floor must give 63
+    k = keep_count(config.keep_ratio, n)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=gap.device)
+        return torch.ones(n, dtype=torch.bool, device=gap.device), n
     log_weights = -((gap - center) ** 2) / (2 * width**2)
-    mask = gumbel_top_k(log_weights, k, generator)
-    if world_size > 1:
-        # Every rank drew from its own generator; rank 0's draw is the one all ranks use.
-        as_int = mask.to(torch.uint8)
-        torch.distributed.broadcast(as_int, src=0)
-        mask = as_int.bool()
-    return mask
+    return gumbel_top_k(log_weights, k, generator), k
 
 
 def _ema(
-    state: ObjectiveState, gap_all: torch.Tensor, gap_kept: torch.Tensor, config: ObjectiveConfig
-) -> tuple[float, float]:
-    """``R_bar <- gamma * R_bar + (1 - gamma) * mean R`` (section 2.4), likewise the running std."""
-    source = gap_all if config.ema_source == "all" else gap_kept
-    batch_mean = float(source.double().mean())
-    batch_std = float(source.double().std(unbiased=False)) if source.numel() > 1 else 0.0
+    state: ObjectiveState, gap: torch.Tensor, keep: torch.Tensor, kept: int, config: ObjectiveConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R_bar <- gamma * R_bar + (1 - gamma) * mean R`` (section 2.4), likewise the running std; float64
+    tensors. ``ema_source: kept`` takes the ``kept`` pairs of ``keep``, ``all`` every pair."""
+    values = gap.double()
+    weights = keep.double() if config.ema_source == "kept" else torch.ones_like(values)
+    count = kept if config.ema_source == "kept" else values.shape[0]
+    batch_mean = (values * weights).sum() / count
+    batch_std = (
+        (((values - batch_mean) ** 2) * weights).sum().div(count).sqrt() if count > 1 else torch.zeros_like(batch_mean)
+    )
     g = config.gamma
     return g * state.reward_gap_mean + (1 - g) * batch_mean, g * state.reward_gap_std + (1 - g) * batch_std
 
@@ -414,34 +523,32 @@ def _metrics(
     raw_beta: torch.Tensor,
     config: ObjectiveConfig,
     alpha_d: torch.Tensor,
-    alpha_m: torch.Tensor,
-    keep_global: torch.Tensor,
-    state: ObjectiveState,
+    selection: Selection,
     chosen_logratio: torch.Tensor,
     rejected_logratio: torch.Tensor,
     logps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-) -> dict[str, float]:
-    """Section 5 metrics of this rank's batch (the kept count and R_bar are global)."""
+) -> dict[str, torch.Tensor]:
+    """Section 5 metrics of these pairs as 0-dim tensors (the kept count and R_bar are the group's)."""
     rewards_chosen = config.beta * chosen_logratio
     rewards_rejected = config.beta * rejected_logratio
     margin = rewards_chosen - rewards_rejected
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = (t.detach() for t in logps)
     return {
-        "loss": float(loss.detach()),
-        "beta_mean": float(beta.mean()),
-        "beta_min": float(beta.min()),
-        "beta_max": float(beta.max()),
-        "beta_clamped": float(((raw_beta < config.beta_min) | (raw_beta > config.beta_max)).sum()),
-        "alpha_d_mean": float(alpha_d.mean()),
-        "alpha_m": float(alpha_m),
-        "kept": float(keep_global.sum()),
-        "reward_gap_mean": state.reward_gap_mean,
-        "rewards_chosen": float(rewards_chosen.mean()),
-        "rewards_rejected": float(rewards_rejected.mean()),
-        "reward_margin": float(margin.mean()),
-        "reward_accuracy": float((margin > 0).to(margin.dtype).mean()),
-        "logps_policy_chosen": float(policy_chosen.mean()),
-        "logps_policy_rejected": float(policy_rejected.mean()),
-        "logps_ref_chosen": float(ref_chosen.mean()),
-        "logps_ref_rejected": float(ref_rejected.mean()),
+        "loss": loss.detach(),
+        "beta_mean": beta.mean(),
+        "beta_min": beta.min(),
+        "beta_max": beta.max(),
+        "beta_clamped": ((raw_beta < config.beta_min) | (raw_beta > config.beta_max)).sum(),
+        "alpha_d_mean": alpha_d.mean(),
+        "alpha_m": selection.alpha_m,
+        "kept": torch.tensor(float(selection.kept), device=beta.device),
+        "reward_gap_mean": selection.reward_gap_mean,
+        "rewards_chosen": rewards_chosen.mean(),
+        "rewards_rejected": rewards_rejected.mean(),
+        "reward_margin": margin.mean(),
+        "reward_accuracy": (margin > 0).to(margin.dtype).mean(),
+        "logps_policy_chosen": policy_chosen.mean(),
+        "logps_policy_rejected": policy_rejected.mean(),
+        "logps_ref_chosen": ref_chosen.mean(),
+        "logps_ref_rejected": ref_rejected.mean(),
     }

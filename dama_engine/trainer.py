@@ -1,8 +1,9 @@
 """The DAMA training recipe, top to bottom: check, set up, score, reference pass, train, evaluate, export.
 
-``train(config, callback)`` runs one job. It works the same in one process and under ``torchrun`` /
-``accelerate launch`` (DDP): each rank takes its slice of every global batch, the objective gathers the reward
-gaps over ranks, and rank 0 writes caches, checkpoints and the adapter.
+``train(config, callback)`` runs one job: :func:`_setup`, then a loop of :func:`dama_engine.step.train_step` with
+the hooks after each step (:func:`_after_step`), then :func:`_finish`. It works the same in one process and
+under ``torchrun`` / ``accelerate launch`` (DDP): each rank takes its slice of every global batch, the step
+gathers the reward gaps over ranks, and rank 0 writes caches, checkpoints and the adapter.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dama_engine.cache import rows_fingerprint, tensor_cache
 from dama_engine.callbacks import Callback
 from dama_engine.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dama_engine.compiling import compile_decoder_layers
-from dama_engine.config import TrainConfig
+from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
@@ -46,8 +47,9 @@ from dama_engine.models import (
     resolve_dtype,
     trainable_state_dict,
 )
-from dama_engine.objective import ObjectiveConfig, ObjectiveState, merge_step_states, preference_loss
+from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss
 from dama_engine.packing import set_pair_forward
+from dama_engine.step import StepSetup, autocast, train_step
 
 
 @dataclass
@@ -153,7 +155,7 @@ def _pair_log_probs_all(
     for start in range(0, len(rows), batch_size):
         indices = list(range(start, min(start + batch_size, len(rows))))
         batch = _encode_batch(encoder, rows, indices).to(device)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             chosen, rejected = pair_log_probs(model, batch)
         out[indices, 0] = chosen.float().cpu()
         out[indices, 1] = rejected.float().cpu()
@@ -200,7 +202,6 @@ def evaluate_pairs(
         split.reference[:, 0].double(),
         split.reference[:, 1].double(),
         config=ObjectiveConfig(method="dpo", beta=beta),
-        local=True,  # only rank 0 evaluates: a gather across ranks would wait forever
     )
     metrics = output.metrics
     return {
@@ -243,34 +244,83 @@ def _hardness(
     return delta, float(delta.double().mean())
 
 
+@dataclass
+class _Run:
+    """Everything :func:`_setup` builds for the loop and the end of a run."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    model: Any  # the unwrapped model (checkpoints, export, evaluation)
+    processor: Any
+    encoder: PairEncoder
+    train_split: _Split
+    eval_split: _Split | None
+    schedule: _Batches
+    step_setup: StepSetup
+    state: TrainingState
+    total_steps: int
+    steps_per_epoch: int
+    output_dir: Path
+    metrics_path: Path
+    bf16: bool
+    eval_before: dict[str, float] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def evaluate_held_out(self) -> dict[str, float]:
+        assert self.eval_split is not None
+        return evaluate_pairs(
+            self.model,
+            self.eval_split,
+            self.encoder,
+            beta=self.config.objective.beta,
+            batch_size=self.config.optim.batch_size,
+            device=self.step_setup.device,
+            bf16=self.bf16,
+        )
+
+
 def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
-    """Run one training job described by ``config``; report through ``callback``."""
+    """Run one training job described by ``config``; report through ``callback``.
+
+    setup (data, model, reference, optimizer) -> the loop of :func:`dama_engine.step.train_step` with its hooks
+    after each step (log, evaluation, checkpoint, stop) -> evaluation and export.
+    """
     callback = callback or Callback()
     started = time.monotonic()
-    optim = config.optim
-    output_dir = Path(config.run.output_dir)
-    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
-    objective_config = config.objective.build()
-
-    # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate keeps that setting in
-    # a process-wide singleton, so a second run in the same process (a worker) could not choose another.
-    # Rank 0 evaluates alone (held-out pairs, then base against tuned with generation) while the other ranks wait
-    # in a collective: give the process group a timeout longer than any evaluation.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.distributed_timeout_s))],
+    run = _setup(config, callback)
+    stopped, last_metrics = _train_loop(run, callback)
+    result = TrainResult(
+        output_dir=run.output_dir,
+        adapter_dir=None,
+        steps=run.state.step,
+        total_steps=run.total_steps,
+        stopped=stopped,
+        train_metrics=last_metrics,
+        eval_before=run.eval_before,
     )
-    bf16 = _wants_bf16(config)
-    device = accelerator.device
-    rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    set_seed(optim.seed)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if not stopped:
+        _finish(run, result, callback)
+    result.seconds = time.monotonic() - started
+    return result
 
-    # ---- validating ------------------------------------------------------------------------------------------
-    callback.on_stage("validating", {})
-    processor = load_processor(config.model)
-    encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
+
+def check_filter_group(config: TrainConfig, processes: int) -> None:
+    """Refuse a filter group too small to filter (shared/DAMA.md section 2.5), naming both fixes."""
+    problem = config.objective.build().filter_group_problem(
+        batch_size=config.optim.batch_size, processes=processes, accumulation=config.optim.grad_accumulation
+    )
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _validated_data(
+    config: TrainConfig, encoder: PairEncoder, world_size: int, rank: int
+) -> tuple[list[PreferenceRow], list[PreferenceRow], _Batches]:
+    """Training and held-out rows that load, validate and fit the model, and the micro-batch schedule."""
+    optim = config.optim
     train_rows, eval_rows = _load_rows(config)
     train_rows = _check_lengths(encoder, train_rows, "train", config.data.skip_invalid_rows)
     eval_rows = _check_lengths(encoder, eval_rows, "eval", config.data.skip_invalid_rows)
@@ -281,19 +331,76 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
             f"(optim.batch_size {optim.batch_size} x {world_size} processes x optim.grad_accumulation "
             f"{optim.grad_accumulation}); lower optim.batch_size or add data"
         )
-    steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
-    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+    return train_rows, eval_rows, schedule
 
-    # ---- loading_model ---------------------------------------------------------------------------------------
-    callback.on_stage("loading_model", {"model": config.model.name_or_path})
-    dtype = resolve_dtype(config.model.precision, device)
-    model = make_trainable(load_model(config.model, dtype=dtype), config.lora)
+
+def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
+    """The model with LoRA (or unfrozen for a full fine-tune), on the device, its pair forward and compiling set."""
+    optim = config.optim
+    model = make_trainable(load_model(config.model, dtype=resolve_dtype(config.model.precision, device)), config.lora)
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     # The reference pass, the evaluation and the training step all take this path (dama_engine.packing).
     set_pair_forward(model, optim.pair_forward)
     compile_decoder_layers(model, optim.compile, device)
+    return model
+
+
+def _optimizer_and_state(
+    config: TrainConfig, model: Any, parameters: list[torch.nn.Parameter], total_steps: int, rank: int
+) -> tuple[torch.optim.Optimizer, Any, torch.Generator, TrainingState]:
+    """AdamW, its schedule, the filtering draw's generator and the training state, from the newest checkpoint
+    when the run resumes (exact resume: all four come back as they were)."""
+    optim = config.optim
+    optimizer = torch.optim.AdamW(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = get_scheduler(
+        optim.scheduler if optim.scheduler != "constant" else "constant_with_warmup",
+        optimizer=optimizer,
+        num_warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    generator = torch.Generator().manual_seed(optim.seed)
+    state = TrainingState(step=0, objective=ObjectiveState())
+    resume_from = latest_checkpoint(Path(config.run.output_dir)) if config.run.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank
+        )
+    return optimizer, scheduler, generator, state
+
+
+def _setup(config: TrainConfig, callback: Callback) -> _Run:
+    """Data, model, hardness, reference log-probs, optimizer and the resumed state: everything before step 1."""
+    optim = config.optim
+    output_dir = Path(config.run.output_dir)
+    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else output_dir / "cache"
+
+    # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate keeps that setting in
+    # a process-wide singleton, so a second run in the same process (a worker) could not choose another.
+    # Rank 0 evaluates alone (held-out pairs, then base against tuned with generation) while the other ranks wait
+    # in a collective: give the process group a timeout longer than any evaluation.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.distributed_timeout_s))],
+    )
+    check_filter_group(config, accelerator.num_processes)
+    bf16 = _wants_bf16(config)
+    device = accelerator.device
+    rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    set_seed(optim.seed)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    callback.on_stage("validating", {})
+    processor = load_processor(config.model)
+    encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
+    train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
+    steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
+    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+
+    callback.on_stage("loading_model", {"model": config.model.name_or_path})
+    model = _trainable_model(config, device)
 
     # ---- scoring (data hardness, shared/DAMA.md section 1) ---------------------------------------------------
     callback.on_stage("scoring", {"pairs": len(train_rows)})
@@ -328,192 +435,179 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     train_split = _Split(train_rows, reference_for(train_rows, "train"), train_hardness)
     eval_split = _Split(eval_rows, reference_for(eval_rows, "eval")) if eval_rows else None
+    # Checked once here, so the step's objective can skip its per-call finiteness check (a host sync each).
+    _check_finite_values("reference log-probs", train_split.reference)
+    if train_hardness is not None:
+        _check_finite_values("hardness", train_hardness)
 
-    # ---- training ----------------------------------------------------------------------------------------------
+    # ---- optimizer, schedule, resumed state --------------------------------------------------------------------
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    scheduler = get_scheduler(
-        optim.scheduler if optim.scheduler != "constant" else "constant_with_warmup",
-        optimizer=optimizer,
-        num_warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    generator = torch.Generator().manual_seed(optim.seed)
-    state = TrainingState(step=0, objective=ObjectiveState())
-    resume_from = latest_checkpoint(output_dir) if config.run.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, rank=rank
-        )
+    optimizer, scheduler, generator, state = _optimizer_and_state(config, model, parameters, total_steps, rank)
     accelerator.wait_for_everyone()
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-
-    metrics_path = output_dir / "metrics.jsonl"
-    if is_main:
-        _truncate_metrics(metrics_path, state.step)
-
-    def evaluate_held_out() -> dict[str, float]:
-        assert eval_split is not None
-        return evaluate_pairs(
-            model,
-            eval_split,
-            encoder,
-            beta=objective_config.beta,
-            batch_size=optim.batch_size,
-            device=device,
-            bf16=bf16,
-        )
-
-    # A resumed run evaluated before training in its first attempt: take those numbers from the log.
-    eval_before = _logged_eval_before(metrics_path) if state.step > 0 and is_main else None
-    if eval_split is not None and state.step == 0 and is_main:
-        callback.on_stage("evaluating", {"when": "before", "pairs": len(eval_rows)})
-        eval_before = evaluate_held_out()
-        _append_jsonl(metrics_path, {"step": 0, **eval_before})
-        callback.on_eval(0, eval_before)
-
-    callback.on_stage("training", {"steps": total_steps, "resumed_from_step": state.step, "pairs": len(train_rows)})
-    ddp_model.train()
-    last_metrics: dict[str, float] = {}
-    stopped = False
-    while state.step < total_steps:
-        if callback.should_stop():
-            stopped = True
-            break
-        step_metrics: list[dict[str, float]] = []
-        # The model-aware state is the step's (DAMA.md section 2 updates it once per optimizer step): every
-        # micro-batch filters against the same R_bar, and the EMA takes all of them at the end of the step.
-        step_start, micro_states = state.objective, []
-        for micro in range(optim.grad_accumulation):
-            indices = schedule.indices(state.step, micro, optim.grad_accumulation)
-            batch = _encode_batch(encoder, train_rows, indices).to(device)
-            sync = micro == optim.grad_accumulation - 1
-            # Gradients are all-reduced across ranks only on the last micro-batch of the step.
-            with accelerator.no_sync(ddp_model) if not sync else contextlib.nullcontext():
-                with _autocast(device, bf16):
-                    policy_chosen, policy_rejected = pair_log_probs(ddp_model, batch)
-                reference = train_split.reference[indices].to(device)
-                hardness = train_split.hardness[indices].to(device) if train_split.hardness is not None else None
-                output = preference_loss(
-                    policy_chosen,
-                    policy_rejected,
-                    reference[:, 0],
-                    reference[:, 1],
-                    hardness=hardness,
-                    hardness_mean=hardness_mean,
-                    state=step_start,
-                    config=objective_config,
-                    generator=generator,
-                )
-                accelerator.backward(output.loss / optim.grad_accumulation)
-            micro_states.append(output.state)
-            step_metrics.append(output.metrics)
-        state = TrainingState(step=state.step, objective=merge_step_states(step_start, micro_states))
-        grad_norm = (
-            accelerator.clip_grad_norm_(parameters, optim.max_grad_norm)
-            if optim.max_grad_norm is not None
-            else torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in parameters if p.grad is not None))
-        )
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state = TrainingState(step=state.step + 1, objective=state.objective)
-
-        last_metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-        last_metrics["reward_gap_mean"] = state.objective.reward_gap_mean
-        last_metrics["kept"] = sum(m["kept"] for m in step_metrics)
-        last_metrics.update(
-            {"lr": float(learning_rate), "grad_norm": float(grad_norm), "epoch": state.step / steps_per_epoch}
-        )
-        if is_main and (state.step % config.run.log_every == 0 or state.step == total_steps):
-            _append_jsonl(metrics_path, {"step": state.step, **last_metrics})
-        callback.on_step(state.step, total_steps, last_metrics)
-
-        if eval_split is not None and config.run.eval_every and state.step % config.run.eval_every == 0:
-            if is_main and state.step < total_steps:
-                results = evaluate_held_out()
-                _append_jsonl(metrics_path, {"step": state.step, **results})
-                callback.on_eval(state.step, results)
-            accelerator.wait_for_everyone()
-        wants_stop = callback.should_stop()
-        at_checkpoint = config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0
-        if (at_checkpoint or (wants_stop and config.run.checkpoint_every)) and state.step < total_steps:
-            path = save_checkpoint(
-                output_dir=output_dir,
-                state=state,
-                trainable=trainable_state_dict(model),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                generator=generator,
-                rank=rank,
-                is_main=is_main,
-                keep=config.run.keep_checkpoints,
-                barrier=accelerator.wait_for_everyone,
-            )
-            accelerator.wait_for_everyone()
-            callback.on_checkpoint(state.step, path)
-        if wants_stop and state.step < total_steps:
-            stopped = True
-            break
-
-    result = TrainResult(
-        output_dir=output_dir,
-        adapter_dir=None,
-        steps=state.step,
-        total_steps=total_steps,
-        stopped=stopped,
-        train_metrics=last_metrics,
-        eval_before=eval_before,
+    step_setup = StepSetup(
+        model=ddp_model,
+        parameters=parameters,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        objective=config.objective.build(),
+        reference=train_split.reference,
+        hardness=train_split.hardness,
+        hardness_mean=hardness_mean,
+        generator=generator,
+        device=device,
+        bf16=bf16,
+        max_grad_norm=optim.max_grad_norm,
     )
-    if stopped:
-        result.seconds = time.monotonic() - started
-        return result
+    return _Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        processor=processor,
+        encoder=encoder,
+        train_split=train_split,
+        eval_split=eval_split,
+        schedule=schedule,
+        step_setup=step_setup,
+        state=state,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        output_dir=output_dir,
+        metrics_path=output_dir / "metrics.jsonl",
+        bf16=bf16,
+    )
 
-    # ---- evaluating ----------------------------------------------------------------------------------------
-    if eval_split is not None and is_main:
-        callback.on_stage("evaluating", {"when": "after", "pairs": len(eval_rows)})
-        result.eval_after = evaluate_held_out()
-        _append_jsonl(metrics_path, {"step": state.step, **result.eval_after})
-        callback.on_eval(state.step, result.eval_after)
 
-    # ---- exporting ---------------------------------------------------------------------------------------------
-    if is_main:
+def _train_loop(run: _Run, callback: Callback) -> tuple[bool, dict[str, float]]:
+    """Evaluate before (first attempt), then ``train_step`` after ``train_step`` with the hooks after each.
+    Returns whether the run stopped early and the last logged metrics."""
+    config, optim = run.config, run.config.optim
+    if run.is_main:
+        _truncate_metrics(run.metrics_path, run.state.step)
+    # A resumed run evaluated before training in its first attempt: take those numbers from the log.
+    run.eval_before = _logged_eval_before(run.metrics_path) if run.state.step > 0 and run.is_main else None
+    if run.eval_split is not None and run.state.step == 0 and run.is_main:
+        callback.on_stage("evaluating", {"when": "before", "pairs": len(run.eval_split.rows)})
+        run.eval_before = run.evaluate_held_out()
+        _append_jsonl(run.metrics_path, {"step": 0, **run.eval_before})
+        callback.on_eval(0, run.eval_before)
+
+    callback.on_stage(
+        "training",
+        {"steps": run.total_steps, "resumed_from_step": run.state.step, "pairs": len(run.train_split.rows)},
+    )
+    run.step_setup.model.train()
+    metrics: dict[str, float] = {}
+    while run.state.step < run.total_steps:
+        if callback.should_stop():
+            return True, metrics
+        step = run.state.step
+        micro_batches = [
+            _encode_batch(
+                run.encoder, run.train_split.rows, run.schedule.indices(step, micro, optim.grad_accumulation)
+            ).to(run.step_setup.device)
+            for micro in range(optim.grad_accumulation)
+        ]
+        # Metrics are read off the device on logging steps only (and on a run's first step, so the callback
+        # always has some); between them the callback gets the last logged ones with this step's lr and epoch.
+        logs = _is_logging_step(step + 1, config.run.log_every, run.total_steps)
+        result = train_step(run.step_setup, micro_batches, run.state.objective, log=logs or not metrics)
+        run.state = TrainingState(step=step + 1, objective=result.state)
+        if result.metrics is not None:
+            metrics = result.metrics
+        metrics = {**metrics, "lr": result.learning_rate, "epoch": run.state.step / run.steps_per_epoch}
+        if _after_step(run, callback, metrics, logged=logs and result.metrics is not None):
+            return True, metrics
+    return False, metrics
+
+
+def _is_logging_step(step: int, log_every: int, total_steps: int) -> bool:
+    return step % log_every == 0 or step == total_steps
+
+
+def _after_step(run: _Run, callback: Callback, metrics: dict[str, float], *, logged: bool) -> bool:
+    """The hooks after a step: log, evaluate, checkpoint; True when the run should stop here."""
+    config, step, total = run.config, run.state.step, run.total_steps
+    if run.is_main and logged:
+        _append_jsonl(run.metrics_path, {"step": step, **metrics})
+    callback.on_step(step, total, metrics)
+
+    if run.eval_split is not None and config.run.eval_every and step % config.run.eval_every == 0:
+        if run.is_main and step < total:
+            results = run.evaluate_held_out()
+            _append_jsonl(run.metrics_path, {"step": step, **results})
+            callback.on_eval(step, results)
+        run.accelerator.wait_for_everyone()
+    wants_stop = callback.should_stop()
+    at_checkpoint = config.run.checkpoint_every and step % config.run.checkpoint_every == 0
+    if (at_checkpoint or (wants_stop and config.run.checkpoint_every)) and step < total:
+        path = save_checkpoint(
+            output_dir=run.output_dir,
+            state=run.state,
+            trainable=trainable_state_dict(run.model),
+            optimizer=run.step_setup.optimizer,
+            scheduler=run.step_setup.scheduler,
+            generator=run.step_setup.generator,
+            rank=run.accelerator.process_index,
+            is_main=run.is_main,
+            keep=config.run.keep_checkpoints,
+            barrier=run.accelerator.wait_for_everyone,
+        )
+        run.accelerator.wait_for_everyone()
+        callback.on_checkpoint(step, path)
+    return bool(wants_stop and step < total)
+
+
+def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
+    """After the last step: the held-out evaluation, the adapter's export, base against tuned."""
+    config = run.config
+    if run.eval_split is not None and run.is_main:
+        callback.on_stage("evaluating", {"when": "after", "pairs": len(run.eval_split.rows)})
+        result.eval_after = run.evaluate_held_out()
+        _append_jsonl(run.metrics_path, {"step": run.state.step, **result.eval_after})
+        callback.on_eval(run.state.step, result.eval_after)
+
+    if run.is_main:
         callback.on_stage("exporting", {})
         result.adapter_dir = export_adapter(
-            model=model,
-            processor=processor,
+            model=run.model,
+            processor=run.processor,
             config=config,
-            output_dir=output_dir,
-            train_rows=len(train_rows),
-            eval_rows=len(eval_rows),
-            hardness_mean=hardness_mean,
-            train_metrics=last_metrics,
-            eval_before=eval_before,
+            output_dir=run.output_dir,
+            train_rows=len(run.train_split.rows),
+            eval_rows=len(run.eval_split.rows) if run.eval_split is not None else 0,
+            hardness_mean=run.step_setup.hardness_mean,
+            train_metrics=result.train_metrics,
+            eval_before=run.eval_before,
             eval_after=result.eval_after,
-            steps=state.step,
-            hardness_source=describe_hardness(train_rows, config.hardness) if hardness_mean is not None else None,
+            steps=run.state.step,
+            hardness_source=(
+                describe_hardness(run.train_split.rows, config.hardness)
+                if run.step_setup.hardness_mean is not None
+                else None
+            ),
         )
         # The evaluation loads base and adapter from disk: free the training copy first (a 7B model twice is a lot).
-        del ddp_model, model, optimizer, parameters
+        run.model = run.step_setup = None  # type: ignore[assignment]
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         result.evaluation = evaluate_after_training(
-            config, result.adapter_dir, output_dir, callback, train_rows=train_rows, held_out=eval_rows
+            config,
+            result.adapter_dir,
+            run.output_dir,
+            callback,
+            train_rows=run.train_split.rows,
+            held_out=run.eval_split.rows if run.eval_split is not None else [],
         )
         if result.evaluation is not None:
             add_evaluation_to_adapter(result.adapter_dir, result.evaluation)
-    accelerator.wait_for_everyone()
-    result.seconds = time.monotonic() - started
-    return result
+    run.accelerator.wait_for_everyone()
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast (LoRA weights stay float32; their matmuls run in bf16), or nothing."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def _check_finite_values(name: str, values: torch.Tensor) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise DataError(f"{name}: contains NaN or infinite values")
 
 
 def _wants_bf16(config: TrainConfig) -> bool:

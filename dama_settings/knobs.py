@@ -50,8 +50,8 @@ OBJECTIVE = by_name(
     Setting(
         "filter_scope",
         "micro_batch",
-        "Which pairs model-aware filtering and alpha_M see: each micro-batch across ranks (micro_batch), or every "
-        "pair of the optimizer step (step).",
+        "The group the model-aware filter and alpha_M see (DAMA.md 2.5): micro_batch = each micro-batch across "
+        "GPUs; step = every pair of the optimizer step (a no-grad scoring pass first, about a third more step time).",
         choices=FILTER_SCOPES,
     ),
 )

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
-from dama_settings.names import CompileMode, HardnessRescale
+from dama_settings.names import CompileMode, FilterScope, HardnessRescale
 from dama_settings.names import Method as Method
+from dama_settings.rules import too_small_filter_group
 
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
@@ -41,6 +42,7 @@ class Hyperparameters(_Spec):
     beta: float = OBJECTIVE["beta"].field(service=True)
     keep_ratio: float = OBJECTIVE["keep_ratio"].field(service=True)
     gamma: float = OBJECTIVE["gamma"].field(service=True)
+    filter_scope: FilterScope = OBJECTIVE["filter_scope"].field(service=True)
     learning_rate: float = OPTIM["learning_rate"].field(service=True)
     epochs: int = OPTIM["epochs"].field(service=True)
     max_steps: int | None = OPTIM["max_steps"].field(service=True)
@@ -119,6 +121,32 @@ class JobSpec(_Spec):
     @property
     def tiny_family(self) -> str | None:
         return TINY_MODELS.get(self.model)
+
+    def filter_group_problem(self) -> str | None:
+        """Why the model-aware filter's group is too small (DAMA.md 2.5: floor(keep_ratio x group) < 2 with
+        filtering on), naming both fixes; None when it is fine. The engine refuses the same run
+        (``dama_engine.objective.filter_group_problem``); both apply ``dama_settings.rules``."""
+        hp = self.hyperparameters
+        group = too_small_filter_group(
+            method=self.method,
+            keep_ratio=hp.keep_ratio,
+            filter_scope=hp.filter_scope,
+            batch_size=hp.batch_size,
+            processes=self.gpus,
+            accumulation=hp.grad_accumulation,
+        )
+        if group is None:
+            return None
+        fix = (
+            "set hyperparameters.filter_scope to 'step' or raise hyperparameters.batch_size"
+            if hp.filter_scope == "micro_batch"
+            else "raise hyperparameters.batch_size or hyperparameters.grad_accumulation"
+        )
+        return (
+            f"the model-aware filter of method {self.method!r} would see {group} pairs at a time (filter_scope "
+            f"{hp.filter_scope}), and floor(keep_ratio {hp.keep_ratio} x {group}) < 2 turns filtering off and sets "
+            f"beta from one pair; {fix}"
+        )
 
 
 class GenerationSpec(_Spec):

@@ -157,7 +157,13 @@ def build_train_config(
             "target_modules": lora.target_modules,
             "train_projector": lora.train_projector,
         },
-        "objective": {"method": spec.method, "beta": hp.beta, "keep_ratio": hp.keep_ratio, "gamma": hp.gamma},
+        "objective": {
+            "method": spec.method,
+            "beta": hp.beta,
+            "keep_ratio": hp.keep_ratio,
+            "gamma": hp.gamma,
+            "filter_scope": hp.filter_scope,
+        },
         "hardness": {"scorer": spec.hardness_scorer, "rescale": spec.hardness_rescale},
         "optim": {
             "learning_rate": learning_rate,

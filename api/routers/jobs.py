@@ -223,6 +223,11 @@ def submit_job(
     "else the service's default). Returns 200 instead of 201 when an Idempotency-Key replays an earlier request.",
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
+        400: {
+            "model": ErrorResponse,
+            "description": "filter_group_too_small: the model-aware filter would see fewer pairs than it needs "
+            "(shared/DAMA.md 2.5); the message names both fixes.",
+        },
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
         429: {
@@ -252,6 +257,8 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     tenant_id = tenant.id
+    if (problem := spec.filter_group_problem()) is not None:
+        raise ApiError(400, "filter_group_too_small", problem, param="hyperparameters.filter_scope")
 
     def check() -> None:
         check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")

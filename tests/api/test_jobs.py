@@ -74,6 +74,42 @@ def test_invalid_specs_are_422_with_the_field_path(
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("hyperparameters", "gpus", "accepted"),
+    [
+        ({"batch_size": 1, "grad_accumulation": 4}, 1, False),  # each micro-batch of 1 pair is the filter group
+        ({"batch_size": 1, "grad_accumulation": 4, "filter_scope": "step"}, 1, True),  # the step's 4 pairs
+        ({"batch_size": 1, "grad_accumulation": 1, "filter_scope": "step"}, 1, False),
+        ({"batch_size": 1}, 4, True),  # 4 GPUs: floor(0.8 x 4) = 3
+    ],
+)
+def test_a_filter_group_too_small_to_filter_is_400_naming_both_fixes(
+    client1: httpx.Client, dataset1: dict[str, Any], hyperparameters: dict[str, Any], gpus: int, accepted: bool
+) -> None:
+    """shared/DAMA.md 2.5: floor(keep_ratio x group) < 2 would silently turn filtering off."""
+    spec = _spec(dataset1["id"], method="dama", gpus=gpus, hyperparameters={"max_steps": 4, **hyperparameters})
+    response = client1.post("/jobs", json=spec)
+    if accepted:
+        assert response.status_code == 201, response.text
+        client1.post(f"/jobs/{response.json()['id']}/cancel")
+        return
+    error = assert_error(response, 400, "filter_group_too_small")
+    assert error["param"] == "hyperparameters.filter_scope"
+    fixes = (
+        ("filter_scope to 'step'", "batch_size")
+        if spec["hyperparameters"].get("filter_scope") is None
+        else (
+            "batch_size",
+            "grad_accumulation",
+        )
+    )
+    assert all(fix in error["message"] for fix in fixes), error["message"]
+    assert (
+        client1.post("/jobs", json=_spec(dataset1["id"], method="dpo", hyperparameters=hyperparameters)).status_code
+        == 201
+    )
+
+
 def test_remote_code_is_refused_unless_the_operator_allows_it(client1: httpx.Client, dataset1: dict[str, Any]) -> None:
     """trust_remote_code would run a model repo's Python in the workers, beside every tenant's data."""
     response = client1.post("/jobs", json=_spec(dataset1["id"]) | {"trust_remote_code": True})

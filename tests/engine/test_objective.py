@@ -849,12 +849,12 @@ def test_gradient_accumulation_updates_the_running_mean_once_per_step() -> None:
 
     start = ObjectiveState(reward_gap_mean=0.5, reward_gap_std=1.0, steps=7)
     config = ObjectiveConfig(method="dama_model", keep_ratio=1.0, gamma=0.9)
-    micro_states = []
+    selections = []
     for gap in (1.0, 3.0):
         zeros = torch.zeros(2, dtype=torch.float64)
         out = preference_loss(zeros + gap, zeros, zeros, zeros, state=start, config=config)
-        micro_states.append(out.state)
-    merged = merge_step_states(start, micro_states)
+        selections.append(out.selection)
+    merged = merge_step_states(start, selections)
     assert merged.reward_gap_mean == pytest.approx(0.65, abs=1e-12)
     assert merged.steps == 8
     # std: each micro-batch's gaps are equal (std 0): 0.9 * 1.0 + 0.1 * 0 = 0.9.

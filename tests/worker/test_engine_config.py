@@ -26,7 +26,14 @@ def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
     spec = _spec(
         dataset_id,
         method="dama_data",
-        hyperparameters={"beta": 0.2, "keep_ratio": 0.5, "max_steps": 7, "batch_size": 2, "checkpoint_every": 3},
+        hyperparameters={
+            "beta": 0.2,
+            "keep_ratio": 0.5,
+            "max_steps": 7,
+            "batch_size": 2,
+            "checkpoint_every": 3,
+            "filter_scope": "step",
+        },
         lora={"r": 4, "alpha": 8, "train_projector": True},
         hardness_scorer="/models/clip",
     )
@@ -40,6 +47,7 @@ def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
     assert config.data.train == str(store.artifacts.dataset_dir(dataset_id) / "data")
     assert config.data.format == "trl" and config.data.eval is None and config.data.eval_fraction == 0.0
     assert (config.objective.method, config.objective.beta, config.objective.keep_ratio) == ("dama_data", 0.2, 0.5)
+    assert config.objective.filter_scope == "step"
     assert (config.optim.max_steps, config.optim.batch_size) == (7, 2)
     assert (config.lora.r, config.lora.alpha, config.lora.train_projector) == (4, 8, True)
     assert config.hardness.scorer == "/models/clip"
