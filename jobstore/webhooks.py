@@ -61,7 +61,7 @@ def url_host(url: str) -> str:
 
 
 def refused_address(address: str) -> str | None:
-    """Why a webhook may not connect to ``address`` (None: it is public)."""
+    """What kind of address ``address`` is if a webhook may not connect to it ("a loopback address"), else None."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -74,7 +74,7 @@ def refused_address(address: str) -> str | None:
             ),
             "non-public",
         )
-        return f"{address} is a {kind.replace('_', '-')} address"
+        return f"a {kind.replace('_', '-')} address"
     return None
 
 
@@ -99,4 +99,4 @@ def check_url(url: str, *, allowed_hosts: Iterable[str]) -> str | None:
         reason = refused_address(host)
     except ValueError:
         return None  # a name: its addresses are checked when a delivery resolves it
-    return f"{reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)" if reason else None
+    return f"{host} is {reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)" if reason else None

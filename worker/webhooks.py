@@ -61,7 +61,9 @@ def pinned_address(host: str, port: int, *, allowed_hosts: frozenset[str]) -> st
         for address in addresses:
             reason = refused_address(address)
             if reason is not None:
-                raise RefusedTarget(f"refused: {host} resolves to {reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)")
+                raise RefusedTarget(
+                    f"refused: {host} resolves to {address}, {reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)"
+                )
     return addresses[0]
 
 

@@ -4,12 +4,18 @@ the API runs no dispatcher, so nothing here is ever sent: deliveries stay pendin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
 
-from tests.api.conftest import ApiServer, assert_error
+from jobstore import repository
+from jobstore.db import session_scope
+from jobstore.models import WebhookEndpoint
+from tests.api.conftest import PEPPER, ApiServer, assert_error
 
 RECEIVER = "https://hooks.example.com/dama"  # never contacted: no dispatcher runs in these tests
 
@@ -157,3 +163,14 @@ def test_the_openapi_document_describes_webhooks(api_server: ApiServer) -> None:
         responses = paths[path][method]["responses"]
         assert {"401", "429"} <= set(responses), (path, method)
     assert "400" in paths["/webhooks"]["post"]["responses"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_endpoints(db: sessionmaker[Session], key1: str, key2: str) -> Iterator[None]:
+    """Even after a failed test, no endpoint of this module is left for a later test's worker to send to."""
+    yield
+    with session_scope(db) as session:
+        for key in (key1, key2):
+            tenant = repository.tenant_for_key(session, key=key, pepper=PEPPER)
+            if tenant is not None:
+                session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant.id))
