@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -28,7 +27,7 @@ from jobstore import webhook_store
 from jobstore.db import session_scope
 from jobstore.settings import Settings
 from jobstore.webhooks import refused_address, sign
-from worker.progress import store_unreachable
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +129,17 @@ def dispatch_due(session_factory: sessionmaker[Session], settings: Settings) -> 
     return len(due)
 
 
-class DispatcherThread:
+class DispatcherThread(PeriodicThread):
     """Runs :func:`dispatch_due` every ``settings.webhook_poll_s`` (at once again after a full batch)."""
+
+    label = "webhooks"
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings) -> None:
         self.session_factory = session_factory
         self.settings = settings
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dama-webhooks", daemon=True)
+        self.interval_s = settings.webhook_poll_s
+        self.stop_timeout_s = settings.webhook_timeout_s + 5  # an attempt in flight may finish
+        super().__init__()
 
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.settings.webhook_timeout_s + 5)
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            sent = 0
-            try:
-                sent = dispatch_due(self.session_factory, self.settings)
-            except Exception as error:
-                if store_unreachable(error):
-                    log.warning("webhooks: the job store is unreachable: %s", str(error).splitlines()[0])
-                else:
-                    log.exception("webhooks: dispatch pass failed")
-            if sent < BATCH:
-                self._stopped.wait(self.settings.webhook_poll_s)
+    def run_pass(self) -> bool:
+        return dispatch_due(self.session_factory, self.settings) >= BATCH
