@@ -43,7 +43,9 @@ class WebhookCreate(BaseModel):
         description=_EVENTS_DOC + " Default: all of them.",
         examples=[["job.succeeded", "job.failed"]],
     )
-    description: str | None = Field(default=None, max_length=300, examples=["team Slack bridge"])
+    description: str | None = Field(
+        default=None, max_length=300, description="A note for the tenant.", examples=["team Slack bridge"]
+    )
 
 
 class WebhookUpdate(BaseModel):
@@ -53,7 +55,7 @@ class WebhookUpdate(BaseModel):
     event_types: list[EventType] | None = Field(
         default=None, min_length=1, max_length=len(EVENT_TYPES), description=_EVENTS_DOC, examples=[None]
     )
-    description: str | None = Field(default=None, max_length=300, examples=[None])
+    description: str | None = Field(default=None, max_length=300, description="A note for the tenant.", examples=[None])
     enabled: bool | None = Field(
         default=None,
         description="true re-enables a disabled endpoint (its failure count starts again; deliveries that waited "
@@ -64,12 +66,14 @@ class WebhookUpdate(BaseModel):
 
 class WebhookPublic(_Public):
     id: str = Field(description="Endpoint id.", examples=[_WH_ID])
-    object: Literal["webhook"] = "webhook"
-    url: str = Field(examples=["https://hooks.example.com/dama"])
-    description: str | None = Field(default=None, examples=["team Slack bridge"])
+    object: Literal["webhook"] = Field(default="webhook", description="Always webhook.")
+    url: str = Field(description="Where events are POSTed.", examples=["https://hooks.example.com/dama"])
+    description: str | None = Field(default=None, description="A note for the tenant.", examples=["team Slack bridge"])
     event_types: list[str] = Field(description=_EVENTS_DOC, examples=[["job.succeeded", "job.failed"]])
-    status: Literal["enabled", "disabled"] = Field(examples=["enabled"])
-    disabled_at: UtcDatetime | None = Field(default=None, examples=[None])
+    status: Literal["enabled", "disabled"] = Field(
+        description="enabled, or disabled (sent nothing; pending deliveries wait).", examples=["enabled"]
+    )
+    disabled_at: UtcDatetime | None = Field(default=None, description="When it was disabled.", examples=[None])
     disabled_reason: str | None = Field(
         default=None,
         description="Why it was disabled: by the tenant, or after DAMA_WEBHOOK_DISABLE_AFTER messages in a row "
@@ -77,7 +81,7 @@ class WebhookPublic(_Public):
         examples=[None],
     )
     consecutive_failures: int = Field(description="Messages in a row that failed every attempt.", examples=[0])
-    created_at: UtcDatetime = Field(examples=["2025-01-31T12:00:00.123456Z"])
+    created_at: UtcDatetime = Field(description="When it was created.", examples=["2025-01-31T12:00:00.123456Z"])
 
 
 class WebhookCreated(WebhookPublic):
@@ -88,14 +92,16 @@ class WebhookCreated(WebhookPublic):
 
 
 class WebhooksPublic(_Public):
-    object: Literal["list"] = "list"
-    data: list[WebhookPublic]
+    object: Literal["list"] = Field(default="list", description="Always list.")
+    data: list[WebhookPublic] = Field(description="This page's endpoints, newest first.")
     has_more: bool = _has_more()
     next_cursor: str | None = _next_cursor()
 
 
 class WebhookAttemptPublic(_Public):
-    attempted_at: UtcDatetime = Field(examples=["2025-01-31T12:00:00.123456Z"])
+    attempted_at: UtcDatetime = Field(
+        description="When the request was sent.", examples=["2025-01-31T12:00:00.123456Z"]
+    )
     status_code: int | None = Field(description="The receiver's HTTP status; null if none came.", examples=[200])
     latency_ms: float | None = Field(description="Request time in milliseconds.", examples=[42.5])
     error: str | None = Field(description="Why the attempt failed; null when delivered.", examples=[None])
@@ -103,16 +109,20 @@ class WebhookAttemptPublic(_Public):
 
 class WebhookDeliveryPublic(_Public):
     id: str = Field(description="Delivery id (this message for this endpoint).", examples=["whd_0194b1c2d3e4a1b2c3"])
-    object: Literal["webhook_delivery"] = "webhook_delivery"
+    object: Literal["webhook_delivery"] = Field(default="webhook_delivery", description="Always webhook_delivery.")
     message_id: str = Field(description="The webhook-id header: the same on every attempt.", examples=["msg_0194b1"])
-    event_type: str = Field(examples=["job.succeeded"])
+    event_type: str = Field(description="The event (the body's type).", examples=["job.succeeded"])
     status: Literal["pending", "succeeded", "failed"] = Field(
         description="pending (waiting for its next attempt), succeeded, or failed (every attempt failed).",
         examples=["succeeded"],
     )
-    attempt_count: int = Field(examples=[1])
-    next_attempt_at: UtcDatetime | None = Field(default=None, examples=[None])
-    created_at: UtcDatetime = Field(examples=["2025-01-31T12:00:00.123456Z"])
+    attempt_count: int = Field(description="Requests sent so far.", examples=[1])
+    next_attempt_at: UtcDatetime | None = Field(
+        default=None, description="When the next attempt is due (pending only).", examples=[None]
+    )
+    created_at: UtcDatetime = Field(
+        description="When the event happened (the status change).", examples=["2025-01-31T12:00:00.123456Z"]
+    )
     payload: dict[str, Any] = Field(
         description="The body sent.",
         examples=[{"type": "job.succeeded", "timestamp": "2025-01-31T12:00:00Z", "data": {"id": "job_0194"}}],
@@ -121,8 +131,8 @@ class WebhookDeliveryPublic(_Public):
 
 
 class WebhookDeliveriesPublic(_Public):
-    object: Literal["list"] = "list"
-    data: list[WebhookDeliveryPublic]
+    object: Literal["list"] = Field(default="list", description="Always list.")
+    data: list[WebhookDeliveryPublic] = Field(description="This page's deliveries, newest first.")
     has_more: bool = _has_more()
     next_cursor: str | None = _next_cursor()
 
