@@ -69,12 +69,12 @@ def refused_address(address: str) -> str | None:
         kind = next(
             (
                 name
-                for name in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified")
+                for name in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
                 if getattr(ip, f"is_{name}")
             ),
             "non-public",
         )
-        return f"a {kind.replace('_', '-')} address"
+        return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind.replace('_', '-')} address"
     return None
 
 

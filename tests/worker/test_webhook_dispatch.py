@@ -120,6 +120,18 @@ def test_loopback_targets_are_refused_after_resolving_unless_allowed(
         assert "loopback address" in error and delivery.status == "pending"  # its next retry is scheduled
 
 
+def test_an_allowed_name_is_resolved_once_and_the_connection_pinned_to_its_address(
+    factory: sessionmaker[Session], tenant_id: str, receiver: Receiver, pg_url: str
+) -> None:
+    endpoint = _endpoint(factory, tenant_id, f"http://localhost:{receiver.port}/named")
+    _cancelled_job(factory, tenant_id)
+    assert dispatch_due(factory, _settings(pg_url, webhook_allowed_hosts="localhost")) == 1
+    (request,) = receiver.requests
+    # Sent to the address checked (the URL's host rewritten), with the name the tenant gave in Host.
+    assert (request.path, request.headers["Host"]) == ("/named", f"localhost:{receiver.port}")
+    assert request.verified(endpoint.secret)["type"] == "job.cancelled"
+
+
 def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
     factory: sessionmaker[Session], tenant_id: str, pg_url: str
 ) -> None:
