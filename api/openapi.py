@@ -34,6 +34,8 @@ adapter that loads with `peft` on top of the base model.
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
 **Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
+**Webhooks**: `POST /webhooks` a URL to be told when jobs and evaluations start and end (signed per Standard
+Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the call returns once).
 **Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs` and `POST /evaluations`.
 """.strip()
 
@@ -44,6 +46,11 @@ TAGS: list[dict[str, Any]] = [
     {
         "name": "evaluations",
         "description": "Score a base model and a tuned adapter: preference metrics per hardness bucket, CHAIR.",
+    },
+    {
+        "name": "webhooks",
+        "description": "Signed (Standard Webhooks) notifications of job and evaluation status changes, retried for "
+        "hours; endpoints, their delivery log and redelivery.",
     },
     {"name": "models", "description": "Supported model families and built-in tiny models."},
     {"name": "health", "description": "Liveness and readiness probes (no auth)."},

@@ -49,3 +49,12 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def page(session: Session, query: Any, model: Any, *, limit: int, after: str | None) -> tuple[list[Any], bool]:
+    """A page of ``query``, newest first; ``after`` is the id of the last item of the previous page (ids sort by
+    creation). Returns the rows and whether more follow."""
+    if after is not None:
+        query = query.where(model.id < after)
+    rows = list(session.scalars(query.order_by(model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

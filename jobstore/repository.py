@@ -1,7 +1,8 @@
 """Keyword-only functions over the job store. Callers own the session and its transaction.
 
 Status changes go through :func:`set_status` (and :func:`claim_job`, a conditional update), so the state machine
-in :mod:`jobstore.states` is the only judge of what is legal.
+in :mod:`jobstore.states` is the only judge of what is legal; both write the change's webhook events to the
+outbox in the same transaction (:func:`jobstore.webhook_store.announce`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from jobstore.db import page as _page
 from jobstore.models import (
     ApiKey,
     Artifact,
@@ -32,6 +34,7 @@ from jobstore.models import (
 )
 from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
+from jobstore.webhook_store import announce
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 # Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
@@ -84,17 +87,6 @@ def tenant_for_key(session: Session, *, key: str, pepper: str) -> Tenant | None:
         select(ApiKey).where(ApiKey.key_hash == hash_api_key(key, pepper=pepper), ApiKey.revoked_at.is_(None))
     )
     return session.get(Tenant, row.tenant_id) if row is not None else None
-
-
-# ---- pagination ------------------------------------------------------------------------------------------------
-
-
-def _page(session: Session, query: Any, model: Any, *, limit: int, after: str | None) -> tuple[list[Any], bool]:
-    """Newest first; ``after`` is the id of the last item of the previous page (ids sort by creation)."""
-    if after is not None:
-        query = query.where(model.id < after)
-    rows = list(session.scalars(query.order_by(model.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
 
 
 # ---- datasets -------------------------------------------------------------------------------------------------
@@ -321,6 +313,7 @@ def set_status(
     if error_kind is not None:
         data["error"] = {"kind": error_kind.value, "message": error_message}
     add_events(session, job_id=job.id, events=[("status", message or f"job {target.value}", data)])
+    announce(session, job=job)  # the webhook outbox row commits (or not) with the status change
     return job
 
 
@@ -351,6 +344,7 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
         job_id=job_id,
         events=[("status", f"claimed by {worker} (attempt {job.attempts})", {"status": "running", "worker": worker})],
     )
+    announce(session, job=job)
     return job
 
 

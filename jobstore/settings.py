@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobstore.webhooks import DISABLE_AFTER, RETRY_SCHEDULE_S, parse_allowed_hosts
 
 DEFAULT_HOME = Path(".dama")
 
@@ -128,6 +130,24 @@ class Settings(BaseSettings):
     cleanup_interval_s: float = Field(
         default=600.0, gt=0, description="How often the API removes stale upload folders and orphaned checks."
     )
+    webhook_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts (names or addresses, e.g. '127.0.0.1,localhost') webhooks may be sent "
+        "to even though they are or resolve to private, loopback, link-local or reserved addresses. Empty: public "
+        "addresses only.",
+    )
+    webhook_retry_schedule_s: str = Field(
+        default=",".join(f"{delay:g}" for delay in RETRY_SCHEDULE_S),
+        description="Seconds before each retry of a failed webhook delivery, comma-separated (the first attempt "
+        "is immediate): Standard Webhooks' 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h by default.",
+    )
+    webhook_disable_after: int = Field(
+        default=DISABLE_AFTER,
+        gt=0,
+        description="A webhook endpoint is disabled after this many messages in a row failed all their attempts.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="How long one webhook request may take.")
+    webhook_poll_s: float = Field(default=1.0, gt=0, description="How often workers look for due webhooks.")
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")
@@ -140,6 +160,25 @@ class Settings(BaseSettings):
             if self.database_url is None or self.database_url.startswith("sqlite"):
                 raise ValueError("DAMA_DATABASE_URL: production needs a server database (Postgres), not SQLite")
         return self
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("DAMA_WEBHOOK_RETRY_SCHEDULE_S: comma-separated seconds, e.g. '5,300,1800'") from None
+        if any(delay < 0 for delay in delays):
+            raise ValueError("DAMA_WEBHOOK_RETRY_SCHEDULE_S: delays cannot be negative")
+        return value
+
+    @property
+    def retry_schedule(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.webhook_retry_schedule_s.split(",") if part.strip())
+
+    @property
+    def allowed_webhook_hosts(self) -> frozenset[str]:
+        return parse_allowed_hosts(self.webhook_allowed_hosts)
 
     @property
     def resolved_api_key_pepper(self) -> str:

@@ -10,7 +10,8 @@ pool support: it goes through the job store (the engine polls ``should_stop`` ev
 A warm shutdown (SIGTERM) makes the running job checkpoint, stop and go back to the queue, instead of holding
 the shutdown for hours. One process per job queue also keeps CUDA in one process per GPU.
 
-Why the **sweeper runs as a thread here** rather than under Celery beat: see :mod:`worker.sweeper`.
+Why the **sweeper runs as a thread here** rather than under Celery beat: see :mod:`worker.sweeper`. The webhook
+dispatcher (:mod:`worker.webhooks`) runs beside it, for the same reasons.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def create_app(settings: Settings) -> Celery:
         os.environ.setdefault("HF_HOME", str(settings.model_cache_dir))
     from worker.sweeper import SweeperThread
     from worker.tasks import WorkerContext, register_tasks
+    from worker.webhooks import DispatcherThread
 
     app = make_celery(settings)
     if settings.resolved_broker_url.startswith(("redis://", "rediss://")):
@@ -42,15 +44,18 @@ def create_app(settings: Settings) -> Celery:
     context = WorkerContext.from_settings(settings)
     register_tasks(app, context)
     sweeper = SweeperThread(context.session_factory, app, settings)
+    dispatcher = DispatcherThread(context.session_factory, settings)
 
     def on_ready(**_: Any) -> None:
         sweeper.start()
+        dispatcher.start()
 
     def on_shutting_down(**_: Any) -> None:
         context.shutdown.set()  # the running job checkpoints at its next step and is re-queued
 
     def on_shutdown(**_: Any) -> None:
         sweeper.stop()
+        dispatcher.stop()
 
     # weak=False: the receivers are closures that would otherwise be garbage-collected at once.
     signals.worker_ready.connect(on_ready, weak=False)

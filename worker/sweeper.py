@@ -24,7 +24,6 @@ recovered exactly once. The ``dama.sweep`` task runs the same function for deplo
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -38,7 +37,7 @@ from jobstore.db import session_scope
 from jobstore.models import utcnow
 from jobstore.settings import Settings
 from jobstore.states import JobStatus
-from worker.progress import store_unreachable
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -138,35 +137,21 @@ def queued_messages(celery_app: Celery, queue: str) -> int | None:
         return None
 
 
-class SweeperThread:
+class SweeperThread(PeriodicThread):
     """Runs :func:`sweep` now and then every ``settings.sweep_interval_s`` in a daemon thread until stopped."""
+
+    label = "sweeper"
 
     def __init__(self, session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings) -> None:
         self.session_factory = session_factory
         self.celery_app = celery_app
         self.settings = settings
+        self.interval_s = settings.sweep_interval_s
         self.watch = StoreWatch()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dama-sweeper", daemon=True)
+        super().__init__()
 
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                done = sweep(self.session_factory, self.celery_app, self.settings, self.watch)
-                if done:
-                    log.info("sweeper: %s", dict(done))
-            except Exception as error:
-                if store_unreachable(error):  # one line per pass while the job store is down, not a traceback
-                    log.warning("sweeper: the job store is unreachable: %s", str(error).splitlines()[0])
-                else:
-                    log.exception("sweeper: pass failed")
-            self._stopped.wait(self.settings.sweep_interval_s)
+    def run_pass(self) -> bool:
+        done = sweep(self.session_factory, self.celery_app, self.settings, self.watch)
+        if done:
+            log.info("sweeper: %s", dict(done))
+        return False

@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.db import session_scope
-from tests.api.conftest import ROOT, ApiServer, _server_env, _start, create_key, upload
+from jobstore.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from tests.api.conftest import PEPPER, ROOT, ApiServer, _server_env, _start, create_key, upload
 
 # The run's budget; with start-up and teardown the test stays well under 3 minutes. Longer runs by hand:
 # DAMA_TEST_FUZZ_SECONDS=1800 (and another DAMA_TEST_FUZZ_SEED).
@@ -57,6 +59,8 @@ def _known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_arch
         jobs = [client.post("/jobs", json=spec).json()["id"] for _ in range(2)]
         evaluation = {"model": "dama/tiny-llava", "preference_dataset_id": datasets[0]}
         evaluations = [client.post("/evaluations", json=evaluation).json()["id"]]
+        # Never contacted: the API process delivers no webhook (workers do), and none runs here.
+        webhooks = [client.post("/webhooks", json={"url": "https://hooks.example.com/fuzz"}).json()["id"]]
     with session_scope(db) as session:
         done = repository.get_job(session, job_id=jobs[1])
         assert done is not None
@@ -65,7 +69,7 @@ def _known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_arch
     archive = ArtifactStore(server.artifacts).adapter_archive(jobs[1])
     archive.parent.mkdir(parents=True, exist_ok=True)
     archive.write_bytes(b"not really an adapter, but a file to download")
-    return {"datasets": datasets, "jobs": jobs, "evaluations": evaluations}
+    return {"datasets": datasets, "jobs": jobs, "evaluations": evaluations, "webhooks": webhooks}
 
 
 def _config(ids: dict[str, list[str]]) -> str:
@@ -77,12 +81,30 @@ def _config(ids: dict[str, list[str]]) -> str:
         ("path.dataset_id", "datasets"),
         ("path.job_id", "jobs"),
         ("path.evaluation_id", "evaluations"),
+        ("path.webhook_id", "webhooks"),
         ("body.dataset_id", "datasets"),
         ("body.preference_dataset_id", "datasets"),
         ("body.adapter_job_id", "jobs"),
     ):
         lines.append(f'"{field}" = {{ dictionary = "{name}", probability = 0.7 }}')
     return "\n".join(lines) + "\n"
+
+
+def _forget_webhooks(db: sessionmaker[Session], key: str) -> int:
+    """Delete the fuzzing tenant's webhook endpoints (no later test's worker may send to a fuzzed URL); returns
+    how many delivery attempts they had."""
+    with session_scope(db) as session:
+        tenant = repository.tenant_for_key(session, key=key, pepper=PEPPER)
+        assert tenant is not None
+        mine = select(WebhookEndpoint.id).where(WebhookEndpoint.tenant_id == tenant.id)
+        attempts = session.scalar(
+            select(func.count())
+            .select_from(WebhookAttempt)
+            .join(WebhookDelivery, WebhookDelivery.id == WebhookAttempt.delivery_id)
+            .where(WebhookDelivery.endpoint_id.in_(mine))
+        )
+        session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant.id))
+    return int(attempts or 0)
 
 
 def test_fuzzing_the_openapi_document_finds_no_5xx(
@@ -118,7 +140,11 @@ def test_fuzzing_the_openapi_document_finds_no_5xx(
         "--suppress-health-check",
         "all",
     ]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=FUZZ_SECONDS + 60)
+    try:
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=FUZZ_SECONDS + 60)
+    finally:
+        attempts = _forget_webhooks(db, key)
+    assert attempts == 0, "the API process sent webhooks: only workers may"
     summary = run.stdout[-6000:]
     egress = Path(fuzz_server.env["DAMA_TEST_EGRESS_LOG"])
     assert not egress.exists(), f"the API tried to reach beyond the loopback address:\n{egress.read_text()}"
