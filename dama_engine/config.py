@@ -136,7 +136,7 @@ class RunSection(_Section):
         default=None, description="Reference log-probs and hardness cache; default under output_dir."
     )
     checkpoint_every: int | None = RUN["checkpoint_every"].field()
-    keep_checkpoints: int = Field(default=2, gt=0)
+    keep_checkpoints: int = RUN["keep_checkpoints"].field()
     eval_every: int | None = RUN["eval_every"].field()
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")

@@ -450,6 +450,7 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 is_main=is_main,
                 keep=config.run.keep_checkpoints,
                 barrier=accelerator.wait_for_everyone,
+                model=model,
             )
             accelerator.wait_for_everyone()
             callback.on_checkpoint(state.step, path)

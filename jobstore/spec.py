@@ -53,6 +53,7 @@ class Hyperparameters(_Spec):
     compile: CompileMode = OPTIM["compile"].field(service=True)
     seed: int = OPTIM["seed"].field(service=True)
     checkpoint_every: int = RUN["checkpoint_every"].field(service=True)
+    keep_checkpoints: int = RUN["keep_checkpoints"].field(service=True)
     eval_every: int | None = RUN["eval_every"].field(service=True)
 
 

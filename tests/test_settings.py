@@ -33,7 +33,7 @@ ENGINE_ONLY = {
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_samples", "max_pairs"},
-    "RunSection": {"output_dir", "cache_dir", "keep_checkpoints", "log_every", "resume", "distributed_timeout_s"},
+    "RunSection": {"output_dir", "cache_dir", "log_every", "resume", "distributed_timeout_s"},
 }
 # objective.filter_scope is defined in dama_settings; the train_step branch of issue 10 adds the field to the
 # engine config, ObjectiveConfig and the job spec. Remove this entry when merging it.
@@ -68,6 +68,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "compile": knobs.OPTIM["compile"],
         "seed": knobs.OPTIM["seed"],
         "checkpoint_every": knobs.RUN["checkpoint_every"],
+        "keep_checkpoints": knobs.RUN["keep_checkpoints"],
         "eval_every": knobs.RUN["eval_every"],
     },
     spec.LoraSpec: {name: setting for name, setting in knobs.LORA.items()},

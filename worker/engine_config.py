@@ -175,6 +175,7 @@ def build_train_config(
             "output_dir": str(store.run_dir(job_id).resolve()),
             "cache_dir": str((store.root / "cache").resolve()),
             "checkpoint_every": hp.checkpoint_every,
+            "keep_checkpoints": hp.keep_checkpoints,
             "eval_every": hp.eval_every,
             "resume": True,
         },
