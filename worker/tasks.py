@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import socket
-import tarfile
 import threading
 import time
 import traceback
@@ -56,7 +55,7 @@ from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
 from dama_engine.trainer import DataError, TrainResult, train
 from jobstore import repository
-from jobstore.artifacts import ArtifactStore, file_sha256
+from jobstore.artifacts import ArtifactStore, file_sha256, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Dataset
@@ -218,7 +217,7 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
     try:
         archive = store.adapter_archive(job_id)
         assert result.adapter_dir is not None
-        pack_adapter(result.adapter_dir, archive)
+        pack_folder(result.adapter_dir, archive)
         sha256, size = file_sha256(archive), archive.stat().st_size
     except Exception as error:
         kind, message = ErrorKind.system_error, short_traceback(error)
@@ -501,18 +500,6 @@ def _clip(text: str, *, keep_end: bool = False) -> str:
     if keep_end:
         return text[:500] + "\n...\n" + text[-(MAX_ERROR_CHARS - 505) :]
     return text[: MAX_ERROR_CHARS - 4] + "\n..."
-
-
-def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
-    """A flat gzipped tar of the adapter folder, written beside ``archive`` and renamed into place (atomic)."""
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".partial")
-    with tarfile.open(partial, "w:gz") as bundle:
-        for path in sorted(adapter_dir.rglob("*")):
-            if path.is_file():
-                bundle.add(path, arcname=str(path.relative_to(adapter_dir)), recursive=False)
-    partial.replace(archive)
-    return archive
 
 
 def _release_memory() -> None:

@@ -21,6 +21,7 @@ from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir, latest_checkpoin
 from dama_engine.config import TrainConfig
 from dama_engine.demo_run import prepare_demo
 from dama_engine.trainer import TrainResult, train
+from jobstore.artifacts import CHECKPOINT_ADAPTER_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -189,6 +190,7 @@ def test_checkpoint_holds_a_loadable_peft_adapter_of_its_weights(runs: Runs) -> 
     from transformers import AutoModelForImageTextToText
 
     assert runs.checkpoint_after_stop is not None
+    assert ADAPTER_DIR == CHECKPOINT_ADAPTER_DIR  # the API serves this folder without importing the engine
     folder = runs.checkpoint_after_stop / ADAPTER_DIR
     trainable = load_file(runs.checkpoint_after_stop / "trainable.safetensors")
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(runs.base_model), folder)
