@@ -230,9 +230,10 @@ def test_checkpoint_adapter_download_with_ranges(
     assert part.headers["content-range"] == f"bytes 10-29/{len(response.content)}"
     assert client1.get(url, headers={"Range": f"bytes={len(response.content) + 5}-"}).status_code == 416
 
-    assert assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/7/adapter"), 404, "checkpoint_not_found")[
-        "param"
-    ] == "step"
+    assert (
+        assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/7/adapter"), 404, "checkpoint_not_found")["param"]
+        == "step"
+    )
     # A stored path outside the job's run folder is never served.
     assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/4/adapter"), 404, "checkpoint_not_found")
     assert_error(client2.get(url), 404)
