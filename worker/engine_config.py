@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dama_engine.config import ConfigError, TrainConfig, parse_config
+from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_config
 from dama_engine.data.check import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
 from dama_engine.tiny import build_tiny_model
@@ -181,6 +181,12 @@ def build_train_config(
         },
     }
     return parse_config(values)
+
+
+def model_section(spec: JobSpec, settings: Settings) -> ModelSection:
+    """The base model of a training job as the engine loads it (a built-in tiny model: its built folder)."""
+    values, _ = _model_values(spec.model, spec.trust_remote_code, settings)
+    return ModelSection(**values)
 
 
 def adapter_folder(store: ArtifactStore, job_id: str) -> Path:
