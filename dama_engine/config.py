@@ -42,6 +42,12 @@ class ModelSection(_Section):
     trust_remote_code: bool = MODEL["trust_remote_code"].field()
     precision: Precision = MODEL["precision"].field()
     attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager, flash_attention_2.")
+    init_adapter: str | None = Field(
+        default=None,
+        description="A PEFT LoRA adapter folder to start from (a checkpoint's adapter/ or a finished run's adapter): "
+        "it is loaded onto the base and trained further (its LoRA shape replaces lora.r/alpha/target_modules); the "
+        "reference of a preference method is base + this adapter, frozen (shared/DAMA.md section 4b).",
+    )
 
 
 class DataSection(_Section):

@@ -29,7 +29,7 @@ from jobstore import spec, states
 
 # Fields of the engine config that are the engine's alone (defined once, in dama_engine.config).
 ENGINE_ONLY = {
-    "ModelSection": {"name_or_path", "revision", "attn_implementation"},
+    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter"},
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_samples", "max_pairs"},
