@@ -43,6 +43,14 @@ class ArtifactStore:
     def checkpoint_adapter_archive(self, job_id: str, step: int) -> Path:
         return self.job_dir(job_id) / "checkpoint-adapters" / f"step-{step:06d}-adapter.tar.gz"
 
+    def checkpoint_adapter_dir(self, job_id: str, checkpoint_path: str) -> Path | None:
+        """A checkpoint's PEFT folder if it is on disk and inside this job's run folder (the path comes from the
+        job store: never serve or copy a folder outside the job's own)."""
+        folder = Path(checkpoint_path) / CHECKPOINT_ADAPTER_DIR
+        if not folder.resolve().is_relative_to(self.run_dir(job_id).resolve()):
+            return None
+        return folder if (folder / "adapter_config.json").is_file() else None
+
     def export_dir(self, job_id: str, export_id: str) -> Path:
         return self.job_dir(job_id) / "exports" / export_id
 

@@ -17,6 +17,8 @@ from dama_settings.names import Method as Method
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 
 
+INIT_ADAPTER_PATTERN = r"^job_[A-Za-z0-9]{1,60}(:[0-9]{1,9})?$"
+
 # An uploaded object's id (``ds_...``, ``job_...``): bounded, like every string and list a spec may hold.
 ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
 
@@ -116,10 +118,28 @@ class JobSpec(_Spec):
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
     queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
+    init_adapter: str | None = Field(
+        default=None,
+        pattern=INIT_ADAPTER_PATTERN,
+        description="Start from an adapter of an earlier training job of this tenant on the same base model: "
+        "'job_...:STEP' (a kept checkpoint of that job, running or ended) or 'job_...' (its final adapter, once "
+        "it succeeded). The adapter is trained further (its LoRA shape replaces lora.r, lora.alpha and "
+        "lora.target_modules); the reference of a preference method is base + that adapter, frozen; the result "
+        "still loads on the plain base.",
+        examples=["job_0192a0c1d2e3f4a5b6c7d8:50"],
+    )
 
     @property
     def tiny_family(self) -> str | None:
         return TINY_MODELS.get(self.model)
+
+    @property
+    def init_source(self) -> tuple[str, int | None] | None:
+        """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
+        if self.init_adapter is None:
+            return None
+        job_id, _, step = self.init_adapter.partition(":")
+        return job_id, int(step) if step else None
 
 
 class GenerationSpec(_Spec):

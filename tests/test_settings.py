@@ -91,6 +91,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "gpus": None,
         "queue": None,
         "suffix": None,
+        "init_adapter": None,
     },
 }
 

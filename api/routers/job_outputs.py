@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path as PathType
 from typing import Annotated, Any
 
 import anyio
@@ -34,7 +33,7 @@ from api.schemas import (
     event_public,
 )
 from jobstore import repository
-from jobstore.artifacts import CHECKPOINT_ADAPTER_DIR, ArtifactStore, file_sha256, pack_folder
+from jobstore.artifacts import file_sha256, pack_folder
 from jobstore.db import session_scope
 from jobstore.states import TERMINAL, JobStatus
 
@@ -265,7 +264,7 @@ def download_checkpoint_adapter(
 ) -> Response:
     get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
     checkpoint = repository.get_checkpoint(session, job_id=job_id, step=step)
-    folder = checkpoint_adapter_folder(services.artifacts, job_id, checkpoint.path) if checkpoint else None
+    folder = services.artifacts.checkpoint_adapter_dir(job_id, checkpoint.path) if checkpoint else None
     if folder is None:
         kept = [item.step for item in repository.list_checkpoints(session, job_id=job_id)]
         raise ApiError(
@@ -290,13 +289,3 @@ def download_checkpoint_adapter(
         session.commit()
     filename = f"{job_id}-step{step}-adapter.tar.gz"
     return archive_response(archive, sha256=artifact.sha256, filename=filename, media_type="application/gzip")
-
-
-def checkpoint_adapter_folder(store: ArtifactStore, job_id: str, checkpoint_path: str) -> PathType | None:
-    """The checkpoint's ``adapter/`` folder, if it is still on disk and inside this job's run folder (the path
-    comes from the job store; never serve a folder outside the job's own)."""
-    folder = PathType(checkpoint_path) / CHECKPOINT_ADAPTER_DIR
-    run_dir = store.run_dir(job_id).resolve()
-    if not folder.resolve().is_relative_to(run_dir) or not (folder / "adapter_config.json").is_file():
-        return None
-    return folder

@@ -94,3 +94,37 @@ def test_a_failed_export_can_be_asked_for_again(
     assert_error(client1.get(f"/jobs/{job_id}/exports/{first['id']}/download"), 409, "export_not_ready")
     second = client1.post(f"/jobs/{job_id}/exports", json={"format": "merged"})
     assert second.status_code == 202 and second.json()["id"] != first["id"]
+
+
+def test_init_adapter_is_checked_at_submission(
+    client1: httpx.Client,
+    client2: httpx.Client,
+    dataset1: dict[str, Any],
+    dataset2: dict[str, Any],
+    db: sessionmaker[Session],
+    api_server: ApiServer,
+) -> None:
+    def submit(client: httpx.Client, init_adapter: str, **spec: Any) -> httpx.Response:
+        dataset = dataset1 if client is client1 else dataset2
+        body = {"model": "dama/tiny-llava", "dataset_id": dataset["id"], "queue": "nowhere", **spec}
+        return client.post("/jobs", json={**body, "init_adapter": init_adapter})
+
+    source = client1.post("/jobs", json={"model": "dama/tiny-llava", "dataset_id": dataset1["id"], "queue": "nowhere"})
+    source_id = source.json()["id"]
+    assert assert_error(submit(client1, "not-a-job"), 422)["param"] == "init_adapter"
+    assert assert_error(submit(client1, "job_000000000000abcdef:5"), 404, "job_not_found")["param"] == "init_adapter"
+    assert_error(submit(client2, f"{source_id}:5"), 404, "job_not_found")  # another tenant's job
+    assert_error(submit(client1, source_id), 422, "init_adapter_not_ready")  # its final adapter: not yet
+    assert_error(submit(client1, f"{source_id}:5"), 404, "checkpoint_not_found")
+    assert_error(submit(client1, f"{source_id}:5", model="dama/tiny-qwen2-vl"), 422, "init_adapter_mismatch")
+
+    # A kept checkpoint with its adapter on the store: accepted while the source still runs.
+    checkpoint = ArtifactStore(api_server.artifacts).run_dir(source_id) / "checkpoints" / "step-000005"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_config.json").write_text("{}")
+    with session_scope(db) as session:
+        repository.add_checkpoint(session, job_id=source_id, step=5, path=str(checkpoint))
+    created = submit(client1, f"{source_id}:5")
+    assert created.status_code == 201, created.text
+    assert created.json()["spec"]["init_adapter"] == f"{source_id}:5"
+    assert_error(submit(client1, f"{source_id}:5", lora={"enabled": False}), 422, "init_adapter_mismatch")
