@@ -115,7 +115,7 @@ def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
     again = build_train_config(spec, job_id="job_next", store=store.artifacts, settings=store.settings)
     assert again.model.init_adapter == config.model.init_adapter
     # A fresh job whose source is gone is a user error that says what to do.
-    with pytest.raises(ConfigError, match=r"init_adapter: job_src:20 has no adapter .* keep_checkpoints"):
+    with pytest.raises(ConfigError, match=r"init_adapter: job_src:20 has no adapter .*\.keep_checkpoints"):
         build_train_config(spec, job_id="job_other", store=store.artifacts, settings=store.settings)
     # Bare id: the source job's final adapter folder.
     final = store.artifacts.run_dir("job_src") / "adapter"
