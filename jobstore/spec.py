@@ -90,6 +90,26 @@ class EvaluationSpec(_Spec):
         return self
 
 
+class Integration(_Spec):
+    """Send this job's parameters, metrics, evaluation results and adapter to a tracking target of the service."""
+
+    target: str = Field(
+        min_length=1,
+        max_length=64,
+        description="A tracking target the operator defined (DAMA_TRACKING_TARGETS), by name; never a URI.",
+        examples=["team-mlflow"],
+    )
+    experiment: str = Field(
+        default="default",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
+        description="Experiment (MLflow) or run group (W&B), inside this tenant's namespace: MLflow experiment "
+        "'<tenant>/<experiment>', W&B project '<project_prefix><tenant>'.",
+        examples=["llava-dama-sweep"],
+    )
+
+
 _MODEL_DESCRIPTION = (
     "Base model: a hub name, a path on the workers, or a built-in tiny model "
     "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3)."
@@ -118,6 +138,14 @@ class JobSpec(_Spec):
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
     queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Experiment tracking: the service's tracking targets this job reports to (parameters, per-step "
+        "metrics, evaluation results, the adapter). A tracker failure never fails the job: a 'tracking' event "
+        "says so.",
+        examples=[[{"target": "team-mlflow", "experiment": "llava-dama-sweep"}]],
+    )
     init_adapter: str | None = Field(
         default=None,
         pattern=INIT_ADAPTER_PATTERN,

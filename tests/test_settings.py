@@ -92,6 +92,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "queue": None,
         "suffix": None,
         "init_adapter": None,
+        "integrations": None,
     },
 }
 

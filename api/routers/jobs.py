@@ -288,6 +288,16 @@ def create_job(
     def check() -> None:
         check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
         check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
+        for index, integration in enumerate(spec.integrations):
+            if integration.target not in services.settings.tracking_targets:
+                known = sorted(services.settings.tracking_targets) or "none are defined"
+                raise ApiError(
+                    400,
+                    "unknown_tracking_target",
+                    f"integrations[{index}].target: no tracking target {integration.target!r} on this service "
+                    f"(known: {known})",
+                    param=f"integrations[{index}].target",
+                )
         evaluation = spec.evaluation
         if evaluation is not None and evaluation.dataset_id:
             check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")

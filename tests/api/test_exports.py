@@ -128,3 +128,17 @@ def test_init_adapter_is_checked_at_submission(
     assert created.status_code == 201, created.text
     assert created.json()["spec"]["init_adapter"] == f"{source_id}:5"
     assert_error(submit(client1, f"{source_id}:5", lora={"enabled": False}), 422, "init_adapter_mismatch")
+
+
+def test_an_unknown_tracking_target_is_refused_naming_it(client1: httpx.Client, dataset1: dict[str, Any]) -> None:
+    body = {
+        "model": "dama/tiny-llava",
+        "dataset_id": dataset1["id"],
+        "queue": "nowhere",
+        "integrations": [{"target": "team-mlflow", "experiment": "a"}],
+    }
+    error = assert_error(client1.post("/jobs", json=body), 400, "unknown_tracking_target")
+    assert error["param"] == "integrations[0].target"
+    # A URI of the job's own is not a field at all.
+    body["integrations"] = [{"target": "x", "tracking_uri": "http://attacker.example"}]
+    assert assert_error(client1.post("/jobs", json=body), 422)["param"] == "integrations[0].tracking_uri"
