@@ -326,7 +326,11 @@ def evaluation_public(job: Job) -> EvaluationPublic:
 
 class EventPublic(_Public):
     seq: int = Field(description="Position in the job's event log (1, 2, ...); the SSE event id.", examples=[7])
-    type: str = Field(description="Event kind: status, stage, log, checkpoint, evaluation, ...", examples=["stage"])
+    type: str = Field(
+        description="Event kind: status, stage, log, checkpoint, evaluation, tracking (an experiment tracker "
+        "stopped; the job goes on), ...",
+        examples=["stage"],
+    )
     message: str = Field(description="Human-readable text.", examples=["training: 400 steps"])
     data: dict[str, Any] | None = Field(description="Structured details.", examples=[{"stage": "training"}])
     created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[_TIME_EXAMPLE])

@@ -266,6 +266,10 @@ def submit_job(
             "description": "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this "
             "tenant's, or init_adapter names no job of this tenant or no kept checkpoint of it.",
         },
+        400: {
+            "model": ErrorResponse,
+            "description": "unknown_tracking_target: integrations[i].target names no tracking target of this service.",
+        },
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body."},
         422: {
             "model": ErrorResponse,
