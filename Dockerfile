@@ -30,7 +30,7 @@ COPY worker ./worker
 COPY jobstore ./jobstore
 COPY dama_engine ./dama_engine
 COPY migrations ./migrations
-RUN pip install ".[engine,service]"
+RUN pip install ".[engine,service,tracking]"
 
 USER dama
 EXPOSE 8000

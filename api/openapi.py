@@ -42,7 +42,16 @@ Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the
 TAGS: list[dict[str, Any]] = [
     {"name": "datasets", "description": "Upload, inspect and delete preference datasets (validated on upload)."},
     {"name": "jobs", "description": "Create, list, inspect and cancel fine-tuning jobs."},
-    {"name": "job outputs", "description": "Events (paged or live), metric series, checkpoints and the adapter."},
+    {
+        "name": "job outputs",
+        "description": "Events (paged or live), metric series, checkpoints (each downloadable as an adapter) and "
+        "the adapter.",
+    },
+    {
+        "name": "exports",
+        "description": "Merged exports: the adapter folded into its base model on a worker, downloadable with "
+        "its sha256 and byte ranges.",
+    },
     {
         "name": "evaluations",
         "description": "Score a base model and a tuned adapter: preference metrics per hardness bucket, CHAIR.",

@@ -330,7 +330,11 @@ def evaluation_public(job: Job) -> EvaluationPublic:
 
 class EventPublic(_Public):
     seq: int = Field(description="Position in the job's event log (1, 2, ...); the SSE event id.", examples=[7])
-    type: str = Field(description="Event kind: status, stage, log, checkpoint, evaluation, ...", examples=["stage"])
+    type: str = Field(
+        description="Event kind: status, stage, log, checkpoint, evaluation, tracking (an experiment tracker "
+        "stopped; the job goes on), ...",
+        examples=["stage"],
+    )
     message: str = Field(description="Human-readable text.", examples=["training: 400 steps"])
     data: dict[str, Any] | None = Field(description="Structured details.", examples=[{"stage": "training"}])
     created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[_TIME_EXAMPLE])
@@ -448,3 +452,41 @@ class ReadyPublic(_Public):
     checks: dict[str, str] = Field(
         description="Each dependency and its state.", examples=[{"database": "ok", "broker": "ok"}]
     )
+
+
+# ---- merged exports -------------------------------------------------------------------------------------------
+
+_EXPORT_ID = "exp_0194b1c2d3e4a1b2c3d4e5f6"
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["merged"] = Field(
+        description="merged: the adapter folded into the base model's weights (safetensors, processor files, model "
+        "card): a plain transformers model that needs no peft to serve.",
+        examples=["merged"],
+    )
+
+
+class ExportPublic(_Public):
+    id: str = Field(description="Export id.", examples=[_EXPORT_ID])
+    object: Literal["export"] = Field(default="export", description="Always 'export'.", examples=["export"])
+    job_id: str = Field(description="The training job whose adapter is exported.", examples=[_JOB_ID])
+    format: str = Field(description="The export's format.", examples=["merged"])
+    status: Literal["queued", "running", "succeeded", "failed"] = Field(
+        description="queued -> running (on a worker) -> succeeded (downloadable) or failed.", examples=["succeeded"]
+    )
+    error_message: str | None = Field(description="Why it failed (failed only).", examples=[None])
+    size_bytes: int | None = Field(description="Size of the archive (succeeded only).", examples=[26843545600])
+    sha256: str | None = Field(
+        description="SHA-256 of the archive, hex (succeeded only).", examples=["9f86d081884c7d659a2feaa0c55ad015"]
+    )
+    created_at: UtcDatetime = Field(description="When it was asked for (UTC).", examples=[_TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it ended (UTC).", examples=[_TIME_EXAMPLE])
+
+
+class ExportsPublic(_Public):
+    data: list[ExportPublic] = Field(description="The job's exports, oldest first.")
+    has_more: bool = _has_more()
+    next_cursor: str | None = _next_cursor()

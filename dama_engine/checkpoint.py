@@ -1,6 +1,8 @@
 """Resumable checkpoints: everything an exact resume needs, in one folder per step.
 
-``checkpoints/step-000012/`` holds the trained weights (``trainable.safetensors``), ``optimizer.pt``,
+``checkpoints/step-000012/`` holds the trained weights (``trainable.safetensors``), the same weights as a PEFT
+adapter folder (``adapter/``: ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+``PeftModel.from_pretrained(base, folder)``; LoRA runs only), ``optimizer.pt``,
 ``scheduler.pt``, ``state.json`` (optimizer step, objective state, filter-generator state digest) and one
 ``rng-rank<R>.pt`` per process (python, numpy, torch, CUDA and the filtering generator's states). The data
 position needs no file: the order of every epoch is a pure function of the seed and the epoch.
@@ -20,9 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dama_engine.models import is_peft
 from dama_engine.objective import ObjectiveState
 
 _PREFIX = "step-"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -77,11 +81,13 @@ def save_checkpoint(
     is_main: bool,
     keep: int,
     barrier: Callable[[], None] = lambda: None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Write a checkpoint (rank 0 writes the shared files, every rank its RNG file); prune old ones.
 
     ``barrier`` waits for every rank (``accelerator.wait_for_everyone``): ``state.json``, which marks the
-    checkpoint complete, is written only once every rank's RNG file is on disk.
+    checkpoint complete, is written only once every rank's RNG file is on disk. ``model`` (the PEFT model, not
+    its DDP wrapper) adds the ``adapter/`` folder, so any kept checkpoint can be served as an adapter without torch.
     """
     path = checkpoint_dir(output_dir, state.step)
     path.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,8 @@ def save_checkpoint(
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path / "trainable.safetensors")
         torch.save(optimizer.state_dict(), path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
+        if model is not None:
+            save_checkpoint_adapter(model, path)
         # state.json last: its presence marks the checkpoint complete.
         (path / "state.json").write_text(
             json.dumps({"step": state.step, "objective": state.objective.to_dict()}, indent=2)
@@ -99,6 +107,16 @@ def save_checkpoint(
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_checkpoint_adapter(model: torch.nn.Module, path: Path) -> Path | None:
+    """Write the model's trainable adapter as a PEFT folder under the checkpoint; None for a full fine-tune (its
+    training state is the whole model, served by no adapter route)."""
+    if not is_peft(model):
+        return None
+    adapter_dir = path / ADAPTER_DIR
+    model.save_pretrained(adapter_dir)  # type: ignore[operator]
+    return adapter_dir
 
 
 def load_checkpoint(

@@ -43,6 +43,12 @@ class ModelSection(_Section):
     trust_remote_code: bool = MODEL["trust_remote_code"].field()
     precision: Precision = MODEL["precision"].field()
     attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager, flash_attention_2.")
+    init_adapter: str | None = Field(
+        default=None,
+        description="A PEFT LoRA adapter folder to start from (a checkpoint's adapter/ or a finished run's adapter): "
+        "it is loaded onto the base and trained further (its LoRA shape replaces lora.r/alpha/target_modules); the "
+        "reference of a preference method is base + this adapter, frozen (shared/DAMA.md section 4b).",
+    )
 
 
 class DataSection(_Section):
@@ -138,7 +144,7 @@ class RunSection(_Section):
         default=None, description="Reference log-probs and hardness cache; default under output_dir."
     )
     checkpoint_every: int | None = RUN["checkpoint_every"].field()
-    keep_checkpoints: int = Field(default=2, gt=0)
+    keep_checkpoints: int = RUN["keep_checkpoints"].field()
     eval_every: int | None = RUN["eval_every"].field()
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")

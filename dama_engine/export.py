@@ -4,6 +4,9 @@
 ``PeftModel.from_pretrained(base, folder)``), the processor and tokenizer files, ``training_config.json``,
 ``metrics.json``, a PNG chart of the training curves and a model card (``README.md``). A full fine-tune writes
 the whole model there instead.
+
+:func:`export_merged` folds an adapter into its base (peft ``merge_and_unload``) and writes a plain model folder
+(safetensors weights, config, processor files, a model card) that serving stacks load without peft.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dama_engine.charts import plot_training
-from dama_engine.config import TrainConfig
-from dama_engine.models import is_peft
+from dama_engine.config import ModelSection, TrainConfig
+from dama_engine.models import is_peft, load_processor
 
 
 def _table(metrics: dict[str, float] | None) -> str:
@@ -153,3 +156,58 @@ def _bucket_thresholds(results: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(thresholds, dict) and "low" in thresholds:
             return thresholds
     return None
+
+
+def merged_model_card(*, base: str, adapter_name: str, adapter_card: str | None) -> str:
+    """The merged model's card: where it came from, how to load it, and the adapter's own card below."""
+    card = f"""---
+base_model: {base}
+library_name: transformers
+tags: [dama, dpo, preference-tuning, vision-language, merged]
+---
+# {adapter_name} merged into {base}
+
+The LoRA adapter `{adapter_name}` folded into the weights of `{base}` (peft `merge_and_unload`): a plain
+transformers model, no peft needed to serve it.
+
+## Use
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")
+processor = AutoProcessor.from_pretrained("path/to/this/folder")
+```
+"""
+    if adapter_card:
+        # The adapter card's own front matter would be a second YAML header: keep its body only.
+        body = adapter_card.split("---", 2)[-1] if adapter_card.startswith("---") else adapter_card
+        card += "\n## The adapter\n" + body.replace("\n# ", "\n### ")
+    return card
+
+
+def export_merged(
+    *, model: ModelSection, adapter_dir: Path, output_dir: Path, adapter_name: str, base_name: str | None = None
+) -> Path:
+    """Write base + adapter as one model folder: ``model.safetensors`` (sharded when large), ``config.json``,
+    the processor files and ``README.md``.
+
+    The base loads in its stored dtype (``dtype="auto"``), so a bf16 base gives bf16 merged weights, as served.
+    ``base_name`` names the base in the card where ``model.name_or_path`` is a local folder.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(
+        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code, dtype="auto"
+    )
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    load_processor(model).save_pretrained(output_dir)
+    adapter_card = adapter_dir / "README.md"
+    card = merged_model_card(
+        base=base_name or model.name_or_path,
+        adapter_name=adapter_name,
+        adapter_card=adapter_card.read_text() if adapter_card.is_file() else None,
+    )
+    (output_dir / "README.md").write_text(card)
+    return output_dir

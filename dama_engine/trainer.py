@@ -40,6 +40,7 @@ from dama_engine.hardness import cache_key as hardness_cache_key
 from dama_engine.logprobs import pair_log_probs, unwrap_model
 from dama_engine.model_files import code_version, folder_identity
 from dama_engine.models import (
+    adapter_identity,
     is_peft,
     load_model,
     load_processor,
@@ -177,6 +178,8 @@ def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: 
     identity["bf16"] = bf16  # the precision "auto" resolved to on this machine
     # A hub model: the commit its files came from, so an updated repo never reuses old reference log-probs.
     identity["commit"] = commit
+    if config.model.init_adapter:  # only then: the keys of runs from the plain base stay as they were
+        identity["init_adapter"] = adapter_identity(config.model.init_adapter)
     return identity
 
 
@@ -337,7 +340,11 @@ def _validated_data(
 def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
     """The model with LoRA (or unfrozen for a full fine-tune), on the device, its pair forward and compiling set."""
     optim = config.optim
-    model = make_trainable(load_model(config.model, dtype=resolve_dtype(config.model.precision, device)), config.lora)
+    model = make_trainable(
+        load_model(config.model, dtype=resolve_dtype(config.model.precision, device)),
+        config.lora,
+        init_adapter=config.model.init_adapter,
+    )
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
@@ -415,8 +422,10 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     def reference_for(rows: list[PreferenceRow], name: str) -> torch.Tensor:
         def compute() -> torch.Tensor:
             model.eval()
-            # The reference is the base model: the adapter switched off (full fine-tuning has not started yet).
-            context = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+            # The reference is the starting model: the base with the adapter switched off (full fine-tuning has not
+            # started yet), or base + the starting adapter, before its first update (shared/DAMA.md section 4b).
+            fresh = is_peft(model) and config.model.init_adapter is None
+            context = model.disable_adapter() if fresh else contextlib.nullcontext()
             with context:
                 values = _pair_log_probs_all(
                     model,
@@ -552,6 +561,7 @@ def _after_step(run: _Run, callback: Callback, metrics: dict[str, float], *, log
             is_main=run.is_main,
             keep=config.run.keep_checkpoints,
             barrier=run.accelerator.wait_for_everyone,
+            model=run.model,
         )
         run.accelerator.wait_for_everyone()
         callback.on_checkpoint(step, path)

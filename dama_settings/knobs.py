@@ -162,6 +162,13 @@ RUN = by_name(
         # A job may be re-queued after a lost worker: checkpoint by default so it resumes.
         service_default=50,
     ),
+    Setting(
+        "keep_checkpoints",
+        2,
+        "How many of the newest checkpoints are kept (older ones are pruned); each is downloadable as an adapter.",
+        gt=0,
+        service_le=100,
+    ),
     Setting("eval_every", None, "Evaluate on the held-out split every N steps.", gt=0),
 )
 

@@ -18,6 +18,7 @@ from jobstore.settings import Settings
 
 RUN_JOB_TASK = "dama.run_job"
 SWEEP_TASK = "dama.sweep"
+EXPORT_TASK = "dama.export"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -50,3 +51,8 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_job(app: Celery, *, job_id: str, queue: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+
+def enqueue_export(app: Celery, *, export_id: str, queue: str) -> None:
+    """A merged export runs on the queue of its training job: those workers hold its base model."""
+    app.send_task(EXPORT_TASK, args=[export_id], queue=queue)

@@ -469,6 +469,12 @@ def forget_checkpoints(session: Session, *, job_id: str, paths: Iterable[str]) -
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def get_checkpoint(session: Session, *, job_id: str, step: int) -> Checkpoint | None:
+    return session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step).order_by(Checkpoint.id)
+    )
+
+
 def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
@@ -486,6 +492,10 @@ def get_artifact(session: Session, *, job_id: str, kind: str) -> Artifact | None
     return session.scalar(
         select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind).order_by(Artifact.id.desc())
     )
+
+
+def get_artifact_by_path(session: Session, *, job_id: str, path: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.path == path))
 
 
 # ---- the sweeper ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobstore.tracking import TargetName, TrackingTarget
 from jobstore.webhooks import DISABLE_AFTER, RETRY_SCHEDULE_S, parse_allowed_hosts
 
 DEFAULT_HOME = Path(".dama")
@@ -151,6 +152,11 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")
+    tracking_targets: dict[TargetName, TrackingTarget] = Field(
+        default_factory=dict,
+        description="Experiment-tracking targets job specs may name (JSON: name -> {kind, tracking_uri | entity, "
+        "project_prefix}); credentials come from the workers' environment, never from here or a spec.",
+    )
 
     @model_validator(mode="after")
     def _safe_in_production(self) -> Settings:

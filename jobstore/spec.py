@@ -18,6 +18,8 @@ from dama_settings.rules import too_small_filter_group
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 
 
+INIT_ADAPTER_PATTERN = r"^job_[A-Za-z0-9]{1,60}(:[0-9]{1,9})?$"
+
 # An uploaded object's id (``ds_...``, ``job_...``): bounded, like every string and list a spec may hold.
 ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
 
@@ -55,6 +57,7 @@ class Hyperparameters(_Spec):
     compile: CompileMode = OPTIM["compile"].field(service=True)
     seed: int = OPTIM["seed"].field(service=True)
     checkpoint_every: int = RUN["checkpoint_every"].field(service=True)
+    keep_checkpoints: int = RUN["keep_checkpoints"].field(service=True)
     eval_every: int | None = RUN["eval_every"].field(service=True)
 
 
@@ -89,6 +92,26 @@ class EvaluationSpec(_Spec):
         return self
 
 
+class Integration(_Spec):
+    """Send this job's parameters, metrics, evaluation results and adapter to a tracking target of the service."""
+
+    target: str = Field(
+        min_length=1,
+        max_length=64,
+        description="A tracking target the operator defined (DAMA_TRACKING_TARGETS), by name; never a URI.",
+        examples=["team-mlflow"],
+    )
+    experiment: str = Field(
+        default="default",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
+        description="Experiment (MLflow) or run group (W&B), inside this tenant's namespace: MLflow experiment "
+        "'<tenant>/<experiment>', W&B project '<project_prefix><tenant>'.",
+        examples=["llava-dama-sweep"],
+    )
+
+
 _MODEL_DESCRIPTION = (
     "Base model: a hub name, a path on the workers, or a built-in tiny model "
     "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3)."
@@ -117,6 +140,24 @@ class JobSpec(_Spec):
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
     queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Experiment tracking: the service's tracking targets this job reports to (parameters, per-step "
+        "metrics, evaluation results, the adapter). A tracker failure never fails the job: a 'tracking' event "
+        "says so.",
+        examples=[[{"target": "team-mlflow", "experiment": "llava-dama-sweep"}]],
+    )
+    init_adapter: str | None = Field(
+        default=None,
+        pattern=INIT_ADAPTER_PATTERN,
+        description="Start from an adapter of an earlier training job of this tenant on the same base model: "
+        "'job_...:STEP' (a kept checkpoint of that job, running or ended) or 'job_...' (its final adapter, once "
+        "it succeeded). The adapter is trained further (its LoRA shape replaces lora.r, lora.alpha and "
+        "lora.target_modules); the reference of a preference method is base + that adapter, frozen; the result "
+        "still loads on the plain base.",
+        examples=["job_0192a0c1d2e3f4a5b6c7d8:50"],
+    )
 
     @property
     def tiny_family(self) -> str | None:
@@ -147,6 +188,14 @@ class JobSpec(_Spec):
             f"{hp.filter_scope}), and floor(keep_ratio {hp.keep_ratio} x {group}) < 2 turns filtering off and sets "
             f"beta from one pair; {fix}"
         )
+
+    @property
+    def init_source(self) -> tuple[str, int | None] | None:
+        """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
+        if self.init_adapter is None:
+            return None
+        job_id, _, step = self.init_adapter.partition(":")
+        return job_id, int(step) if step else None
 
 
 class GenerationSpec(_Spec):

@@ -29,11 +29,11 @@ from jobstore import spec, states
 
 # Fields of the engine config that are the engine's alone (defined once, in dama_engine.config).
 ENGINE_ONLY = {
-    "ModelSection": {"name_or_path", "revision", "attn_implementation"},
+    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter"},
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_samples", "max_pairs"},
-    "RunSection": {"output_dir", "cache_dir", "keep_checkpoints", "log_every", "resume", "distributed_timeout_s"},
+    "RunSection": {"output_dir", "cache_dir", "log_every", "resume", "distributed_timeout_s"},
 }
 
 ENGINE_SECTIONS: dict[type[BaseModel], dict[str, Setting]] = {
@@ -66,6 +66,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "compile": knobs.OPTIM["compile"],
         "seed": knobs.OPTIM["seed"],
         "checkpoint_every": knobs.RUN["checkpoint_every"],
+        "keep_checkpoints": knobs.RUN["keep_checkpoints"],
         "eval_every": knobs.RUN["eval_every"],
     },
     spec.LoraSpec: {name: setting for name, setting in knobs.LORA.items()},
@@ -88,6 +89,8 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "gpus": None,
         "queue": None,
         "suffix": None,
+        "init_adapter": None,
+        "integrations": None,
     },
 }
 

@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dama_engine.config import ConfigError, TrainConfig, parse_config
+from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir
+from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_config
 from dama_engine.data.check import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
 from dama_engine.tiny import build_tiny_model
@@ -86,6 +87,39 @@ def _existing_dataset(store: ArtifactStore, dataset_id: str, role: str) -> Path:
     return folder
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def starting_adapter(spec: JobSpec, *, job_id: str, store: ArtifactStore) -> Path:
+    """The adapter the job starts from, copied into its own folder on the first attempt (the source checkpoint
+    may be pruned later, and a resumed attempt needs the same start and the same reference cache key).
+
+    The API checked that the source is this tenant's job on the same base; here only its files are looked for.
+    """
+    assert spec.init_source is not None
+    target = store.job_dir(job_id) / "init_adapter"
+    if all((target / name).is_file() for name in ADAPTER_FILES):
+        return target
+    source_job, step = spec.init_source
+    source = checkpoint_dir(store.run_dir(source_job), step) / ADAPTER_DIR if step is not None else None
+    source = source or adapter_folder(store, source_job)
+    missing = [name for name in ADAPTER_FILES if not (source / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"init_adapter: {spec.init_adapter} has no adapter on the workers' artifact store any more (pruned or "
+            "deleted); start from a kept checkpoint (GET /jobs/{id}/checkpoints) or keep more of them with "
+            "hyperparameters.keep_checkpoints"
+        )
+    partial = target.with_name("init_adapter.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copyfile(source / name, partial / name)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
+    return target
+
+
 def generative_files(store: ArtifactStore, dataset_id: str, role: str) -> tuple[Path, Path]:
     """The generative evaluation set's JSONL file and vocabulary in dataset ``dataset_id``'s folder."""
     folder = _existing_dataset(store, dataset_id, role)
@@ -145,6 +179,8 @@ def build_train_config(
             generative, vocabulary = generative_files(store, spec.evaluation.generative_dataset_id, "generative")
             evaluation.update(generative=str(generative), vocabulary=str(vocabulary))
 
+    if spec.init_source is not None:
+        model["init_adapter"] = str(starting_adapter(spec, job_id=job_id, store=store))
     values: dict[str, Any] = {
         "model": model,
         "data": data,
@@ -181,11 +217,18 @@ def build_train_config(
             "output_dir": str(store.run_dir(job_id).resolve()),
             "cache_dir": str((store.root / "cache").resolve()),
             "checkpoint_every": hp.checkpoint_every,
+            "keep_checkpoints": hp.keep_checkpoints,
             "eval_every": hp.eval_every,
             "resume": True,
         },
     }
     return parse_config(values)
+
+
+def model_section(spec: JobSpec, settings: Settings) -> ModelSection:
+    """The base model of a training job as the engine loads it (a built-in tiny model: its built folder)."""
+    values, _ = _model_values(spec.model, spec.trust_remote_code, settings)
+    return ModelSection(**values)
 
 
 def adapter_folder(store: ArtifactStore, job_id: str) -> Path:

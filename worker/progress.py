@@ -294,6 +294,10 @@ class JobReporter(Callback):
                 eta = max(0.0, (self.total_steps - self.step) * elapsed / done)
         return progress, eta
 
+    def note(self, message: str, data: dict[str, Any]) -> None:
+        """A ``tracking`` event: what an experiment tracker could not do (never a job failure)."""
+        self._event("tracking", message, data)
+
     def _event(self, kind: str, message: str, data: dict[str, Any] | None) -> None:
         self.outbox.add(["event", kind, message, data])
 

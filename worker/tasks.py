@@ -40,7 +40,6 @@ import logging
 import os
 import shutil
 import socket
-import tarfile
 import threading
 import time
 import traceback
@@ -55,6 +54,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dama_engine.callbacks import CallbackList
 from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import ConfigError
 from dama_engine.data.formats import DataFormatError
@@ -62,10 +62,10 @@ from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
 from dama_engine.trainer import DataError, TrainResult, train
 from jobstore import quota, repository
-from jobstore.artifacts import ArtifactStore, file_sha256
+from jobstore.artifacts import ArtifactStore, file_sha256, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
-from jobstore.models import Dataset, Job
+from jobstore.models import Dataset, Job, Tenant
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
@@ -90,6 +90,7 @@ from worker.progress import (
     store_unreachable,
 )
 from worker.sweeper import StoreWatch, sweep
+from worker.tracking import Tracking, make_tracking
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class _Claimed:
     dataset_format: str | None
     resume_step: int
     kind: str = repository.TRAINING
+    tenant_name: str = ""  # the tracking namespace (worker.tracking)
 
 
 @dataclass(frozen=True)
@@ -228,22 +230,35 @@ def run_job(
 def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings) -> str | None:
     reporter, job_id = recorder.reporter, claimed.job_id
     spec: JobSpec | None = None
+    tracking: Tracking | None = None
     try:
         spec = JobSpec.model_validate(claimed.spec)
-        result = _train(spec, claimed, reporter, store=store, settings=settings)
+        tracking = make_tracking(
+            spec,
+            settings.tracking_targets,
+            tenant=claimed.tenant_name,
+            job_id=job_id,
+            folder=store.job_dir(job_id) / "tracking",
+            note=reporter.note,
+        )
+        result = _train(spec, claimed, reporter, store=store, settings=settings, tracking=tracking)
     except JobStopped:
         result = None
     except Exception as error:
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
         log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
+        if tracking is not None:
+            tracking.finish("failed")
         return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
 
     if result is None or result.stopped:
+        if tracking is not None:
+            tracking.finish("cancelled")
         return recorder.stopped()
     try:
         archive = store.adapter_archive(job_id)
         assert result.adapter_dir is not None
-        pack_adapter(result.adapter_dir, archive)
+        pack_folder(result.adapter_dir, archive)
         sha256, size = file_sha256(archive), archive.stat().st_size
     except Exception as error:
         kind, message = ErrorKind.system_error, short_traceback(error)
@@ -261,6 +276,8 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
         "seconds": round(result.seconds, 3),
         "attempts": claimed.attempt,
     }
+    if tracking is not None:
+        tracking.finish("succeeded", adapter=result.adapter_dir, results=summary)
     return recorder.finish(
         JobStatus.succeeded,
         message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
@@ -345,22 +362,31 @@ def _claim(
                 dataset_format=dataset.format if dataset is not None else None,
                 resume_step=max(resume_step, 0),
                 kind=job.kind,
+                tenant_name=tenant.name if (tenant := session.get(Tenant, job.tenant_id)) else job.tenant_id,
             )
     except OperationalError as error:
         raise JobStoreUnavailable(f"could not claim job {job_id}: {error}") from error
 
 
 def _train(
-    spec: JobSpec, claimed: _Claimed, reporter: JobReporter, *, store: ArtifactStore, settings: Settings
+    spec: JobSpec,
+    claimed: _Claimed,
+    reporter: JobReporter,
+    *,
+    store: ArtifactStore,
+    settings: Settings,
+    tracking: Tracking | None = None,
 ) -> TrainResult:
     config = build_train_config(
         spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
     )
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
-        return run_distributed(config, reporter, nproc=spec.gpus, work_dir=store.job_dir(claimed.job_id))
+        callback = CallbackList([reporter, tracking]) if tracking is not None else reporter
+        return run_distributed(config, callback, nproc=spec.gpus, work_dir=store.job_dir(claimed.job_id))
     # The same progress records as under torchrun, delivered in process (dama_engine.events).
-    return train(config, EventRelay(reporter))
+    relay = EventRelay(reporter)
+    return train(config, CallbackList([relay, tracking]) if tracking is not None else relay)
 
 
 def _check_gpus(wanted: int) -> None:
@@ -560,18 +586,6 @@ def _clip(text: str, *, keep_end: bool = False) -> str:
     if keep_end:
         return text[:500] + "\n...\n" + text[-(MAX_ERROR_CHARS - 505) :]
     return text[: MAX_ERROR_CHARS - 4] + "\n..."
-
-
-def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
-    """A flat gzipped tar of the adapter folder, written beside ``archive`` and renamed into place (atomic)."""
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".partial")
-    with tarfile.open(partial, "w:gz") as bundle:
-        for path in sorted(adapter_dir.rglob("*")):
-            if path.is_file():
-                bundle.add(path, arcname=str(path.relative_to(adapter_dir)), recursive=False)
-    partial.replace(archive)
-    return archive
 
 
 def _release_memory() -> None:

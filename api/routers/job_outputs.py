@@ -7,14 +7,12 @@ listening on the broker: Postgres is the one source of truth, and a stream resum
 
 from __future__ import annotations
 
-import base64
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import OperationalError
@@ -22,6 +20,7 @@ from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CurrentTenant, Services, ServicesDep, SessionDep
+from api.downloads import archive_response, archive_responses, safe_label
 from api.errors import ApiError
 from api.routers.jobs import JOB_NOT_FOUND, UNAUTHORIZED, get_tenant_job
 from api.schemas import (
@@ -34,7 +33,7 @@ from api.schemas import (
     event_public,
 )
 from jobstore import repository
-from jobstore.artifacts import file_sha256
+from jobstore.artifacts import file_sha256, pack_folder
 from jobstore.db import session_scope
 from jobstore.states import TERMINAL, JobStatus
 
@@ -214,14 +213,7 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
     "carry its SHA-256; Range requests are supported.",
     response_class=FileResponse,
     responses={
-        200: {
-            "description": "The adapter archive.",
-            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
-            "headers": {
-                "X-Content-SHA256": {"description": "SHA-256 of the archive (hex).", "schema": {"type": "string"}},
-                "Repr-Digest": {"description": "RFC 9530 digest (sha-256).", "schema": {"type": "string"}},
-            },
-        },
+        **archive_responses("The adapter archive.", "application/gzip"),
         401: UNAUTHORIZED,
         404: {"model": ErrorResponse, "description": "No such job for this tenant, or its adapter is missing."},
         409: {"model": ErrorResponse, "description": "The job has not succeeded (yet)."},
@@ -240,13 +232,60 @@ def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, se
         raise ApiError(404, "adapter_not_found", "the job succeeded but its adapter archive is missing from the store")
     artifact = repository.get_artifact(session, job_id=job_id, kind="adapter")
     sha256 = artifact.sha256 if artifact is not None else file_sha256(path)
-    digest_b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
-    suffix = job.spec.get("suffix") if isinstance(job.spec, dict) else None
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", suffix).strip("._") if suffix else ""
+    label = safe_label(job.spec.get("suffix") if isinstance(job.spec, dict) else None)
     filename = f"{job_id}-{label}-adapter.tar.gz" if label else f"{job_id}-adapter.tar.gz"
-    return FileResponse(
-        path,
-        media_type="application/gzip",
-        filename=filename,
-        headers={"X-Content-SHA256": sha256, "Repr-Digest": f"sha-256=:{digest_b64}:"},
-    )
+    return archive_response(path, sha256=sha256, filename=filename, media_type="application/gzip")
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/adapter",
+    summary="Download a checkpoint's adapter",
+    description="Any kept checkpoint's LoRA adapter as a .tar.gz that `PeftModel.from_pretrained(base, folder)` "
+    "loads (adapter_config.json, adapter_model.safetensors), while the job runs or after it ended. Packed from the "
+    "files the engine wrote on the first request, then served as stored; `X-Content-SHA256` and `Repr-Digest` carry "
+    "its SHA-256; Range requests are supported. How many checkpoints are kept: `hyperparameters.keep_checkpoints`.",
+    response_class=FileResponse,
+    responses={
+        **archive_responses("The checkpoint's adapter archive.", "application/gzip"),
+        401: UNAUTHORIZED,
+        404: {
+            "model": ErrorResponse,
+            "description": "No such job for this tenant, no kept checkpoint at this step, or the job is a full "
+            "fine-tune (its checkpoints hold no adapter).",
+        },
+    },
+)
+def download_checkpoint_adapter(
+    job_id: str,
+    step: Annotated[int, Path(ge=0, le=MAX_SEQ, description="The checkpoint's optimizer step.", examples=[50])],
+    session: SessionDep,
+    tenant: CurrentTenant,
+    services: ServicesDep,
+) -> Response:
+    get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
+    checkpoint = repository.get_checkpoint(session, job_id=job_id, step=step)
+    folder = services.artifacts.checkpoint_adapter_dir(job_id, checkpoint.path) if checkpoint else None
+    if folder is None:
+        kept = [item.step for item in repository.list_checkpoints(session, job_id=job_id)]
+        raise ApiError(
+            404,
+            "checkpoint_not_found",
+            f"step: no kept checkpoint with an adapter at step {step} (kept steps: {kept or 'none'})",
+            param="step",
+        )
+    archive = services.artifacts.checkpoint_adapter_archive(job_id, step)
+    artifact = repository.get_artifact_by_path(session, job_id=job_id, path=str(archive))
+    if artifact is None or not archive.is_file():
+        pack_folder(folder, archive)
+        artifact = repository.add_artifact(
+            session,
+            tenant_id=tenant.id,
+            job_id=job_id,
+            kind="checkpoint_adapter",
+            path=str(archive),
+            size_bytes=archive.stat().st_size,
+            sha256=file_sha256(archive),
+        )
+        session.commit()
+    filename = f"{job_id}-step{step}-adapter.tar.gz"
+    return archive_response(archive, sha256=artifact.sha256, filename=filename, media_type="application/gzip")

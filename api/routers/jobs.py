@@ -21,6 +21,7 @@ from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, Session
 from api.errors import ApiError, not_found
 from api.schemas import ErrorResponse, JobPublic, JobsPublic, job_public
 from jobstore import quota, repository
+from jobstore.artifacts import ArtifactStore
 from jobstore.broker import enqueue_job
 from jobstore.models import Dataset, Job
 from jobstore.spec import JobSpec
@@ -114,6 +115,45 @@ def check_dataset(
             param=param,
         )
     return dataset
+
+
+def check_init_adapter(session: Session, store: ArtifactStore, *, tenant_id: str, spec: JobSpec) -> None:
+    """404 unless ``init_adapter`` names this tenant's training job and a kept checkpoint (or, bare, a succeeded
+    job); 422 unless that job trained the same base model with LoRA."""
+    source = spec.init_source
+    if source is None:
+        return
+    param, (job_id, step) = "init_adapter", source
+    job = repository.get_job(session, job_id=job_id, tenant_id=tenant_id, kind=repository.TRAINING)
+    if job is None:
+        raise not_found("job", job_id, param=param)
+    origin = JobSpec.model_validate(job.spec)
+    if origin.model != spec.model or not origin.lora.enabled or not spec.lora.enabled:
+        raise ApiError(
+            422,
+            "init_adapter_mismatch",
+            f"{param}: job {job_id} trained a {'LoRA adapter' if origin.lora.enabled else 'full fine-tune'} of "
+            f"{origin.model}; a start needs a LoRA adapter of this job's model ({spec.model}) and lora.enabled",
+            param=param,
+        )
+    if step is None and job.status != JobStatus.succeeded.value:
+        raise ApiError(
+            422,
+            "init_adapter_not_ready",
+            f"{param}: job {job_id} is {job.status}; its final adapter exists once it has succeeded (or start "
+            f"from a kept checkpoint: '{job_id}:STEP')",
+            param=param,
+        )
+    if step is not None:
+        checkpoint = repository.get_checkpoint(session, job_id=job_id, step=step)
+        if checkpoint is None or store.checkpoint_adapter_dir(job_id, checkpoint.path) is None:
+            kept = [item.step for item in repository.list_checkpoints(session, job_id=job_id)]
+            raise ApiError(
+                404,
+                "checkpoint_not_found",
+                f"{param}: job {job_id} has no kept checkpoint with an adapter at step {step} (kept: {kept or 'none'})",
+                param=param,
+            )
 
 
 def submit_job(
@@ -226,7 +266,8 @@ def submit_job(
         400: {
             "model": ErrorResponse,
             "description": "filter_group_too_small: the model-aware filter would see fewer pairs than it needs "
-            "(shared/DAMA.md 2.5); the message names both fixes.",
+            "(shared/DAMA.md 2.5); the message names both fixes. unknown_tracking_target: integrations[i].target "
+            "names no tracking target of this service.",
         },
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
@@ -238,13 +279,14 @@ def submit_job(
         404: {
             "model": ErrorResponse,
             "description": "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this "
-            "tenant's.",
+            "tenant's, or init_adapter names no job of this tenant or no kept checkpoint of it.",
         },
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body."},
         422: {
             "model": ErrorResponse,
             "description": "Invalid spec, or a dataset of the wrong kind (a generative set as training or held-out "
-            "pairs, or preference pairs as evaluation.generative_dataset_id); param names the field.",
+            "pairs, or preference pairs as evaluation.generative_dataset_id), or an init_adapter of another base "
+            "model or of a job that has not succeeded; param names the field.",
         },
     },
 )
@@ -262,6 +304,17 @@ def create_job(
 
     def check() -> None:
         check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+        check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
+        for index, integration in enumerate(spec.integrations):
+            if integration.target not in services.settings.tracking_targets:
+                known = sorted(services.settings.tracking_targets) or "none are defined"
+                raise ApiError(
+                    400,
+                    "unknown_tracking_target",
+                    f"integrations[{index}].target: no tracking target {integration.target!r} on this service "
+                    f"(known: {known})",
+                    param=f"integrations[{index}].target",
+                )
         evaluation = spec.evaluation
         if evaluation is not None and evaluation.dataset_id:
             check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")

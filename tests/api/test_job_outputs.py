@@ -186,3 +186,55 @@ def test_adapter_download(
     assert f"{job['id']}-adapter.tar.gz" in response.headers["Content-Disposition"]
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
         assert archive.getnames() == ["adapter_config.json"]
+
+
+def test_checkpoint_adapter_download_with_ranges(
+    client1: httpx.Client,
+    client2: httpx.Client,
+    dataset1: dict[str, Any],
+    db: sessionmaker[Session],
+    api_server: ApiServer,
+) -> None:
+    job = _new_job(client1, dataset1)
+    store = ArtifactStore(api_server.artifacts)
+    # What the engine writes: checkpoints/step-N/adapter/ beside the training state.
+    checkpoint = store.run_dir(job["id"]) / "checkpoints" / "step-000003"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    weights = bytes(range(256)) * 64
+    (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(weights)
+    (checkpoint / "optimizer.pt").write_bytes(b"not part of the adapter")
+    outside = api_server.artifacts / "elsewhere" / "step-000004"
+    (outside / "adapter").mkdir(parents=True)
+    (outside / "adapter" / "adapter_config.json").write_text("{}")
+    with session_scope(db) as session:
+        repository.add_checkpoint(session, job_id=job["id"], step=3, path=str(checkpoint))
+        repository.add_checkpoint(session, job_id=job["id"], step=4, path=str(outside))
+
+    url = f"/jobs/{job['id']}/checkpoints/3/adapter"
+    response = client1.get(url)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Content-SHA256"] == hashlib.sha256(response.content).hexdigest()
+    assert response.headers["accept-ranges"] == "bytes"
+    assert f"{job['id']}-step3-adapter.tar.gz" in response.headers["Content-Disposition"]
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        assert sorted(archive.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
+        member = archive.extractfile("adapter_model.safetensors")
+        assert member is not None and member.read() == weights
+    # Packed once: the second download is the same bytes, and a byte range is served from them.
+    again = client1.get(url)
+    assert again.content == response.content
+    part = client1.get(url, headers={"Range": "bytes=10-29"})
+    assert part.status_code == 206
+    assert part.content == response.content[10:30]
+    assert part.headers["content-range"] == f"bytes 10-29/{len(response.content)}"
+    assert client1.get(url, headers={"Range": f"bytes={len(response.content) + 5}-"}).status_code == 416
+
+    assert (
+        assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/7/adapter"), 404, "checkpoint_not_found")["param"]
+        == "step"
+    )
+    # A stored path outside the job's run folder is never served.
+    assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/4/adapter"), 404, "checkpoint_not_found")
+    assert_error(client2.get(url), 404)
+    assert_error(client1.get(f"/jobs/{job['id']}/checkpoints/-1/adapter"), 422)

@@ -7,6 +7,7 @@ broker, no external servers), which is what the README's run command does.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -188,16 +189,46 @@ def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Pat
     # The adapter downloads with its sha256 and loads with peft on the base model.
     download = client.get(f"/jobs/{job_id}/adapter")
     assert download.status_code == 200
-    import hashlib
-
     assert hashlib.sha256(download.content).hexdigest() == download.headers["X-Content-SHA256"]
     with tarfile.open(fileobj=io.BytesIO(download.content)) as bundle:
         bundle.extractall(tmp_path / "adapter", filter="data")
     adapter_dir = next(p.parent for p in (tmp_path / "adapter").rglob("adapter_config.json"))
     base_dir = next(p.parent for p in service["models"].rglob("config.json") if "llava" in p.read_text())
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter_dir).eval()
+    tokens = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits).all()
+        tuned_logits = model(input_ids=tokens).logits
+    assert torch.isfinite(tuned_logits).all()
+
+    # Any kept checkpoint downloads as an adapter that loads on the base.
+    kept = [item["step"] for item in client.get(f"/jobs/{job_id}/checkpoints").json()["data"]]
+    checkpoint = client.get(f"/jobs/{job_id}/checkpoints/{kept[-1]}/adapter")
+    assert checkpoint.status_code == 200, checkpoint.text
+    assert hashlib.sha256(checkpoint.content).hexdigest() == checkpoint.headers["X-Content-SHA256"]
+    with tarfile.open(fileobj=io.BytesIO(checkpoint.content)) as bundle:
+        bundle.extractall(tmp_path / "checkpoint", filter="data")
+    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "checkpoint")
+
+    # A merged export runs on the worker; its weights give the logits of base + adapter, without peft.
+    asked = client.post(f"/jobs/{job_id}/exports", json={"format": "merged"})
+    assert asked.status_code == 202, asked.text
+    export_url = f"/jobs/{job_id}/exports/{asked.json()['id']}"
+    deadline = time.monotonic() + 120
+    while (export := client.get(export_url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, export
+        time.sleep(0.3)
+    assert export["status"] == "succeeded", export
+    merged = client.get(f"{export_url}/download")
+    assert merged.status_code == 200 and len(merged.content) == export["size_bytes"]
+    assert hashlib.sha256(merged.content).hexdigest() == export["sha256"] == merged.headers["X-Content-SHA256"]
+    tail = client.get(f"{export_url}/download", headers={"Range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == merged.content[-100:]
+    with tarfile.open(fileobj=io.BytesIO(merged.content)) as bundle:
+        assert {"config.json", "model.safetensors", "README.md"} <= set(bundle.getnames())
+        bundle.extractall(tmp_path / "merged", filter="data")
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=tokens).logits, tuned_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_cancel_mid_training(service: dict[str, Any], tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from dama_engine.callbacks import Callback
-from dama_engine.checkpoint import checkpoint_dir, latest_checkpoint
+from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir, latest_checkpoint
 from dama_engine.config import TrainConfig
 from dama_engine.demo_run import prepare_demo
 from dama_engine.trainer import TrainResult, train
+from jobstore.artifacts import CHECKPOINT_ADAPTER_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,7 @@ class Runs:
     checkpoint_after_stop: Path | None
     c_stopped: TrainResult  # stopped at step 2, between two scheduled checkpoints
     c_resumed: TrainResult
+    base_model: str
 
 
 def _metrics(output_dir: Path) -> list[dict[str, Any]]:
@@ -107,7 +109,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     c_config = config("c")
     c_stopped = train(c_config, StopAfter(OFF_SCHEDULE_STOP))
     c_resumed = train(c_config)
-    return Runs(a, b_stopped, b_resumed, first, second, checkpoint_after_stop, c_stopped, c_resumed)
+    base_model = b_config.model.name_or_path
+    return Runs(a, b_stopped, b_resumed, first, second, checkpoint_after_stop, c_stopped, c_resumed, base_model)
 
 
 def test_stop_writes_a_checkpoint_and_returns_stopped(runs: Runs) -> None:
@@ -180,3 +183,20 @@ def test_stop_between_scheduled_checkpoints_still_resumes_exactly(runs: Runs) ->
     for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, resumed[name]), name
     assert _train_lines(runs.c_resumed.output_dir) == _train_lines(runs.a.output_dir)
+
+
+def test_checkpoint_holds_a_loadable_peft_adapter_of_its_weights(runs: Runs) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    assert runs.checkpoint_after_stop is not None
+    assert ADAPTER_DIR == CHECKPOINT_ADAPTER_DIR  # the API serves this folder without importing the engine
+    folder = runs.checkpoint_after_stop / ADAPTER_DIR
+    trainable = load_file(runs.checkpoint_after_stop / "trainable.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(runs.base_model), folder)
+    loaded = {name: tensor for name, tensor in model.named_parameters() if "lora_" in name}
+    assert loaded and loaded.keys() <= trainable.keys()
+    # The adapter is the step-3 training state, not the base's zero-initialised LoRA B.
+    assert any(name.endswith("lora_B.default.weight") and trainable[name].abs().sum() > 0 for name in loaded)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor.detach(), trainable[name]), name

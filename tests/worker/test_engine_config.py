@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dama_engine.config import ConfigError
 from jobstore.spec import JobSpec
 from tests.worker.conftest import JobStore
 from worker.engine_config import (
@@ -103,3 +104,35 @@ def test_tiny_models_are_built_once(tmp_path: Path) -> None:
     assert ensure_tiny_model("llava", tmp_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no build folder left behind
+
+
+def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
+    dataset_id = store.dataset(48)
+    source = store.artifacts.run_dir("job_src") / "checkpoints" / "step-000020" / "adapter"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (source / "adapter_model.safetensors").write_bytes(b"weights at step 20")
+    spec = _spec(dataset_id, init_adapter="job_src:20", hyperparameters={"keep_checkpoints": 5})
+    config = build_train_config(spec, job_id="job_next", store=store.artifacts, settings=store.settings)
+    start = Path(str(config.model.init_adapter))
+    assert start == store.artifacts.job_dir("job_next") / "init_adapter"
+    assert (start / "adapter_model.safetensors").read_bytes() == b"weights at step 20"
+    assert config.run.keep_checkpoints == 5
+    # Pruned at the source later: a resumed attempt still has its own copy.
+    (source / "adapter_model.safetensors").unlink()
+    again = build_train_config(spec, job_id="job_next", store=store.artifacts, settings=store.settings)
+    assert again.model.init_adapter == config.model.init_adapter
+    # A fresh job whose source is gone is a user error that says what to do.
+    with pytest.raises(ConfigError, match=r"init_adapter: job_src:20 has no adapter .*\.keep_checkpoints"):
+        build_train_config(spec, job_id="job_other", store=store.artifacts, settings=store.settings)
+    # Bare id: the source job's final adapter folder.
+    final = store.artifacts.run_dir("job_src") / "adapter"
+    final.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (final / name).write_text(name)
+    bare = build_train_config(
+        _spec(dataset_id, init_adapter="job_src"), job_id="job_bare", store=store.artifacts, settings=store.settings
+    )
+    assert (Path(str(bare.model.init_adapter)) / "adapter_model.safetensors").read_text() == (
+        "adapter_model.safetensors"
+    )

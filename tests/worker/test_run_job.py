@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobstore import repository
-from jobstore.artifacts import file_sha256
+from jobstore.artifacts import file_sha256, pack_folder
 from jobstore.db import session_scope
 from jobstore.states import STAGES
 from tests.worker.conftest import JobStore, tiny_spec, wait_for
@@ -206,7 +206,7 @@ def test_the_adapter_archive_is_flat_and_complete(tmp_path: Path) -> None:
     (adapter / "nested").mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "nested" / "file.txt").write_text("x")
-    archive = tasks.pack_adapter(adapter, tmp_path / "out" / "adapter.tar.gz")
+    archive = pack_folder(adapter, tmp_path / "out" / "adapter.tar.gz")
     with tarfile.open(archive) as bundle:
         assert sorted(bundle.getnames()) == ["adapter_config.json", "nested/file.txt"]
     assert not list((tmp_path / "out").glob("*.partial"))
