@@ -1,7 +1,8 @@
 """Keyword-only functions over the job store. Callers own the session and its transaction.
 
 Status changes go through :func:`set_status` (and :func:`claim_job`, a conditional update), so the state machine
-in :mod:`jobstore.states` is the only judge of what is legal.
+in :mod:`jobstore.states` is the only judge of what is legal. Which queued job a worker takes next is decided
+here too, fairly across tenants and atomically (:func:`claim_next_job`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from jobstore.models import (
@@ -26,6 +28,7 @@ from jobstore.models import (
     Job,
     JobEvent,
     JobMetric,
+    QueueTurn,
     Tenant,
     new_id,
     utcnow,
@@ -34,6 +37,7 @@ from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+RUNNING = (JobStatus.running.value, JobStatus.cancelling.value)  # a worker holds the job
 # Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
 TRAINING, EVALUATION = "training", "evaluation"
 ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval"}
@@ -352,6 +356,73 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
         events=[("status", f"claimed by {worker} (attempt {job.attempts})", {"status": "running", "worker": worker})],
     )
     return job
+
+
+# Claims on one queue take turns on Postgres (a transaction-scoped advisory lock on this class and the queue's
+# hash): each claim then sees the ones before it committed, so workers claiming at the same moment spread over
+# tenants instead of all counting the same tenant as owed a turn. ("DAMA" in ASCII; any int4 of our own works.)
+CLAIM_LOCK_CLASS = 0x44414D41
+# SQLite (the embedded default) has no row locks: a claim that loses a race to another process picks again.
+CLAIM_RACE_RETRIES = 5
+
+
+def claim_next_job(session: Session, *, queue: str, worker: str) -> Job | None:
+    """Claim the queued job of ``queue`` that fair share puts first, for ``worker``; None when none is queued.
+
+    Order: the tenant with the fewest jobs running on the queue first; among those, the tenant whose last claim on
+    the queue is oldest (never: first; :class:`QueueTurn`); then the tenant's oldest job (a re-queued job, older,
+    resumes before its tenant's new ones). With one worker, a tenant that queues one job behind another tenant's
+    ten waits for one of them, not ten. The choice and the claim are one transaction: on Postgres claims on a
+    queue are serialized (:data:`CLAIM_LOCK_CLASS`) and the chosen row is locked with ``FOR UPDATE SKIP LOCKED``
+    (a row being cancelled right now is passed over, not waited for); the claim itself is :func:`claim_job`'s
+    conditional update, so the attempt is counted as always and a job is never claimed twice."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_CLASS, func.hashtext(queue))))
+    for _ in range(CLAIM_RACE_RETRIES):
+        job_id = session.scalar(_fairest_queued_job(queue, lock=postgres))
+        if job_id is None:
+            return None
+        job = claim_job(session, job_id=job_id, worker=worker)
+        if job is not None:
+            _take_turn(session, queue=queue, tenant_id=job.tenant_id, postgres=postgres)
+            return job
+    return None
+
+
+def _fairest_queued_job(queue: str, *, lock: bool) -> Select[str]:
+    """The id of the queued job of ``queue`` that :func:`claim_next_job` takes (see its order)."""
+    running = (
+        select(Job.tenant_id, func.count().label("running"))
+        .where(Job.queue == queue, Job.status.in_(RUNNING))
+        .group_by(Job.tenant_id)
+        .subquery()
+    )
+    query = (
+        select(Job.id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .outerjoin(QueueTurn, and_(QueueTurn.queue == queue, QueueTurn.tenant_id == Job.tenant_id))
+        .where(Job.queue == queue, Job.status == JobStatus.queued.value)
+        .order_by(
+            func.coalesce(running.c.running, 0),
+            QueueTurn.last_claimed_at.asc().nulls_first(),
+            Job.created_at,
+            Job.id,
+        )
+        .limit(1)
+    )
+    return query.with_for_update(of=Job, skip_locked=True) if lock else query
+
+
+def _take_turn(session: Session, *, queue: str, tenant_id: str, postgres: bool) -> None:
+    """Record that ``tenant_id`` was just served on ``queue`` (an upsert: one row per queue and tenant)."""
+    now = utcnow()
+    upsert = (postgresql.insert if postgres else sqlite.insert)(QueueTurn)
+    session.execute(
+        upsert.values(queue=queue, tenant_id=tenant_id, last_claimed_at=now).on_conflict_do_update(
+            index_elements=[QueueTurn.queue, QueueTurn.tenant_id], set_={"last_claimed_at": now}
+        )
+    )
 
 
 def request_cancel(session: Session, *, job: Job) -> Job:
