@@ -1,0 +1,77 @@
+"""Fair share end to end: a real Celery worker process (``benchmarks.fake_engine``: the product's worker with a
+fake engine that sleeps through a few steps) on real Redis and Postgres.
+
+Tenant A queues 10 jobs, then tenant B queues 1; with one worker, B's job runs second, not eleventh. Two
+duplicate messages on top claim nothing: every job runs exactly once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from jobstore import repository
+from jobstore.broker import enqueue_job, make_celery
+from jobstore.db import session_scope
+from tests.worker.conftest import QUEUE_PREFIX, JobStore, WorkerProcess, tiny_spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+QUEUE = f"{QUEUE_PREFIX}-fair"
+
+
+@pytest.fixture(scope="module")
+def fake_worker(store: JobStore, worker_log_dir: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(
+        store.settings,
+        QUEUE,
+        worker_log_dir,
+        "fair",
+        app="benchmarks.fake_engine",
+        env={"FAKE_ENGINE_STEP_S": "0.15"},
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def app(store: JobStore) -> Iterator[Celery]:
+    celery_app = make_celery(store.settings)
+    yield celery_app
+    celery_app.close()
+
+
+def _submit(store: JobStore, app: Celery, tenant_id: str) -> str:
+    spec = tiny_spec(store.dataset(8), max_steps=4)
+    with session_scope(store.factory) as session:
+        job = repository.create_job(session, tenant_id=tenant_id, spec=spec, dataset_id=spec["dataset_id"], queue=QUEUE)
+    enqueue_job(app, job_id=job.id, queue=QUEUE)
+    return job.id
+
+
+def test_a_tenant_behind_another_tenants_ten_jobs_runs_second(
+    store: JobStore, app: Celery, fake_worker: WorkerProcess
+) -> None:
+    with session_scope(store.factory) as session:
+        tenant_b = repository.get_or_create_tenant(session, name=f"fair-b-{secrets.token_hex(4)}").id
+    a_jobs = [_submit(store, app, store.tenant_id) for _ in range(10)]
+    wait_for(lambda: store.job(a_jobs[0]).status == "running", timeout=60, what="A's first job to start")
+    b_job = _submit(store, app, tenant_b)
+    for duplicate in a_jobs[:2]:  # a redelivered or repeated message: claims the fairest job, or nothing
+        enqueue_job(app, job_id=duplicate, queue=QUEUE)
+
+    everything = [*a_jobs, b_job]
+    try:
+        wait_for(lambda: all(store.job(j).status == "succeeded" for j in everything), timeout=120, interval=0.2)
+    except AssertionError:
+        pytest.fail(f"{[store.job(j).status for j in everything]}; worker log:\n{fake_worker.log()}")
+    jobs = [store.job(job_id) for job_id in everything]
+    assert {job.attempts for job in jobs} == {1}  # none ran twice
+    started = sorted(jobs, key=lambda job: job.started_at or 0)
+    assert [job.id for job in started] == [a_jobs[0], b_job, *a_jobs[1:]], fake_worker.log()
+    # The two surplus messages found nothing to claim.
+    wait_for(lambda: fake_worker.log().count("no job queued") == 2, timeout=30, what="the surplus messages")
