@@ -15,9 +15,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from jobstore.models import (
     ApiKey,
@@ -358,10 +358,6 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
     return job
 
 
-# Claims on one queue take turns on Postgres (a transaction-scoped advisory lock on this class and the queue's
-# hash): each claim then sees the ones before it committed, so workers claiming at the same moment spread over
-# tenants instead of all counting the same tenant as owed a turn. ("DAMA" in ASCII; any int4 of our own works.)
-CLAIM_LOCK_CLASS = 0x44414D41
 # SQLite (the embedded default) has no row locks: a claim that loses a race to another process picks again.
 CLAIM_RACE_RETRIES = 5
 
@@ -372,15 +368,20 @@ def claim_next_job(session: Session, *, queue: str, worker: str) -> Job | None:
     Order: the tenant with the fewest jobs running on the queue first; among those, the tenant whose last claim on
     the queue is oldest (never: first; :class:`QueueTurn`); then the tenant's oldest job (a re-queued job, older,
     resumes before its tenant's new ones). With one worker, a tenant that queues one job behind another tenant's
-    ten waits for one of them, not ten. The choice and the claim are one transaction: on Postgres claims on a
-    queue are serialized (:data:`CLAIM_LOCK_CLASS`) and the chosen row is locked with ``FOR UPDATE SKIP LOCKED``
-    (a row being cancelled right now is passed over, not waited for); the claim itself is :func:`claim_job`'s
-    conditional update, so the attempt is counted as always and a job is never claimed twice."""
+    ten waits for one of them, not ten.
+
+    The choice and the claim are one transaction, and nothing waits on a lock. The choice is made among each
+    tenant's oldest queued job (its head) and locks the chosen row with ``FOR UPDATE SKIP LOCKED`` on Postgres:
+    workers claiming at the same moment cannot see each other's uncommitted claims, but each passes over the heads
+    the others hold and so takes another tenant's, instead of all counting the same tenant as owed a turn and
+    taking its next jobs. Only when every head is held (as many tenants waiting as claims in flight, or one) does a
+    claim take the fairest job behind one. The claim itself is :func:`claim_job`'s conditional update: the attempt
+    is counted as always, and a job is never claimed twice."""
     postgres = session.get_bind().dialect.name == "postgresql"
-    if postgres:
-        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_CLASS, func.hashtext(queue))))
     for _ in range(CLAIM_RACE_RETRIES):
-        job_id = session.scalar(_fairest_queued_job(queue, lock=postgres))
+        job_id = session.scalar(_fairest_queued_job(queue, lock=postgres, heads_only=True))
+        if job_id is None:
+            job_id = session.scalar(_fairest_queued_job(queue, lock=postgres, heads_only=False))
         if job_id is None:
             return None
         job = claim_job(session, job_id=job_id, worker=worker)
@@ -390,8 +391,9 @@ def claim_next_job(session: Session, *, queue: str, worker: str) -> Job | None:
     return None
 
 
-def _fairest_queued_job(queue: str, *, lock: bool) -> Select[str]:
-    """The id of the queued job of ``queue`` that :func:`claim_next_job` takes (see its order)."""
+def _fairest_queued_job(queue: str, *, lock: bool, heads_only: bool) -> Select[str]:
+    """The id of the queued job of ``queue`` that :func:`claim_next_job` takes (see its order); with
+    ``heads_only``, among each tenant's oldest queued job only."""
     running = (
         select(Job.tenant_id, func.count().label("running"))
         .where(Job.queue == queue, Job.status.in_(RUNNING))
@@ -411,6 +413,16 @@ def _fairest_queued_job(queue: str, *, lock: bool) -> Select[str]:
         )
         .limit(1)
     )
+    if heads_only:
+        older = aliased(Job)
+        query = query.where(
+            ~exists().where(
+                older.queue == queue,
+                older.status == JobStatus.queued.value,
+                older.tenant_id == Job.tenant_id,
+                tuple_(older.created_at, older.id) < tuple_(Job.created_at, Job.id),
+            )
+        )
     return query.with_for_update(of=Job, skip_locked=True) if lock else query
 
 

@@ -126,8 +126,8 @@ def pg_factory(pg_url: str) -> Iterator[sessionmaker[Session]]:
 
 
 def test_workers_claiming_at_once_spread_over_tenants(pg_factory: sessionmaker[Session], queue: str) -> None:
-    """Claims on one queue take turns (an advisory lock): eight workers at once get eight tenants' jobs. With only
-    SKIP LOCKED, each would count the same tenant as owed a turn and take the next of its jobs."""
+    """Eight workers claiming at once get eight tenants' jobs: each passes over the heads the others hold. Choosing
+    among all queued jobs, each would count the same tenant as owed a turn and take the next of its jobs."""
     tenants = {tenant: _queue_jobs(pg_factory, tenant, 3, queue) for tenant in "abcdefgh"}
     owner = {job_id: tenant for tenant, jobs in tenants.items() for job_id in jobs}
     barrier = threading.Barrier(8)
@@ -157,3 +157,24 @@ def test_a_locked_job_is_passed_over_not_waited_for(pg_factory: sessionmaker[Ses
         holder.rollback()
         holder.close()
     assert _claim(pg_factory, queue) == first
+
+
+def test_workers_claiming_one_tenants_backlog_at_once_all_get_a_job(
+    pg_factory: sessionmaker[Session], queue: str
+) -> None:
+    """With one tenant waiting, its head is held by the first claim: the others take the jobs behind it (no
+    message may be spent claiming nothing while jobs wait)."""
+    jobs = _queue_jobs(pg_factory, "solo", 6, queue)
+    barrier = threading.Barrier(4)
+    claimed: list[str | None] = []
+
+    def claim(worker: str) -> None:
+        barrier.wait()
+        claimed.append(_claim(pg_factory, queue, worker))
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert None not in claimed and len(set(claimed)) == 4 and set(claimed) <= set(jobs)
