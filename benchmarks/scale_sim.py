@@ -48,6 +48,7 @@ import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, select, text
+from sqlalchemy.dialects import postgresql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -187,6 +188,19 @@ def submit(
                 job = repository.create_job(session, tenant_id=tenant_id, spec=spec, dataset_id=dataset_id, queue=queue)
                 ids.append(job.id)
     return ids, datetime.now().astimezone()
+
+
+def choice_query_ms(factory: Any, queue: str, repeats: int = 5) -> float:
+    """The server's execution time of the claim's choice (the fair-share ordering, heads only) over the queued
+    backlog: ``EXPLAIN ANALYZE``, median of a few, without the row lock (the workers are claiming meanwhile)."""
+    statement = repository._fairest_queued_job(queue, lock=False, heads_only=True)
+    sql = str(statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    times = []
+    with session_scope(factory) as session:
+        for _ in range(repeats):
+            plan = session.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)).scalar_one()
+            times.append(float(plan[0]["Execution Time"]))
+    return statistics.median(times)
 
 
 def wait_until_done(factory: Any, queue: str, timeout_s: float) -> None:
@@ -330,6 +344,7 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"succeeded {result['succeeded']}, lost {result['lost']}, run twice {result['ran_twice']}")
     print(f"claims {result['claims']}")
     print("claim latency ms: " + ", ".join(f"{k} {v:.1f}" for k, v in result["claim_latency_ms"].items()))
+    print(f"choice query over the full backlog (EXPLAIN ANALYZE, server side): {result['choice_query_ms']:.1f} ms")
     if result["empty_claim_latency_ms"]:
         print("empty claim ms:   " + ", ".join(f"{k} {v:.1f}" for k, v in result["empty_claim_latency_ms"].items()))
     print("\n| tenant | jobs | first job after (s) | global FIFO, same throughput (s) |\n|---|---:|---:|---:|")
@@ -389,6 +404,7 @@ def main() -> int:
             processes = start_workers(settings, plan.workers, ledger, logs, args.step_s)
             print(f"{plan.workers} workers ready in {time.monotonic() - began:.0f} s", flush=True)
             job_ids, committed = submit(factory, tenants, sizes, queue, rng)
+            choice_ms = choice_query_ms(factory, queue)  # before any message: the whole backlog is queued
             app = make_celery(settings)
             sent: Counter[str] = Counter()
             for job_id in job_ids:
@@ -411,6 +427,7 @@ def main() -> int:
                 plan=plan, sizes=sizes, job_ids=job_ids, jobs=jobs, committed=committed, ledger=read_ledger(ledger),
                 store=ArtifactStore(settings.resolved_artifacts_dir), sent=sent, logs=logs, args=args,
             )  # fmt: skip
+            result["choice_query_ms"] = choice_ms
             engine.dispose()
             app.close()
     finally:
