@@ -2,7 +2,8 @@
 fake engine that sleeps through a few steps) on real Redis and Postgres.
 
 Tenant A queues 10 jobs, then tenant B queues 1; with one worker, B's job runs second, not eleventh. Two
-duplicate messages on top claim nothing: every job runs exactly once.
+duplicate messages on top claim nothing: every job runs exactly once. And a message in the format before fair
+share (a job id, no queue) still claims, on its job's queue.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -75,3 +77,24 @@ def test_a_tenant_behind_another_tenants_ten_jobs_runs_second(
     assert [job.id for job in started] == [a_jobs[0], b_job, *a_jobs[1:]], fake_worker.log()
     # The two surplus messages found nothing to claim.
     wait_for(lambda: fake_worker.log().count("no job queued") == 2, timeout=30, what="the surplus messages")
+
+
+def test_a_message_without_a_queue_claims_on_its_jobs_queue(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message sent before fair share carries only a job id: the worker claims on that job's queue."""
+    from dama_engine.trainer import TrainResult
+    from worker import tasks
+
+    def instant_train(config: Any, callback: Any) -> TrainResult:
+        adapter = Path(config.run.output_dir) / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        (adapter / "adapter_config.json").write_text("{}")
+        return TrainResult(output_dir=adapter.parent, adapter_dir=adapter, steps=1, total_steps=1, stopped=False)
+
+    monkeypatch.setattr(tasks, "train", instant_train)
+    queue = f"{QUEUE_PREFIX}-old-{secrets.token_hex(3)}"  # no worker consumes it
+    job_id = store.create_job(tiny_spec(store.dataset(8), max_steps=1), queue=queue)
+    common: dict[str, Any] = {"session_factory": store.factory, "settings": store.settings, "worker": "pytest:old"}
+    assert tasks.run_next_job(None, hint="job_unknown", **common) is None
+    assert tasks.run_next_job(None, hint=job_id, **common) == "succeeded"
+    assert tasks.run_next_job(None, hint=job_id, **common) is None  # a repeat finds nothing queued there
+    assert store.job(job_id).attempts == 1
