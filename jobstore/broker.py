@@ -5,7 +5,8 @@ late ack would need a broker visibility timeout longer than any job (Redis re-de
 so a crashed worker's job would wait that long, and a long job could be delivered twice. Instead the message is
 acked when a worker takes it, the worker heartbeats into the job store, and the sweeper re-queues a job whose
 heartbeat went silent (resuming from its last checkpoint). Postgres, not Redis, is the source of truth: losing the
-broker loses no job (the sweeper also re-sends queued jobs nobody claimed).
+broker loses no job (the sweeper also re-sends queued jobs nobody claimed). Which job a message starts is decided
+in the job store too, fairly across tenants (:func:`enqueue_job`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def enqueue_job(app: Celery, *, job_id: str, queue: str) -> None:
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    """Tell the workers of ``queue`` that a job may be ready there. The message does not say "run ``job_id``": the
+    worker that takes it claims whichever queued job of ``queue`` fair share puts first
+    (:func:`jobstore.repository.claim_next_job`), so every queued job has a message out and a duplicate or late
+    one claims nothing. ``job_id`` rides along for the worker's log."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], kwargs={"queue": queue}, queue=queue)
 
 
 def enqueue_export(app: Celery, *, export_id: str, queue: str) -> None:

@@ -122,7 +122,22 @@ class Job(Base):
     # datasets' size_bytes, what DAMA_TENANT_STORAGE_BYTES counts (jobstore.quota).
     storage_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_jobs_tenant_status_id", "tenant_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_tenant_status_id", "tenant_id", "status", "id"),
+        # The claim's lookups: a queue's queued jobs oldest first, and its running jobs (jobstore.repository).
+        Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
+    )
+
+
+class QueueTurn(Base):
+    """When a tenant last had a job claimed on a queue. Fair share's second key: among tenants with equally few
+    running jobs, the one served longest ago goes first (:func:`jobstore.repository.claim_next_job`)."""
+
+    __tablename__ = "queue_turns"
+
+    queue: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    last_claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class JobEvent(Base):

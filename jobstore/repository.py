@@ -2,7 +2,8 @@
 
 Status changes go through :func:`set_status` (and :func:`claim_job`, a conditional update), so the state machine
 in :mod:`jobstore.states` is the only judge of what is legal; both write the change's webhook events to the
-outbox in the same transaction (:func:`jobstore.webhook_store.announce`).
+outbox in the same transaction (:func:`jobstore.webhook_store.announce`). Which queued job a worker takes next is
+decided here too, fairly across tenants and atomically (:func:`claim_next_job`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from jobstore.db import page as _page
@@ -28,6 +30,7 @@ from jobstore.models import (
     Job,
     JobEvent,
     JobMetric,
+    QueueTurn,
     Tenant,
     new_id,
     utcnow,
@@ -37,6 +40,7 @@ from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, c
 from jobstore.webhook_store import announce
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+RUNNING = (JobStatus.running.value, JobStatus.cancelling.value)  # a worker holds the job
 # Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
 TRAINING, EVALUATION = "training", "evaluation"
 ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval"}
@@ -346,6 +350,84 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
     )
     announce(session, job=job)
     return job
+
+
+# SQLite (the embedded default) has no row locks: a claim that loses a race to another process picks again.
+CLAIM_RACE_RETRIES = 5
+
+
+def claim_next_job(session: Session, *, queue: str, worker: str) -> Job | None:
+    """Claim the queued job of ``queue`` that fair share puts first, for ``worker``; None when none is queued.
+
+    Order: the tenant with the fewest jobs running on the queue first; among those, the tenant whose last claim on
+    the queue is oldest (never: first; :class:`QueueTurn`); then the tenant's oldest job (a re-queued job, older,
+    resumes before its tenant's new ones). With one worker, a tenant that queues one job behind another tenant's
+    ten waits for one of them, not ten.
+
+    The choice and the claim are one transaction, and nothing waits on a lock. The choice is made among each
+    tenant's oldest queued job (its head) and locks the chosen row with ``FOR UPDATE SKIP LOCKED`` on Postgres:
+    workers claiming at the same moment cannot see each other's uncommitted claims, but each passes over the heads
+    the others hold and so takes another tenant's, instead of all counting the same tenant as owed a turn and
+    taking its next jobs. Only when every head is held (as many tenants waiting as claims in flight, or one) does a
+    claim take the fairest job behind one. The claim itself is :func:`claim_job`'s conditional update: the attempt
+    is counted as always, and a job is never claimed twice."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for _ in range(CLAIM_RACE_RETRIES):
+        job_id = session.scalar(_fairest_queued_job(queue, lock=postgres, heads_only=True))
+        if job_id is None:
+            job_id = session.scalar(_fairest_queued_job(queue, lock=postgres, heads_only=False))
+        if job_id is None:
+            return None
+        job = claim_job(session, job_id=job_id, worker=worker)
+        if job is not None:
+            _take_turn(session, queue=queue, tenant_id=job.tenant_id, postgres=postgres)
+            return job
+    return None
+
+
+def _fairest_queued_job(queue: str, *, lock: bool, heads_only: bool) -> Select[str]:
+    """The id of the queued job of ``queue`` that :func:`claim_next_job` takes (see its order); with
+    ``heads_only``, among each tenant's oldest queued job only."""
+    running = (
+        select(Job.tenant_id, func.count().label("running"))
+        .where(Job.queue == queue, Job.status.in_(RUNNING))
+        .group_by(Job.tenant_id)
+        .subquery()
+    )
+    query = (
+        select(Job.id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .outerjoin(QueueTurn, and_(QueueTurn.queue == queue, QueueTurn.tenant_id == Job.tenant_id))
+        .where(Job.queue == queue, Job.status == JobStatus.queued.value)
+        .order_by(
+            func.coalesce(running.c.running, 0),
+            QueueTurn.last_claimed_at.asc().nulls_first(),
+            Job.created_at,
+            Job.id,
+        )
+        .limit(1)
+    )
+    if heads_only:
+        # One pass over the queued rows (grouped), not a look-back per row: a claim stays cheap behind thousands.
+        heads = (
+            select(Job.tenant_id, func.min(Job.created_at).label("created_at"))
+            .where(Job.queue == queue, Job.status == JobStatus.queued.value)
+            .group_by(Job.tenant_id)
+            .subquery()
+        )
+        query = query.join(heads, and_(heads.c.tenant_id == Job.tenant_id, heads.c.created_at == Job.created_at))
+    return query.with_for_update(of=Job, skip_locked=True) if lock else query
+
+
+def _take_turn(session: Session, *, queue: str, tenant_id: str, postgres: bool) -> None:
+    """Record that ``tenant_id`` was just served on ``queue`` (an upsert: one row per queue and tenant)."""
+    now = utcnow()
+    upsert = (postgresql.insert if postgres else sqlite.insert)(QueueTurn)
+    session.execute(
+        upsert.values(queue=queue, tenant_id=tenant_id, last_claimed_at=now).on_conflict_do_update(
+            index_elements=[QueueTurn.queue, QueueTurn.tenant_id], set_={"last_claimed_at": now}
+        )
+    )
 
 
 def request_cancel(session: Session, *, job: Job) -> Job:

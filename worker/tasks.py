@@ -1,12 +1,14 @@
 """Running one job, top to bottom: claim, build the engine config, train, package the adapter, record the outcome.
 
-:func:`run_job` is a plain function (tests call it directly); :func:`register_tasks` wraps it, and the sweeper,
-as thin Celery tasks. The task table (``jobs``) is the product's own: Celery carries only job ids, and nothing a
-task writes to the job store can crash the task (progress writes are kept and retried, see
-:mod:`worker.progress`). A run that ends while the job store is unreachable waits for it (``DAMA_STORE_WAIT_S``,
-with backoff, heartbeating on), then delivers its pending metrics and events and records its outcome, so a
-database outage does not make finished work be redone; only past that wait is the run left to go stale and be
-recovered by the sweeper.
+:func:`run_job` (one given job) and :func:`run_next_job` (the job fair share puts next on a queue) are plain
+functions (tests call them directly); :func:`register_tasks` wraps :func:`run_next_job`, and the sweeper, as thin
+Celery tasks: a job message means "a job may be ready on this queue", and the worker claims the queued job that
+:func:`jobstore.repository.claim_next_job` chooses, fairly across tenants. The task table (``jobs``) is the
+product's own: Celery carries only queue names and job ids, and nothing a task writes to the job store can crash
+the task (progress writes are kept and retried, see :mod:`worker.progress`). A run that ends while the job store
+is unreachable waits for it (``DAMA_STORE_WAIT_S``, with backoff, heartbeating on), then delivers its pending
+metrics and events and records its outcome, so a database outage does not make finished work be redone; only past
+that wait is the run left to go stale and be recovered by the sweeper.
 
 Outcomes:
 
@@ -171,17 +173,90 @@ def run_job(
     on_stall: Callable[[float], None] | None = None,
 ) -> str | None:
     """Run job ``job_id`` to its end on this worker; return its final status, or None if this call did nothing
-    (the job was not ``queued``: a redelivered message, or a job another worker claimed or that was cancelled).
+    (the job was not ``queued``: it ran already, another worker claimed it, or it was cancelled).
 
     With ``settings.stall_timeout_s``, a run whose engine reports nothing for that long is treated as hung:
     ``on_stall`` (default :func:`exit_stalled_worker`) runs from the heartbeat thread (see
     :class:`worker.progress.Heartbeat`)."""
     worker = worker or worker_name()
     store = ArtifactStore(settings.resolved_artifacts_dir)
-    claimed = _claim(job_id, session_factory=session_factory, worker=worker, store=store)
+    claimed = _claim(
+        lambda session: repository.claim_job(session, job_id=job_id, worker=worker),
+        session_factory=session_factory,
+        store=store,
+        what=f"job {job_id}",
+    )
     if claimed is None:
         log.info("job %s is not queued; nothing to do (a duplicate or late message)", job_id)
         return None
+    return _run(
+        claimed,
+        worker,
+        session_factory=session_factory,
+        settings=settings,
+        store=store,
+        shutdown=shutdown,
+        on_stall=on_stall,
+    )
+
+
+def run_next_job(
+    queue: str | None,
+    *,
+    hint: str | None = None,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    worker: str | None = None,
+    shutdown: threading.Event | None = None,
+) -> str | None:
+    """What a job message asks of a worker (fair share, see README "Fair share"): claim the queued job of ``queue``
+    that :func:`jobstore.repository.claim_next_job` puts first, whoever's message this is, and run it to its end.
+    Returns its final status, or None if nothing was queued there (the job the message was sent for ran already
+    under another message, or was cancelled: a duplicate, late or surplus message is a no-op).
+
+    ``hint`` is the job whose submission (or re-queue) sent the message: named in the log, and its queue is used
+    for a message that names none (sent before fair share)."""
+    worker = worker or worker_name()
+    store = ArtifactStore(settings.resolved_artifacts_dir)
+
+    def pick(session: Session) -> Job | None:
+        where = queue
+        if where is None:
+            hinted = repository.get_job(session, job_id=hint) if hint is not None else None
+            if hinted is None:
+                return None
+            where = hinted.queue
+        return repository.claim_next_job(session, queue=where, worker=worker)
+
+    started = time.perf_counter()
+    claimed = _claim(pick, session_factory=session_factory, store=store, what=f"the next job of queue {queue}")
+    took_ms = 1000 * (time.perf_counter() - started)
+    if claimed is None:
+        log.info("queue %s: no job queued (message for job %s; %.1f ms); nothing to do", queue, hint, took_ms)
+        return None
+    log.info(
+        "queue %s: claimed job %s of tenant %s in %.1f ms (message for job %s)",
+        queue,
+        claimed.job_id,
+        claimed.tenant_id,
+        took_ms,
+        hint,
+    )
+    return _run(claimed, worker, session_factory=session_factory, settings=settings, store=store, shutdown=shutdown)
+
+
+def _run(
+    claimed: _Claimed,
+    worker: str,
+    *,
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    store: ArtifactStore,
+    shutdown: threading.Event | None,
+    on_stall: Callable[[float], None] | None = None,
+) -> str | None:
+    """Run a claimed job to its end: reporter, heartbeat, stall watchdog, storage check, engine, outcome."""
+    job_id = claimed.job_id
     owner = RunOwner(job_id=job_id, worker=worker, attempt=claimed.attempt)
     log.info("job %s: attempt %d on %s", job_id, claimed.attempt, worker)
     common: dict[str, Any] = {
@@ -335,13 +410,20 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
 
 
 def _claim(
-    job_id: str, *, session_factory: sessionmaker[Session], worker: str, store: ArtifactStore
+    pick: Callable[[Session], Job | None],
+    *,
+    session_factory: sessionmaker[Session],
+    store: ArtifactStore,
+    what: str,
 ) -> _Claimed | None:
+    """Claim a job with ``pick`` (a conditional update in the job store) and read what its run needs, in one
+    transaction; None when ``pick`` finds nothing to claim."""
     try:
         with session_scope(session_factory) as session:
-            job = repository.claim_job(session, job_id=job_id, worker=worker)
+            job = pick(session)
             if job is None:
                 return None
+            job_id = job.id
             resume_step = -1  # nothing to keep: a fresh run logs step 0 (the evaluation before training) again
             if job.attempts > 1:
                 # A re-run continues from the newest checkpoint on disk; the points it will log again go.
@@ -365,7 +447,7 @@ def _claim(
                 tenant_name=tenant.name if (tenant := session.get(Tenant, job.tenant_id)) else job.tenant_id,
             )
     except OperationalError as error:
-        raise JobStoreUnavailable(f"could not claim job {job_id}: {error}") from error
+        raise JobStoreUnavailable(f"could not claim {what}: {error}") from error
 
 
 def _train(
@@ -602,10 +684,12 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     """The Celery tasks: thin wrappers that call the plain functions with this worker's context."""
 
     @app.task(name=RUN_JOB_TASK, bind=True, max_retries=CLAIM_RETRIES, acks_late=False, ignore_result=True)
-    def run_job_task(self: Task, job_id: str) -> None:
+    def run_job_task(self: Task, job_id: str, queue: str | None = None) -> None:
+        # "A job may be ready on this queue": the worker runs the job fair share puts first (run_next_job).
         try:
-            run_job(
-                job_id,
+            run_next_job(
+                queue,
+                hint=job_id,
                 session_factory=context.session_factory,
                 settings=context.settings,
                 worker=worker_name(self.request.hostname),

@@ -203,16 +203,26 @@ def worker_env(settings: Settings, queue: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``celery -A worker.celery_app worker -Q <queue> --pool solo --concurrency 1`` as a child process."""
+    """``celery -A worker.celery_app worker -Q <queue> --pool solo --concurrency 1`` as a child process
+    (``app``: another worker module, e.g. ``benchmarks.fake_engine``; ``env``: extra environment)."""
 
-    def __init__(self, settings: Settings, queue: str, log_dir: Path, name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: str,
+        log_dir: Path,
+        name: str,
+        *,
+        app: str = "worker.celery_app",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_file = log_dir / f"{name}.log"
         command = [
             sys.executable,
             "-m",
             "celery",
             "-A",
-            "worker.celery_app",
+            app,
             "worker",
             "-Q",
             queue,
@@ -231,7 +241,7 @@ class WorkerProcess:
             self.process = subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env=worker_env(settings, queue),
+                env=worker_env(settings, queue) | (env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
