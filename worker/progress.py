@@ -105,8 +105,10 @@ class JobReporter(Callback):
         clock: Callable[[], float] = time.monotonic,
         spool_dir: Path | None = None,
         memory_limit: int = MEMORY_LIMIT,
+        publish_checkpoint: Callable[[Path], None] | None = None,
     ) -> None:
         self.owner = owner
+        self.publish_checkpoint = publish_checkpoint  # copies a checkpoint to a remote artifact store
         self.session_factory = session_factory
         self.flush_interval_s = flush_interval_s
         self.poll_interval_s = poll_interval_s
@@ -183,6 +185,14 @@ class JobReporter(Callback):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_activity()
+        if self.publish_checkpoint is not None:
+            # Before it is registered: a job resumes on another machine only from a checkpoint in the store. A
+            # failed upload costs only that: the run goes on, and the next checkpoint tries again.
+            try:
+                self.publish_checkpoint(path)
+            except Exception:
+                log.exception("job %s: checkpoint at step %d could not be stored", self.owner.job_id, step)
+            self.on_activity()
         # Registered after the metrics before it (the outbox keeps order, a batch commits whole): after a crash
         # the run resumes here, and the rows up to this step must already exist.
         self.outbox.add(["checkpoint", step, str(path)])

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CurrentTenant, Services, ServicesDep, SessionDep
+from api.downloads import artifact_response
 from api.errors import ApiError
 from api.routers.jobs import JOB_NOT_FOUND, UNAUTHORIZED, get_tenant_job
 from api.schemas import (
@@ -211,7 +212,8 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
     summary="Download the trained adapter",
     description="The PEFT adapter as a .tar.gz (adapter_config.json, adapter_model.safetensors, processor files, "
     "training config, metrics, model card), once the job succeeded. `X-Content-SHA256` (hex) and `Repr-Digest` "
-    "carry its SHA-256; Range requests are supported.",
+    "carry its SHA-256; Range requests are supported. With an S3 store and `DAMA_DOWNLOAD_MODE=redirect`: 307 "
+    "to a presigned link.",
     response_class=FileResponse,
     responses={
         200: {
@@ -227,7 +229,9 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
         409: {"model": ErrorResponse, "description": "The job has not succeeded (yet)."},
     },
 )
-def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, services: ServicesDep) -> Response:
+def download_adapter(
+    job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
+) -> Response:
     job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
     if job.status != JobStatus.succeeded.value:
         raise ApiError(
@@ -235,18 +239,22 @@ def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, se
             "adapter_not_ready",
             f"the job is {job.status}; its adapter can be downloaded once it has succeeded",
         )
-    path = services.artifacts.adapter_archive(job_id)
-    if not path.is_file():
-        raise ApiError(404, "adapter_not_found", "the job succeeded but its adapter archive is missing from the store")
+    store = services.artifacts
+    path = store.adapter_archive(job_id)
     artifact = repository.get_artifact(session, job_id=job_id, kind="adapter")
+    if not store.exists(path) or (artifact is None and not store.fetch(path)):
+        raise ApiError(404, "adapter_not_found", "the job succeeded but its adapter archive is missing from the store")
     sha256 = artifact.sha256 if artifact is not None else file_sha256(path)
     digest_b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
     suffix = job.spec.get("suffix") if isinstance(job.spec, dict) else None
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", suffix).strip("._") if suffix else ""
     filename = f"{job_id}-{label}-adapter.tar.gz" if label else f"{job_id}-adapter.tar.gz"
-    return FileResponse(
+    return artifact_response(
+        store,
         path,
+        request=request,
         media_type="application/gzip",
+        mode=services.settings.download_mode,
         filename=filename,
         headers={"X-Content-SHA256": sha256, "Repr-Digest": f"sha-256=:{digest_b64}:"},
     )
