@@ -31,9 +31,10 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(default=None, description="Datasets, adapters; default under home.")
     artifacts_url: str | None = Field(
         default=None,
-        pattern=r"^s3://[^/]+(/.*)?$",
+        pattern=r"^(s3://[^/]+(/.*)?)?$",
         description="s3://bucket/prefix: keep artifacts in an S3-compatible store instead of DAMA_ARTIFACTS_DIR "
-        "(credentials from the standard AWS_* variables); the API and workers then need no shared folder.",
+        "(credentials from the standard AWS_* variables); the API and workers then need no shared folder. "
+        "Empty: DAMA_ARTIFACTS_DIR.",
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="The S3 API endpoint for MinIO, Ceph and others (e.g. http://minio:9000)."
