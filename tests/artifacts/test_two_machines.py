@@ -25,6 +25,7 @@ import httpx
 import pytest
 import torch
 from peft import PeftModel
+from sqlalchemy import create_engine, text
 from transformers import AutoModelForImageTextToText
 
 from tests.artifacts.conftest import CREDENTIALS, S3Server, _free_port
@@ -58,6 +59,7 @@ class Machine:
 @dataclass
 class Cluster:
     url: str
+    database_url: str
     bucket: str
     s3: S3Server
     api: Machine
@@ -123,7 +125,7 @@ def cluster(
         assert time.monotonic() < deadline, api.log("api")
         time.sleep(0.3)
     try:
-        yield Cluster(url, bucket, s3_server, api, workers)
+        yield Cluster(url, pg_url, bucket, s3_server, api, workers)
     finally:
         for machine in (api, *workers):
             if machine.process is not None:
@@ -226,6 +228,12 @@ def test_a_job_moves_to_another_machine_through_the_store(cluster: Cluster, tmp_
         k for k in keys if k.startswith(f"dama/jobs/{job_id}/run/checkpoints/") and k.endswith("/MANIFEST.json")
     ]
     assert manifests and f"dama/jobs/{job_id}/run/metrics.jsonl" in keys
+    # The tenant's storage counts what the store holds under the job's prefix (measured as the run ended).
+    engine = create_engine(cluster.database_url)
+    with engine.connect() as connection:
+        stored = connection.scalar(text("SELECT storage_bytes FROM jobs WHERE id = :id"), {"id": job_id})
+    engine.dispose()
+    assert stored == sum(size for key, size in keys.items() if key.startswith(f"dama/jobs/{job_id}/"))
     for machine in (cluster.api, *cluster.workers):
         assert not [p for p in machine.root.rglob("*") if p.name == "artifacts"], machine.name
     assert not list(cluster.api.root.rglob("train.jsonl")), "the API keeps no copy of a stored dataset"
