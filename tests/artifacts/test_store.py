@@ -187,3 +187,34 @@ def test_scratch_evicts_least_recently_used_entries_but_never_held_ones(tmp_path
     assert Scratch(tmp_path, max_bytes=1500).evict() == [entries["models/dama-tiny"]]
     assert Scratch(tmp_path, max_bytes=500).evict() == [entries["datasets/ds_old"]]
     assert not list((tmp_path / ".holds").iterdir())
+
+
+def test_an_unreachable_store_answers_503_not_500(pg_url: str, s3_server: S3Server, tmp_path: Path) -> None:
+    from api.app import create_app
+    from jobstore.db import make_engine, make_session_factory
+    from tests.api.conftest import PEPPER, create_key
+    from tests.e2e.test_service_e2e import _dataset_zip
+
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=pg_url,
+        broker_url="redis://127.0.0.1:6379/9",
+        api_key_pepper=PEPPER,
+        artifacts_url="s3://no-such-bucket/dama",  # moto answers NoSuchBucket, as a misconfigured store would
+        s3_endpoint_url=s3_server.endpoint_url,
+    )
+    engine = make_engine(pg_url)
+    key = create_key(make_session_factory(engine), "store-down")
+    engine.dispose()
+    archive, _ = _dataset_zip(tmp_path / "data", n_train=4, n_eval=0)
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post(
+            "/datasets",
+            files={"file": ("train.zip", archive, "application/zip")},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "artifact_store_unavailable" and answer.headers["retry-after"] == "30"
+    local = app.state.services.artifacts.root
+    assert not list(local.rglob("train.jsonl")), "the refused upload's files were removed"
