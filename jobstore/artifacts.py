@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jobstore.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_PREFIX = "step-"
@@ -98,6 +101,10 @@ class ArtifactStore:
 
     def exists(self, path: Path) -> bool:
         return path.exists()
+
+    def checkpoint_stored(self, recorded: str) -> bool:
+        """Whether the checkpoint a database row names (:meth:`recorded_path`) is still kept, complete."""
+        return self.local_path(recorded).exists()
 
     def size_bytes(self, path: Path) -> int:
         """The bytes stored under ``path`` (a file or a folder); 0 when nothing is."""
@@ -253,6 +260,13 @@ class S3Store(ArtifactStore):
                 return False
             raise
         return True
+
+    def checkpoint_stored(self, recorded: str) -> bool:
+        try:
+            return self.exists(self.local_path(recorded) / MANIFEST)
+        except Exception:  # the store cannot be asked now: keep the row (a later checkpoint's delivery asks again)
+            log.warning("could not check checkpoint %s in the artifact store", recorded, exc_info=True)
+            return True
 
     def size_bytes(self, path: Path) -> int:
         if self.exists(path):

@@ -194,7 +194,7 @@ def run_job(
         "spool_dir": store.job_dir(job_id),  # where reports go past the in-memory bound during an outage
     }
     if store.remote:
-        common["publish_checkpoint"] = store.publish_checkpoint
+        common["artifacts"] = store
     reporter = (
         EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
         if claimed.kind == EVALUATION

@@ -80,6 +80,10 @@ def _checkpoint(run: Path, step: int) -> Path:
     return folder
 
 
+def elsewhere_checks(store: S3Store, tmp_path: Path, checkpoint: Path) -> bool:
+    return _other_machine(store, tmp_path / "checker").checkpoint_stored(store.recorded_path(checkpoint))
+
+
 def test_a_checkpoint_counts_only_once_its_manifest_is_stored(
     store: S3Store, s3_server: S3Server, tmp_path: Path
 ) -> None:
@@ -93,6 +97,10 @@ def test_a_checkpoint_counts_only_once_its_manifest_is_stored(
     assert "tenant-data/jobs/job_1/run/checkpoints/step-000004/state.json" in keys
     assert f"tenant-data/jobs/job_1/run/checkpoints/step-000002/{MANIFEST}" in keys
     assert f"tenant-data/jobs/job_1/run/checkpoints/step-000004/{MANIFEST}" not in keys
+
+    # What a checkpoint row names, as any machine checks it: only the complete one counts.
+    assert elsewhere_checks(store, tmp_path, run / "checkpoints" / "step-000002") is True
+    assert elsewhere_checks(store, tmp_path, newer) is False
 
     elsewhere = _other_machine(store, tmp_path / "elsewhere")
     elsewhere.fetch_latest_checkpoint(elsewhere.run_dir("job_1"))

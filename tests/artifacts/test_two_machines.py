@@ -232,7 +232,12 @@ def test_a_job_moves_to_another_machine_through_the_store(cluster: Cluster, tmp_
     engine = create_engine(cluster.database_url)
     with engine.connect() as connection:
         stored = connection.scalar(text("SELECT storage_bytes FROM jobs WHERE id = :id"), {"id": job_id})
+        registered = connection.scalars(text("SELECT path FROM checkpoints WHERE job_id = :id"), {"id": job_id}).all()
     engine.dispose()
+    # Checkpoint rows name the store's objects (every machine knows them so), and only complete ones still kept.
+    prefix = f"s3://{cluster.bucket}/"
+    assert registered and all(path.startswith(prefix) for path in registered)
+    assert sorted(path.removeprefix(prefix) + "/MANIFEST.json" for path in registered) == sorted(manifests)
     assert stored == sum(size for key, size in keys.items() if key.startswith(f"dama/jobs/{job_id}/"))
     for machine in (cluster.api, *cluster.workers):
         assert not [p for p in machine.root.rglob("*") if p.name == "artifacts"], machine.name
