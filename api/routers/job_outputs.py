@@ -224,6 +224,8 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
                 "Repr-Digest": {"description": "RFC 9530 digest (sha-256).", "schema": {"type": "string"}},
             },
         },
+        206: {"description": "The bytes a Range request asked for (Content-Range)."},
+        307: {"description": "With an S3 store and DAMA_DOWNLOAD_MODE=redirect: a presigned link in Location."},
         401: UNAUTHORIZED,
         404: {"model": ErrorResponse, "description": "No such job for this tenant, or its adapter is missing."},
         409: {"model": ErrorResponse, "description": "The job has not succeeded (yet)."},
