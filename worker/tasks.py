@@ -11,14 +11,18 @@ recovered by the sweeper.
 Outcomes:
 
 * success -> the adapter folder is packed into ``ArtifactStore.adapter_archive(job_id)`` (a flat tar.gz: it
-  extracts into a folder ``peft.PeftModel.from_pretrained`` loads), registered with its sha256, and the job
-  ``succeeded`` with its final metrics in ``result``;
+  extracts into a folder ``peft.PeftModel.from_pretrained`` loads), published to the artifact store with the run's
+  files, registered with its sha256, and the job ``succeeded`` with its final metrics in ``result``;
 * cancel requested -> the engine stops at the next step boundary -> ``cancelled``;
 * worker shutting down (SIGTERM) -> the engine checkpoints and stops -> the job goes back to ``queued`` and the
   sweeper sends it again; it resumes from that checkpoint;
 * bad input (data, config, dataset files, model name) -> ``failed`` with ``user_error`` and the engine's message;
 * anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
   only retry is of the claim itself when the job store is unreachable (a known temporary error).
+
+Artifacts (:mod:`jobstore.artifacts`): with an S3 store the run works in this worker's scratch folder
+(:mod:`worker.scratch`): the job's datasets are staged there, a re-run first downloads the newest complete
+checkpoint, each checkpoint is uploaded as it is written (manifest last), and the outputs before the outcome.
 
 Storage (``DAMA_TENANT_STORAGE_BYTES``, :mod:`jobstore.quota`): a run does not start while its tenant's storage
 is full (``failed``, ``user_error`` naming the setting). Whenever a run ends, the bytes under the job's folder are
