@@ -108,5 +108,5 @@ def test_dockerfile_builds_cpu_torch_by_default_with_a_cuda_switch() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "gcc" in text  # Triton builds its launcher with it when a GPU worker compiles (optim.compile)
     assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in text
-    assert 'pip install ".[engine,service]"' in text
+    assert 'pip install ".[engine,service,tracking]"' in text
     assert 'CMD ["dama", "api"]' in text
