@@ -8,6 +8,7 @@ listening on the broker: Postgres is the one source of truth, and a stream resum
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -308,6 +309,9 @@ def download_checkpoint_adapter(
             sha256=file_sha256(archive),
         )
         session.commit()
+        if store.remote:  # served from the store from now on: this API keeps no copies
+            shutil.rmtree(folder, ignore_errors=True)
+            archive.unlink(missing_ok=True)
     filename = f"{job_id}-step{step}-adapter.tar.gz"
     return artifact_response(
         store,
