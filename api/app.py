@@ -23,7 +23,7 @@ from api.guards import RequestGuard
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
 from api.ratelimit import RateLimiter
 from api.routers import dataset_preview, datasets, evaluations, exports, health, job_outputs, jobs, models, webhooks
-from jobstore.artifacts import ArtifactStore
+from jobstore.artifacts import open_store
 from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory
 from jobstore.settings import Settings
@@ -37,8 +37,8 @@ def make_services(settings: Settings) -> Services:
     if settings.database_url is None:  # the embedded default keeps SQLite under DAMA_HOME
         settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
-    artifacts = ArtifactStore(settings.resolved_artifacts_dir)
-    artifacts.root.mkdir(parents=True, exist_ok=True)
+    # With S3, the API's files are temporary working copies (uploads being checked, previews being built).
+    artifacts = open_store(settings)
     return Services(
         settings=settings,
         engine=engine,

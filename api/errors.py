@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -157,6 +158,18 @@ async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     return ApiError(503, "database_unavailable", "the job store is unavailable; retry shortly").response()
 
 
+async def _store_down(_request: Request, exc: Exception) -> JSONResponse:
+    # The S3 artifact store is unreachable, or refuses this installation's credentials or bucket: the operator's to
+    # fix (or a blink), never the request's.
+    logger.error("artifact store unavailable: %s", exc)
+    return ApiError(
+        503,
+        "artifact_store_unavailable",
+        "the artifact store is unavailable; retry shortly",
+        headers={"Retry-After": "30"},
+    ).response()
+
+
 async def _client_gone(request: Request, _exc: Exception) -> JSONResponse:
     # The client hung up mid-request (an upload cancelled): nothing to answer and nothing went wrong here; the
     # route's own cleanup has run. Handled here, it is not logged as an error of the application.
@@ -186,6 +199,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(BotoCoreError, _store_down)
+    app.add_exception_handler(ClientError, _store_down)
     app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

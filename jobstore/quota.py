@@ -10,15 +10,14 @@ whose files push the tenant over (its files are removed): see README, "Storage".
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from jobstore.artifacts import path_bytes
 from jobstore.models import Dataset, Job, Tenant
 
 SETTING = "DAMA_TENANT_STORAGE_BYTES"
+folder_bytes = path_bytes  # the bytes a dataset's or job's local files take
 
 
 def tenant_storage_bytes(session: Session, *, tenant_id: str) -> int:
@@ -32,18 +31,6 @@ def tenant_storage_bytes(session: Session, *, tenant_id: str) -> int:
 def lock_tenant(session: Session, *, tenant_id: str) -> None:
     """Serialize storage decisions of one tenant until the transaction ends (a row lock on Postgres)."""
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-
-
-def folder_bytes(path: Path) -> int:
-    """The bytes of the files under ``path`` (their sizes, not following links); 0 when it does not exist."""
-    total = 0
-    for directory, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_size
-            except FileNotFoundError:  # removed while walking (a checkpoint pruned by a running job)
-                continue
-    return total
 
 
 def over_quota_message(*, used: int, adding: int, quota: int, what: str) -> str:

@@ -32,6 +32,38 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home.")
     broker_url: str | None = Field(default=None, description="Celery broker; default: filesystem under home.")
     artifacts_dir: Path | None = Field(default=None, description="Datasets, adapters; default under home.")
+    artifacts_url: str | None = Field(
+        default=None,
+        pattern=r"^(s3://[^/]+(/.*)?)?$",
+        description="s3://bucket/prefix: keep artifacts in an S3-compatible store instead of DAMA_ARTIFACTS_DIR "
+        "(credentials from the standard AWS_* variables); the API and workers then need no shared folder. "
+        "Empty: DAMA_ARTIFACTS_DIR.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="The S3 API endpoint for MinIO, Ceph and others (e.g. http://minio:9000)."
+    )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The endpoint clients reach, for presigned download links (e.g. http://localhost:9000); "
+        "default DAMA_S3_ENDPOINT_URL.",
+    )
+    download_mode: Literal["stream", "redirect"] = Field(
+        default="stream",
+        description="With S3: 'stream' sends downloads through the API (Range requests supported); 'redirect' "
+        "answers 307 with a presigned link to the store.",
+    )
+    presign_expiry_s: int = Field(default=3600, gt=0, le=7 * 24 * 3600, description="Presigned links' lifetime.")
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="A worker's local folder for what its jobs need (datasets and checkpoints staged from S3, "
+        "models, reference and hardness caches); default under home.",
+    )
+    scratch_max_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Size bound of the scratch folder: least recently used entries go first, never one a running "
+        "job holds. None: no bound.",
+    )
     api_key_pepper: str = Field(default="", description="Secret mixed into API-key hashes. Required in production.")
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest accepted dataset upload.")
     max_json_body_bytes: int = Field(
@@ -225,6 +257,10 @@ class Settings(BaseSettings):
     @property
     def resolved_worker_queues(self) -> list[str]:
         return [q.strip() for q in (self.worker_queues or self.default_queue).split(",") if q.strip()]
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        return (self.scratch_dir or self.home / "scratch").resolve()
 
     @property
     def resolved_artifacts_dir(self) -> Path:

@@ -17,7 +17,7 @@ def _compose() -> dict:
 
 def test_services_and_their_commands_are_the_tested_ones() -> None:
     services = _compose()["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "minio", "createbucket", "migrate", "api", "worker"}
     for name, command in COMPOSE_COMMANDS.items():
         assert services[name]["command"] == command, name
 
@@ -25,7 +25,7 @@ def test_services_and_their_commands_are_the_tested_ones() -> None:
 def test_start_order_health_checks_and_volumes() -> None:
     compose = _compose()
     services = compose["services"]
-    for name in ("postgres", "redis", "api", "worker"):
+    for name in ("postgres", "redis", "minio", "api", "worker"):
         assert "test" in services[name]["healthcheck"], name
     assert services["migrate"]["restart"] == "no"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -33,9 +33,12 @@ def test_start_order_health_checks_and_volumes() -> None:
         depends = services[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
-        assert "artifacts:/data/artifacts" in services[name]["volumes"]
-    assert "models:/models" in services["worker"]["volumes"]
-    assert {"pgdata", "artifacts", "models"} <= set(compose["volumes"])
+        assert depends["createbucket"]["condition"] == "service_completed_successfully"
+    # No shared artifacts folder: the API has no volume, the worker only its own scratch and model cache.
+    assert "volumes" not in services["api"]
+    assert services["worker"]["volumes"] == ["scratch:/scratch", "models:/models"]
+    assert services["worker"]["environment"]["DAMA_SCRATCH_DIR"] == "/scratch"
+    assert {"pgdata", "miniodata", "scratch", "models"} <= set(compose["volumes"])
     assert services["api"]["ports"] == ["8000:8000"]
 
 
@@ -64,9 +67,46 @@ def test_production_settings_and_no_default_secret() -> None:
     assert env["DAMA_RATE_LIMIT"] == f"${{DAMA_RATE_LIMIT:-{defaults}}}"
 
 
+def test_minio_is_pinned_its_bucket_made_at_start_and_used() -> None:
+    compose = _compose()
+    services, env = compose["services"], compose["x-dama-env"]
+    minio, createbucket = services["minio"], services["createbucket"]
+    for service in (minio, createbucket):
+        image, tag = service["image"].split(":")
+        assert image in ("minio/minio", "minio/mc") and tag.startswith("RELEASE."), "images are pinned"
+        assert ":?" in service["environment"]["MINIO_ROOT_PASSWORD"], "no default secret"
+    assert createbucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert createbucket["restart"] == "no"
+    bucket = env["DAMA_ARTIFACTS_URL"].removeprefix("s3://").split("/")[0]
+    assert f"mb --ignore-existing dama/{bucket}" in createbucket["command"][0]
+    assert env["DAMA_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "localhost:9000" in env["DAMA_S3_PUBLIC_ENDPOINT_URL"] and "9000:9000" in minio["ports"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+    from jobstore.settings import Settings
+
+    settings = Settings(artifacts_url=env["DAMA_ARTIFACTS_URL"], s3_endpoint_url=env["DAMA_S3_ENDPOINT_URL"])
+    assert settings.artifacts_url == "s3://dama-artifacts/dama"
+
+
+def test_the_filesystem_override_shares_one_artifacts_volume_instead(tmp_path: Path) -> None:
+    override = yaml.safe_load((ROOT / "docker-compose.filesystem.yml").read_text())
+    for name in ("api", "worker"):
+        service = override["services"][name]
+        assert service["environment"]["DAMA_ARTIFACTS_URL"] == ""
+        assert service["environment"]["DAMA_ARTIFACTS_DIR"] == "/data/artifacts"
+        assert service["volumes"] == ["artifacts:/data/artifacts"]
+    from jobstore.artifacts import FilesystemStore, open_store
+    from jobstore.settings import Settings
+
+    assert "artifacts" in override["volumes"]
+    # An empty DAMA_ARTIFACTS_URL (the override's) selects the filesystem backend at DAMA_ARTIFACTS_DIR.
+    store = open_store(Settings(artifacts_url="", artifacts_dir=tmp_path / "artifacts"))
+    assert isinstance(store, FilesystemStore) and store.root == (tmp_path / "artifacts").resolve()
+
+
 def test_dockerfile_builds_cpu_torch_by_default_with_a_cuda_switch() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "gcc" in text  # Triton builds its launcher with it when a GPU worker compiles (optim.compile)
     assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in text
-    assert 'pip install ".[engine,service]"' in text
+    assert 'pip install ".[engine,service,tracking]"' in text
     assert 'CMD ["dama", "api"]' in text

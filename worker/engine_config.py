@@ -5,7 +5,8 @@ Field names follow the engine's; this module only decides paths and the few serv
 * the dataset is the folder the API unpacked, ``ArtifactStore.dataset_dir(id)/data`` (one data file + images);
 * the run writes to ``ArtifactStore.run_dir(job_id)`` with ``run.resume=True``, so a re-queued job continues
   from its newest checkpoint there;
-* reference log-probs and hardness are cached in ``<artifacts>/cache``, shared by all jobs: the engine keys each
+* with an S3 store, datasets (and a tuned adapter) are first staged into the worker's scratch folder;
+* reference log-probs and hardness are cached in ``<scratch>/cache``, shared by all jobs: the engine keys each
   entry by the dataset's content and the model, so another job on the same data and base model reuses them;
 * the built-in tiny models (``dama/tiny-*``) are built once into the model cache and trained in float32;
 * a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
@@ -50,7 +51,7 @@ class AdapterMissing(ValueError):
 
 
 def model_cache_root(settings: Settings) -> Path:
-    return (settings.model_cache_dir or settings.resolved_artifacts_dir / "models").resolve()
+    return (settings.model_cache_dir or settings.resolved_scratch_dir / "models").resolve()
 
 
 def ensure_tiny_model(family: str, cache_root: Path) -> Path:
@@ -79,6 +80,7 @@ def dataset_folder(store: ArtifactStore, dataset_id: str) -> Path:
 
 def _existing_dataset(store: ArtifactStore, dataset_id: str, role: str) -> Path:
     folder = dataset_folder(store, dataset_id)
+    store.fetch(folder)  # staged into this worker's scratch folder when the store is remote
     if not folder.is_dir():
         raise DatasetMissing(
             f"{role} dataset {dataset_id} has no files on the workers' artifact store ({folder}); "
@@ -95,14 +97,18 @@ def starting_adapter(spec: JobSpec, *, job_id: str, store: ArtifactStore) -> Pat
     may be pruned later, and a resumed attempt needs the same start and the same reference cache key).
 
     The API checked that the source is this tenant's job on the same base; here only its files are looked for.
+    With an S3 store the copy is published at once (a resumed attempt on another worker fetches it), and the
+    source is fetched into this worker's scratch folder first.
     """
     assert spec.init_source is not None
     target = store.job_dir(job_id) / "init_adapter"
+    store.fetch(target)
     if all((target / name).is_file() for name in ADAPTER_FILES):
         return target
     source_job, step = spec.init_source
     source = checkpoint_dir(store.run_dir(source_job), step) / ADAPTER_DIR if step is not None else None
     source = source or adapter_folder(store, source_job)
+    store.fetch(source)
     missing = [name for name in ADAPTER_FILES if not (source / name).is_file()]
     if missing:
         raise ConfigError(
@@ -117,6 +123,7 @@ def starting_adapter(spec: JobSpec, *, job_id: str, store: ArtifactStore) -> Pat
         shutil.copyfile(source / name, partial / name)
     shutil.rmtree(target, ignore_errors=True)
     partial.replace(target)
+    store.publish(target)
     return target
 
 
@@ -215,7 +222,7 @@ def build_train_config(
         },
         "run": {
             "output_dir": str(store.run_dir(job_id).resolve()),
-            "cache_dir": str((store.root / "cache").resolve()),
+            "cache_dir": str(settings.resolved_scratch_dir / "cache"),
             "checkpoint_every": hp.checkpoint_every,
             "keep_checkpoints": hp.keep_checkpoints,
             "eval_every": hp.eval_every,
@@ -261,6 +268,7 @@ def build_evaluation_config(
     adapter = None
     if spec.adapter_job_id:
         folder = adapter_folder(store, spec.adapter_job_id)
+        store.fetch(folder)
         if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
             raise AdapterMissing(
                 f"adapter_job_id: job {spec.adapter_job_id} has no adapter on the workers' artifact store ({folder})"

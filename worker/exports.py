@@ -1,8 +1,10 @@
 """The export task: fold a succeeded training job's adapter into its base model and store the archive.
 
 ``run_export`` is a plain function (tests call it directly); the Celery task wraps it. The merged folder is
-written under ``ArtifactStore.export_dir``, packed into one uncompressed tar (safetensors barely compress, and a
-plain tar serves byte ranges at once), then the folder goes: the archive alone is kept and counted.
+written under ``ArtifactStore.export_dir`` (in the worker's scratch folder with an S3 store, where the job's
+adapter is fetched first), packed into one uncompressed tar (safetensors barely compress, and a plain tar serves
+byte ranges at once) and published to the store before the row records it; then the folder goes: the archive
+alone is kept and counted.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.export import export_merged
 from jobstore import exports
-from jobstore.artifacts import ArtifactStore, file_sha256, pack_folder
+from jobstore.artifacts import ArtifactStore, file_sha256, open_store, pack_folder
 from jobstore.broker import EXPORT_TASK
 from jobstore.db import session_scope
 from jobstore.models import Job
 from jobstore.settings import Settings
 from jobstore.spec import JobSpec
 from worker.engine_config import adapter_folder, model_section
+from worker.scratch import Scratch
 from worker.tasks import CLAIM_RETRIES, JobStoreUnavailable, WorkerContext, short_traceback, worker_name
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,8 @@ def run_export(
     export_id: str, *, session_factory: sessionmaker[Session], settings: Settings, worker: str | None = None
 ) -> str | None:
     """Make export ``export_id``; return its final status, or None if it was not queued (a duplicate message)."""
-    store = ArtifactStore(settings.resolved_artifacts_dir)
+    store = open_store(settings, local_root=settings.resolved_scratch_dir)
+    scratch = Scratch(settings.resolved_scratch_dir, max_bytes=settings.scratch_max_bytes)
     try:
         with session_scope(session_factory) as session:
             export = exports.claim_export(session, export_id=export_id, worker=worker or worker_name())
@@ -50,16 +54,18 @@ def run_export(
     folder = store.export_dir(job_id, export_id)
     archive = store.export_archive(job_id, export_id)
     try:
-        export_merged(
-            model=model_section(spec, settings),
-            adapter_dir=_adapter(store, job_id, folder),
-            output_dir=folder / "model",
-            adapter_name=f"{job_id}-{spec.suffix}" if spec.suffix else job_id,
-            base_name=spec.model,
-        )
-        pack_folder(folder / "model", archive, gzip=False)
+        with scratch.hold([store.job_dir(job_id), scratch.root / "cache", scratch.root / "models"]):
+            export_merged(
+                model=model_section(spec, settings),
+                adapter_dir=_adapter(store, job_id, folder),
+                output_dir=folder / "model",
+                adapter_name=f"{job_id}-{spec.suffix}" if spec.suffix else job_id,
+                base_name=spec.model,
+            )
+            pack_folder(folder / "model", archive, gzip=False)
+            store.publish(archive)  # before the row names it: any API instance can then serve it
         outcome: dict[str, object] = {
-            "path": str(archive),
+            "path": store.recorded_path(archive),
             "size_bytes": archive.stat().st_size,
             "sha256": file_sha256(archive),
         }
@@ -71,22 +77,26 @@ def run_export(
         # The archive is what is served and counted; the unpacked copies would double the storage.
         shutil.rmtree(folder / "model", ignore_errors=True)
         shutil.rmtree(folder / "adapter", ignore_errors=True)
+        scratch.evict()
     with session_scope(session_factory) as session:
         claimed = exports.get_export(session, export_id=export_id)
         if claimed is None:  # the job was deleted meanwhile
-            shutil.rmtree(folder, ignore_errors=True)
+            store.remove(folder)
             return None
         return exports.finish_export(session, export=claimed, **outcome).status  # type: ignore[arg-type]
 
 
 def _adapter(store: ArtifactStore, job_id: str, scratch: Path) -> Path:
-    """The job's adapter folder on the shared store, or, where the run folder was cleaned up, its archive
-    unpacked into ``scratch`` (tarfile's ``data`` filter refuses links, devices and paths outside)."""
+    """The job's adapter folder from the store, or, where the run folder was cleaned up, its archive unpacked
+    into ``scratch`` (tarfile's ``data`` filter refuses links, devices and paths outside). With an S3 store both
+    are fetched into this worker's scratch folder first."""
     folder = adapter_folder(store, job_id)
-    if (folder / "adapter_config.json").is_file():
+    if store.fetch(folder) and (folder / "adapter_config.json").is_file():
         return folder
+    archive = store.adapter_archive(job_id)
+    store.fetch(archive)
     unpacked = scratch / "adapter"
-    with tarfile.open(store.adapter_archive(job_id)) as bundle:
+    with tarfile.open(archive) as bundle:
         bundle.extractall(unpacked, filter="data")
     return unpacked
 

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.callbacks import Callback
 from jobstore import repository
+from jobstore.artifacts import ArtifactStore
 from jobstore.db import session_scope
 from jobstore.states import JobStatus
 from worker.outbox import MEMORY_LIMIT, Outbox, Report
@@ -105,8 +106,11 @@ class JobReporter(Callback):
         clock: Callable[[], float] = time.monotonic,
         spool_dir: Path | None = None,
         memory_limit: int = MEMORY_LIMIT,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.owner = owner
+        # Where checkpoints are kept: a remote store gets each one as it is written; None: the local folder.
+        self.artifacts = artifacts
         self.session_factory = session_factory
         self.flush_interval_s = flush_interval_s
         self.poll_interval_s = poll_interval_s
@@ -183,10 +187,20 @@ class JobReporter(Callback):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_activity()
+        name = str(path)
+        if self.artifacts is not None:
+            # Before it is registered: a job resumes on another machine only from a checkpoint in the store. A
+            # failed upload costs only that: the run goes on, and the next checkpoint tries again.
+            try:
+                self.artifacts.publish_checkpoint(path)
+            except Exception:
+                log.exception("job %s: checkpoint at step %d could not be stored", self.owner.job_id, step)
+            self.on_activity()
+            name = self.artifacts.recorded_path(path)  # the name every machine knows it by (s3://...)
         # Registered after the metrics before it (the outbox keeps order, a batch commits whole): after a crash
         # the run resumes here, and the rows up to this step must already exist.
-        self.outbox.add(["checkpoint", step, str(path)])
-        self._event("checkpoint", f"checkpoint saved at step {step}", {"step": step, "path": str(path)})
+        self.outbox.add(["checkpoint", step, name])
+        self._event("checkpoint", f"checkpoint saved at step {step}", {"step": step, "path": name})
         self.flush()
 
     def should_stop(self) -> bool:
@@ -263,7 +277,8 @@ class JobReporter(Callback):
             log.info("job %s: report batch %d was already stored (its commit went unheard)", self.owner.job_id, number)
             return JobStatus.running.value
         self._note_status(status)
-        write_reports(session, job_id=self.owner.job_id, reports=batch)
+        stored = self.artifacts.checkpoint_stored if self.artifacts is not None else _on_disk
+        write_reports(session, job_id=self.owner.job_id, reports=batch, stored=stored)
         return status
 
     def _write_progress(self, session: Session) -> None:
@@ -369,8 +384,15 @@ class JobReporter(Callback):
         return True
 
 
-def write_reports(session: Session, *, job_id: str, reports: list[Report]) -> None:
-    """Store one batch of reports: its metric points, its events (in order) and its checkpoints."""
+def _on_disk(path: str) -> bool:
+    return Path(path).exists()
+
+
+def write_reports(
+    session: Session, *, job_id: str, reports: list[Report], stored: Callable[[str], bool] = _on_disk
+) -> None:
+    """Store one batch of reports: its metric points, its events (in order) and its checkpoints (``stored``: whether
+    the checkpoint a row names is still kept)."""
     points = [(int(step), str(key), float(value)) for _, step, key, value in _of_kind(reports, "metric")]
     repository.add_metrics(session, job_id=job_id, points=points)
     events = [(str(kind), str(message), data) for _, kind, message, data in _of_kind(reports, "event")]
@@ -378,10 +400,10 @@ def write_reports(session: Session, *, job_id: str, reports: list[Report]) -> No
     for _, step, path in _of_kind(reports, "checkpoint"):
         # Delivered late (after an outage), a checkpoint may already be pruned from disk: the list offers only
         # what a resume can use, i.e. what the engine still keeps (its newest few).
-        if Path(path).exists():
+        if stored(str(path)):
             repository.add_checkpoint(session, job_id=job_id, step=int(step), path=str(path))
         known = repository.list_checkpoints(session, job_id=job_id)
-        pruned = [row.path for row in known if not Path(row.path).exists()]
+        pruned = [row.path for row in known if not stored(row.path)]
         repository.forget_checkpoints(session, job_id=job_id, paths=pruned)
 
 

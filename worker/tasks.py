@@ -13,14 +13,18 @@ that wait is the run left to go stale and be recovered by the sweeper.
 Outcomes:
 
 * success -> the adapter folder is packed into ``ArtifactStore.adapter_archive(job_id)`` (a flat tar.gz: it
-  extracts into a folder ``peft.PeftModel.from_pretrained`` loads), registered with its sha256, and the job
-  ``succeeded`` with its final metrics in ``result``;
+  extracts into a folder ``peft.PeftModel.from_pretrained`` loads), published to the artifact store with the run's
+  files, registered with its sha256, and the job ``succeeded`` with its final metrics in ``result``;
 * cancel requested -> the engine stops at the next step boundary -> ``cancelled``;
 * worker shutting down (SIGTERM) -> the engine checkpoints and stops -> the job goes back to ``queued`` and the
   sweeper sends it again; it resumes from that checkpoint;
 * bad input (data, config, dataset files, model name) -> ``failed`` with ``user_error`` and the engine's message;
 * anything else -> ``failed`` with ``system_error`` and a shortened traceback. Nothing is retried blindly: the
   only retry is of the claim itself when the job store is unreachable (a known temporary error).
+
+Artifacts (:mod:`jobstore.artifacts`): with an S3 store the run works in this worker's scratch folder
+(:mod:`worker.scratch`): the job's datasets are staged there, a re-run first downloads the newest complete
+checkpoint, each checkpoint is uploaded as it is written (manifest last), and the outputs before the outcome.
 
 Storage (``DAMA_TENANT_STORAGE_BYTES``, :mod:`jobstore.quota`): a run does not start while its tenant's storage
 is full (``failed``, ``user_error`` naming the setting). Whenever a run ends, the bytes under the job's folder are
@@ -40,7 +44,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -64,7 +67,7 @@ from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
 from dama_engine.trainer import DataError, TrainResult, train
 from jobstore import quota, repository
-from jobstore.artifacts import ArtifactStore, file_sha256, pack_folder
+from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Dataset, Job, Tenant
@@ -91,6 +94,7 @@ from worker.progress import (
     json_safe,
     store_unreachable,
 )
+from worker.scratch import Scratch
 from worker.sweeper import StoreWatch, sweep
 from worker.tracking import Tracking, make_tracking
 
@@ -102,8 +106,9 @@ USER_ERRORS = (DataError, ConfigError, DataFormatError, DatasetMissing, AdapterM
 EVALUATION = repository.EVALUATION
 # Artifact kinds of an evaluation job: the EvaluationResult path each comes from.
 EVALUATION_ARTIFACTS = {"eval_outputs": "generations_path", "eval_pairs": "pairs_path", "eval_chart": "chart_path"}
-# (tenant_id, kind, path, sha256, size_bytes) of a file to register with the job's outcome.
-ArtifactRecord = tuple[str, str, Path, str, int]
+# (tenant_id, kind, recorded path, sha256, size_bytes) of a file to register with the job's outcome (the path as
+# ArtifactStore.recorded_path names it).
+ArtifactRecord = tuple[str, str, str, str, int]
 # Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
 # "validating", the weights in "loading_model").
 MODEL_STAGES = (None, "validating", "loading_model")
@@ -146,6 +151,7 @@ class StorageAccount:
     folder: Path
     tenant_id: str
     quota_bytes: int | None
+    store: ArtifactStore = field(default_factory=lambda: FilesystemStore(Path.cwd()))  # where ``folder`` is kept
 
 
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: the supervisor (Compose's restart policy) starts a fresh worker
@@ -179,7 +185,7 @@ def run_job(
     ``on_stall`` (default :func:`exit_stalled_worker`) runs from the heartbeat thread (see
     :class:`worker.progress.Heartbeat`)."""
     worker = worker or worker_name()
-    store = ArtifactStore(settings.resolved_artifacts_dir)
+    store, scratch = _workspace(settings)
     claimed = _claim(
         lambda session: repository.claim_job(session, job_id=job_id, worker=worker),
         session_factory=session_factory,
@@ -195,9 +201,19 @@ def run_job(
         session_factory=session_factory,
         settings=settings,
         store=store,
+        scratch=scratch,
         shutdown=shutdown,
         on_stall=on_stall,
     )
+
+
+def _workspace(settings: Settings) -> tuple[ArtifactStore, Scratch]:
+    """The artifact store (its local side in this worker's scratch folder) and the scratch cache, evicted to make
+    room for the next job's files before it holds any."""
+    store = open_store(settings, local_root=settings.resolved_scratch_dir)
+    scratch = Scratch(settings.resolved_scratch_dir, max_bytes=settings.scratch_max_bytes)
+    scratch.evict()
+    return store, scratch
 
 
 def run_next_job(
@@ -217,7 +233,7 @@ def run_next_job(
     ``hint`` is the job whose submission (or re-queue) sent the message: named in the log, and its queue is used
     for a message that names none (sent before fair share)."""
     worker = worker or worker_name()
-    store = ArtifactStore(settings.resolved_artifacts_dir)
+    store, scratch = _workspace(settings)
 
     def pick(session: Session) -> Job | None:
         where = queue
@@ -242,7 +258,15 @@ def run_next_job(
         took_ms,
         hint,
     )
-    return _run(claimed, worker, session_factory=session_factory, settings=settings, store=store, shutdown=shutdown)
+    return _run(
+        claimed,
+        worker,
+        session_factory=session_factory,
+        settings=settings,
+        store=store,
+        scratch=scratch,
+        shutdown=shutdown,
+    )
 
 
 def _run(
@@ -252,6 +276,7 @@ def _run(
     session_factory: sessionmaker[Session],
     settings: Settings,
     store: ArtifactStore,
+    scratch: Scratch,
     shutdown: threading.Event | None,
     on_stall: Callable[[float], None] | None = None,
 ) -> str | None:
@@ -266,6 +291,8 @@ def _run(
         "shutdown": shutdown,
         "spool_dir": store.job_dir(job_id),  # where reports go past the in-memory bound during an outage
     }
+    if store.remote:
+        common["artifacts"] = store
     reporter = (
         EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
         if claimed.kind == EVALUATION
@@ -282,7 +309,7 @@ def _run(
     # Until the outcome is stored: packing a large adapter takes a while, and so may waiting out a database outage
     # (a run that has finished must keep its job alive meanwhile, or the sweeper would have it redone).
     heartbeat.start()
-    storage = StorageAccount(store.job_dir(job_id), claimed.tenant_id, settings.tenant_storage_bytes)
+    storage = StorageAccount(store.job_dir(job_id), claimed.tenant_id, settings.tenant_storage_bytes, store)
     recorder = _Recorder(
         owner=owner,
         reporter=reporter,
@@ -294,12 +321,28 @@ def _run(
         if full := _storage_full(claimed, session_factory, settings):
             log.warning("job %s: not started, its tenant's storage is full", job_id)
             return recorder.finish(JobStatus.failed, error_kind=ErrorKind.user_error, error_message=full)
-        if claimed.kind == EVALUATION:
-            return _run_evaluation(claimed, recorder, store=store, settings=settings)
-        return _run_claimed(claimed, recorder, store=store, settings=settings)
+        with scratch.hold(_held_paths(claimed, store, scratch)):
+            if claimed.kind == EVALUATION:
+                return _run_evaluation(claimed, recorder, store=store, settings=settings)
+            return _run_claimed(claimed, recorder, store=store, settings=settings)
     finally:
         heartbeat.stop()
         _release_memory()
+        scratch.evict()
+
+
+def _held_paths(claimed: _Claimed, store: ArtifactStore, scratch: Scratch) -> list[Path]:
+    """What a running job keeps from eviction: its datasets, its folder, the model and engine caches."""
+    datasets = [store.dataset_dir(value) for key, value in _spec_items(claimed.spec) if key.endswith("dataset_id")]
+    return [*datasets, store.job_dir(claimed.job_id), scratch.root / "cache", scratch.root / "models"]
+
+
+def _spec_items(spec: Any) -> list[tuple[str, Any]]:
+    """Every (key, value) of a nested spec whose value is a string."""
+    if isinstance(spec, dict):
+        found = [(k, v) for k, v in spec.items() if isinstance(v, str)]
+        return found + [item for value in spec.values() for item in _spec_items(value)]
+    return []
 
 
 def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings) -> str | None:
@@ -335,6 +378,8 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
         assert result.adapter_dir is not None
         pack_folder(result.adapter_dir, archive)
         sha256, size = file_sha256(archive), archive.stat().st_size
+        # The adapter, its archive and the run's metrics; the checkpoints went up as they were written.
+        store.publish(store.job_dir(job_id), skip=("run/checkpoints",))
     except Exception as error:
         kind, message = ErrorKind.system_error, short_traceback(error)
         return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
@@ -357,7 +402,7 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
         JobStatus.succeeded,
         message=f"succeeded after {result.steps} steps; adapter sha256 {sha256}",
         result=summary,
-        artifacts=[(claimed.tenant_id, "adapter", archive, sha256, size)],
+        artifacts=[(claimed.tenant_id, "adapter", store.recorded_path(archive), sha256, size)],
     )
 
 
@@ -391,13 +436,15 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
         for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
             path: Path | None = getattr(outcome, attribute)
             if path is not None and path.is_file():
-                artifacts.append((claimed.tenant_id, artifact_kind, path, file_sha256(path), path.stat().st_size))
+                recorded = store.recorded_path(path)
+                artifacts.append((claimed.tenant_id, artifact_kind, recorded, file_sha256(path), path.stat().st_size))
+        store.publish(store.job_dir(claimed.job_id))  # the outputs, the chart
     except Exception as error:
         message = short_traceback(error)
         return recorder.finish(JobStatus.failed, error_kind=ErrorKind.system_error, error_message=message)
     summary = {
         "results": deep_json_safe(outcome.results),
-        "outputs": {kind: path.name for _, kind, path, _, _ in artifacts},
+        "outputs": {kind: Path(path).name for _, kind, path, _, _ in artifacts},
         "seconds": round(outcome.seconds, 3),
         "attempts": claimed.attempt,
     }
@@ -426,7 +473,9 @@ def _claim(
             job_id = job.id
             resume_step = -1  # nothing to keep: a fresh run logs step 0 (the evaluation before training) again
             if job.attempts > 1:
-                # A re-run continues from the newest checkpoint on disk; the points it will log again go.
+                # A re-run continues from the newest checkpoint (fetched from the store: the attempt before may
+                # have run on another machine); the points it will log again go.
+                store.fetch_latest_checkpoint(store.run_dir(job_id))
                 checkpoint = latest_checkpoint(store.run_dir(job_id))
                 if checkpoint is not None:
                     resume_step = int(json.loads((checkpoint / "state.json").read_text())["step"])
@@ -566,7 +615,7 @@ def _store_outcome(
                 tenant_id=tenant_id,
                 job_id=owner.job_id,
                 kind=kind,
-                path=str(path),
+                path=path,
                 size_bytes=size,
                 sha256=sha256,
             )
@@ -605,7 +654,7 @@ def _account_storage(session: Session, job: Job, storage: StorageAccount, *, suc
     remove its files and return the user_error message (the run then fails)."""
     if storage.quota_bytes is not None and succeeded:
         quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
-    job.storage_bytes = quota.folder_bytes(storage.folder)
+    job.storage_bytes = storage.store.size_bytes(storage.folder)
     session.flush()  # before set_status refreshes the row
     if storage.quota_bytes is None or not succeeded:
         return None
@@ -613,7 +662,7 @@ def _account_storage(session: Session, job: Job, storage: StorageAccount, *, suc
     if used <= storage.quota_bytes:
         return None
     adding = job.storage_bytes
-    shutil.rmtree(storage.folder, ignore_errors=True)
+    storage.store.remove(storage.folder)
     job.storage_bytes = 0
     session.flush()
     message = quota.over_quota_message(

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from api.deps import CurrentTenant, Services, ServicesDep, SessionDep
 from api.errors import ApiError, not_found
 from api.schemas import ErrorResponse
 from jobstore import repository
+from jobstore.artifacts import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +116,31 @@ async def _build(data_dir: Path, out_dir: Path, data_format: str) -> None:
         raise ApiError(500, "preview_failed", "the dataset's preview could not be built")
 
 
+async def _build_from_store(store: ArtifactStore, data_dir: Path, out_dir: Path, data_format: str) -> None:
+    """Build the preview from the dataset's files (with S3, a temporary local copy) and keep it in the store."""
+    await run_in_threadpool(store.fetch, data_dir)
+    try:
+        await _build(data_dir, out_dir, data_format)
+        await run_in_threadpool(store.publish, out_dir)
+    finally:
+        if store.remote:
+            await run_in_threadpool(shutil.rmtree, data_dir, True)
+
+
 async def _preview(services: Services, session: Any, tenant_id: str, dataset_id: str) -> tuple[dict[str, Any], Path]:
     """The dataset's preview (built on first use) and its folder; 404 for another tenant's dataset."""
     dataset = await run_in_threadpool(repository.get_dataset, session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)
-    data_dir, data_format = Path(dataset.path), dataset.format
+    store = services.artifacts
+    data_dir, data_format = store.local_path(dataset.path), dataset.format
     await run_in_threadpool(session.close)  # no database connection held while the child runs
-    out_dir = services.artifacts.dataset_dir(dataset_id) / "preview"
+    out_dir = store.dataset_dir(dataset_id) / "preview"
     if not (out_dir / "preview.json").is_file():
         async with _BUILD_LOCKS.setdefault(dataset_id, asyncio.Lock()):
+            await run_in_threadpool(store.fetch, out_dir)  # S3: built already, by this or another replica?
             if not (out_dir / "preview.json").is_file():
-                await _build(data_dir, out_dir, data_format)
+                await _build_from_store(store, data_dir, out_dir, data_format)
         _BUILD_LOCKS.pop(dataset_id, None)
     preview: dict[str, Any] = json.loads((out_dir / "preview.json").read_text(encoding="utf-8"))
     return preview, out_dir

@@ -119,6 +119,7 @@ def _store(
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.move(str(upload.folder), str(target))  # a rename: uploads/ and datasets/ share the store's volume
+        services.artifacts.publish(target)  # S3: uploaded before the dataset is recorded (workers fetch it)
         with session_scope(services.session_factory) as session:
             if quota_bytes is not None:
                 quota.lock_tenant(session, tenant_id=tenant_id)  # concurrent uploads decide one after the other
@@ -138,7 +139,7 @@ def _store(
                 image_count=int(outcome.get("image_count", 0)),
                 size_bytes=stored_bytes,
                 sha256=upload.sha256,
-                path=str((target / "data").resolve()),
+                path=services.artifacts.recorded_path(target / "data"),
                 report=dict(outcome.get("report") or {}),
             )
             if idempotency_key is not None:
@@ -159,6 +160,8 @@ def _store(
     except BaseException:
         services.artifacts.remove_dataset(dataset_id)
         raise
+    if services.artifacts.remote:
+        shutil.rmtree(target, ignore_errors=True)  # the API keeps no copy: the store has it
     return public
 
 

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
-from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
+from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
+from api.downloads import artifact_response
 from api.errors import ApiError
 from api.routers.job_outputs import EventsAfter, EventsLimit, events_response
 from api.routers.jobs import (
@@ -233,7 +234,7 @@ def list_evaluation_events(
     )
 
 
-def _succeeded_artifact(session: Any, job: Job, kind: str, what: str) -> tuple[Path, str]:
+def _succeeded_artifact(session: Any, services: Services, job: Job, kind: str, what: str) -> tuple[Path, str]:
     if job.status != JobStatus.succeeded.value:
         raise ApiError(
             409, "evaluation_not_ready", f"the evaluation is {job.status}; its {what} is available once it succeeded"
@@ -241,8 +242,8 @@ def _succeeded_artifact(session: Any, job: Job, kind: str, what: str) -> tuple[P
     artifact = repository.get_artifact(session, job_id=job.id, kind=kind)
     if artifact is None:
         raise ApiError(404, "output_not_found", f"this evaluation has no {what}")
-    path = Path(artifact.path)
-    if not path.is_file():
+    path = services.artifacts.local_path(artifact.path)
+    if not services.artifacts.exists(path):
         raise ApiError(404, "output_not_found", f"the evaluation succeeded but its {what} is missing from the store")
     return path, artifact.sha256
 
@@ -267,17 +268,22 @@ def _succeeded_artifact(session: Any, job: Job, kind: str, what: str) -> tuple[P
 )
 def download_outputs(
     evaluation_id: str,
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
+    services: ServicesDep,
     file: Annotated[
         Literal["generations", "pairs"],
         Query(description="generations (generative set) or pairs (preference set).", examples=["generations"]),
     ] = "generations",
 ) -> Response:
     job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    path, sha256 = _succeeded_artifact(session, job, OUTPUT_KINDS[file], f"{file} output")
-    return FileResponse(
+    path, sha256 = _succeeded_artifact(session, services, job, OUTPUT_KINDS[file], f"{file} output")
+    return artifact_response(
+        services.artifacts,
         path,
+        request=request,
+        mode=services.settings.download_mode,
         media_type="application/x-ndjson",
         filename=f"{evaluation_id}-{file}.jsonl",
         headers={"X-Content-SHA256": sha256},
@@ -300,7 +306,16 @@ def download_outputs(
         409: NOT_READY,
     },
 )
-def download_chart(evaluation_id: str, session: SessionDep, tenant: CurrentTenant) -> Response:
+def download_chart(
+    evaluation_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
+) -> Response:
     job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    path, sha256 = _succeeded_artifact(session, job, "eval_chart", "chart")
-    return FileResponse(path, media_type="image/png", headers={"X-Content-SHA256": sha256})
+    path, sha256 = _succeeded_artifact(session, services, job, "eval_chart", "chart")
+    return artifact_response(
+        services.artifacts,
+        path,
+        request=request,
+        mode=services.settings.download_mode,
+        media_type="image/png",
+        headers={"X-Content-SHA256": sha256},
+    )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import CurrentTenant, ServicesDep, SessionDep
-from api.downloads import archive_response, archive_responses, safe_label
+from api.downloads import archive_responses, artifact_response, digest_headers, safe_label
 from api.errors import ApiError
 from api.routers.jobs import JOB_NOT_FOUND, UNAUTHORIZED, get_tenant_job
 from api.schemas import ErrorResponse, ExportCreate, ExportPublic, ExportsPublic
@@ -85,7 +85,7 @@ def get_export(job_id: str, export_id: str, session: SessionDep, tenant: Current
     description="The merged model as a tar (model.safetensors or its shards with the index, config.json, "
     "generation config, processor and tokenizer files, README.md), once the export succeeded. `X-Content-SHA256` "
     "and `Repr-Digest` carry its SHA-256; Range requests (`Range: bytes=START-END`) fetch it in parts or resume "
-    "a broken download.",
+    "a broken download. With an S3 store and `DAMA_DOWNLOAD_MODE=redirect`: 307 to a presigned link.",
     response_class=FileResponse,
     responses={
         **archive_responses("The merged model archive.", "application/x-tar"),
@@ -95,17 +95,25 @@ def get_export(job_id: str, export_id: str, session: SessionDep, tenant: Current
     },
 )
 def download_export(
-    job_id: str, export_id: str, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
+    job_id: str, export_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> Response:
     export = _tenant_export(session, tenant_id=tenant.id, job_id=job_id, export_id=export_id)
-    archive = services.artifacts.export_archive(job_id, export_id)
-    if export.status != exports.SUCCEEDED or export.sha256 is None:
+    if export.status != exports.SUCCEEDED or export.sha256 is None or export.path is None:
         raise ApiError(409, "export_not_ready", f"the export is {export.status}; download it once it has succeeded")
-    if not archive.is_file():
+    store = services.artifacts
+    # The row names the stored object (an s3:// URI with S3); the API streams it from the store, no local copy.
+    archive = store.local_path(export.path)
+    if not store.exists(archive):
         raise ApiError(404, "export_file_missing", "the export succeeded but its archive is missing from the store")
     job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
     label = safe_label(job.spec.get("suffix") if isinstance(job.spec, dict) else None)
     stem = f"{job_id}-{label}" if label else job_id
-    return archive_response(
-        archive, sha256=export.sha256, filename=f"{stem}-{export.format}.tar", media_type="application/x-tar"
+    return artifact_response(
+        store,
+        archive,
+        request=request,
+        media_type="application/x-tar",
+        mode=services.settings.download_mode,
+        filename=f"{stem}-{export.format}.tar",
+        headers=digest_headers(export.sha256),
     )

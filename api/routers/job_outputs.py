@@ -8,6 +8,7 @@ listening on the broker: Postgres is the one source of truth, and a stream resum
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import CurrentTenant, Services, ServicesDep, SessionDep
-from api.downloads import archive_response, archive_responses, safe_label
+from api.downloads import archive_responses, artifact_response, digest_headers, safe_label
 from api.errors import ApiError
 from api.routers.jobs import JOB_NOT_FOUND, UNAUTHORIZED, get_tenant_job
 from api.schemas import (
@@ -210,7 +211,8 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
     summary="Download the trained adapter",
     description="The PEFT adapter as a .tar.gz (adapter_config.json, adapter_model.safetensors, processor files, "
     "training config, metrics, model card), once the job succeeded. `X-Content-SHA256` (hex) and `Repr-Digest` "
-    "carry its SHA-256; Range requests are supported.",
+    "carry its SHA-256; Range requests are supported. With an S3 store and `DAMA_DOWNLOAD_MODE=redirect`: 307 "
+    "to a presigned link.",
     response_class=FileResponse,
     responses={
         **archive_responses("The adapter archive.", "application/gzip"),
@@ -219,7 +221,9 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) ->
         409: {"model": ErrorResponse, "description": "The job has not succeeded (yet)."},
     },
 )
-def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, services: ServicesDep) -> Response:
+def download_adapter(
+    job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
+) -> Response:
     job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
     if job.status != JobStatus.succeeded.value:
         raise ApiError(
@@ -227,14 +231,23 @@ def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, se
             "adapter_not_ready",
             f"the job is {job.status}; its adapter can be downloaded once it has succeeded",
         )
-    path = services.artifacts.adapter_archive(job_id)
-    if not path.is_file():
-        raise ApiError(404, "adapter_not_found", "the job succeeded but its adapter archive is missing from the store")
+    store = services.artifacts
+    path = store.adapter_archive(job_id)
     artifact = repository.get_artifact(session, job_id=job_id, kind="adapter")
+    if not store.exists(path) or (artifact is None and not store.fetch(path)):
+        raise ApiError(404, "adapter_not_found", "the job succeeded but its adapter archive is missing from the store")
     sha256 = artifact.sha256 if artifact is not None else file_sha256(path)
     label = safe_label(job.spec.get("suffix") if isinstance(job.spec, dict) else None)
     filename = f"{job_id}-{label}-adapter.tar.gz" if label else f"{job_id}-adapter.tar.gz"
-    return archive_response(path, sha256=sha256, filename=filename, media_type="application/gzip")
+    return artifact_response(
+        store,
+        path,
+        request=request,
+        media_type="application/gzip",
+        mode=services.settings.download_mode,
+        filename=filename,
+        headers=digest_headers(sha256),
+    )
 
 
 @router.get(
@@ -243,7 +256,8 @@ def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, se
     description="Any kept checkpoint's LoRA adapter as a .tar.gz that `PeftModel.from_pretrained(base, folder)` "
     "loads (adapter_config.json, adapter_model.safetensors), while the job runs or after it ended. Packed from the "
     "files the engine wrote on the first request, then served as stored; `X-Content-SHA256` and `Repr-Digest` carry "
-    "its SHA-256; Range requests are supported. How many checkpoints are kept: `hyperparameters.keep_checkpoints`.",
+    "its SHA-256; Range requests are supported (with an S3 store and `DAMA_DOWNLOAD_MODE=redirect`: 307 to a "
+    "presigned link). How many checkpoints are kept: `hyperparameters.keep_checkpoints`.",
     response_class=FileResponse,
     responses={
         **archive_responses("The checkpoint's adapter archive.", "application/gzip"),
@@ -258,14 +272,16 @@ def download_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, se
 def download_checkpoint_adapter(
     job_id: str,
     step: Annotated[int, Path(ge=0, le=MAX_SEQ, description="The checkpoint's optimizer step.", examples=[50])],
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
     services: ServicesDep,
 ) -> Response:
     get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
+    store = services.artifacts
     checkpoint = repository.get_checkpoint(session, job_id=job_id, step=step)
-    folder = services.artifacts.checkpoint_adapter_dir(job_id, checkpoint.path) if checkpoint else None
-    if folder is None:
+    folder = store.checkpoint_adapter_dir(job_id, checkpoint.path) if checkpoint else None
+    if checkpoint is None or folder is None:
         kept = [item.step for item in repository.list_checkpoints(session, job_id=job_id)]
         raise ApiError(
             404,
@@ -273,19 +289,36 @@ def download_checkpoint_adapter(
             f"step: no kept checkpoint with an adapter at step {step} (kept steps: {kept or 'none'})",
             param="step",
         )
-    archive = services.artifacts.checkpoint_adapter_archive(job_id, step)
-    artifact = repository.get_artifact_by_path(session, job_id=job_id, path=str(archive))
-    if artifact is None or not archive.is_file():
+    archive = store.checkpoint_adapter_archive(job_id, step)
+    recorded = store.recorded_path(archive)
+    artifact = repository.get_artifact_by_path(session, job_id=job_id, path=recorded)
+    if artifact is None or not store.exists(archive):
+        # Packed here from the checkpoint's files (with S3: downloaded into this API's working copy first), then
+        # published, so every API instance serves the same stored archive.
+        if store.checkpoint_adapter_dir(job_id, checkpoint.path, fetch=True) is None:
+            raise ApiError(404, "checkpoint_not_found", f"step: the checkpoint at step {step} was pruned", param="step")
         pack_folder(folder, archive)
+        store.publish(archive)
         artifact = repository.add_artifact(
             session,
             tenant_id=tenant.id,
             job_id=job_id,
             kind="checkpoint_adapter",
-            path=str(archive),
+            path=recorded,
             size_bytes=archive.stat().st_size,
             sha256=file_sha256(archive),
         )
         session.commit()
+        if store.remote:  # served from the store from now on: this API keeps no copies
+            shutil.rmtree(folder, ignore_errors=True)
+            archive.unlink(missing_ok=True)
     filename = f"{job_id}-step{step}-adapter.tar.gz"
-    return archive_response(archive, sha256=artifact.sha256, filename=filename, media_type="application/gzip")
+    return artifact_response(
+        store,
+        archive,
+        request=request,
+        media_type="application/gzip",
+        mode=services.settings.download_mode,
+        filename=filename,
+        headers=digest_headers(artifact.sha256),
+    )

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.data.demo import make_demo_dataset
 from jobstore import repository
-from jobstore.artifacts import ArtifactStore
+from jobstore.artifacts import ArtifactStore, FilesystemStore
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Job
 from jobstore.settings import Settings
@@ -80,7 +80,7 @@ class JobStore:
 
     @property
     def artifacts(self) -> ArtifactStore:
-        return ArtifactStore(self.settings.resolved_artifacts_dir)
+        return FilesystemStore(self.settings.resolved_artifacts_dir)
 
     def dataset(self, rows: int = 48) -> str:
         """A demo dataset of ``rows`` pairs (files + row), made once per size."""

@@ -54,7 +54,7 @@ def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
     assert config.hardness.scorer == "/models/clip"
     assert config.run.output_dir == str(store.artifacts.run_dir("job_a").resolve())
     assert config.run.checkpoint_every == 3 and config.run.resume is True
-    assert config.run.cache_dir == str((store.artifacts.root / "cache").resolve())
+    assert config.run.cache_dir == str(store.settings.resolved_scratch_dir / "cache")  # the worker's scratch folder
 
 
 def test_an_explicit_learning_rate_and_a_real_model_are_kept(store: JobStore) -> None:
