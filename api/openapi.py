@@ -61,6 +61,7 @@ TAGS: list[dict[str, Any]] = [
         "description": "Signed (Standard Webhooks) notifications of job and evaluation status changes, retried for "
         "hours; endpoints, their delivery log and redelivery.",
     },
+    {"name": "keys", "description": "The tenant's API keys: create (the secret shown once), list, revoke."},
     {"name": "models", "description": "Supported model families and built-in tiny models."},
     {"name": "health", "description": "Liveness and readiness probes (no auth)."},
 ]
