@@ -198,7 +198,7 @@ class Datasets(_Resource):
 
     @operation("GET", "/datasets/{dataset_id}/rows/{row}/images/{index}")
     def row_image(self, dataset_id: str, row: int, index: int = 0) -> bytes:
-        """A preview row's image, as PNG bytes."""
+        """A preview row's image (rows count from 1, images from 0), as PNG bytes."""
         return self._t.request("GET", f"/datasets/{dataset_id}/rows/{row}/images/{index}").content
 
     @operation("GET", "/datasets/{dataset_id}/hardness")

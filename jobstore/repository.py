@@ -83,7 +83,7 @@ def create_api_key(session: Session, *, tenant_id: str, pepper: str) -> tuple[Ap
 
 
 def list_api_keys(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[ApiKey], bool]:
-    """A tenant's keys, revoked ones included (their revoked_at says so), oldest first."""
+    """A tenant's keys, revoked ones included (their revoked_at says so), newest first."""
     return _page(session, select(ApiKey).where(ApiKey.tenant_id == tenant_id), ApiKey, limit=limit, after=after)
 
 

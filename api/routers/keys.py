@@ -38,7 +38,7 @@ class ApiKeyCreated(ApiKeyPublic):
 
 class ApiKeysPublic(_Public):
     object: str = Field(default="list", description="Always 'list'.")
-    data: list[ApiKeyPublic] = Field(description="The tenant's keys, oldest first, revoked ones included.")
+    data: list[ApiKeyPublic] = Field(description="The tenant's keys, newest first, revoked ones included.")
     has_more: bool = Field(description="Whether another page follows this one.", examples=[False])
     next_cursor: str | None = _next_cursor()
 
