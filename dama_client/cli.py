@@ -250,7 +250,12 @@ def _follow(client: Client, args: argparse.Namespace, job_id: str) -> int:
         print(job.model_dump_json())
     else:
         for key, value in _final_summary(job).items():
-            print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+            if not isinstance(value, dict):
+                print(f"{key}: {value}")
+                continue
+            print(f"{key}:")
+            for name, item in sorted(value.items()):
+                print(f"  {name}: {format(item, '.4g') if isinstance(item, float) else json.dumps(item)}")
     return 0 if job.status == "succeeded" else 1
 
 
@@ -269,7 +274,7 @@ def _follow_with_bar(client: Client, job_id: str) -> Job:
                 bar.total = job.total_steps
                 bar.refresh()
             bar.set_description(f"{job.status}:{job.stage or '-'}", refresh=False)
-            bar.set_postfix_str(f"eta {_eta(job.eta_seconds)}", refresh=False)
+            bar.set_postfix_str("done" if job.ended else f"eta {_eta(job.eta_seconds)}", refresh=False)
             bar.update(max(0, job.step - bar.n))
     finally:
         bar.close()
