@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from dama_client import APIConnectionError, Client, InvalidRequestError, RateLimitError, ServiceUnavailableError
+from dama_client import (
+    APIConnectionError,
+    ChecksumError,
+    Client,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 
 JOB = {
     "id": "job_0194b1c2d3e4a1b2c3d4e5f6",
@@ -171,6 +178,13 @@ def test_errors_are_typed_after_the_retries(serve: Any) -> None:
     with Client(serve(down), "k", max_retries=1, backoff_s=0.01) as client, pytest.raises(ServiceUnavailableError):
         client.models.list()
     assert len(down.requests) == 2
+
+
+def test_a_download_that_does_not_match_its_sha256_is_refused(serve: Any, tmp_path: Path) -> None:
+    script = Script([(200, {"X-Content-SHA256": "0" * 64}, {"not": "the announced bytes"})])
+    with Client(serve(script), "k") as client, pytest.raises(ChecksumError):
+        client.jobs.download("job_1", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
 
 
 def test_connection_errors_are_retried_then_raised() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from dama_client import Client
-from tests.e2e.test_service_e2e import _dataset_zip, service  # the same service fixture, one per module
+from dama_client import Client, DamaError
+from tests.e2e.test_service_e2e import _dataset_zip, _free_port, service  # the same fixture, one per module
 
 __all__ = ["service"]
 
@@ -95,3 +97,29 @@ def test_sdk_session_from_upload_to_a_loaded_adapter(service: dict[str, Any], tm
         steps = [checkpoint.step for checkpoint in client.jobs.checkpoints(job.id)]
         assert steps and steps[-1] <= 4
         _load_adapter(service, client.jobs.download_checkpoint(job.id, steps[-1], tmp_path / "checkpoint"))
+
+
+def test_serve_takes_host_and_port(tmp_path: Path) -> None:
+    """`dama serve --host H --port P`, as `dama api` takes them (the environment stays the default)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DAMA_")}
+    port = _free_port()
+    env.update(DAMA_HOME=str(tmp_path / ".dama"), DAMA_API_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            with Client(f"http://127.0.0.1:{port}", max_retries=0, timeout=2) as client:
+                while True:
+                    try:
+                        assert client.health.live().status == "ok"
+                        break
+                    except DamaError:
+                        assert process.poll() is None and time.monotonic() < deadline, (
+                            tmp_path / "serve.log"
+                        ).read_text()
+                        time.sleep(0.5)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
