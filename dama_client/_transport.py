@@ -1,8 +1,9 @@
 """HTTP with the client's policies: auth, timeouts, retries with backoff, typed errors.
 
 Retried: connection errors and timeouts, 429 (waiting what ``Retry-After`` says) and 503, up to ``max_retries``
-times with exponential backoff and jitter. A create call's ``Idempotency-Key`` is made once by the caller and sent
-unchanged on every retry, so a retried create never makes a second resource.
+times with exponential backoff and jitter; a POST or PATCH without an Idempotency-Key only when it cannot have
+reached the server (a failed connect) or was refused with 429/503. A create call's ``Idempotency-Key`` is made
+once by the caller and sent unchanged on every retry, so a retried create never makes a second resource.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 from dama_client.errors import APIConnectionError, APITimeoutError, error_from_response
 
 RETRY_STATUSES = frozenset({429, 503})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_BACKOFF_S = 30.0
 
 
@@ -66,18 +68,17 @@ class Transport:
         while True:
             if fresh is not None:
                 kwargs.update(fresh())
+            request = self.http.build_request(method, path, **kwargs)
             try:
-                request = self.http.build_request(method, path, **kwargs)
                 response = self.http.send(request, stream=True)
-            except httpx.TimeoutException as error:
-                if attempt >= self.max_retries:
-                    raise APITimeoutError(f"{method} {path}: timed out ({error})") from error
-                time.sleep(self._delay(attempt, None))
-                attempt += 1
-                continue
-            except httpx.TransportError as error:
-                if attempt >= self.max_retries:
-                    raise APIConnectionError(f"{method} {path}: {error}") from error
+            except httpx.TransportError as error:  # timeouts included
+                # A request that may have reached the server is resent only when resending cannot repeat its
+                # effect: a read, or a create with its Idempotency-Key. One that never connected always is.
+                unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+                replayable = unsent or method in SAFE_METHODS or "Idempotency-Key" in request.headers
+                if attempt >= self.max_retries or not replayable:
+                    kind = APITimeoutError if isinstance(error, httpx.TimeoutException) else APIConnectionError
+                    raise kind(f"{method} {path}: {error or type(error).__name__}") from error
                 time.sleep(self._delay(attempt, None))
                 attempt += 1
                 continue

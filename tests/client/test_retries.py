@@ -45,6 +45,9 @@ JOB = {
 }
 
 
+DROP = 0  # a scripted "answer" that closes the connection instead
+
+
 class Script:
     """What the server answers, in order (the last answer repeats), and what it received."""
 
@@ -62,6 +65,9 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
             script.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
             script.times.append(time.monotonic())
             status, headers, payload = script.answers[min(len(script.requests), len(script.answers)) - 1]
+            if status == DROP:  # read the request, then hang up without an answer
+                self.close_connection = True
+                return
             data = json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
@@ -185,6 +191,19 @@ def test_a_download_that_does_not_match_its_sha256_is_refused(serve: Any, tmp_pa
     with Client(serve(script), "k") as client, pytest.raises(ChecksumError):
         client.jobs.download("job_1", tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def test_a_dropped_create_is_resent_only_with_its_idempotency_key(serve: Any) -> None:
+    jobs = Script([(DROP, {}, None), (201, {}, JOB)])
+    with Client(serve(jobs), "k", backoff_s=0.01) as client:
+        assert client.jobs.create(model="m", dataset_id="ds_1").id == JOB["id"]
+    assert len(jobs.requests) == 2 and len({r["headers"]["Idempotency-Key"] for r in jobs.requests}) == 1
+
+    # POST /webhooks takes no Idempotency-Key: the server may have made the endpoint, so it is not sent twice.
+    hooks = Script([(DROP, {}, None), (201, {}, {})])
+    with Client(serve(hooks), "k", backoff_s=0.01) as client, pytest.raises(APIConnectionError):
+        client.webhooks.create(url="https://example.com/hook")
+    assert len(hooks.requests) == 1
 
 
 def test_connection_errors_are_retried_then_raised() -> None:
