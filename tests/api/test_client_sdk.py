@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -188,3 +189,30 @@ def test_datasets_through_the_sdk_and_the_cli(
         client.datasets.delete(second["id"])
         with pytest.raises(NotFoundError):
             client.datasets.get(second["id"])
+
+
+@pytest.mark.slow
+def test_the_client_extra_alone_runs_the_commands(
+    api_server: ApiServer, db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A clean virtualenv (no system packages) with only `pip install -e ".[client]"`: the `dama` client commands
+    work against the service, and neither torch nor any server package is there (about 35 s, most of it pip)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-e", f"{ROOT}[client]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    for package in ("torch", "fastapi", "sqlalchemy", "celery", "pydantic_settings"):
+        probe = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {package}"], capture_output=True)
+        assert probe.returncode != 0, f"{package} is installed by the client extra"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DAMA_", "PYTHON"))}
+    env.update(DAMA_API_URL=api_server.url, DAMA_API_KEY=create_key(db, "clean-venv"))
+    listed = subprocess.run(
+        [str(venv / "bin" / "dama"), "keys", "list", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 1
