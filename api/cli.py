@@ -69,15 +69,26 @@ def _create_key(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextmanager
 def _store_session(settings: Settings) -> Iterator[Session]:
-    """A job-store session committed on success, its engine disposed after."""
+    """A job-store session committed on success, its engine disposed after; a database error is reported as a
+    :class:`StoreUnavailable` naming the likely cause."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from jobstore.db import make_engine, make_session_factory, session_scope
 
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
     try:
         with session_scope(make_session_factory(engine)) as session:
             yield session
+    except SQLAlchemyError as error:
+        raise StoreUnavailable(f"the job store failed ({type(error).__name__}); has `dama migrate` run?") from error
     finally:
         engine.dispose()
+
+
+class StoreUnavailable(Exception):
+    """The job store could not do what an admin command asked."""
 
 
 def _list_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -212,7 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {error}", file=sys.stderr)
         return 2
     handler: Command = args.handler
-    return handler(args, settings)
+    try:
+        return handler(args, settings)
+    except StoreUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
