@@ -55,6 +55,14 @@ def test_every_operation_has_an_sdk_method(document: dict[str, Any]) -> None:
     methods = _sdk_operations()
     assert operations - methods.keys() == set(), "operations of the API without an SDK method"
     assert methods.keys() - operations == set(), "SDK methods for operations the API does not have"
+    for (method, path), function in methods.items():
+        operation = document["paths"][path][method.lower()]
+        parameters = inspect.signature(function).parameters
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "path":  # the SDK method takes each path parameter under its own name
+                assert parameter["name"] in parameters, f"{function.__qualname__} lacks {parameter['name']}"
+            elif parameter["in"] == "query" and parameter["name"] not in ("after",):  # cursors are iterated
+                assert parameter["name"] in parameters, f"{function.__qualname__} lacks ?{parameter['name']}="
 
 
 def _returned_model(function: Any) -> type[Model] | None:
