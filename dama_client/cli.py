@@ -54,20 +54,27 @@ def _emit(args: argparse.Namespace, value: Any, columns: Sequence[str] = ()) -> 
     print(data)
 
 
-def _progress_bar(args: argparse.Namespace, description: str) -> tuple[Callable[[int, int | None], None], Any]:
-    """A byte-progress callback drawing a tqdm bar on stderr (none with --json)."""
-    if args.json:
-        return (lambda _done, _total: None), None
-    from tqdm import tqdm
+class _ByteBar:
+    """A byte-progress callback drawing a tqdm bar on stderr, made at the first byte (none with --json)."""
 
-    bar = tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+    def __init__(self, args: argparse.Namespace, description: str) -> None:
+        self.enabled, self.description = not args.json, description
+        self.bar: Any = None
 
-    def update(done: int, total: int | None) -> None:
-        if total is not None and bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return update, bar
+            self.bar = tqdm(
+                desc=self.description, total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---- datasets ---------------------------------------------------------------------------------------------------
@@ -76,12 +83,11 @@ DATASET_COLUMNS = ("id", "name", "format", "row_count", "image_count", "created_
 
 
 def _datasets_upload(client: Client, args: argparse.Namespace) -> int:
-    progress, bar = _progress_bar(args, "upload")
+    progress = _ByteBar(args, "upload")
     try:
         dataset = client.datasets.upload(args.file, name=args.name, format=args.format, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     _emit(args, dataset)
     return 0
 
@@ -203,15 +209,14 @@ def _jobs_checkpoints(client: Client, args: argparse.Namespace) -> int:
 
 
 def _jobs_download(client: Client, args: argparse.Namespace) -> int:
-    progress, bar = _progress_bar(args, "download")
+    progress = _ByteBar(args, "download")
     try:
         if args.step is not None:
             path = client.jobs.download_checkpoint(args.id, args.step, args.output, progress=progress)
         else:
             path = client.jobs.download(args.id, args.output, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     _emit(args, {"job_id": args.id, "path": str(path), "sha256_verified": True} if args.json else str(path))
     return 0
 
@@ -297,12 +302,11 @@ def _jobs_exports(client: Client, args: argparse.Namespace) -> int:
 
 
 def _jobs_download_export(client: Client, args: argparse.Namespace) -> int:
-    progress, bar = _progress_bar(args, "download")
+    progress = _ByteBar(args, "download")
     try:
         path = client.jobs.download_export(args.id, args.export_id, args.output, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     _emit(args, {"job_id": args.id, "export_id": args.export_id, "path": str(path)} if args.json else str(path))
     return 0
 
