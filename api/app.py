@@ -22,7 +22,18 @@ from api.errors import install_error_handlers
 from api.guards import RequestGuard
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
 from api.ratelimit import RateLimiter
-from api.routers import dataset_preview, datasets, evaluations, exports, health, job_outputs, jobs, models, webhooks
+from api.routers import (
+    dataset_preview,
+    datasets,
+    evaluations,
+    exports,
+    health,
+    job_outputs,
+    jobs,
+    keys,
+    models,
+    webhooks,
+)
 from jobstore.artifacts import open_store
 from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory
@@ -96,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
-    for module in (datasets, dataset_preview, jobs, job_outputs, exports, evaluations, webhooks, models, health):
+    for module in (datasets, dataset_preview, jobs, job_outputs, exports, evaluations, webhooks, keys, models, health):
         app.include_router(module.router)
     install_console(app)
 

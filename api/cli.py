@@ -1,10 +1,16 @@
 """``dama``: the service's command line (the console script of pyproject's ``[project.scripts]``).
 
     dama admin create-key --tenant NAME   create the tenant if needed and print a new API key (shown once)
+    dama admin list-keys --tenant NAME    list a tenant's keys (id, prefix, created, revoked)
+    dama admin revoke-key KEY_ID          revoke a key: requests with it answer 401 from then on
     dama migrate                          upgrade the job store's database to the newest schema
     dama api [--host H] [--port P]        run the HTTP API (uvicorn with api.app:create_app)
     dama worker                           run a Celery worker on DAMA_WORKER_QUEUES (python -m worker)
-    dama serve [--demo]                   API + worker on one machine with no external servers
+    dama serve [--host H] [--port P] [--demo]   API + worker on one machine with no external servers
+
+and the client commands of :mod:`dama_client.cli` (``dama datasets|jobs|evaluations|keys|webhooks|models|health``),
+which talk to a running service over HTTP. Server imports are lazy: with only the ``client`` extra installed, the
+client commands work.
 
 Settings come from the ``DAMA_`` environment, read here at the entry point.
 """
@@ -14,14 +20,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobstore.settings import Settings
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from jobstore.settings import Settings
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
-Command = Callable[[argparse.Namespace, Settings], int]
+Command = Callable[[argparse.Namespace, "Settings"], int]
 
 
 def _create_key(args: argparse.Namespace, settings: Settings) -> int:
@@ -53,6 +64,62 @@ def _create_key(args: argparse.Namespace, settings: Settings) -> int:
     # The key alone on stdout (scripts capture it); everything else on stderr.
     print(plaintext)
     print(f"created key {key_id} for tenant {args.tenant!r} ({tenant_id}); it is not shown again", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _store_session(settings: Settings) -> Iterator[Session]:
+    """A job-store session committed on success, its engine disposed after; a database error is reported as a
+    :class:`StoreUnavailable` naming the likely cause."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobstore.db import make_engine, make_session_factory, session_scope
+
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            yield session
+    except SQLAlchemyError as error:
+        raise StoreUnavailable(f"the job store failed ({type(error).__name__}); has `dama migrate` run?") from error
+    finally:
+        engine.dispose()
+
+
+class StoreUnavailable(Exception):
+    """The job store could not do what an admin command asked."""
+
+
+def _list_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import func, select
+
+    from jobstore.models import ApiKey, Tenant
+
+    with _store_session(settings) as session:
+        tenant = session.scalar(select(Tenant).where(func.lower(Tenant.name) == args.tenant.lower()))
+        if tenant is None:
+            print(f"error: no tenant named {args.tenant!r}", file=sys.stderr)
+            return 1
+        for row in session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id)):
+            print(
+                f"{row.id}  {row.prefix}  created {row.created_at:%Y-%m-%dT%H:%M:%S}  "
+                f"{'revoked ' + format(row.revoked_at, '%Y-%m-%dT%H:%M:%S') if row.revoked_at else 'active'}"
+            )
+    return 0
+
+
+def _revoke_key(args: argparse.Namespace, settings: Settings) -> int:
+    from jobstore.models import ApiKey, utcnow
+
+    with _store_session(settings) as session:
+        row = session.get(ApiKey, args.key_id)
+        if row is None:
+            print(f"error: no API key with id {args.key_id!r}", file=sys.stderr)
+            return 1
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+    print(f"revoked key {args.key_id}; requests with it now answer 401", file=sys.stderr)
     return 0
 
 
@@ -107,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with a letter or digit",
     )
     create_key.set_defaults(handler=_create_key)
+    list_keys = admin_commands.add_parser("list-keys", help="list a tenant's keys: id, prefix, created, revoked")
+    list_keys.add_argument("--tenant", required=True)
+    list_keys.set_defaults(handler=_list_keys)
+    revoke_key = admin_commands.add_parser("revoke-key", help="revoke a key by id (any tenant's)")
+    revoke_key.add_argument("key_id")
+    revoke_key.set_defaults(handler=_revoke_key)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the newest schema (alembic head)")
     migrate.set_defaults(handler=_migrate)
@@ -120,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a worker on DAMA_WORKER_QUEUES (python -m worker)")
     worker.set_defaults(handler=_worker, passthrough=True)
 
-    serve = commands.add_parser("serve", help="API + worker on this machine, no external servers (--demo)")
+    serve = commands.add_parser(
+        "serve", help="API + worker on this machine, no external servers (--host, --port, --demo)"
+    )
     serve.set_defaults(handler=_serve, passthrough=True)  # options: see `dama serve --help`
 
+    from dama_client.cli import add_commands  # httpx and pydantic only: no server import
+
+    add_commands(commands)
     return parser
 
 
@@ -133,13 +211,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    if hasattr(args, "client_handler"):  # a client command: no server settings, no server imports
+        from dama_client.cli import run
+
+        return run(args)
+    from jobstore.settings import Settings
+
     try:
         settings = Settings()
     except ValueError as error:  # pydantic's ValidationError: refused settings (e.g. no pepper in production)
         print(f"error: invalid settings: {error}", file=sys.stderr)
         return 2
     handler: Command = args.handler
-    return handler(args, settings)
+    try:
+        return handler(args, settings)
+    except StoreUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ TAGS: list[dict[str, Any]] = [
         "description": "Signed (Standard Webhooks) notifications of job and evaluation status changes, retried for "
         "hours; endpoints, their delivery log and redelivery.",
     },
+    {"name": "keys", "description": "The tenant's API keys: create (the secret shown once), list, revoke."},
     {"name": "models", "description": "Supported model families and built-in tiny models."},
     {"name": "health", "description": "Liveness and readiness probes (no auth)."},
 ]
@@ -115,7 +116,7 @@ def _document_common_errors(operation: dict[str, Any], error_content: dict[str, 
     if json_body:
         causes.insert(0, "invalid_json (the body is not a JSON document)")
     causes.append("invalid_value (a value the job store cannot hold)")
-    responses.setdefault("400", {"description": "; ".join(causes) + ".", "content": error_content})
+    _add_response(responses, "400", "; ".join(causes) + ".", error_content)
     if json_body:
         responses.setdefault(
             "413",
@@ -127,15 +128,25 @@ def _document_common_errors(operation: dict[str, Any], error_content: dict[str, 
     if operation.get("security"):
         responses.setdefault("401", {"description": "Missing or invalid API key.", "content": error_content})
     if "401" in responses:  # authenticated routes count against the tenant's rate limit (api.ratelimit)
-        responses.setdefault(
+        _add_response(
+            responses,
             "429",
-            {
-                "description": "rate_limit_exceeded: the tenant's request rate (DAMA_RATE_LIMIT) is used up; or "
-                "too_many_failed_authentications: this address sent too many invalid API keys "
-                "(DAMA_AUTH_FAILURE_LIMIT). Retry-After says when to retry.",
-                "content": error_content,
-            },
+            "rate_limit_exceeded: the tenant's request rate (DAMA_RATE_LIMIT) is used up; or "
+            "too_many_failed_authentications: this address sent too many invalid API keys "
+            "(DAMA_AUTH_FAILURE_LIMIT). Retry-After says when to retry.",
+            error_content,
         )
+
+
+def _add_response(responses: dict[str, Any], status: str, description: str, content: dict[str, Any]) -> None:
+    """Document a status every route may answer; a route that declares the same status for causes of its own
+    keeps them, and the common ones are added to its description."""
+    own = responses.get(status)
+    if own is None:
+        responses[status] = {"description": description, "content": content}
+    elif description not in own.get("description", ""):
+        own["description"] = f"{own.get('description', '').rstrip()} Also: {description}".strip()
+        own.setdefault("content", content)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

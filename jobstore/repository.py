@@ -86,6 +86,20 @@ def create_api_key(session: Session, *, tenant_id: str, pepper: str) -> tuple[Ap
     return row, plaintext
 
 
+def list_api_keys(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[ApiKey], bool]:
+    """A tenant's keys, revoked ones included (their revoked_at says so), newest first."""
+    return _page(session, select(ApiKey).where(ApiKey.tenant_id == tenant_id), ApiKey, limit=limit, after=after)
+
+
+def revoke_api_key(session: Session, *, tenant_id: str, key_id: str) -> ApiKey | None:
+    """Mark a tenant's key revoked (kept for the record); None when the tenant has no such key. Idempotent."""
+    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id))
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
+
+
 def tenant_for_key(session: Session, *, key: str, pepper: str) -> Tenant | None:
     row = session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_api_key(key, pepper=pepper), ApiKey.revoked_at.is_(None))

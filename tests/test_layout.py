@@ -106,3 +106,38 @@ def test_upload_check_of_a_generative_set_does_not_import_the_ml_stack(tmp_path:
         top_level = {name.split(".")[0] for name in result[when]}
         assert not top_level & forbidden, f"{when}: the upload check pulled in {sorted(top_level & forbidden)}"
         assert "dama_engine.evaluation" not in result[when] and "dama_engine.trainer" not in result[when]
+
+
+def test_client_imports_neither_the_server_nor_the_ml_stack() -> None:
+    """``dama_client`` needs only its extra (httpx, pydantic, tqdm): it must work where nothing else is installed."""
+    imported, top_level = _import_everything("dama_client")
+    assert "dama_client.cli" in imported
+    forbidden = {"torch", "transformers", "peft", "dama_engine", "api", "worker", "jobstore", "fastapi", "sqlalchemy"}
+    forbidden |= {"celery", "redis", "alembic", "pydantic_settings", "uvicorn", "starlette"}
+    assert not top_level & forbidden, f"importing {imported} pulled in {sorted(top_level & forbidden)}"
+
+
+_CLIENT_COMMAND_PROBE = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    import dama_client._transport
+    dama_client._transport.MAX_BACKOFF_S = 0  # retries without waiting: only the imports matter here
+    import api.cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        status = api.cli.main(["jobs", "list", "--api-url", "http://127.0.0.1:9", "--timeout", "1", "--json"])
+    print(json.dumps({"status": status, "modules": sorted(sys.modules)}))
+    """
+)
+
+
+def test_dama_client_commands_import_no_server_package() -> None:
+    """``dama jobs ...`` runs through ``api.cli`` (the console script) without importing the server: a clean
+    virtualenv with only ``pip install -e ".[client]"`` runs it (tried by hand: the install takes about 35 s, too
+    long for every CI run, so this checks the same thing through sys.modules)."""
+    result = _run_probe(_CLIENT_COMMAND_PROBE)
+    assert result["status"] == 1  # nothing listens on port 9: a connection error, reported, not a traceback
+    top_level = {name.split(".")[0] for name in result["modules"]}
+    forbidden = {"torch", "dama_engine", "worker", "jobstore", "fastapi", "sqlalchemy", "celery", "pydantic_settings"}
+    assert not top_level & forbidden, f"`dama jobs list` pulled in {sorted(top_level & forbidden)}"
+    assert "api.deps" not in result["modules"] and "dama_client.client" in result["modules"]

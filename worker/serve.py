@@ -150,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-after-demo", action="store_true", help="stop the service when the demo is done")
     parser.add_argument("--demo-pairs", type=int, default=1600, help="training pairs of the demo dataset")
     parser.add_argument("--demo-epochs", type=int, default=4, help="epochs of the demo job")
+    parser.add_argument("--host", default=None, help="address the API listens on (default DAMA_API_HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="the API's port (default DAMA_API_PORT, 8000)")
     args = parser.parse_args(argv)
+    # The settings and the API child read the address from the environment: the options override it for this run.
+    if args.host is not None:
+        os.environ["DAMA_API_HOST"] = args.host
+    if args.port is not None:
+        os.environ["DAMA_API_PORT"] = str(args.port)
 
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,86 @@
+"""``/keys``: a tenant's API keys, managed with an API key of the same tenant.
+
+A new key's secret is in the creation response only (the store keeps its peppered hash). Revoking marks the key;
+authentication reads the store on every request (:func:`api.deps.get_current_tenant`), so a revoked key is refused
+from its next request on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import Field
+
+from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
+from api.errors import ApiError
+from api.schemas import ErrorResponse, UtcDatetime, _next_cursor, _Public
+from jobstore import repository
+from jobstore.models import ApiKey
+
+router = APIRouter(prefix="/keys", tags=["keys"])
+
+UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
+NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such API key for this tenant."}
+
+
+class ApiKeyPublic(_Public):
+    id: str = Field(description="Key id (not the secret).", examples=["key_0194b1c2d3e4a1b2c3d4e5f6"])
+    object: str = Field(default="api_key", description="Always 'api_key'.")
+    prefix: str = Field(description="The secret's first characters, to recognise it.", examples=["dama_AbCdEfG"])
+    created_at: UtcDatetime = Field(description="When the key was created (UTC).")
+    revoked_at: UtcDatetime | None = Field(default=None, description="When it was revoked; null while it works.")
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    secret: str = Field(description="The key itself, for 'Authorization: Bearer'; shown only in this response.")
+
+
+class ApiKeysPublic(_Public):
+    object: str = Field(default="list", description="Always 'list'.")
+    data: list[ApiKeyPublic] = Field(description="The tenant's keys, newest first, revoked ones included.")
+    has_more: bool = Field(description="Whether another page follows this one.", examples=[False])
+    next_cursor: str | None = _next_cursor()
+
+
+def _public(row: ApiKey) -> ApiKeyPublic:
+    return ApiKeyPublic.model_validate(row)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an API key",
+    description="Creates another key for the caller's tenant. The response carries the secret; it is never shown "
+    "again.",
+    responses={401: UNAUTHORIZED},
+)
+def create_key(session: SessionDep, tenant: CurrentTenant, services: ServicesDep) -> ApiKeyCreated:
+    row, plaintext = repository.create_api_key(
+        session, tenant_id=tenant.id, pepper=services.settings.resolved_api_key_pepper
+    )
+    session.commit()
+    return ApiKeyCreated(**_public(row).model_dump(), secret=plaintext)
+
+
+@router.get("", summary="List API keys", responses={401: UNAUTHORIZED})
+def list_keys(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> ApiKeysPublic:
+    rows, has_more = repository.list_api_keys(session, tenant_id=tenant.id, limit=limit, after=after)
+    return ApiKeysPublic(
+        data=[_public(row) for row in rows], has_more=has_more, next_cursor=rows[-1].id if has_more and rows else None
+    )
+
+
+@router.delete(
+    "/{key_id}",
+    summary="Revoke an API key",
+    description="Revokes one of the tenant's keys: requests with it answer 401 from now on. A key may revoke "
+    "itself. Revoking a revoked key changes nothing.",
+    responses={401: UNAUTHORIZED, 404: NOT_FOUND},
+)
+def revoke_key(key_id: str, session: SessionDep, tenant: CurrentTenant) -> ApiKeyPublic:
+    row = repository.revoke_api_key(session, tenant_id=tenant.id, key_id=key_id)
+    if row is None:
+        raise ApiError(404, "api_key_not_found", f"no API key with id {key_id!r}")
+    session.commit()
+    return _public(row)

@@ -1,0 +1,187 @@
+"""Response models of the API, one per response schema of the OpenAPI document (tests/client/test_sdk_contract.py
+checks each against it: every field here is a property there, required here only where required there).
+
+Fields the API adds later are kept (``extra="allow"``), so an older client reads a newer service.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Dataset(Model):
+    id: str
+    name: str
+    format: str
+    row_count: int
+    image_count: int
+    size_bytes: int
+    sha256: str
+    validation: dict[str, Any]
+    created_at: datetime
+
+
+class DatasetRows(Model):
+    dataset_id: str
+    format: str
+    total_rows: int
+    sampled_rows: int
+    data: list[dict[str, Any]]
+
+
+class Hardness(Model):
+    dataset_id: str
+    source: str | None = None
+    count: int
+
+
+class Job(Model):
+    id: str
+    kind: str
+    status: str
+    stage: str | None = None
+    step: int
+    total_steps: int | None = None
+    progress: float | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    error: dict[str, Any] | None = None
+    attempts: int
+    dataset_id: str | None = None
+    queue: str
+    spec: dict[str, Any]
+    result: dict[str, Any] | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Evaluation(Model):
+    id: str
+    status: str
+    stage: str | None = None
+    progress: float | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    error: dict[str, Any] | None = None
+    attempts: int
+    queue: str
+    spec: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Event(Model):
+    seq: int
+    type: str
+    message: str
+    data: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class Metrics(Model):
+    job_id: str
+    series: dict[str, list[list[float]]]
+
+
+class Checkpoint(Model):
+    id: str
+    job_id: str
+    step: int
+    created_at: datetime
+
+
+class Export(Model):
+    id: str
+    job_id: str
+    format: str
+    status: str
+    error_message: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
+class ApiKey(Model):
+    id: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    secret: str
+
+
+class Webhook(Model):
+    id: str
+    url: str
+    description: str | None = None
+    event_types: list[str]
+    status: str
+    disabled_at: datetime | None = None
+    disabled_reason: str | None = None
+    consecutive_failures: int
+    created_at: datetime
+
+
+class WebhookCreated(Webhook):
+    secret: str
+
+
+class WebhookDelivery(Model):
+    id: str
+    message_id: str
+    event_type: str
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime | None = None
+    created_at: datetime
+    payload: dict[str, Any]
+    attempts: list[dict[str, Any]]
+
+
+class ModelCatalog(Model):
+    families: list[dict[str, Any]]
+    tiny_models: list[dict[str, Any]]
+
+
+class Health(Model):
+    status: str
+
+
+class Ready(Model):
+    status: str
+    checks: dict[str, Any]
+
+
+T = TypeVar("T", bound=Model)
+
+
+class Page(Model, Generic[T]):
+    """One page of a list: ``data``, ``has_more``, ``next_cursor`` (iterate a whole list with the ``list`` methods)."""
+
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
