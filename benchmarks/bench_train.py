@@ -82,7 +82,7 @@ from dama_engine.families import family_for
 from dama_engine.host_syncs import HostSyncs, count_host_syncs
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import make_trainable
-from dama_engine.objective import METHODS, ObjectiveConfig, ObjectiveState
+from dama_engine.objective import PREFERENCE_METHODS, ObjectiveConfig, ObjectiveState
 from dama_engine.packing import set_pair_forward
 from dama_engine.step import StepSetup, train_step
 
@@ -1084,7 +1084,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--llava7b", action="store_true", help="GPU: LLaVA-1.5-7B shape, bf16 (shared/PERFORMANCE.md)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
-    parser.add_argument("--methods", default=",".join(METHODS), help="DAMA methods to time (comma-separated)")
+    parser.add_argument(
+        "--methods", default=",".join(PREFERENCE_METHODS), help="DAMA methods to time (comma-separated)"
+    )
     parser.add_argument("--forwards", default="packed,two_rows,model_logits", help="engine pair forwards to time")
     parser.add_argument(
         "--compile",
@@ -1136,9 +1138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # (51 GiB), 12 with it (21 GiB, within TRL's 22.5).
         headline = "dama" if "dama" in args.methods else args.methods[0]
         args.extra = [f"engine/packed/{headline}/gc_off/b8/compiled", f"engine/packed/{headline}/gc_on/b12/compiled"]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in PREFERENCE_METHODS]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(PREFERENCE_METHODS)}")
     forwards = ("packed", "two_rows", "model_logits")
     if not args.methods or any(f not in forwards for f in args.forwards):
         parser.error(f"--methods must name at least one method and --forwards only {', '.join(forwards)}")
