@@ -85,6 +85,7 @@ from dama_engine.models import make_trainable
 from dama_engine.objective import PREFERENCE_METHODS, ObjectiveConfig, ObjectiveState
 from dama_engine.packing import set_pair_forward
 from dama_engine.step import StepSetup, train_step
+from dama_engine.threads import apply_threads
 
 GIB = 2**30
 LORA = LoraSection(r=64, alpha=16, dropout=0.0)
@@ -1089,6 +1090,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--forwards", default="packed,two_rows,model_logits", help="engine pair forwards to time")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: DAMA_TORCH_THREADS, else 1; see dama_engine.threads); reported in env",
+    )
+    parser.add_argument(
         "--compile",
         choices=("off", "on", "both"),
         default=None,
@@ -1235,7 +1242,7 @@ def child_command(args: argparse.Namespace, names: list[str], deadline_unix: flo
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs)]
     command += ["--ref-pairs", str(args.ref_pairs), "--hardness-pairs", str(args.hardness_pairs)]
     command += ["--methods", ",".join(args.methods), "--forwards", ",".join(args.forwards)]
-    command += ["--compile", args.compile]
+    command += ["--compile", args.compile, "--threads", str(args.threads)]
     command += ["--budget-s", str(args.budget_s)]
     if args.quick:
         command.append("--quick")
@@ -1482,6 +1489,8 @@ def run_named(run: Run, name: str, *, fast: list[str], ref_size: int, check_size
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Every child runs with the same, deliberate thread count (the env line reports torch's own count).
+    args.threads = apply_threads(args.threads)
     if args.only is not None:
         return child_main(args)
     return parent_main(args)

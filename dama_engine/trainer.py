@@ -50,6 +50,7 @@ from dama_engine.models import (
 from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss
 from dama_engine.packing import set_pair_forward
 from dama_engine.step import StepSetup, autocast, train_step
+from dama_engine.threads import apply_threads
 
 
 @dataclass
@@ -441,6 +442,7 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.distributed_timeout_s))],
     )
     check_filter_group(config, accelerator.num_processes)
+    callback.on_stage("validating", {"threads": apply_threads(config.run.threads)})
     bf16 = _wants_bf16(config)
     device = accelerator.device
     rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -448,7 +450,6 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    callback.on_stage("validating", {})
     processor = load_processor(config.model)
     encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
     train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
