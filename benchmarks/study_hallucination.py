@@ -4,12 +4,13 @@ and a same-compute SFT control, and measure hallucination (CHAIR) and held-out p
     PYTHONPATH=. python benchmarks/study_hallucination.py --quick      # 1 seed, short runs (a smoke figure)
     PYTHONPATH=. python benchmarks/study_hallucination.py              # 5 seeds, the full study
 
-The base is :func:`dama_engine.seeing_base.build_seeing_base` (seed 0, cached under ``--work-dir``). The pairs are
-shapes world v2's synthetic swaps (:mod:`dama_engine.data.demo`, oracle hardness); the held-out scenes for CHAIR
+The base is :func:`dama_engine.seeing_base.build_seeing_base` (seed 0, cached under ``--work-dir``). The held-out
+pairs come from the same source as the training pairs; the held-out scenes for CHAIR
 are drawn with another seed. Every method trains a LoRA (r 16, projector trained) for the same number of steps at
 the same learning rate; the control (``sft``) trains on the chosen answers for as many steps. Writes a table and a
 chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change) with this command line.
-On-policy pairs (the issue's headline) are not built yet: this study reports the synthetic pairs only.
+``--pairs on_policy`` (default, the headline): the base's own sampled descriptions of training scenes labelled
+against the ground truth (:mod:`dama_engine.on_policy`); ``--pairs synthetic``: the swap pairs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from dama_engine.threads import apply_threads  # noqa: E402
 METHODS = ("sft", "dpo", "beta_dpo", "dama_data", "dama_model", "dama")
 
 
-def _run(base: Path, data: Path, out: Path, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def _run(
+    base: Path, pairs: Path, data: Path, out: Path, method: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
     from dama_engine.config import parse_config
     from dama_engine.trainer import train
 
     config = parse_config(
         {
             "model": {"name_or_path": str(base), "precision": "fp32"},
-            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "max_length": 256},
+            "data": {"train": str(pairs / "train.jsonl"), "eval": str(pairs / "eval.jsonl"), "max_length": 256},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "train_projector": True},
             "objective": {"method": method},
             "optim": {
@@ -106,7 +109,7 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         f"Base (seeing base, seed 0): CHAIR_i {base['base_chair_i']:.3f}, CHAIR_s {base['base_chair_s']:.3f}, "
         f"coverage {base['base_coverage']:.3f}.",
         "",
-        "Pairs: shapes world v2 synthetic swaps (oracle hardness). Preference accuracy and margin are the implicit "
+        f"Pairs: {args.pairs} (shapes world v2; oracle hardness). Preference accuracy and margin are the implicit "
         "reward's on the held-out pairs, by hardness tertile; gap = easy - hard accuracy. `sft` is the same-compute "
         "control on the chosen answers. Mean ± sd over seeds.",
         "",
@@ -149,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 150; 40 with --quick)")
     parser.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; 200 with --quick)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument(
+        "--pairs",
+        choices=("on_policy", "synthetic"),
+        default="on_policy",
+        help="on_policy: the base's own sampled descriptions labelled against the truth; synthetic: swaps",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default DAMA_TORCH_THREADS or 1)")
     parser.add_argument("--work-dir", default="runs/study")
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or (1 if args.quick else 5)
     args.steps = args.steps or (40 if args.quick else 150)
     args.scenes = args.scenes or (200 if args.quick else 300)
+    args.policy_scenes = 800 if args.quick else 2400
     args.threads = apply_threads(args.threads)
     command = "python benchmarks/study_hallucination.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -171,10 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_dataset(
             data, n_train=1600, n_eval=300, n_generative=args.scenes, image_size=32, seed=7, with_hardness=True
         )
+    pairs = data
+    if args.pairs == "on_policy":
+        from dama_engine.on_policy import on_policy_pairs
+
+        pairs = work / f"on-policy-{args.policy_scenes}"
+        if not (pairs / "train.jsonl").is_file():
+            print(json.dumps(on_policy_pairs(base, pairs, scenes=args.policy_scenes, seed=11)), flush=True)
     rows = []
     for seed in range(args.seeds):
         for method in args.methods.split(","):
-            row = _run(base, data, work / f"{method}-{seed}", method, seed, args)
+            row = _run(base, pairs, data, work / f"{args.pairs}-{method}-{seed}", method, seed, args)
             print(json.dumps(row), flush=True)
             rows.append(row)
     _write_results(rows, args, command.strip(), time.monotonic() - started)
