@@ -82,9 +82,10 @@ from dama_engine.families import family_for
 from dama_engine.host_syncs import HostSyncs, count_host_syncs
 from dama_engine.logprobs import pair_log_probs
 from dama_engine.models import make_trainable
-from dama_engine.objective import METHODS, ObjectiveConfig, ObjectiveState
+from dama_engine.objective import PREFERENCE_METHODS, ObjectiveConfig, ObjectiveState
 from dama_engine.packing import set_pair_forward
 from dama_engine.step import StepSetup, train_step
+from dama_engine.threads import apply_threads
 
 GIB = 2**30
 LORA = LoraSection(r=64, alpha=16, dropout=0.0)
@@ -1084,8 +1085,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--llava7b", action="store_true", help="GPU: LLaVA-1.5-7B shape, bf16 (shared/PERFORMANCE.md)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
-    parser.add_argument("--methods", default=",".join(METHODS), help="DAMA methods to time (comma-separated)")
+    parser.add_argument(
+        "--methods", default=",".join(PREFERENCE_METHODS), help="DAMA methods to time (comma-separated)"
+    )
     parser.add_argument("--forwards", default="packed,two_rows,model_logits", help="engine pair forwards to time")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: DAMA_TORCH_THREADS, else 1; see dama_engine.threads); reported in env",
+    )
     parser.add_argument(
         "--compile",
         choices=("off", "on", "both"),
@@ -1136,9 +1145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # (51 GiB), 12 with it (21 GiB, within TRL's 22.5).
         headline = "dama" if "dama" in args.methods else args.methods[0]
         args.extra = [f"engine/packed/{headline}/gc_off/b8/compiled", f"engine/packed/{headline}/gc_on/b12/compiled"]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in PREFERENCE_METHODS]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(PREFERENCE_METHODS)}")
     forwards = ("packed", "two_rows", "model_logits")
     if not args.methods or any(f not in forwards for f in args.forwards):
         parser.error(f"--methods must name at least one method and --forwards only {', '.join(forwards)}")
@@ -1233,7 +1242,7 @@ def child_command(args: argparse.Namespace, names: list[str], deadline_unix: flo
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs)]
     command += ["--ref-pairs", str(args.ref_pairs), "--hardness-pairs", str(args.hardness_pairs)]
     command += ["--methods", ",".join(args.methods), "--forwards", ",".join(args.forwards)]
-    command += ["--compile", args.compile]
+    command += ["--compile", args.compile, "--threads", str(args.threads)]
     command += ["--budget-s", str(args.budget_s)]
     if args.quick:
         command.append("--quick")
@@ -1480,6 +1489,8 @@ def run_named(run: Run, name: str, *, fast: list[str], ref_size: int, check_size
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Every child runs with the same, deliberate thread count (the env line reports torch's own count).
+    args.threads = apply_threads(args.threads)
     if args.only is not None:
         return child_main(args)
     return parent_main(args)

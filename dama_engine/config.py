@@ -151,6 +151,12 @@ class RunSection(_Section):
     distributed_timeout_s: int = Field(
         default=6 * 3600, gt=0, description="Process-group timeout with several processes (rank 0 evaluates alone)."
     )
+    threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="CPU threads torch uses in this process; default DAMA_TORCH_THREADS, else 1 (measured fastest "
+        "on a shared 2-core machine; see dama_engine.threads).",
+    )
 
 
 class TrainConfig(_Section):

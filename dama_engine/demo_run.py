@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dama_engine.config import TrainConfig, apply_overrides, parse_config
 from dama_engine.data.demo import make_demo_dataset
+from dama_engine.threads import apply_threads
 from dama_engine.tiny import build_tiny_model
 
 DEMO_FAMILY = "llava"
@@ -47,6 +48,7 @@ def prepare_demo(
     output_dir: Path, overrides: list[str] | None = None, *, n_train: int = 1600, n_eval: int = 200
 ) -> TrainConfig:
     """Build the demo model and data under ``output_dir`` (reused when present) and return its config."""
+    apply_threads()  # building the tiny model is torch work too: the deliberate thread count from the start
     output_dir = Path(output_dir)
     model_dir, data_dir = output_dir / "model", output_dir / "data"
     if not (data_dir / "train.jsonl").is_file():

@@ -27,6 +27,14 @@ CODE_PATHS: dict[str, tuple[str, ...]] = {
         "dama_engine.families",
     ),
     "hardness": ("dama_engine.hardness",),
+    # The seeing base's recipe: its data, its model and the supervised step it trains with.
+    "seeing_base": (
+        "dama_engine.seeing_base",
+        "dama_engine.data.demo",
+        "dama_engine.tiny",
+        "dama_engine.objective",
+        "dama_engine.step",
+    ),
 }
 
 

@@ -9,6 +9,9 @@ through :func:`preference_loss`; a method only switches the two factors on or of
 * per pair                         ``loss_i = -log sigma(beta_i * R_i)``
 * batch                            mean of ``loss_i`` over the kept pairs of this rank
 
+``sft`` (section 4b) is not a preference objective: :func:`sft_loss` is the mean negative log-likelihood per
+token of the preferred answer, with no reference model.
+
 where ``R_i = [logp_pi(y_w) - logp_ref(y_w)] - [logp_pi(y_l) - logp_ref(y_l)]`` uses log-probs *summed* over
 response tokens, and ``R_bar`` is the running mean of the gap carried in :class:`ObjectiveState`.
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from dama_settings.knobs import OBJECTIVE
 from dama_settings.names import FILTER_SCOPES as FILTER_SCOPES
 from dama_settings.names import METHODS as METHODS
+from dama_settings.names import PREFERENCE_METHODS as PREFERENCE_METHODS
 from dama_settings.names import EmaSource, FilterStd
 from dama_settings.names import FilterScope as FilterScope
 from dama_settings.names import Method as Method
@@ -48,7 +52,8 @@ class ObjectiveConfig:
     """Hyper-parameters of the objective. Defaults are DAMA.md's; the ``[decision]`` fields are marked.
 
     Attributes:
-        method: one of ``dpo``, ``beta_dpo``, ``dama_data``, ``dama_model``, ``dama`` (section 4).
+        method: one of ``dpo``, ``beta_dpo``, ``dama_data``, ``dama_model``, ``dama`` (section 4), or ``sft``
+            (section 4b: :func:`sft_loss`; the preference knobs are then unused).
         beta: the base DPO temperature (section 3), > 0.
         keep_ratio: share of the global batch kept by the filtering draw, in (0, 1] (section 2.2).
         gamma: momentum of the running mean of the reward gap, in [0, 1) (section 2).
@@ -106,6 +111,11 @@ class ObjectiveConfig:
         _check_finite("beta_dpo_a", self.beta_dpo_a)
         if self.filter_scope not in FILTER_SCOPES:
             raise ValueError(f"filter_scope: must be 'micro_batch' or 'step', got {self.filter_scope!r}")
+
+    @property
+    def is_preference(self) -> bool:
+        """Whether the method learns from pairs against a reference (all but ``sft``)."""
+        return self.method in PREFERENCE_METHODS
 
     @property
     def uses_hardness(self) -> bool:
@@ -403,6 +413,8 @@ def preference_loss(
         state) and the metrics of section 5 as tensors.
     """
     config = config or ObjectiveConfig()
+    if not config.is_preference:
+        raise ValueError(f"method: {config.method!r} is not a preference objective; use sft_loss")
     state = state or ObjectiveState()
     n = _check_logps(
         check_finite,
@@ -461,6 +473,62 @@ def preference_loss(
         beta=beta,
         keep_mask=keep_mask,
         reward_gap=gap,
+        selection=selection,
+        steps=state.steps + 1,
+        metric_tensors=metrics,
+    )
+
+
+def sft_loss(
+    policy_chosen: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    *,
+    state: ObjectiveState | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> ObjectiveOutput:
+    """Supervised fine-tuning (shared/DAMA.md section 4b): mean negative log-likelihood per answer token.
+
+    Args:
+        policy_chosen: (N,) summed log-probs of the preferred answers under the policy, with gradient (the same
+            answer tokens the preference log-probs score).
+        chosen_tokens: (N,) how many tokens each of those answers has.
+        state: carried through unchanged (the running statistics belong to the preference methods; a run that
+            resumes with one of them starts from the same state it would have had).
+        normalizer: what the summed NLL is divided by; by default these answers' token count. A step over several
+            micro-batches passes the step's token count so every token weighs the same.
+
+    Returns:
+        :class:`ObjectiveOutput` whose ``loss`` is the NLL per token; every pair counts as kept, the per-pair
+        ``losses`` are each answer's own NLL per token, and ``reward_gap`` is 0.
+    """
+    state = state or ObjectiveState()
+    n = _check_logps(False, policy_chosen=policy_chosen, chosen_tokens=chosen_tokens.to(policy_chosen.dtype))
+    tokens = chosen_tokens.to(device=policy_chosen.device, dtype=policy_chosen.dtype)
+    denominator = tokens.sum().clamp(min=1) if normalizer is None else normalizer
+    loss = -policy_chosen.sum() / denominator
+    dtype, device = policy_chosen.dtype, policy_chosen.device
+    selection = Selection(
+        keep=torch.ones(n, dtype=torch.bool, device=device),
+        alpha_m=torch.ones((), dtype=dtype, device=device),
+        batch_beta=torch.zeros((), dtype=dtype, device=device),
+        reward_gap_mean=torch.tensor(state.reward_gap_mean, dtype=torch.float64, device=device),
+        reward_gap_std=torch.tensor(state.reward_gap_std, dtype=torch.float64, device=device),
+        kept=n,
+    )
+    detached = policy_chosen.detach()
+    metrics = {
+        "loss": loss.detach(),
+        "nll_per_token": -detached.sum() / tokens.sum().clamp(min=1),
+        "answer_tokens": tokens.sum(),
+        "kept": torch.tensor(float(n), device=device),
+        "logps_policy_chosen": detached.mean(),
+    }
+    return ObjectiveOutput(
+        loss=loss,
+        losses=-detached / tokens.clamp(min=1),
+        beta=torch.zeros(n, dtype=dtype, device=device),
+        keep_mask=selection.keep,
+        reward_gap=torch.zeros(n, dtype=dtype, device=device),
         selection=selection,
         steps=state.steps + 1,
         metric_tensors=metrics,

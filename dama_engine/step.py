@@ -11,6 +11,10 @@ across ranks as it comes; ``step`` first scores every pair of the step without g
 micro-batch), makes one draw over them all, then runs the backward passes with that selection and normalises each
 rank's loss by its kept pairs over the whole step.
 
+``method: sft`` (DAMA.md section 4b) goes through the same step: the loss is the chosen answers' NLL summed over
+the step's micro-batches and divided by their token count on this rank (every token weighs the same); no
+reference, no filtering, the objective state passes through unchanged.
+
 No host syncs on a step that logs nothing but one: the merged running statistics are read back once (they are
 checkpointed and reported as plain floats). Metrics become floats only when ``log`` is set.
 """
@@ -38,6 +42,7 @@ from dama_engine.objective import (
     preference_loss,
     reward_gap,
     select_pairs,
+    sft_loss,
 )
 
 
@@ -92,7 +97,12 @@ def train_step(
     step_selection = (
         _score_step(setup, micro_batches, state) if config.filter_scope == "step" and config.filters else None
     )
-    normalizer = _local_kept(step_selection, micro_batches) if step_selection is not None else None
+    if not config.is_preference:
+        normalizer: torch.Tensor | None = _answer_tokens(micro_batches).sum().clamp(min=1).to(setup.device)
+    elif step_selection is not None:
+        normalizer = _local_kept(step_selection, micro_batches)
+    else:
+        normalizer = None
     last = len(micro_batches) - 1
     outputs = []
     for micro, batch in enumerate(micro_batches):
@@ -112,7 +122,7 @@ def train_step(
     setup.optimizer.zero_grad(set_to_none=True)
     if not log:
         return StepResult(new_state, float(learning_rate), outputs=outputs)
-    metrics = _step_metrics(outputs, step_selection, new_state, grad_norm)
+    metrics = _step_metrics(outputs, step_selection, new_state, grad_norm, summed=normalizer is not None)
     metrics["lr"] = float(learning_rate)
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"the loss is {metrics['loss']} at this step: training diverged")
@@ -131,6 +141,8 @@ def _micro_batch_loss(
     selection of this micro-batch's group gathered over the ranks (``micro_batch`` scope)."""
     with autocast(setup.device, setup.bf16):
         policy_chosen, policy_rejected = pair_log_probs(setup.model, batch)
+    if not setup.objective.is_preference:
+        return sft_loss(policy_chosen, _answer_tokens([batch])[0], state=state, normalizer=normalizer)
     reference, hardness = _lookup(setup, batch)
     if step_selection is not None:
         selection, offset = step_selection, _offset(micro, batch)
@@ -167,6 +179,11 @@ def _score_step(setup: StepSetup, micro_batches: Sequence[PairBatch], state: Obj
     local = torch.stack([batch_reward_gaps(setup, batch) for batch in micro_batches])  # (micro, pairs)
     group, _ = gather_group(local)
     return broadcast_selection(select_pairs(group, state, setup.objective, setup.generator))
+
+
+def _answer_tokens(micro_batches: Sequence[PairBatch]) -> torch.Tensor:
+    """(micro, N) token counts of each micro-batch's chosen answers: host ints, no device sync."""
+    return torch.tensor([batch.answer_lengths[: batch.num_pairs] for batch in micro_batches], dtype=torch.float32)
 
 
 def _lookup(setup: StepSetup, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,7 +259,7 @@ def _merge_state(
     ``micro_batch``: one group per micro-batch. ``step``: one group, the step's: the scoring pass's selection has
     its statistics; a method without filtering has no scoring pass and takes the gaps of the backward passes.
     """
-    if setup.objective.filter_scope == "micro_batch":
+    if setup.objective.filter_scope == "micro_batch" or not setup.objective.is_preference:
         return merge_step_states(start, [output.selection for output in outputs])
     if step_selection is None:
         group, _ = gather_group(torch.stack([output.reward_gap for output in outputs]))
@@ -251,14 +268,20 @@ def _merge_state(
 
 
 def _step_metrics(
-    outputs: list[ObjectiveOutput], step_selection: Selection | None, state: ObjectiveState, grad_norm: torch.Tensor
+    outputs: list[ObjectiveOutput],
+    step_selection: Selection | None,
+    state: ObjectiveState,
+    grad_norm: torch.Tensor,
+    *,
+    summed: bool,
 ) -> dict[str, float]:
     """The step's section 5 metrics and grad norm, read back in one host sync: micro-batch means, the kept
-    count summed over the step's groups."""
+    count summed over the step's groups. ``summed``: each micro-batch's loss is its share of the step's."""
     names = list(outputs[0].metric_tensors)
     stacked = {name: torch.stack([o.metric_tensors[name].double() for o in outputs]).mean() for name in names}
-    if step_selection is not None:
-        # Each micro-batch's loss is already its share of the step's (normalised by the step's kept count).
+    if summed:
+        # Each micro-batch's loss is already its share of the step's (normalised by the step's kept count, or
+        # for sft by the step's answer tokens).
         stacked["loss"] = torch.stack([o.metric_tensors["loss"].double() for o in outputs]).sum()
     metrics = metric_floats({**stacked, "grad_norm": grad_norm})
     groups = [step_selection] if step_selection is not None else [o.selection for o in outputs]

@@ -218,21 +218,33 @@ _TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
 }
 
 
-def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
+def build_tiny_model(
+    family: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+    hidden_size: int = HIDDEN_SIZE,
+) -> Path:
     """Build a tiny random ``family`` checkpoint (model, processor, tokenizer, chat template) into ``out_dir``.
 
-    ``corpus`` adds text to the tokenizer's training data (:data:`BASE_CORPUS` is always used). Returns
-    ``out_dir``, which then loads offline with ``AutoModelForImageTextToText`` and ``AutoProcessor``.
+    ``corpus`` adds text to the tokenizer's training data (:data:`BASE_CORPUS` is always used). ``hidden_size``
+    (``llava`` only) widens the vision tower and the language model together (MLP width twice it): at 128 the
+    model has about 1M parameters besides its embeddings, enough to learn to see the shapes world
+    (:mod:`dama_engine.seeing_base`). Returns ``out_dir``, which then loads offline with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if hidden_size != HIDDEN_SIZE and family != "llava":
+        raise ValueError(f"hidden_size: only the llava tiny model takes another width than {HIDDEN_SIZE}")
     import torch  # deferred, so reading FAMILIES or the templates does not import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(family, [*BASE_CORPUS, *(corpus or ())])
     processor = _build_processor(family, tokenizer)
-    config = _build_config(family, tokenizer)
+    config = _build_config(family, tokenizer, hidden_size)
     # Seed a private RNG stream so the caller's global torch RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -344,11 +356,11 @@ _IDEFICS3_SCALE_FACTOR = 2
 _IDEFICS3_IMAGE_SEQ_LEN = (_IDEFICS3_IMAGE_SIZE // _IDEFICS3_PATCH_SIZE) ** 2 // _IDEFICS3_SCALE_FACTOR**2
 
 
-def _text_config_kwargs(tokenizer: Any) -> dict[str, Any]:
+def _text_config_kwargs(tokenizer: Any, hidden_size: int = HIDDEN_SIZE) -> dict[str, Any]:
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": INTERMEDIATE_SIZE,
+        "hidden_size": hidden_size,
+        "intermediate_size": INTERMEDIATE_SIZE * hidden_size // HIDDEN_SIZE,
         "num_hidden_layers": NUM_LAYERS,
         "num_attention_heads": NUM_HEADS,
         "num_key_value_heads": NUM_KV_HEADS,
@@ -360,23 +372,23 @@ def _text_config_kwargs(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _build_config(family: str, tokenizer: Any) -> Any:
+def _build_config(family: str, tokenizer: Any, hidden_size: int = HIDDEN_SIZE) -> Any:
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         vision = CLIPVisionConfig(
-            hidden_size=HIDDEN_SIZE,
-            intermediate_size=INTERMEDIATE_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=INTERMEDIATE_SIZE * hidden_size // HIDDEN_SIZE,
             num_hidden_layers=NUM_LAYERS,
             num_attention_heads=NUM_HEADS,
             image_size=_LLAVA_IMAGE_SIZE,
             patch_size=_LLAVA_PATCH_SIZE,
-            projection_dim=HIDDEN_SIZE,
+            projection_dim=hidden_size,
         )
         num_patches = (_LLAVA_IMAGE_SIZE // _LLAVA_PATCH_SIZE) ** 2
         return LlavaConfig(
             vision_config=vision,
-            text_config=LlamaConfig(**_text_config_kwargs(tokenizer)),
+            text_config=LlamaConfig(**_text_config_kwargs(tokenizer, hidden_size)),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             image_seq_length=num_patches,
             vision_feature_layer=-2,

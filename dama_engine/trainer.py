@@ -31,7 +31,7 @@ from dama_engine.checkpoint import TrainingState, latest_checkpoint, load_checkp
 from dama_engine.compiling import compile_decoder_layers
 from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data.formats import load_and_validate
-from dama_engine.data.rows import PreferenceRow
+from dama_engine.data.rows import PreferenceRow, answer_only
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
 from dama_engine.evaluation import evaluate_after_training
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
@@ -51,6 +51,7 @@ from dama_engine.models import (
 from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss
 from dama_engine.packing import set_pair_forward
 from dama_engine.step import StepSetup, autocast, train_step
+from dama_engine.threads import apply_threads
 
 
 @dataclass
@@ -217,6 +218,36 @@ def evaluate_pairs(
     }
 
 
+def evaluate_sft(
+    model: Any,
+    rows: list[PreferenceRow],
+    encoder: PairEncoder,
+    *,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+) -> dict[str, float]:
+    """Held-out metrics of an sft run, without a reference: ``eval_loss`` is the chosen answers' NLL per token;
+    ``eval_accuracy`` / ``eval_margin`` the share of pairs whose chosen answer the model finds likelier than the
+    rejected one and the mean summed log-prob difference (over rows that carry a rejected answer; else 0)."""
+    was_training = model.training
+    model.eval()
+    policy = _pair_log_probs_all(model, encoder, rows, batch_size, device, bf16)
+    if was_training:
+        model.train()
+    tokens = sum(len(encoder.encode(row, with_images=False).chosen_ids) for row in rows)
+    pairs = torch.tensor([not row.answer_only for row in rows])
+    difference = (policy[:, 0] - policy[:, 1])[pairs].double()
+    nll = float(-policy[:, 0].double().sum() / max(tokens, 1))
+    return {
+        "eval_loss": nll,
+        "eval_nll_per_token": nll,
+        "eval_accuracy": float((difference > 0).double().mean()) if len(difference) else 0.0,
+        "eval_margin": float(difference.mean()) if len(difference) else 0.0,
+        "eval_pairs": float(len(rows)),
+    }
+
+
 def _hardness(
     config: TrainConfig,
     train_rows: list[PreferenceRow],
@@ -274,6 +305,15 @@ class _Run:
 
     def evaluate_held_out(self) -> dict[str, float]:
         assert self.eval_split is not None
+        if not self.config.objective.build().is_preference:
+            return evaluate_sft(
+                self.model,
+                self.eval_split.rows,
+                self.encoder,
+                batch_size=self.config.optim.batch_size,
+                device=self.step_setup.device,
+                bf16=self.bf16,
+            )
         return evaluate_pairs(
             self.model,
             self.eval_split,
@@ -325,6 +365,12 @@ def _validated_data(
     """Training and held-out rows that load, validate and fit the model, and the micro-batch schedule."""
     optim = config.optim
     train_rows, eval_rows = _load_rows(config)
+    if config.objective.build().is_preference:
+        _refuse_answer_only(train_rows, "train", config.objective.method)
+        _refuse_answer_only(eval_rows, "eval", config.objective.method)
+    else:
+        # sft scores the preferred answer only: encode no rejected answer, so the forward carries the chosen one.
+        train_rows = [answer_only(row) for row in train_rows]
     train_rows = _check_lengths(encoder, train_rows, "train", config.data.skip_invalid_rows)
     eval_rows = _check_lengths(encoder, eval_rows, "eval", config.data.skip_invalid_rows)
     schedule = _Batches(len(train_rows), optim.batch_size, world_size, rank, optim.seed)
@@ -335,6 +381,17 @@ def _validated_data(
             f"{optim.grad_accumulation}); lower optim.batch_size or add data"
         )
     return train_rows, eval_rows, schedule
+
+
+def _refuse_answer_only(rows: list[PreferenceRow], split: str, method: str) -> None:
+    """A preference method needs both answers: name the first row that carries only one."""
+    single = [row for row in rows if row.answer_only]
+    if single:
+        raise DataError(
+            f"data.{split}: {len(single)} rows carry only an answer (first: row {single[0].row_number}); "
+            f"method {method} needs chosen and rejected answers (use method sft for prompt/completion rows)",
+            [{"row": row.row_number, "field": "rejected", "reason": "missing"} for row in single[:20]],
+        )
 
 
 def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
@@ -392,6 +449,7 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.distributed_timeout_s))],
     )
     check_filter_group(config, accelerator.num_processes)
+    callback.on_stage("validating", {"threads": apply_threads(config.run.threads)})
     bf16 = _wants_bf16(config)
     device = accelerator.device
     rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -399,7 +457,6 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    callback.on_stage("validating", {})
     processor = load_processor(config.model)
     encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
     train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
@@ -414,12 +471,16 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     train_hardness, hardness_mean = _hardness(config, train_rows, cache_dir, device, accelerator, callback)
 
     # ---- reference log-probs: one pass, adapter off, cached ------------------------------------------------
-    callback.on_stage("reference", {"pairs": len(train_rows) + len(eval_rows)})
+    if config.objective.build().is_preference:  # sft has no reference pass (DAMA.md section 4b)
+        callback.on_stage("reference", {"pairs": len(train_rows) + len(eval_rows)})
     identity = _model_identity(
         config, processor, bf16=bf16, commit=getattr(unwrap_model(model).config, "_commit_hash", None)
     )
 
     def reference_for(rows: list[PreferenceRow], name: str) -> torch.Tensor:
+        if not config.objective.build().is_preference:
+            return torch.zeros(len(rows), 2)  # sft has no reference (DAMA.md section 4b): never read
+
         def compute() -> torch.Tensor:
             model.eval()
             # The reference is the starting model: the base with the adapter switched off (full fine-tuning has not
@@ -608,7 +669,8 @@ def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
             run.output_dir,
             callback,
             train_rows=run.train_split.rows,
-            held_out=run.eval_split.rows if run.eval_split is not None else [],
+            # Base against tuned on preference pairs: rows carrying only an answer (sft) have none to compare.
+            held_out=[row for row in run.eval_split.rows if not row.answer_only] if run.eval_split else [],
         )
         if result.evaluation is not None:
             add_evaluation_to_adapter(result.adapter_dir, result.evaluation)

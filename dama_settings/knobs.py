@@ -25,7 +25,13 @@ DEFAULT_SCORER = "openai/clip-vit-large-patch14-336"
 
 # ---- objective (shared/DAMA.md sections 2-4): config `objective.*`, spec `method` + `hyperparameters.*` ----
 OBJECTIVE = by_name(
-    Setting("method", "dama", "dpo, beta_dpo, dama_data, dama_model or dama (DAMA.md section 4).", choices=METHODS),
+    Setting(
+        "method",
+        "dama",
+        "dpo, beta_dpo, dama_data, dama_model or dama (DAMA.md section 4), or sft: mean per-token NLL of the "
+        "preferred answer, no reference pass (DAMA.md section 4b).",
+        choices=METHODS,
+    ),
     Setting("beta", 0.1, "Base DPO temperature (DAMA.md section 3).", gt=0),
     Setting("keep_ratio", 0.8, "Share of each filtering group kept by the model-aware filter.", gt=0, le=1),
     Setting("gamma", 0.9, "Momentum of the running reward-gap mean (DAMA.md section 2).", ge=0, lt=1),

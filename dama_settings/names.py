@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama"]
+Method = Literal["dpo", "beta_dpo", "dama_data", "dama_model", "dama", "sft"]
 METHODS: tuple[str, ...] = get_args(Method)
+# The methods that learn from pairs (shared/DAMA.md section 4); ``sft`` learns from the preferred answer only (4b).
+PREFERENCE_METHODS: tuple[str, ...] = tuple(method for method in METHODS if method != "sft")
 
 # The stages of a training run, in order (dama_engine.callbacks; the job's `stage` column).
 Stage = Literal["validating", "loading_model", "scoring", "reference", "training", "evaluating", "exporting"]

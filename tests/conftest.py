@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# Torch's thread count, set before torch is imported (OMP_NUM_THREADS is read then) and inherited by every
+# subprocess: 1 unless DAMA_TORCH_THREADS says otherwise, the fastest on a shared 2-core machine
+# (dama_engine.threads); the engine's runs apply DAMA_TORCH_THREADS themselves.
+os.environ.setdefault("DAMA_TORCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["DAMA_TORCH_THREADS"])
+
 PG_ADMIN_URL = os.environ.get("DAMA_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DAMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 

@@ -33,7 +33,7 @@ ENGINE_ONLY = {
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_samples", "max_pairs"},
-    "RunSection": {"output_dir", "cache_dir", "log_every", "resume", "distributed_timeout_s"},
+    "RunSection": {"output_dir", "cache_dir", "log_every", "resume", "distributed_timeout_s", "threads"},
 }
 
 ENGINE_SECTIONS: dict[type[BaseModel], dict[str, Setting]] = {

@@ -6,6 +6,8 @@ Formats (the ``format=`` names; ``auto`` tells them apart by the first row's col
   or ``{"type": "text"|"image"}`` parts) or a plain string; ``chosen`` / ``rejected`` are a string or a list with
   one assistant message; ``images`` lists paths, ``{"bytes", "path"}`` dicts (as HF datasets stores them) or base64.
   Images without placeholders in the prompt get them at the start of the first user message, as TRL does.
+  TRL's prompt/completion form (``completion`` in place of ``chosen`` / ``rejected``) gives rows that carry only an
+  answer (``PreferenceRow.answer_only``): ``method: sft`` trains on them; the preference methods refuse them.
 - ``rlaif_v``: RLAIF-V columns (shared/DAMA.md section 6): ``question``, ``chosen``, ``rejected``, ``image`` (bytes
   dict or base64) or ``image_path``; ``idx`` becomes the row id; ``ds_name``, ``origin_*`` are kept in ``meta``.
 - ``openai``: OpenAI preference JSONL: ``input.messages``, ``preferred_output``, ``non_preferred_output``, images as
@@ -58,7 +60,7 @@ from dama_engine.data.validation import (
 from dama_settings.names import DATA_FILE_SUFFIXES
 
 FORMATS: dict[str, str] = {
-    "trl": "TRL/HF conversational preference: prompt, chosen, rejected, images",
+    "trl": "TRL/HF conversational preference: prompt, chosen, rejected, images (or prompt, completion: sft only)",
     "rlaif_v": "RLAIF-V: question, chosen, rejected, image or image_path (ds_name, idx, ... optional)",
     "openai": "OpenAI preference JSONL: input.messages, preferred_output, non_preferred_output (images as data URIs)",
 }
@@ -795,6 +797,7 @@ def _finish(
     images: list[tuple[ImageSource, str]],
     consumed: set[str],
     id_keys: tuple[str, ...] = ("id",),
+    answer_only: bool = False,
 ) -> PreferenceRow | None:
     scores = {key: _optional_float(record, key, context) for key in _OPTIONAL_FLOATS}
     row_id = _row_id(record, context, id_keys)
@@ -811,7 +814,8 @@ def _finish(
     for index, (_, source) in enumerate(images):
         context.source(f"images[{index}]", source)
     context.source("chosen", chosen[1])
-    context.source("rejected", rejected[1])
+    if not answer_only:
+        context.source("rejected", rejected[1])
 
     meta: dict[str, Any] = {}
     if isinstance(record.get("meta"), dict):
@@ -833,13 +837,20 @@ def _finish(
         hardness=scores["hardness"],
         row_number=context.number,
         meta=meta,
+        answer_only=answer_only,
     )
 
 
 def _from_trl(record: dict[str, Any], context: _RowContext) -> PreferenceRow | None:
     prompt = _required(record, "prompt", context)
-    chosen = _answer(record, "chosen", context)
-    rejected = _answer(record, "rejected", context)
+    # TRL's prompt/completion form (one answer, for method sft): a `completion` and no preference columns.
+    answer_only = "completion" in record and not {"chosen", "rejected"} & set(record)
+    chosen: tuple[str, str] | None
+    rejected: tuple[str, str] | None
+    if answer_only:
+        chosen, rejected = _answer(record, "completion", context), ("", "completion")
+    else:
+        chosen, rejected = _answer(record, "chosen", context), _answer(record, "rejected", context)
 
     images: list[tuple[ImageSource, str]] = []
     references, images_key = record.get("images"), "images"
@@ -873,7 +884,8 @@ def _from_trl(record: dict[str, Any], context: _RowContext) -> PreferenceRow | N
         chosen=chosen,
         rejected=rejected,
         images=images,
-        consumed={"prompt", "chosen", "rejected", images_key},
+        consumed={"prompt", "chosen", "rejected", "completion", images_key},
+        answer_only=answer_only,
     )
 
 

@@ -8,7 +8,7 @@ kept as sources (a path or bytes) and decoded only when needed, so a large datas
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +80,8 @@ class PreferenceRow:
         hardness: optional user-supplied ``delta_i`` (takes precedence over the two scores).
         row_number: 1-based position in the source file, for error reports.
         meta: any other columns, kept for provenance.
+        answer_only: the row carries one answer (``chosen``; ``rejected`` is empty): TRL's prompt/completion form,
+            usable by ``method: sft`` only (shared/DAMA.md section 4b).
     """
 
     row_id: str
@@ -92,6 +94,7 @@ class PreferenceRow:
     hardness: float | None = None
     row_number: int = 0
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    answer_only: bool = False
 
     @property
     def image_placeholder_count(self) -> int:
@@ -115,3 +118,8 @@ class PreferenceRow:
 
     def prompt_chat(self) -> list[dict[str, Any]]:
         return [message.to_chat() for message in self.prompt]
+
+
+def answer_only(row: PreferenceRow) -> PreferenceRow:
+    """The row with its preferred answer alone (what supervised fine-tuning learns from)."""
+    return row if row.answer_only else replace(row, rejected="", rejected_score=None, hardness=None, answer_only=True)

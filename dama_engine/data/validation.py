@@ -275,7 +275,8 @@ def _check_row(
                 reason = f"text is {len(part.text)} characters, over max_text_chars={limits.max_text_chars}"
                 report(f"prompt[{m}].content[{p}]", ErrorCode.TEXT_TOO_LONG, reason)
 
-    for name, answer in (("chosen", row.chosen), ("rejected", row.rejected)):
+    answers = (("chosen", row.chosen),) if row.answer_only else (("chosen", row.chosen), ("rejected", row.rejected))
+    for name, answer in answers:
         if not answer.strip():
             report(name, ErrorCode.EMPTY_ANSWER, "empty answer")
         elif len(answer) > limits.max_text_chars:

@@ -1,25 +1,34 @@
-"""The synthetic demo dataset: deterministic, valid, and every rejected answer wrong in a way the image shows."""
+"""Shapes world v2 (dama_engine.data.demo): deterministic, ground truth for every scene, pairs that differ only
+by swaps the image exposes, hardness graded by the oracle, and no text-only cue in any bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from pathlib import Path
+from statistics import mean
 
+import pytest
 from PIL import Image
 
-from dama_engine.data.demo import COLOURS, CORRUPTIONS, SHAPES, make_demo_dataset
+from dama_engine.data.demo import (
+    BUCKETS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SceneObject,
+    colour_steps,
+    describe_scene,
+    make_demo_dataset,
+    oracle_hardness,
+)
 from dama_engine.data.formats import load_and_validate
-
-OBJECT = re.compile(r"\b(?:a|A) (\w+) (\w+)")
+from dama_engine.data.rows import PreferenceRow
+from dama_engine.shapes_check import text_only_check
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
-
-
-def described(answer: str) -> set[str]:
-    return {f"{colour} {shape}" for colour, shape in OBJECT.findall(answer.removesuffix(" on a white background."))}
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
@@ -38,59 +47,73 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     assert len([name for name in files if name.startswith("images/")]) == 12 + 4 + 4
 
 
-def test_rows_are_valid_and_corruptions_are_visible(tmp_path: Path) -> None:
-    demo = make_demo_dataset(tmp_path, n_train=40, n_eval=8, n_generative=6, with_hardness=True)
-    assert demo.corruption_counts == dict.fromkeys(CORRUPTIONS, 10)
+def test_pairs_are_swaps_only_of_the_ground_truth(tmp_path: Path) -> None:
+    demo = make_demo_dataset(tmp_path, n_train=80, n_eval=8, n_generative=0, with_hardness=True)
+    assert demo.bucket_counts == {f"{wrong}x{swap}": 10 for wrong, swap in BUCKETS}
     rows, report = load_and_validate(demo.train)
     assert report.ok, str(report)
-    assert len(rows) == demo.n_train == 40
-    eval_rows, eval_report = load_and_validate(demo.eval)
-    assert eval_report.ok and len(eval_rows) == 8
-    assert {row.meta["corruption"] for row in eval_rows} == set(CORRUPTIONS)
-
     for row in rows:
-        truth = set(row.meta["objects"])
-        chosen, rejected = described(row.chosen), described(row.rejected)
-        corruption = row.meta["corruption"]
-        assert row.chosen != row.rejected
-        assert chosen == truth and rejected != truth
-        assert len(row.chosen.split()) < 20 and len(row.rejected.split()) < 20
-        assert row.hardness is not None
-        true_colours = {name.split()[0] for name in truth}
-        true_shapes = {name.split()[1] for name in truth}
-        wrong = rejected - truth
-        if corruption == "all_wrong":
-            assert len(rejected) == len(truth)
-            assert all(name.split()[0] not in true_colours and name.split()[1] not in true_shapes for name in rejected)
-        elif corruption == "object_added":
-            assert rejected > truth and len(wrong) == 1
-        else:
-            (kept_wrong,) = wrong
-            colour, shape = kept_wrong.split()
-            assert len(rejected) == len(truth)
-            if corruption == "colour_swapped":
-                assert colour not in true_colours and shape in true_shapes
+        scene = [SceneObject(**item) for item in row.meta["scene"]]
+        assert [item.position for item in scene] == sorted((o.position for o in scene), key=POSITIONS.index)
+        assert row.chosen == describe_scene(scene) and row.meta["objects"] == [item.name for item in scene]
+        # Same words in the same places but for the swapped colour or shape words: no length or structure cue.
+        chosen, rejected = row.chosen.split(), row.rejected.split()
+        assert len(chosen) == len(rejected)
+        changed = [(a.strip(",."), b.strip(",.")) for a, b in zip(chosen, rejected, strict=True) if a != b]
+        assert len(changed) == row.meta["wrong"]
+        for true_word, said in changed:
+            if row.meta["swap"] == "shape":
+                assert true_word in SHAPES and said in SHAPES and said not in {o.shape for o in scene}
             else:
-                assert shape not in true_shapes and colour in true_colours
-
+                assert said in COLOURS and said not in {o.colour for o in scene}
+                assert (colour_steps(true_word, said) == 1) == (row.meta["swap"] == "near_colour")
         # The image shows exactly the true colours (plus the white background).
         image = row.images[0].load()
         present = {colour for _, colour in image.getcolors(maxcolors=64) or []}
-        assert present == {COLOURS[name] for name in true_colours} | {(255, 255, 255)}
+        assert present == {COLOURS[item.colour] for item in scene} | {(255, 255, 255)}
 
 
-def test_generative_eval_and_vocabulary(tmp_path: Path) -> None:
+def test_oracle_hardness_grades_near_colours_and_fewer_wrong_objects_harder(tmp_path: Path) -> None:
+    demo = make_demo_dataset(tmp_path, n_train=160, n_eval=0, n_generative=0, image_size=32, with_hardness=True)
+    rows = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    by_bucket = {bucket: mean(r["hardness"] for r in rows if r["bucket"] == bucket) for bucket in demo.bucket_counts}
+    for wrong in (1, 2, 3):
+        assert by_bucket[f"{wrong}xnear_colour"] < by_bucket[f"{wrong}xfar_colour"]
+    for swap in ("near_colour", "far_colour"):
+        assert by_bucket[f"1x{swap}"] < by_bucket[f"2x{swap}"] < by_bucket[f"3x{swap}"]
+    assert all(-1 <= r["hardness"] <= 1 for r in rows)
+    # A fixed, documented oracle: one near-colour swap of a lone object.
+    truth = [SceneObject("red", "circle", "top left")]
+    said = [SceneObject("orange", "circle", "top left")]
+    assert oracle_hardness(truth, said) == pytest.approx(0.3941, abs=1e-3)  # tanh((5 - 25/6) / 2)
+
+
+def test_text_alone_sits_at_chance_in_every_bucket(tmp_path: Path) -> None:
+    demo = make_demo_dataset(tmp_path, n_train=1600, n_eval=1600, n_generative=0, image_size=32)
+    train, _ = load_and_validate(demo.train)
+    held_out, _ = load_and_validate(demo.eval)
+    report = text_only_check(train, held_out)
+    assert set(report.per_bucket) == {f"{wrong}x{swap}" for wrong, swap in BUCKETS}
+    assert abs(report.overall - 0.5) < 0.04, report
+    assert all(abs(accuracy - 0.5) < 0.1 for accuracy in report.per_bucket.values()), report
+
+    # The check sees a cue when there is one: rejected answers one object longer are told apart at once.
+    def longer(row: PreferenceRow) -> PreferenceRow:
+        return dataclasses.replace(row, rejected=row.rejected.rstrip(".") + " and a red star at the top left.")
+
+    cued = text_only_check([longer(r) for r in train], [longer(r) for r in held_out])
+    assert cued.overall > 0.95
+
+
+def test_generative_eval_carries_each_scenes_ground_truth(tmp_path: Path) -> None:
     demo = make_demo_dataset(tmp_path, n_train=4, n_eval=4, n_generative=5, image_size=48)
     records = [json.loads(line) for line in demo.generative_eval.read_text().splitlines()]
     assert len(records) == 5
     vocabulary = json.loads(demo.vocabulary.read_text())
     assert set(vocabulary["objects"]) == set(SHAPES) and set(vocabulary["colours"]) == set(COLOURS)
-    assert all(name in synonyms for name, synonyms in vocabulary["objects"].items())
     for record in records:
-        assert set(record) == {"id", "image", "prompt", "objects"}
+        assert set(record) == {"id", "image", "prompt", "objects", "scene"}
         assert 1 <= len(record["objects"]) <= 3
-        for name in record["objects"]:
-            colour, shape = name.split()
-            assert colour in COLOURS and shape in SHAPES
+        assert record["objects"] == [f"{o['colour']} {o['shape']}" for o in record["scene"]]
         with Image.open(demo.root / record["image"]) as image:
             assert image.size == (48, 48)

@@ -250,6 +250,8 @@ def test_bench_tiny_smoke() -> None:
         "packed,two_rows",
         "--budget-s",
         "100",
+        "--threads",
+        "1",
     ]
     if not has_trl:
         command.append("--no-trl")
@@ -259,6 +261,7 @@ def test_bench_tiny_smoke() -> None:
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"')]
     names = {record["config"] for record in records}
     assert {"env", "reference/packed", "reference/two_rows", "hardness", "summary"} <= names, names
+    assert next(r for r in records if r["config"] == "env")["threads"] == 1  # the deliberate count, reported
     assert all("error" not in record and "skipped" not in record for record in records), records
     engine = [r for r in records if r.get("kind") == "engine"]
     assert {(r["forward"], r["method"]) for r in engine} == {("packed", "dpo"), ("two_rows", "dpo")}
