@@ -31,15 +31,10 @@ _PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
-class FamilySpec:
-    """The module layout of one family of vision-language models (see the module docstring)."""
+class FamilySpec(layouts.FamilyLayout):
+    """The module layout of one family of vision-language models (``dama_settings.families``: names, model types,
+    module prefixes, LoRA targets) and what the engine needs besides (see the module docstring)."""
 
-    name: str
-    model_types: tuple[str, ...]
-    language_model_prefix: str
-    vision_tower_prefixes: tuple[str, ...]
-    projector_prefixes: tuple[str, ...]
-    lora_leaf_names: tuple[str, ...] = LM_PROJECTIONS
     # Processor outputs the forward needs besides input_ids / attention_mask / labels, per image-bearing batch.
     model_input_names: tuple[str, ...] = ("pixel_values",)
     # Whether forward takes a prepared 4D (batch, 1, query, key) attention mask, and explicit position_ids, and
