@@ -13,12 +13,12 @@ no-op); the step path avoids the latter.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _METHODS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
 
@@ -52,33 +52,29 @@ def _is_mask_index(index: Any) -> bool:
     return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in parts)
 
 
+class _CountingMode(TorchFunctionMode):
+    """Sees every tensor method call (``__torch_function__``) while active; counts the ones that sync.
+
+    A mode, not patched ``torch.Tensor`` attributes: setting a dunder such as ``__getitem__`` on the class rewrites
+    its C slots, which deleting it again does not undo (``torch.tensor([0-d tensors])`` then fails)."""
+
+    def __init__(self, counts: HostSyncs) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not self.counts.paused:
+            name = getattr(func, "__name__", "")
+            if name in _METHODS:
+                self.counts.by_kind[name.strip("_")] += 1
+            elif name == "__getitem__" and len(args) > 1 and _is_mask_index(args[1]):
+                self.counts.by_kind["mask_index"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def count_host_syncs() -> Iterator[HostSyncs]:
-    """Patch the counted ``torch.Tensor`` methods for the duration of the block (one thread at a time)."""
+    """Count the syncing calls made in the block (one thread at a time)."""
     counts = HostSyncs()
-    originals: dict[str, Callable[..., Any]] = {name: getattr(torch.Tensor, name) for name in _METHODS}
-    original_getitem = torch.Tensor.__getitem__
-
-    def counting(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if not counts.paused:
-                counts.by_kind[name.strip("_")] += 1
-            return method(self, *args, **kwargs)
-
-        return wrapper
-
-    def getitem(self: torch.Tensor, index: Any) -> Any:
-        if not counts.paused and _is_mask_index(index):
-            counts.by_kind["mask_index"] += 1
-        return original_getitem(self, index)
-
-    try:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, counting(name, method))
-        torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign,assignment]
+    with _CountingMode(counts):
         yield counts
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
-        torch.Tensor.__getitem__ = original_getitem  # type: ignore[method-assign]
