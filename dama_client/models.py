@@ -42,50 +42,38 @@ class Hardness(Model):
     count: int
 
 
-class Job(Model):
+class _Run(Model):
+    """What a training job and an evaluation share: status, progress, error and timestamps."""
+
     id: str
-    kind: str
     status: str
     stage: str | None = None
+    progress: float | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    error: dict[str, Any] | None = None
+    attempts: int
+    queue: str
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+
+class Job(_Run):
+    kind: str
     step: int
     total_steps: int | None = None
-    progress: float | None = None
-    percent: float | None = None
-    eta_seconds: float | None = None
-    error: dict[str, Any] | None = None
-    attempts: int
     dataset_id: str | None = None
-    queue: str
-    spec: dict[str, Any]
     result: dict[str, Any] | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.status in TERMINAL
 
 
-class Evaluation(Model):
-    id: str
-    status: str
-    stage: str | None = None
-    progress: float | None = None
-    percent: float | None = None
-    eta_seconds: float | None = None
-    error: dict[str, Any] | None = None
-    attempts: int
-    queue: str
-    spec: dict[str, Any]
+class Evaluation(_Run):
     metrics: dict[str, Any] | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.status in TERMINAL
 
 
 class Event(Model):
