@@ -4,6 +4,10 @@ shared/DAMA.md section 7 reports Object HalBench's CHAIRs / CHAIRi and AMBER's C
 computes those metrics with a vocabulary the user supplies, and the implicit-reward preference metrics of section 3
 split by data hardness (section 1). :func:`run_evaluation` runs both for the base model and the tuned one.
 
+**Tuned from a starting adapter** (``model.init_adapter``, shared/DAMA.md section 4b): the model the tuned one is
+compared against (``base``, the reference of its implicit rewards) is base + that adapter, the model its training
+started from; the plain base model is reported as well, as ``plain_base`` beside ``base`` and ``tuned``.
+
 The vocabulary, the matcher, :func:`chair` and the generative eval set loader live in the torch-free
 :mod:`dama_engine.chair` (its docstring has the file formats, the matching rules and the CHAIR definitions);
 this module re-exports them.
@@ -68,7 +72,8 @@ EVAL_STAGES: tuple[str, ...] = (
     "writing",
 )
 """Stages :func:`run_evaluation` reports through ``Callback.on_stage``; ``log_probs`` and ``generating`` run once per
-model (``info["model"]`` is ``"base"`` or ``"tuned"``) and report ``on_progress`` under the same stage name."""
+model (``info["model"]`` is ``"base"``, ``"tuned"``, or ``"plain_base"`` with ``model.init_adapter``) and report
+``on_progress`` under the same stage name."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +306,10 @@ class EvalHardnessSection(_Section):
 
 
 class EvaluationConfig(_Section):
-    """One evaluation run: the base model, the tuned adapter (optional), the data and how to decode."""
+    """One evaluation run: the base model, the tuned adapter (optional), the data and how to decode.
+
+    ``model.init_adapter``: the PEFT adapter the tuned one was trained from; the tuned adapter is then compared
+    against base + that adapter (``base``), and the plain base model is reported as ``plain_base``."""
 
     model: ModelSection
     adapter: str | None = Field(
@@ -362,17 +370,36 @@ class EvaluationResult:
     seconds: float = 0.0
 
 
+TUNED_ADAPTER, START_ADAPTER = "default", "start"  # the tuned adapter keeps peft's default name
+
+
 @dataclass
 class _Models:
-    """The base and the tuned model; with a PEFT adapter they are one model, the base being its adapter off."""
+    """The base and the tuned model; with a PEFT adapter they are one model, the base being its adapter off. With a
+    starting adapter (``start``) that one model holds both adapters: ``base`` is the starting one switched on,
+    ``plain_base`` every adapter off."""
 
     base: Any
     tuned: Any = None  # None: no adapter given
     peft: bool = False
+    start: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The models to evaluate, in order."""
+        if self.tuned is None:
+            return ("base",)
+        return ("plain_base", "base", "tuned") if self.start else ("base", "tuned")
 
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[Any]:
-        if which == "tuned":
+        if self.start and which != "plain_base":
+            self.tuned.set_adapter(TUNED_ADAPTER if which == "tuned" else START_ADAPTER, inference_mode=True)
+            try:
+                yield self.tuned
+            finally:
+                self.tuned.set_adapter(TUNED_ADAPTER, inference_mode=True)
+        elif which == "tuned":
             yield self.tuned
         elif self.peft:
             with self.tuned.disable_adapter():
@@ -414,6 +441,15 @@ def _validate_inputs(config: EvaluationConfig, preference_rows: Sequence[Prefere
             raise ConfigError(
                 f"adapter: {adapter} holds neither adapter_config.json (a PEFT adapter) nor config.json (a full model)"
             )
+    start = config.model.init_adapter
+    if start is not None:
+        if inputs.adapter_kind != "peft":
+            raise ConfigError(
+                "model.init_adapter: the adapter the tuned one started from needs the tuned one as a PEFT adapter "
+                "(adapter: a folder with adapter_config.json)"
+            )
+        if not (Path(start) / "adapter_config.json").is_file():
+            raise ConfigError(f"model.init_adapter: {start} holds no adapter_config.json (a PEFT adapter)")
     data = config.data
     if preference_rows is not None or data.preference is not None:
         rows = list(preference_rows) if preference_rows is not None else _read_preference(config)
@@ -452,8 +488,12 @@ def _load_models(config: EvaluationConfig, inputs: _Inputs, device: torch.device
         return _Models(base=base)
     if inputs.adapter_kind == "peft":
         # The adapter is injected into the base's layers: the base is this model with the adapter disabled.
-        tuned = PeftModel.from_pretrained(base, config.adapter).to(device).eval()
-        return _Models(base=base, tuned=tuned, peft=True)
+        tuned = PeftModel.from_pretrained(base, config.adapter, adapter_name=TUNED_ADAPTER)
+        start = config.model.init_adapter
+        if start is not None:  # the starting adapter beside it, in the same layers
+            tuned.load_adapter(start, adapter_name=START_ADAPTER)
+            tuned.set_adapter(TUNED_ADAPTER, inference_mode=True)
+        return _Models(base=base, tuned=tuned.to(device).eval(), peft=True, start=start is not None)
     full = config.model.model_copy(update={"name_or_path": config.adapter, "revision": None})
     return _Models(base=base, tuned=load_model(full, dtype=dtype).to(device).eval())
 
@@ -504,7 +544,7 @@ def _evaluate_preference(
     buckets = bucket_by_hardness(delta, config.hardness.thresholds) if delta is not None else None
 
     log_probs: dict[str, torch.Tensor] = {}
-    for which in ("base", "tuned") if models.tuned is not None else ("base",):
+    for which in models.names:
         callback.on_stage("log_probs", {"model": which, "pairs": len(usable)})
         with models.use(which) as model:
             log_probs[which] = _pair_log_probs_all(
@@ -527,6 +567,9 @@ def _evaluate_preference(
         "tuned": None if tuned is None else logprob_stats(tuned[:, 0], tuned[:, 1], buckets),
         "implicit_reward": None,
     }
+    if "plain_base" in log_probs:  # tuned from a starting adapter: base is base + that adapter
+        plain = log_probs["plain_base"]
+        section["plain_base"] = logprob_stats(plain[:, 0], plain[:, 1], buckets)
     if tuned is not None:
         section["implicit_reward"] = preference_metrics(
             tuned[:, 0], tuned[:, 1], base[:, 0], base[:, 1], config.beta, buckets
@@ -540,6 +583,11 @@ def _evaluate_preference(
             "base_logp_chosen": float(base[index, 0]),
             "base_logp_rejected": float(base[index, 1]),
         }
+        if "plain_base" in log_probs:
+            record.update(
+                plain_base_logp_chosen=float(log_probs["plain_base"][index, 0]),
+                plain_base_logp_rejected=float(log_probs["plain_base"][index, 1]),
+            )
         if tuned is not None:
             gap = (tuned[index, 0] - base[index, 0]) - (tuned[index, 1] - base[index, 1])
             record.update(
@@ -559,7 +607,7 @@ def _evaluate_generative(
     objects = [sample.objects for sample in samples]
     judged: dict[str, list[ChairSample]] = {}
     ratings: dict[str, dict[str, Any]] = {}
-    for which in ("base", "tuned") if models.tuned is not None else ("base",):
+    for which in models.names:
         callback.on_stage("generating", {"model": which, "samples": len(samples)})
         with models.use(which) as model:
             responses = generate(
@@ -586,6 +634,8 @@ def _evaluate_generative(
         "base": summarize_chair(judged["base"]),
         "tuned": summarize_chair(judged["tuned"]) if "tuned" in judged else None,
     }
+    if "plain_base" in judged:
+        section["plain_base"] = summarize_chair(judged["plain_base"])
     if ratings:
         # MMHal-style judge (optional): mean 0-6 rating and share rated below 3, per model.
         section["judge"] = {which: {k: v for k, v in r.items() if k != "ratings"} for which, r in ratings.items()}
@@ -615,7 +665,8 @@ def run_evaluation(
 
     Preference data: each model's own log-prob statistics, and (with an adapter) the implicit-reward metrics with
     the tuned model as policy and the base as reference, per hardness bucket when the pairs carry or get a
-    hardness. Generative data: answers from each model, judged with :func:`chair`.
+    hardness. Generative data: answers from each model, judged with :func:`chair`. With ``model.init_adapter``
+    ``base`` is base + that adapter (the tuned one's starting point and reference) and ``plain_base`` is added.
 
     Writes into ``config.output_dir``: ``results.json``, ``generations.jsonl`` (per sample: prompt, true objects,
     and per model the response with its mentioned, hallucinated, covered and missed objects),
@@ -639,6 +690,7 @@ def run_evaluation(
     results: dict[str, Any] = {
         "model": config.model.name_or_path,
         "adapter": config.adapter,
+        "init_adapter": config.model.init_adapter,  # set: "base" is base + this adapter, "plain_base" the model
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "beta": config.beta,
@@ -688,29 +740,38 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 GENERATIVE_METRICS: tuple[str, ...] = ("chair_s", "chair_i", "hallucination_rate", "coverage", "mean_length")
 
 
-def comparison_table(results: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
+def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tuple[str, float | None, float | None]]:
     """``(metric, base, tuned)`` rows of a results dict (None where a model has no such value).
 
     The implicit-reward rows have no base value: the base is their reference (its own rewards are 0).
+    ``base="plain_base"``: the same rows with the plain base model's values in the base column (results of a
+    model tuned from a starting adapter); all None where the results have no such model.
     """
     rows: list[tuple[str, float | None, float | None]] = []
     generative = results.get("generative")
     if generative:
         tuned = generative.get("tuned") or {}
-        rows += [(name, generative["base"][name], tuned.get(name)) for name in GENERATIVE_METRICS]
+        base_summary = generative.get(base) or {}
+        rows += [(name, base_summary.get(name), tuned.get(name)) for name in GENERATIVE_METRICS]
     preference = results.get("preference")
     if preference:
-        base_stats = preference["base"]
+        base_stats = preference.get(base)
         tuned_stats = preference.get("tuned")
-        groups = ["overall", *(BUCKETS if base_stats.get("buckets") else ())]
+        groups = ["overall", *(BUCKETS if preference["base"].get("buckets") else ())]
         for group in groups:
-            base_block = base_stats["overall"] if group == "overall" else base_stats["buckets"][group]
+            base_block: dict[str, Any] = {}
+            if base_stats:
+                base_block = base_stats["overall"] if group == "overall" else base_stats["buckets"][group]
             tuned_block = None
             if tuned_stats:
                 tuned_block = tuned_stats["overall"] if group == "overall" else tuned_stats["buckets"][group]
             suffix = "" if group == "overall" else f" [{group}]"
             rows.append(
-                (f"logp_accuracy{suffix}", base_block["logp_accuracy"], tuned_block and tuned_block["logp_accuracy"])
+                (
+                    f"logp_accuracy{suffix}",
+                    base_block.get("logp_accuracy"),
+                    tuned_block and tuned_block["logp_accuracy"],
+                )
             )
         implicit = preference.get("implicit_reward")
         if implicit:
@@ -757,9 +818,12 @@ def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
         axis.legend(loc="upper right", fontsize=8)
 
     rates = ["chair_s", "chair_i", "hallucination_rate", "coverage"]
+    base_name = "base + start" if results.get("init_adapter") else "base"  # tuned from a starting adapter
     gen_series: dict[str, list[float | None]] = {}
     if generative:
-        gen_series["base"] = [generative["base"][name] for name in rates]
+        if generative.get("plain_base"):
+            gen_series["plain base"] = [generative["plain_base"][name] for name in rates]
+        gen_series[base_name] = [generative["base"][name] for name in rates]
         if generative.get("tuned"):
             gen_series["tuned"] = [generative["tuned"][name] for name in rates]
     rate_labels = ["CHAIRs", "CHAIRi", "Hal", "Cover"]
@@ -779,13 +843,17 @@ def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
             return None if block is None else block.get(key)
 
         group_labels = [f"{g}\n(n={pick(preference['base'], g, 'count')})" for g in groups]
-        accuracy_series["base log-prob"] = [pick(preference["base"], g, "logp_accuracy") for g in groups]
+        if preference.get("plain_base"):
+            accuracy_series["plain base log-prob"] = [
+                pick(preference["plain_base"], g, "logp_accuracy") for g in groups
+            ]
+        accuracy_series[f"{base_name} log-prob"] = [pick(preference["base"], g, "logp_accuracy") for g in groups]
         if preference.get("tuned"):
             accuracy_series["tuned log-prob"] = [pick(preference["tuned"], g, "logp_accuracy") for g in groups]
         if preference.get("implicit_reward"):
             implicit = preference["implicit_reward"]
             accuracy_series["tuned implicit reward"] = [pick(implicit, g, "accuracy") for g in groups]
-            margin_series["tuned vs base"] = [pick(implicit, g, "margin") for g in groups]
+            margin_series[f"tuned vs {base_name}"] = [pick(implicit, g, "margin") for g in groups]
     bars(axes[1], group_labels, accuracy_series, "preference accuracy by hardness")
     margin_labels = group_labels if margin_series else []
     bars(axes[2], margin_labels, margin_series, "tuned reward margin by hardness (beta-scaled)", rates=False)

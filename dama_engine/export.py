@@ -136,8 +136,18 @@ def add_evaluation_to_adapter(adapter_dir: Path, results: dict[str, Any]) -> Non
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    lines = ["", "## Base against tuned", "", "| metric | base | tuned |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(base)} | {cell(tuned)} |" for name, base, tuned in comparison_table(results)]
+    table = comparison_table(results)
+    if results.get("init_adapter"):  # tuned from a starting adapter: base + that adapter, and the plain base
+        plain = comparison_table(results, base="plain_base")
+        header = "| metric | plain base | base + starting adapter | tuned |"
+        lines = ["", "## Base + starting adapter against tuned", "", header, "|---|---|---|---|"]
+        lines += [
+            f"| {name} | {cell(plain_row[1])} | {cell(base)} | {cell(tuned)} |"
+            for (name, base, tuned), plain_row in zip(table, plain, strict=True)
+        ]
+    else:
+        lines = ["", "## Base against tuned", "", "| metric | base | tuned |", "|---|---|---|"]
+        lines += [f"| {name} | {cell(base)} | {cell(tuned)} |" for name, base, tuned in table]
     thresholds = _bucket_thresholds(results)
     if thresholds:
         lines += [

@@ -35,6 +35,7 @@ from dama_engine.evaluation import (
     preference_metrics,
     run_evaluation,
 )
+from dama_engine.export import add_evaluation_to_adapter
 from dama_engine.models import load_model, make_trainable
 from tests.engine.conftest import png_bytes
 
@@ -465,6 +466,59 @@ def test_cli_without_adapter_matches_the_base_side(
     assert base_only["preference"]["base"] == with_adapter["preference"]["base"]
     assert base_only["generative"]["base"] == with_adapter["generative"]["base"]
     assert (tmp_path / "out" / "evaluation.png").is_file()
+
+
+def test_tuned_from_a_starting_adapter_is_compared_with_it_and_with_the_plain_base(
+    demo: dict[str, Any], tmp_path: Path
+) -> None:
+    """``model.init_adapter``: ``base`` is base + the starting adapter (its numbers are those of that adapter
+    evaluated alone), ``plain_base`` the model without adapters, ``tuned`` unchanged (shared/DAMA.md 4b)."""
+    model_section = ModelSection.model_validate(demo["settings"]["model"])
+    start = make_trainable(load_model(model_section, dtype=torch.float32), LoraSection(r=4, train_projector=True))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in start.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    start.save_pretrained(tmp_path / "start")
+    settings = {**demo["settings"], "output_dir": str(tmp_path / "chained")}
+    settings["model"] = {**settings["model"], "init_adapter": str(tmp_path / "start")}
+    recorder = Recorder()
+    chained = run_evaluation(parse_evaluation_config(settings), recorder).results
+    alone = {**demo["settings"], "adapter": str(tmp_path / "start"), "output_dir": str(tmp_path / "alone")}
+    alone["data"] = {"preference": demo["settings"]["data"]["preference"]}
+    start_alone = run_evaluation(parse_evaluation_config(alone)).results
+    plain = demo["result"].results  # the same tuned adapter, evaluated against the plain base
+
+    assert chained["init_adapter"] == str(tmp_path / "start") and plain["init_adapter"] is None
+    preference, generative = chained["preference"], chained["generative"]
+    assert preference["base"] == start_alone["preference"]["tuned"] != plain["preference"]["base"]
+    assert preference["plain_base"] == plain["preference"]["base"]
+    assert preference["tuned"] == plain["preference"]["tuned"]
+    assert generative["plain_base"] == plain["generative"]["base"]
+    assert generative["tuned"] == plain["generative"]["tuned"]
+    assert "plain_base" not in plain["preference"] and "plain_base" not in plain["generative"]
+    # The implicit rewards use base + the starting adapter as the reference.
+    assert preference["implicit_reward"] != plain["preference"]["implicit_reward"]
+    assert [stage for stage in recorder.stages if stage[0] == "log_probs"] == [
+        ("log_probs", "plain_base"),
+        ("log_probs", "base"),
+        ("log_probs", "tuned"),
+    ]
+
+    plain_rows = comparison_table(chained, base="plain_base")
+    assert [row[1] for row in plain_rows] == [row[1] for row in comparison_table(plain)]
+    assert [row[2] for row in plain_rows] == [row[2] for row in comparison_table(chained)]
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text("# card\n")
+    add_evaluation_to_adapter(tmp_path / "card", chained)
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "| metric | plain base | base + starting adapter | tuned |" in card
+    assert f"| chair_s | {plain['generative']['base']['chair_s']:.4f} |" in card
+
+    settings["model"]["init_adapter"] = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match=r"model\.init_adapter: .*none holds no adapter_config\.json"):
+        run_evaluation(parse_evaluation_config(settings))
 
 
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
