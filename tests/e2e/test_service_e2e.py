@@ -134,6 +134,17 @@ def _wait(client: httpx.Client, job_id: str, done: Any, timeout: float = 240) ->
         time.sleep(0.3)
 
 
+def _download_adapter(client: httpx.Client, url: str, folder: Path) -> Path:
+    """GET an adapter archive (``/jobs/{id}/adapter`` or a checkpoint's), check its sha256 and unpack it into
+    ``folder``: the folder that holds ``adapter_config.json``."""
+    download = client.get(url)
+    assert download.status_code == 200, download.text
+    assert hashlib.sha256(download.content).hexdigest() == download.headers["X-Content-SHA256"]
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as bundle:
+        bundle.extractall(folder, filter="data")
+    return next(path.parent for path in folder.rglob("adapter_config.json"))
+
+
 def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Path) -> None:
     client = httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['key']}"}, timeout=60)
     train_zip, eval_zip = _dataset_zip(tmp_path / "data", n_train=96, n_eval=16)
@@ -187,12 +198,7 @@ def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Pat
     assert len(client.get(f"/jobs/{job_id}/checkpoints").json()["data"]) >= 1
 
     # The adapter downloads with its sha256 and loads with peft on the base model.
-    download = client.get(f"/jobs/{job_id}/adapter")
-    assert download.status_code == 200
-    assert hashlib.sha256(download.content).hexdigest() == download.headers["X-Content-SHA256"]
-    with tarfile.open(fileobj=io.BytesIO(download.content)) as bundle:
-        bundle.extractall(tmp_path / "adapter", filter="data")
-    adapter_dir = next(p.parent for p in (tmp_path / "adapter").rglob("adapter_config.json"))
+    adapter_dir = _download_adapter(client, f"/jobs/{job_id}/adapter", tmp_path / "adapter")
     base_dir = next(p.parent for p in service["models"].rglob("config.json") if "llava" in p.read_text())
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter_dir).eval()
     tokens = torch.tensor([[1, 5, 9, 2]])
@@ -202,12 +208,8 @@ def test_upload_train_follow_and_download(service: dict[str, Any], tmp_path: Pat
 
     # Any kept checkpoint downloads as an adapter that loads on the base.
     kept = [item["step"] for item in client.get(f"/jobs/{job_id}/checkpoints").json()["data"]]
-    checkpoint = client.get(f"/jobs/{job_id}/checkpoints/{kept[-1]}/adapter")
-    assert checkpoint.status_code == 200, checkpoint.text
-    assert hashlib.sha256(checkpoint.content).hexdigest() == checkpoint.headers["X-Content-SHA256"]
-    with tarfile.open(fileobj=io.BytesIO(checkpoint.content)) as bundle:
-        bundle.extractall(tmp_path / "checkpoint", filter="data")
-    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "checkpoint")
+    checkpoint = _download_adapter(client, f"/jobs/{job_id}/checkpoints/{kept[-1]}/adapter", tmp_path / "checkpoint")
+    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), checkpoint)
 
     # A merged export runs on the worker; its weights give the logits of base + adapter, without peft.
     asked = client.post(f"/jobs/{job_id}/exports", json={"format": "merged"})

@@ -81,3 +81,34 @@ def test_the_code_version_covers_the_log_prob_path() -> None:
     assert "dama_engine.logprobs" in CODE_PATHS["reference"] and "dama_engine.packing" in CODE_PATHS["reference"]
     assert code_version("reference") == code_version("reference")
     assert code_version("reference") != code_version("hardness")
+
+
+def test_the_starting_adapter_is_part_of_the_reference_key(tmp_path: Path) -> None:
+    """Same base, another ``model.init_adapter`` (shared/DAMA.md 4b): another reference. The key follows the
+    adapter's config and weights, not its folder or its model card; no adapter keeps the plain base's key."""
+    folder = _model_folder(tmp_path)
+
+    def adapter(name: str, weights: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text('{"r": 4}')
+        (path / "adapter_model.safetensors").write_text(weights)
+        (path / "README.md").write_text(f"# {name}")
+        return path
+
+    def key(init_adapter: Path | None) -> dict[str, Any]:
+        model: dict[str, Any] = {"name_or_path": str(folder)}
+        if init_adapter is not None:
+            model["init_adapter"] = str(init_adapter)
+        config = parse_config({"model": model, "data": {"train": "t.jsonl"}})
+        return _model_identity(config, _Processor(), bf16=False, commit=None)
+
+    first, second, copy = adapter("first", "weights 1"), adapter("second", "weights 2"), adapter("copy", "weights 1")
+    plain = key(None)
+    assert "init_adapter" not in plain
+    assert len({repr(plain), repr(key(first)), repr(key(second))}) == 3
+    assert key(copy) == key(first)  # the same adapter in another folder (a job's own copy of it)
+    (first / "README.md").write_text("# first, with an evaluation appended")
+    assert key(first) == key(copy)
+    (first / "adapter_config.json").write_text('{"r": 8}')
+    assert key(first) != key(copy)
