@@ -376,23 +376,28 @@ class Recorder(Callback):
         self.progress.append((stage, done, total))
 
 
-@pytest.fixture(scope="module")
-def demo(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The demo's eval pairs and generative set, the tiny LLaVA, and a LoRA adapter (with the projector saved in
-    full, as dama-train's demo exports it) whose weights are perturbed so the tuned model differs from the base."""
-    root = tmp_path_factory.mktemp("eval-demo")
-    data = make_demo_dataset(root / "data", n_train=0, n_eval=8, n_generative=4, with_hardness=True)
-    model_section = ModelSection(name_or_path=str(tiny_models["llava"]), precision="fp32")
+def _perturbed_adapter(model_section: ModelSection, folder: Path, seed: int) -> Path:
+    """A LoRA adapter (with the projector saved in full, as dama-train's demo exports it) whose weights are perturbed
+    so that the model differs from the base."""
     model = make_trainable(load_model(model_section, dtype=torch.float32), LoraSection(r=4, train_projector=True))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(root / "adapter")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo's eval pairs and generative set, the tiny LLaVA, and a perturbed LoRA adapter on it."""
+    root = tmp_path_factory.mktemp("eval-demo")
+    data = make_demo_dataset(root / "data", n_train=0, n_eval=8, n_generative=4, with_hardness=True)
+    model_section = ModelSection(name_or_path=str(tiny_models["llava"]), precision="fp32")
     settings = {
         "model": model_section.model_dump(),
-        "adapter": str(root / "adapter"),
+        "adapter": str(_perturbed_adapter(model_section, root / "adapter", seed=0)),
         "data": {
             "preference": str(data.eval),
             "generative": str(data.generative_eval),
@@ -474,13 +479,7 @@ def test_tuned_from_a_starting_adapter_is_compared_with_it_and_with_the_plain_ba
     """``model.init_adapter``: ``base`` is base + the starting adapter (its numbers are those of that adapter
     evaluated alone), ``plain_base`` the model without adapters, ``tuned`` unchanged (shared/DAMA.md 4b)."""
     model_section = ModelSection.model_validate(demo["settings"]["model"])
-    start = make_trainable(load_model(model_section, dtype=torch.float32), LoraSection(r=4, train_projector=True))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in start.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    start.save_pretrained(tmp_path / "start")
+    _perturbed_adapter(model_section, tmp_path / "start", seed=1)
     settings = {**demo["settings"], "output_dir": str(tmp_path / "chained")}
     settings["model"] = {**settings["model"], "init_adapter": str(tmp_path / "start")}
     recorder = Recorder()

@@ -67,10 +67,12 @@ function heldOutTable(series) {
   );
 }
 
-/** Base against tuned, from result.evaluation (preference per hardness bucket; CHAIR on a generative set). */
+/** Base against tuned, from result.evaluation (preference per hardness bucket; CHAIR on a generative set). Tuned from
+ * a starting adapter (init_adapter): "base" is base + that adapter, and the plain base gets a column of its own. */
 export function evaluationTables(evaluation) {
   if (!evaluation) return h("p", { class: "muted" }, "Not evaluated yet.");
   const parts = [];
+  const base = evaluation.init_adapter ? "base + starting adapter" : "base";
   const preference = evaluation.preference;
   if (preference && preference.base) {
     const buckets = ["overall", ...Object.keys(preference.base.buckets || {})];
@@ -82,7 +84,10 @@ export function evaluationTables(evaluation) {
         [
           { label: "hardness", value: (b) => b },
           { label: "pairs", value: (b) => String(pick("base", b).count ?? "-"), class: "num" },
-          { label: "base log-prob accuracy", value: (b) => fmt(pick("base", b).logp_accuracy), class: "num" },
+          ...(preference.plain_base
+            ? [{ label: "plain base log-prob accuracy", value: (b) => fmt(pick("plain_base", b).logp_accuracy), class: "num" }]
+            : []),
+          { label: `${base} log-prob accuracy`, value: (b) => fmt(pick("base", b).logp_accuracy), class: "num" },
           { label: "tuned log-prob accuracy", value: (b) => fmt(pick("tuned", b).logp_accuracy), class: "num" },
           { label: "implicit-reward accuracy", value: (b) => fmt(reward(b).accuracy), class: "num" },
           { label: "reward margin", value: (b) => fmt(reward(b).margin), class: "num" },
@@ -101,7 +106,8 @@ export function evaluationTables(evaluation) {
       table(
         [
           { label: "metric", value: (m) => m },
-          { label: "base", value: (m) => fmt(generative.base[m]), class: "num" },
+          ...(generative.plain_base ? [{ label: "plain base", value: (m) => fmt(generative.plain_base[m]), class: "num" }] : []),
+          { label: base, value: (m) => fmt(generative.base[m]), class: "num" },
           { label: "tuned", value: (m) => fmt(generative.tuned?.[m]), class: "num" },
         ],
         metrics,
