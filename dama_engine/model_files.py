@@ -35,6 +35,9 @@ CODE_PATHS: dict[str, tuple[str, ...]] = {
         "dama_engine.objective",
         "dama_engine.step",
     ),
+    # The proving ground's on-policy pairs (dama_engine.proving) and its held-out scenes.
+    "proving_pairs": ("dama_engine.on_policy", "dama_engine.data.demo", "dama_engine.generation", "dama_engine.chair"),
+    "scenes": ("dama_engine.data.demo",),
 }
 
 
