@@ -10,6 +10,8 @@ and the learning regression test use; cached under ``--work-dir``). Every run tr
 from the same base for the same number of steps at batch 16 with the same learning rate and beta; seeds change the
 data order and the adapter's initialisation. The control (``sft``) trains on the chosen answers. One more row,
 ``dama (filter_sigma 1.0)``, is DAMA with the released code's filter width, beside the proving ground's 5.0.
+``--pairs synthetic`` trains on the shapes world's swap pairs instead (same length and structure, graded difficulty,
+oracle hardness; :func:`dama_engine.data.demo.make_demo_dataset`), with the same base, scenes and settings.
 Writes a table and a chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change), with
 this command line, the seeds, the threads and the machine; the per-run rows go to ``docs/measurements``.
 """
@@ -44,6 +46,8 @@ def _run(ground: Any, out: Path, method: str, seed: int, args: argparse.Namespac
 
     values = training_values(ground, out, scenes=args.scenes, seed=seed)
     overrides = [f"objective.method={method}", f"optim.max_steps={args.steps}"]
+    if args.pairs_dir is not None:
+        overrides += [f"data.train={args.pairs_dir / 'train.jsonl'}", f"data.eval={args.pairs_dir / 'eval.jsonl'}"]
     overrides += [f"objective.{key}={value}" for key, value in objective.items()]
     config = parse_config(apply_overrides(values, overrides))
     started = time.monotonic()
@@ -86,7 +90,7 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
     from dama_engine.proving import TRAINING
 
     results = Path(args.results)
-    chart = results.parent / "images" / "results.png"
+    chart = results.parent / "images" / f"{results.stem.lower()}.png"
     chart.parent.mkdir(parents=True, exist_ok=True)
     base = rows[0]
     labels = list(dict.fromkeys(row["method"] for row in rows))
@@ -101,8 +105,14 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         f"Base (the seeing base, `dama_engine.proving`): CHAIR_i {base['base_chair_i']:.3f}, CHAIR_s "
         f"{base['base_chair_s']:.3f}, coverage {base['base_coverage']:.3f}.",
         "",
-        "Pairs: on-policy (the base's own sampled descriptions of training scenes, a faithful one preferred to a "
-        "hallucinating one; oracle hardness). CHAIR_i, CHAIR_s and coverage on the held-out scenes; `logp acc`: "
+        (
+            "Pairs: on-policy (the base's own sampled descriptions of training scenes, a faithful one preferred to a "
+            "hallucinating one; oracle hardness). "
+            if args.pairs_dir is None
+            else "Pairs: synthetic swaps (the shapes world's canonical description against the same sentence with "
+            "colours or shapes swapped; same length and structure; oracle hardness). "
+        )
+        + "CHAIR_i, CHAIR_s and coverage on the held-out scenes; `logp acc`: "
         "share of held-out pairs whose chosen answer the tuned model finds likelier; `accuracy`, `easy`, `hard`: "
         "the implicit reward's held-out accuracy, overall and in the easiest and hardest tertile of the oracle "
         "hardness; gap = easy - hard. `sft` is the same-compute control on the chosen answers. Mean ± sd over seeds.",
@@ -138,7 +148,7 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
             )
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "![CHAIR_i per method](images/results.png)", ""]
+    lines += ["", f"![CHAIR_i per method](images/{chart.name})", ""]
     results.write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(8, 3.8))
     axis.bar(labels, [means[label] for label in labels], yerr=[spreads[label] for label in labels], color="#4c72b0")
@@ -150,7 +160,7 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
     figure.savefig(chart, dpi=100)
     measurements = results.parent / "measurements"
     measurements.mkdir(exist_ok=True)
-    (measurements / "study_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (measurements / f"{results.stem.lower()}_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the proving ground's)")
     parser.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; 200 with --quick)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--pairs", choices=("on_policy", "synthetic"), default="on_policy", help="which pairs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default DAMA_TORCH_THREADS or 1)")
     parser.add_argument("--work-dir", default=None, help="the proving ground's cache (default DAMA_PROVING_DIR)")
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
@@ -176,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     ground = prepare_proving_ground(Path(args.work_dir) if args.work_dir else None, scenes=max(args.scenes, 300))
+    args.pairs_dir = None
+    if args.pairs == "synthetic":
+        from dama_engine.data.demo import make_demo_dataset
+
+        args.pairs_dir = ground.root / "synthetic"
+        if not (args.pairs_dir / "eval.jsonl").is_file():
+            make_demo_dataset(
+                args.pairs_dir, n_train=1600, n_eval=300, n_generative=0, image_size=32, seed=3, with_hardness=True
+            )
     runs = Path(tempfile.mkdtemp(prefix="dama-study-"))
     rows = []
     for seed in range(args.seeds):
