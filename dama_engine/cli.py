@@ -1,12 +1,19 @@
-"""``dama-train``: train from a YAML config, or ``--demo`` on a tiny model built on this machine.
+"""``dama-train``: train from a YAML config, or ``--demo``: the proving ground, built on this machine.
 
     dama-train CONFIG.yaml [section.key=value ...]
     dama-train --demo --output-dir DIR [section.key=value ...]
     dama-train CONFIG.yaml --events EVENTS.jsonl   # progress records for a follower (dama_engine.events)
 
 A progress bar shows step, loss, margin, accuracy and ETA; metrics go to ``OUTPUT/metrics.jsonl`` and a chart
-to ``OUTPUT/training_curves.png``; the adapter to ``OUTPUT/adapter``. Bad config values stop the run before any
-work, with a message naming the field.
+to ``OUTPUT/adapter/training_curves.png``; the adapter to ``OUTPUT/adapter``. At the end: hallucination on the
+generative set (CHAIR_i, CHAIR_s, coverage) base -> tuned, the held-out log-prob preference accuracy before ->
+after, and the base-against-tuned table. Bad config values stop the run before any work, with a message naming
+the field.
+
+``--demo`` (:func:`dama_engine.demo_run.prepare_proving_demo`) tunes the proving ground's seeing base (a tiny LLaVA
+that names most shapes but calls orange ones red) on on-policy pairs of its own answers, and scores 200 held-out
+scenes; the first run builds the base, pairs and scenes (about 1.5 min) under ``DAMA_PROVING_DIR``
+(default ``~/.cache/dama/proving``), later runs reuse them.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dama_engine.callbacks import Callback, CallbackList
 from dama_engine.config import ConfigError, load_config
 from dama_engine.events import EventLog
+
+if TYPE_CHECKING:
+    from dama_engine.trainer import TrainResult
 
 
 class ProgressPrinter(Callback):
@@ -85,9 +95,16 @@ class ProgressPrinter(Callback):
         if self.quiet:
             return
         line = (
-            f"[dama] held-out @ step {step}: accuracy {metrics['eval_accuracy']:.3f}, "
-            f"margin {metrics['eval_margin']:.4f}, loss {metrics['eval_loss']:.4f}"
+            f"[dama] held-out @ step {step}: log-prob accuracy {metrics['eval_logp_accuracy']:.3f}, "
+            f"log-prob margin {metrics['eval_logp_margin']:.3f}"
         )
+        if "eval_rewards_chosen" not in metrics:  # sft: no reference, the loss is the chosen answers' NLL
+            line += f", loss {metrics['eval_loss']:.4f}"
+        elif step > 0:  # before the first step the policy is the reference: no implicit reward yet
+            line += (
+                f"; implicit reward accuracy {metrics['eval_accuracy']:.3f}, "
+                f"margin {metrics['eval_margin']:.4f}, loss {metrics['eval_loss']:.4f}"
+            )
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:
@@ -106,12 +123,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="YAML config file (see README: Configuration)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.learning_rate=1e-5")
-    parser.add_argument("--demo", action="store_true", help="train the tiny demo model on synthetic data")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="the proving ground: tune a tiny seeing LLaVA against its own hallucinations (built on first use)",
+    )
     parser.add_argument("--output-dir", help="where to write the run (overrides run.output_dir)")
     parser.add_argument(
         "--events", help="append progress events as JSON lines here (rank 0; what a launcher like the worker follows)"
     )
     return parser
+
+
+CHAIR_LINES = (
+    ("CHAIR_i", "chair_i", "share of named objects that are not in the image"),
+    ("CHAIR_s", "chair_s", "share of answers naming any object not in the image"),
+    ("coverage", "coverage", "share of the image's objects named"),
+)
+
+
+def summary_lines(result: TrainResult) -> list[str]:
+    """What a finished run prints: hallucination base -> tuned on the generative set, the held-out log-prob
+    preference accuracy before -> after (the policy's own: chosen answer likelier; the implicit-reward accuracy is 0
+    before training by construction), and the base-against-tuned table."""
+    lines = []
+    evaluation = result.evaluation or {}
+    generative = evaluation.get("generative")
+    if generative and generative.get("tuned"):
+        base, tuned = generative["base"], generative["tuned"]
+        lines.append(f"[dama] hallucination on {generative['samples']} held-out images, base -> tuned:")
+        for name, key, meaning in CHAIR_LINES:
+            lines.append(f"         {name:<9} {base[key]:.3f} -> {tuned[key]:.3f}   ({meaning})")
+    before, after = result.eval_before or {}, result.eval_after or {}
+    if "eval_logp_accuracy" in before and "eval_logp_accuracy" in after:
+        lines.append(
+            f"[dama] held-out log-prob preference accuracy ({int(after['eval_pairs'])} pairs, chosen answer "
+            f"likelier): before {before['eval_logp_accuracy']:.3f} -> after {after['eval_logp_accuracy']:.3f} "
+            f"(log-prob margin {before['eval_logp_margin']:.3f} -> {after['eval_logp_margin']:.3f})"
+        )
+    if evaluation:
+        from dama_engine.evaluation import comparison_table
+
+        lines.append(f"[dama] base against tuned:{'base':>28} {'tuned':>8}")
+        for name, base_value, tuned_value in comparison_table(evaluation):
+            base_text = "-" if base_value is None else f"{base_value:.3f}"
+            tuned_text = "-" if tuned_value is None else f"{tuned_value:.3f}"
+            lines.append(f"         {name:<28} {base_text:>8} {tuned_text:>8}")
+    return lines
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -129,9 +187,17 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.demo:
             if args.config:
                 overrides.insert(0, args.config)  # with --demo every positional is an override
-            from dama_engine.demo_run import prepare_demo
+            from dama_engine.demo_run import prepare_proving_demo
+            from dama_engine.proving import default_root
 
-            config = prepare_demo(Path(args.output_dir or "runs/demo"), overrides)
+            if is_main:
+                print(
+                    f"[dama] proving ground: {default_root()} (the first run builds the seeing base, its pairs and "
+                    "held-out scenes, about 1.5 min; later runs reuse them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            config = prepare_proving_demo(Path(args.output_dir or "runs/demo"), overrides)
         elif args.config:
             config = load_config(args.config, overrides)
         else:
@@ -161,21 +227,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     out = sys.stdout
     print(f"[dama] finished {result.steps}/{result.total_steps} steps in {time.monotonic() - started:.1f} s", file=out)
-    if result.eval_before and result.eval_after:
-        before, after = result.eval_before["eval_accuracy"], result.eval_after["eval_accuracy"]
-        print(
-            f"[dama] held-out preference accuracy: before {before:.3f} -> after {after:.3f} "
-            f"(margin {result.eval_before['eval_margin']:.4f} -> {result.eval_after['eval_margin']:.4f})",
-            file=out,
-        )
-    if result.evaluation:
-        from dama_engine.evaluation import comparison_table
-
-        print("[dama] base against tuned:", file=out)
-        for name, base, tuned in comparison_table(result.evaluation):
-            base_text = "-" if base is None else f"{base:.3f}"
-            tuned_text = "-" if tuned is None else f"{tuned:.3f}"
-            print(f"         {name:<28} {base_text:>8} {tuned_text:>8}", file=out)
+    for line in summary_lines(result):
+        print(line, file=out)
     if result.adapter_dir:
         print(f"[dama] adapter: {result.adapter_dir}", file=out)
         print(f"[dama] metrics: {result.output_dir / 'metrics.jsonl'}", file=out)

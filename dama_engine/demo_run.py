@@ -1,13 +1,20 @@
-"""The demo run: a tiny LLaVA-shaped model and synthetic preference data, both built on this machine.
+"""The demo runs, everything built on this machine, nothing downloaded.
 
-``dama-train --demo --output-dir DIR`` calls :func:`prepare_demo`, which builds (once) ``DIR/model`` and
-``DIR/data`` and returns a config that trains that model with DAMA on CPU in a few minutes. The model loads
-through ``from_pretrained`` exactly as a real checkpoint does; nothing is downloaded.
+``dama-train --demo --output-dir DIR`` calls :func:`prepare_proving_demo`: the proving ground's preference stage
+(:mod:`dama_engine.proving`: a tiny LLaVA "seeing base" that names most objects of the shapes world but calls orange
+objects red, trained on on-policy pairs of its own answers), with held-out evaluations during training and
+hallucination (CHAIR) on 200 held-out scenes, base against tuned, after it. The proving ground is built once
+(about 1.5 min on 2 CPU cores) under ``DAMA_PROVING_DIR`` (default ``~/.cache/dama/proving``) and reused.
+
+:func:`prepare_demo` builds (once) ``DIR/model`` and ``DIR/data``: a tiny LLaVA-shaped model with random weights
+and synthetic pairs; a quick run to exercise the engine (the tests train it). Both models load through
+``from_pretrained`` exactly as a real checkpoint does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dama_engine.config import TrainConfig, apply_overrides, parse_config
@@ -16,6 +23,30 @@ from dama_engine.threads import apply_threads
 from dama_engine.tiny import build_tiny_model
 
 DEMO_FAMILY = "llava"
+DEMO_SCENES = 200  # held-out scenes scored for CHAIR after a proving-ground demo
+DEMO_EVALUATIONS = 8  # held-out evaluations during a proving-ground demo (each eval_every = steps / 8)
+
+
+def prepare_proving_demo(
+    output_dir: Path, overrides: list[str] | None = None, *, root: Path | None = None
+) -> TrainConfig:
+    """The proving ground's preference stage (:func:`dama_engine.proving.training_values` with ``overrides``),
+    evaluated on the held-out pairs :data:`DEMO_EVALUATIONS` times during training (unless ``run.eval_every`` is
+    given) and on :data:`DEMO_SCENES` held-out scenes after it. The config is checked before the proving ground
+    under ``root`` (default :func:`dama_engine.proving.default_root`) is built or reused."""
+    from dama_engine.proving import ground_at, prepare_proving_ground, training_values
+    from dama_engine.trainer import check_filter_group
+
+    ground = ground_at(root)
+    overrides = list(overrides or [])
+    values = training_values(ground, Path(output_dir), scenes=DEMO_SCENES)
+    config = parse_config(apply_overrides(values, overrides))
+    steps = config.optim.max_steps
+    if steps and not any(item.partition("=")[0].strip() == "run.eval_every" for item in overrides):
+        config.run.eval_every = max(1, steps // DEMO_EVALUATIONS)
+    check_filter_group(config, int(os.environ.get("WORLD_SIZE", "1")))  # before minutes of building
+    prepare_proving_ground(ground.root)
+    return config
 
 
 def demo_settings(output_dir: Path, model_dir: Path, data_dir: Path) -> dict[str, object]:

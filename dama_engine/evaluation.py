@@ -368,6 +368,7 @@ class EvaluationResult:
     generations_path: Path | None = None
     pairs_path: Path | None = None
     seconds: float = 0.0
+    generations: list[dict[str, Any]] = field(default_factory=list)  # the records of generations.jsonl
 
 
 TUNED_ADAPTER, START_ADAPTER = "default", "start"  # the tuned adapter keeps peft's default name
@@ -718,6 +719,7 @@ def run_evaluation(
     )
     if per_sample:
         result.generations_path = _write_jsonl(output_dir / "generations.jsonl", per_sample)
+        result.generations = per_sample
     if per_pair:
         result.pairs_path = _write_jsonl(output_dir / "preference_pairs.jsonl", per_pair)
     plot_evaluation(results, result.chart_path)
@@ -921,7 +923,7 @@ def evaluate_after_training(
     *,
     train_rows: Sequence[PreferenceRow],
     held_out: Sequence[PreferenceRow],
-) -> dict[str, Any] | None:
+) -> EvaluationResult | None:
     """Base against tuned after training, if configured: the held-out pairs the run used (``held_out``, from
     ``data.eval`` or ``data.eval_fraction``) and the generative set; None when there is nothing to evaluate."""
     section = config.evaluation
@@ -932,7 +934,7 @@ def evaluate_after_training(
     )
     callback.on_stage("evaluating", {"when": "base_vs_tuned"})
     progress = _EvaluationProgress(callback)
-    return run_evaluation(evaluation_config, progress, preference_rows=list(held_out) or None).results
+    return run_evaluation(evaluation_config, progress, preference_rows=list(held_out) or None)
 
 
 class _EvaluationProgress(Callback):

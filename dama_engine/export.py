@@ -12,6 +12,7 @@ the whole model there instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +126,19 @@ def export_adapter(
     return adapter_dir
 
 
-def add_evaluation_to_adapter(adapter_dir: Path, results: dict[str, Any]) -> None:
+def add_evaluation_to_adapter(
+    adapter_dir: Path, results: dict[str, Any], *, outputs: Sequence[dict[str, Any]] = ()
+) -> None:
     """Put the base-vs-tuned evaluation beside the adapter: ``evaluation.json``, ``evaluation.png`` and a table in
-    the model card."""
+    the model card. ``outputs``: the generative set's per-sample records (the evaluation's ``generations.jsonl``:
+    id, image, prompt, true objects, and per model the response judged), kept in ``evaluation.json`` as
+    ``generative.outputs``."""
     from dama_engine.evaluation import comparison_table, plot_evaluation
 
-    (adapter_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
+    written = results
+    if outputs and results.get("generative"):
+        written = {**results, "generative": {**results["generative"], "outputs": list(outputs)}}
+    (adapter_dir / "evaluation.json").write_text(json.dumps(written, indent=2))
     plot_evaluation(results, adapter_dir / "evaluation.png")
 
     def cell(value: float | None) -> str:

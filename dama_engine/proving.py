@@ -88,6 +88,13 @@ def default_root() -> Path:
     return Path(os.environ.get("DAMA_PROVING_DIR") or Path.home() / ".cache" / "dama" / "proving").expanduser()
 
 
+def ground_at(root: Path | None = None) -> ProvingGround:
+    """Where the proving ground's parts are (or will be) under ``root`` (default :func:`default_root`); builds
+    nothing (:func:`prepare_proving_ground` does)."""
+    root = Path(root) if root is not None else default_root()
+    return ProvingGround(root=root, base=root / "base", pairs=root / "pairs", scenes=root / "scenes")
+
+
 def _fresh(folder: Path, wanted: dict[str, Any], marker: str) -> bool:
     stamp = folder / STAMP
     return stamp.is_file() and json.loads(stamp.read_text()) == wanted and (folder / marker).is_file()
@@ -105,8 +112,7 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
     from dama_engine.threads import apply_threads
 
     apply_threads()
-    root = Path(root) if root is not None else default_root()
-    ground = ProvingGround(root=root, base=root / "base", pairs=root / "pairs", scenes=root / "scenes")
+    ground = ground_at(root)
     build_seeing_base(ground.base, **BASE)
     base_recipe = json.loads((ground.base / "seeing_base.json").read_text())
 

@@ -289,7 +289,7 @@ def blank_image_check(
         {
             "model": model,
             "data": {"train": str(train_file), "max_length": 256},
-            # As the demo trains (dama_engine.demo_run): LoRA and the projector, a large step for a random model.
+            # As prepare_demo trains (dama_engine.demo_run): LoRA and the projector, a large step for a random model.
             "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "train_projector": True},
             "objective": {"method": "dpo"},
             "optim": {

@@ -33,7 +33,7 @@ from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data.formats import load_and_validate
 from dama_engine.data.rows import PreferenceRow, answer_only
 from dama_engine.data.validation import DataError as DataError  # defined there (torch-free); imported from here too
-from dama_engine.evaluation import evaluate_after_training
+from dama_engine.evaluation import evaluate_after_training, logprob_stats
 from dama_engine.export import add_evaluation_to_adapter, export_adapter
 from dama_engine.hardness import HardnessConfig, compute_hardness, describe_hardness
 from dama_engine.hardness import cache_key as hardness_cache_key
@@ -194,7 +194,10 @@ def evaluate_pairs(
     device: torch.device,
     bf16: bool,
 ) -> dict[str, float]:
-    """Held-out DPO loss (base beta), preference accuracy and reward margin of the model as it is now."""
+    """Held-out metrics of the model as it is now: DPO loss (base beta), implicit-reward accuracy and margin
+    (``eval_accuracy``, ``eval_margin``: 0 before the first step, where the policy is the reference), and the
+    policy's own log-prob accuracy and margin (``eval_logp_accuracy``: share of pairs whose chosen answer has the
+    higher summed log-prob; ``eval_logp_margin``: mean chosen minus rejected summed log-prob)."""
     was_training = model.training
     model.eval()
     policy = _pair_log_probs_all(model, encoder, split.rows, batch_size, device, bf16)
@@ -208,12 +211,15 @@ def evaluate_pairs(
         config=ObjectiveConfig(method="dpo", beta=beta),
     )
     metrics = output.metrics
+    own = logprob_stats(policy[:, 0], policy[:, 1])["overall"]
     return {
         "eval_loss": metrics["loss"],
         "eval_accuracy": metrics["reward_accuracy"],
         "eval_margin": metrics["reward_margin"],
         "eval_rewards_chosen": metrics["rewards_chosen"],
         "eval_rewards_rejected": metrics["rewards_rejected"],
+        "eval_logp_accuracy": own["logp_accuracy"],
+        "eval_logp_margin": own["logp_margin"],
         "eval_pairs": float(len(split.rows)),
     }
 
@@ -229,7 +235,8 @@ def evaluate_sft(
 ) -> dict[str, float]:
     """Held-out metrics of an sft run, without a reference: ``eval_loss`` is the chosen answers' NLL per token;
     ``eval_accuracy`` / ``eval_margin`` the share of pairs whose chosen answer the model finds likelier than the
-    rejected one and the mean summed log-prob difference (over rows that carry a rejected answer; else 0)."""
+    rejected one and the mean summed log-prob difference (over rows that carry a rejected answer; else 0), also
+    under the names a preference run gives them, ``eval_logp_accuracy`` / ``eval_logp_margin``."""
     was_training = model.training
     model.eval()
     policy = _pair_log_probs_all(model, encoder, rows, batch_size, device, bf16)
@@ -239,11 +246,15 @@ def evaluate_sft(
     pairs = torch.tensor([not row.answer_only for row in rows])
     difference = (policy[:, 0] - policy[:, 1])[pairs].double()
     nll = float(-policy[:, 0].double().sum() / max(tokens, 1))
+    accuracy = float((difference > 0).double().mean()) if len(difference) else 0.0
+    margin = float(difference.mean()) if len(difference) else 0.0
     return {
         "eval_loss": nll,
         "eval_nll_per_token": nll,
-        "eval_accuracy": float((difference > 0).double().mean()) if len(difference) else 0.0,
-        "eval_margin": float(difference.mean()) if len(difference) else 0.0,
+        "eval_accuracy": accuracy,
+        "eval_margin": margin,
+        "eval_logp_accuracy": accuracy,
+        "eval_logp_margin": margin,
         "eval_pairs": float(len(rows)),
     }
 
@@ -663,7 +674,7 @@ def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        result.evaluation = evaluate_after_training(
+        evaluation = evaluate_after_training(
             config,
             result.adapter_dir,
             run.output_dir,
@@ -672,8 +683,9 @@ def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
             # Base against tuned on preference pairs: rows carrying only an answer (sft) have none to compare.
             held_out=[row for row in run.eval_split.rows if not row.answer_only] if run.eval_split else [],
         )
-        if result.evaluation is not None:
-            add_evaluation_to_adapter(result.adapter_dir, result.evaluation)
+        if evaluation is not None:
+            result.evaluation = evaluation.results
+            add_evaluation_to_adapter(result.adapter_dir, evaluation.results, outputs=evaluation.generations)
     run.accelerator.wait_for_everyone()
 
 

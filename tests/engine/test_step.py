@@ -157,13 +157,14 @@ def test_a_filter_group_below_two_kept_pairs_is_refused_naming_both_fixes() -> N
 
 
 def test_the_cli_refuses_a_filter_group_of_one_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setenv("DAMA_PROVING_DIR", str(tmp_path / "proving"))
     code = train_main(
         [
             "--demo",
             "--output-dir",
-            str(tmp_path),
+            str(tmp_path / "run"),
             "optim.batch_size=1",
             "optim.grad_accumulation=4",
             "objective.method=dama",
@@ -172,4 +173,5 @@ def test_the_cli_refuses_a_filter_group_of_one_before_any_work(
     assert code == 2
     message = capsys.readouterr().err
     assert "filter_scope: step" in message and "batch size" in message
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "proving").exists()  # refused before the demo's proving ground is built

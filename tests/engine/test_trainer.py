@@ -20,6 +20,7 @@ from dama_engine.config import ConfigError, TrainConfig, apply_overrides, load_c
 from dama_engine.data.demo import make_demo_dataset
 from dama_engine.data.formats import load_and_validate
 from dama_engine.demo_run import prepare_demo
+from dama_engine.proving import ProvingGround
 from dama_engine.trainer import DataError, train
 
 SECTION_5_KEYS = {
@@ -119,16 +120,25 @@ def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str,
     assert "## Base against tuned" in (adapter / "README.md").read_text()
     assert (adapter / "evaluation.png").stat().st_size > 10_000
     evaluation = json.loads((adapter / "evaluation.json").read_text())
+    outputs = evaluation["generative"].pop("outputs")  # the per-sample answers, in the adapter's file only
     assert result.evaluation == evaluation
     assert set(evaluation["generative"]["base"]) >= {"chair_s", "chair_i", "coverage"}
     assert evaluation["preference"]["implicit_reward"]["overall"]["count"] == 16
+    assert len(outputs) == 4 and all(set(o) >= {"id", "prompt", "objects", "base", "tuned"} for o in outputs)
+    assert all(set(o["tuned"]) >= {"response", "hallucinated", "covered", "missed"} for o in outputs)
 
     # Every step's metrics carry DAMA.md section 5; held-out points are logged too.
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5]
     assert set(train_records[0]) >= SECTION_5_KEYS
-    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4, 5]
+    held_out = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in held_out] == [0, 2, 4, 5]
+    # The policy's own log-prob accuracy at each: before and after training it is the evaluation's base and tuned.
+    logp = evaluation["preference"]
+    assert held_out[0]["eval_logp_accuracy"] == pytest.approx(logp["base"]["overall"]["logp_accuracy"])
+    assert held_out[-1]["eval_logp_accuracy"] == pytest.approx(logp["tuned"]["overall"]["logp_accuracy"])
+    assert held_out[-1]["eval_logp_margin"] == pytest.approx(logp["tuned"]["overall"]["logp_margin"], abs=1e-4)
 
     # Trained weights changed (LoRA B starts at zero), and only LoRA / projector tensors were saved.
     saved = load_file(adapter / "adapter_model.safetensors")
@@ -255,15 +265,51 @@ def test_bad_rows_stop_the_run_with_row_numbers(tmp_path: Path, demo_base: dict[
     assert rows == [2, 3]
 
 
-def test_cli_demo_runs_and_prints_before_and_after(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = train_main(["--demo", "--output-dir", str(tmp_path / "demo"), "optim.epochs=1"])
+def test_cli_demo_prints_hallucination_and_log_prob_accuracy_before_and_after(
+    proving_ground: ProvingGround, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dama-train --demo`` on the proving ground: CHAIR base -> tuned on the held-out scenes and the held-out
+    log-prob preference accuracy before -> after, the same numbers as evaluation.json and the held-out evaluations
+    during training; never the implicit-reward accuracy as a "before" (0 by construction)."""
+    monkeypatch.setenv("DAMA_PROVING_DIR", str(proving_ground.root))
+    run = tmp_path / "demo"
+    code = train_main(["--demo", "--output-dir", str(run), "optim.max_steps=20", "evaluation.max_samples=20"])
     assert code == 0
     out = capsys.readouterr().out
-    # Exactly 0.000 before on CPU in float32 (policy == reference); bf16 on a GPU may differ by rounding.
-    found = re.search(r"held-out preference accuracy: before (\d\.\d{3}) -> after (\d\.\d{3})", out)
-    assert found and float(found[2]) > float(found[1]) + 0.2
-    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "demo" / "adapter" / "training_curves.png").is_file()
+    evaluation = json.loads((run / "adapter" / "evaluation.json").read_text())
+    generative = evaluation["generative"]
+    assert "hallucination on 20 held-out images, base -> tuned:" in out
+    for name, key in (("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"), ("coverage", "coverage")):
+        found = re.search(rf"^ +{name} +(\d\.\d{{3}}) -> (\d\.\d{{3}}) ", out, re.MULTILINE)
+        assert found, name
+        assert float(found[1]) == pytest.approx(generative["base"][key], abs=5e-4)
+        assert float(found[2]) == pytest.approx(generative["tuned"][key], abs=5e-4)
+
+    accuracy = r"held-out log-prob preference accuracy \((\d+) pairs.*before (\d\.\d{3}) -> after (\d\.\d{3})"
+    found = re.search(accuracy, out)
+    assert found and int(found[1]) == sum(1 for line in proving_ground.eval.read_text().splitlines() if line)
+    preference = evaluation["preference"]
+    assert float(found[2]) == pytest.approx(preference["base"]["overall"]["logp_accuracy"], abs=5e-4)
+    assert float(found[3]) == pytest.approx(preference["tuned"]["overall"]["logp_accuracy"], abs=5e-4)
+    assert "held-out preference accuracy: before" not in out
+    assert "base against tuned:" in out  # the table stays
+
+    # Held-out evaluations during training: eval_every = 20 steps / 8 = 2, each with the policy's log-prob accuracy.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    held_out = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in held_out] == list(range(0, 21, 2))
+    assert held_out[0]["eval_logp_accuracy"] == pytest.approx(float(found[2]), abs=5e-4)
+    assert held_out[-1]["eval_logp_accuracy"] == pytest.approx(float(found[3]), abs=5e-4)
+    assert (run / "adapter" / "training_curves.png").is_file()
+
+    # Each scored scene's answers beside its true objects, for both models.
+    scenes = [json.loads(line) for line in proving_ground.generative.read_text().splitlines()[:20]]
+    outputs = generative["outputs"]
+    assert [o["id"] for o in outputs] == [scene["id"] for scene in scenes]
+    assert [o["objects"] for o in outputs] == [scene["objects"] for scene in scenes]
+    assert all(o["base"]["response"] and o["tuned"]["response"] for o in outputs)
+    hallucinated = sum(bool(o["tuned"]["hallucinated"]) for o in outputs) / len(outputs)
+    assert hallucinated == pytest.approx(generative["tuned"]["chair_s"])
 
 
 def test_every_epoch_visits_each_pair_once_with_gradient_accumulation() -> None:
