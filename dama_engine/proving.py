@@ -39,9 +39,9 @@ from typing import Any
 from dama_engine.model_files import code_version
 
 # The seeing base (dama_engine.seeing_base's defaults), its pairs and the held-out scenes.
-BASE = {"seed": 0, "steps": 600, "scenes": 4000}
-PAIRS = {"scenes": 1600, "samples": 8, "temperature": 0.7, "seed": 11}
-SCENES = {"count": 300, "seed": 7}
+BASE: dict[str, Any] = {"seed": 0, "steps": 600, "scenes": 4000}
+PAIRS: dict[str, Any] = {"scenes": 1600, "samples": 8, "temperature": 0.7, "seed": 11}
+SCENES: dict[str, Any] = {"count": 300, "seed": 7}
 # The preference stage: LoRA (projector trained too), batch 16.
 TRAINING: dict[str, Any] = {
     "method": "dama",
