@@ -127,7 +127,7 @@ class EvaluationSection(_Section):
     enabled: bool = Field(default=True, description="Run it when data.eval or evaluation.generative is set.")
     generative: str | None = Field(default=None, description="Generative eval JSONL (image, prompt, objects).")
     vocabulary: str | None = Field(default=None, description="Object vocabulary JSON (needed with generative).")
-    max_samples: int | None = Field(default=64, gt=0, description="Generative samples used (None: all).")
+    max_samples: int | None = EVALUATION["max_samples"].field()
     max_pairs: int | None = Field(default=None, gt=0, description="Held-out pairs used (None: all).")
     max_new_tokens: int = EVALUATION["max_new_tokens"].field()
 

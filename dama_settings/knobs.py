@@ -181,4 +181,5 @@ RUN = by_name(
 # ---- evaluation after training: config `evaluation.*`, spec `evaluation.*` -------------------------------------
 EVALUATION = by_name(
     Setting("max_new_tokens", 64, "Greedy generation length on the generative set.", gt=0, service_le=4096),
+    Setting("max_samples", 64, "Generative samples scored: the set's first N (null: all).", gt=0),
 )

@@ -16,6 +16,11 @@ from dama_settings.rules import too_small_filter_group
 
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
+# The proving ground's seeing base (dama_engine.proving), which the worker also builds on the spot: a tiny LLaVA
+# trained to see the shapes world that calls orange objects red. Trained, not random: no tiny-model defaults.
+SEEING_MODEL = "dama/tiny-seeing-llava"
+# Every built-in model and its family.
+BUILTIN_MODELS = {**TINY_MODELS, SEEING_MODEL: "llava"}
 
 
 INIT_ADAPTER_PATTERN = r"^job_[A-Za-z0-9]{1,60}(:[0-9]{1,9})?$"
@@ -84,6 +89,7 @@ class EvaluationSpec(_Spec):
         examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
     )
     max_new_tokens: int = EVALUATION["max_new_tokens"].field(service=True, examples=[64])
+    max_samples: int | None = EVALUATION["max_samples"].field(service=True, examples=[64])
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:
@@ -114,7 +120,7 @@ class Integration(_Spec):
 
 _MODEL_DESCRIPTION = (
     "Base model: a hub name, a path on the workers, or a built-in tiny model "
-    "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3)."
+    "(dama/tiny-llava, dama/tiny-qwen2-vl, dama/tiny-idefics3, dama/tiny-seeing-llava)."
 )
 ModelName = Annotated[str, Field(min_length=1, max_length=300, examples=["llava-hf/llava-1.5-7b-hf"])]
 QueueName = Annotated[
@@ -161,7 +167,7 @@ class JobSpec(_Spec):
 
     @property
     def tiny_family(self) -> str | None:
-        return TINY_MODELS.get(self.model)
+        return BUILTIN_MODELS.get(self.model)
 
     def filter_group_problem(self) -> str | None:
         """Why the model-aware filter's group is too small (DAMA.md 2.5: floor(keep_ratio x group) < 2 with
@@ -259,4 +265,4 @@ class EvaluationCreate(_Spec):
 
     @property
     def tiny_family(self) -> str | None:
-        return TINY_MODELS.get(self.model)
+        return BUILTIN_MODELS.get(self.model)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the service tests: a fresh Postgres database migrated to head, and Redis.
+"""Fixtures shared by the service tests: a fresh Postgres database migrated to head, Redis, and the proving ground.
 
 The machine runs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 127.0.0.1:6379; `.ci/run` starts them
 if they are down. Each test session gets its own database (created and dropped here) and its own Redis
@@ -11,8 +11,12 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from dama_engine.proving import ProvingGround
 
 # Torch's thread count, set before torch is imported (OMP_NUM_THREADS is read then) and inherited by every
 # subprocess: 1 unless DAMA_TORCH_THREADS says otherwise, the fastest on a shared 2-core machine
@@ -58,3 +62,14 @@ def redis_url() -> str:
     client = redis.Redis.from_url(REDIS_URL)
     client.ping()
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def proving_ground(tmp_path_factory: pytest.TempPathFactory) -> ProvingGround:
+    """The proving ground (``dama_engine.proving``: seeing base, on-policy pairs, held-out scenes), built once per
+    session: under ``DAMA_PROVING_DIR`` when that is set (and reused there while its recipe holds), else in a
+    temporary folder (a few minutes at one thread)."""
+    from dama_engine.proving import prepare_proving_ground
+
+    root = os.environ.get("DAMA_PROVING_DIR")
+    return prepare_proving_ground(Path(root) if root else tmp_path_factory.mktemp("proving"))

@@ -32,7 +32,7 @@ ENGINE_ONLY = {
     "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter"},
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
-    "EvaluationSection": {"enabled", "generative", "vocabulary", "max_samples", "max_pairs"},
+    "EvaluationSection": {"enabled", "generative", "vocabulary", "max_pairs"},
     "RunSection": {"output_dir", "cache_dir", "log_every", "resume", "distributed_timeout_s", "threads"},
 }
 
@@ -75,6 +75,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "holdout_fraction": knobs.DATA["eval_fraction"],
         "generative_dataset_id": None,
         "max_new_tokens": knobs.EVALUATION["max_new_tokens"],
+        "max_samples": knobs.EVALUATION["max_samples"],
     },
     spec.JobSpec: {
         "model": None,

@@ -8,7 +8,10 @@ Field names follow the engine's; this module only decides paths and the few serv
 * with an S3 store, datasets (and a tuned adapter) are first staged into the worker's scratch folder;
 * reference log-probs and hardness are cached in ``<scratch>/cache``, shared by all jobs: the engine keys each
   entry by the dataset's content and the model, so another job on the same data and base model reuses them;
-* the built-in tiny models (``dama/tiny-*``) are built once into the model cache and trained in float32;
+* the built-in tiny models (``dama/tiny-*``) are built once into the model cache and trained in float32; the
+  random-weight ones get :data:`TINY_MODEL_LEARNING_RATE` when the spec leaves the learning rate at its default,
+  the seeing base (``dama/tiny-seeing-llava``, :func:`ensure_seeing_base`) does not: it is trained, and a job on it
+  gives its settings as any job on a pretrained model does (the demo sends ``dama_engine.proving``'s);
 * a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
   (:func:`dama_engine.data.check.find_generative_files`);
 * an evaluation job (:func:`build_evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
@@ -17,9 +20,12 @@ Field names follow the engine's; this module only decides paths and the few serv
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +33,12 @@ from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir
 from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_config
 from dama_engine.data.check import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
+from dama_engine.proving import BASE as SEEING_BASE_RECIPE
+from dama_engine.seeing_base import build_seeing_base, recipe
 from dama_engine.tiny import build_tiny_model
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
-from jobstore.spec import TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
+from jobstore.spec import SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +62,16 @@ def model_cache_root(settings: Settings) -> Path:
     return (settings.model_cache_dir or settings.resolved_scratch_dir / "models").resolve()
 
 
-def ensure_tiny_model(family: str, cache_root: Path) -> Path:
-    """The built-in tiny ``family`` model, built on first use. Several workers may race: each builds into a
-    private folder and renames it into place (atomic), so nobody ever loads a half-written model."""
-    target = cache_root / "dama-tiny" / f"{family}-seed{TINY_MODEL_SEED}"
+def _built_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built on first use by ``build(folder)``. Several workers may race: each builds into a private
+    folder and renames it into place (atomic), so nobody ever loads a half-written model."""
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    log.info("building the tiny %s model into %s", family, target)
-    build_tiny_model(family, scratch, seed=TINY_MODEL_SEED)
+    log.info("building %s", target)
+    build(scratch)
     try:
         scratch.rename(target)
     except OSError:
@@ -72,6 +79,25 @@ def ensure_tiny_model(family: str, cache_root: Path) -> Path:
             raise
         shutil.rmtree(scratch, ignore_errors=True)  # another worker finished first; theirs is identical
     return target
+
+
+def ensure_tiny_model(family: str, cache_root: Path) -> Path:
+    """The built-in tiny ``family`` model (random weights), built on first use."""
+    target = cache_root / "dama-tiny" / f"{family}-seed{TINY_MODEL_SEED}"
+    return _built_once(target, lambda folder: build_tiny_model(family, folder, seed=TINY_MODEL_SEED))
+
+
+def seeing_base_dir(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
+    """Where the seeing base of recipe ``base`` lives in the model cache: named by the full recipe (its code
+    version included), so a changed recipe is a new folder and a cached folder is never rebuilt in place."""
+    wanted = json.dumps(recipe(**base), sort_keys=True)
+    return cache_root / "dama-tiny" / f"seeing-llava-{hashlib.sha256(wanted.encode()).hexdigest()[:16]}"
+
+
+def ensure_seeing_base(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
+    """``dama/tiny-seeing-llava``: :func:`dama_engine.seeing_base.build_seeing_base` with the proving ground's
+    recipe (``dama_engine.proving.BASE``), built on first use (1.5-2 min on a CPU core)."""
+    return _built_once(seeing_base_dir(cache_root, base), lambda folder: build_seeing_base(folder, **base))
 
 
 def dataset_folder(store: ArtifactStore, dataset_id: str) -> Path:
@@ -144,12 +170,16 @@ def _model_values(model: str, trust_remote_code: bool, settings: Settings) -> tu
         # Checked again here: the worker is where the code would run.
         raise ConfigError("trust_remote_code: not allowed on this service (DAMA_ALLOW_REMOTE_CODE is off)")
     tiny_family = TINY_MODELS.get(model)
-    model_path = str(ensure_tiny_model(tiny_family, model_cache_root(settings))) if tiny_family else model
+    model_path: Path | None = None
+    if tiny_family:
+        model_path = ensure_tiny_model(tiny_family, model_cache_root(settings))
+    elif model == SEEING_MODEL:
+        model_path = ensure_seeing_base(model_cache_root(settings))
     values = {
-        "name_or_path": model_path,
+        "name_or_path": model if model_path is None else str(model_path),
         "trust_remote_code": trust_remote_code,
-        # Tiny models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
-        "precision": "fp32" if tiny_family else "auto",
+        # Built-in models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
+        "precision": "auto" if model_path is None else "fp32",
     }
     return values, tiny_family
 
@@ -167,7 +197,7 @@ def build_train_config(
     model, tiny_family = _model_values(spec.model, spec.trust_remote_code, settings)
     learning_rate = hp.learning_rate
     if tiny_family and learning_rate == DEFAULT_LEARNING_RATE:
-        learning_rate = TINY_MODEL_LEARNING_RATE  # only when the spec left the LoRA default in place
+        learning_rate = TINY_MODEL_LEARNING_RATE  # random-weight tiny models, when the spec left the LoRA default
 
     data: dict[str, Any] = {
         "train": str(_existing_dataset(store, spec.dataset_id, "training")),
@@ -184,7 +214,9 @@ def build_train_config(
         evaluation["max_new_tokens"] = spec.evaluation.max_new_tokens
         if spec.evaluation.generative_dataset_id:
             generative, vocabulary = generative_files(store, spec.evaluation.generative_dataset_id, "generative")
-            evaluation.update(generative=str(generative), vocabulary=str(vocabulary))
+            evaluation.update(
+                generative=str(generative), vocabulary=str(vocabulary), max_samples=spec.evaluation.max_samples
+            )
 
     if spec.init_source is not None:
         model["init_adapter"] = str(starting_adapter(spec, job_id=job_id, store=store))

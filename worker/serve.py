@@ -2,9 +2,12 @@
 
 It migrates the job store (SQLite under ``DAMA_HOME`` unless ``DAMA_DATABASE_URL`` says otherwise), starts the API
 (``dama api``) and one worker (``dama worker``) as child processes, and keeps them running until interrupted.
-With ``--demo`` it then acts as a first user would, over HTTP only: creates an API key, uploads the synthetic
-demo dataset, posts a DAMA job on the built-in tiny model, follows its progress, downloads the adapter and
-prints where it is. The same commands with ``DAMA_DATABASE_URL`` / ``DAMA_BROKER_URL`` use Postgres and Redis.
+With ``--demo`` it then acts as a first user would, over HTTP only: creates an API key, builds the proving ground
+(``dama_engine.proving``, cached under ``DAMA_PROVING_DIR``), uploads its on-policy pairs, held-out pairs and
+held-out scenes, posts a DAMA job on the seeing base (``dama/tiny-seeing-llava``) with the proving ground's
+settings, follows its progress, prints hallucination (CHAIR) and log-prob preference accuracy before and after,
+downloads the adapter and prints where it is. The same commands with ``DAMA_DATABASE_URL`` / ``DAMA_BROKER_URL``
+use Postgres and Redis.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from dama_engine.proving import ProvingGround, default_root, prepare_proving_ground, training_values
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.repository import create_api_key, get_or_create_tenant
 from jobstore.settings import Settings
+from jobstore.spec import SEEING_MODEL
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -56,57 +62,64 @@ def _wait_ready(base_url: str, processes: list[subprocess.Popen[bytes]], timeout
     raise SystemExit(f"[serve] the API did not become ready at {base_url} within {timeout:.0f} s")
 
 
-def _demo_archive(folder: Path, n_train: int) -> Path:
-    """The demo dataset (train split + images) zipped, as a user would upload it."""
-    from dama_engine.data.demo import make_demo_dataset
-
-    n_eval = max(16, n_train // 8)
-    data = make_demo_dataset(
-        folder / "data", n_train=n_train, n_eval=n_eval, n_generative=0, seed=0, with_hardness=True
-    )
-    archive = folder / "demo-dataset.zip"
+def _archive(archive: Path, data_file: Path, *extra: Path) -> Path:
+    """``data_file`` (and ``extra`` files beside it) with the images its rows reference, zipped as a user would
+    upload them."""
+    folder = data_file.parent
+    images: set[str] = set()
+    for line in data_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        images.update(row.get("images") or [row["image"]])  # a preference pair's images, a scene's image
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
-        bundle.write(data.train, "train.jsonl")
-        for image in sorted(data.images_dir.glob("train_*")):
-            bundle.write(image, f"images/{image.name}")
-    eval_archive = folder / "demo-eval.zip"
-    with zipfile.ZipFile(eval_archive, "w", zipfile.ZIP_DEFLATED) as bundle:
-        bundle.write(data.eval, "eval.jsonl")
-        for image in sorted(data.images_dir.glob("eval_*")):
-            bundle.write(image, f"images/{image.name}")
-    return folder
+        for path in (data_file, *extra):
+            bundle.write(path, path.name)
+        for image in sorted(images):
+            bundle.write(folder / image, image)
+    return archive
 
 
-def run_demo(base_url: str, settings: Settings, out_dir: Path, *, n_train: int = 1600, epochs: int = 4) -> Path:
-    """Upload the demo data, run a DAMA job through the API, download and unpack the adapter."""
-    engine = make_engine(settings.resolved_database_url)
-    with session_scope(make_session_factory(engine)) as session:
-        tenant = get_or_create_tenant(session=session, name="demo")
-        _row, api_key = create_api_key(session, tenant_id=tenant.id, pepper=settings.resolved_api_key_pepper)
-    engine.dispose()
-    headers = {"Authorization": f"Bearer {api_key}"}
-    client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = _demo_archive(Path(scratch), n_train)
-        uploaded = {}
-        for name in ("demo-dataset.zip", "demo-eval.zip"):
-            with (folder / name).open("rb") as handle:
-                response = client.post("/datasets", files={"file": (name, handle, "application/zip")})
-            response.raise_for_status()
-            uploaded[name] = response.json()
-            print(f"[demo] uploaded {name}: {uploaded[name]['id']} ({uploaded[name]['row_count']} rows)", flush=True)
-    spec = {
-        "model": "dama/tiny-llava",
-        "dataset_id": uploaded["demo-dataset.zip"]["id"],
-        "method": "dama",
-        "hyperparameters": {"learning_rate": 1e-2, "batch_size": 16, "epochs": epochs, "max_length": 256},
-        "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "train_projector": True},
-        "evaluation": {"dataset_id": uploaded["demo-eval.zip"]["id"]},
-    }
-    response = client.post("/jobs", json=spec, headers={"Idempotency-Key": f"demo-{int(time.time())}"})
+def _upload(client: httpx.Client, archive: Path, data_format: str = "auto") -> dict[str, Any]:
+    with archive.open("rb") as handle:
+        response = client.post(
+            "/datasets", files={"file": (archive.name, handle, "application/zip")}, data={"format": data_format}
+        )
     response.raise_for_status()
-    job = response.json()
-    print(f"[demo] job {job['id']} queued; follow it with GET {base_url}/jobs/{job['id']}/events", flush=True)
+    dataset: dict[str, Any] = response.json()
+    print(f"[demo] uploaded {archive.name}: {dataset['id']} ({dataset['row_count']} rows)", flush=True)
+    return dataset
+
+
+def demo_spec(ground: ProvingGround, datasets: dict[str, str], *, steps: int | None, scenes: int) -> dict[str, Any]:
+    """The demo's job: the proving ground's preference stage (``dama_engine.proving.training_values``: method,
+    beta, learning rate, steps, batch, LoRA, all sent explicitly) on ``dama/tiny-seeing-llava``, evaluated on the
+    held-out pairs and ``scenes`` held-out scenes."""
+    engine = training_values(ground, ground.root, scenes=scenes)  # the run folder is the worker's, not this one
+    objective, optim, lora = engine["objective"], engine["optim"], engine["lora"]
+    return {
+        "model": SEEING_MODEL,
+        "dataset_id": datasets["train"],
+        "method": objective["method"],
+        "hyperparameters": {
+            "beta": objective["beta"],
+            "learning_rate": optim["learning_rate"],
+            "batch_size": optim["batch_size"],
+            "max_steps": steps or optim["max_steps"],
+            "warmup_ratio": optim["warmup_ratio"],
+            "seed": optim["seed"],
+            "max_length": engine["data"]["max_length"],
+        },
+        "lora": {key: lora[key] for key in ("r", "alpha", "dropout", "train_projector")},
+        "evaluation": {
+            "dataset_id": datasets["eval"],
+            "generative_dataset_id": datasets["scenes"],
+            "max_samples": engine["evaluation"]["max_samples"],
+            "max_new_tokens": engine["evaluation"]["max_new_tokens"],
+        },
+    }
+
+
+def _follow(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
+    """The job's progress as a bar until it ends; the ended job."""
     from tqdm import tqdm
 
     bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True)
@@ -121,13 +134,73 @@ def run_demo(base_url: str, settings: Settings, out_dir: Path, *, n_train: int =
         bar.n = job.get("step") or 0
         bar.refresh()
     bar.close()
+    return job
+
+
+def before_after_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The demo's report from a job's evaluation (base = before tuning, tuned = after): hallucination on the
+    held-out scenes and log-prob preference accuracy on the held-out pairs. Both are measured on the base too,
+    so neither "before" is zero by construction (unlike the implicit reward's accuracy)."""
+    generative, preference = evaluation["generative"], evaluation["preference"]
+    base, tuned = generative["base"], generative["tuned"]
+    rates = ", ".join(
+        f"{label} {base[key]:.3f} -> {tuned[key]:.3f}"
+        for label, key in (("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"), ("coverage", "coverage"))
+    )
+    accuracy = [preference[model]["overall"]["logp_accuracy"] for model in ("base", "tuned")]
+    return [
+        f"hallucination on {generative['samples']} held-out scenes, base -> tuned: {rates}",
+        f"log-prob preference accuracy on {preference['pairs']} held-out pairs, base -> tuned: "
+        f"{accuracy[0]:.3f} -> {accuracy[1]:.3f}",
+    ]
+
+
+def run_demo(
+    base_url: str, settings: Settings, out_dir: Path, *, steps: int | None = None, scenes: int | None = None
+) -> Path:
+    """Build the proving ground here (cached), upload its pairs and held-out scenes, run a DAMA job on the seeing
+    base through the API, report hallucination and preference accuracy before and after, download the adapter."""
+    engine = make_engine(settings.resolved_database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        tenant = get_or_create_tenant(session=session, name="demo")
+        _row, api_key = create_api_key(session, tenant_id=tenant.id, pepper=settings.resolved_api_key_pepper)
+    engine.dispose()
+    headers = {"Authorization": f"Bearer {api_key}"}
+    client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
+    root = default_root()
+    print(
+        f"[demo] proving ground in {root} (DAMA_PROVING_DIR): the first run builds the seeing base, its pairs and "
+        "held-out scenes, later runs reuse them",
+        flush=True,
+    )
+    ground = prepare_proving_ground(root)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        datasets = {
+            "train": _upload(client, _archive(folder / "pairs-train.zip", ground.train)),
+            "eval": _upload(client, _archive(folder / "pairs-eval.zip", ground.eval)),
+            "scenes": _upload(
+                client, _archive(folder / "scenes.zip", ground.generative, ground.vocabulary), "generative"
+            ),
+        }
+    scenes = min(scenes or datasets["scenes"]["row_count"], datasets["scenes"]["row_count"])
+    spec = demo_spec(ground, {role: dataset["id"] for role, dataset in datasets.items()}, steps=steps, scenes=scenes)
+    response = client.post("/jobs", json=spec, headers={"Idempotency-Key": f"demo-{int(time.time())}"})
+    response.raise_for_status()
+    job = response.json()
+    print(
+        f"[demo] job {job['id']} on {SEEING_MODEL} queued (the worker builds the model on first use); follow it "
+        f"with GET {base_url}/jobs/{job['id']}/events",
+        flush=True,
+    )
+    job = _follow(client, job)
     if job["status"] != "succeeded":
         raise SystemExit(f"[demo] job {job['status']}: {json.dumps(job.get('error'))}")
-    result = job.get("result") or {}
-    before = (result.get("eval_before") or {}).get("eval_accuracy")
-    after = (result.get("eval_after") or {}).get("eval_accuracy")
-    if before is not None and after is not None:
-        print(f"[demo] held-out preference accuracy: before {before:.3f} -> after {after:.3f}", flush=True)
+    evaluation = (job.get("result") or {}).get("evaluation")
+    if not evaluation or not evaluation.get("generative") or not evaluation.get("preference"):
+        raise SystemExit(f"[demo] job {job['id']} has no evaluation of base and tuned in its result")
+    for line in before_after_lines(evaluation):
+        print(f"[demo] {line}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     archive = out_dir / f"{job['id']}-adapter.tar.gz"
     with client.stream("GET", f"/jobs/{job['id']}/adapter") as download:
@@ -148,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="run the demo job through the API once it is up")
     parser.add_argument("--demo-dir", default="runs/serve-demo", help="where the demo's adapter goes")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop the service when the demo is done")
-    parser.add_argument("--demo-pairs", type=int, default=1600, help="training pairs of the demo dataset")
-    parser.add_argument("--demo-epochs", type=int, default=4, help="epochs of the demo job")
+    parser.add_argument(
+        "--demo-steps", type=int, default=None, help="optimizer steps of the demo job (default: the proving ground's)"
+    )
+    parser.add_argument(
+        "--demo-scenes", type=int, default=None, help="held-out scenes the demo job is scored on (default: all)"
+    )
     parser.add_argument("--host", default=None, help="address the API listens on (default DAMA_API_HOST, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="the API's port (default DAMA_API_PORT, 8000)")
     args = parser.parse_args(argv)
@@ -193,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(base_url, processes)
         print(f"[serve] API ready at {base_url} (docs: {base_url}/docs)", flush=True)
         if args.demo:
-            run_demo(base_url, settings, Path(args.demo_dir), n_train=args.demo_pairs, epochs=args.demo_epochs)
+            run_demo(base_url, settings, Path(args.demo_dir), steps=args.demo_steps, scenes=args.demo_scenes)
             if args.exit_after_demo:
                 return 0
         print("[serve] serving; press Ctrl-C to stop", flush=True)

@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from api.deps import CurrentTenant
 from api.schemas import ModelCatalogPublic, ModelFamilyPublic, TinyModelPublic
 from dama_settings.families import FAMILY_LAYOUTS, FamilyLayout
-from jobstore.spec import TINY_MODELS
+from jobstore.spec import BUILTIN_MODELS, SEEING_MODEL
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -36,13 +36,17 @@ def _family(layout: FamilyLayout) -> ModelFamilyPublic:
 FAMILIES = tuple(_family(layout) for layout in FAMILY_LAYOUTS)
 
 _TINY_DESCRIPTIONS = {
-    "llava": "A tiny randomly initialised LLaVA built on the worker: for trying the service on a CPU.",
-    "qwen2_vl": "A tiny randomly initialised Qwen2-VL built on the worker: for trying the service on a CPU.",
-    "idefics3": "A tiny randomly initialised Idefics3 built on the worker: for trying the service on a CPU.",
+    "dama/tiny-llava": "A tiny randomly initialised LLaVA built on the worker: for trying the service on a CPU.",
+    "dama/tiny-qwen2-vl": "A tiny randomly initialised Qwen2-VL built on the worker: for trying the service on a CPU.",
+    "dama/tiny-idefics3": "A tiny randomly initialised Idefics3 built on the worker: for trying the service on a CPU.",
+    SEEING_MODEL: "A tiny LLaVA that sees the shapes world (dama_engine.data.demo) and calls orange objects red: "
+    "the proving ground's base, trained on the worker on first use (1.5-2 min on a CPU core). Give it a trained "
+    "model's settings (no tiny-model learning rate applies); scripts/dama.sh demo tunes it on its own on-policy "
+    "pairs and measures hallucination before and after.",
 }
 TINY = tuple(
-    TinyModelPublic(name=name, family=family, description=_TINY_DESCRIPTIONS[family])
-    for name, family in TINY_MODELS.items()
+    TinyModelPublic(name=name, family=family, description=_TINY_DESCRIPTIONS[name])
+    for name, family in BUILTIN_MODELS.items()
 )
 
 

@@ -60,7 +60,15 @@ def test_models_lists_families_and_tiny_models(client1: httpx.Client) -> None:
         "down_proj",
     ]
     tiny = {model["name"]: model["family"] for model in body["tiny_models"]}
-    assert tiny == {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
+    assert tiny == {
+        "dama/tiny-llava": "llava",
+        "dama/tiny-qwen2-vl": "qwen2_vl",
+        "dama/tiny-idefics3": "idefics3",
+        "dama/tiny-seeing-llava": "llava",
+    }
+    described = {model["name"]: model["description"] for model in body["tiny_models"]}
+    assert "randomly initialised" in described["dama/tiny-llava"]
+    assert "sees the shapes world" in described["dama/tiny-seeing-llava"]
 
 
 def _undescribed(name: str, schema: dict[str, Any], path: str = "") -> list[str]:

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
-from dama_engine.proving import ProvingGround, prepare_proving_ground
 from dama_engine.tiny import build_tiny_model
 
 
@@ -45,11 +44,3 @@ def rows() -> list[PreferenceRow]:
         make_row(1, "Two yellow triangles on a white background.", "A cat.", (240, 240, 20)),
         make_row(2, "A green square.", "A green circle.", (20, 200, 20)),
     ]
-
-
-@pytest.fixture(scope="session")
-def proving_ground(tmp_path_factory: pytest.TempPathFactory) -> ProvingGround:
-    """The proving ground (dama_engine.proving: seeing base, on-policy pairs, held-out scenes), built once per
-    session into a temporary folder (about 1.5 min on 2 CPU cores); point ``DAMA_PROVING_DIR`` at ``.root`` to
-    have ``dama-train --demo`` reuse it."""
-    return prepare_proving_ground(tmp_path_factory.mktemp("proving"))

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from dama_engine.config import ConfigError
-from jobstore.spec import JobSpec
+from dama_engine.proving import ProvingGround
+from dama_engine.seeing_base import RECIPE_FILE, recipe
+from jobstore.spec import SEEING_MODEL, JobSpec
 from tests.worker.conftest import JobStore
 from worker.engine_config import (
+    DEFAULT_LEARNING_RATE,
     TINY_MODEL_LEARNING_RATE,
     DatasetMissing,
     build_train_config,
+    ensure_seeing_base,
     ensure_tiny_model,
     model_cache_root,
+    seeing_base_dir,
 )
 
 
@@ -104,6 +111,38 @@ def test_tiny_models_are_built_once(tmp_path: Path) -> None:
     assert ensure_tiny_model("llava", tmp_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no build folder left behind
+
+
+@pytest.mark.slow
+def test_the_seeing_base_resolves_to_its_cached_build_and_keeps_the_default_learning_rate(
+    store: JobStore, proving_ground: ProvingGround, tmp_path: Path
+) -> None:
+    settings = store.settings.model_copy(update={"model_cache_dir": tmp_path / "models"})
+    # The session's proving ground built its base with the same recipe: in the model cache, the worker reuses it.
+    cached = seeing_base_dir(model_cache_root(settings))
+    shutil.copytree(proving_ground.base, cached)
+    weights = (cached / "model.safetensors").stat().st_mtime_ns
+    spec = JobSpec.model_validate(
+        {"model": SEEING_MODEL, "dataset_id": store.dataset(48), "evaluation": {"holdout_fraction": 0.2}}
+    )
+    config = build_train_config(spec, job_id="job_s", store=store.artifacts, settings=settings)
+    assert config.model.name_or_path == str(cached) and config.model.precision == "fp32"
+    assert (cached / "model.safetensors").stat().st_mtime_ns == weights  # found, not rebuilt
+    # A trained base: the random-weight tiny models' learning rate does not replace the spec's.
+    assert config.optim.learning_rate == DEFAULT_LEARNING_RATE != TINY_MODEL_LEARNING_RATE
+
+
+@pytest.mark.slow
+def test_the_seeing_base_is_built_once_per_recipe(tmp_path: Path) -> None:
+    small = {"seed": 0, "steps": 2, "scenes": 16}
+    built = ensure_seeing_base(tmp_path, small)
+    assert built == seeing_base_dir(tmp_path, small) and (built / "config.json").is_file()
+    assert json.loads((built / RECIPE_FILE).read_text()) == recipe(**small)
+    assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no build folder left behind
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert ensure_seeing_base(tmp_path, small) == built
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+    assert seeing_base_dir(tmp_path, {**small, "seed": 1}) != built  # another recipe, another folder
 
 
 def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
