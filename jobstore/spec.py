@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
-from dama_settings.names import CompileMode, FilterScope, HardnessRescale
+from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, HardnessRescale
 from dama_settings.names import Method as Method
 from dama_settings.rules import too_small_filter_group
 
@@ -50,6 +50,9 @@ class Hyperparameters(_Spec):
     keep_ratio: float = OBJECTIVE["keep_ratio"].field(service=True)
     gamma: float = OBJECTIVE["gamma"].field(service=True)
     filter_scope: FilterScope = OBJECTIVE["filter_scope"].field(service=True)
+    filter_std: FilterStd = OBJECTIVE["filter_std"].field(service=True)
+    filter_sigma: float = OBJECTIVE["filter_sigma"].field(service=True)
+    ema_source: EmaSource = OBJECTIVE["ema_source"].field(service=True)
     learning_rate: float = OPTIM["learning_rate"].field(service=True)
     epochs: int = OPTIM["epochs"].field(service=True)
     max_steps: int | None = OPTIM["max_steps"].field(service=True)

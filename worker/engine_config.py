@@ -238,6 +238,9 @@ def build_train_config(
             "keep_ratio": hp.keep_ratio,
             "gamma": hp.gamma,
             "filter_scope": hp.filter_scope,
+            "filter_std": hp.filter_std,
+            "filter_sigma": hp.filter_sigma,
+            "ema_source": hp.ema_source,
         },
         "hardness": {"scorer": spec.hardness_scorer, "rescale": spec.hardness_rescale},
         "optim": {

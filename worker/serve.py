@@ -91,8 +91,8 @@ def _upload(client: httpx.Client, archive: Path, data_format: str = "auto") -> d
 
 def demo_spec(ground: ProvingGround, datasets: dict[str, str], *, steps: int | None, scenes: int) -> dict[str, Any]:
     """The demo's job: the proving ground's preference stage (``dama_engine.proving.training_values``: method,
-    beta, learning rate, steps, batch, LoRA, all sent explicitly) on ``dama/tiny-seeing-llava``, evaluated on the
-    held-out pairs and ``scenes`` held-out scenes."""
+    beta, filter width, learning rate, steps, batch, LoRA, all sent explicitly) on ``dama/tiny-seeing-llava``,
+    evaluated on the held-out pairs and ``scenes`` held-out scenes."""
     engine = training_values(ground, ground.root, scenes=scenes)  # the run folder is the worker's, not this one
     objective, optim, lora = engine["objective"], engine["optim"], engine["lora"]
     return {
@@ -101,6 +101,7 @@ def demo_spec(ground: ProvingGround, datasets: dict[str, str], *, steps: int | N
         "method": objective["method"],
         "hyperparameters": {
             "beta": objective["beta"],
+            "filter_sigma": objective["filter_sigma"],
             "learning_rate": optim["learning_rate"],
             "batch_size": optim["batch_size"],
             "max_steps": steps or optim["max_steps"],

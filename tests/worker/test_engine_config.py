@@ -41,6 +41,9 @@ def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
             "batch_size": 2,
             "checkpoint_every": 3,
             "filter_scope": "step",
+            "filter_std": "running",
+            "filter_sigma": 5.0,
+            "ema_source": "kept",
         },
         lora={"r": 4, "alpha": 8, "train_projector": True},
         hardness_scorer="/models/clip",
@@ -56,6 +59,11 @@ def test_a_tiny_model_job_maps_onto_the_engine_config(store: JobStore) -> None:
     assert config.data.format == "trl" and config.data.eval is None and config.data.eval_fraction == 0.0
     assert (config.objective.method, config.objective.beta, config.objective.keep_ratio) == ("dama_data", 0.2, 0.5)
     assert config.objective.filter_scope == "step"
+    assert (config.objective.filter_std, config.objective.filter_sigma, config.objective.ema_source) == (
+        "running",
+        5.0,
+        "kept",
+    )
     assert (config.optim.max_steps, config.optim.batch_size) == (7, 2)
     assert (config.lora.r, config.lora.alpha, config.lora.train_projector) == (4, 8, True)
     assert config.hardness.scorer == "/models/clip"
