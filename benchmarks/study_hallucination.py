@@ -158,7 +158,8 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
     axis.legend(loc="best")
     figure.tight_layout()
     figure.savefig(chart, dpi=100)
-    measurements = results.parent / "measurements"
+    # Per-run rows beside the measurements (docs/measurements/ for docs/RESULTS.md).
+    measurements = results.parent if results.parent.name == "measurements" else results.parent / "measurements"
     measurements.mkdir(exist_ok=True)
     (measurements / f"{results.stem.lower()}_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
 
