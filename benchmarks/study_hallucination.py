@@ -12,8 +12,9 @@ data order and the adapter's initialisation. The control (``sft``) trains on the
 ``dama (filter_sigma 1.0)``, is DAMA with the released code's filter width, beside the proving ground's 5.0.
 ``--pairs synthetic`` trains on the shapes world's swap pairs instead (same length and structure, graded difficulty,
 oracle hardness; :func:`dama_engine.data.demo.make_demo_dataset`), with the same base, scenes and settings.
-Writes a table and a chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change), with
-this command line, the seeds, the threads and the machine; the per-run rows go to ``docs/measurements``.
+Writes a table and a chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change;
+``docs/measurements/results_synthetic.md`` for ``--pairs synthetic``), with this command line, the seeds, the
+threads and the machine, keeping a hand-written ``## Reading`` section; the per-run rows go to ``docs/measurements``.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         )
         + "CHAIR_i, CHAIR_s and coverage on the held-out scenes; `logp acc`: "
         "share of held-out pairs whose chosen answer the tuned model finds likelier; `accuracy`, `easy`, `hard`: "
-        "the implicit reward's held-out accuracy, overall and in the easiest and hardest tertile of the oracle "
-        "hardness; gap = easy - hard. `sft` is the same-compute control on the chosen answers. Mean ± sd over seeds.",
+        "the implicit reward's held-out accuracy, overall and in the easiest and hardest third by oracle "
+        "hardness (tertile cuts; pairs tied at a cut go to the middle bucket); gap = easy - hard. `sft` is the "
+        "same-compute control on the chosen answers. Mean ± sd over seeds.",
         "",
         "| method | CHAIR_i | CHAIR_s | coverage | logp acc | accuracy | easy | hard | gap | margin easy "
         "| margin hard |",
@@ -149,11 +151,17 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"![CHAIR_i per method](images/{chart.name})", ""]
-    results.write_text("\n".join(lines) + "\n")
+    kept = ""
+    if results.is_file():  # the hand-written reading of an earlier run stays (its author updates it)
+        earlier = results.read_text()
+        if "\n## Reading" in earlier:
+            kept = earlier[earlier.index("\n## Reading") + 1 :]
+    results.write_text("\n".join(lines) + "\n" + kept)
     figure, axis = plt.subplots(figsize=(8, 3.8))
     axis.bar(labels, [means[label] for label in labels], yerr=[spreads[label] for label in labels], color="#4c72b0")
     axis.axhline(base["base_chair_i"], color="#c44e52", linestyle="--", label="base")
-    axis.set_ylabel("CHAIR_i on held-out scenes (lower is better)")
+    axis.set_ylabel("CHAIR_i (lower is better)")
+    axis.set_title(f"CHAIR_i on {args.scenes} held-out scenes, mean ± sd over {args.seeds} seed(s)")
     axis.tick_params(axis="x", labelrotation=20)
     axis.legend(loc="best")
     figure.tight_layout()
@@ -174,29 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", choices=("on_policy", "synthetic"), default="on_policy", help="which pairs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default DAMA_TORCH_THREADS or 1)")
     parser.add_argument("--work-dir", default=None, help="the proving ground's cache (default DAMA_PROVING_DIR)")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="where the table goes (default docs/RESULTS.md; docs/measurements/results_synthetic.md with "
+        "--pairs synthetic); text from a '## Reading' heading on in an existing file is kept",
+    )
     args = parser.parse_args(argv)
 
-    from dama_engine.proving import SCENES, TRAINING, prepare_proving_ground
+    from dama_engine.proving import SCENES, TRAINING, prepare_proving_ground, synthetic_pairs
 
     args.seeds = args.seeds or (1 if args.quick else 5)
     args.steps = args.steps or (100 if args.quick else TRAINING["steps"])
     args.scenes = args.scenes or (200 if args.quick else SCENES["count"])
     args.threads = apply_threads(args.threads)
+    if args.results is None:
+        docs = ROOT / "docs"
+        args.results = str(
+            docs / "RESULTS.md" if args.pairs == "on_policy" else docs / "measurements" / "results_synthetic.md"
+        )
     command = "python benchmarks/study_hallucination.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"[study] torch threads: {args.threads}", flush=True)
 
     started = time.monotonic()
     ground = prepare_proving_ground(Path(args.work_dir) if args.work_dir else None, scenes=max(args.scenes, 300))
-    args.pairs_dir = None
-    if args.pairs == "synthetic":
-        from dama_engine.data.demo import make_demo_dataset
-
-        args.pairs_dir = ground.root / "synthetic"
-        if not (args.pairs_dir / "eval.jsonl").is_file():
-            make_demo_dataset(
-                args.pairs_dir, n_train=1600, n_eval=300, n_generative=0, image_size=32, seed=3, with_hardness=True
-            )
+    args.pairs_dir = synthetic_pairs(ground) if args.pairs == "synthetic" else None
     runs = Path(tempfile.mkdtemp(prefix="dama-study-"))
     rows = []
     for seed in range(args.seeds):

@@ -8,7 +8,7 @@ from typing import Any
 
 # Held-out series per panel: (metric, legend). The implicit-reward ones (policy against reference) are drawn from
 # step 1 on: before the first step the policy is the reference, so they are 0 by construction there. An sft run has
-# no reference: its eval_accuracy / eval_margin are its log-prob ones, drawn as such.
+# no reference: its held-out accuracy is drawn as the log-prob series (eval_logp_accuracy) only.
 HELD_OUT: dict[str, tuple[tuple[str, str], ...]] = {
     "loss": (("eval_loss", "held-out"),),
     "reward_margin": (("eval_margin", "held-out"),),

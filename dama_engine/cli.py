@@ -12,7 +12,7 @@ the field.
 
 ``--demo`` (:func:`dama_engine.demo_run.prepare_proving_demo`) tunes the proving ground's seeing base (a tiny LLaVA
 that names most shapes but calls orange ones red) on on-policy pairs of its own answers, and scores 200 held-out
-scenes; the first run builds the base, pairs and scenes (about 1.5 min) under ``DAMA_PROVING_DIR``
+scenes; the first run builds the base, pairs and scenes (1.5-3 min) under ``DAMA_PROVING_DIR``
 (default ``~/.cache/dama/proving``), later runs reuse them.
 """
 
@@ -94,10 +94,12 @@ class ProgressPrinter(Callback):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.quiet:
             return
-        line = (
-            f"[dama] held-out @ step {step}: log-prob accuracy {metrics['eval_logp_accuracy']:.3f}, "
-            f"log-prob margin {metrics['eval_logp_margin']:.3f}"
-        )
+        line = f"[dama] held-out @ step {step}"
+        if "eval_logp_accuracy" in metrics:
+            line = (
+                f"[dama] held-out @ step {step}: log-prob accuracy {metrics['eval_logp_accuracy']:.3f}, "
+                f"log-prob margin {metrics['eval_logp_margin']:.3f}"
+            )
         if "eval_rewards_chosen" not in metrics:  # sft: no reference, the loss is the chosen answers' NLL
             line += f", loss {metrics['eval_loss']:.4f}"
         elif step > 0:  # before the first step the policy is the reference: no implicit reward yet
@@ -193,7 +195,7 @@ def train_main(argv: list[str] | None = None) -> int:
             if is_main:
                 print(
                     f"[dama] proving ground: {default_root()} (the first run builds the seeing base, its pairs and "
-                    "held-out scenes, about 1.5 min; later runs reuse them)",
+                    "held-out scenes, 1.5-3 min; later runs reuse them)",
                     file=sys.stderr,
                     flush=True,
                 )

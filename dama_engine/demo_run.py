@@ -4,7 +4,7 @@
 (:mod:`dama_engine.proving`: a tiny LLaVA "seeing base" that names most objects of the shapes world but calls orange
 objects red, trained on on-policy pairs of its own answers), with held-out evaluations during training and
 hallucination (CHAIR) on 200 held-out scenes, base against tuned, after it. The proving ground is built once
-(about 1.5 min on 2 CPU cores) under ``DAMA_PROVING_DIR`` (default ``~/.cache/dama/proving``) and reused.
+(1.5-3 min on 2 CPU cores) under ``DAMA_PROVING_DIR`` (default ``~/.cache/dama/proving``) and reused.
 
 :func:`prepare_demo` builds (once) ``DIR/model`` and ``DIR/data``: a tiny LLaVA-shaped model with random weights
 and synthetic pairs; a quick run to exercise the engine (the tests train it). Both models load through

@@ -9,7 +9,9 @@ that the demo (``dama-train --demo``, ``scripts/dama.sh demo``), the learning re
   descriptions of training scenes, a faithful one preferred to a hallucinating one; ``train.jsonl`` and
   ``eval.jsonl`` (held-out pairs), each row with its oracle hardness;
 - ``scenes/``: held-out scenes for CHAIR (``generative_eval.jsonl`` + ``vocabulary.json``), drawn with their own
-  seed, so no scene a pair was built from is scored.
+  seed: new images, not new layouts. The world is small (96 one-object layouts of 6 colours x 4
+  shapes x 4 cells), so most layouts also occur among the base's training scenes and the pairs' scenes, with other
+  position and size jitter; CHAIR here measures what the model says about new images of a known world.
 
 Each part is rebuilt when its recipe or the code that makes it changes (``proving.json`` records both).
 :data:`TRAINING` holds the preference stage's settings, chosen on this project's 2-core CPU machine with seed-0
@@ -139,6 +141,32 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
         )
         _stamp(ground.scenes, wanted_scenes)
     return ground
+
+
+SYNTHETIC = {"train": 1600, "eval": 300, "seed": 3}
+
+
+def synthetic_pairs(ground: ProvingGround) -> Path:
+    """The shapes world's swap pairs (:func:`dama_engine.data.demo.make_demo_dataset`, oracle hardness) at the
+    proving ground's image size, built once under ``ground.root / "synthetic"`` and rebuilt when their recipe or
+    code changes; the folder holding ``train.jsonl`` and ``eval.jsonl``."""
+    from dama_engine.data.demo import make_demo_dataset
+
+    folder = ground.root / "synthetic"
+    wanted = {**SYNTHETIC, "image_size": IMAGE_SIZE, "code": code_version("scenes")}
+    if not _fresh(folder, wanted, "eval.jsonl"):
+        shutil.rmtree(folder, ignore_errors=True)
+        make_demo_dataset(
+            folder,
+            n_train=SYNTHETIC["train"],
+            n_eval=SYNTHETIC["eval"],
+            n_generative=0,
+            image_size=IMAGE_SIZE,
+            seed=SYNTHETIC["seed"],
+            with_hardness=True,
+        )
+        _stamp(folder, wanted)
+    return folder
 
 
 def training_values(ground: ProvingGround, output_dir: Path, *, scenes: int = 200, seed: int = 0) -> dict[str, Any]:

@@ -248,15 +248,16 @@ def evaluate_sft(
     nll = float(-policy[:, 0].double().sum() / max(tokens, 1))
     accuracy = float((difference > 0).double().mean()) if len(difference) else 0.0
     margin = float(difference.mean()) if len(difference) else 0.0
-    return {
+    metrics = {
         "eval_loss": nll,
         "eval_nll_per_token": nll,
         "eval_accuracy": accuracy,
         "eval_margin": margin,
-        "eval_logp_accuracy": accuracy,
-        "eval_logp_margin": margin,
         "eval_pairs": float(len(rows)),
     }
+    if len(difference):  # rows that carry only an answer have no pair to compare: no log-prob accuracy, not a 0
+        metrics.update(eval_logp_accuracy=accuracy, eval_logp_margin=margin)
+    return metrics
 
 
 def _hardness(

@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,21 +63,24 @@ def model_cache_root(settings: Settings) -> Path:
 
 
 def _built_once(target: Path, build: Callable[[Path], object]) -> Path:
-    """``target``, built on first use by ``build(folder)``. Several workers may race: each builds into a private
-    folder and renames it into place (atomic), so nobody ever loads a half-written model."""
-    if target.is_dir():
+    """``target``, built on first use by ``build(folder)``. Several workers (also in containers sharing the cache,
+    where process ids repeat) may race: each builds into its own fresh folder and renames it into place (atomic),
+    so nobody ever loads a half-written model; a folder without ``config.json`` is not a built model."""
+    if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".{target.name}.building-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     log.info("building %s", target)
-    build(scratch)
     try:
+        build(scratch)
+        if target.is_dir() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a leftover of an interrupted build before this rule
         scratch.rename(target)
     except OSError:
-        if not target.is_dir():
+        if not (target / "config.json").is_file():
             raise
-        shutil.rmtree(scratch, ignore_errors=True)  # another worker finished first; theirs is identical
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # another worker finished first (theirs is identical), or failed
     return target
 
 
@@ -96,7 +99,7 @@ def seeing_base_dir(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECI
 
 def ensure_seeing_base(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
     """``dama/tiny-seeing-llava``: :func:`dama_engine.seeing_base.build_seeing_base` with the proving ground's
-    recipe (``dama_engine.proving.BASE``), built on first use (1.5-2 min on a CPU core)."""
+    recipe (``dama_engine.proving.BASE``), built on first use (about 1 min on a CPU core)."""
     return _built_once(seeing_base_dir(cache_root, base), lambda folder: build_seeing_base(folder, **base))
 
 

@@ -40,7 +40,7 @@ _TINY_DESCRIPTIONS = {
     "dama/tiny-qwen2-vl": "A tiny randomly initialised Qwen2-VL built on the worker: for trying the service on a CPU.",
     "dama/tiny-idefics3": "A tiny randomly initialised Idefics3 built on the worker: for trying the service on a CPU.",
     SEEING_MODEL: "A tiny LLaVA that sees the shapes world (dama_engine.data.demo) and calls orange objects red: "
-    "the proving ground's base, trained on the worker on first use (1.5-2 min on a CPU core). Give it a trained "
+    "the proving ground's base, trained on the worker on first use (about 1 min on a CPU core). Give it a trained "
     "model's settings (no tiny-model learning rate applies); scripts/dama.sh demo tunes it on its own on-policy "
     "pairs and measures hallucination before and after.",
 }

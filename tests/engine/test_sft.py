@@ -151,8 +151,15 @@ def test_prompt_completion_rows_train_with_sft_and_are_refused_by_preference_met
     rows, report = load_and_validate(data)
     assert report.ok and rows and all(row.answer_only and row.rejected == "" for row in rows)
 
-    result = train(_config(demo, tmp_path / "sft", f"data.train={data}", "optim.batch_size=8", "optim.max_steps=2"))
+    result = train(
+        _config(
+            demo, tmp_path / "sft", f"data.train={data}", f"data.eval={data}", "optim.batch_size=8", "optim.max_steps=2"
+        )
+    )
     assert result.steps == 2 and result.adapter_dir is not None
+    # Held-out rows with one answer each have no pair: no log-prob accuracy at all (never a 0 by construction).
+    assert result.eval_before is not None and result.eval_after is not None
+    assert "eval_logp_accuracy" not in result.eval_before and "eval_logp_accuracy" not in result.eval_after
 
     with pytest.raises(DataError, match=r"data\.train: .* carry only an answer .*method dpo"):
         train(_config(demo, tmp_path / "dpo", f"data.train={data}", "objective.method=dpo", "optim.max_steps=2"))
