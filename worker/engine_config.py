@@ -91,9 +91,12 @@ def ensure_tiny_model(family: str, cache_root: Path) -> Path:
 
 
 def seeing_base_dir(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
-    """Where the seeing base of recipe ``base`` lives in the model cache: named by the full recipe (its code
-    version included), so a changed recipe is a new folder and a cached folder is never rebuilt in place."""
-    wanted = json.dumps(recipe(**base), sort_keys=True)
+    """Where the seeing base of recipe ``base`` lives in the model cache: named by the recipe's values (seed, steps,
+    scenes, sizes, confusions) and not by the code version, so the weights a model name denotes stay pinned across
+    upgrades of the worker's code (jobs trained on them, their exports and later evaluations all load the same
+    base); a changed recipe is a new folder, and a cached folder is never rebuilt in place (delete it to rebuild)."""
+    values = {key: value for key, value in recipe(**base).items() if key != "code"}
+    wanted = json.dumps(values, sort_keys=True)
     return cache_root / "dama-tiny" / f"seeing-llava-{hashlib.sha256(wanted.encode()).hexdigest()[:16]}"
 
 

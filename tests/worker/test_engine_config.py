@@ -13,6 +13,7 @@ from dama_engine.proving import ProvingGround
 from dama_engine.seeing_base import RECIPE_FILE, recipe
 from jobstore.spec import SEEING_MODEL, JobSpec
 from tests.worker.conftest import JobStore
+from worker import engine_config
 from worker.engine_config import (
     DEFAULT_LEARNING_RATE,
     TINY_MODEL_LEARNING_RATE,
@@ -141,8 +142,11 @@ def test_the_seeing_base_resolves_to_its_cached_build_and_keeps_the_default_lear
 
 
 @pytest.mark.slow
-def test_the_seeing_base_is_built_once_per_recipe(tmp_path: Path) -> None:
+def test_the_seeing_base_is_built_once_per_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small = {"seed": 0, "steps": 2, "scenes": 16}
+    # A folder an interrupted build left behind (no config.json) is not a model: it is replaced.
+    seeing_base_dir(tmp_path, small).mkdir(parents=True)
+    (seeing_base_dir(tmp_path, small) / "model.safetensors").write_bytes(b"half")
     built = ensure_seeing_base(tmp_path, small)
     assert built == seeing_base_dir(tmp_path, small) and (built / "config.json").is_file()
     assert json.loads((built / RECIPE_FILE).read_text()) == recipe(**small)
@@ -151,6 +155,9 @@ def test_the_seeing_base_is_built_once_per_recipe(tmp_path: Path) -> None:
     assert ensure_seeing_base(tmp_path, small) == built
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
     assert seeing_base_dir(tmp_path, {**small, "seed": 1}) != built  # another recipe, another folder
+    # Pinned across code upgrades: another code version of the same recipe names the same folder.
+    monkeypatch.setattr(engine_config, "recipe", lambda **values: {**recipe(**values), "code": "another version"})
+    assert seeing_base_dir(tmp_path, small) == built
 
 
 def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
