@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,15 @@ def code_version(kind: str) -> str:
             raise RuntimeError(f"cannot find the source of {module} for the cache key")
         digest.update(module.encode() + b"\x00" + Path(origin).read_bytes() + b"\x01")
     return digest.hexdigest()
+
+
+def stamped(folder: Path, stamp: str, wanted: dict[str, Any], marker: str) -> bool:
+    """Whether ``folder`` holds a finished build (``marker`` present) of recipe ``wanted``, as recorded in its
+    ``stamp`` file by :func:`write_stamp`."""
+    path = folder / stamp
+    return path.is_file() and json.loads(path.read_text()) == wanted and (folder / marker).is_file()
+
+
+def write_stamp(folder: Path, stamp: str, wanted: dict[str, Any]) -> None:
+    """Record that ``folder`` was built from recipe ``wanted`` (write it last, once the build is complete)."""
+    (folder / stamp).write_text(json.dumps(wanted, indent=2) + "\n")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dama_engine.model_files import code_version
+from dama_engine.model_files import code_version, stamped, write_stamp
 
 # The seeing base (dama_engine.seeing_base's defaults), its pairs and the held-out scenes.
 BASE: dict[str, Any] = {"seed": 0, "steps": 600, "scenes": 4000}
@@ -97,15 +97,6 @@ def ground_at(root: Path | None = None) -> ProvingGround:
     return ProvingGround(root=root, base=root / "base", pairs=root / "pairs", scenes=root / "scenes")
 
 
-def _fresh(folder: Path, wanted: dict[str, Any], marker: str) -> bool:
-    stamp = folder / STAMP
-    return stamp.is_file() and json.loads(stamp.read_text()) == wanted and (folder / marker).is_file()
-
-
-def _stamp(folder: Path, wanted: dict[str, Any]) -> None:
-    (folder / STAMP).write_text(json.dumps(wanted, indent=2) + "\n")
-
-
 def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = None) -> ProvingGround:
     """Build (or reuse) the seeing base, its on-policy pairs and ``scenes`` held-out scenes under ``root``."""
     from dama_engine.data.demo import make_demo_dataset
@@ -119,7 +110,7 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
     base_recipe = json.loads((ground.base / "seeing_base.json").read_text())
 
     wanted_pairs = {**PAIRS, "image_size": IMAGE_SIZE, "base": base_recipe, "code": code_version("proving_pairs")}
-    if not _fresh(ground.pairs, wanted_pairs, "train.jsonl"):
+    if not stamped(ground.pairs, STAMP, wanted_pairs, "train.jsonl"):
         shutil.rmtree(ground.pairs, ignore_errors=True)
         on_policy_pairs(
             ground.base,
@@ -130,16 +121,16 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
             temperature=PAIRS["temperature"],
             image_size=IMAGE_SIZE,
         )
-        _stamp(ground.pairs, wanted_pairs)
+        write_stamp(ground.pairs, STAMP, wanted_pairs)
 
     count = scenes or SCENES["count"]
     wanted_scenes = {"count": count, "seed": SCENES["seed"], "image_size": IMAGE_SIZE, "code": code_version("scenes")}
-    if not _fresh(ground.scenes, wanted_scenes, "generative_eval.jsonl"):
+    if not stamped(ground.scenes, STAMP, wanted_scenes, "generative_eval.jsonl"):
         shutil.rmtree(ground.scenes, ignore_errors=True)
         make_demo_dataset(
             ground.scenes, n_train=0, n_eval=0, n_generative=count, image_size=IMAGE_SIZE, seed=SCENES["seed"]
         )
-        _stamp(ground.scenes, wanted_scenes)
+        write_stamp(ground.scenes, STAMP, wanted_scenes)
     return ground
 
 
@@ -154,7 +145,7 @@ def synthetic_pairs(ground: ProvingGround) -> Path:
 
     folder = ground.root / "synthetic"
     wanted = {**SYNTHETIC, "image_size": IMAGE_SIZE, "code": code_version("scenes")}
-    if not _fresh(folder, wanted, "eval.jsonl"):
+    if not stamped(folder, STAMP, wanted, "eval.jsonl"):
         shutil.rmtree(folder, ignore_errors=True)
         make_demo_dataset(
             folder,
@@ -165,7 +156,7 @@ def synthetic_pairs(ground: ProvingGround) -> Path:
             seed=SYNTHETIC["seed"],
             with_hardness=True,
         )
-        _stamp(folder, wanted)
+        write_stamp(folder, STAMP, wanted)
     return folder
 
 

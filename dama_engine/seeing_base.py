@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dama_engine.data.demo import PROMPTS, describe_scene, draw_scene, sample_scene
-from dama_engine.model_files import code_version
+from dama_engine.model_files import code_version, stamped, write_stamp
 
 HIDDEN_SIZE = 128
 IMAGE_SIZE = 32
@@ -86,8 +86,7 @@ def build_seeing_base(out_dir: Path, *, seed: int = 0, steps: int = 600, scenes:
 
     out_dir = Path(out_dir)
     wanted = recipe(seed, steps, scenes)
-    stamp = out_dir / RECIPE_FILE
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (out_dir / "config.json").is_file():
+    if stamped(out_dir, RECIPE_FILE, wanted, "config.json"):
         return out_dir
     apply_threads()
     with tempfile.TemporaryDirectory(prefix="dama-seeing-base-") as work_name:
@@ -117,5 +116,5 @@ def build_seeing_base(out_dir: Path, *, seed: int = 0, steps: int = 600, scenes:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.copytree(result.adapter_dir, out_dir)
-    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    write_stamp(out_dir, RECIPE_FILE, wanted)
     return out_dir
