@@ -219,6 +219,10 @@ def watch_job(driver: Any) -> None:
     points = chart_points(driver, "#charts")
     assert len(points) == 6 and all(count >= 2 for count in points), points  # loss ... kept share, all with data
     assert len(css(driver, "#held-out tbody tr")) >= 2  # before and after training
+    first = driver.execute_script(
+        "return [...document.querySelector('#held-out tbody tr').cells].map(c => c.textContent)"
+    )
+    assert first[0] == "0" and float(first[-1]) > 0, first  # the log-prob "before" is measured, not 0 by construction
     assert "overall" in css(driver, "#base-vs-tuned table")[0].text
     screenshot(driver, "job")
 

@@ -20,7 +20,15 @@ export const METRIC_KEYS = [
   "eval_loss",
   "eval_accuracy",
   "eval_margin",
+  "eval_logp_accuracy",
+  "eval_logp_margin",
 ];
+
+/** The implicit reward (policy against reference) is 0 by construction before the first step: a preference run's
+ * held-out point at step 0 is left out (an sft run has no reference; its held-out figures are its own). */
+function afterStart(points, spec) {
+  return spec.method === "sft" ? points : points.filter(([step]) => step > 0);
+}
 
 /** Pairs seen per optimizer step, to turn the kept count into a share. */
 function pairsPerStep(spec) {
@@ -42,8 +50,15 @@ export function trainingCharts(series, spec) {
   const s = (key) => series[key] || [];
   return [
     lineChart({ title: "loss", series: [{ label: "loss", points: s("loss") }, { label: "held-out loss", points: s("eval_loss"), dots: true, color: 1 }] }),
-    lineChart({ title: "reward margin", series: [{ label: "train", points: s("reward_margin") }, { label: "held-out", points: s("eval_margin"), dots: true, color: 1 }] }),
-    lineChart({ title: "preference accuracy", series: [{ label: "train", points: s("reward_accuracy") }, { label: "held-out", points: s("eval_accuracy"), dots: true, color: 1 }] }),
+    lineChart({ title: "reward margin", series: [{ label: "train", points: s("reward_margin") }, { label: "held-out", points: afterStart(s("eval_margin"), spec), dots: true, color: 1 }] }),
+    lineChart({
+      title: "preference accuracy",
+      series: [
+        { label: "train", points: s("reward_accuracy") },
+        { label: "held-out, implicit reward", points: afterStart(s("eval_accuracy"), spec), dots: true, color: 1 },
+        { label: "held-out, log-prob (chosen likelier)", points: s("eval_logp_accuracy"), dots: true, color: 2 },
+      ],
+    }),
     lineChart({ title: "beta: mean, min-max band", series: [{ label: "beta mean", points: s("beta_mean"), band: betaBand(series) }] }),
     lineChart({ title: "alpha_D and alpha_M", series: [{ label: "alpha_D (mean)", points: s("alpha_d_mean") }, { label: "alpha_M", points: s("alpha_m") }] }),
     lineChart({ title: "kept share", series: [{ label: "kept", points: keptShare(series, spec) }] }),
@@ -54,13 +69,14 @@ function heldOutTable(series) {
   const steps = (series.eval_accuracy || []).map(([step]) => step);
   if (!steps.length) return h("p", { class: "muted" }, "No held-out evaluation (set evaluation.dataset_id or holdout_fraction).");
   const at = (key) => new Map(series[key] || []);
-  const [loss, accuracy, margin] = [at("eval_loss"), at("eval_accuracy"), at("eval_margin")];
+  const [loss, accuracy, margin, logp] = [at("eval_loss"), at("eval_accuracy"), at("eval_margin"), at("eval_logp_accuracy")];
   return table(
     [
       { label: "step", value: (step) => String(step), class: "num" },
       { label: "loss", value: (step) => fmt(loss.get(step)), class: "num" },
       { label: "accuracy", value: (step) => fmt(accuracy.get(step)), class: "num" },
       { label: "margin", value: (step) => fmt(margin.get(step)), class: "num" },
+      { label: "log-prob accuracy", value: (step) => fmt(logp.get(step)), class: "num" },
     ],
     steps,
     { id: "held-out" },
