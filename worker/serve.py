@@ -170,10 +170,13 @@ def run_demo(
     client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
     root = default_root()
     print(
-        f"[demo] proving ground in {root} (DAMA_PROVING_DIR): the first run builds the seeing base, its pairs and "
-        "held-out scenes, later runs reuse them",
+        f"[demo] proving ground in {root} (set DAMA_PROVING_DIR to move it): the first run builds the seeing base, "
+        "its pairs and held-out scenes (1.5-3 min), later runs reuse them",
         flush=True,
     )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars are noise here, as in dama-train
     ground = prepare_proving_ground(root)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
