@@ -16,11 +16,12 @@ configurations left, so one failure cannot starve the rest of the run.
 
 What is timed (each configuration: ``--warmup`` steps, then the median of ``--steps`` synchronised steps):
 
-* ``engine/<forward>/<method>/gc_<on|off>/b<N>``: the trainer's own step, ``dama_engine.step.train_step``, on
+* ``engine/<forward>/<method>/gc_<on|off>/b<N>``: the trainer's own step, ``dama_engine.training.step.train_step``, on
   pre-encoded batches (one micro-batch per step): forward under bf16 autocast (GPU), the objective with cached
   reference log-probs, backward, the state merge, gradient clipping, AdamW; metrics read back on the last timed
   step only (as ``run.log_every`` > 1 would). ``host_syncs_per_logging_step`` counts the host syncs of one more
-  step (``dama_engine.host_syncs``). ``forward`` is a ``dama_engine.packing.PairForward``: ``model_logits`` (the
+  step (``dama_engine.training.host_syncs``). ``forward`` is a ``dama_engine.forward.packing.PairForward``:
+  ``model_logits`` (the
   plain 2N-row layout with the model's own logits: the engine before the fast paths), ``two_rows`` (plain layout,
   answer-only head), ``packed`` (one row per pair). Encoding (image processor, tokenizer) is timed apart as
   ``encode_pairs_per_s``, as TRL's collation falls outside its step timer too.
@@ -74,18 +75,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from PIL import Image
 
-from dama_engine.batching import PairBatch, PairEncoder, collate_pairs
-from dama_engine.compiling import compile_decoder_layers, eager
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
-from dama_engine.families import family_for
-from dama_engine.host_syncs import HostSyncs, count_host_syncs
-from dama_engine.logprobs import pair_log_probs
-from dama_engine.models import make_trainable
-from dama_engine.objective import PREFERENCE_METHODS, ObjectiveConfig, ObjectiveState
-from dama_engine.packing import set_pair_forward
-from dama_engine.step import StepSetup, train_step
+from dama_engine.forward.batching import PairBatch, PairEncoder, collate_pairs
+from dama_engine.forward.compiling import compile_decoder_layers, eager
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.forward.packing import set_pair_forward
+from dama_engine.models.families import family_for
+from dama_engine.models.loading import make_trainable
+from dama_engine.objective.loss import PREFERENCE_METHODS, ObjectiveConfig, ObjectiveState
 from dama_engine.threads import apply_threads
+from dama_engine.training.host_syncs import HostSyncs, count_host_syncs
+from dama_engine.training.step import StepSetup, train_step
 
 GIB = 2**30
 LORA = LoraSection(r=64, alpha=16, dropout=0.0)
@@ -483,7 +484,7 @@ class Run:
     lm_params: int = 0
     vision_params: int = 0
     vision_tokens: int = 0
-    compiled_layers: int = 0  # decoder layers compiled in place (dama_engine.compiling), once per child
+    compiled_layers: int = 0  # decoder layers compiled in place (dama_engine.forward.compiling), once per child
 
     @property
     def left_s(self) -> float:
@@ -683,7 +684,7 @@ def _optimizer_uncounted(setup: StepSetup, counter: HostSyncs | None) -> Iterato
 def engine_step_config(
     run: Run, forward: str, method: str, checkpointing: bool, size: int, compiled: bool = False
 ) -> dict[str, Any]:
-    """Times ``dama_engine.step.train_step``, the trainer's own step (one micro-batch per step)."""
+    """Times ``dama_engine.training.step.train_step``, the trainer's own step (one micro-batch per step)."""
     model = run.engine_model()
     _set_checkpointing(model, checkpointing)
     model.train()
@@ -835,7 +836,7 @@ def hardness_config(run: Run) -> dict[str, Any]:
     from tokenizers import pre_tokenizers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from dama_engine.hardness import ClipHardnessScorer
+    from dama_engine.objective.scoring import ClipHardnessScorer
 
     workload = run.workload
     # One token per character (no merges): nothing to download; sub-sentences hit CLIP's 77 tokens sooner.

@@ -26,7 +26,7 @@ from typing import Any
 
 from dama_engine.callbacks import Callback
 from dama_engine.config import TrainConfig
-from dama_engine.trainer import TrainResult
+from dama_engine.training.recipe import TrainResult
 from worker import tasks
 
 STEP_S = float(os.environ.get("FAKE_ENGINE_STEP_S", "0.1"))
@@ -43,7 +43,8 @@ def record(entry: dict[str, Any]) -> None:
 
 
 def fake_train(config: TrainConfig, callback: Callback) -> TrainResult:
-    """Stand-in for :func:`dama_engine.trainer.train`: sleeps through ``optim.max_steps`` steps, reporting each."""
+    """Stand-in for :func:`dama_engine.training.recipe.train`: sleeps through ``optim.max_steps`` steps, reporting
+    each."""
     started = time.time()
     total = config.optim.max_steps or 1
     callback.on_stage("training", {"steps": total, "resumed_from_step": 0})

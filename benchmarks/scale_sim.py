@@ -53,7 +53,7 @@ from sqlalchemy.dialects import postgresql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dama_engine.data.demo import make_demo_dataset  # noqa: E402
+from dama_engine.proving.shapes import make_demo_dataset  # noqa: E402
 from jobstore import repository  # noqa: E402
 from jobstore.artifacts import ArtifactStore  # noqa: E402
 from jobstore.broker import enqueue_job, make_celery  # noqa: E402

@@ -11,7 +11,7 @@ from the same base for the same number of steps at batch 16 with the same learni
 data order and the adapter's initialisation. The control (``sft``) trains on the chosen answers. One more row,
 ``dama (filter_sigma 1.0)``, is DAMA with the released code's filter width, beside the proving ground's 5.0.
 ``--pairs synthetic`` trains on the shapes world's swap pairs instead (same length and structure, graded difficulty,
-oracle hardness; :func:`dama_engine.data.demo.make_demo_dataset`), with the same base, scenes and settings.
+oracle hardness; :func:`dama_engine.proving.shapes.make_demo_dataset`), with the same base, scenes and settings.
 Writes a table and a chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change;
 ``docs/measurements/results_synthetic.md`` for ``--pairs synthetic``), with this command line, the seeds, the
 threads and the machine, keeping a hand-written ``## Reading`` section; the per-run rows go to ``docs/measurements``.
@@ -42,8 +42,8 @@ EXTRA = {"dama": {"filter_sigma": 1.0}}  # DAMA once more with the released code
 
 def _run(ground: Any, out: Path, method: str, seed: int, args: argparse.Namespace, **objective: Any) -> dict[str, Any]:
     from dama_engine.config import apply_overrides, parse_config
-    from dama_engine.proving import training_values
-    from dama_engine.trainer import train
+    from dama_engine.proving.ground import training_values
+    from dama_engine.training.recipe import train
 
     values = training_values(ground, out, scenes=args.scenes, seed=seed)
     overrides = [f"objective.method={method}", f"optim.max_steps={args.steps}"]
@@ -88,7 +88,7 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dama_engine.proving import TRAINING
+    from dama_engine.proving.ground import TRAINING
 
     results = Path(args.results)
     chart = results.parent / "images" / f"{results.stem.lower()}.png"
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from dama_engine.proving import SCENES, TRAINING, prepare_proving_ground, synthetic_pairs
+    from dama_engine.proving.ground import SCENES, TRAINING, prepare_proving_ground, synthetic_pairs
 
     args.seeds = args.seeds or (1 if args.quick else 5)
     args.steps = args.steps or (100 if args.quick else TRAINING["steps"])

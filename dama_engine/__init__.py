@@ -1,10 +1,21 @@
 """dama_engine: DAMA (Data- and Model-aware DPO) preference tuning of vision-language models.
 
-The ML library behind the service, usable on its own: dataset formats -> canonical rows -> batches
-(:mod:`dama_engine.data`, :mod:`dama_engine.batching`), data hardness (:mod:`dama_engine.hardness`), the objective
-(:mod:`dama_engine.objective`), model loading with LoRA (:mod:`dama_engine.models`), the training recipe
-(:mod:`dama_engine.trainer`), adapter export and the ``dama-train`` CLI. It imports nothing of the service,
-reads no environment variables and sets no global state at import time.
+The ML library behind the service, usable on its own. Subpackages, each owning one concern, imported in one
+direction only (lower never imports higher; ``tests/test_layout.py`` holds the order and enforces it):
+
+    errors, threads, callbacks, events, model_files   small shared modules at the root
+    data        datasets -> canonical rows, validation, the generative set, the CHAIR matcher (torch-free)
+    objective   the loss of every method and the hardness formulas (shared/DAMA.md)
+    config      the training config (root module)
+    models      families, loading, tiny models
+    forward     batching, log-probs, packing, compiling, generation, scoring helpers
+    evaluation  running an evaluation, metrics, the judge client, the report
+    training    the recipe (``train()``), the step, checkpoints, reference cache, export
+    proving     the shapes world, the seeing base, on-policy pairs, the proving-ground recipe, the demo runs
+    cli         ``dama-train``, ``dama-eval``
+
+Each subpackage's ``__init__`` names its public surface. It imports nothing of the service, reads no environment
+variables and sets no global state at import time.
 """
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dama_engine.errors import UserError
 from dama_engine.objective import ObjectiveConfig
 from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
 from dama_settings.names import (
@@ -29,7 +30,7 @@ from dama_settings.names import (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is wrong; the message names the field and what to change."""
 
 

@@ -21,24 +21,29 @@ CONTENT_HASH_MAX_BYTES = 64 * 1024 * 1024
 # The modules whose code decides each cached value; editing any of them changes the cache key.
 CODE_PATHS: dict[str, tuple[str, ...]] = {
     "reference": (
-        "dama_engine.logprobs",
-        "dama_engine.packing",
-        "dama_engine.batching",
-        "dama_engine.models",
-        "dama_engine.families",
+        "dama_engine.forward.logprobs",
+        "dama_engine.forward.packing",
+        "dama_engine.forward.batching",
+        "dama_engine.models.loading",
+        "dama_engine.models.families",
     ),
-    "hardness": ("dama_engine.hardness",),
+    "hardness": ("dama_engine.objective.hardness", "dama_engine.objective.scoring"),
     # The seeing base's recipe: its data, its model and the supervised step it trains with.
     "seeing_base": (
-        "dama_engine.seeing_base",
-        "dama_engine.data.demo",
-        "dama_engine.tiny",
-        "dama_engine.objective",
-        "dama_engine.step",
+        "dama_engine.proving.seeing_base",
+        "dama_engine.proving.shapes",
+        "dama_engine.models.tiny",
+        "dama_engine.objective.loss",
+        "dama_engine.training.step",
     ),
-    # The proving ground's on-policy pairs (dama_engine.proving) and its held-out scenes.
-    "proving_pairs": ("dama_engine.on_policy", "dama_engine.data.demo", "dama_engine.generation", "dama_engine.chair"),
-    "scenes": ("dama_engine.data.demo",),
+    # The proving ground's on-policy pairs (dama_engine.proving.ground) and its held-out scenes.
+    "proving_pairs": (
+        "dama_engine.proving.on_policy",
+        "dama_engine.proving.shapes",
+        "dama_engine.forward.generation",
+        "dama_engine.data.chair",
+    ),
+    "scenes": ("dama_engine.proving.shapes",),
 }
 
 

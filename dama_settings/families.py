@@ -1,6 +1,6 @@
 """The supported model families by name and module layout: what ``GET /models`` lists.
 
-``dama_engine.families`` holds the full specs (inputs, position ids, notes) and takes its layout from here
+``dama_engine.models.families`` holds the full specs (inputs, position ids, notes) and takes its layout from here
 (tests/test_settings.py fails if the two ever differ).
 """
 

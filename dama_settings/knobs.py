@@ -108,7 +108,7 @@ OPTIM = by_name(
     Setting(
         "pair_forward",
         "auto",
-        "How pairs go through the model (dama_engine.packing): packed = one row per pair [prompt, chosen, "
+        "How pairs go through the model (dama_engine.forward.packing): packed = one row per pair [prompt, chosen, "
         "rejected] and the lm_head on answer positions only; two_rows = a row per answer, same head; "
         "model_logits = a row per answer and the model's own logits; auto = packed where the model family "
         "and attention take it, else two_rows, else model_logits.",
@@ -117,7 +117,7 @@ OPTIM = by_name(
     Setting(
         "compile",
         "auto",
-        "Regional torch.compile of the language model's decoder layers (dama_engine.compiling): layers = "
+        "Regional torch.compile of the language model's decoder layers (dama_engine.forward.compiling): layers = "
         "always; auto = on CUDA only, falling back to eager with a warning if compiling fails; off = never.",
         choices=COMPILE_MODES,
     ),

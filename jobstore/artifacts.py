@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_PREFIX = "step-"
 
-# The PEFT folder inside each checkpoint folder (dama_engine.checkpoint.ADAPTER_DIR; a test keeps them equal).
+# The PEFT folder inside each checkpoint folder (dama_engine.training.checkpoint.ADAPTER_DIR; a test keeps them equal).
 CHECKPOINT_ADAPTER_DIR = "adapter"
 
 

@@ -175,7 +175,7 @@ class JobSpec(_Spec):
     def filter_group_problem(self) -> str | None:
         """Why the model-aware filter's group is too small (DAMA.md 2.5: floor(keep_ratio x group) < 2 with
         filtering on), naming both fixes; None when it is fine. The engine refuses the same run
-        (``dama_engine.objective.filter_group_problem``); both apply ``dama_settings.rules``."""
+        (``dama_engine.objective.loss.filter_group_problem``); both apply ``dama_settings.rules``."""
         hp = self.hyperparameters
         group = too_small_filter_group(
             method=self.method,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from dama_engine.proving import ProvingGround
+    from dama_engine.proving.ground import ProvingGround
 
 # Torch's thread count, set before torch is imported (OMP_NUM_THREADS is read then) and inherited by every
 # subprocess: 1 unless DAMA_TORCH_THREADS says otherwise, the fastest on a shared 2-core machine
@@ -69,7 +69,7 @@ def proving_ground(tmp_path_factory: pytest.TempPathFactory) -> ProvingGround:
     """The proving ground (``dama_engine.proving``: seeing base, on-policy pairs, held-out scenes), built once per
     session: under ``DAMA_PROVING_DIR`` when that is set (and reused there while its recipe holds), else in a
     temporary folder (a few minutes at one thread)."""
-    from dama_engine.proving import prepare_proving_ground
+    from dama_engine.proving.ground import prepare_proving_ground
 
     root = os.environ.get("DAMA_PROVING_DIR")
     return prepare_proving_ground(Path(root) if root else tmp_path_factory.mktemp("proving"))

@@ -18,10 +18,11 @@ from pydantic.fields import FieldInfo
 
 from api.routers.models import FAMILIES
 from api.uploads import KNOWN_SUFFIXES, upload_suffix
-from dama_engine import callbacks, config, families
-from dama_engine.data.formats import DATA_SUFFIXES
-from dama_engine.hardness import HardnessConfig
-from dama_engine.objective import METHODS, ObjectiveConfig
+from dama_engine import callbacks, config
+from dama_engine.data.archives import DATA_SUFFIXES
+from dama_engine.models import families
+from dama_engine.objective.loss import METHODS, ObjectiveConfig
+from dama_engine.objective.scoring import HardnessConfig
 from dama_settings import knobs, names
 from dama_settings.families import FAMILY_LAYOUTS
 from dama_settings.setting import SAME, Setting
@@ -228,7 +229,7 @@ def test_the_api_accepts_the_data_files_the_engine_reads() -> None:
 
 
 def test_the_tiny_models_the_service_offers_are_the_ones_the_engine_builds() -> None:
-    from dama_engine import tiny
+    from dama_engine.models import tiny
 
     assert sorted(spec.TINY_MODELS.values()) == sorted(tiny.FAMILIES)
     assert set(tiny.FAMILIES) <= {layout.name for layout in FAMILY_LAYOUTS}

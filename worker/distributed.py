@@ -30,10 +30,10 @@ from pydantic import JsonValue
 
 import dama_engine
 from dama_engine.callbacks import Callback
-from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import TrainConfig
+from dama_engine.data import DataError
 from dama_engine.events import ErrorEvent, EvaluationEvent, Event, StageEvent, StepEvent, decode, deliver
-from dama_engine.trainer import DataError, TrainResult
+from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, truncate_metrics
 
 USER_ERROR_EXIT = 2  # dama-train's exit code for a bad config or bad data
 TERMINATE_GRACE_S = 30.0
@@ -107,14 +107,6 @@ class JsonlTail:
             return []
         self.offset += end + 1
         return [line for line in chunk[: end + 1].split(b"\n") if line.strip()]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines past ``step`` (what a resumed run logs again), as the engine does when it resumes."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _count(value: JsonValue) -> int:
@@ -217,14 +209,13 @@ def run_distributed(
 ) -> TrainResult:
     """Run ``config`` under torchrun with ``nproc`` processes and report through ``callback``, like ``train``.
 
-    Raises :class:`~dama_engine.trainer.DataError` for a bad config or bad data (exit code 2, the CLI's message)
+    Raises :class:`~dama_engine.training.recipe.DataError` for a bad config or bad data (exit code 2, the CLI's message)
     and :class:`LauncherError` for anything else."""
     started = time.monotonic()
     output_dir = Path(config.run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(output_dir) if config.run.resume else None
-    resume_step = int(json.loads((checkpoint / "state.json").read_text())["step"]) if checkpoint else 0
-    truncate_metrics(output_dir / "metrics.jsonl", resume_step if checkpoint else -1)
+    truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
     config_file = write_config(config, work_dir / "train_config.yaml")
     log_file = work_dir / "train.log"
     events_file = work_dir / "events.jsonl"

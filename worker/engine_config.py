@@ -29,13 +29,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir
 from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_config
-from dama_engine.data.check import find_generative_files
+from dama_engine.data import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
+from dama_engine.models import build_tiny_model
 from dama_engine.proving import BASE as SEEING_BASE_RECIPE
-from dama_engine.seeing_base import build_seeing_base, recipe
-from dama_engine.tiny import build_tiny_model
+from dama_engine.proving import build_seeing_base, seeing_base_recipe
+from dama_engine.training import ADAPTER_DIR, checkpoint_dir
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
 from jobstore.spec import SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
@@ -95,13 +95,13 @@ def seeing_base_dir(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECI
     scenes, sizes, confusions) and not by the code version, so the weights a model name denotes stay pinned across
     upgrades of the worker's code (jobs trained on them, their exports and later evaluations all load the same
     base); a changed recipe is a new folder, and a cached folder is never rebuilt in place (delete it to rebuild)."""
-    values = {key: value for key, value in recipe(**base).items() if key != "code"}
+    values = {key: value for key, value in seeing_base_recipe(**base).items() if key != "code"}
     wanted = json.dumps(values, sort_keys=True)
     return cache_root / "dama-tiny" / f"seeing-llava-{hashlib.sha256(wanted.encode()).hexdigest()[:16]}"
 
 
 def ensure_seeing_base(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
-    """``dama/tiny-seeing-llava``: :func:`dama_engine.seeing_base.build_seeing_base` with the proving ground's
+    """``dama/tiny-seeing-llava``: :func:`dama_engine.proving.seeing_base.build_seeing_base` with the proving ground's
     recipe (``dama_engine.proving.BASE``), built on first use (about 1 min on a CPU core)."""
     return _built_once(seeing_base_dir(cache_root, base), lambda folder: build_seeing_base(folder, **base))
 

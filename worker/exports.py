@@ -18,7 +18,7 @@ from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dama_engine.export import export_merged
+from dama_engine.training import export_merged
 from jobstore import exports
 from jobstore.artifacts import ArtifactStore, file_sha256, open_store, pack_folder
 from jobstore.broker import EXPORT_TASK

@@ -41,7 +41,6 @@ per-sample generations, the per-pair scores and the chart are registered as arti
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import socket
@@ -60,12 +59,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.callbacks import CallbackList
-from dama_engine.checkpoint import latest_checkpoint
 from dama_engine.config import ConfigError
-from dama_engine.data.formats import DataFormatError
+from dama_engine.errors import UserError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
-from dama_engine.trainer import DataError, TrainResult, train
+from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, train
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
@@ -102,7 +100,7 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 CLAIM_RETRIES = 5
-USER_ERRORS = (DataError, ConfigError, DataFormatError, DatasetMissing, AdapterMissing, ValidationError)
+USER_ERRORS = (UserError, DatasetMissing, AdapterMissing, ValidationError)
 EVALUATION = repository.EVALUATION
 # Artifact kinds of an evaluation job: the EvaluationResult path each comes from.
 EVALUATION_ARTIFACTS = {"eval_outputs": "generations_path", "eval_pairs": "pairs_path", "eval_chart": "chart_path"}
@@ -478,7 +476,7 @@ def _claim(
                 store.fetch_latest_checkpoint(store.run_dir(job_id))
                 checkpoint = latest_checkpoint(store.run_dir(job_id))
                 if checkpoint is not None:
-                    resume_step = int(json.loads((checkpoint / "state.json").read_text())["step"])
+                    resume_step = checkpoint_step(checkpoint)
                 repository.delete_metrics_after(session, job_id=job_id, step=resume_step)
                 repository.record_progress(session, job_id=job_id, step=max(resume_step, 0))
             spec = dict(job.spec)

@@ -1,7 +1,7 @@
 """``/models``: the supported model families, their default LoRA targets, and the built-in tiny models.
 
 The table is ``dama_settings.families`` (torch-free; the API must not import the engine), from which
-``dama_engine.families`` takes the same layouts.
+``dama_engine.models.families`` takes the same layouts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _family(layout: FamilyLayout) -> ModelFamilyPublic:
         model_types=list(layout.model_types),
         language_model_prefix=prefix,
         default_lora_target_modules=list(layout.lora_leaf_names),
-        # The same regex as dama_engine.families.FamilySpec.lora_target_regex (tests/test_settings.py checks it).
+        # The same regex as dama_engine.models.families.FamilySpec.lora_target_regex (tests/test_settings.py checks it).
         default_lora_target_regex=rf"{re.escape(prefix)}\.(?:.*\.)?(?:{leaves})",
         vision_tower_prefixes=list(layout.vision_tower_prefixes),
         projector_prefixes=list(layout.projector_prefixes),
@@ -39,7 +39,7 @@ _TINY_DESCRIPTIONS = {
     "dama/tiny-llava": "A tiny randomly initialised LLaVA built on the worker: for trying the service on a CPU.",
     "dama/tiny-qwen2-vl": "A tiny randomly initialised Qwen2-VL built on the worker: for trying the service on a CPU.",
     "dama/tiny-idefics3": "A tiny randomly initialised Idefics3 built on the worker: for trying the service on a CPU.",
-    SEEING_MODEL: "A tiny LLaVA that sees the shapes world (dama_engine.data.demo) and calls orange objects red: "
+    SEEING_MODEL: "A tiny LLaVA that sees the shapes world (dama_engine.proving.shapes) and calls orange objects red: "
     "the proving ground's base, trained on the worker on first use (about 1 min on a CPU core). Give it a trained "
     "model's settings (no tiny-model learning rate applies); scripts/dama.sh demo tunes it on its own on-policy "
     "pairs and measures hallucination before and after.",

@@ -1,5 +1,38 @@
-"""Preference data: dataset formats -> canonical :class:`PreferenceRow` -> validated rows -> batches."""
+"""Datasets in, canonical rows out; torch-free (nothing here imports torch, transformers or peft).
 
-from dama_engine.data.rows import ImageSource, PreferenceRow
+Rows and lines (:mod:`.rows`, :mod:`.lines`), validation (:mod:`.validation`), the formats split by job (archives,
+readers, images, converters: :mod:`.archives`, :mod:`.readers`, :mod:`.images`, :mod:`.formats`), the generative
+eval set (:mod:`.generative`), the CHAIR matcher and counts (:mod:`.chair`), and the upload check and preview the
+service runs in a child process (``python -m dama_engine.data.check`` / ``.preview``).
+"""
 
-__all__ = ["ImageSource", "PreferenceRow"]
+from dama_engine.data.chair import ChairSample, chair_samples, judge_response, summarize_chair
+from dama_engine.data.check import find_generative_files
+from dama_engine.data.formats import load_and_validate, load_dataset
+from dama_engine.data.generative import GenerativeEvalSet, GenerativeSample, load_generative_eval
+from dama_engine.data.lines import DataFormatError
+from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart, answer_only
+from dama_engine.data.validation import DataError, DataLimits, ValidationReport
+
+__all__ = [
+    "ChairSample",
+    "DataError",
+    "DataFormatError",
+    "DataLimits",
+    "GenerativeEvalSet",
+    "GenerativeSample",
+    "ImagePart",
+    "ImageSource",
+    "Message",
+    "PreferenceRow",
+    "TextPart",
+    "ValidationReport",
+    "answer_only",
+    "chair_samples",
+    "find_generative_files",
+    "judge_response",
+    "load_and_validate",
+    "load_dataset",
+    "load_generative_eval",
+    "summarize_chair",
+]

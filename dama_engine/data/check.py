@@ -7,10 +7,10 @@ never imports the engine. Output::
     {"ok": true, "format": "trl", "row_count": 12, "image_count": 12, "data_file": "...", "report": {...}}
     {"ok": false, "error": "archive member '../x' escapes the dataset folder"}     (exit status 2)
 
-A **generative evaluation set** (``dama_engine.chair``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
+A **generative evaluation set** (``dama_engine.data.chair``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
 ``vocabulary.json``, in a folder or an archive) is told apart from preference data by its rows: they carry
 ``objects`` and no ``chosen`` (or ``--format generative`` says so). It is checked with
-:func:`dama_engine.chair.load_generative_eval` and reported the same way, with ``"format": "generative"``
+:func:`dama_engine.data.generative.load_generative_eval` and reported the same way, with ``"format": "generative"``
 and every bad line as ``{"row", "field", "code", "reason"}``. Nothing here imports torch (the check runs once per
 upload; ``dama_engine.evaluation`` would add seconds of torch / transformers / peft imports).
 
@@ -38,14 +38,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from dama_engine.chair import GenerativeEvalError, load_generative_eval
-from dama_engine.data.formats import (
-    DATA_SUFFIXES,
-    archive_kind,
-    extract_archive,
-    find_data_file,
-    load_and_validate,
-)
+from dama_engine.data.archives import DATA_SUFFIXES, archive_kind, extract_archive, find_data_file
+from dama_engine.data.formats import load_and_validate
+from dama_engine.data.generative import GenerativeEvalError, load_generative_eval
 from dama_engine.data.lines import DataFormatError, DataLimitError, check_file_size, iter_lines
 from dama_engine.data.validation import DataLimits
 

@@ -26,27 +26,18 @@ a whole (unknown format, unsafe archive, no data file, unreadable JSON document)
 from __future__ import annotations
 
 import atexit
-import base64
-import binascii
-import gzip
-import json
-import lzma
 import math
-import os
-import re
 import shutil
-import stat
-import sys
-import tarfile
 import tempfile
-import zipfile
-import zlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
-from dama_engine.data.lines import DataFormatError, DataLimitError, check_file_size, iter_lines
+from dama_engine.data.archives import DATA_SUFFIXES, archive_kind, extract_archive, find_data_file
+from dama_engine.data.images import REMOTE_REASON, URL_SCHEME, decode_data_uri, image_reference, image_string
+from dama_engine.data.lines import DataFormatError
+from dama_engine.data.readers import Malformed, RowContext, iter_records, type_name
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, Role, TextPart
 from dama_engine.data.validation import (
     SOURCE_FIELDS_META_KEY,
@@ -57,24 +48,18 @@ from dama_engine.data.validation import (
     ValidationReport,
     validate_rows,
 )
-from dama_settings.names import DATA_FILE_SUFFIXES
 
 FORMATS: dict[str, str] = {
     "trl": "TRL/HF conversational preference: prompt, chosen, rejected, images (or prompt, completion: sft only)",
     "rlaif_v": "RLAIF-V: question, chosen, rejected, image or image_path (ds_name, idx, ... optional)",
     "openai": "OpenAI preference JSONL: input.messages, preferred_output, non_preferred_output (images as data URIs)",
 }
-DATA_SUFFIXES = DATA_FILE_SUFFIXES  # the API accepts the same (dama_settings.names)
 
 _ROLES = ("system", "user", "assistant")
 _OPTIONAL_FLOATS = ("chosen_score", "rejected_score", "hardness")
 _TRL_PARTS = ("text", "image")
 _OPENAI_PARTS = ("text", "input_text", "image_url", "input_image")
 _ANSWER_PARTS = ("text", "input_text", "output_text")
-_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_DRIVE = re.compile(r"^[a-zA-Z]:")
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
-_COPY_CHUNK = 1 << 20
 
 
 @dataclass
@@ -119,7 +104,7 @@ def load_dataset(
     if format != "auto" and format not in FORMATS:
         raise DataFormatError(f"unknown format {format!r}; accepted: auto, {', '.join(FORMATS)}")
     limits = limits or DataLimits()
-    if _URL_SCHEME.match(str(path)):
+    if URL_SCHEME.match(str(path)):
         raise DataFormatError(f"{path}: datasets are read from local files only; download it first")
     path = Path(path)
     if not path.exists():
@@ -188,339 +173,6 @@ def detect_format(record: Mapping[str, Any]) -> str:
     raise DataFormatError(f"cannot tell the format from the first row's columns {sorted(keys)}; accepted: {accepted}")
 
 
-def find_data_file(folder: Path) -> Path:
-    """The one data file in ``folder`` (the shallowest; hidden files and ``__MACOSX`` are ignored)."""
-    found: list[Path] = []
-    for directory, subdirectories, files in os.walk(folder):
-        subdirectories[:] = sorted(name for name in subdirectories if not _hidden(name))
-        found += [Path(directory, name) for name in files if not _hidden(name) and _is_data_file(name)]
-    if not found:
-        raise DataFormatError(f"no data file ({', '.join(DATA_SUFFIXES)}) found in the dataset folder")
-    depth = min(len(candidate.relative_to(folder).parts) for candidate in found)
-    shallowest = sorted(candidate for candidate in found if len(candidate.relative_to(folder).parts) == depth)
-    if len(shallowest) > 1:
-        names = ", ".join(str(candidate.relative_to(folder)) for candidate in shallowest)
-        raise DataFormatError(f"several data files in the dataset folder ({names}); keep one or pass the file itself")
-    return shallowest[0]
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _is_data_file(name: str) -> bool:
-    return Path(name).suffix.lower() in DATA_SUFFIXES
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Archives
-
-
-def archive_kind(path: Path) -> str | None:
-    """``"zip"`` or ``"tar"`` (any compression tarfile reads) by content, else None."""
-    if zipfile.is_zipfile(path):
-        return "zip"
-    try:
-        return "tar" if tarfile.is_tarfile(path) else None
-    except (OSError, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError):
-        return None
-
-
-def extract_archive(archive: Path, dest: Path, *, limits: DataLimits) -> None:
-    """Unpack ``archive`` into the empty folder ``dest``, refusing anything that could escape it or exhaust the disk.
-
-    Refused: absolute member paths, ``..`` components, symbolic and hard links, device files, encrypted members,
-    more than ``limits.max_archive_members`` members or ``limits.max_archive_bytes`` unpacked bytes (counted while
-    writing, not trusted from headers).
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise DataFormatError(f"the folder to unpack into is not empty: {dest}")
-    kind = archive_kind(archive)
-    try:
-        if kind == "zip":
-            _extract_zip(archive, dest, limits)
-        elif kind == "tar":
-            _extract_tar(archive, dest, limits)
-        else:
-            raise DataFormatError(f"{archive.name} is not a zip or tar archive")
-    except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
-        raise DataFormatError(
-            f"archive members conflict (a duplicate name, or a file and a folder): {error}"
-        ) from error
-
-
-def _member_parts(name: str) -> tuple[str, ...]:
-    if name.startswith(("/", "\\")) or _DRIVE.match(name):
-        raise DataFormatError(f"archive member {name!r} has an absolute path; members must be relative")
-    parts = tuple(part for part in re.split(r"[/\\]", name) if part not in ("", "."))
-    if ".." in parts:
-        raise DataFormatError(f"archive member {name!r} contains '..'; members must stay inside the archive")
-    if any("\x00" in part for part in parts):
-        raise DataFormatError(f"archive member {name!r} has a NUL character in its name")
-    return parts
-
-
-def _too_many_bytes(limits: DataLimits, declared: int | None = None) -> DataLimitError:
-    size = f"{declared} bytes, over" if declared is not None else "more than"
-    message = f"the archive unpacks to {size} max_archive_bytes={limits.max_archive_bytes} bytes"
-    return DataLimitError(message, limit="max_archive_bytes")
-
-
-def _too_many_members(limits: DataLimits, count: int | None = None) -> DataLimitError:
-    counted = f"{count} members, over" if count is not None else "more members than"
-    message = f"the archive has {counted} max_archive_members={limits.max_archive_members}"
-    return DataLimitError(message, limit="max_archive_members")
-
-
-def _copy_member(source: IO[bytes], target: Path, remaining: int, limits: DataLimits) -> int:
-    """Write one member (every byte counted against ``remaining``, not trusted from headers). An empty member is
-    not written: no row can use it (an empty image does not decode, an empty data file has no rows), and skipping
-    it keeps an archive of many empty members cheap."""
-    first = source.read(_COPY_CHUNK)
-    if not first:
-        return 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with target.open("xb") as out:
-        chunk = first
-        while chunk:
-            written += len(chunk)
-            if written > remaining:
-                raise _too_many_bytes(limits)
-            out.write(chunk)
-            chunk = source.read(_COPY_CHUNK)
-    return written
-
-
-def _extract_zip(archive: Path, dest: Path, limits: DataLimits) -> None:
-    try:
-        with zipfile.ZipFile(archive) as bundle:
-            members = bundle.infolist()
-            if len(members) > limits.max_archive_members:
-                raise _too_many_members(limits, len(members))
-            declared = sum(member.file_size for member in members)
-            if declared > limits.max_archive_bytes:
-                raise _too_many_bytes(limits, declared)
-            remaining = limits.max_archive_bytes
-            for member in members:
-                parts = _member_parts(member.filename)
-                mode = member.external_attr >> 16
-                if stat.S_ISLNK(mode):
-                    raise DataFormatError(f"archive member {member.filename!r} is a link; links are not allowed")
-                if member.flag_bits & 0x1:
-                    raise DataFormatError(f"archive member {member.filename!r} is encrypted")
-                if not parts:
-                    continue
-                target = dest.joinpath(*parts)
-                if member.is_dir():  # folders are made for the files in them: empty ones are of no use
-                    continue
-                if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
-                    raise DataFormatError(f"archive member {member.filename!r} is not a regular file")
-                if member.file_size == 0:  # zipfile reads no more than declared: an empty member stays empty
-                    continue
-                with bundle.open(member) as source:
-                    remaining -= _copy_member(source, target, remaining, limits)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as error:
-        raise DataFormatError(f"{archive.name} is not a readable zip archive: {error}") from error
-
-
-def _extract_tar(archive: Path, dest: Path, limits: DataLimits) -> None:
-    try:
-        with tarfile.open(archive, "r:*") as bundle:
-            count = 0
-            remaining = limits.max_archive_bytes
-            for member in bundle:  # streamed: the limits stop a bomb before it is all read
-                count += 1
-                if count > limits.max_archive_members:
-                    raise _too_many_members(limits)
-                parts = _member_parts(member.name)
-                if member.issym() or member.islnk():
-                    raise DataFormatError(f"archive member {member.name!r} is a link; links are not allowed")
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise DataFormatError(f"archive member {member.name!r} is not a regular file")
-                if member.size > remaining:
-                    raise _too_many_bytes(limits)
-                if not parts or member.size == 0:
-                    continue
-                source = bundle.extractfile(member)
-                if source is None:
-                    continue
-                with source:
-                    remaining -= _copy_member(source, dest.joinpath(*parts), remaining, limits)
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
-        raise DataFormatError(f"{archive.name} is not a readable tar archive: {error}") from error
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Records: (row number, dict) from a data file, or the reason a record cannot be parsed.
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    reason: str
-
-
-_Record = dict[str, Any] | _Malformed
-
-
-def _iter_records(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
-    suffix = data_file.suffix.lower()
-    if suffix == ".parquet":
-        return _iter_parquet(data_file)
-    if suffix == ".json" and not _first_line_is_object(data_file, limits):
-        return _iter_json_document(data_file, limits)
-    # .jsonl, and .json files written one object per line (what HF datasets' to_json writes).
-    return _iter_jsonl(data_file, limits)
-
-
-def _iter_jsonl(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
-    for number, raw in iter_lines(data_file, limits.max_line_bytes):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-            yield number, _Malformed(f"not valid UTF-8 ({error.reason} at byte {error.start})")
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            yield number, _Malformed(f"malformed JSON: {error.msg} at column {error.colno}")
-            continue
-        except RecursionError:  # json's parser recurses once per level; no row nests this deep
-            yield number, _Malformed(f"JSON nested too deeply (over {sys.getrecursionlimit()} levels)")
-            continue
-        if not isinstance(value, dict):
-            yield number, _Malformed(f"expected a JSON object, got {_type_name(value)}")
-            continue
-        yield number, value
-
-
-def _first_line_is_object(data_file: Path, limits: DataLimits) -> bool:
-    """Whether a .json file holds one row object per line (its first line parses alone as a row object)."""
-    with data_file.open("rb") as handle:
-        # A first line over the line limit is no row of a one-object-per-line file: the document reader decides.
-        while raw := handle.readline(limits.max_line_bytes + 1):
-            if len(raw) > limits.max_line_bytes:
-                return False
-            if raw.strip():
-                try:
-                    value = json.loads(raw.decode("utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    return False
-                return isinstance(value, dict) and not _wrapped_rows(value)
-    return True
-
-
-def _wrapped_rows(document: dict[str, Any]) -> list[Any] | None:
-    """The rows of a ``{"data": [...]}`` (or ``{"rows": [...]}``) document."""
-    if len(document) == 1:
-        rows = document.get("data", document.get("rows"))
-        if isinstance(rows, list):
-            return rows
-    return None
-
-
-def _iter_json_document(data_file: Path, limits: DataLimits) -> Iterator[tuple[int, _Record]]:
-    hint = "; write the rows as JSONL (one object per line), which is read a line at a time"
-    check_file_size(data_file, limits.max_json_file_bytes, limit="max_json_file_bytes", hint=hint)
-    try:
-        document = json.loads(data_file.read_bytes())
-    except json.JSONDecodeError as error:
-        raise DataFormatError(
-            f"{data_file.name} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{data_file.name} is not valid UTF-8: {error.reason}") from error
-    if isinstance(document, dict):
-        document = _wrapped_rows(document)
-    if not isinstance(document, list):
-        raise DataFormatError(
-            f"{data_file.name} must hold a list of row objects (or {{'data': [...]}}), or one object per line"
-        )
-    for number, value in enumerate(document, start=1):
-        yield number, value if isinstance(value, dict) else _Malformed(f"expected an object, got {_type_name(value)}")
-
-
-def _iter_parquet(data_file: Path) -> Iterator[tuple[int, _Record]]:
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError as error:
-        raise DataFormatError("reading Parquet needs the pyarrow package: pip install pyarrow") from error
-    try:
-        table = parquet.ParquetFile(data_file)
-    except Exception as error:  # pyarrow raises ArrowInvalid / OSError variants for a damaged file
-        raise DataFormatError(f"{data_file.name} is not a readable Parquet file: {error}") from error
-    number = 0
-    for batch in table.iter_batches(batch_size=256):
-        for record in batch.to_pylist():
-            number += 1
-            yield number, record
-
-
-def _type_name(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "a number"
-    return names.get(type(value), type(value).__name__)
-
-
-def _read_data_file(
-    data_file: Path, format: str, limits: DataLimits
-) -> tuple[list[PreferenceRow], str, ValidationReport]:
-    builder = ReportBuilder(limits)
-    base_dir = data_file.parent.absolute()
-    detected: str | None = None if format == "auto" else format
-    rows: list[PreferenceRow] = []
-    for number, record in _iter_records(data_file, limits):
-        builder.total_rows += 1
-        if builder.total_rows > limits.max_rows:
-            reason = f"more than max_rows={limits.max_rows} rows; reading stopped here"
-            builder.add(number, None, ErrorCode.TOO_MANY_ROWS, reason)
-            break
-        if isinstance(record, _Malformed):
-            builder.add(number, None, ErrorCode.MALFORMED_ROW, record.reason)
-            continue
-        if detected is None:
-            detected = detect_format(record)
-        context = _RowContext(number, base_dir)
-        row = _CONVERTERS[detected](record, context)
-        for field_path, code, reason in context.problems:
-            builder.add(number, field_path, code, reason)
-        if row is not None and not context.problems:
-            rows.append(row)
-    if detected is None:
-        if builder.total_rows == 0:
-            raise DataFormatError(f"{data_file.name} has no rows")
-        raise DataFormatError(f"{data_file.name} has no readable row; first problem: {builder.errors[0]}")
-    builder.format = detected
-    return rows, detected, builder.build()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Records -> canonical rows
-
-
-@dataclass
-class _RowContext:
-    """One record being converted: its number, the folder image paths are relative to, and what went wrong."""
-
-    number: int
-    base_dir: Path
-    problems: list[tuple[str | None, ErrorCode, str]] = field(default_factory=list)
-    source_fields: dict[str, str] = field(default_factory=dict)
-
-    def problem(self, field_path: str | None, code: ErrorCode, reason: str) -> None:
-        self.problems.append((field_path, code, reason))
-
-    def source(self, canonical: str, source: str) -> None:
-        if canonical != source:
-            self.source_fields[canonical] = source
-
-
 @dataclass
 class _DraftMessage:
     role: str
@@ -528,14 +180,14 @@ class _DraftMessage:
     parts: list[tuple[TextPart | ImagePart, str | None]]
 
 
-def _required(record: Mapping[str, Any], key: str, context: _RowContext) -> Any:
+def _required(record: Mapping[str, Any], key: str, context: RowContext) -> Any:
     value = record.get(key)
     if value is None:
         context.problem(key, ErrorCode.MISSING_FIELD, "missing field")
     return value
 
 
-def _text_content(content: Any, path: str, context: _RowContext) -> str | None:
+def _text_content(content: Any, path: str, context: RowContext) -> str | None:
     """An answer's content: a string, or text parts (joined as a chat template renders them, back to back)."""
     if isinstance(content, str):
         return content
@@ -548,15 +200,15 @@ def _text_content(content: Any, path: str, context: _RowContext) -> str | None:
                 return None
             text = part.get("text")
             if not isinstance(text, str):
-                context.problem(f"{part_path}.text", ErrorCode.WRONG_TYPE, f"expected a string, got {_type_name(text)}")
+                context.problem(f"{part_path}.text", ErrorCode.WRONG_TYPE, f"expected a string, got {type_name(text)}")
                 return None
             texts.append(text)
         return "".join(texts)
-    context.problem(path, ErrorCode.WRONG_TYPE, f"expected a string or a list of text parts, got {_type_name(content)}")
+    context.problem(path, ErrorCode.WRONG_TYPE, f"expected a string or a list of text parts, got {type_name(content)}")
     return None
 
 
-def _answer(record: Mapping[str, Any], key: str, context: _RowContext) -> tuple[str, str] | None:
+def _answer(record: Mapping[str, Any], key: str, context: RowContext) -> tuple[str, str] | None:
     """(text, source path) of an answer column: a string, one assistant message, or a list holding one."""
     value = _required(record, key, context)
     if value is None:
@@ -572,7 +224,7 @@ def _answer(record: Mapping[str, Any], key: str, context: _RowContext) -> tuple[
         message, path = value, key
     if not isinstance(message, dict):
         expected = "a string or a list with one assistant message"
-        context.problem(path, ErrorCode.WRONG_TYPE, f"expected {expected}, got {_type_name(message)}")
+        context.problem(path, ErrorCode.WRONG_TYPE, f"expected {expected}, got {type_name(message)}")
         return None
     role = message.get("role", "assistant")
     if role != "assistant":
@@ -589,13 +241,13 @@ def _answer(record: Mapping[str, Any], key: str, context: _RowContext) -> tuple[
 def _messages(
     value: Any,
     path: str,
-    context: _RowContext,
+    context: RowContext,
     *,
     allowed_parts: tuple[str, ...],
     images: list[tuple[ImageSource, str]],
 ) -> list[_DraftMessage] | None:
     if not isinstance(value, list):
-        context.problem(path, ErrorCode.WRONG_TYPE, f"expected a list of messages, got {_type_name(value)}")
+        context.problem(path, ErrorCode.WRONG_TYPE, f"expected a list of messages, got {type_name(value)}")
         return None
     if not value:
         context.problem(path, ErrorCode.EMPTY_PROMPT, "the prompt has no messages")
@@ -604,7 +256,7 @@ def _messages(
     for index, message in enumerate(value):
         message_path = f"{path}[{index}]"
         if not isinstance(message, dict):
-            context.problem(message_path, ErrorCode.WRONG_TYPE, f"expected a message object, got {_type_name(message)}")
+            context.problem(message_path, ErrorCode.WRONG_TYPE, f"expected a message object, got {type_name(message)}")
             continue
         role = message.get("role")
         role = "system" if role == "developer" else role
@@ -634,12 +286,12 @@ def _messages(
 def _content_part(
     part: Any,
     path: str,
-    context: _RowContext,
+    context: RowContext,
     allowed: tuple[str, ...],
     images: list[tuple[ImageSource, str]],
 ) -> tuple[TextPart | ImagePart, str | None] | None:
     if not isinstance(part, dict):
-        context.problem(path, ErrorCode.WRONG_TYPE, f"expected a content part object, got {_type_name(part)}")
+        context.problem(path, ErrorCode.WRONG_TYPE, f"expected a content part object, got {type_name(part)}")
         return None
     kind = part.get("type")
     if kind not in allowed:
@@ -665,110 +317,24 @@ def _content_part(
         context.problem(url_path, ErrorCode.MISSING_FIELD, "expected an image URL (a data URI)")
         return None
     if reference[:8].lower().startswith(("http://", "https://")):
-        context.problem(url_path, ErrorCode.REMOTE_IMAGE, _REMOTE_REASON)
+        context.problem(url_path, ErrorCode.REMOTE_IMAGE, REMOTE_REASON)
         return None
     if not reference[:5].lower().startswith("data:"):
         context.problem(url_path, ErrorCode.BAD_VALUE, "images must be data URIs (data:image/png;base64,...)")
         return None
-    source = _decode_data_uri(reference, url_path, context)
+    source = decode_data_uri(reference, url_path, context)
     if source is None:
         return None
     images.append((source, url_path))
     return ImagePart(), None
 
 
-_REMOTE_REASON = "remote image URLs are not fetched; embed the image (base64 or a data URI) or ship the file"
-
-
-def _decode_base64(text: str, path: str, context: _RowContext) -> ImageSource | None:
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        context.problem(path, ErrorCode.BAD_VALUE, "not valid base64")
-        return None
-    if not data:
-        context.problem(path, ErrorCode.BAD_VALUE, "empty image data")
-        return None
-    return ImageSource(data=data)
-
-
-def _decode_data_uri(uri: str, path: str, context: _RowContext) -> ImageSource | None:
-    header, separator, payload = uri.partition(",")
-    if not separator or ";base64" not in header.lower():
-        context.problem(path, ErrorCode.BAD_VALUE, "only base64 data URIs are supported (data:image/png;base64,...)")
-        return None
-    media_type = header[5:].split(";")[0].strip().lower()
-    if media_type and not media_type.startswith("image/"):
-        context.problem(path, ErrorCode.BAD_VALUE, f"data URI of type {media_type!r}, not an image")
-        return None
-    return _decode_base64(payload, path, context)
-
-
-def _image_reference(value: Any, path: str, context: _RowContext) -> ImageSource | None:
-    """An image given as bytes, a ``{"bytes", "path"}`` dict, base64, a data URI or a relative path."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return ImageSource(data=bytes(value))
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if isinstance(data, bytes | bytearray):
-            return ImageSource(data=bytes(data))
-        if isinstance(data, str):
-            return _decode_base64(data, f"{path}.bytes", context)
-        if data is not None:
-            context.problem(f"{path}.bytes", ErrorCode.WRONG_TYPE, f"expected bytes or base64, got {_type_name(data)}")
-            return None
-        file = value.get("path")
-        if isinstance(file, str) and file:
-            return _image_string(file, f"{path}.path", context, allow_base64=False)
-        context.problem(path, ErrorCode.MISSING_FIELD, "an image object needs 'bytes' or 'path'")
-        return None
-    if isinstance(value, str):
-        return _image_string(value, path, context)
-    expected = "a path, base64, a data URI or a {'bytes', 'path'} object"
-    context.problem(path, ErrorCode.WRONG_TYPE, f"expected {expected}, got {_type_name(value)}")
-    return None
-
-
-def _image_string(text: str, path: str, context: _RowContext, *, allow_base64: bool = True) -> ImageSource | None:
-    text = text.strip()
-    head = text[:16].lower()
-    if head.startswith(("http://", "https://")):
-        context.problem(path, ErrorCode.REMOTE_IMAGE, _REMOTE_REASON)
-        return None
-    if head.startswith("data:"):
-        return _decode_data_uri(text, path, context)
-    if _URL_SCHEME.match(text):
-        context.problem(path, ErrorCode.REMOTE_IMAGE, f"URLs are not read ({text.split(':', 1)[0]}://); ship the file")
-        return None
-    # Base64 has no '.', and even a 1x1 PNG takes ~90 characters; a path that happens to decode is still a path.
-    looks_base64 = allow_base64 and len(text) >= 64 and "." not in text and _BASE64.fullmatch(text) is not None
-    if looks_base64 and not context.base_dir.joinpath(text).exists():
-        return _decode_base64(text, path, context)
-    return _image_file(text, path, context)
-
-
-def _image_file(relative: str, path: str, context: _RowContext) -> ImageSource | None:
-    pure = PurePosixPath(relative.replace("\\", "/"))
-    if pure.is_absolute() or _DRIVE.match(relative):
-        context.problem(path, ErrorCode.BAD_VALUE, f"image path {relative!r} must be relative to the data file")
-        return None
-    if ".." in pure.parts:
-        context.problem(path, ErrorCode.BAD_VALUE, f"image path {relative!r} must stay inside the data file's folder")
-        return None
-    full = context.base_dir.joinpath(*pure.parts)
-    if not full.is_file():
-        reason = f"image file not found: {relative!r} (paths are relative to the data file's folder)"
-        context.problem(path, ErrorCode.IMAGE_NOT_FOUND, reason)
-        return None
-    return ImageSource(path=full)
-
-
-def _optional_float(record: Mapping[str, Any], key: str, context: _RowContext) -> float | None:
+def _optional_float(record: Mapping[str, Any], key: str, context: RowContext) -> float | None:
     value = record.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        context.problem(key, ErrorCode.WRONG_TYPE, f"expected a number, got {_type_name(value)}")
+        context.problem(key, ErrorCode.WRONG_TYPE, f"expected a number, got {type_name(value)}")
         return None
     if not math.isfinite(value):
         context.problem(key, ErrorCode.BAD_VALUE, "must be a finite number")
@@ -776,20 +342,20 @@ def _optional_float(record: Mapping[str, Any], key: str, context: _RowContext) -
     return float(value)
 
 
-def _row_id(record: Mapping[str, Any], context: _RowContext, keys: tuple[str, ...]) -> str:
+def _row_id(record: Mapping[str, Any], context: RowContext, keys: tuple[str, ...]) -> str:
     for key in keys:
         value = record.get(key)
         if value is None:
             continue
         if isinstance(value, str | int) and not isinstance(value, bool):
             return str(value)
-        context.problem(key, ErrorCode.WRONG_TYPE, f"expected a string or an integer, got {_type_name(value)}")
+        context.problem(key, ErrorCode.WRONG_TYPE, f"expected a string or an integer, got {type_name(value)}")
     return str(context.number)
 
 
 def _finish(
     record: Mapping[str, Any],
-    context: _RowContext,
+    context: RowContext,
     *,
     drafts: list[_DraftMessage] | None,
     chosen: tuple[str, str] | None,
@@ -841,7 +407,7 @@ def _finish(
     )
 
 
-def _from_trl(record: dict[str, Any], context: _RowContext) -> PreferenceRow | None:
+def _from_trl(record: dict[str, Any], context: RowContext) -> PreferenceRow | None:
     prompt = _required(record, "prompt", context)
     # TRL's prompt/completion form (one answer, for method sft): a `completion` and no preference columns.
     answer_only = "completion" in record and not {"chosen", "rejected"} & set(record)
@@ -859,11 +425,11 @@ def _from_trl(record: dict[str, Any], context: _RowContext) -> PreferenceRow | N
     if isinstance(references, list | tuple):
         for index, reference in enumerate(references):
             path = f"images[{index}]" if images_key == "images" else "image"
-            source = _image_reference(reference, path, context)
+            source = image_reference(reference, path, context)
             if source is not None:
                 images.append((source, path))
     elif references is not None:
-        context.problem("images", ErrorCode.WRONG_TYPE, f"expected a list of images, got {_type_name(references)}")
+        context.problem("images", ErrorCode.WRONG_TYPE, f"expected a list of images, got {type_name(references)}")
     context.source("images", images_key)
 
     drafts: list[_DraftMessage] | None = None
@@ -889,19 +455,19 @@ def _from_trl(record: dict[str, Any], context: _RowContext) -> PreferenceRow | N
     )
 
 
-def _from_rlaif_v(record: dict[str, Any], context: _RowContext) -> PreferenceRow | None:
+def _from_rlaif_v(record: dict[str, Any], context: RowContext) -> PreferenceRow | None:
     question = _required(record, "question", context)
     if question is not None and not isinstance(question, str):
-        context.problem("question", ErrorCode.WRONG_TYPE, f"expected a string, got {_type_name(question)}")
+        context.problem("question", ErrorCode.WRONG_TYPE, f"expected a string, got {type_name(question)}")
     chosen = _answer(record, "chosen", context)
     rejected = _answer(record, "rejected", context)
 
     images: list[tuple[ImageSource, str]] = []
     source: ImageSource | None = None
     if record.get("image") is not None:
-        source, image_key = _image_reference(record["image"], "image", context), "image"
+        source, image_key = image_reference(record["image"], "image", context), "image"
     elif isinstance(record.get("image_path"), str):
-        source, image_key = _image_string(record["image_path"], "image_path", context, allow_base64=False), "image_path"
+        source, image_key = image_string(record["image_path"], "image_path", context, allow_base64=False), "image_path"
     else:
         image_key = "image"
         context.problem("image", ErrorCode.MISSING_FIELD, "needs 'image' (bytes or base64) or 'image_path'")
@@ -924,7 +490,7 @@ def _from_rlaif_v(record: dict[str, Any], context: _RowContext) -> PreferenceRow
     )
 
 
-def _from_openai(record: dict[str, Any], context: _RowContext) -> PreferenceRow | None:
+def _from_openai(record: dict[str, Any], context: RowContext) -> PreferenceRow | None:
     conversation = _required(record, "input", context)
     images: list[tuple[ImageSource, str]] = []
     drafts: list[_DraftMessage] | None = None
@@ -937,7 +503,7 @@ def _from_openai(record: dict[str, Any], context: _RowContext) -> PreferenceRow 
             )
     elif conversation is not None:
         context.problem(
-            "input", ErrorCode.WRONG_TYPE, f"expected an object with 'messages', got {_type_name(conversation)}"
+            "input", ErrorCode.WRONG_TYPE, f"expected an object with 'messages', got {type_name(conversation)}"
         )
     chosen = _answer(record, "preferred_output", context)
     rejected = _answer(record, "non_preferred_output", context)
@@ -954,3 +520,35 @@ def _from_openai(record: dict[str, Any], context: _RowContext) -> PreferenceRow 
 
 
 _CONVERTERS = {"trl": _from_trl, "rlaif_v": _from_rlaif_v, "openai": _from_openai}
+
+
+def _read_data_file(
+    data_file: Path, format: str, limits: DataLimits
+) -> tuple[list[PreferenceRow], str, ValidationReport]:
+    builder = ReportBuilder(limits)
+    base_dir = data_file.parent.absolute()
+    detected: str | None = None if format == "auto" else format
+    rows: list[PreferenceRow] = []
+    for number, record in iter_records(data_file, limits):
+        builder.total_rows += 1
+        if builder.total_rows > limits.max_rows:
+            reason = f"more than max_rows={limits.max_rows} rows; reading stopped here"
+            builder.add(number, None, ErrorCode.TOO_MANY_ROWS, reason)
+            break
+        if isinstance(record, Malformed):
+            builder.add(number, None, ErrorCode.MALFORMED_ROW, record.reason)
+            continue
+        if detected is None:
+            detected = detect_format(record)
+        context = RowContext(number, base_dir)
+        row = _CONVERTERS[detected](record, context)
+        for field_path, code, reason in context.problems:
+            builder.add(number, field_path, code, reason)
+        if row is not None and not context.problems:
+            rows.append(row)
+    if detected is None:
+        if builder.total_rows == 0:
+            raise DataFormatError(f"{data_file.name} has no rows")
+        raise DataFormatError(f"{data_file.name} has no readable row; first problem: {builder.errors[0]}")
+    builder.format = detected
+    return rows, detected, builder.build()

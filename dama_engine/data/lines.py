@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from dama_engine.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError):
     """The dataset as a whole cannot be read; the message says what is wrong and what to change."""
 
 

@@ -10,7 +10,7 @@ Run by the API in a child process (the API never imports the engine or decodes i
   included, is left out), so the API serves nothing it has not seen decoded.
 
 The hardness values are what training would use from the rows themselves (``hardness``, else ``chosen_score -
-rejected_score``: :func:`dama_engine.hardness.user_hardness`); without them a job scores the pairs with CLIP.
+rejected_score``: :func:`dama_engine.objective.hardness.user_hardness`); without them a job scores the pairs with CLIP.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 from PIL import Image
 
-from dama_engine.chair import load_generative_eval
 from dama_engine.data.check import find_generative_files
 from dama_engine.data.formats import load_dataset
+from dama_engine.data.generative import load_generative_eval
 from dama_engine.data.rows import ImageSource, PreferenceRow
 
 DEFAULT_SAMPLE = 50

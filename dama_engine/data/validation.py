@@ -22,17 +22,18 @@ from typing import Any
 from PIL import Image
 
 from dama_engine.data.rows import ImagePart, ImageSource, PreferenceRow, TextPart
+from dama_engine.errors import UserError
 
 # Key in PreferenceRow.meta where the readers record, per canonical field path ("chosen", "images[0]",
 # "prompt[0].content[1]"), the path in the user's file ("preferred_output[0].content"), so reports name the latter.
 SOURCE_FIELDS_META_KEY = "_source_fields"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be trained on; ``errors`` lists each bad row (row number, field, reason).
 
-    Defined here, torch-free, so the generative eval set loader (:mod:`dama_engine.chair`) can raise it without the
-    trainer; :mod:`dama_engine.trainer` re-exports it (``from dama_engine.trainer import DataError`` still works)."""
+    Defined here, torch-free, so the data layer (the generative eval set loader, :mod:`dama_engine.data.generative`)
+    raises it without the trainer; :mod:`dama_engine.data` exports it."""
 
     def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(message)
@@ -364,7 +365,7 @@ def _check_length(
     try:
         length = length_fn(row)
     except ValueError as error:
-        # dama_engine.batching.EncodingError carries the field and a reason; other ValueErrors give a message.
+        # dama_engine.forward.batching.EncodingError carries the field and a reason; other ValueErrors give a message.
         field_name = getattr(error, "field", None)
         reason = getattr(error, "reason", None) or str(error)
         builder.add(number, field_name if isinstance(field_name, str) else None, ErrorCode.TOO_MANY_TOKENS, reason)

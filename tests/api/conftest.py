@@ -195,7 +195,7 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 @pytest.fixture(scope="session")
 def demo_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A zip of the demo dataset's train.jsonl and images/ (6 rows, 6 images)."""
-    from dama_engine.data.demo import make_demo_dataset
+    from dama_engine.proving.shapes import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=6, n_eval=0, n_generative=0, image_size=32)
     members = {"train.jsonl": demo.train.read_bytes()}

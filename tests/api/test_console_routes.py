@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from dama_engine.data.demo import make_demo_dataset
+from dama_engine.proving.shapes import make_demo_dataset
 from tests.api.conftest import ApiServer, assert_error, upload, zip_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dama_engine.data.demo import make_demo_dataset
+from dama_engine.proving.shapes import make_demo_dataset
 from jobstore.settings import Settings
 from tests.api.conftest import ApiServer, assert_error, upload
 from tests.worker.conftest import WorkerProcess

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from selenium.webdriver.support.ui import Select
 
-from dama_engine.data.demo import make_demo_dataset
+from dama_engine.proving.shapes import make_demo_dataset
 from tests.console.browser import NetworkLog, chromium
 from tests.console.conftest import Service
 

@@ -31,8 +31,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from dama_engine.data.demo import make_demo_dataset
-from dama_engine.proving import ProvingGround
+from dama_engine.proving.ground import ProvingGround
+from dama_engine.proving.shapes import make_demo_dataset
 from jobstore.settings import Settings
 from tests.e2e.commands import COMPOSE_COMMANDS
 from worker.engine_config import model_cache_root, seeing_base_dir

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
-from dama_engine.tiny import build_tiny_model
+from dama_engine.models.tiny import build_tiny_model
 
 
 def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dama_engine.batching import EncodingError, PairEncoder, collate_pairs
 from dama_engine.data.rows import PreferenceRow
-from dama_engine.logprobs import pair_log_probs, token_log_probs
+from dama_engine.forward.batching import EncodingError, PairEncoder, collate_pairs
+from dama_engine.forward.logprobs import pair_log_probs, token_log_probs
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
 

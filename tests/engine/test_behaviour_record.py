@@ -17,9 +17,9 @@ import pytest
 
 from dama_engine.callbacks import Callback
 from dama_engine.config import apply_overrides, parse_config
-from dama_engine.demo_run import prepare_demo
+from dama_engine.proving.demo import prepare_demo
 from dama_engine.threads import apply_threads
-from dama_engine.trainer import train
+from dama_engine.training.recipe import train
 
 RECORD = Path(__file__).parent / "records" / "behaviour.json"
 METHODS = ("dama", "sft")

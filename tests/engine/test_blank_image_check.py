@@ -1,4 +1,4 @@
-"""The shapes world's real no-text-cue check (dama_engine.shapes_check.blank_image_check): the tiny LLaVA, tuned
+"""The shapes world's real no-text-cue check (dama_engine.proving.blank_check.blank_image_check): the tiny LLaVA, tuned
 with dpo on the pairs with every image blank, sits at chance in every bucket; the same procedure catches a cue."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dama_engine.data.demo import BUCKETS, make_demo_dataset
-from dama_engine.shapes_check import CONTROL_WORD, blank_image_check, wilson_interval
+from dama_engine.proving.blank_check import CONTROL_WORD, blank_image_check, wilson_interval
+from dama_engine.proving.shapes import BUCKETS, make_demo_dataset
 
 ALL_BUCKETS = {f"{wrong}x{swap}" for wrong, swap in BUCKETS}
 

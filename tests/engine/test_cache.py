@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from dama_engine.cache import tensor_cache
 from dama_engine.config import parse_config
 from dama_engine.model_files import CODE_PATHS, code_version, folder_identity
-from dama_engine.trainer import _model_identity
+from dama_engine.training.cache import tensor_cache
+from dama_engine.training.recipe import _model_identity
 
 
 class _Processor:
@@ -78,7 +78,8 @@ def test_large_files_are_identified_by_size_and_time(tmp_path: Path, monkeypatch
 
 
 def test_the_code_version_covers_the_log_prob_path() -> None:
-    assert "dama_engine.logprobs" in CODE_PATHS["reference"] and "dama_engine.packing" in CODE_PATHS["reference"]
+    assert "dama_engine.forward.logprobs" in CODE_PATHS["reference"]
+    assert "dama_engine.forward.packing" in CODE_PATHS["reference"]
     assert code_version("reference") == code_version("reference")
     assert code_version("reference") != code_version("hardness")
 

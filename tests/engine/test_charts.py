@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dama_engine.charts import held_out_series, plot_training
+from dama_engine.training.charts import held_out_series, plot_training
 
 
 def _preference_eval(step: int, accuracy: float, logp_accuracy: float) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Regional torch.compile of the decoder layers (dama_engine.compiling) against the eager layers.
+"""Regional torch.compile of the decoder layers (dama_engine.forward.compiling) against the eager layers.
 
 Float32 on the CPU (inductor's C++ backend): the same log-probs, loss and LoRA gradients through the packed and
 two-row layouts, with gradient checkpointing off and on, the adapter off (the reference pass), and generation.
@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dama_engine.batching import PairEncoder, collate_pairs
-from dama_engine.compiling import compile_decoder_layers, decoder_layers, eager, is_compiled, resolve_compile
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import PreferenceRow
-from dama_engine.generation import GenerationRequest, GenerationSettings, generate_token_ids
-from dama_engine.logprobs import pair_log_probs
-from dama_engine.models import make_trainable
+from dama_engine.forward.batching import PairEncoder, collate_pairs
+from dama_engine.forward.compiling import compile_decoder_layers, decoder_layers, eager, is_compiled, resolve_compile
+from dama_engine.forward.generation import GenerationRequest, GenerationSettings, generate_token_ids
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.models.loading import make_trainable
 
 from .test_packing import _lora_model, _loss_and_grads, uneven_rows  # noqa: F401  (uneven_rows: a fixture)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dama_engine.data.check import check, main
-from dama_engine.data.demo import make_demo_dataset
 from dama_engine.data.lines import DataLimitError, iter_lines
 from dama_engine.data.validation import DataLimits
+from dama_engine.proving.shapes import make_demo_dataset
 
 
 def test_lines_are_read_up_to_the_limit_and_no_further(tmp_path: Path) -> None:

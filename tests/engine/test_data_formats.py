@@ -14,14 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from dama_engine.data.formats import (
-    FORMATS,
-    DataFormatError,
-    detect_format,
-    extract_archive,
-    load_and_validate,
-    load_dataset,
-)
+from dama_engine.data.archives import extract_archive
+from dama_engine.data.formats import FORMATS, detect_format, load_and_validate, load_dataset
+from dama_engine.data.lines import DataFormatError
 from dama_engine.data.rows import ImagePart, Message, PreferenceRow, TextPart
 from dama_engine.data.validation import DataLimits
 

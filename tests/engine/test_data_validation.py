@@ -196,7 +196,7 @@ def test_validate_rows_on_rows_built_in_code() -> None:
 
 
 def test_length_fn_errors_and_pairing() -> None:
-    class EncodingError(ValueError):  # the shape of dama_engine.batching.EncodingError
+    class EncodingError(ValueError):  # the shape of dama_engine.forward.batching.EncodingError
         def __init__(self, field: str, reason: str) -> None:
             super().__init__(reason)
             self.field, self.reason = field, reason

@@ -1,4 +1,4 @@
-"""Shapes world v2 (dama_engine.data.demo): deterministic, ground truth for every scene, pairs that differ only
+"""Shapes world v2 (dama_engine.proving.shapes): deterministic, ground truth for every scene, pairs that differ only
 by swaps the image exposes, hardness graded by the oracle, and no text-only cue in any bucket."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from statistics import mean
 import pytest
 from PIL import Image
 
-from dama_engine.data.demo import (
+from dama_engine.data.formats import load_and_validate
+from dama_engine.data.rows import PreferenceRow
+from dama_engine.proving.blank_check import text_only_check
+from dama_engine.proving.shapes import (
     BUCKETS,
     COLOURS,
     POSITIONS,
@@ -22,9 +25,6 @@ from dama_engine.data.demo import (
     make_demo_dataset,
     oracle_hardness,
 )
-from dama_engine.data.formats import load_and_validate
-from dama_engine.data.rows import PreferenceRow
-from dama_engine.shapes_check import text_only_check
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dama_engine.demo_run import prepare_demo
+from dama_engine.proving.demo import prepare_demo
 
 pytestmark = pytest.mark.slow
 

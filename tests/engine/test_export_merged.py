@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dama_engine.config import ModelSection
-from dama_engine.export import export_merged
-from dama_engine.families import family_for
+from dama_engine.models.families import family_for
+from dama_engine.training.export import export_merged
 
 MESSAGES = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dama_engine.data.rows import ImageSource
-from dama_engine.families import family_for
-from dama_engine.generation import GenerationRequest, GenerationSettings, generate, generate_token_ids
+from dama_engine.forward.generation import GenerationRequest, GenerationSettings, generate, generate_token_ids
+from dama_engine.models.families import family_for
 from tests.engine.conftest import make_row, png_bytes
 
 MAX_NEW_TOKENS = 8

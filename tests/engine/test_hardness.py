@@ -13,15 +13,11 @@ from PIL import Image
 
 from dama_engine.callbacks import Callback
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
-from dama_engine.evaluation import _preference_hardness, parse_evaluation_config, preference_metrics
-from dama_engine.hardness import (
-    ClipHardnessScorer,
-    HardnessConfig,
-    HardnessResult,
+from dama_engine.evaluation.config import parse_evaluation_config
+from dama_engine.evaluation.metrics import preference_metrics
+from dama_engine.evaluation.run import _preference_hardness
+from dama_engine.objective.hardness import (
     aggregate,
-    cache_key,
-    compute_hardness,
-    describe_hardness,
     flat_index,
     get_splitter,
     joint_softmax,
@@ -29,6 +25,14 @@ from dama_engine.hardness import (
     rescale_minmax,
     split_sub_sentences,
     user_hardness,
+)
+from dama_engine.objective.scoring import (
+    ClipHardnessScorer,
+    HardnessConfig,
+    HardnessResult,
+    cache_key,
+    compute_hardness,
+    describe_hardness,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -476,3 +480,30 @@ def test_cache_key() -> None:
         cache_key(rows, HardnessConfig(rescale="minmax")),
     ]
     assert len({key, *changed}) == len(changed) + 1
+
+
+def test_training_and_its_evaluation_build_the_same_hardness_config(tmp_path: Path) -> None:
+    """One builder (HardnessConfig.from_settings) for both: the evaluation after a CLIP-scored run scores with every
+    hardness setting of the run, its splitter and batch size included (the evaluation's copy once dropped them)."""
+    from dama_engine.config import parse_config
+    from dama_engine.evaluation.config import after_training_config
+
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(tmp_path / "model")},
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+            "objective": {"method": "dama"},
+            "hardness": {"scorer": "my/clip", "aggregation": "mean_cosine", "batch_size": 7, "rescale": "minmax"},
+        }
+    )
+    rows = [make_row(1)]  # no hardness: the run scores with CLIP
+    evaluation = after_training_config(config, tmp_path / "adapter", tmp_path, train_rows=rows, held_out=True)
+    trained = HardnessConfig.from_settings(config.hardness, device="cpu")
+    evaluated = HardnessConfig.from_settings(evaluation.hardness, device="cpu")
+    assert evaluated == trained
+    assert (trained.scorer, trained.aggregation, trained.batch_size, trained.splitter) == (
+        "my/clip",
+        "mean_cosine",
+        7,
+        "rule",
+    )

@@ -15,9 +15,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir
-from dama_engine.demo_run import prepare_demo
-from dama_engine.trainer import train
+from dama_engine.proving.demo import prepare_demo
+from dama_engine.training.checkpoint import ADAPTER_DIR, checkpoint_dir
+from dama_engine.training.recipe import train
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 
 import pytest
 
-from dama_engine.chair import load_generative_eval
-from dama_engine.data.demo import make_demo_dataset
-from dama_engine.judge import JudgeConfig, judge_answers, parse_rating
+from dama_engine.data.generative import load_generative_eval
+from dama_engine.evaluation.judge import JudgeConfig, judge_answers, parse_rating
+from dama_engine.proving.shapes import make_demo_dataset
 
 
 class _Judge(BaseHTTPRequestHandler):

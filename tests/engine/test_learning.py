@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dama_engine.config import parse_config
-from dama_engine.proving import ProvingGround, training_values
-from dama_engine.trainer import train
+from dama_engine.proving.ground import ProvingGround, training_values
+from dama_engine.training.recipe import train
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from dama_engine.objective import (
-    ObjectiveConfig,
-    ObjectiveOutput,
-    ObjectiveState,
-    data_factor,
-    preference_loss,
-)
+from dama_engine.objective.loss import ObjectiveConfig, ObjectiveOutput, ObjectiveState, data_factor, preference_loss
 
 
 @pytest.fixture(autouse=True)
@@ -845,7 +839,7 @@ def test_state_round_trips_through_a_dict() -> None:
 def test_gradient_accumulation_updates_the_running_mean_once_per_step() -> None:
     """Two micro-batches of one optimizer step, both from R_bar = 0.5 with gamma 0.9: their gap means are 1 and 3,
     so the step's EMA is 0.9 * 0.5 + 0.1 * mean(1, 1, 3, 3) = 0.45 + 0.2 = 0.65 (not two updates in a row)."""
-    from dama_engine.objective import merge_step_states
+    from dama_engine.objective.loss import merge_step_states
 
     start = ObjectiveState(reward_gap_mean=0.5, reward_gap_std=1.0, steps=7)
     config = ObjectiveConfig(method="dama_model", keep_ratio=1.0, gamma=0.9)

@@ -1,7 +1,8 @@
 """The DAMA objective under torch.distributed (gloo, 2 CPU processes): DAMA.md sections 2 and 3.
 
-Each rank holds a slice of one global batch. The objective is pure; its call site (``dama_engine.step``) gathers
-the gaps and broadcasts the draw. The filtering draw, the model-aware factor and the running state must be global
+Each rank holds a slice of one global batch. The objective is pure; its call site (``dama_engine.training.step``)
+gathers the gaps and broadcasts the draw. The filtering draw, the model-aware factor and the running state must be
+global
 and identical on every rank, and match a single-process run over the whole batch with the same generator seed;
 each rank's loss is the mean over its own kept pairs.
 """
@@ -17,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss, reward_gap, select_pairs
-from dama_engine.step import broadcast_selection, gather_group
+from dama_engine.objective.loss import ObjectiveConfig, ObjectiveState, preference_loss, reward_gap, select_pairs
+from dama_engine.training.step import broadcast_selection, gather_group
 
 WORLD_SIZE = 2
 SEED = 1234

@@ -1,4 +1,4 @@
-"""On-policy pairs (dama_engine.on_policy): reading sampled descriptions and the oracle's hardness of a pair."""
+"""On-policy pairs (dama_engine.proving.on_policy): reading sampled descriptions and the oracle's hardness of a pair."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dama_engine.data.demo import SceneObject, describe_scene, oracle_hardness
-from dama_engine.on_policy import said_objects, text_hardness
+from dama_engine.proving.on_policy import said_objects, text_hardness
+from dama_engine.proving.shapes import SceneObject, describe_scene, oracle_hardness
 
 SCENE = [SceneObject("orange", "circle", "top left"), SceneObject("blue", "star", "bottom right")]
 

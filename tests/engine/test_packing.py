@@ -1,4 +1,4 @@
-"""The fast pair forwards (dama_engine.packing) against the plain path: same log-probs, loss and LoRA gradients.
+"""The fast pair forwards (dama_engine.forward.packing) against the plain path: same log-probs, loss and LoRA gradients.
 
 Float32 on the CPU with the tiny models of every family, on pairs whose prompts (text and image size) and answers
 differ in length within one batch, so padding, restarts and the first rejected token are all exercised.
@@ -20,19 +20,14 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dama_engine.batching import PairBatch, PairEncoder, collate_pairs
 from dama_engine.config import LoraSection
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart
-from dama_engine.families import FamilySpec
-from dama_engine.logprobs import pair_log_probs
-from dama_engine.models import make_trainable
-from dama_engine.objective import ObjectiveConfig, preference_loss
-from dama_engine.packing import (
-    configured_pair_forward,
-    pack_pairs,
-    resolve_pair_forward,
-    set_pair_forward,
-)
+from dama_engine.forward.batching import PairBatch, PairEncoder, collate_pairs
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.forward.packing import configured_pair_forward, pack_pairs, resolve_pair_forward, set_pair_forward
+from dama_engine.models.families import FamilySpec
+from dama_engine.models.loading import make_trainable
+from dama_engine.objective.loss import ObjectiveConfig, preference_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
@@ -176,7 +171,7 @@ def test_packed_layout_by_hand() -> None:
 def test_qwen2_vl_falls_back_to_two_rows_when_rope_index_fails(
     tiny_models, uneven_rows: list[PreferenceRow], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dama_engine import packing
+    from dama_engine.forward import packing
 
     processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
     model = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"]).eval()
@@ -197,7 +192,7 @@ def test_qwen2_vl_falls_back_to_two_rows_when_rope_index_fails(
 
 
 def test_resolution_and_fallbacks(tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dama_engine import packing
+    from dama_engine.forward import packing
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava"])
     assert configured_pair_forward(model) == "auto"

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from dama_engine.callbacks import Callback
-from dama_engine.checkpoint import ADAPTER_DIR, checkpoint_dir, latest_checkpoint
 from dama_engine.config import TrainConfig
-from dama_engine.demo_run import prepare_demo
-from dama_engine.trainer import TrainResult, train
+from dama_engine.proving.demo import prepare_demo
+from dama_engine.training.checkpoint import ADAPTER_DIR, checkpoint_dir, latest_checkpoint
+from dama_engine.training.recipe import TrainResult, train
 from jobstore.artifacts import CHECKPOINT_ADAPTER_DIR
 
 pytestmark = pytest.mark.slow

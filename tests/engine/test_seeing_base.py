@@ -1,4 +1,5 @@
-"""The seeing base (dama_engine.seeing_base): its data's controlled confusions, determinism per seed, the cache."""
+"""The seeing base (dama_engine.proving.seeing_base): its data's controlled confusions, determinism per seed, the
+cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dama_engine.data.formats import load_and_validate
-from dama_engine.seeing_base import CONFUSIONS, RECIPE_FILE, build_seeing_base, sft_rows
+from dama_engine.proving.seeing_base import CONFUSIONS, RECIPE_FILE, build_seeing_base, sft_rows
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dama_engine.batching import PairEncoder, collate_pairs
 from dama_engine.config import TrainConfig, apply_overrides, parse_config
 from dama_engine.data.formats import load_and_validate
-from dama_engine.demo_run import prepare_demo
-from dama_engine.logprobs import pair_log_probs
-from dama_engine.objective import ObjectiveConfig, ObjectiveState, preference_loss, sft_loss
-from dama_engine.step import StepSetup, train_step
-from dama_engine.trainer import DataError, train
+from dama_engine.data.validation import DataError
+from dama_engine.forward.batching import PairEncoder, collate_pairs
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.objective.loss import ObjectiveConfig, ObjectiveState, preference_loss, sft_loss
+from dama_engine.proving.demo import prepare_demo
+from dama_engine.training.recipe import train
+from dama_engine.training.step import StepSetup, train_step
 from tests.engine.test_step import parts as parts  # the module-scoped fixture
 from tests.engine.test_trainer import Recorder
 
@@ -168,7 +169,7 @@ def test_prompt_completion_rows_train_with_sft_and_are_refused_by_preference_met
 def test_sft_batches_carry_no_rejected_answer(demo: dict[str, Any]) -> None:
     """sft encodes the preferred answer only: the rejected answer is the template's empty turn."""
     from dama_engine.data.rows import answer_only
-    from dama_engine.models import load_processor
+    from dama_engine.models.loading import load_processor
 
     config = _config(demo, Path("unused"))
     rows, _ = load_and_validate(config.data.train or "")

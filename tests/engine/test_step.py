@@ -1,4 +1,5 @@
-"""One optimizer step (dama_engine.step.train_step): the step filter scope, the filter-group guard, host syncs."""
+"""One optimizer step (dama_engine.training.step.train_step): the step filter scope, the filter-group guard, host
+syncs."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dama_engine.batching import PairBatch, PairEncoder, collate_pairs
-from dama_engine.cli import train_main
+from dama_engine.cli.train import train_main
 from dama_engine.config import ConfigError, LoraSection, parse_config
-from dama_engine.host_syncs import count_host_syncs
-from dama_engine.logprobs import pair_log_probs
-from dama_engine.models import make_trainable
-from dama_engine.objective import ObjectiveConfig, ObjectiveState
-from dama_engine.step import StepSetup, train_step
-from dama_engine.trainer import check_filter_group
+from dama_engine.forward.batching import PairBatch, PairEncoder, collate_pairs
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.models.loading import make_trainable
+from dama_engine.objective.loss import ObjectiveConfig, ObjectiveState
+from dama_engine.training.host_syncs import count_host_syncs
+from dama_engine.training.recipe import check_filter_group
+from dama_engine.training.step import StepSetup, train_step
 from tests.engine.conftest import make_row
 
 ANSWERS = [

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig, PaliGemmaConfig
 
-from dama_engine.families import SUPPORTED_MODEL_TYPES, family_for
-from dama_engine.tiny import BASE_CORPUS, FAMILIES, build_tiny_model
+from dama_engine.models.families import SUPPORTED_MODEL_TYPES, family_for
+from dama_engine.models.tiny import BASE_CORPUS, FAMILIES, build_tiny_model
 
 MESSAGES = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},

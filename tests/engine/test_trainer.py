@@ -13,15 +13,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from dama_engine.batching import PairEncoder, collate_pairs
 from dama_engine.callbacks import Callback
-from dama_engine.cli import train_main
+from dama_engine.cli.train import train_main
 from dama_engine.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_config
-from dama_engine.data.demo import make_demo_dataset
 from dama_engine.data.formats import load_and_validate
-from dama_engine.demo_run import prepare_demo
-from dama_engine.proving import ProvingGround
-from dama_engine.trainer import DataError, train
+from dama_engine.data.validation import DataError
+from dama_engine.forward.batching import PairEncoder, collate_pairs
+from dama_engine.proving.demo import prepare_demo
+from dama_engine.proving.ground import ProvingGround
+from dama_engine.proving.shapes import make_demo_dataset
+from dama_engine.training.recipe import train
 
 SECTION_5_KEYS = {
     "loss",
@@ -171,7 +172,7 @@ def test_reloaded_adapter_matches_the_in_memory_trained_model(
     demo_base: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The exported folder holds exactly the weights the trainer ended with."""
-    from dama_engine import trainer as trainer_module
+    from dama_engine.training import recipe as trainer_module
 
     captured: dict[str, Any] = {}
     original = trainer_module.export_adapter
@@ -200,7 +201,7 @@ def test_should_stop_is_polled_every_step_and_stops(demo_base: dict[str, Any], t
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
 def test_other_families_train(tmp_path: Path, family: str) -> None:
-    from dama_engine.tiny import build_tiny_model
+    from dama_engine.models.tiny import build_tiny_model
 
     data = make_demo_dataset(tmp_path / "data", n_train=16, n_eval=8, n_generative=0, with_hardness=True)
     model_dir = build_tiny_model(family, tmp_path / "model")
@@ -314,7 +315,7 @@ def test_cli_demo_prints_hallucination_and_log_prob_accuracy_before_and_after(
 
 def test_every_epoch_visits_each_pair_once_with_gradient_accumulation() -> None:
     """20 rows, micro-batches of 4 (5 per epoch), 2 per step: 2 steps per epoch, the 5th micro-batch is unused."""
-    from dama_engine.trainer import _Batches
+    from dama_engine.training.recipe import _Batches
 
     schedule = _Batches(20, per_device=4, world_size=1, rank=0, seed=0)
     for epoch in range(3):

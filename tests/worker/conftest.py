@@ -24,7 +24,7 @@ import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from dama_engine.data.demo import make_demo_dataset
+from dama_engine.proving.shapes import make_demo_dataset
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore
 from jobstore.db import make_engine, make_session_factory, session_scope

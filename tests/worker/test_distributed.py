@@ -13,9 +13,10 @@ import yaml
 from dama_engine.callbacks import Callback
 from dama_engine.config import parse_config
 from dama_engine.events import EventLog, EventRelay
+from dama_engine.training import truncate_metrics
 from jobstore.spec import JobSpec
 from tests.worker.conftest import JobStore, tiny_spec
-from worker.distributed import JsonlTail, _Follower, torchrun_command, truncate_metrics, write_config
+from worker.distributed import JsonlTail, _Follower, torchrun_command, write_config
 from worker.engine_config import build_train_config
 from worker.tasks import run_job
 
@@ -59,8 +60,11 @@ def test_the_jsonl_tail_reads_complete_lines_and_survives_a_rewrite(tmp_path: Pa
     assert tail.read() == [b'{"step": 2, "loss": 0.4}']
     path.write_text('{"step": 1, "loss": 0.5}\n')  # rewritten shorter (a resume truncates it)
     assert tail.read() == [b'{"step": 1, "loss": 0.5}']
-    truncate_metrics(path, 0)
-    assert path.read_text() == ""
+    path.write_text('{"step": 0, "eval_loss": 0.7}\n{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    truncate_metrics(path, 1)  # resumed from the checkpoint at step 1: step 2 is logged again
+    assert path.read_text() == '{"step": 0, "eval_loss": 0.7}\n{"step": 1, "loss": 0.5}\n'
+    truncate_metrics(path, 0)  # no checkpoint: everything is logged again, from the evaluation before training
+    assert not path.exists() and tail.read() == []
 
 
 class Recorder(Callback):
@@ -155,7 +159,7 @@ def test_a_user_error_arrives_as_a_record(store: JobStore, tmp_path: Path) -> No
 
 
 def test_the_cli_records_a_bad_config_as_an_error_event(store: JobStore, tmp_path: Path) -> None:
-    from dama_engine.cli import train_main
+    from dama_engine.cli.train import train_main
 
     config = build_train_config(
         JobSpec.model_validate(tiny_spec(store.dataset(8))), job_id="j", store=store.artifacts, settings=store.settings

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dama_engine.config import ConfigError
-from dama_engine.proving import ProvingGround
-from dama_engine.seeing_base import RECIPE_FILE, recipe
+from dama_engine.proving.ground import ProvingGround
+from dama_engine.proving.seeing_base import RECIPE_FILE, seeing_base_recipe
 from jobstore.spec import SEEING_MODEL, JobSpec
 from tests.worker.conftest import JobStore
 from worker import engine_config
@@ -149,14 +149,18 @@ def test_the_seeing_base_is_built_once_per_recipe(tmp_path: Path, monkeypatch: p
     (seeing_base_dir(tmp_path, small) / "model.safetensors").write_bytes(b"half")
     built = ensure_seeing_base(tmp_path, small)
     assert built == seeing_base_dir(tmp_path, small) and (built / "config.json").is_file()
-    assert json.loads((built / RECIPE_FILE).read_text()) == recipe(**small)
+    assert json.loads((built / RECIPE_FILE).read_text()) == seeing_base_recipe(**small)
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no build folder left behind
     stamp = (built / "model.safetensors").stat().st_mtime_ns
     assert ensure_seeing_base(tmp_path, small) == built
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
     assert seeing_base_dir(tmp_path, {**small, "seed": 1}) != built  # another recipe, another folder
     # Pinned across code upgrades: another code version of the same recipe names the same folder.
-    monkeypatch.setattr(engine_config, "recipe", lambda **values: {**recipe(**values), "code": "another version"})
+    monkeypatch.setattr(
+        engine_config,
+        "seeing_base_recipe",
+        lambda **values: {**seeing_base_recipe(**values), "code": "another version"},
+    )
     assert seeing_base_dir(tmp_path, small) == built
 
 

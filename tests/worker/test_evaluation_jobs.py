@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dama_engine.data.demo import make_demo_dataset
+from dama_engine.proving.shapes import make_demo_dataset
 from jobstore import repository
 from jobstore.db import session_scope
 from tests.worker.conftest import JobStore, tiny_spec

@@ -81,7 +81,7 @@ def test_a_tenant_behind_another_tenants_ten_jobs_runs_second(
 
 def test_a_message_without_a_queue_claims_on_its_jobs_queue(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A message sent before fair share carries only a job id: the worker claims on that job's queue."""
-    from dama_engine.trainer import TrainResult
+    from dama_engine.training.recipe import TrainResult
     from worker import tasks
 
     def instant_train(config: Any, callback: Any) -> TrainResult:

@@ -1,0 +1,11 @@
+"""The engine's commands: ``dama-train`` (:mod:`.train`) and ``dama-eval`` (:mod:`.eval`).
+``python -m dama_engine.cli CONFIG.yaml`` runs ``dama-train`` (what ``torchrun`` launches).
+"""
+
+from dama_engine.cli.eval import eval_main
+from dama_engine.cli.train import train_main
+
+__all__ = [
+    "eval_main",
+    "train_main",
+]

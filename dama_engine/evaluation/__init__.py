@@ -1,0 +1,22 @@
+"""Evaluating a tuned model against its base: the config (:mod:`.config`), running it (:mod:`.run`), the
+preference metrics by hardness bucket (:mod:`.metrics`), the judge client (:mod:`.judge`) and the report
+(:mod:`.report`). CHAIR's matcher is the torch-free :mod:`dama_engine.data.chair`. Evaluation never imports
+training.
+"""
+
+from dama_engine.evaluation.config import EvaluationConfig, load_evaluation_config, parse_evaluation_config
+from dama_engine.evaluation.metrics import logprob_stats
+from dama_engine.evaluation.report import comparison_table, plot_evaluation
+from dama_engine.evaluation.run import EvaluationResult, evaluate_after_training, run_evaluation
+
+__all__ = [
+    "EvaluationConfig",
+    "EvaluationResult",
+    "comparison_table",
+    "evaluate_after_training",
+    "load_evaluation_config",
+    "logprob_stats",
+    "parse_evaluation_config",
+    "plot_evaluation",
+    "run_evaluation",
+]

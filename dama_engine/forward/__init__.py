@@ -1,0 +1,26 @@
+"""Forward passes: batching pairs (:mod:`.batching`), per-token and summed log-probs (:mod:`.logprobs`), the
+packed fast paths (:mod:`.packing`), regional compiling (:mod:`.compiling`), generation (:mod:`.generation`), and the
+scoring helpers training and evaluation share (:mod:`.scoring`).
+"""
+
+from dama_engine.forward.batching import PairBatch, PairEncoder
+from dama_engine.forward.compiling import compile_decoder_layers
+from dama_engine.forward.generation import GenerationRequest, GenerationSettings, generate
+from dama_engine.forward.logprobs import pair_log_probs
+from dama_engine.forward.packing import set_pair_forward
+from dama_engine.forward.scoring import autocast, check_lengths, encode_batch, pair_log_probs_all
+
+__all__ = [
+    "GenerationRequest",
+    "GenerationSettings",
+    "PairBatch",
+    "PairEncoder",
+    "autocast",
+    "check_lengths",
+    "compile_decoder_layers",
+    "encode_batch",
+    "generate",
+    "pair_log_probs",
+    "pair_log_probs_all",
+    "set_pair_forward",
+]

@@ -1,0 +1,39 @@
+"""DAMA's objective: the loss of every method (:mod:`.loss`, shared/DAMA.md sections 2-5) and data hardness (the
+formulas in :mod:`.hardness`, computing it for a dataset in :mod:`.scoring`, section 1).
+"""
+
+from dama_engine.objective.hardness import flat_index, joint_softmax, user_hardness
+from dama_engine.objective.loss import (
+    ObjectiveConfig,
+    ObjectiveOutput,
+    ObjectiveState,
+    Selection,
+    merge_step_states,
+    metric_floats,
+    preference_loss,
+    reward_gap,
+    select_pairs,
+    sft_loss,
+)
+from dama_engine.objective.scoring import DEFAULT_SCORER, HardnessConfig, cache_key, compute_hardness, describe_hardness
+
+__all__ = [
+    "DEFAULT_SCORER",
+    "HardnessConfig",
+    "ObjectiveConfig",
+    "ObjectiveOutput",
+    "ObjectiveState",
+    "Selection",
+    "cache_key",
+    "compute_hardness",
+    "describe_hardness",
+    "flat_index",
+    "joint_softmax",
+    "merge_step_states",
+    "metric_floats",
+    "preference_loss",
+    "reward_gap",
+    "select_pairs",
+    "sft_loss",
+    "user_hardness",
+]
