@@ -13,7 +13,7 @@ Field names follow the engine's; this module only decides paths and the few serv
   the seeing base (``dama/tiny-seeing-llava``, :func:`ensure_seeing_base`) does not: it is trained, and a job on it
   gives its settings as any job on a pretrained model does (the demo sends ``dama_engine.proving``'s);
 * a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
-  (:func:`dama_engine.data.check.find_generative_files`);
+  (:func:`dama_engine.data.generative.find_generative_files`);
 * an evaluation job (:func:`build_evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
   training job from that job's ``run_dir(job_id)/adapter``.
 """

@@ -6,11 +6,28 @@ eval set (:mod:`.generative`), the CHAIR matcher and counts (:mod:`.chair`), and
 service runs in a child process (``python -m dama_engine.data.check`` / ``.preview``).
 """
 
-from dama_engine.data.chair import ChairSample, chair_samples, judge_response, summarize_chair
-from dama_engine.data.check import find_generative_files
+from dama_engine.data.chair import (
+    ChairSample,
+    Vocabulary,
+    VocabularyError,
+    VocabularyLike,
+    as_vocabulary,
+    chair,
+    chair_samples,
+    judge_response,
+    normalize_name,
+    plural_forms,
+    summarize_chair,
+)
 from dama_engine.data.formats import load_and_validate, load_dataset
-from dama_engine.data.generative import GenerativeEvalSet, GenerativeSample, load_generative_eval
-from dama_engine.data.lines import DataFormatError
+from dama_engine.data.generative import (
+    GenerativeEvalError,
+    GenerativeEvalSet,
+    GenerativeSample,
+    find_generative_files,
+    load_generative_eval,
+)
+from dama_engine.data.lines import DataFormatError, DataLimitError
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart, answer_only
 from dama_engine.data.validation import DataError, DataLimits, ValidationReport
 
@@ -18,7 +35,9 @@ __all__ = [
     "ChairSample",
     "DataError",
     "DataFormatError",
+    "DataLimitError",
     "DataLimits",
+    "GenerativeEvalError",
     "GenerativeEvalSet",
     "GenerativeSample",
     "ImagePart",
@@ -27,12 +46,19 @@ __all__ = [
     "PreferenceRow",
     "TextPart",
     "ValidationReport",
+    "Vocabulary",
+    "VocabularyError",
+    "VocabularyLike",
     "answer_only",
+    "as_vocabulary",
+    "chair",
     "chair_samples",
     "find_generative_files",
     "judge_response",
     "load_and_validate",
     "load_dataset",
     "load_generative_eval",
+    "normalize_name",
+    "plural_forms",
     "summarize_chair",
 ]

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dama_engine.data.archives import DATA_SUFFIXES
 from dama_engine.data.chair import Vocabulary, VocabularyError
 from dama_engine.data.images import image_string
 from dama_engine.data.lines import iter_lines
 from dama_engine.data.readers import RowContext
 from dama_engine.data.rows import ImageSource
 from dama_engine.data.validation import DataError, DataLimits
+
+VOCABULARY_FILE = "vocabulary.json"
+# Keys of a preference row in any accepted format: a row with one of them is not a generative sample.
+PREFERENCE_KEYS = frozenset({"chosen", "rejected", "preferred_output", "non_preferred_output"})
 
 
 class GenerativeEvalError(DataError):
@@ -145,3 +150,45 @@ def _read_sample(
         row_number=number,
         image_reference=shown,
     )
+
+
+def find_generative_files(folder: Path, limits: DataLimits | None = None) -> tuple[Path, Path] | None:
+    """``(eval JSONL, vocabulary.json)`` when ``folder`` holds a generative evaluation set, else None.
+
+    The vocabulary is a ``vocabulary.json`` at the shallowest level holding data files, beside exactly one other
+    data file whose rows are generative samples (``objects`` and no ``chosen``)."""
+    found = [path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in DATA_SUFFIXES]
+    found = [
+        path
+        for path in found
+        if not any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(folder).parts)
+    ]
+    if not found:
+        return None
+    depth = min(len(path.relative_to(folder).parts) for path in found)
+    shallowest = [path for path in found if len(path.relative_to(folder).parts) == depth]
+    vocabulary = [path for path in shallowest if path.name.lower() == VOCABULARY_FILE]
+    others = [path for path in shallowest if path.name.lower() != VOCABULARY_FILE]
+    if len(vocabulary) != 1 or len(others) != 1 or not looks_generative(others[0], limits or DataLimits()):
+        return None
+    return others[0], vocabulary[0]
+
+
+def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000) -> bool:
+    """Whether a JSONL file's rows are generative samples: some carry ``objects``, none a preference answer."""
+    if data_file.suffix.lower() != ".jsonl":
+        return False
+    with_objects = False
+    for number, raw in iter_lines(data_file, limits.max_line_bytes):
+        if number > max_lines:
+            break
+        try:
+            record = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if PREFERENCE_KEYS & set(record):
+            return False
+        with_objects = with_objects or "objects" in record
+    return with_objects

@@ -26,9 +26,8 @@ from typing import Any
 
 from PIL import Image
 
-from dama_engine.data.check import find_generative_files
 from dama_engine.data.formats import load_dataset
-from dama_engine.data.generative import load_generative_eval
+from dama_engine.data.generative import find_generative_files, load_generative_eval
 from dama_engine.data.rows import ImageSource, PreferenceRow
 
 DEFAULT_SAMPLE = 50

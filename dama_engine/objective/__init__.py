@@ -15,10 +15,9 @@ from dama_engine.objective.loss import (
     select_pairs,
     sft_loss,
 )
-from dama_engine.objective.scoring import DEFAULT_SCORER, HardnessConfig, cache_key, compute_hardness, describe_hardness
+from dama_engine.objective.scoring import HardnessConfig, cache_key, compute_hardness, describe_hardness
 
 __all__ = [
-    "DEFAULT_SCORER",
     "HardnessConfig",
     "ObjectiveConfig",
     "ObjectiveOutput",

@@ -207,7 +207,8 @@ class ClipHardnessScorer:
 
 
 class HardnessSection(Protocol):
-    """A config's ``hardness`` section, training's (``dama_engine.config``) or an evaluation's."""
+    """A config's ``hardness`` section, training's (``dama_engine.config``) or an evaluation's, or a
+    :class:`HardnessConfig`."""
 
     @property
     def scorer(self) -> str | None: ...
@@ -221,18 +222,7 @@ class HardnessSection(Protocol):
     def rescale(self) -> HardnessRescale: ...
 
 
-class HardnessSettings(Protocol):
-    """What :func:`describe_hardness` reads (``HardnessConfig`` or the engine config's ``hardness`` section)."""
-
-    @property
-    def scorer(self) -> str: ...
-    @property
-    def aggregation(self) -> str: ...
-    @property
-    def rescale(self) -> str: ...
-
-
-def describe_hardness(rows: Sequence[PreferenceRow], settings: HardnessSettings) -> str:
+def describe_hardness(rows: Sequence[PreferenceRow], settings: HardnessSection) -> str:
     """Where ``delta`` came from and its scale, for the model card: CLIP and its aggregation, or user scores and
     whether ``hardness.rescale`` mapped them onto [-1, 1]."""
     if user_hardness(rows) is None:

@@ -13,7 +13,7 @@ import yaml
 from dama_engine.callbacks import Callback
 from dama_engine.config import parse_config
 from dama_engine.events import EventLog, EventRelay
-from dama_engine.training import truncate_metrics
+from dama_engine.training.metrics_log import truncate_metrics
 from jobstore.spec import JobSpec
 from tests.worker.conftest import JobStore, tiny_spec
 from worker.distributed import JsonlTail, _Follower, torchrun_command, write_config
