@@ -41,7 +41,7 @@ CODE_PATHS: dict[str, tuple[str, ...]] = {
         "dama_engine.proving.on_policy",
         "dama_engine.proving.shapes",
         "dama_engine.forward.generation",
-        "dama_engine.data.chair",
+        "dama_engine.data.matcher",
     ),
     "scenes": ("dama_engine.proving.shapes",),
 }

@@ -6,7 +6,16 @@ eval set (:mod:`.generative`), the CHAIR matcher and counts (:mod:`.chair`), and
 service runs in a child process (``python -m dama_engine.data.check`` / ``.preview``).
 """
 
-from dama_engine.data.chair import (
+from dama_engine.data.formats import load_and_validate, load_dataset
+from dama_engine.data.generative import (
+    GenerativeEvalError,
+    GenerativeEvalSet,
+    GenerativeSample,
+    find_generative_files,
+    load_generative_eval,
+)
+from dama_engine.data.lines import DataFormatError, DataLimitError
+from dama_engine.data.matcher import (
     ChairSample,
     Vocabulary,
     VocabularyError,
@@ -19,15 +28,6 @@ from dama_engine.data.chair import (
     plural_forms,
     summarize_chair,
 )
-from dama_engine.data.formats import load_and_validate, load_dataset
-from dama_engine.data.generative import (
-    GenerativeEvalError,
-    GenerativeEvalSet,
-    GenerativeSample,
-    find_generative_files,
-    load_generative_eval,
-)
-from dama_engine.data.lines import DataFormatError, DataLimitError
 from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow, TextPart, answer_only
 from dama_engine.data.validation import DataError, DataLimits, ValidationReport
 

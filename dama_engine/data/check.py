@@ -7,7 +7,7 @@ never imports the engine. Output::
     {"ok": true, "format": "trl", "row_count": 12, "image_count": 12, "data_file": "...", "report": {...}}
     {"ok": false, "error": "archive member '../x' escapes the dataset folder"}     (exit status 2)
 
-A **generative evaluation set** (``dama_engine.data.chair``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
+A **generative evaluation set** (``dama_engine.data.matcher``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
 ``vocabulary.json``, in a folder or an archive) is told apart from preference data by its rows: they carry
 ``objects`` and no ``chosen`` (or ``--format generative`` says so). It is checked with
 :func:`dama_engine.data.generative.load_generative_eval` and reported the same way, with ``"format": "generative"``

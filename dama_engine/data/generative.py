@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dama_engine.data.archives import DATA_SUFFIXES
-from dama_engine.data.chair import Vocabulary, VocabularyError
 from dama_engine.data.images import image_string
 from dama_engine.data.lines import iter_lines
+from dama_engine.data.matcher import Vocabulary, VocabularyError
 from dama_engine.data.readers import RowContext
 from dama_engine.data.rows import ImageSource
 from dama_engine.data.validation import DataError, DataLimits

@@ -1,6 +1,6 @@
 """Evaluating a tuned model against its base: the config (:mod:`.config`), running it (:mod:`.run`), the
 preference metrics by hardness bucket (:mod:`.metrics`), the judge client (:mod:`.judge`) and the report
-(:mod:`.report`). CHAIR's matcher is the torch-free :mod:`dama_engine.data.chair`. Evaluation never imports
+(:mod:`.report`). CHAIR's matcher is the torch-free :mod:`dama_engine.data.matcher`. Evaluation never imports
 training.
 """
 

@@ -8,7 +8,7 @@ split by data hardness (section 1). :func:`run_evaluation` runs both for the bas
 compared against (``base``, the reference of its implicit rewards) is base + that adapter, the model its training
 started from; the plain base model is reported as well, as ``plain_base`` beside ``base`` and ``tuned``.
 
-The vocabulary, the matcher and :func:`chair` live in the torch-free :mod:`dama_engine.data.chair`, the
+The vocabulary, the matcher and :func:`chair` live in the torch-free :mod:`dama_engine.data.matcher`, the
 generative eval set loader in :mod:`dama_engine.data.generative` (their docstrings have the file formats, the
 matching rules and the CHAIR definitions).
 """

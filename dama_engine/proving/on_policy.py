@@ -2,7 +2,7 @@
 ground truth, a faithful one preferred to a hallucinating one (as RLAIF-V builds its pairs).
 
 For each training scene the base samples ``samples`` descriptions (temperature ``temperature``); each is judged
-with CHAIR (:func:`dama_engine.data.chair.judge_response`) against the scene's true objects. A scene makes a pair when
+with CHAIR (:func:`dama_engine.data.matcher.judge_response`) against the scene's true objects. A scene makes a pair when
 at least one sample names no absent object (the chosen one: the faithful sample that covers most objects) and at
 least one names an absent object (the rejected one: the first such sample). Each pair's hardness is the oracle's
 (:func:`dama_engine.proving.shapes.oracle_logit`, the same fixed constants) through :func:`joint_softmax` over the two

@@ -16,8 +16,8 @@ import yaml
 from dama_engine.callbacks import Callback
 from dama_engine.cli.eval import eval_main as main
 from dama_engine.config import ConfigError, LoraSection, ModelSection
-from dama_engine.data.chair import Vocabulary, VocabularyError, chair, chair_samples, plural_forms
 from dama_engine.data.generative import GenerativeEvalError, load_generative_eval
+from dama_engine.data.matcher import Vocabulary, VocabularyError, chair, chair_samples, plural_forms
 from dama_engine.data.validation import DataError
 from dama_engine.evaluation.config import load_evaluation_config, parse_evaluation_config
 from dama_engine.evaluation.metrics import bucket_by_hardness, logprob_stats, preference_metrics
@@ -178,11 +178,10 @@ def test_torch_free_half_is_public_in_the_data_package() -> None:
     """The vocabulary, CHAIR and the generative loader live in the torch-free dama_engine.data (the upload check uses
     them); the package names them, and the generative set's errors are data errors."""
     import dama_engine.data
-    from dama_engine.data import chair as chair_module
-    from dama_engine.data import generative
+    from dama_engine.data import generative, matcher
 
     names = {
-        chair_module: ["Vocabulary", "VocabularyError", "VocabularyLike", "normalize_name", "plural_forms",
+        matcher: ["Vocabulary", "VocabularyError", "VocabularyLike", "normalize_name", "plural_forms",
                        "as_vocabulary", "ChairSample", "judge_response", "chair_samples", "summarize_chair", "chair"],
         generative: ["GenerativeSample", "GenerativeEvalSet", "load_generative_eval", "GenerativeEvalError"],
     }  # fmt: skip
