@@ -12,7 +12,7 @@ The engine change that would delete :func:`load_tiny_llava`, :func:`resize_proce
 and ``weights=False`` to write the processor and config only (a 7B shape is built on the GPU, not saved). The
 benchmark would then load the processor and config with ``from_pretrained`` and keep :func:`random_model`.
 
-The hardness pre-pass's CLIP is built here too: the engine has no tiny CLIP builder.
+The hardness pre-pass's CLIP is the engine's tiny CLIP at the workload's sizes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dama_engine.models import build_tiny_model
+from dama_engine.models.tiny import build_tiny_clip
 
 PATCH_SIZE = 14
 """The vision towers' patch (CLIP ViT-L/14, as LLaVA-1.5); the engine's tiny LLaVA uses 8 at 32 px."""
@@ -88,28 +89,10 @@ def random_model(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
 def build_clip(
     *, vision: dict[str, Any], text: dict[str, Any], projection: int, image_size: int, device: torch.device
 ) -> tuple[Any, Any]:
-    """A random CLIPModel of the given sizes and its processor, on ``device`` (for the hardness pre-pass)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    # One token per character (no merges): nothing to download; sub-sentences hit CLIP's 77 tokens sooner.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: i for i, symbol in enumerate([*alphabet, *(f"{c}</w>" for c in alphabet)])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    size = {"shortest_edge": image_size}
-    image_processor = CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size})
-    text_config = {
-        **text,
-        "vocab_size": 49408,
-        "max_position_embeddings": 77,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {**vision, "image_size": image_size, "patch_size": PATCH_SIZE}
-    torch.manual_seed(0)
-    clip: Any = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection))
-    clip.to(device)
-    return clip, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    """A random CLIPModel of the given sizes (the engine's :func:`~dama_engine.models.tiny.build_tiny_clip`, CLIP's own
+    vocabulary size) and its processor, on ``device`` (for the hardness pre-pass)."""
+    text = {**text, "vocab_size": 49408}
+    clip, processor = build_tiny_clip(
+        image_size=image_size, patch_size=PATCH_SIZE, vision=vision, text=text, projection_dim=projection
+    )
+    return clip.to(device), processor

@@ -464,3 +464,45 @@ def _set_generation_ids(model: Any, tokenizer: Any) -> None:
     generation_config.bos_token_id = tokenizer.bos_token_id
     generation_config.eos_token_id = tokenizer.eos_token_id
     generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_tiny_clip(
+    *,
+    image_size: int = 30,
+    patch_size: int = 6,
+    vision: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+    projection_dim: int = 16,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """A CLIPModel with random weights and its processor, in memory (``save_pretrained`` both to get a folder that
+    loads as a real CLIP scorer does). The tokenizer has one token per byte (no merges: nothing to download; a
+    sub-sentence reaches CLIP's 77 tokens sooner than with real merges). By default both towers are hidden 32,
+    2 layers, 2 heads; ``vision`` and ``text`` override their config fields (the benchmark gives ViT-L/14-336's)."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate([*alphabet, *(f"{c}</w>" for c in alphabet)])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    crop = {"height": image_size, "width": image_size}
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text_config = {
+        **tower,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **(text or {}),
+    }
+    vision_config = {**tower, "image_size": image_size, "patch_size": patch_size, **(vision or {})}
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -16,6 +16,7 @@ from dama_engine.data.rows import ImagePart, ImageSource, Message, PreferenceRow
 from dama_engine.evaluation.config import parse_evaluation_config
 from dama_engine.evaluation.metrics import preference_metrics
 from dama_engine.evaluation.run import _preference_hardness
+from dama_engine.models.tiny import build_tiny_clip
 from dama_engine.objective.hardness import (
     aggregate,
     flat_index,
@@ -207,41 +208,10 @@ def test_aggregate_scales_cosines_for_joint_softmax() -> None:
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CLIP with random weights (hidden 32, 2 layers, 30 px images) and a byte-level tokenizer, saved to disk."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    # Every byte as a word piece and as a word end; no merges: one token per character, nothing to download.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: index for index, symbol in enumerate([*alphabet, *(f"{c}</w>" for c in alphabet)])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
-
-    text_config = {
-        "vocab_size": len(vocab),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 77,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 30,
-        "patch_size": 6,
-    }
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
+    model, processor = build_tiny_clip()
     path = tmp_path_factory.mktemp("tiny_clip")
     model.save_pretrained(path)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
