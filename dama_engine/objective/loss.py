@@ -209,6 +209,8 @@ class Selection:
         batch_beta: the base beta of the group (beta-DPO's ``beta_B`` for ``beta_dpo``, else ``beta``).
         reward_gap_mean, reward_gap_std: the running statistics after this group's update.
         kept: how many pairs of the group are kept, a plain int (known from the sizes).
+        filter_weight: (G,) the filter's Gaussian weight of each pair, ``exp(-(R_i - R_bar)^2 / (2 s^2))`` (the
+            draw's odds; 1 for methods that do not filter): how selective the filter is, for the metrics.
     """
 
     keep: torch.Tensor
@@ -217,6 +219,7 @@ class Selection:
     reward_gap_mean: torch.Tensor
     reward_gap_std: torch.Tensor
     kept: int
+    filter_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -342,12 +345,14 @@ def select_pairs(
     r_bar = torch.tensor(state.reward_gap_mean, dtype=dtype, device=device)
     keep = torch.ones(n, dtype=torch.bool, device=device)
     kept = n
+    weights = torch.ones(n, dtype=dtype, device=device)
     alpha_m = torch.ones((), dtype=dtype, device=device)
     batch_beta = torch.tensor(config.beta, dtype=dtype, device=device)
     if config.method == "beta_dpo":
         # beta-DPO: the running statistics are updated *before* the loss and define the filter.
         new_mean, new_std = _ema(state, gap, keep, n, config)
-        keep, kept = _filter(gap, new_mean.to(dtype), new_std.clamp(min=config.std_eps).to(dtype), config, generator)
+        width = new_std.clamp(min=config.std_eps).to(dtype)
+        keep, kept, weights = _filter(gap, new_mean.to(dtype), width, config, generator)
         kept_mean = torch.where(keep, gap, 0).sum() / kept
         batch_beta = config.beta * (1 + config.beta_dpo_a * (kept_mean - new_mean.to(dtype)))
     elif config.filters:
@@ -356,7 +361,7 @@ def select_pairs(
             if config.filter_std == "fixed"
             else torch.tensor(max(state.reward_gap_std, config.std_eps), dtype=dtype, device=device)
         )
-        keep, kept = _filter(gap, r_bar, width, config, generator)
+        keep, kept, weights = _filter(gap, r_bar, width, config, generator)
         # mean sigma(R_kept) / sigma(R_bar), in log space and float64 so a very negative R_bar cannot give 0/0.
         kept_logsig = torch.where(keep, F.logsigmoid(gap.double()), -math.inf)
         log_alpha_m = torch.logsumexp(kept_logsig, 0) - math.log(kept) - F.logsigmoid(r_bar.double())
@@ -372,6 +377,7 @@ def select_pairs(
         reward_gap_mean=new_mean,
         reward_gap_std=new_std,
         kept=kept,
+        filter_weight=weights,
     )
 
 
@@ -558,14 +564,15 @@ def _filter(
     width: torch.Tensor,
     config: ObjectiveConfig,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, int]:
-    """Gaussian-weighted draw of ``K = max(1, floor(keep_ratio * N))`` pairs (section 2.2): the mask and K."""
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Gaussian-weighted draw of ``K = max(1, floor(keep_ratio * N))`` pairs (section 2.2): the mask, K and the
+    pairs' Gaussian weights."""
     n = gap.shape[0]
     k = keep_count(config.keep_ratio, n)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=gap.device), n
     log_weights = -((gap - center) ** 2) / (2 * width**2)
-    return gumbel_top_k(log_weights, k, generator), k
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=gap.device), n, log_weights.exp()
+    return gumbel_top_k(log_weights, k, generator), k, log_weights.exp()
 
 
 def _ema(
@@ -597,6 +604,7 @@ def _metrics(
     logps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Section 5 metrics of these pairs as 0-dim tensors (the kept count and R_bar are the group's)."""
+    weights = selection.filter_weight if selection.filter_weight is not None else torch.ones_like(beta)
     rewards_chosen = config.beta * chosen_logratio
     rewards_rejected = config.beta * rejected_logratio
     margin = rewards_chosen - rewards_rejected
@@ -610,6 +618,9 @@ def _metrics(
         "alpha_d_mean": alpha_d.mean(),
         "alpha_m": selection.alpha_m,
         "kept": torch.tensor(float(selection.kept), device=beta.device),
+        # How selective the filter is: the group's mean Gaussian weight and its share of pairs weighted below 1/2.
+        "filter_weight_mean": weights.mean(),
+        "filter_weight_low": (weights < 0.5).to(weights.dtype).mean(),
         "reward_gap_mean": selection.reward_gap_mean,
         "rewards_chosen": rewards_chosen.mean(),
         "rewards_rejected": rewards_rejected.mean(),

@@ -42,18 +42,17 @@ all at chance; control 1.000 in every bucket (base 0.000).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import torch
 from PIL import Image
 
 from dama_engine.data import PreferenceRow
+from dama_engine.proving.stats import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -175,20 +174,6 @@ class BlankImageReport:
                 f"[{row.low:.3f}, {row.high:.3f}]{'':<4} {row.verdict}"
             )
         return "\n".join(lines)
-
-
-def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (``successes`` of ``n``) at ``confidence``."""
-    if n <= 0:
-        raise ValueError("wilson_interval: n must be positive")
-    if not 0 < confidence < 1:
-        raise ValueError(f"wilson_interval: confidence must be in (0, 1), got {confidence}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    share = successes / n
-    denominator = 1 + z * z / n
-    centre = (share + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _bucket_accuracy(

@@ -234,6 +234,7 @@ def broadcast_selection(selection: Selection) -> Selection:
         reward_gap_mean=mean,
         reward_gap_std=std,
         kept=selection.kept,
+        filter_weight=selection.filter_weight,  # the same on every rank: computed from the gathered gaps
     )
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dama_engine.proving.blank_check import CONTROL_WORD, blank_image_check, wilson_interval
+from dama_engine.proving.blank_check import CONTROL_WORD, blank_image_check
 from dama_engine.proving.shapes import BUCKETS, make_demo_dataset
+from dama_engine.proving.stats import wilson_interval
 
 ALL_BUCKETS = {f"{wrong}x{swap}" for wrong, swap in BUCKETS}
 

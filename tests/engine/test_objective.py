@@ -854,3 +854,23 @@ def test_gradient_accumulation_updates_the_running_mean_once_per_step() -> None:
     # std: each micro-batch's gaps are equal (std 0): 0.9 * 1.0 + 0.1 * 0 = 0.9.
     assert merged.reward_gap_std == pytest.approx(0.9, abs=1e-12)
     assert merge_step_states(start, []) == start
+
+
+def test_filter_weights_are_reported_by_hand() -> None:
+    """The filter's Gaussian weights exp(-(R_i - R_bar)^2 / (2 s^2)) of the group, reported as their mean and the
+    share below 1/2: R = 0, 1, 2 around R_bar = 0 at s = 1 give 1, e^-0.5 = 0.60653, e^-2 = 0.13534."""
+    from dama_engine.objective.loss import select_pairs
+
+    gap = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    config = ObjectiveConfig(method="dama_model", filter_sigma=1.0, keep_ratio=2 / 3)
+    selection = select_pairs(gap, ObjectiveState(), config, torch.Generator().manual_seed(0))
+    assert selection.filter_weight is not None
+    assert selection.filter_weight.tolist() == pytest.approx([1.0, math.exp(-0.5), math.exp(-2.0)])
+    output = preference_loss(
+        gap, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64), config=config, selection=selection,
+    )  # fmt: skip
+    assert float(output.metric_tensors["filter_weight_mean"]) == pytest.approx((1 + 0.60653 + 0.13534) / 3, abs=1e-5)
+    assert float(output.metric_tensors["filter_weight_low"]) == pytest.approx(1 / 3)
+    plain = preference_loss(*(torch.zeros(3, dtype=torch.float64) for _ in range(4)), config=ObjectiveConfig("dpo"))
+    assert float(plain.metric_tensors["filter_weight_mean"]) == 1.0  # no filter: every weight 1
