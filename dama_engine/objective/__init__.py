@@ -15,7 +15,7 @@ from dama_engine.objective.loss import (
     select_pairs,
     sft_loss,
 )
-from dama_engine.objective.scoring import HardnessConfig, cache_key, compute_hardness, describe_hardness
+from dama_engine.objective.scoring import HardnessConfig, compute_hardness, describe_hardness, hardness_cache_key
 
 __all__ = [
     "HardnessConfig",
@@ -23,10 +23,10 @@ __all__ = [
     "ObjectiveOutput",
     "ObjectiveState",
     "Selection",
-    "cache_key",
     "compute_hardness",
     "describe_hardness",
     "flat_index",
+    "hardness_cache_key",
     "joint_softmax",
     "merge_step_states",
     "metric_floats",

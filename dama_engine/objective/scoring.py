@@ -365,7 +365,7 @@ def compute_hardness(
     return HardnessResult(delta=delta, mean=float(delta.mean()), source=source, aggregation=aggregation)
 
 
-def cache_key(rows: Sequence[PreferenceRow], config: HardnessConfig) -> str:
+def hardness_cache_key(rows: Sequence[PreferenceRow], config: HardnessConfig) -> str:
     """A sha256 hex digest that changes whenever the hardness of ``rows`` under ``config`` could change.
 
     Covers each row's id, answers, user scores and the sha256 of every image's bytes, plus the config fields that

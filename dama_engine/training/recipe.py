@@ -52,9 +52,9 @@ from dama_engine.objective import (
     ObjectiveState,
     compute_hardness,
     describe_hardness,
+    hardness_cache_key,
     preference_loss,
 )
-from dama_engine.objective import cache_key as hardness_cache_key
 from dama_engine.threads import apply_threads
 from dama_engine.training.cache import rows_fingerprint, tensor_cache
 from dama_engine.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint

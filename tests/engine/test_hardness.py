@@ -31,9 +31,9 @@ from dama_engine.objective.scoring import (
     ClipHardnessScorer,
     HardnessConfig,
     HardnessResult,
-    cache_key,
     compute_hardness,
     describe_hardness,
+    hardness_cache_key,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -434,20 +434,20 @@ def test_result_save_rejects_unknown_suffix(tmp_path: Path) -> None:
 def test_cache_key() -> None:
     rows = [make_row(1), make_row(2, color=(0, 0, 255))]
     config = HardnessConfig()
-    key = cache_key(rows, config)
-    assert len(key) == 64 and key == cache_key(list(rows), HardnessConfig())
+    key = hardness_cache_key(rows, config)
+    assert len(key) == 64 and key == hardness_cache_key(list(rows), HardnessConfig())
     # batch size and device do not change the numbers, so they do not change the key
-    assert cache_key(rows, HardnessConfig(batch_size=7, device="cpu")) == key
+    assert hardness_cache_key(rows, HardnessConfig(batch_size=7, device="cpu")) == key
     changed = [
-        cache_key(rows, HardnessConfig(aggregation="mean_cosine")),
-        cache_key(rows, HardnessConfig(scorer="other/clip")),
-        cache_key(rows, HardnessConfig(dtype="bfloat16")),
-        cache_key([make_row(1), make_row(2, color=(0, 0, 254))], config),  # image bytes
-        cache_key([make_row(1), make_row(2, "A red square!", color=(0, 0, 255))], config),  # text
-        cache_key([make_row(1), make_row(3, color=(0, 0, 255))], config),  # row id
-        cache_key([make_row(1, hardness=0.5), make_row(2, color=(0, 0, 255))], config),  # user score
-        cache_key(rows[::-1], config),  # order
-        cache_key(rows, HardnessConfig(rescale="minmax")),
+        hardness_cache_key(rows, HardnessConfig(aggregation="mean_cosine")),
+        hardness_cache_key(rows, HardnessConfig(scorer="other/clip")),
+        hardness_cache_key(rows, HardnessConfig(dtype="bfloat16")),
+        hardness_cache_key([make_row(1), make_row(2, color=(0, 0, 254))], config),  # image bytes
+        hardness_cache_key([make_row(1), make_row(2, "A red square!", color=(0, 0, 255))], config),  # text
+        hardness_cache_key([make_row(1), make_row(3, color=(0, 0, 255))], config),  # row id
+        hardness_cache_key([make_row(1, hardness=0.5), make_row(2, color=(0, 0, 255))], config),  # user score
+        hardness_cache_key(rows[::-1], config),  # order
+        hardness_cache_key(rows, HardnessConfig(rescale="minmax")),
     ]
     assert len({key, *changed}) == len(changed) + 1
 
