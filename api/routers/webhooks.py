@@ -7,13 +7,13 @@ endpoints and reads the log. It never resolves or contacts an endpoint's host.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
-from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
+from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
 from api.errors import ApiError
+from api.responses import UNAUTHORIZED, URL_REFUSED
+from api.responses import WEBHOOK_NOT_FOUND as NOT_FOUND
 from api.schemas import ErrorResponse
 from api.webhook_schemas import (
     WebhookCreate,
@@ -23,22 +23,12 @@ from api.webhook_schemas import (
     WebhookPublic,
     WebhooksPublic,
     WebhookUpdate,
-    delivery_public,
-    webhook_public,
 )
 from jobstore import webhook_store
 from jobstore.models import WebhookEndpoint
 from jobstore.webhooks import check_url
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
-NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such webhook endpoint for this tenant."}
-URL_REFUSED: dict[str, Any] = {
-    "model": ErrorResponse,
-    "description": "url_not_allowed: the URL is not http(s), or names a private, loopback, link-local or reserved "
-    "host that DAMA_WEBHOOK_ALLOWED_HOSTS does not allow; param is url.",
-}
 
 
 def _tenant_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
@@ -48,7 +38,7 @@ def _tenant_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> W
     return endpoint
 
 
-def _check_url(url: str, services: Any) -> None:
+def _check_url(url: str, services: Services) -> None:
     reason = check_url(url, allowed_hosts=services.settings.allowed_webhook_hosts)
     if reason is not None:
         raise ApiError(400, "url_not_allowed", f"url: {reason}", param="url")
@@ -67,26 +57,24 @@ def create_webhook(
     body: WebhookCreate, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> WebhookCreated:
     _check_url(body.url, services)
+    # Left out: every event type, those added later included; a list: only those.
+    event_types = body.event_types if "event_types" in body.model_fields_set else None
     endpoint = webhook_store.create_endpoint(
-        session, tenant_id=tenant.id, url=body.url, event_types=body.event_types, description=body.description
+        session, tenant_id=tenant.id, url=body.url, event_types=event_types, description=body.description
     )
     session.commit()
-    return WebhookCreated(**webhook_public(endpoint).model_dump(), secret=endpoint.secret)
+    return WebhookCreated.model_validate(endpoint)
 
 
 @router.get("", summary="List webhook endpoints", responses={401: UNAUTHORIZED})
 def list_webhooks(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> WebhooksPublic:
     rows, has_more = webhook_store.list_endpoints(session, tenant_id=tenant.id, limit=limit, after=after)
-    return WebhooksPublic(
-        data=[webhook_public(row) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more and rows else None,
-    )
+    return WebhooksPublic.of(rows, has_more=has_more)
 
 
 @router.get("/{webhook_id}", summary="Get a webhook endpoint", responses={401: UNAUTHORIZED, 404: NOT_FOUND})
 def get_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> WebhookPublic:
-    return webhook_public(_tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id))
+    return WebhookPublic.model_validate(_tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id))
 
 
 @router.patch(
@@ -110,7 +98,7 @@ def update_webhook(
     if body.enabled is not None:
         webhook_store.set_enabled(session, endpoint=endpoint, enabled=body.enabled, reason="disabled by the tenant")
     session.commit()
-    return webhook_public(endpoint)
+    return WebhookPublic.model_validate(endpoint)
 
 
 @router.delete(
@@ -122,7 +110,7 @@ def update_webhook(
 )
 def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> Response:
     endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
-    session.delete(endpoint)
+    webhook_store.delete_endpoint(session, endpoint=endpoint)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -139,12 +127,7 @@ def list_deliveries(
 ) -> WebhookDeliveriesPublic:
     endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
     rows, has_more = webhook_store.list_deliveries(session, endpoint_id=endpoint.id, limit=limit, after=after)
-    attempts = webhook_store.attempts_of(session, delivery_ids=[row.id for row in rows])
-    return WebhookDeliveriesPublic(
-        data=[delivery_public(row, attempts[row.id]) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more and rows else None,
-    )
+    return WebhookDeliveriesPublic.of(rows, has_more=has_more)
 
 
 @router.post(
@@ -165,5 +148,5 @@ def redeliver(webhook_id: str, delivery_id: str, session: SessionDep, tenant: Cu
         raise ApiError(404, "delivery_not_found", f"no delivery with id {delivery_id!r} for this endpoint")
     webhook_store.redeliver(session, delivery=delivery)
     session.commit()
-    attempts = webhook_store.attempts_of(session, delivery_ids=[delivery.id])
-    return delivery_public(delivery, attempts[delivery.id])
+    session.refresh(delivery, ["attempts"])
+    return WebhookDeliveryPublic.model_validate(delivery)
