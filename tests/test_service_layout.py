@@ -76,6 +76,29 @@ def test_routers_never_import_routers() -> None:
     assert not offending, offending
 
 
+def test_routers_read_and_write_through_services() -> None:
+    """A route parses, calls a service (api.services) and shapes the answer: it calls no job-store function and
+    commits nothing (the job store's types and the spec it validates may be imported)."""
+    allowed = {"jobstore.spec", "jobstore.states", "jobstore.models"}
+    offending = []
+    for path in ROUTERS:
+        tree = _tree(path)
+        offending += [
+            f"{_where(path, node)} imports {module}"
+            for node, module in _imported_modules(tree)
+            if isinstance(node, ast.ImportFrom)
+            and module == node.module
+            and module.startswith("jobstore")
+            and module not in allowed
+        ]
+        offending += [
+            f"{_where(path, node)} calls .commit()"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "commit"
+        ]
+    assert not offending, offending
+
+
 def test_no_subprocess_or_lock_in_a_router() -> None:
     """Child processes and locks are a service's business (api.services.previews), not a route's."""
     forbidden_modules = {"subprocess", "multiprocessing", "threading", "asyncio"}

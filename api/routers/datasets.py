@@ -11,7 +11,6 @@ from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
 from api.responses import DATASET_NOT_FOUND, UNAUTHORIZED
 from api.schemas import DatasetPublic, DatasetsPublic, ErrorResponse
 from api.services import datasets
-from jobstore import repository
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -78,7 +77,7 @@ async def upload_dataset(
 
 @router.get("", summary="List datasets", responses={401: UNAUTHORIZED})
 def list_datasets(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> DatasetsPublic:
-    rows, has_more = repository.list_datasets(session, tenant_id=tenant.id, limit=limit, after=after)
+    rows, has_more = datasets.list_datasets(session, tenant_id=tenant.id, limit=limit, after=after)
     return DatasetsPublic.of(rows, has_more=has_more)
 
 

@@ -18,7 +18,6 @@ from api.responses import EVALUATION_NOT_READY as NOT_READY
 from api.responses import STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
 from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic
 from api.services import evaluations, events, jobs
-from jobstore import repository
 from jobstore.spec import EvaluationCreate
 from jobstore.states import JobStatus
 
@@ -80,9 +79,8 @@ def list_evaluations(
     limit: Limit = 20,
     after: After = None,
 ) -> EvaluationsPublic:
-    found = status_filter.value if status_filter is not None else None
-    rows, has_more = repository.list_jobs(
-        session, tenant_id=tenant.id, limit=limit, after=after, status=found, kind=evaluations.KIND
+    rows, has_more = jobs.list_jobs(
+        session, tenant_id=tenant.id, kind=evaluations.KIND, status=status_filter, limit=limit, after=after
     )
     return EvaluationsPublic.of(rows, has_more=has_more)
 

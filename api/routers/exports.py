@@ -12,8 +12,6 @@ from api.downloads import archive_responses, artifact_response, digest_headers
 from api.responses import EXPORT_NOT_FOUND, JOB_NOT_FOUND, UNAUTHORIZED
 from api.schemas import ErrorResponse, ExportCreate, ExportPublic, ExportsPublic
 from api.services import exports
-from api.services.jobs import get_tenant_job
-from jobstore import exports as export_store
 
 router = APIRouter(prefix="/jobs", tags=["exports"])
 
@@ -45,8 +43,7 @@ def create_export(
 
 @router.get("/{job_id}/exports", summary="List a job's exports", responses={401: UNAUTHORIZED, 404: JOB_NOT_FOUND})
 def list_exports(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ExportsPublic:
-    get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    return ExportsPublic.of(export_store.list_exports(session, job_id=job_id))
+    return ExportsPublic.of(exports.list_exports(session, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.get(

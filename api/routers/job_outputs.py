@@ -14,7 +14,6 @@ from api.responses import JOB_NOT_FOUND, UNAUTHORIZED
 from api.schemas import CheckpointsPublic, ErrorResponse, EventsPublic, MetricsPublic
 from api.services import events, outputs
 from api.services.jobs import get_tenant_job
-from jobstore import repository
 
 router = APIRouter(prefix="/jobs", tags=["job outputs"])
 
@@ -82,13 +81,9 @@ def get_metrics(
         Query(description="Comma-separated metric keys; default: every key.", examples=["loss,reward_margin"]),
     ] = None,
 ) -> MetricsPublic:
-    get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
     wanted = [key.strip() for key in (keys or "").split(",") if key.strip()]
-    series = repository.metric_series(session, job_id=job_id, keys=wanted or None)
-    return MetricsPublic(
-        job_id=job_id,
-        series={key: [(int(step), float(value)) for step, value in points] for key, points in series.items()},
-    )
+    series = outputs.metric_series(session, tenant_id=tenant.id, job_id=job_id, keys=wanted)
+    return MetricsPublic(job_id=job_id, series=series)
 
 
 @router.get(
@@ -97,9 +92,7 @@ def get_metrics(
     responses={401: UNAUTHORIZED, 404: JOB_NOT_FOUND},
 )
 def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant) -> CheckpointsPublic:
-    get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    checkpoints = repository.list_checkpoints(session, job_id=job_id)
-    return CheckpointsPublic.of(checkpoints)
+    return CheckpointsPublic.of(outputs.checkpoints(session, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.get(

@@ -10,7 +10,6 @@ from api.deps import After, CurrentTenant, IdempotencyKey, Limit, ServicesDep, S
 from api.responses import JOB_NOT_FOUND, STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
 from api.schemas import ErrorResponse, JobPublic, JobsPublic
 from api.services import jobs
-from jobstore import repository
 from jobstore.spec import JobSpec
 from jobstore.states import JobStatus
 
@@ -74,9 +73,8 @@ def list_jobs(
     limit: Limit = 20,
     after: After = None,
 ) -> JobsPublic:
-    found = status_filter.value if status_filter is not None else None
-    rows, has_more = repository.list_jobs(
-        session, tenant_id=tenant.id, kind=repository.TRAINING, limit=limit, after=after, status=found
+    rows, has_more = jobs.list_jobs(
+        session, tenant_id=tenant.id, kind=jobs.TRAINING, status=status_filter, limit=limit, after=after
     )
     return JobsPublic.of(rows, has_more=has_more)
 

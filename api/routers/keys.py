@@ -11,11 +11,10 @@ from fastapi import APIRouter, status
 from pydantic import Field
 
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
-from api.errors import ApiError
 from api.responses import API_KEY_NOT_FOUND as NOT_FOUND
 from api.responses import UNAUTHORIZED
 from api.schemas import Page, UtcDatetime, _Public
-from jobstore import repository
+from api.services import keys
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -47,16 +46,13 @@ class ApiKeysPublic(Page[ApiKeyPublic]):
     responses={401: UNAUTHORIZED},
 )
 def create_key(session: SessionDep, tenant: CurrentTenant, services: ServicesDep) -> ApiKeyCreated:
-    row, plaintext = repository.create_api_key(
-        session, tenant_id=tenant.id, pepper=services.settings.resolved_api_key_pepper
-    )
-    session.commit()
-    return ApiKeyCreated(**ApiKeyPublic.model_validate(row).model_dump(), secret=plaintext)
+    row, secret = keys.create(session, services, tenant_id=tenant.id)
+    return ApiKeyCreated(**ApiKeyPublic.model_validate(row).model_dump(), secret=secret)
 
 
 @router.get("", summary="List API keys", responses={401: UNAUTHORIZED})
 def list_keys(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> ApiKeysPublic:
-    rows, has_more = repository.list_api_keys(session, tenant_id=tenant.id, limit=limit, after=after)
+    rows, has_more = keys.list_keys(session, tenant_id=tenant.id, limit=limit, after=after)
     return ApiKeysPublic.of(rows, has_more=has_more)
 
 
@@ -68,8 +64,4 @@ def list_keys(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, aft
     responses={401: UNAUTHORIZED, 404: NOT_FOUND},
 )
 def revoke_key(key_id: str, session: SessionDep, tenant: CurrentTenant) -> ApiKeyPublic:
-    row = repository.revoke_api_key(session, tenant_id=tenant.id, key_id=key_id)
-    if row is None:
-        raise ApiError(404, "api_key_not_found", f"no API key with id {key_id!r}")
-    session.commit()
-    return ApiKeyPublic.model_validate(row)
+    return ApiKeyPublic.model_validate(keys.revoke(session, tenant_id=tenant.id, key_id=key_id))

@@ -185,3 +185,7 @@ def delete(session: Session, services: Services, *, tenant_id: str, dataset_id: 
     repository.delete_dataset(session, dataset=dataset)
     session.commit()
     services.artifacts.remove_dataset(dataset_id)
+
+
+def list_datasets(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
+    return repository.list_datasets(session, tenant_id=tenant_id, limit=limit, after=after)

@@ -54,3 +54,9 @@ def export_archive(session: Session, services: Services, *, tenant_id: str, job_
     label = safe_label(job.spec.get("suffix") if isinstance(job.spec, dict) else None)
     stem = f"{job_id}-{label}" if label else job_id
     return Archive(path=archive, sha256=export.sha256, filename=f"{stem}-{export.format}.tar")
+
+
+def list_exports(session: Session, *, tenant_id: str, job_id: str) -> list[Export]:
+    """The tenant's job's exports, oldest first."""
+    get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
+    return exports.list_exports(session, job_id=job_id)

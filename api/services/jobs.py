@@ -27,6 +27,7 @@ from jobstore.states import IllegalTransition, JobStatus
 
 logger = logging.getLogger(__name__)
 
+TRAINING = repository.TRAINING
 TRAINING_ENDPOINT = "POST /jobs"
 GENERATIVE_FORMAT = "generative"  # the format of a generative evaluation dataset (dama_engine.data.check)
 
@@ -257,3 +258,11 @@ def cancel(session: Session, *, tenant_id: str, job_id: str, kind: str = reposit
         ) from error
     session.commit()
     return job
+
+
+def list_jobs(
+    session: Session, *, tenant_id: str, kind: str, status: JobStatus | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs of ``kind`` (optionally in one status), newest first."""
+    found = status.value if status is not None else None
+    return repository.list_jobs(session, tenant_id=tenant_id, kind=kind, limit=limit, after=after, status=found)

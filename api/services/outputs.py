@@ -14,6 +14,7 @@ from api.errors import ApiError
 from api.services.jobs import get_tenant_job
 from jobstore import repository
 from jobstore.artifacts import file_sha256, pack_folder
+from jobstore.models import Checkpoint
 from jobstore.states import JobStatus
 
 
@@ -84,3 +85,18 @@ def checkpoint_adapter(session: Session, services: Services, *, tenant_id: str, 
             shutil.rmtree(folder, ignore_errors=True)
             archive.unlink(missing_ok=True)
     return Archive(path=archive, sha256=artifact.sha256, filename=f"{job_id}-step{step}-adapter.tar.gz")
+
+
+def metric_series(
+    session: Session, *, tenant_id: str, job_id: str, keys: list[str] | None
+) -> dict[str, list[tuple[int, float]]]:
+    """The job's metric series (``keys``, else every key): [step, value] pairs in step order."""
+    get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
+    series = repository.metric_series(session, job_id=job_id, keys=keys or None)
+    return {key: [(int(step), float(value)) for step, value in points] for key, points in series.items()}
+
+
+def checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkpoint]:
+    """The job's kept checkpoints, in step order."""
+    get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
+    return repository.list_checkpoints(session, job_id=job_id)
