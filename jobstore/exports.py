@@ -166,10 +166,13 @@ def orphaned_queued_exports(session: Session, *, older_than: datetime) -> list[E
     return list(session.scalars(select(Export).where(Export.status == QUEUED, unchanged)))
 
 
-def export_queue(session: Session, *, export: Export) -> str:
-    """The queue an export is sent to: its own, else (rows made before it was recorded) its job's."""
-    if export.queue is not None:
-        return export.queue
+def job_of(session: Session, *, export: Export) -> Job:
+    """The training job whose adapter the export merges."""
     job = session.get(Job, export.job_id)
     assert job is not None  # the export row goes with its job (ON DELETE CASCADE)
-    return job.queue
+    return job
+
+
+def export_queue(session: Session, *, export: Export) -> str:
+    """The queue an export is sent to: its own, else (rows made before it was recorded) its job's."""
+    return export.queue if export.queue is not None else job_of(session, export=export).queue

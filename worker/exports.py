@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dama_engine.export import export_merged
-from jobstore import exports, repository
+from jobstore import exports
 from jobstore.artifacts import ArtifactStore, file_sha256, open_store, pack_folder
 from jobstore.broker import EXPORT_TASK
 from jobstore.db import session_scope
@@ -52,8 +52,7 @@ def run_export(
                 log.info("export %s is not queued; nothing to do", export_id)
                 return None
             attempt = export.attempts
-            job = repository.get_job(session, job_id=export.job_id)
-            assert job is not None  # the export row goes with its job (ON DELETE CASCADE)
+            job = exports.job_of(session, export=export)
             job_id, spec = job.id, JobSpec.model_validate(job.spec)
     except OperationalError as error:
         raise JobStoreUnavailable(f"could not claim export {export_id}: {error}") from error
