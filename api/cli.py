@@ -92,16 +92,14 @@ class StoreUnavailable(Exception):
 
 
 def _list_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy import func, select
-
-    from jobstore.models import ApiKey, Tenant
+    from jobstore import repository
 
     with _store_session(settings) as session:
-        tenant = session.scalar(select(Tenant).where(func.lower(Tenant.name) == args.tenant.lower()))
+        tenant = repository.tenant_by_name(session, name=args.tenant)
         if tenant is None:
             print(f"error: no tenant named {args.tenant!r}", file=sys.stderr)
             return 1
-        for row in session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id)):
+        for row in repository.all_api_keys(session, tenant_id=tenant.id):
             print(
                 f"{row.id}  {row.prefix}  created {row.created_at:%Y-%m-%dT%H:%M:%S}  "
                 f"{'revoked ' + format(row.revoked_at, '%Y-%m-%dT%H:%M:%S') if row.revoked_at else 'active'}"
@@ -110,15 +108,12 @@ def _list_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _revoke_key(args: argparse.Namespace, settings: Settings) -> int:
-    from jobstore.models import ApiKey, utcnow
+    from jobstore import repository
 
     with _store_session(settings) as session:
-        row = session.get(ApiKey, args.key_id)
-        if row is None:
+        if repository.revoke_any_api_key(session, key_id=args.key_id) is None:
             print(f"error: no API key with id {args.key_id!r}", file=sys.stderr)
             return 1
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
     print(f"revoked key {args.key_id}; requests with it now answer 401", file=sys.stderr)
     return 0
 

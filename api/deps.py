@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -97,5 +97,25 @@ After = Annotated[
         max_length=100,
         description="Cursor: the next_cursor of the previous page (the id of its last item).",
         examples=["job_0194b1c2d3e4a1b2c3d4e5f6"],
+    ),
+]
+
+# ``?after=`` and ``?limit=`` of the two events routes (jobs and evaluations).
+MAX_SEQ = 2**31 - 1  # event seqs are 32-bit integers in the job store; a larger cursor is refused, not a 500
+EventsAfter = Annotated[
+    int, Query(ge=0, le=MAX_SEQ, description="Events after this seq (0: from the start).", examples=[0])
+]
+EventsLimit = Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).", examples=[100])]
+
+# The Idempotency-Key header of POST /jobs and POST /evaluations (POST /datasets documents its own: the file).
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Retry safely: the same key with the same body returns the job created the first time "
+        "(1-200 characters, no control characters).",
     ),
 ]

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.responses import UNAUTHORIZED
 from api.schemas import DatasetUpload, ErrorResponse
 
 TITLE = "DAMA alignment service"
@@ -126,7 +127,7 @@ def _document_common_errors(operation: dict[str, Any], error_content: dict[str, 
             },
         )
     if operation.get("security"):
-        responses.setdefault("401", {"description": "Missing or invalid API key.", "content": error_content})
+        responses.setdefault("401", {"description": UNAUTHORIZED["description"], "content": error_content})
     if "401" in responses:  # authenticated routes count against the tenant's rate limit (api.ratelimit)
         _add_response(
             responses,

@@ -6,12 +6,13 @@ Conversions from job-store rows live here too (``*_public`` functions), so every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from jobstore.models import Checkpoint, Dataset, Job, JobEvent
+from jobstore.models import Dataset, Job, JobEvent
 from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import JobStatus
@@ -34,6 +35,11 @@ _EVAL_ID = "eval_0194b1c2d3e4a1b2c3d4e5f6"
 
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    """A job-store row's column values by name (what a ``_from_row`` validator starts from)."""
+    return {column.key: getattr(row, column.key) for column in row.__table__.columns}
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -69,15 +75,30 @@ class ErrorResponse(_Public):
 
 # ---- pagination -----------------------------------------------------------------------------------------------
 
-
-def _has_more() -> Any:
-    return Field(description="Whether another page follows this one.", examples=[False])
+ItemT = TypeVar("ItemT")
 
 
-def _next_cursor() -> Any:
-    return Field(
+def next_cursor(rows: Sequence[Any], *, has_more: bool) -> str | None:
+    """The ``?after=`` of the page after ``rows``: its last row's id, or None on the last page."""
+    return str(rows[-1].id) if has_more and rows else None
+
+
+class Page(_Public, Generic[ItemT]):
+    """One page of a list: every list route answers this shape (a subclass names the item type)."""
+
+    data: list[ItemT] = Field(description="This page's items, in the list's order (see the route).")
+    has_more: bool = Field(description="Whether another page follows this one.", examples=[False])
+    next_cursor: str | None = Field(
         default=None, description="Pass as ?after= to get the next page; null on the last page.", examples=[None]
     )
+
+    @classmethod
+    def of(cls, rows: Sequence[Any], *, has_more: bool = False, cursor: str | None = None) -> Self:
+        """The page of job-store ``rows`` (each item built with ``model_validate``); ``cursor`` overrides the
+        default (the last row's id when more follow)."""
+        cursor = cursor if cursor is not None else next_cursor(rows, has_more=has_more)
+        page = {"data": list(rows), "has_more": has_more, "next_cursor": cursor}
+        return cls.model_validate(page, from_attributes=True)
 
 
 # ---- datasets -------------------------------------------------------------------------------------------------
@@ -151,27 +172,18 @@ class DatasetPublic(_Public):
     validation: ValidationReportPublic = Field(description="The validation report of the upload.")
     created_at: UtcDatetime = Field(description="Upload time (UTC).", examples=[_TIME_EXAMPLE])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, Dataset):
+            return value
+        report = dict(value.report or {})
+        validation = report.get("report", report)  # stored: the check's whole output, or the report alone
+        return {**_columns(value), "validation": redact_json(validation)}
 
-class DatasetsPublic(_Public):
-    data: list[DatasetPublic] = Field(description="Datasets, newest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
 
-
-def dataset_public(dataset: Dataset) -> DatasetPublic:
-    report = dict(dataset.report or {})
-    validation = report.get("report", report)  # stored: the check's whole output, or the report alone
-    return DatasetPublic(
-        id=dataset.id,
-        name=dataset.name,
-        format=dataset.format,
-        row_count=dataset.row_count,
-        image_count=dataset.image_count,
-        size_bytes=dataset.size_bytes,
-        sha256=dataset.sha256,
-        validation=ValidationReportPublic.model_validate(redact_json(validation)),
-        created_at=dataset.created_at,
-    )
+class DatasetsPublic(Page[DatasetPublic]):
+    """Datasets, newest first."""
 
 
 # ---- jobs -----------------------------------------------------------------------------------------------------
@@ -219,43 +231,33 @@ class JobPublic(_Public):
     started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
-
-class JobsPublic(_Public):
-    data: list[JobPublic] = Field(description="Jobs, newest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
-
-
-def _job_error(job: Job) -> JobErrorPublic | None:
-    if job.error_kind is None:
-        return None
-    message = redact_paths(job.error_message or "", strings_in(job.spec))
-    return JobErrorPublic.model_validate({"kind": job.error_kind, "message": message})
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, Job):
+            return value
+        return {**_job_columns(value), "result": redact_json(value.result, strings_in(value.spec))}
 
 
-def job_public(job: Job) -> JobPublic:
+class JobsPublic(Page[JobPublic]):
+    """Jobs, newest first."""
+
+
+def _job_columns(job: Job) -> dict[str, Any]:
+    """What a job row and an evaluation row share in their public form: progress clamped to 0-1 with its
+    percent, the error with paths redacted, counters that are never null."""
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = _job_error(job)
-    return JobPublic(
-        id=job.id,
-        kind=job.kind,
-        status=JobStatus(job.status),
-        stage=job.stage,
-        step=job.step or 0,
-        total_steps=job.total_steps,
-        progress=progress,
-        percent=round(progress * 100, 2),
-        eta_seconds=job.eta_seconds,
-        error=error,
-        attempts=job.attempts or 0,
-        dataset_id=job.dataset_id,
-        queue=job.queue,
-        spec=JobSpec.model_validate(job.spec),
-        result=redact_json(job.result, strings_in(job.spec)),
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
+    error = None
+    if job.error_kind is not None:
+        error = {"kind": job.error_kind, "message": redact_paths(job.error_message or "", strings_in(job.spec))}
+    return {
+        **_columns(job),
+        "step": job.step or 0,
+        "progress": progress,
+        "percent": round(progress * 100, 2),
+        "error": error,
+        "attempts": job.attempts or 0,
+    }
 
 
 class EvaluationPublic(_Public):
@@ -298,34 +300,19 @@ class EvaluationPublic(_Public):
     started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, Job):
+            return value
+        succeeded = value.status == JobStatus.succeeded.value
+        results = (value.result or {}).get("results")
+        metrics = redact_json(results, strings_in(value.spec)) if succeeded else None
+        return {**_job_columns(value), "metrics": metrics}
 
-class EvaluationsPublic(_Public):
-    data: list[EvaluationPublic] = Field(description="Evaluations, newest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
 
-
-def evaluation_public(job: Job) -> EvaluationPublic:
-    progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = _job_error(job)
-    result = job.result or {}
-    succeeded = job.status == JobStatus.succeeded.value
-    return EvaluationPublic(
-        id=job.id,
-        status=JobStatus(job.status),
-        stage=job.stage,
-        progress=progress,
-        percent=round(progress * 100, 2),
-        eta_seconds=job.eta_seconds,
-        error=error,
-        attempts=job.attempts or 0,
-        queue=job.queue,
-        spec=EvaluationCreate.model_validate(job.spec),
-        metrics=redact_json(result.get("results"), strings_in(job.spec)) if succeeded else None,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
+class EvaluationsPublic(Page[EvaluationPublic]):
+    """Evaluations, newest first."""
 
 
 class EventPublic(_Public):
@@ -339,25 +326,22 @@ class EventPublic(_Public):
     data: dict[str, Any] | None = Field(description="Structured details.", examples=[{"stage": "training"}])
     created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[_TIME_EXAMPLE])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, JobEvent):
+            return value
+        return {**_columns(value), "message": redact_paths(value.message), "data": redact_json(value.data)}
 
-class EventsPublic(_Public):
-    data: list[EventPublic] = Field(description="Events in seq order.")
-    has_more: bool = _has_more()
+
+class EventsPublic(Page[EventPublic]):
+    """Events in seq order."""
+
     next_cursor: str | None = Field(
         default=None,
         description="The last seq seen (this page's last, else the ?after= given): pass it as ?after= for the next "
         "page, or later to poll for new events (the log only grows).",
         examples=["7"],
-    )
-
-
-def event_public(event: JobEvent) -> EventPublic:
-    return EventPublic(
-        seq=event.seq,
-        type=event.type,
-        message=redact_paths(event.message),
-        data=redact_json(event.data),
-        created_at=event.created_at,
     )
 
 
@@ -387,16 +371,8 @@ class CheckpointPublic(_Public):
     created_at: UtcDatetime = Field(description="When it was saved (UTC).", examples=[_TIME_EXAMPLE])
 
 
-class CheckpointsPublic(_Public):
-    data: list[CheckpointPublic] = Field(description="Checkpoints in step order.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
-
-
-def checkpoint_public(checkpoint: Checkpoint) -> CheckpointPublic:
-    return CheckpointPublic(
-        id=checkpoint.id, job_id=checkpoint.job_id, step=checkpoint.step, created_at=checkpoint.created_at
-    )
+class CheckpointsPublic(Page[CheckpointPublic]):
+    """Checkpoints in step order."""
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
@@ -486,7 +462,5 @@ class ExportPublic(_Public):
     finished_at: UtcDatetime | None = Field(description="When it ended (UTC).", examples=[_TIME_EXAMPLE])
 
 
-class ExportsPublic(_Public):
-    data: list[ExportPublic] = Field(description="The job's exports, oldest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
+class ExportsPublic(Page[ExportPublic]):
+    """The job's exports, oldest first."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.schemas import UtcDatetime, _has_more, _next_cursor, _Public
-from jobstore.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from jobstore.webhooks import EVENT_TYPES
+from api.schemas import Page, UtcDatetime, _columns, _Public
+from jobstore.models import WebhookEndpoint
+from jobstore.webhooks import EVENT_TYPES, public_event_types
 
 EventType = Literal[
     "job.running",
@@ -40,7 +40,7 @@ class WebhookCreate(BaseModel):
         default_factory=lambda: list(ALL_EVENT_TYPES),
         min_length=1,
         max_length=len(EVENT_TYPES),
-        description=_EVENTS_DOC + " Default: all of them.",
+        description=_EVENTS_DOC + " Default: all of them, including event types added later.",
         examples=[["job.succeeded", "job.failed"]],
     )
     description: str | None = Field(
@@ -83,6 +83,14 @@ class WebhookPublic(_Public):
     consecutive_failures: int = Field(description="Messages in a row that failed every attempt.", examples=[0])
     created_at: UtcDatetime = Field(description="When it was created.", examples=["2025-01-31T12:00:00.123456Z"])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, WebhookEndpoint):
+            return value
+        status = "disabled" if value.disabled_at is not None else "enabled"
+        return {**_columns(value), "event_types": public_event_types(value.event_types), "status": status}
+
 
 class WebhookCreated(WebhookPublic):
     secret: str = Field(
@@ -91,11 +99,10 @@ class WebhookCreated(WebhookPublic):
     )
 
 
-class WebhooksPublic(_Public):
+class WebhooksPublic(Page[WebhookPublic]):
+    """This page's endpoints, newest first."""
+
     object: Literal["list"] = Field(default="list", description="Always list.")
-    data: list[WebhookPublic] = Field(description="This page's endpoints, newest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
 
 
 class WebhookAttemptPublic(_Public):
@@ -130,36 +137,7 @@ class WebhookDeliveryPublic(_Public):
     attempts: list[WebhookAttemptPublic] = Field(description="Attempts, oldest first.")
 
 
-class WebhookDeliveriesPublic(_Public):
+class WebhookDeliveriesPublic(Page[WebhookDeliveryPublic]):
+    """This page's deliveries, newest first."""
+
     object: Literal["list"] = Field(default="list", description="Always list.")
-    data: list[WebhookDeliveryPublic] = Field(description="This page's deliveries, newest first.")
-    has_more: bool = _has_more()
-    next_cursor: str | None = _next_cursor()
-
-
-def webhook_public(endpoint: WebhookEndpoint) -> WebhookPublic:
-    return WebhookPublic(
-        id=endpoint.id,
-        url=endpoint.url,
-        description=endpoint.description,
-        event_types=list(endpoint.event_types),
-        status="disabled" if endpoint.disabled_at is not None else "enabled",
-        disabled_at=endpoint.disabled_at,
-        disabled_reason=endpoint.disabled_reason,
-        consecutive_failures=endpoint.consecutive_failures,
-        created_at=endpoint.created_at,
-    )
-
-
-def delivery_public(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryPublic:
-    return WebhookDeliveryPublic(
-        id=delivery.id,
-        message_id=delivery.message_id,
-        event_type=delivery.event_type,
-        status=delivery.status,  # type: ignore[arg-type]
-        attempt_count=delivery.attempt_count,
-        next_attempt_at=delivery.next_attempt_at,
-        created_at=delivery.created_at,
-        payload=delivery.payload,
-        attempts=[WebhookAttemptPublic.model_validate(attempt, from_attributes=True) for attempt in attempts],
-    )

@@ -1,23 +1,35 @@
-"""Merged exports in the job store: create, list, claim (by exactly one worker) and record the outcome.
+"""Merged exports in the job store: create, list, claim (by exactly one worker), heartbeat, recover and record
+the outcome.
 
-An export's life: ``queued`` (POST /jobs/{id}/exports) -> ``running`` (a worker claimed it with a conditional
-update, so a redelivered message is harmless) -> ``succeeded`` (archive path, size and sha256 recorded) or
-``failed`` (a message). A failed export may be asked for again; a queued, running or succeeded one is reused.
+An export's life goes through the one state table (:mod:`jobstore.states`), as a job's does: ``queued`` (POST
+/jobs/{id}/exports) -> ``running`` (a worker claimed it with a conditional update, so a redelivered message is
+harmless; it heartbeats while it merges) -> ``succeeded`` (archive path, size and sha256 recorded) or ``failed``
+(a message). A running export whose worker went silent is re-queued by the sweeper, and failed after
+``max_attempts`` runs (:func:`recover_stale_export`). A failed export may be asked for again; a queued, running
+or succeeded one is reused.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from jobstore.models import Export, utcnow
+from jobstore.models import Export, Job, utcnow
+from jobstore.states import JobStatus, check_transition
 
 FORMATS = ("merged",)
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+QUEUED, RUNNING, SUCCEEDED, FAILED = (
+    JobStatus.queued.value,
+    JobStatus.running.value,
+    JobStatus.succeeded.value,
+    JobStatus.failed.value,
+)
 
 
-def create_export(session: Session, *, tenant_id: str, job_id: str, format: str) -> Export:
-    export = Export(tenant_id=tenant_id, job_id=job_id, format=format, status=QUEUED)
+def create_export(session: Session, *, tenant_id: str, job_id: str, format: str, queue: str | None = None) -> Export:
+    export = Export(tenant_id=tenant_id, job_id=job_id, format=format, status=QUEUED, queue=queue, updated_at=utcnow())
     session.add(export)
     session.flush()
     return export
@@ -43,17 +55,52 @@ def list_exports(session: Session, *, job_id: str) -> list[Export]:
     return list(session.scalars(select(Export).where(Export.job_id == job_id).order_by(Export.id)))
 
 
+def _set_status(export: Export, status: str) -> None:
+    """Move ``export`` to ``status`` through the state table (raises IllegalTransition)."""
+    export.status = check_transition(export.status, status).value
+    export.updated_at = utcnow()
+
+
 def claim_export(session: Session, *, export_id: str, worker: str) -> Export | None:
-    """Take a queued export for this worker; None when another worker has it (or it is gone)."""
+    """Take a queued export for this worker (one more attempt, heartbeat now); None when another worker has it
+    (or it is gone). queued -> running is a legal transition of the state table."""
+    check_transition(QUEUED, RUNNING)
+    now = utcnow()
     claimed = session.execute(
         update(Export)
         .where(Export.id == export_id, Export.status == QUEUED)
-        .values(status=RUNNING, worker=worker, started_at=utcnow())
+        .values(status=RUNNING, worker=worker, attempts=Export.attempts + 1, heartbeat_at=now, started_at=now)
+        .values(updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if getattr(claimed, "rowcount", 0) != 1:
         return None
     return session.get(Export, export_id, populate_existing=True)
+
+
+def heartbeat_export(session: Session, *, export_id: str, worker: str, attempt: int) -> bool:
+    """A sign of life from the worker running ``attempt``; False once the export is no longer its own (re-queued
+    after a silence and taken by another worker, or gone)."""
+    beat = session.execute(
+        update(Export)
+        .where(Export.id == export_id, Export.status == RUNNING, Export.worker == worker, Export.attempts == attempt)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(beat, "rowcount", 0) == 1
+
+
+def lock_owned_export(session: Session, *, export_id: str, worker: str, attempt: int) -> Export | None:
+    """The export, locked for its final write, if ``worker`` still runs it in ``attempt``; else None (the sweeper
+    gave it to another run meanwhile, which records the outcome)."""
+    query = (
+        select(Export)
+        .where(Export.id == export_id, Export.status == RUNNING, Export.worker == worker, Export.attempts == attempt)
+        .execution_options(populate_existing=True)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.scalar(query)
 
 
 def finish_export(
@@ -66,9 +113,66 @@ def finish_export(
     error_message: str | None = None,
 ) -> Export:
     """Record the outcome: the archive (succeeded) or ``error_message`` (failed)."""
-    export.status = FAILED if error_message is not None else SUCCEEDED
+    _set_status(export, FAILED if error_message is not None else SUCCEEDED)
     export.path, export.size_bytes, export.sha256 = path, size_bytes, sha256
     export.error_message = error_message
     export.finished_at = utcnow()
     session.flush()
     return export
+
+
+# ---- the sweeper ---------------------------------------------------------------------------------------------
+
+
+def stale_exports(session: Session, *, older_than: datetime) -> list[str]:
+    """Ids of running exports whose worker has not heartbeaten since ``older_than``."""
+    silent = or_(Export.heartbeat_at.is_(None), Export.heartbeat_at < older_than)
+    return list(session.scalars(select(Export.id).where(Export.status == RUNNING, silent)))
+
+
+def lock_stale_export(session: Session, *, export_id: str, older_than: datetime) -> Export | None:
+    """Lock an export that is still stale for recovery; None when it heartbeat meanwhile or another sweeper holds
+    it (``SKIP LOCKED`` on Postgres): one stale run is recovered once."""
+    silent = or_(Export.heartbeat_at.is_(None), Export.heartbeat_at < older_than)
+    query = (
+        select(Export)
+        .where(Export.id == export_id, Export.status == RUNNING, silent)
+        .execution_options(populate_existing=True)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return session.scalar(query)
+
+
+def recover_stale_export(session: Session, *, export: Export, max_attempts: int) -> str:
+    """An export whose worker died: re-queue it (the merge starts over), or fail it with the reason once it has
+    had ``max_attempts`` runs. Returns the new status."""
+    if export.attempts >= max_attempts:
+        finish_export(
+            session,
+            export=export,
+            error_message=f"the worker stopped responding {export.attempts} times; giving up",
+        )
+    else:
+        _set_status(export, QUEUED)
+        export.worker, export.heartbeat_at = None, None
+        session.flush()
+    return export.status
+
+
+def orphaned_queued_exports(session: Session, *, older_than: datetime) -> list[Export]:
+    """Queued exports whose status has not changed since ``older_than`` (their message may have been lost)."""
+    unchanged = or_(Export.updated_at.is_(None), Export.updated_at < older_than)
+    return list(session.scalars(select(Export).where(Export.status == QUEUED, unchanged)))
+
+
+def job_of(session: Session, *, export: Export) -> Job:
+    """The training job whose adapter the export merges."""
+    job = session.get(Job, export.job_id)
+    assert job is not None  # the export row goes with its job (ON DELETE CASCADE)
+    return job
+
+
+def export_queue(session: Session, *, export: Export) -> str:
+    """The queue an export is sent to: its own, else (rows made before it was recorded) its job's."""
+    return export.queue if export.queue is not None else job_of(session, export=export).queue

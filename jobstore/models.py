@@ -22,7 +22,7 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # JSONB on Postgres, JSON elsewhere (SQLite in the embedded default).
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -207,9 +207,17 @@ class Export(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Recovery, as for jobs (worker.sweeper): the queue it is sent to, runs started, the running worker's last
+    # sign of life, and when its status last changed (a queued export nobody claimed is sent again).
+    queue: Mapped[str | None] = mapped_column(String(100))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_exports_status_heartbeat_at", "status", "heartbeat_at"),)
 
 
 class IdempotencyKey(Base):
@@ -265,6 +273,8 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
     )
+    # Read-only: attempts are written by the dispatcher; the API lists them with their delivery, oldest first.
+    attempts: Mapped[list[WebhookAttempt]] = relationship(viewonly=True, order_by="WebhookAttempt.id", lazy="selectin")
 
 
 class WebhookAttempt(Base):

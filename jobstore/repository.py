@@ -100,6 +100,37 @@ def revoke_api_key(session: Session, *, tenant_id: str, key_id: str) -> ApiKey |
     return row
 
 
+def tenant_by_name(session: Session, *, name: str) -> Tenant | None:
+    """The tenant of this name, compared case-insensitively (names are unique that way)."""
+    return session.scalar(select(Tenant).where(func.lower(Tenant.name) == name.lower()))
+
+
+def tenant_name(session: Session, *, tenant_id: str) -> str:
+    """The tenant's name (its id when the row is gone)."""
+    tenant = session.get(Tenant, tenant_id)
+    return tenant.name if tenant is not None else tenant_id
+
+
+def all_api_keys(session: Session, *, tenant_id: str) -> list[ApiKey]:
+    """Every key of the tenant, oldest first, revoked ones included (for the admin command)."""
+    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id)))
+
+
+def revoke_any_api_key(session: Session, *, key_id: str) -> ApiKey | None:
+    """Revoke a key of any tenant (the admin command); None when there is no such key. Idempotent."""
+    row = session.get(ApiKey, key_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
+
+
+def dataset_format(session: Session, *, dataset_id: str | None) -> str | None:
+    """The format a dataset was read as; None without a dataset (or when it was deleted)."""
+    dataset = session.get(Dataset, dataset_id) if dataset_id else None
+    return dataset.format if dataset is not None else None
+
+
 def tenant_for_key(session: Session, *, key: str, pepper: str) -> Tenant | None:
     row = session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_api_key(key, pepper=pepper), ApiKey.revoked_at.is_(None))
@@ -188,6 +219,12 @@ def remember_idempotency_key(
             tenant_id=tenant_id, endpoint=endpoint, key=key, request_hash=request_hash, resource_id=resource_id
         )
     )
+    session.flush()
+
+
+def forget_idempotency_key(session: Session, *, record: IdempotencyKey) -> None:
+    """Spend a key whose resource was deleted: the next request with it creates anew."""
+    session.delete(record)
     session.flush()
 
 

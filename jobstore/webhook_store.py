@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from jobstore.db import page
 from jobstore.models import Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint, new_id, utcnow
-from jobstore.webhooks import ANNOUNCED_STATUSES, EVENT_PREFIXES, new_secret
+from jobstore.webhooks import ALL_EVENTS, ANNOUNCED_STATUSES, EVENT_PREFIXES, new_secret, subscribes
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 
@@ -27,13 +27,20 @@ PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 
 
 def create_endpoint(
-    session: Session, *, tenant_id: str, url: str, event_types: Sequence[str], description: str | None = None
+    session: Session,
+    *,
+    tenant_id: str,
+    url: str,
+    event_types: Sequence[str] | None = None,
+    description: str | None = None,
 ) -> WebhookEndpoint:
+    """A new endpoint receiving ``event_types`` (duplicates dropped), or with None every event type, those added
+    later included (stored as :data:`jobstore.webhooks.ALL_EVENTS`)."""
     endpoint = WebhookEndpoint(
         id=new_id("wh"),
         tenant_id=tenant_id,
         url=url,
-        event_types=list(dict.fromkeys(event_types)),
+        event_types=[ALL_EVENTS] if event_types is None else list(dict.fromkeys(event_types)),
         description=description,
         secret=new_secret(),
         consecutive_failures=0,
@@ -90,14 +97,25 @@ def announce(session: Session, *, job: Job) -> list[WebhookDelivery]:
     if prefix is None or job.status not in ANNOUNCED_STATUSES:
         return []
     event_type = f"{prefix}.{job.status}"
-    endpoints = session.scalars(
-        select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == job.tenant_id, WebhookEndpoint.disabled_at.is_(None))
+    now = utcnow()
+    return announce_event(
+        session, tenant_id=job.tenant_id, event_type=event_type, payload=event_payload(job, event_type, now), now=now
     )
-    subscribed = [endpoint for endpoint in endpoints if event_type in endpoint.event_types]
+
+
+def announce_event(
+    session: Session, *, tenant_id: str, event_type: str, payload: dict[str, Any], now: datetime | None = None
+) -> list[WebhookDelivery]:
+    """Queue one event of any run kind for every enabled endpoint of the tenant that receives ``event_type``: those
+    that named it, and those created with the default (every event type, also types added after they were
+    made). Returns the new outbox rows."""
+    endpoints = session.scalars(
+        select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.disabled_at.is_(None))
+    )
+    subscribed = [endpoint for endpoint in endpoints if subscribes(endpoint.event_types, event_type)]
     if not subscribed:
         return []
-    now = utcnow()
-    payload = event_payload(job, event_type, now)
+    now = now or utcnow()
     message_id = new_id("msg")  # one message, one webhook-id, whichever endpoints it goes to
     rows = [
         WebhookDelivery(
@@ -117,6 +135,12 @@ def announce(session: Session, *, job: Job) -> list[WebhookDelivery]:
     session.add_all(rows)
     session.flush()
     return rows
+
+
+def delete_endpoint(session: Session, *, endpoint: WebhookEndpoint) -> None:
+    """Remove the endpoint with its delivery log (ON DELETE CASCADE)."""
+    session.delete(endpoint)
+    session.flush()
 
 
 def list_deliveries(

@@ -28,6 +28,22 @@ from urllib.parse import urlsplit
 ANNOUNCED_STATUSES = ("running", "succeeded", "failed", "cancelled")
 EVENT_PREFIXES = {"training": "job", "evaluation": "evaluation"}
 EVENT_TYPES = tuple(f"{prefix}.{status}" for prefix in EVENT_PREFIXES.values() for status in ANNOUNCED_STATUSES)
+# Stored as an endpoint's event types when it was created without a list: every event type, those added later
+# (new run kinds) included. An explicit list receives only what it names.
+ALL_EVENTS = "*"
+
+
+def subscribes(event_types: Iterable[str], event_type: str) -> bool:
+    """Whether an endpoint with these stored event types receives ``event_type``."""
+    stored = list(event_types)
+    return ALL_EVENTS in stored or event_type in stored
+
+
+def public_event_types(event_types: Iterable[str]) -> list[str]:
+    """The event types an endpoint receives today (``ALL_EVENTS`` spelled out as the current list)."""
+    stored = list(event_types)
+    return list(EVENT_TYPES) if ALL_EVENTS in stored else stored
+
 
 # Seconds to wait after the 1st, 2nd, ... failed attempt (Standard Webhooks' / Svix's schedule): 8 attempts over
 # about 27.6 hours. A message whose last attempt fails is ``failed``.

@@ -1,4 +1,12 @@
-"""A stored job spec plus where things live on this worker -> the engine's :class:`TrainConfig`.
+"""A stored job spec plus where things live on this worker -> the engine's :class:`TrainConfig`, in two steps.
+
+1. Staging (:func:`stage_training_inputs`, :func:`stage_evaluation_inputs`): the only step with side effects. It
+   fetches the datasets (and a tuned or starting adapter) from the artifact store, builds a built-in base model
+   into the model cache and copies the starting adapter, and answers local paths (:class:`StagedInputs`).
+2. Translation (:func:`train_config`, :func:`evaluation_config`): pure functions of the spec and the staged paths.
+   Every knob comes from the spec through ``dama_settings.spec_sources.JOB_SPEC_SOURCES`` (no hand-copied list);
+   what the spec does not carry is the worker's (:data:`WORKER_DECIDES`). A test fails when an engine setting is
+   in neither table (tests/worker/test_spec_translation.py).
 
 Field names follow the engine's; this module only decides paths and the few service-level defaults:
 
@@ -14,7 +22,7 @@ Field names follow the engine's; this module only decides paths and the few serv
   gives its settings as any job on a pretrained model does (the demo sends ``dama_engine.proving``'s);
 * a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
   (:func:`dama_engine.data.generative.find_generative_files`);
-* an evaluation job (:func:`build_evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
+* an evaluation job (:func:`evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
   training job from that job's ``run_dir(job_id)/adapter``.
 """
 
@@ -26,6 +34,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ from dama_engine.models import build_tiny_model
 from dama_engine.proving import BASE as SEEING_BASE_RECIPE
 from dama_engine.proving import build_seeing_base, seeing_base_recipe
 from dama_engine.training import ADAPTER_DIR, checkpoint_dir
+from dama_settings.spec_sources import JOB_SPEC_SOURCES, NotExposed
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
 from jobstore.spec import SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
@@ -171,23 +181,126 @@ def generative_files(store: ArtifactStore, dataset_id: str, role: str) -> tuple[
     return found
 
 
-def _model_values(model: str, trust_remote_code: bool, settings: Settings) -> tuple[dict[str, Any], str | None]:
+def _built_in_model(model: str, trust_remote_code: bool, settings: Settings) -> Path | None:
+    """Staging of the base model: a built-in model's folder, built on first use; None for a hub model (the engine
+    downloads it). Refuses ``trust_remote_code`` unless the operator allows it: the worker is where it would run."""
     if trust_remote_code and not settings.allow_remote_code:
-        # Checked again here: the worker is where the code would run.
         raise ConfigError("trust_remote_code: not allowed on this service (DAMA_ALLOW_REMOTE_CODE is off)")
     tiny_family = TINY_MODELS.get(model)
-    model_path: Path | None = None
     if tiny_family:
-        model_path = ensure_tiny_model(tiny_family, model_cache_root(settings))
-    elif model == SEEING_MODEL:
-        model_path = ensure_seeing_base(model_cache_root(settings))
-    values = {
+        return ensure_tiny_model(tiny_family, model_cache_root(settings))
+    if model == SEEING_MODEL:
+        return ensure_seeing_base(model_cache_root(settings))
+    return None
+
+
+def _model_values(model: str, trust_remote_code: bool, model_path: Path | None) -> dict[str, Any]:
+    return {
         "name_or_path": model if model_path is None else str(model_path),
         "trust_remote_code": trust_remote_code,
         # Built-in models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
         "precision": "auto" if model_path is None else "fp32",
     }
-    return values, tiny_family
+
+
+@dataclass(frozen=True)
+class StagedInputs:
+    """What a training job reads, on this worker's disk: made by :func:`stage_training_inputs`, the one step that
+    touches the artifact store and the model cache."""
+
+    model_path: Path | None  # a built-in model's folder; None: a hub model, loaded by name
+    train: Path
+    eval: Path | None = None
+    generative: Path | None = None
+    vocabulary: Path | None = None
+    init_adapter: Path | None = None
+
+
+def stage_training_inputs(spec: JobSpec, *, job_id: str, store: ArtifactStore, settings: Settings) -> StagedInputs:
+    """Fetch the job's datasets from the artifact store (into scratch with S3), build a built-in base model and copy
+    the starting adapter; raises :class:`DatasetMissing` or the engine's ``ConfigError``."""
+    evaluation = spec.evaluation
+    model_path = _built_in_model(spec.model, spec.trust_remote_code, settings)
+    train = _existing_dataset(store, spec.dataset_id, "training")
+    held_out = generative = vocabulary = None
+    if evaluation is not None and evaluation.dataset_id:
+        held_out = _existing_dataset(store, evaluation.dataset_id, "evaluation")
+    if evaluation is not None and evaluation.generative_dataset_id:
+        generative, vocabulary = generative_files(store, evaluation.generative_dataset_id, "generative")
+    init_adapter = starting_adapter(spec, job_id=job_id, store=store) if spec.init_source is not None else None
+    return StagedInputs(model_path, train, held_out, generative, vocabulary, init_adapter)
+
+
+# The engine settings a job spec does not carry and the worker decides (JOB_SPEC_SOURCES names the others): what
+# train_config sets, or, marked NotExposed, leaves at the engine's default.
+WORKER_DECIDES: dict[str, dict[str, str | NotExposed]] = {
+    "model": {
+        "name_or_path": "the hub name, or a built-in model's staged folder",
+        "precision": "auto for hub models, fp32 for built-in ones",
+        "init_adapter": "the staged copy of init_adapter",
+        "revision": NotExposed("a job names a model, not a hub revision"),
+        "attn_implementation": NotExposed("the engine picks the model's best"),
+    },
+    "data": {
+        "train": "the staged training dataset",
+        "eval": "the staged held-out dataset",
+        "format": "the format the upload was read as",
+    },
+    "lora": {"freeze_vision_tower": NotExposed("the vision tower is never trained (ARCHITECTURE.md)")},
+    "evaluation": {
+        "generative": "the staged generative set's JSONL file",
+        "vocabulary": "the staged generative set's vocabulary",
+        "enabled": NotExposed("evaluation runs whenever a held-out or generative set is given"),
+        "max_pairs": NotExposed("a job evaluates on all its held-out pairs"),
+    },
+    "run": {
+        "output_dir": "the job's run folder on the artifact store",
+        "cache_dir": "the worker's shared cache of reference log-probs and hardness",
+        "resume": "always: a re-queued job continues from its newest checkpoint",
+        "log_every": NotExposed("every step is reported"),
+        "distributed_timeout_s": NotExposed("the engine's default"),
+        "threads": NotExposed("the worker's process environment (DAMA_TORCH_THREADS) sets it"),
+    },
+}
+
+_UNSET = object()
+
+
+def _spec_value(spec: JobSpec, path: str) -> Any:
+    """The job-spec value at a dotted ``path``; _UNSET when a section on the way is absent (null)."""
+    value: Any = spec
+    for name in path.split("."):
+        if value is None:
+            return _UNSET
+        value = getattr(value, name)
+    return value
+
+
+def train_config(
+    spec: JobSpec, staged: StagedInputs, *, run_dir: Path, cache_dir: Path, dataset_format: str | None = None
+) -> TrainConfig:
+    """The engine config of one job: a pure function of the spec and what staging made (no file is read or
+    written). Each knob comes from the spec through :data:`dama_settings.spec_sources.JOB_SPEC_SOURCES`; the rest
+    is the worker's (:data:`WORKER_DECIDES`). Raises the engine's ``ConfigError`` for a combination it refuses."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in (*JOB_SPEC_SOURCES, *WORKER_DECIDES)}
+    for section, sources in JOB_SPEC_SOURCES.items():
+        for name, source in sources.items():
+            if not isinstance(source, NotExposed) and (value := _spec_value(spec, source)) is not _UNSET:
+                values[section][name] = value
+    model, data, evaluation, run = values["model"], values["data"], values["evaluation"], values["run"]
+    model.update(_model_values(spec.model, spec.trust_remote_code, staged.model_path))
+    if staged.init_adapter is not None:
+        model["init_adapter"] = str(staged.init_adapter)
+    if TINY_MODELS.get(spec.model) and spec.hyperparameters.learning_rate == DEFAULT_LEARNING_RATE:
+        values["optim"]["learning_rate"] = TINY_MODEL_LEARNING_RATE  # random weights, the spec left the LoRA default
+    data.update(train=str(staged.train), format=dataset_format if dataset_format in ENGINE_FORMATS else "auto")
+    if staged.eval is not None:
+        data["eval"] = str(staged.eval)
+        data.pop("eval_fraction", None)  # a held-out set is given: nothing is held out of the training pairs
+    if staged.generative is not None:
+        evaluation.update(generative=str(staged.generative), vocabulary=str(staged.vocabulary))
+    run.update(output_dir=str(run_dir.resolve()), cache_dir=str(cache_dir), resume=True)
+    return parse_config(values)
 
 
 def build_train_config(
@@ -198,85 +311,21 @@ def build_train_config(
     settings: Settings,
     dataset_format: str | None = None,
 ) -> TrainConfig:
-    """The engine config of one job (raises :class:`DatasetMissing` or the engine's ``ConfigError``)."""
-    hp, lora = spec.hyperparameters, spec.lora
-    model, tiny_family = _model_values(spec.model, spec.trust_remote_code, settings)
-    learning_rate = hp.learning_rate
-    if tiny_family and learning_rate == DEFAULT_LEARNING_RATE:
-        learning_rate = TINY_MODEL_LEARNING_RATE  # random-weight tiny models, when the spec left the LoRA default
-
-    data: dict[str, Any] = {
-        "train": str(_existing_dataset(store, spec.dataset_id, "training")),
-        "format": dataset_format if dataset_format in ENGINE_FORMATS else "auto",
-        "max_length": hp.max_length,
-    }
-    if spec.evaluation is not None:
-        if spec.evaluation.dataset_id:
-            data["eval"] = str(_existing_dataset(store, spec.evaluation.dataset_id, "evaluation"))
-        else:
-            data["eval_fraction"] = spec.evaluation.holdout_fraction
-    evaluation: dict[str, Any] = {}
-    if spec.evaluation is not None:
-        evaluation["max_new_tokens"] = spec.evaluation.max_new_tokens
-        if spec.evaluation.generative_dataset_id:
-            generative, vocabulary = generative_files(store, spec.evaluation.generative_dataset_id, "generative")
-            evaluation.update(
-                generative=str(generative), vocabulary=str(vocabulary), max_samples=spec.evaluation.max_samples
-            )
-
-    if spec.init_source is not None:
-        model["init_adapter"] = str(starting_adapter(spec, job_id=job_id, store=store))
-    values: dict[str, Any] = {
-        "model": model,
-        "data": data,
-        "evaluation": evaluation,
-        "lora": {
-            "enabled": lora.enabled,
-            "r": lora.r,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "target_modules": lora.target_modules,
-            "train_projector": lora.train_projector,
-        },
-        "objective": {
-            "method": spec.method,
-            "beta": hp.beta,
-            "keep_ratio": hp.keep_ratio,
-            "gamma": hp.gamma,
-            "filter_scope": hp.filter_scope,
-            "filter_std": hp.filter_std,
-            "filter_sigma": hp.filter_sigma,
-            "ema_source": hp.ema_source,
-        },
-        "hardness": {"scorer": spec.hardness_scorer, "rescale": spec.hardness_rescale},
-        "optim": {
-            "learning_rate": learning_rate,
-            "weight_decay": hp.weight_decay,
-            "warmup_ratio": hp.warmup_ratio,
-            "epochs": hp.epochs,
-            "max_steps": hp.max_steps,
-            "batch_size": hp.batch_size,
-            "grad_accumulation": hp.grad_accumulation,
-            "gradient_checkpointing": hp.gradient_checkpointing,
-            "compile": hp.compile,
-            "seed": hp.seed,
-        },
-        "run": {
-            "output_dir": str(store.run_dir(job_id).resolve()),
-            "cache_dir": str(settings.resolved_scratch_dir / "cache"),
-            "checkpoint_every": hp.checkpoint_every,
-            "keep_checkpoints": hp.keep_checkpoints,
-            "eval_every": hp.eval_every,
-            "resume": True,
-        },
-    }
-    return parse_config(values)
+    """Stage, then translate: :func:`stage_training_inputs` and :func:`train_config` for one job of this worker."""
+    staged = stage_training_inputs(spec, job_id=job_id, store=store, settings=settings)
+    return train_config(
+        spec,
+        staged,
+        run_dir=store.run_dir(job_id),
+        cache_dir=settings.resolved_scratch_dir / "cache",
+        dataset_format=dataset_format,
+    )
 
 
 def model_section(spec: JobSpec, settings: Settings) -> ModelSection:
     """The base model of a training job as the engine loads it (a built-in tiny model: its built folder)."""
-    values, _ = _model_values(spec.model, spec.trust_remote_code, settings)
-    return ModelSection(**values)
+    model_path = _built_in_model(spec.model, spec.trust_remote_code, settings)
+    return ModelSection(**_model_values(spec.model, spec.trust_remote_code, model_path))
 
 
 def adapter_folder(store: ArtifactStore, job_id: str) -> Path:
@@ -284,29 +333,26 @@ def adapter_folder(store: ArtifactStore, job_id: str) -> Path:
     return store.run_dir(job_id) / "adapter"
 
 
-def build_evaluation_config(
-    spec: EvaluationCreate,
-    *,
-    job_id: str,
-    store: ArtifactStore,
-    settings: Settings,
-    preference_format: str | None = None,
-) -> EvaluationConfig:
-    """The engine config of one evaluation job (raises :class:`DatasetMissing`, :class:`AdapterMissing` or the
-    engine's ``ConfigError``)."""
-    model, _ = _model_values(spec.model, spec.trust_remote_code, settings)
-    data: dict[str, Any] = {
-        "max_samples": spec.max_samples,
-        "max_pairs": spec.max_pairs,
-        "max_length": spec.max_length,
-    }
+@dataclass(frozen=True)
+class StagedEvaluation:
+    """What an evaluation job reads, on this worker's disk (:func:`stage_evaluation_inputs`)."""
+
+    model_path: Path | None
+    preference: Path | None = None
+    generative: Path | None = None
+    vocabulary: Path | None = None
+    adapter: Path | None = None
+
+
+def stage_evaluation_inputs(spec: EvaluationCreate, *, store: ArtifactStore, settings: Settings) -> StagedEvaluation:
+    """Fetch the evaluation's datasets and the tuned adapter, build a built-in base model (raises
+    :class:`DatasetMissing`, :class:`AdapterMissing` or the engine's ``ConfigError``)."""
+    model_path = _built_in_model(spec.model, spec.trust_remote_code, settings)
+    preference = generative = vocabulary = adapter = None
     if spec.preference_dataset_id:
-        data["preference"] = str(_existing_dataset(store, spec.preference_dataset_id, "preference"))
-        data["format"] = preference_format if preference_format in ENGINE_FORMATS else "auto"
+        preference = _existing_dataset(store, spec.preference_dataset_id, "preference")
     if spec.generative_dataset_id:
         generative, vocabulary = generative_files(store, spec.generative_dataset_id, "generative")
-        data.update(generative=str(generative), vocabulary=str(vocabulary))
-    adapter = None
     if spec.adapter_job_id:
         folder = adapter_folder(store, spec.adapter_job_id)
         store.fetch(folder)
@@ -314,10 +360,23 @@ def build_evaluation_config(
             raise AdapterMissing(
                 f"adapter_job_id: job {spec.adapter_job_id} has no adapter on the workers' artifact store ({folder})"
             )
-        adapter = str(folder.resolve())
+        adapter = folder.resolve()
+    return StagedEvaluation(model_path, preference, generative, vocabulary, adapter)
+
+
+def evaluation_config(
+    spec: EvaluationCreate, staged: StagedEvaluation, *, run_dir: Path, preference_format: str | None = None
+) -> EvaluationConfig:
+    """The engine config of one evaluation job: a pure function of the request and what staging made."""
+    data: dict[str, Any] = {"max_samples": spec.max_samples, "max_pairs": spec.max_pairs, "max_length": spec.max_length}
+    if staged.preference is not None:
+        data["preference"] = str(staged.preference)
+        data["format"] = preference_format if preference_format in ENGINE_FORMATS else "auto"
+    if staged.generative is not None:
+        data.update(generative=str(staged.generative), vocabulary=str(staged.vocabulary))
     values: dict[str, Any] = {
-        "model": model,
-        "adapter": adapter,
+        "model": _model_values(spec.model, spec.trust_remote_code, staged.model_path),
+        "adapter": str(staged.adapter) if staged.adapter is not None else None,
         "data": data,
         "generation": {
             "max_new_tokens": spec.generation.max_new_tokens,
@@ -325,7 +384,7 @@ def build_evaluation_config(
         },
         "beta": spec.beta,
         "batch_size": spec.batch_size,
-        "output_dir": str(store.run_dir(job_id).resolve()),
+        "output_dir": str(run_dir.resolve()),
     }
     return parse_evaluation_config(values)
 

@@ -12,7 +12,10 @@ broker; heartbeats in the job store are what tell a live run from a dead one:
   finished during a database outage and waits to record its outcome is not re-queued and redone;
 * a ``queued`` job nobody claimed for two sweep intervals is sent again, unless its queue still holds messages
   (then its message is most likely among them, waiting for a free worker). Claiming is a conditional update, so
-  a duplicate message is a no-op.
+  a duplicate message is a no-op;
+* every other run kind goes the same way: a merged export silent for ``heartbeat_timeout_s`` is re-queued (the
+  merge starts over) or failed with its reason after ``max_attempts`` runs
+  (:func:`jobstore.exports.recover_stale_export`), and a queued export nobody claimed is sent again.
 
 Where it runs: a daemon thread in every worker process (:class:`SweeperThread`), not Celery beat. That needs no
 extra process in the embedded single-machine mode, and it keeps sweeping while the worker's only pool slot is
@@ -31,8 +34,8 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobstore import repository
-from jobstore.broker import enqueue_job
+from jobstore import exports, repository
+from jobstore.broker import enqueue_export, enqueue_job
 from jobstore.db import session_scope
 from jobstore.models import utcnow
 from jobstore.settings import Settings
@@ -102,21 +105,73 @@ def sweep(
         except Exception:
             log.exception("sweeper: could not recover job %s", job_id)
 
+    done += _recover_exports(
+        session_factory,
+        celery_app,
+        settings,
+        silent_since=silent_since,
+        judge=not (watch is not None and watch.grace(silent_since)),
+    )
+
     unclaimed_since = now - timedelta(seconds=2 * settings.sweep_interval_s)
     with session_scope(session_factory) as session:
-        orphans = [(job.id, job.queue) for job in repository.orphaned_queued_jobs(session, older_than=unclaimed_since)]
+        orphans = [
+            ("job", job.id, job.queue) for job in repository.orphaned_queued_jobs(session, older_than=unclaimed_since)
+        ]
+        orphans += [
+            ("export", export.id, exports.export_queue(session, export=export))
+            for export in exports.orphaned_queued_exports(session, older_than=unclaimed_since)
+        ]
     waiting: dict[str, int | None] = {}
-    for job_id, queue in orphans:
+    for kind, run_id, queue in orphans:
         if queue not in waiting:
             waiting[queue] = queued_messages(celery_app, queue)
         if waiting[queue]:
             continue
         try:
-            enqueue_job(celery_app, job_id=job_id, queue=queue)
-            log.info("sweeper: job %s was queued but never claimed; sent it again", job_id)
+            _send(celery_app, kind=kind, run_id=run_id, queue=queue)
+            log.info("sweeper: %s %s was queued but never claimed; sent it again", kind, run_id)
             done["resent"] += 1
         except Exception:
-            log.exception("sweeper: could not send job %s again", job_id)
+            log.exception("sweeper: could not send %s %s again", kind, run_id)
+    return done
+
+
+def _send(celery_app: Celery, *, kind: str, run_id: str, queue: str) -> None:
+    if kind == "export":
+        enqueue_export(celery_app, export_id=run_id, queue=queue)
+    else:
+        enqueue_job(celery_app, job_id=run_id, queue=queue)
+
+
+def _recover_exports(
+    session_factory: sessionmaker[Session],
+    celery_app: Celery,
+    settings: Settings,
+    *,
+    silent_since: datetime,
+    judge: bool,
+) -> Counter[str]:
+    """Re-queue (and send again) or fail each running export whose worker went silent, as for jobs."""
+    done: Counter[str] = Counter()
+    if not judge:
+        return done
+    with session_scope(session_factory) as session:
+        stale = exports.stale_exports(session, older_than=silent_since)
+    for export_id in stale:
+        try:
+            with session_scope(session_factory) as session:
+                export = exports.lock_stale_export(session, export_id=export_id, older_than=silent_since)
+                if export is None:
+                    continue  # it heartbeat meanwhile, or another sweeper has it
+                log.warning("export %s: worker %s silent since %s", export_id, export.worker, export.heartbeat_at)
+                status = exports.recover_stale_export(session, export=export, max_attempts=settings.max_attempts)
+                queue = exports.export_queue(session, export=export)
+            done[f"export_{_outcome(status)}"] += 1
+            if status == exports.QUEUED:  # sent after the commit: the worker that takes it finds it queued
+                enqueue_export(celery_app, export_id=export_id, queue=queue)
+        except Exception:
+            log.exception("sweeper: could not recover export %s", export_id)
     return done
 
 

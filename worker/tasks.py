@@ -68,7 +68,7 @@ from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
-from jobstore.models import Dataset, Job, Tenant
+from jobstore.models import Job
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
@@ -76,9 +76,11 @@ from worker.distributed import run_distributed
 from worker.engine_config import (
     AdapterMissing,
     DatasetMissing,
-    build_evaluation_config,
-    build_train_config,
+    evaluation_config,
     evaluation_passes,
+    stage_evaluation_inputs,
+    stage_training_inputs,
+    train_config,
 )
 from worker.progress import (
     Backoff,
@@ -114,6 +116,17 @@ MODEL_STAGES = (None, "validating", "loading_model")
 
 class JobStoreUnavailable(RuntimeError):
     """The job could not be claimed because the job store is unreachable (temporary: the task retries)."""
+
+
+# Celery's own retry of a claim the job store could not take (the only temporary error retried): 5, 10, 20, 40,
+# 60 s apart, then the message is dropped and the sweeper sends the still-queued run again.
+CLAIM_RETRY: dict[str, Any] = {
+    "autoretry_for": (JobStoreUnavailable,),
+    "max_retries": CLAIM_RETRIES,
+    "retry_backoff": 5,
+    "retry_backoff_max": 60,
+    "retry_jitter": False,
+}
 
 
 @dataclass
@@ -411,12 +424,9 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     outcome: EvaluationResult | None = None
     try:
         spec = EvaluationCreate.model_validate(claimed.spec)
-        config = build_evaluation_config(
-            spec,
-            job_id=claimed.job_id,
-            store=store,
-            settings=settings,
-            preference_format=claimed.dataset_format,
+        staged = stage_evaluation_inputs(spec, store=store, settings=settings)
+        config = evaluation_config(
+            spec, staged, run_dir=store.run_dir(claimed.job_id), preference_format=claimed.dataset_format
         )
         outcome = run_evaluation(config, reporter)
     except JobStopped:
@@ -482,16 +492,15 @@ def _claim(
             spec = dict(job.spec)
             # The preference data's format: the training set, or an evaluation job's held-out pairs.
             dataset_id = spec.get("preference_dataset_id") if job.kind == EVALUATION else spec.get("dataset_id")
-            dataset = session.get(Dataset, dataset_id) if dataset_id else None
             return _Claimed(
                 job_id=job_id,
                 tenant_id=job.tenant_id,
                 spec=spec,
                 attempt=job.attempts,
-                dataset_format=dataset.format if dataset is not None else None,
+                dataset_format=repository.dataset_format(session, dataset_id=dataset_id),
                 resume_step=max(resume_step, 0),
                 kind=job.kind,
-                tenant_name=tenant.name if (tenant := session.get(Tenant, job.tenant_id)) else job.tenant_id,
+                tenant_name=repository.tenant_name(session, tenant_id=job.tenant_id),
             )
     except OperationalError as error:
         raise JobStoreUnavailable(f"could not claim {what}: {error}") from error
@@ -506,8 +515,14 @@ def _train(
     settings: Settings,
     tracking: Tracking | None = None,
 ) -> TrainResult:
-    config = build_train_config(
-        spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
+    # Stage (artifact store, built-in models, starting adapter), then translate (a pure function of the spec).
+    staged = stage_training_inputs(spec, job_id=claimed.job_id, store=store, settings=settings)
+    config = train_config(
+        spec,
+        staged,
+        run_dir=store.run_dir(claimed.job_id),
+        cache_dir=settings.resolved_scratch_dir / "cache",
+        dataset_format=claimed.dataset_format,
     )
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
@@ -730,21 +745,17 @@ def _release_memory() -> None:
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     """The Celery tasks: thin wrappers that call the plain functions with this worker's context."""
 
-    @app.task(name=RUN_JOB_TASK, bind=True, max_retries=CLAIM_RETRIES, acks_late=False, ignore_result=True)
+    @app.task(name=RUN_JOB_TASK, bind=True, acks_late=False, ignore_result=True, **CLAIM_RETRY)
     def run_job_task(self: Task, job_id: str, queue: str | None = None) -> None:
         # "A job may be ready on this queue": the worker runs the job fair share puts first (run_next_job).
-        try:
-            run_next_job(
-                queue,
-                hint=job_id,
-                session_factory=context.session_factory,
-                settings=context.settings,
-                worker=worker_name(self.request.hostname),
-                shutdown=context.shutdown,
-            )
-        except JobStoreUnavailable as error:
-            log.warning("%s; retrying", error)
-            raise self.retry(exc=error, countdown=min(60, 5 * 2**self.request.retries)) from error
+        run_next_job(
+            queue,
+            hint=job_id,
+            session_factory=context.session_factory,
+            settings=context.settings,
+            worker=worker_name(self.request.hostname),
+            shutdown=context.shutdown,
+        )
 
     @app.task(name=SWEEP_TASK, ignore_result=True)
     def sweep_task() -> None:

@@ -1,78 +1,27 @@
 """``/evaluations``: score a base model (and a training job's adapter against it) on uploaded datasets.
 
-An evaluation is a job of kind ``evaluation`` (id prefix ``eval_``): created, enqueued by task name, claimed, run,
-cancelled and recovered exactly like a training job, and never visible under ``/jobs`` (nor a training job here).
-Outputs: the results as ``metrics``, the per-sample generations (``/outputs``, JSONL) and the chart (``/chart``).
+An evaluation is a job of kind ``evaluation`` (:mod:`api.services.evaluations`). Outputs: the results as
+``metrics``, the per-sample generations (``/outputs``, JSONL) and the chart (``/chart``).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
-from api.deps import After, CurrentTenant, Limit, Services, ServicesDep, SessionDep
+from api.deps import After, CurrentTenant, EventsAfter, EventsLimit, IdempotencyKey, Limit, ServicesDep, SessionDep
 from api.downloads import artifact_response
-from api.errors import ApiError
-from api.routers.job_outputs import EventsAfter, EventsLimit, events_response
-from api.routers.jobs import (
-    STORAGE_FULL,
-    IdempotencyKey,
-    cancel_or_conflict,
-    check_dataset,
-    get_tenant_job,
-    submit_job,
-)
-from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic, evaluation_public
-from jobstore import repository
-from jobstore.models import Job
-from jobstore.spec import EvaluationCreate, JobSpec
+from api.responses import EVALUATION_NOT_FOUND as NOT_FOUND
+from api.responses import EVALUATION_NOT_READY as NOT_READY
+from api.responses import STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
+from api.schemas import ErrorResponse, EvaluationPublic, EvaluationsPublic, EventsPublic
+from api.services import evaluations, events, jobs
+from jobstore.spec import EvaluationCreate
 from jobstore.states import JobStatus
 
-logger = logging.getLogger(__name__)
-
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
-
-ENDPOINT = "POST /evaluations"
-KIND = repository.EVALUATION
-
-UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
-NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such evaluation for this tenant."}
-NOT_READY: dict[str, Any] = {"model": ErrorResponse, "description": "The evaluation has not succeeded (yet)."}
-
-# ?file= of GET /evaluations/{id}/outputs -> the artifact kind the worker registered.
-OUTPUT_KINDS = {"generations": "eval_outputs", "pairs": "eval_pairs"}
-
-
-def _tenant_evaluation(session: Any, *, tenant_id: str, evaluation_id: str) -> Job:
-    return get_tenant_job(session, tenant_id=tenant_id, job_id=evaluation_id, kind=KIND)
-
-
-def _check_adapter_job(session: Any, *, tenant_id: str, spec: EvaluationCreate) -> None:
-    """The adapter must come from a succeeded training job of this tenant, trained on ``spec.model``."""
-    assert spec.adapter_job_id is not None
-    job = repository.get_job(session, job_id=spec.adapter_job_id, tenant_id=tenant_id, kind=repository.TRAINING)
-    if job is None:
-        raise ApiError(404, "job_not_found", f"no training job with id {spec.adapter_job_id!r}", param="adapter_job_id")
-    if job.status != JobStatus.succeeded.value:
-        raise ApiError(
-            409,
-            "adapter_not_ready",
-            f"adapter_job_id: job {job.id} is {job.status}; its adapter can be evaluated once it has succeeded",
-            param="adapter_job_id",
-        )
-    trained_on = JobSpec.model_validate(job.spec).model
-    if trained_on != spec.model:
-        raise ApiError(
-            422,
-            "adapter_model_mismatch",
-            f"adapter_job_id: job {job.id} trained an adapter for {trained_on!r}, not {spec.model!r}; "
-            "set model to the training job's base model",
-            param="model",
-        )
 
 
 @router.post(
@@ -88,11 +37,7 @@ def _check_adapter_job(session: Any, *, tenant_id: str, spec: EvaluationCreate) 
         200: {"model": EvaluationPublic, "description": "Replayed: the evaluation an earlier request created."},
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
-        429: {
-            "model": ErrorResponse,
-            "description": "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant "
-            "already has DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry.",
-        },
+        429: TOO_MANY_ACTIVE,
         404: {
             "model": ErrorResponse,
             "description": "A dataset or adapter_job_id is not this tenant's; param names the field.",
@@ -116,38 +61,12 @@ def create_evaluation(
     services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
 ) -> EvaluationPublic:
-    tenant_id = tenant.id
-
-    def check() -> None:
-        if spec.preference_dataset_id:
-            check_dataset(
-                session, tenant_id=tenant_id, dataset_id=spec.preference_dataset_id, param="preference_dataset_id"
-            )
-        if spec.generative_dataset_id:
-            check_dataset(
-                session,
-                tenant_id=tenant_id,
-                dataset_id=spec.generative_dataset_id,
-                param="generative_dataset_id",
-                generative=True,
-            )
-        if spec.adapter_job_id:
-            _check_adapter_job(session, tenant_id=tenant_id, spec=spec)
-
-    job = submit_job(
-        session,
-        services,
-        response,
-        tenant_id=tenant_id,
-        body=spec.model_dump(mode="json"),
-        kind=KIND,
-        endpoint=ENDPOINT,
-        dataset_id=spec.preference_dataset_id or spec.generative_dataset_id,
-        queue=spec.queue,
-        idempotency_key=idempotency_key,
-        check=check,
+    job, replayed = evaluations.create_evaluation(
+        session, services, tenant_id=tenant.id, spec=spec, idempotency_key=idempotency_key
     )
-    return evaluation_public(job)
+    if replayed:
+        response.status_code = status.HTTP_200_OK
+    return EvaluationPublic.model_validate(job)
 
 
 @router.get("", summary="List evaluations", responses={401: UNAUTHORIZED})
@@ -160,24 +79,16 @@ def list_evaluations(
     limit: Limit = 20,
     after: After = None,
 ) -> EvaluationsPublic:
-    rows, has_more = repository.list_jobs(
-        session,
-        tenant_id=tenant.id,
-        limit=limit,
-        after=after,
-        status=status_filter.value if status_filter is not None else None,
-        kind=KIND,
+    rows, has_more = jobs.list_jobs(
+        session, tenant_id=tenant.id, kind=evaluations.KIND, status=status_filter, limit=limit, after=after
     )
-    return EvaluationsPublic(
-        data=[evaluation_public(row) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more and rows else None,
-    )
+    return EvaluationsPublic.of(rows, has_more=has_more)
 
 
 @router.get("/{evaluation_id}", summary="Get an evaluation", responses={401: UNAUTHORIZED, 404: NOT_FOUND})
 def get_evaluation(evaluation_id: str, session: SessionDep, tenant: CurrentTenant) -> EvaluationPublic:
-    return evaluation_public(_tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id))
+    job = evaluations.get_tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
+    return EvaluationPublic.model_validate(job)
 
 
 @router.post(
@@ -192,9 +103,8 @@ def get_evaluation(evaluation_id: str, session: SessionDep, tenant: CurrentTenan
     },
 )
 def cancel_evaluation(evaluation_id: str, session: SessionDep, tenant: CurrentTenant) -> EvaluationPublic:
-    job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    cancel_or_conflict(session, job, noun="evaluation")
-    return evaluation_public(job)
+    job = jobs.cancel(session, tenant_id=tenant.id, job_id=evaluation_id, kind=evaluations.KIND)
+    return EvaluationPublic.model_validate(job)
 
 
 @router.get(
@@ -222,30 +132,11 @@ def list_evaluation_events(
     after: EventsAfter = 0,
     limit: EventsLimit = 100,
 ) -> Any:
-    _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    return events_response(
-        evaluation_id,
-        request,
-        session,
-        services,
-        after=after,
-        limit=limit,
-        last_event_id=request.headers.get("last-event-id"),
+    evaluations.get_tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
+    last_event_id = request.headers.get("last-event-id")
+    return events.page_or_stream(
+        evaluation_id, request, session, services, after=after, limit=limit, last_event_id=last_event_id
     )
-
-
-def _succeeded_artifact(session: Any, services: Services, job: Job, kind: str, what: str) -> tuple[Path, str]:
-    if job.status != JobStatus.succeeded.value:
-        raise ApiError(
-            409, "evaluation_not_ready", f"the evaluation is {job.status}; its {what} is available once it succeeded"
-        )
-    artifact = repository.get_artifact(session, job_id=job.id, kind=kind)
-    if artifact is None:
-        raise ApiError(404, "output_not_found", f"this evaluation has no {what}")
-    path = services.artifacts.local_path(artifact.path)
-    if not services.artifacts.exists(path):
-        raise ApiError(404, "output_not_found", f"the evaluation succeeded but its {what} is missing from the store")
-    return path, artifact.sha256
 
 
 @router.get(
@@ -277,8 +168,14 @@ def download_outputs(
         Query(description="generations (generative set) or pairs (preference set).", examples=["generations"]),
     ] = "generations",
 ) -> Response:
-    job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    path, sha256 = _succeeded_artifact(session, services, job, OUTPUT_KINDS[file], f"{file} output")
+    path, sha256 = evaluations.succeeded_output(
+        session,
+        services,
+        tenant_id=tenant.id,
+        evaluation_id=evaluation_id,
+        kind=evaluations.OUTPUT_KINDS[file],
+        what=f"{file} output",
+    )
     return artifact_response(
         services.artifacts,
         path,
@@ -309,8 +206,9 @@ def download_outputs(
 def download_chart(
     evaluation_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> Response:
-    job = _tenant_evaluation(session, tenant_id=tenant.id, evaluation_id=evaluation_id)
-    path, sha256 = _succeeded_artifact(session, services, job, "eval_chart", "chart")
+    path, sha256 = evaluations.succeeded_output(
+        session, services, tenant_id=tenant.id, evaluation_id=evaluation_id, kind="eval_chart", what="chart"
+    )
     return artifact_response(
         services.artifacts,
         path,

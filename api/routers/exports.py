@@ -8,26 +8,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import CurrentTenant, ServicesDep, SessionDep
-from api.downloads import archive_responses, artifact_response, digest_headers, safe_label
-from api.errors import ApiError
-from api.routers.jobs import JOB_NOT_FOUND, UNAUTHORIZED, get_tenant_job
+from api.downloads import archive_responses, artifact_response, digest_headers
+from api.responses import EXPORT_NOT_FOUND, JOB_NOT_FOUND, UNAUTHORIZED
 from api.schemas import ErrorResponse, ExportCreate, ExportPublic, ExportsPublic
-from jobstore import exports
-from jobstore.broker import enqueue_export
-from jobstore.models import Export
-from jobstore.states import JobStatus
+from api.services import exports
 
 router = APIRouter(prefix="/jobs", tags=["exports"])
-
-EXPORT_NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such job or export for this tenant."}
-
-
-def _tenant_export(session: SessionDep, *, tenant_id: str, job_id: str, export_id: str) -> Export:
-    get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
-    export = exports.get_export(session, export_id=export_id, job_id=job_id)
-    if export is None:
-        raise ApiError(404, "export_not_found", f"no export {export_id} of job {job_id}", param="export_id")
-    return export
 
 
 @router.post(
@@ -50,24 +36,14 @@ def _tenant_export(session: SessionDep, *, tenant_id: str, job_id: str, export_i
 def create_export(
     job_id: str, body: ExportCreate, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> Any:
-    job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    if job.status != JobStatus.succeeded.value:
-        raise ApiError(409, "job_not_succeeded", f"the job is {job.status}; only a succeeded job can be exported")
-    existing = exports.reusable_export(session, job_id=job_id, format=body.format)
-    if existing is not None:
-        return JSONResponse(ExportPublic.model_validate(existing).model_dump(mode="json"), status_code=200)
-    export = exports.create_export(session, tenant_id=tenant.id, job_id=job_id, format=body.format)
+    export, created = exports.request_export(session, services, tenant_id=tenant.id, job_id=job_id, format=body.format)
     public = ExportPublic.model_validate(export)
-    session.commit()
-    enqueue_export(services.celery, export_id=export.id, queue=job.queue)
-    return public
+    return public if created else JSONResponse(public.model_dump(mode="json"), status_code=200)
 
 
 @router.get("/{job_id}/exports", summary="List a job's exports", responses={401: UNAUTHORIZED, 404: JOB_NOT_FOUND})
 def list_exports(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ExportsPublic:
-    get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    items = [ExportPublic.model_validate(item) for item in exports.list_exports(session, job_id=job_id)]
-    return ExportsPublic(data=items, has_more=False, next_cursor=None)
+    return ExportsPublic.of(exports.list_exports(session, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.get(
@@ -76,7 +52,8 @@ def list_exports(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Exp
     responses={401: UNAUTHORIZED, 404: EXPORT_NOT_FOUND},
 )
 def get_export(job_id: str, export_id: str, session: SessionDep, tenant: CurrentTenant) -> ExportPublic:
-    return ExportPublic.model_validate(_tenant_export(session, tenant_id=tenant.id, job_id=job_id, export_id=export_id))
+    export = exports.get_tenant_export(session, tenant_id=tenant.id, job_id=job_id, export_id=export_id)
+    return ExportPublic.model_validate(export)
 
 
 @router.get(
@@ -97,23 +74,13 @@ def get_export(job_id: str, export_id: str, session: SessionDep, tenant: Current
 def download_export(
     job_id: str, export_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> Response:
-    export = _tenant_export(session, tenant_id=tenant.id, job_id=job_id, export_id=export_id)
-    if export.status != exports.SUCCEEDED or export.sha256 is None or export.path is None:
-        raise ApiError(409, "export_not_ready", f"the export is {export.status}; download it once it has succeeded")
-    store = services.artifacts
-    # The row names the stored object (an s3:// URI with S3); the API streams it from the store, no local copy.
-    archive = store.local_path(export.path)
-    if not store.exists(archive):
-        raise ApiError(404, "export_file_missing", "the export succeeded but its archive is missing from the store")
-    job = get_tenant_job(session, tenant_id=tenant.id, job_id=job_id)
-    label = safe_label(job.spec.get("suffix") if isinstance(job.spec, dict) else None)
-    stem = f"{job_id}-{label}" if label else job_id
+    archive = exports.export_archive(session, services, tenant_id=tenant.id, job_id=job_id, export_id=export_id)
     return artifact_response(
-        store,
-        archive,
+        services.artifacts,
+        archive.path,
         request=request,
         media_type="application/x-tar",
         mode=services.settings.download_mode,
-        filename=f"{stem}-{export.format}.tar",
-        headers=digest_headers(export.sha256),
+        filename=archive.filename,
+        headers=digest_headers(archive.sha256),
     )

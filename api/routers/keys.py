@@ -7,21 +7,16 @@ from its next request on.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, status
 from pydantic import Field
 
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
-from api.errors import ApiError
-from api.schemas import ErrorResponse, UtcDatetime, _next_cursor, _Public
-from jobstore import repository
-from jobstore.models import ApiKey
+from api.responses import API_KEY_NOT_FOUND as NOT_FOUND
+from api.responses import UNAUTHORIZED
+from api.schemas import Page, UtcDatetime, _Public
+from api.services import keys
 
 router = APIRouter(prefix="/keys", tags=["keys"])
-
-UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
-NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such API key for this tenant."}
 
 
 class ApiKeyPublic(_Public):
@@ -36,15 +31,10 @@ class ApiKeyCreated(ApiKeyPublic):
     secret: str = Field(description="The key itself, for 'Authorization: Bearer'; shown only in this response.")
 
 
-class ApiKeysPublic(_Public):
+class ApiKeysPublic(Page[ApiKeyPublic]):
+    """The tenant's keys, newest first, revoked ones included."""
+
     object: str = Field(default="list", description="Always 'list'.")
-    data: list[ApiKeyPublic] = Field(description="The tenant's keys, newest first, revoked ones included.")
-    has_more: bool = Field(description="Whether another page follows this one.", examples=[False])
-    next_cursor: str | None = _next_cursor()
-
-
-def _public(row: ApiKey) -> ApiKeyPublic:
-    return ApiKeyPublic.model_validate(row)
 
 
 @router.post(
@@ -56,19 +46,14 @@ def _public(row: ApiKey) -> ApiKeyPublic:
     responses={401: UNAUTHORIZED},
 )
 def create_key(session: SessionDep, tenant: CurrentTenant, services: ServicesDep) -> ApiKeyCreated:
-    row, plaintext = repository.create_api_key(
-        session, tenant_id=tenant.id, pepper=services.settings.resolved_api_key_pepper
-    )
-    session.commit()
-    return ApiKeyCreated(**_public(row).model_dump(), secret=plaintext)
+    row, secret = keys.create(session, services, tenant_id=tenant.id)
+    return ApiKeyCreated(**ApiKeyPublic.model_validate(row).model_dump(), secret=secret)
 
 
 @router.get("", summary="List API keys", responses={401: UNAUTHORIZED})
 def list_keys(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> ApiKeysPublic:
-    rows, has_more = repository.list_api_keys(session, tenant_id=tenant.id, limit=limit, after=after)
-    return ApiKeysPublic(
-        data=[_public(row) for row in rows], has_more=has_more, next_cursor=rows[-1].id if has_more and rows else None
-    )
+    rows, has_more = keys.list_keys(session, tenant_id=tenant.id, limit=limit, after=after)
+    return ApiKeysPublic.of(rows, has_more=has_more)
 
 
 @router.delete(
@@ -79,8 +64,4 @@ def list_keys(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, aft
     responses={401: UNAUTHORIZED, 404: NOT_FOUND},
 )
 def revoke_key(key_id: str, session: SessionDep, tenant: CurrentTenant) -> ApiKeyPublic:
-    row = repository.revoke_api_key(session, tenant_id=tenant.id, key_id=key_id)
-    if row is None:
-        raise ApiError(404, "api_key_not_found", f"no API key with id {key_id!r}")
-    session.commit()
-    return _public(row)
+    return ApiKeyPublic.model_validate(keys.revoke(session, tenant_id=tenant.id, key_id=key_id))

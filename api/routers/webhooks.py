@@ -7,14 +7,13 @@ endpoints and reads the log. It never resolves or contacts an endpoint's host.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response, status
-from sqlalchemy.orm import Session
 
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
-from api.errors import ApiError
+from api.responses import UNAUTHORIZED, URL_REFUSED
+from api.responses import WEBHOOK_NOT_FOUND as NOT_FOUND
 from api.schemas import ErrorResponse
+from api.services import webhooks
 from api.webhook_schemas import (
     WebhookCreate,
     WebhookCreated,
@@ -23,35 +22,9 @@ from api.webhook_schemas import (
     WebhookPublic,
     WebhooksPublic,
     WebhookUpdate,
-    delivery_public,
-    webhook_public,
 )
-from jobstore import webhook_store
-from jobstore.models import WebhookEndpoint
-from jobstore.webhooks import check_url
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-UNAUTHORIZED: dict[str, Any] = {"model": ErrorResponse, "description": "Missing or invalid API key."}
-NOT_FOUND: dict[str, Any] = {"model": ErrorResponse, "description": "No such webhook endpoint for this tenant."}
-URL_REFUSED: dict[str, Any] = {
-    "model": ErrorResponse,
-    "description": "url_not_allowed: the URL is not http(s), or names a private, loopback, link-local or reserved "
-    "host that DAMA_WEBHOOK_ALLOWED_HOSTS does not allow; param is url.",
-}
-
-
-def _tenant_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
-    endpoint = webhook_store.get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
-    if endpoint is None:
-        raise ApiError(404, "webhook_not_found", f"no webhook endpoint with id {endpoint_id!r}")
-    return endpoint
-
-
-def _check_url(url: str, services: Any) -> None:
-    reason = check_url(url, allowed_hosts=services.settings.allowed_webhook_hosts)
-    if reason is not None:
-        raise ApiError(400, "url_not_allowed", f"url: {reason}", param="url")
 
 
 @router.post(
@@ -66,27 +39,19 @@ def _check_url(url: str, services: Any) -> None:
 def create_webhook(
     body: WebhookCreate, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> WebhookCreated:
-    _check_url(body.url, services)
-    endpoint = webhook_store.create_endpoint(
-        session, tenant_id=tenant.id, url=body.url, event_types=body.event_types, description=body.description
-    )
-    session.commit()
-    return WebhookCreated(**webhook_public(endpoint).model_dump(), secret=endpoint.secret)
+    return WebhookCreated.model_validate(webhooks.create(session, services, tenant_id=tenant.id, body=body))
 
 
 @router.get("", summary="List webhook endpoints", responses={401: UNAUTHORIZED})
 def list_webhooks(session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None) -> WebhooksPublic:
-    rows, has_more = webhook_store.list_endpoints(session, tenant_id=tenant.id, limit=limit, after=after)
-    return WebhooksPublic(
-        data=[webhook_public(row) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more and rows else None,
-    )
+    rows, has_more = webhooks.list_endpoints(session, tenant_id=tenant.id, limit=limit, after=after)
+    return WebhooksPublic.of(rows, has_more=has_more)
 
 
 @router.get("/{webhook_id}", summary="Get a webhook endpoint", responses={401: UNAUTHORIZED, 404: NOT_FOUND})
 def get_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> WebhookPublic:
-    return webhook_public(_tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id))
+    endpoint = webhooks.get_tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
+    return WebhookPublic.model_validate(endpoint)
 
 
 @router.patch(
@@ -99,18 +64,8 @@ def get_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> 
 def update_webhook(
     webhook_id: str, body: WebhookUpdate, session: SessionDep, tenant: CurrentTenant, services: ServicesDep
 ) -> WebhookPublic:
-    endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
-    if body.url is not None:
-        _check_url(body.url, services)
-        endpoint.url = body.url
-    if body.event_types is not None:
-        endpoint.event_types = list(dict.fromkeys(body.event_types))
-    if body.description is not None:
-        endpoint.description = body.description
-    if body.enabled is not None:
-        webhook_store.set_enabled(session, endpoint=endpoint, enabled=body.enabled, reason="disabled by the tenant")
-    session.commit()
-    return webhook_public(endpoint)
+    endpoint = webhooks.update(session, services, tenant_id=tenant.id, endpoint_id=webhook_id, body=body)
+    return WebhookPublic.model_validate(endpoint)
 
 
 @router.delete(
@@ -121,9 +76,7 @@ def update_webhook(
     responses={401: UNAUTHORIZED, 404: NOT_FOUND},
 )
 def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> Response:
-    endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
-    session.delete(endpoint)
-    session.commit()
+    webhooks.delete(session, tenant_id=tenant.id, endpoint_id=webhook_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -137,14 +90,10 @@ def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) 
 def list_deliveries(
     webhook_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = 20, after: After = None
 ) -> WebhookDeliveriesPublic:
-    endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
-    rows, has_more = webhook_store.list_deliveries(session, endpoint_id=endpoint.id, limit=limit, after=after)
-    attempts = webhook_store.attempts_of(session, delivery_ids=[row.id for row in rows])
-    return WebhookDeliveriesPublic(
-        data=[delivery_public(row, attempts[row.id]) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more and rows else None,
+    rows, has_more = webhooks.list_deliveries(
+        session, tenant_id=tenant.id, endpoint_id=webhook_id, limit=limit, after=after
     )
+    return WebhookDeliveriesPublic.of(rows, has_more=has_more)
 
 
 @router.post(
@@ -159,11 +108,5 @@ def list_deliveries(
     },
 )
 def redeliver(webhook_id: str, delivery_id: str, session: SessionDep, tenant: CurrentTenant) -> WebhookDeliveryPublic:
-    endpoint = _tenant_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_id)
-    delivery = webhook_store.get_delivery(session, endpoint_id=endpoint.id, delivery_id=delivery_id)
-    if delivery is None:
-        raise ApiError(404, "delivery_not_found", f"no delivery with id {delivery_id!r} for this endpoint")
-    webhook_store.redeliver(session, delivery=delivery)
-    session.commit()
-    attempts = webhook_store.attempts_of(session, delivery_ids=[delivery.id])
-    return delivery_public(delivery, attempts[delivery.id])
+    delivery = webhooks.redeliver(session, tenant_id=tenant.id, endpoint_id=webhook_id, delivery_id=delivery_id)
+    return WebhookDeliveryPublic.model_validate(delivery)

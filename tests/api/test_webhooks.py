@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobstore import repository
+from jobstore import repository, webhook_store
 from jobstore.db import session_scope
 from jobstore.models import WebhookEndpoint
 from tests.api.conftest import PEPPER, ApiServer, assert_error
@@ -145,6 +145,39 @@ def test_a_cancelled_job_writes_a_pending_delivery_that_the_api_never_sends(
     assert redelivered.status_code == 202 and redelivered.json()["message_id"] == delivery["message_id"]
     assert_error(client1.post(f"/webhooks/{other['id']}/deliveries/{delivery['id']}/redeliver"), 404)
     for webhook_id in (subscribed["id"], other["id"]):
+        client1.delete(f"/webhooks/{webhook_id}")
+
+
+def test_the_default_receives_event_types_added_later_and_an_explicit_list_only_its_own(
+    client1: httpx.Client, db: sessionmaker[Session], key1: str
+) -> None:
+    """A new run kind brings new event types (here ``export.succeeded``, which no endpoint could name when it was
+    made): an endpoint created with the default gets them; one created with the full list of its day, or any
+    explicit list, does not."""
+    everything = _create(client1).json()
+    spelled_out = _create(client1, event_types=everything["event_types"]).json()  # the same list, named
+    chosen = _create(client1, event_types=["job.succeeded"]).json()
+    assert everything["event_types"] == spelled_out["event_types"]  # both read the same today
+    later = "export.succeeded"
+    assert later not in everything["event_types"]
+    with session_scope(db) as session:
+        tenant = repository.tenant_for_key(session, key=key1, pepper=PEPPER)
+        assert tenant is not None
+        rows = webhook_store.announce_event(
+            session, tenant_id=tenant.id, event_type=later, payload={"type": later, "data": {"id": "exp_test"}}
+        )
+        assert [row.endpoint_id for row in rows] == [everything["id"]]
+        # A type the explicit lists do name still reaches them.
+        rows = webhook_store.announce_event(
+            session, tenant_id=tenant.id, event_type="job.succeeded", payload={"type": "job.succeeded", "data": {}}
+        )
+        assert sorted(row.endpoint_id for row in rows) == sorted([everything["id"], spelled_out["id"], chosen["id"]])
+    received = client1.get(f"/webhooks/{everything['id']}/deliveries").json()["data"]
+    assert sorted(item["event_type"] for item in received) == sorted(["job.succeeded", later])
+    assert [item["event_type"] for item in client1.get(f"/webhooks/{chosen['id']}/deliveries").json()["data"]] == [
+        "job.succeeded"
+    ]
+    for webhook_id in (everything["id"], spelled_out["id"], chosen["id"]):
         client1.delete(f"/webhooks/{webhook_id}")
 
 

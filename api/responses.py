@@ -1,0 +1,32 @@
+"""The error responses routes document, each defined once (a route lists them in ``responses=``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.schemas import ErrorResponse
+
+
+def error(description: str) -> dict[str, Any]:
+    """A documented error response with the one error shape."""
+    return {"model": ErrorResponse, "description": description}
+
+
+UNAUTHORIZED = error("Missing or invalid API key.")
+JOB_NOT_FOUND = error("No such job for this tenant.")
+STORAGE_FULL = error("storage_quota_exceeded: the tenant stores DAMA_TENANT_STORAGE_BYTES already.")
+TOO_MANY_ACTIVE = error(
+    "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant already has "
+    "DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry."
+)
+EXPORT_NOT_FOUND = error("No such job or export for this tenant.")
+EVALUATION_NOT_FOUND = error("No such evaluation for this tenant.")
+EVALUATION_NOT_READY = error("The evaluation has not succeeded (yet).")
+DATASET_NOT_FOUND = error("No such dataset for this tenant.")
+PREVIEW_NOT_FOUND = error("No such dataset (or row, or image) for this tenant.")
+API_KEY_NOT_FOUND = error("No such API key for this tenant.")
+WEBHOOK_NOT_FOUND = error("No such webhook endpoint for this tenant.")
+URL_REFUSED = error(
+    "url_not_allowed: the URL is not http(s), or names a private, loopback, link-local or reserved host that "
+    "DAMA_WEBHOOK_ALLOWED_HOSTS does not allow; param is url."
+)

@@ -1,0 +1,268 @@
+"""Jobs of every kind (training, evaluation): look one up for a tenant, create one (checks, quota, limits,
+idempotency, commit, then enqueue by task name), cancel one.
+
+The job row is committed before the message is sent, so a worker never receives an id it cannot find; if the
+broker is down the job simply stays queued and the worker's sweeper sends it again (Postgres, not Redis, is the
+source of truth).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import Session
+
+from api.deps import Services
+from api.errors import ApiError, not_found
+from api.services.idempotency import IdempotentCreate, body_hash
+from jobstore import quota, repository
+from jobstore.artifacts import ArtifactStore
+from jobstore.broker import enqueue_job
+from jobstore.models import Dataset, Job
+from jobstore.spec import JobSpec
+from jobstore.states import IllegalTransition, JobStatus
+
+logger = logging.getLogger(__name__)
+
+TRAINING = repository.TRAINING
+TRAINING_ENDPOINT = "POST /jobs"
+GENERATIVE_FORMAT = "generative"  # the format of a generative evaluation dataset (dama_engine.data.check)
+
+
+def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
+    """The tenant's job of this kind, or 404 (another tenant's job, or a job of another kind, is
+    indistinguishable from a missing one)."""
+    job = repository.get_job(session, job_id=job_id, tenant_id=tenant_id, kind=kind)
+    if job is None:
+        raise not_found("job" if kind == repository.TRAINING else kind, job_id)
+    return job
+
+
+def check_dataset(
+    session: Session, *, tenant_id: str, dataset_id: str, param: str, generative: bool = False
+) -> Dataset:
+    """404 unless the tenant owns the dataset, 422 unless it is of the right kind (a generative evaluation set
+    when ``generative``, preference pairs otherwise); holds a share lock on it (Postgres) until the job commits,
+    so a concurrent delete either sees the new job or happens first."""
+    dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id, param=param)
+    try:
+        session.refresh(dataset, with_for_update={"read": True})
+    except InvalidRequestError as error:  # deleted while we waited for the lock
+        raise not_found("dataset", dataset_id, param=param) from error
+    is_generative = dataset.format == GENERATIVE_FORMAT
+    if generative and not is_generative:
+        raise ApiError(
+            422,
+            "dataset_not_generative",
+            f"{param}: dataset {dataset_id} holds preference pairs ({dataset.format}); give a generative evaluation "
+            "dataset (JSONL of image, prompt, objects plus vocabulary.json)",
+            param=param,
+        )
+    if not generative and is_generative:
+        raise ApiError(
+            422,
+            "dataset_is_generative",
+            f"{param}: dataset {dataset_id} is a generative evaluation set; it can only be used as "
+            "a generative_dataset_id",
+            param=param,
+        )
+    return dataset
+
+
+def check_init_adapter(session: Session, store: ArtifactStore, *, tenant_id: str, spec: JobSpec) -> None:
+    """404 unless ``init_adapter`` names this tenant's training job and a kept checkpoint (or, bare, a succeeded
+    job); 422 unless that job trained the same base model with LoRA."""
+    source = spec.init_source
+    if source is None:
+        return
+    param, (job_id, step) = "init_adapter", source
+    job = repository.get_job(session, job_id=job_id, tenant_id=tenant_id, kind=repository.TRAINING)
+    if job is None:
+        raise not_found("job", job_id, param=param)
+    origin = JobSpec.model_validate(job.spec)
+    if origin.model != spec.model or not origin.lora.enabled or not spec.lora.enabled:
+        raise ApiError(
+            422,
+            "init_adapter_mismatch",
+            f"{param}: job {job_id} trained a {'LoRA adapter' if origin.lora.enabled else 'full fine-tune'} of "
+            f"{origin.model}; a start needs a LoRA adapter of this job's model ({spec.model}) and lora.enabled",
+            param=param,
+        )
+    if step is None and job.status != JobStatus.succeeded.value:
+        raise ApiError(
+            422,
+            "init_adapter_not_ready",
+            f"{param}: job {job_id} is {job.status}; its final adapter exists once it has succeeded (or start "
+            f"from a kept checkpoint: '{job_id}:STEP')",
+            param=param,
+        )
+    if step is not None:
+        checkpoint = repository.get_checkpoint(session, job_id=job_id, step=step)
+        if checkpoint is None or store.checkpoint_adapter_dir(job_id, checkpoint.path) is None:
+            kept = [item.step for item in repository.list_checkpoints(session, job_id=job_id)]
+            raise ApiError(
+                404,
+                "checkpoint_not_found",
+                f"{param}: job {job_id} has no kept checkpoint with an adapter at step {step} (kept: {kept or 'none'})",
+                param=param,
+            )
+
+
+def _check_tracking_targets(services: Services, spec: JobSpec) -> None:
+    for index, integration in enumerate(spec.integrations):
+        if integration.target not in services.settings.tracking_targets:
+            known = sorted(services.settings.tracking_targets) or "none are defined"
+            raise ApiError(
+                400,
+                "unknown_tracking_target",
+                f"integrations[{index}].target: no tracking target {integration.target!r} on this service "
+                f"(known: {known})",
+                param=f"integrations[{index}].target",
+            )
+
+
+def _check_room(session: Session, services: Services, *, tenant_id: str, kind: str) -> None:
+    """403 while the account's storage is full (a run writes checkpoints and an adapter)."""
+    what, quota_bytes = f"starting another {kind} job", services.settings.tenant_storage_bytes
+    if full := quota.full_message(session, tenant_id=tenant_id, quota=quota_bytes, what=what):
+        raise ApiError(403, "storage_quota_exceeded", full)
+
+
+def _refuse_over_limit(*, active: int, limit: int) -> None:
+    """429 once the tenant has DAMA_MAX_ACTIVE_JOBS queued or running jobs."""
+    if active >= limit:
+        raise ApiError(
+            429,
+            "too_many_active_jobs",
+            f"this account has {active} queued or running jobs, the most it may have at once ({limit}); "
+            "wait for one to end or cancel one, then retry",
+            headers={"Retry-After": "60"},
+        )
+
+
+def submit_job(
+    session: Session,
+    services: Services,
+    *,
+    tenant_id: str,
+    body: dict[str, Any],
+    kind: str,
+    endpoint: str,
+    dataset_id: str | None,
+    queue: str | None,
+    idempotency_key: str | None,
+    check: Callable[[], None],
+) -> tuple[Job, bool]:
+    """Create a queued job of ``kind`` (after ``check`` validated what it refers to), commit, then enqueue it by
+    task name; (job, replayed): with an Idempotency-Key, a retry answers the job made the first time."""
+    request = IdempotentCreate(
+        tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key, request_hash=body_hash(body), what=f"{kind} spec"
+    )
+
+    def find(job_id: str) -> Job | None:
+        return repository.get_job(session, job_id=job_id, tenant_id=tenant_id, kind=kind)
+
+    if (replayed := request.replay(session, find)) is not None:
+        return replayed, True
+    if body.get("trust_remote_code") and not services.settings.allow_remote_code:
+        raise ApiError(
+            422,
+            "remote_code_not_allowed",
+            "this service does not run model repositories' own code (trust_remote_code); its operator can allow "
+            "it with DAMA_ALLOW_REMOTE_CODE=true",
+            param="trust_remote_code",
+        )
+    check()
+    _check_room(session, services, tenant_id=tenant_id, kind=kind)
+    if (limit := services.settings.max_active_jobs) is not None:
+        active = repository.active_job_count(session, tenant_id=tenant_id)  # takes the tenant's lock (Postgres)
+        # A retry that waited on the lock behind its own first request answers that request's job.
+        if (replayed := request.replay(session, find)) is not None:
+            return replayed, True
+        _refuse_over_limit(active=active, limit=limit)
+    queue = queue or services.settings.default_queue
+
+    def create() -> Job:
+        return repository.create_job(
+            session, tenant_id=tenant_id, spec=body, dataset_id=dataset_id, queue=queue, kind=kind
+        )
+
+    job, raced = request.commit(session, create=create, resource_id=lambda job: job.id, find=find)
+    if raced:  # a concurrent request with this key committed first: its job, already enqueued
+        return job, True
+    try:
+        enqueue_job(services.celery, job_id=job.id, queue=queue)
+    except Exception as error:  # broker down: the job is safe in the job store; the sweeper re-sends it
+        logger.warning(
+            "job %s is queued but could not be sent to queue %r (%s); the sweeper will", job.id, queue, error
+        )
+    else:
+        logger.info("%s job %s queued on %r for tenant %s", kind, job.id, queue, tenant_id)
+    return job, False
+
+
+def create_training_job(
+    session: Session, services: Services, *, tenant_id: str, spec: JobSpec, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """``POST /jobs``: check every id the spec names, then :func:`submit_job`."""
+    if (problem := spec.filter_group_problem()) is not None:
+        raise ApiError(400, "filter_group_too_small", problem, param="hyperparameters.filter_scope")
+
+    def check() -> None:
+        check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+        check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
+        _check_tracking_targets(services, spec)
+        evaluation = spec.evaluation
+        if evaluation is not None and evaluation.dataset_id:
+            check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")
+        if evaluation is not None and evaluation.generative_dataset_id:
+            check_dataset(
+                session,
+                tenant_id=tenant_id,
+                dataset_id=evaluation.generative_dataset_id,
+                param="evaluation.generative_dataset_id",
+                generative=True,
+            )
+
+    return submit_job(
+        session,
+        services,
+        tenant_id=tenant_id,
+        body=spec.model_dump(mode="json"),
+        kind=repository.TRAINING,
+        endpoint=TRAINING_ENDPOINT,
+        dataset_id=spec.dataset_id,
+        queue=spec.queue,
+        idempotency_key=idempotency_key,
+        check=check,
+    )
+
+
+def cancel(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
+    """Cancel (queued) or ask to cancel (running) the tenant's job and commit; 409 when it already ended. The
+    repository locks the row first, so a worker claiming it right now waits and then finds it cancelled."""
+    job = get_tenant_job(session, tenant_id=tenant_id, job_id=job_id, kind=kind)
+    noun = "job" if kind == repository.TRAINING else kind
+    try:
+        repository.request_cancel(session, job=job)
+    except IllegalTransition as error:
+        raise ApiError(
+            409,
+            f"{noun}_not_cancellable",
+            f"the {noun} already ended ({job.status}); only queued or running {noun}s can be cancelled",
+        ) from error
+    session.commit()
+    return job
+
+
+def list_jobs(
+    session: Session, *, tenant_id: str, kind: str, status: JobStatus | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs of ``kind`` (optionally in one status), newest first."""
+    found = status.value if status is not None else None
+    return repository.list_jobs(session, tenant_id=tenant_id, kind=kind, limit=limit, after=after, status=found)

@@ -1,0 +1,225 @@
+"""The service layer's shape: thin routes, routers that never import routers, one page envelope, one idempotency
+helper, one definition of each shared error, queries only in ``jobstore``, sessions typed as sessions.
+
+Read from the source with ``ast`` (no import, no server): each check names the file and line at fault.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTERS = sorted((ROOT / "api" / "routers").glob("*.py"))
+MAX_ROUTE_LINES = 30
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _python_files(*packages: str) -> list[Path]:
+    return sorted(path for package in packages for path in (ROOT / package).rglob("*.py"))
+
+
+def _where(path: Path, node: ast.AST) -> str:
+    return f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+
+
+def _is_route(node: ast.AST) -> bool:
+    """A function decorated with ``@router.<method>(...)``."""
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    return any(
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Attribute)
+        and isinstance(decorator.func.value, ast.Name)
+        and decorator.func.value.id == "router"
+        for decorator in node.decorator_list
+    )
+
+
+def _imported_modules(tree: ast.Module) -> list[tuple[ast.AST, str]]:
+    found: list[tuple[ast.AST, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found += [(node, node.module)] + [(node, f"{node.module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(node, alias.name) for alias in node.names]
+    return found
+
+
+def test_the_walk_finds_the_routes() -> None:
+    """The checks below are not vacuous: the routers and their routes are found."""
+    routes = [node for path in ROUTERS for node in ast.walk(_tree(path)) if _is_route(node)]
+    assert len(ROUTERS) >= 10 and len(routes) >= 30, (len(ROUTERS), len(routes))
+
+
+def test_no_route_function_is_over_30_lines() -> None:
+    too_long = [
+        f"{_where(path, node)} {node.name}: {length} lines"
+        for path in ROUTERS
+        for node in ast.walk(_tree(path))
+        if _is_route(node) and (length := node.end_lineno - node.lineno + 1) > MAX_ROUTE_LINES  # type: ignore[union-attr,operator,attr-defined]
+    ]
+    assert not too_long, f"routes over {MAX_ROUTE_LINES} lines (signature included): {too_long}"
+
+
+def test_routers_never_import_routers() -> None:
+    offending = [
+        f"{_where(path, node)} imports {module}"
+        for path in ROUTERS
+        if path.name != "__init__.py"
+        for node, module in _imported_modules(_tree(path))
+        if module.startswith("api.routers")
+    ]
+    assert not offending, offending
+
+
+def test_routers_read_and_write_through_services() -> None:
+    """A route parses, calls a service (api.services) and shapes the answer: it calls no job-store function and
+    commits nothing (the job store's types and the spec it validates may be imported)."""
+    allowed = {"jobstore.spec", "jobstore.states", "jobstore.models"}
+    offending = []
+    for path in ROUTERS:
+        tree = _tree(path)
+        offending += [
+            f"{_where(path, node)} imports {module}"
+            for node, module in _imported_modules(tree)
+            if isinstance(node, ast.ImportFrom)
+            and module == node.module
+            and module.startswith("jobstore")
+            and module not in allowed
+        ]
+        offending += [
+            f"{_where(path, node)} calls .commit()"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "commit"
+        ]
+    assert not offending, offending
+
+
+def test_no_subprocess_or_lock_in_a_router() -> None:
+    """Child processes and locks are a service's business (api.services.previews), not a route's."""
+    forbidden_modules = {"subprocess", "multiprocessing", "threading", "asyncio"}
+    forbidden_names = {"Lock", "create_subprocess_exec", "create_subprocess_shell", "Popen"}
+    offending = []
+    for path in ROUTERS:
+        tree = _tree(path)
+        offending += [
+            f"{_where(path, node)} imports {module}"
+            for node, module in _imported_modules(tree)
+            if module.split(".")[0] in forbidden_modules
+        ]
+        offending += [
+            f"{_where(path, node)} uses {node.attr if isinstance(node, ast.Attribute) else node.id}"  # type: ignore[union-attr]
+            for node in ast.walk(tree)
+            if (isinstance(node, ast.Attribute) and node.attr in forbidden_names)
+            or (isinstance(node, ast.Name) and node.id in forbidden_names)
+        ]
+    assert not offending, offending
+
+
+# Not a list of the tenant's things but a window (?offset=&limit=) into a dataset's fixed 50-row preview sample:
+# its has_more says whether the sample goes on, and there is no cursor to follow.
+NOT_A_LIST = {"DatasetRowsPublic"}
+
+
+def test_one_page_envelope() -> None:
+    """Only ``api.schemas.Page`` declares ``has_more``/``next_cursor``; every list schema derives from it (one
+    may redeclare ``next_cursor`` to describe what its cursor is, as ``EventsPublic`` does)."""
+    declaring = []
+    for path in _python_files("api"):
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ClassDef) and node.name != "Page" and node.name not in NOT_A_LIST:
+                fields = {
+                    item.target.id
+                    for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                }
+                if "has_more" in fields or ("next_cursor" in fields and not _derives_from_page(node)):
+                    declaring.append(f"{_where(path, node)} {node.name}")
+    assert not declaring, f"page envelopes besides Page[T]: {declaring}"
+    # ... and the routes build pages one way: Page.of (no hand-written cursor expression).
+    cursor_by_hand = [
+        _where(path, node)
+        for path in _python_files("api")
+        for node in ast.walk(_tree(path))
+        if isinstance(node, ast.keyword) and node.arg == "next_cursor"
+    ]
+    assert not cursor_by_hand, f"next_cursor= written by hand (use Page.of): {cursor_by_hand}"
+
+
+def _derives_from_page(node: ast.ClassDef) -> bool:
+    return any(
+        isinstance(base, ast.Subscript) and isinstance(base.value, ast.Name) and base.value.id == "Page"
+        for base in node.bases
+    )
+
+
+def test_one_idempotency_helper() -> None:
+    """Replay and the commit race are written once (api.services.idempotency); creates call it."""
+    helper = ROOT / "api" / "services" / "idempotency.py"
+    users = [
+        _where(path, node)
+        for path in _python_files("api")
+        if path != helper
+        for node in ast.walk(_tree(path))
+        if isinstance(node, ast.Attribute)
+        and node.attr in {"find_idempotency_key", "remember_idempotency_key", "forget_idempotency_key"}
+    ]
+    assert not users, f"idempotency keys handled outside {helper.relative_to(ROOT)}: {users}"
+    catches = [
+        _where(path, node)
+        for path in _python_files("api")
+        if path != helper
+        for node in ast.walk(_tree(path))
+        if isinstance(node, ast.Name) and node.id == "IntegrityError"
+    ]
+    assert not catches, f"a commit race handled outside the helper: {catches}"
+
+
+def test_each_shared_error_is_defined_once() -> None:
+    descriptions: dict[str, list[str]] = {}
+    for path in _python_files("api"):
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Constant) and node.value == "Missing or invalid API key.":
+                descriptions.setdefault(node.value, []).append(_where(path, node))
+    assert [len(places) for places in descriptions.values()] == [1], descriptions
+
+
+def test_queries_only_in_jobstore() -> None:
+    """api/ and worker/ read and write the job store through jobstore's functions, never with their own query
+    (the API's readiness probe, ``SELECT 1`` on a bare connection, is no query of the store)."""
+    query_calls = {"select", "insert", "update", "delete", "scalar", "scalars", "query"}
+    offending = []
+    for path in _python_files("api", "worker"):
+        if path.name == "distributed.py":
+            continue
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy":
+                names = {alias.name for alias in node.names}
+                offending += [f"{_where(path, node)} imports {name}" for name in names & query_calls]
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "session"
+                and node.func.attr in query_calls | {"get", "execute"}
+            ):
+                offending.append(f"{_where(path, node)} session.{node.func.attr}")
+    assert not offending, offending
+
+
+def test_sessions_are_typed() -> None:
+    untyped = []
+    for path in _python_files("api", "worker", "jobstore"):
+        tree = _tree(path)
+        # A lambda's parameters cannot be annotated; its caller's signature types the session.
+        in_lambdas = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Lambda) for arg in node.args.args}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.arg) and node.arg == "session" and id(node) not in in_lambdas:
+                annotation = ast.unparse(node.annotation) if node.annotation is not None else "none"
+                if annotation in {"Any", "object", "none"}:
+                    untyped.append(f"{_where(path, node)} session: {annotation}")
+    assert not untyped, untyped
