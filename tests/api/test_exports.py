@@ -56,7 +56,7 @@ def test_export_lifecycle_and_download(
     )
 
     # The worker's side: claim, write the archive, record it.
-    archive = ArtifactStore(api_server.artifacts).export_archive(job_id, export["id"])
+    archive = ArtifactStore(api_server.artifacts).export_archive(job_id, export["id"], 1)
     archive.parent.mkdir(parents=True)
     content = bytes(range(256)) * 40
     archive.write_bytes(content)
