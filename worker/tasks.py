@@ -76,11 +76,10 @@ from worker.distributed import run_distributed
 from worker.engine_config import (
     AdapterMissing,
     DatasetMissing,
+    build_train_config,
     evaluation_config,
     evaluation_passes,
     stage_evaluation_inputs,
-    stage_training_inputs,
-    train_config,
 )
 from worker.progress import (
     EvaluationReporter,
@@ -515,13 +514,8 @@ def _train(
     tracking: Tracking | None = None,
 ) -> TrainResult:
     # Stage (artifact store, built-in models, starting adapter), then translate (a pure function of the spec).
-    staged = stage_training_inputs(spec, job_id=claimed.job_id, store=store, settings=settings)
-    config = train_config(
-        spec,
-        staged,
-        run_dir=store.run_dir(claimed.job_id),
-        cache_dir=settings.resolved_scratch_dir / "cache",
-        dataset_format=claimed.dataset_format,
+    config = build_train_config(
+        spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
     )
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
