@@ -179,13 +179,54 @@ def test_one_idempotency_helper() -> None:
     assert not catches, f"a commit race handled outside the helper: {catches}"
 
 
+def _shared_errors() -> dict[str, str]:
+    """``NAME -> description`` of every shared error response (``NAME = error("...")`` in ``api/responses.py``)."""
+    shared = {}
+    for node in _tree(ROOT / "api" / "responses.py").body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "error"
+            and isinstance(node.value.args[0], ast.Constant)
+        ):
+            shared[ast.unparse(node.targets[0])] = node.value.args[0].value
+    return shared
+
+
+def _inline_error_descriptions(path: Path) -> list[tuple[ast.AST, str]]:
+    """Error responses written out in place: ``{"model": ErrorResponse, "description": "..."}``."""
+    found = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Dict):
+            entries = {
+                key.value: value
+                for key, value in zip(node.keys, node.values, strict=True)
+                if isinstance(key, ast.Constant)
+            }
+            model, description = entries.get("model"), entries.get("description")
+            if isinstance(model, ast.Name) and model.id == "ErrorResponse" and isinstance(description, ast.Constant):
+                found.append((node, description.value))
+    return found
+
+
 def test_each_shared_error_is_defined_once() -> None:
-    descriptions: dict[str, list[str]] = {}
+    """Every shared error response (``api/responses.py``) is written once: its description appears nowhere else in
+    api/, and an error response written out in place is not shared by two routes (it belongs in responses.py)."""
+    shared = _shared_errors()
+    assert {"UNAUTHORIZED", "JOB_NOT_FOUND", "STORAGE_FULL", "TOO_MANY_ACTIVE"} <= set(shared), shared
+    places: dict[str, list[str]] = {description: [] for description in shared.values()}
+    inline: dict[str, list[str]] = {}
     for path in _python_files("api"):
         for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.Constant) and node.value == "Missing or invalid API key.":
-                descriptions.setdefault(node.value, []).append(_where(path, node))
-    assert [len(places) for places in descriptions.values()] == [1], descriptions
+            if isinstance(node, ast.Constant) and node.value in places:
+                places[node.value].append(_where(path, node))
+        for node, description in _inline_error_descriptions(path):
+            inline.setdefault(description, []).append(_where(path, node))
+    copied = {description: where for description, where in places.items() if len(where) != 1}
+    assert not copied, f"shared error descriptions written more than once: {copied}"
+    repeated = {description: where for description, where in inline.items() if len(where) > 1}
+    assert not repeated, f"error responses written out in several places (share them in api/responses.py): {repeated}"
 
 
 def test_queries_only_in_jobstore() -> None:

@@ -31,6 +31,13 @@ KNOB_TABLES = {
 HUB_MODEL = "llava-hf/llava-1.5-7b-hf"  # not built in: no staging default (tiny learning rate, fp32) applies
 
 
+def _spec_value(spec: JobSpec, source: str) -> Any:
+    value: Any = spec
+    for part in source.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _engine_sections() -> dict[str, type[BaseModel]]:
     sections: dict[str, type[BaseModel]] = {}
     for name, field in TrainConfig.model_fields.items():
@@ -114,12 +121,30 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
                 "keep_checkpoints": 3,
                 "eval_every": 4,
             },
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj"], "train_projector": True},
+            "lora": {
+                "enabled": False,
+                "r": 4,
+                "alpha": 8,
+                "dropout": 0.1,
+                "target_modules": ["q_proj"],
+                "train_projector": True,
+            },
+            "trust_remote_code": True,
             "hardness_scorer": "/models/clip",
             "hardness_rescale": "minmax",
             "evaluation": {"holdout_fraction": 0.1, "max_new_tokens": 16, "max_samples": 3},
         }
     )
+    # Every exposed setting differs from its default here, so a setting the translation drops (the engine then
+    # keeps its default) is caught below.
+    defaults = JobSpec.model_validate({"model": HUB_MODEL, "dataset_id": "ds_a", "evaluation": {"dataset_id": "ds_b"}})
+    at_default = [
+        f"{section}.{name} <- {source}"
+        for section, sources in JOB_SPEC_SOURCES.items()
+        for name, source in sources.items()
+        if not isinstance(source, NotExposed) and _spec_value(spec, source) == _spec_value(defaults, source)
+    ]
+    assert not at_default, f"set these to non-default values in the test spec: {at_default}"
     nowhere = tmp_path / "never-made"
     staged = StagedInputs(model_path=None, train=nowhere / "train")
     config = train_config(spec, staged, run_dir=nowhere / "run", cache_dir=nowhere / "cache", dataset_format="trl")
@@ -131,9 +156,7 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
         for name, source in sources.items():
             if isinstance(source, NotExposed):
                 continue
-            expected: Any = spec
-            for part in source.split("."):
-                expected = getattr(expected, part)
+            expected = _spec_value(spec, source)
             assert getattr(getattr(config, section), name) == expected, f"{section}.{name} <- {source}"
     # And what the worker decides.
     assert (config.model.name_or_path, config.model.precision) == (HUB_MODEL, "auto")
