@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Select, and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from jobstore.db import page as _page
@@ -180,6 +181,18 @@ def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset
 
 def list_datasets(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
     return _page(session, select(Dataset).where(Dataset.tenant_id == tenant_id), Dataset, limit=limit, after=after)
+
+
+def lock_dataset(session: Session, *, dataset: Dataset, shared: bool = False) -> bool:
+    """Lock the dataset's row until the transaction ends (on Postgres; SQLite serialises writes) and reload it:
+    ``shared`` (``FOR SHARE``) while a job that reads it is created, so a concurrent delete either sees the new job
+    or happens first; exclusive (``FOR UPDATE``) for the delete itself. False when the dataset was deleted while
+    waiting for the lock."""
+    try:
+        session.refresh(dataset, with_for_update={"read": True} if shared else True)
+    except InvalidRequestError:  # the row went away while we waited
+        return False
+    return True
 
 
 def dataset_in_use(session: Session, *, dataset_id: str) -> bool:

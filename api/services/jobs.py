@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from api.deps import Services
@@ -50,10 +49,8 @@ def check_dataset(
     dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, param=param)
-    try:
-        session.refresh(dataset, with_for_update={"read": True})
-    except InvalidRequestError as error:  # deleted while we waited for the lock
-        raise not_found("dataset", dataset_id, param=param) from error
+    if not repository.lock_dataset(session, dataset=dataset, shared=True):  # deleted while we waited for the lock
+        raise not_found("dataset", dataset_id, param=param)
     is_generative = dataset.format == GENERATIVE_FORMAT
     if generative and not is_generative:
         raise ApiError(
