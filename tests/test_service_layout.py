@@ -181,7 +181,7 @@ def test_one_idempotency_helper() -> None:
 
 def _shared_errors() -> dict[str, str]:
     """``NAME -> description`` of every shared error response (``NAME = error("...")`` in ``api/responses.py``)."""
-    shared = {}
+    shared: dict[str, str] = {}
     for node in _tree(ROOT / "api" / "responses.py").body:
         if (
             isinstance(node, ast.Assign)
@@ -190,13 +190,13 @@ def _shared_errors() -> dict[str, str]:
             and node.value.func.id == "error"
             and isinstance(node.value.args[0], ast.Constant)
         ):
-            shared[ast.unparse(node.targets[0])] = node.value.args[0].value
+            shared[ast.unparse(node.targets[0])] = str(node.value.args[0].value)
     return shared
 
 
 def _inline_error_descriptions(path: Path) -> list[tuple[ast.AST, str]]:
     """Error responses written out in place: ``{"model": ErrorResponse, "description": "..."}``."""
-    found = []
+    found: list[tuple[ast.AST, str]] = []
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Dict):
             entries = {
@@ -206,7 +206,7 @@ def _inline_error_descriptions(path: Path) -> list[tuple[ast.AST, str]]:
             }
             model, description = entries.get("model"), entries.get("description")
             if isinstance(model, ast.Name) and model.id == "ErrorResponse" and isinstance(description, ast.Constant):
-                found.append((node, description.value))
+                found.append((node, str(description.value)))
     return found
 
 
