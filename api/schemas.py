@@ -6,6 +6,7 @@ Conversions from job-store rows live here too (``*_public`` functions), so every
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -91,6 +92,15 @@ class Page(_Public, Generic[ItemT]):
     next_cursor: str | None = Field(
         default=None, description="Pass as ?after= to get the next page; null on the last page.", examples=[None]
     )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A named page (``JobsPublic``) describes its ``data`` with its docstring ("Jobs, newest first."): what
+        is listed and in which order, in the field a client reads."""
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.__doc__ and cls.__doc__ != Page.__doc__ and "data" in cls.__pydantic_fields__:
+            cls.__pydantic_fields__["data"].description = inspect.cleandoc(cls.__doc__)
+            cls.model_rebuild(force=True)
 
     @classmethod
     def of(cls, rows: Sequence[Any], *, has_more: bool = False, cursor: str | None = None) -> Self:

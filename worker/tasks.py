@@ -76,14 +76,12 @@ from worker.distributed import run_distributed
 from worker.engine_config import (
     AdapterMissing,
     DatasetMissing,
+    build_train_config,
     evaluation_config,
     evaluation_passes,
     stage_evaluation_inputs,
-    stage_training_inputs,
-    train_config,
 )
 from worker.progress import (
-    Backoff,
     EvaluationReporter,
     Heartbeat,
     JobReporter,
@@ -92,7 +90,7 @@ from worker.progress import (
     StallWatchdog,
     deep_json_safe,
     json_safe,
-    store_unreachable,
+    write_until,
 )
 from worker.scratch import Scratch
 from worker.sweeper import StoreWatch, sweep
@@ -516,13 +514,8 @@ def _train(
     tracking: Tracking | None = None,
 ) -> TrainResult:
     # Stage (artifact store, built-in models, starting adapter), then translate (a pure function of the spec).
-    staged = stage_training_inputs(spec, job_id=claimed.job_id, store=store, settings=settings)
-    config = train_config(
-        spec,
-        staged,
-        run_dir=store.run_dir(claimed.job_id),
-        cache_dir=settings.resolved_scratch_dir / "cache",
-        dataset_format=claimed.dataset_format,
+    config = build_train_config(
+        spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
     )
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
@@ -577,23 +570,12 @@ class _Recorder:
         return self._record(status, deadline, **outcome)
 
     def _record(self, status: JobStatus, deadline: float, **outcome: Any) -> str | None:
-        backoff = Backoff()
-        while True:
-            try:
-                return _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome)
-            except Exception as error:
-                delay = backoff.next()
-                if not store_unreachable(error) or time.monotonic() + delay > deadline:
-                    # The job stays running with a silent heartbeat; the sweeper recovers it.
-                    log.exception("job %s: could not record its outcome (%s)", self.owner.job_id, status.value)
-                    return None
-                log.warning(
-                    "job %s: job store unreachable; recording the outcome (%s) again in %.1f s",
-                    self.owner.job_id,
-                    status.value,
-                    delay,
-                )
-                time.sleep(delay)
+        # Past the deadline the job stays running with a silent heartbeat; the sweeper recovers it.
+        return write_until(
+            deadline,
+            lambda: _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome),
+            what=f"job {self.owner.job_id}: its outcome ({status.value})",
+        )
 
 
 def _store_outcome(

@@ -1,9 +1,8 @@
 """Jobs of every kind (training, evaluation): look one up for a tenant, create one (checks, quota, limits,
 idempotency, commit, then enqueue by task name), cancel one.
 
-The job row is committed before the message is sent, so a worker never receives an id it cannot find; if the
-broker is down the job simply stays queued and the worker's sweeper sends it again (Postgres, not Redis, is the
-source of truth).
+The job row is committed before the message is sent (:func:`api.services.sending.send_committed`: a broker
+outage leaves the job queued for the sweeper, never fails the request).
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError, not_found
 from api.services.idempotency import IdempotentCreate, body_hash
+from api.services.sending import send_committed
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import enqueue_job
@@ -50,10 +49,8 @@ def check_dataset(
     dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, param=param)
-    try:
-        session.refresh(dataset, with_for_update={"read": True})
-    except InvalidRequestError as error:  # deleted while we waited for the lock
-        raise not_found("dataset", dataset_id, param=param) from error
+    if not repository.lock_dataset(session, dataset=dataset, shared=True):  # deleted while we waited for the lock
+        raise not_found("dataset", dataset_id, param=param)
     is_generative = dataset.format == GENERATIVE_FORMAT
     if generative and not is_generative:
         raise ApiError(
@@ -195,13 +192,7 @@ def submit_job(
     job, raced = request.commit(session, create=create, resource_id=lambda job: job.id, find=find)
     if raced:  # a concurrent request with this key committed first: its job, already enqueued
         return job, True
-    try:
-        enqueue_job(services.celery, job_id=job.id, queue=queue)
-    except Exception as error:  # broker down: the job is safe in the job store; the sweeper re-sends it
-        logger.warning(
-            "job %s is queued but could not be sent to queue %r (%s); the sweeper will", job.id, queue, error
-        )
-    else:
+    if send_committed(enqueue_job, services.celery, queue=queue, job_id=job.id):
         logger.info("%s job %s queued on %r for tenant %s", kind, job.id, queue, tenant_id)
     return job, False
 
