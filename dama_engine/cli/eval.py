@@ -50,6 +50,8 @@ class EvalProgress(Callback):
         print(f"[dama-eval] {stage}" + (f" ({details})" if details else ""), file=self.stream, flush=True)
         self._stage_label = f"{stage} ({info['model']})" if "model" in info else stage
         total = info.get("pairs", info.get("samples"))
+        if isinstance(total, int) and isinstance(info.get("pope_questions"), int):
+            total += info["pope_questions"]  # the generating pass also answers POPE's questions
         if stage in _UNITS and isinstance(total, int):
             self._open_bar(stage, total)
 

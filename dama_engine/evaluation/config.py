@@ -60,6 +60,16 @@ class EvalHardnessSection(_Section):
         return self
 
 
+class PopeSection(_Section):
+    """POPE's yes/no questions on the generative set's images (:mod:`dama_engine.evaluation.pope`), answered with
+    greedy decoding whatever ``generation`` says."""
+
+    enabled: bool = Field(default=True, description="Ask POPE's questions whenever a generative set is given.")
+    per_image: int = Field(default=3, gt=0, description="Present entries, and absent ones per split, asked per image.")
+    seed: int = Field(default=0, description="Seed of the drawn entries (the present ones and the random split's).")
+    max_new_tokens: int = Field(default=16, gt=0, description="Most tokens per answer (a yes or no is enough).")
+
+
 class EvaluationConfig(_Section):
     """One evaluation run: the base model, the tuned adapter (optional), the data and how to decode.
 
@@ -74,6 +84,7 @@ class EvaluationConfig(_Section):
     data: EvalDataSection = EvalDataSection()
     generation: GenerationSettings = GenerationSettings()
     hardness: EvalHardnessSection = EvalHardnessSection()
+    pope: PopeSection = PopeSection()
     judge: JudgeConfig | None = Field(
         default=None, description="Optional OpenAI-compatible judge of generative answers (MMHal-style 0-6)."
     )

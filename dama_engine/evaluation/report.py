@@ -12,6 +12,7 @@ from dama_engine.evaluation.metrics import BUCKETS
 # Reporting: the base-vs-tuned table and the chart
 
 GENERATIVE_METRICS: tuple[str, ...] = ("chair_s", "chair_i", "hallucination_rate", "coverage", "mean_length")
+POPE_METRICS: tuple[str, ...] = ("accuracy", "f1", "yes_ratio")  # per split; precision and recall: results.json
 
 
 def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tuple[str, float | None, float | None]]:
@@ -27,6 +28,17 @@ def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tup
         tuned = generative.get("tuned") or {}
         base_summary = generative.get(base) or {}
         rows += [(name, base_summary.get(name), tuned.get(name)) for name in GENERATIVE_METRICS]
+        pope = generative.get("pope") or {}
+        base_pope, tuned_pope = pope.get(base) or {}, pope.get("tuned") or {}
+        for split in pope.get("questions", {}):
+            rows += [
+                (
+                    f"pope_{metric} [{split}]",
+                    (base_pope.get(split) or {}).get(metric),
+                    (tuned_pope.get(split) or {}).get(metric),
+                )
+                for metric in POPE_METRICS
+            ]
     preference = results.get("preference")
     if preference:
         base_stats = preference.get(base)
