@@ -22,7 +22,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -155,7 +155,8 @@ class _RowSampler:
         self.rngs = [random.Random(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)
+        warped = self.warpers(cast(torch.LongTensor, input_ids), cast(torch.FloatTensor, scores.float()))
+        probs = torch.softmax(warped, dim=-1)
         cumulative = probs.cumsum(dim=-1)
         uniform = torch.tensor([[rng.random()] for rng in self.rngs], dtype=cumulative.dtype, device=probs.device)
         # Inverse CDF: the first token whose cumulative mass exceeds u * total (a zero-mass token never qualifies).

@@ -122,7 +122,10 @@ def test_row_seeds_make_each_answer_independent_of_its_batch(tiny_models: dict[s
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=0.9)
     seeds = [11, 12, 13, 14, 15, 16]
     batched = generate_token_ids(model, processor, requests, settings, batch_size=6, row_seeds=seeds)
-    single = [generate_token_ids(model, processor, [r], settings, row_seeds=[s])[0] for r, s in zip(requests, seeds)]
+    single = [
+        generate_token_ids(model, processor, [r], settings, row_seeds=[s])[0]
+        for r, s in zip(requests, seeds, strict=True)
+    ]
     assert batched == single
     assert generate_token_ids(model, processor, requests, settings, batch_size=4, row_seeds=seeds) == batched
     assert batched[0] != batched[3]  # the same prompt under another seed
