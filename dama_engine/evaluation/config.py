@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dama_engine.config import ConfigError, ModelSection, TrainConfig, apply_overrides, read_yaml_mapping
+from dama_engine.config import ModelSection, TrainConfig, apply_overrides, read_yaml_mapping, validate_config
 from dama_engine.data import PreferenceRow
 from dama_engine.evaluation.judge import JudgeConfig
 from dama_engine.forward import GenerationSettings
@@ -106,11 +106,7 @@ class EvaluationConfig(_Section):
 
 
 def parse_evaluation_config(values: dict[str, Any]) -> EvaluationConfig:
-    try:
-        return EvaluationConfig.model_validate(values)
-    except ValidationError as error:
-        lines = [f"{'.'.join(str(p) for p in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()]
-        raise ConfigError("invalid evaluation config:\n  " + "\n  ".join(lines)) from None
+    return validate_config(EvaluationConfig, values, "evaluation config")
 
 
 def load_evaluation_config(

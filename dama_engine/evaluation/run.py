@@ -121,7 +121,8 @@ class _Inputs:
     adapter_kind: Literal["peft", "full"] | None = None
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device a ``device`` setting names (``auto``: CUDA when available); ConfigError for a bad or missing one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -452,7 +453,7 @@ def run_evaluation(
     output_dir = Path(config.output_dir)
 
     callback.on_stage("validating", {})
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     inputs = _validate_inputs(config, preference_rows)
 
     callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.adapter})
