@@ -272,3 +272,32 @@ def test_config_refuses_greedy_decoding_and_bad_input(tmp_path: Path) -> None:
         parse_pairs_config({**settings, "generation": {"temperature": 0}})
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         parse_pairs_config({**settings, "sampling": {"samples_per_prompt": 1}})
+
+
+def test_sampling_from_base_plus_a_starting_adapter(tiny_llava: Path, tmp_path: Path) -> None:
+    """``model.init_adapter``: the samples come from base + that PEFT adapter (other answers than the base's)."""
+    from dama_engine.config import LoraSection, ModelSection
+    from dama_engine.models import load_model, make_trainable
+
+    model = make_trainable(
+        load_model(ModelSection(name_or_path=str(tiny_llava)), dtype=torch.float32), LoraSection(r=4)
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # zero at initialisation: perturbed so that the adapter changes the answers
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(str(tmp_path / "adapter"))
+
+    data = _generative_set(tmp_path / "set", prompts=3)
+    settings = _settings(tiny_llava, data, tmp_path / "base", prompts_per_batch=3)
+    base = generate_pairs(parse_pairs_config(settings))
+    settings["model"]["init_adapter"] = str(tmp_path / "adapter")
+    tuned = generate_pairs(parse_pairs_config({**settings, "output_dir": str(tmp_path / "tuned")}))
+    assert base.output is not None and tuned.output is not None
+    assert tuned.report["init_adapter"] == str(tmp_path / "adapter")
+    base_answers = [s["response"] for s in _records(base.output.samples_path)]
+    tuned_answers = [s["response"] for s in _records(tuned.output.samples_path)]
+    assert len(tuned_answers) == 18 and tuned_answers != base_answers
+    with pytest.raises(ConfigError, match="init_adapter"):
+        settings["model"]["init_adapter"] = str(tmp_path)  # no adapter_config.json there
+        generate_pairs(parse_pairs_config(settings))
