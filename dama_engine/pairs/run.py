@@ -108,7 +108,12 @@ def generate_pairs(config: PairsConfig, callback: Callback | None = None) -> Pai
                 stopped=True, prompts=len(done), pairs=0, samples=0, seconds=time.monotonic() - started
             )
         batch = prompts[start : start + per_batch]
-        requests = [GenerationRequest.from_prompt(p.prompt, [p.image]) for p in batch for _ in range(per_prompt)]
+        images = [p.image.load() for p in batch]  # decoded once per prompt, shared by its samples
+        requests = [
+            GenerationRequest.from_prompt(p.prompt, [image])
+            for p, image in zip(batch, images, strict=True)
+            for _ in range(per_prompt)
+        ]
         seeds = [sample_seed(config.generation.seed, p.sample_id, k) for p in batch for k in range(per_prompt)]
         answers = generate(model, processor, requests, config.generation, batch_size=len(requests), row_seeds=seeds)
         for position, prompt in enumerate(batch):

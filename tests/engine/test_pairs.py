@@ -301,3 +301,16 @@ def test_sampling_from_base_plus_a_starting_adapter(tiny_llava: Path, tmp_path: 
     with pytest.raises(ConfigError, match="init_adapter"):
         settings["model"]["init_adapter"] = str(tmp_path)  # no adapter_config.json there
         generate_pairs(parse_pairs_config(settings))
+
+
+def test_cli_writes_the_dataset_and_prints_where(
+    tiny_llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _generative_set(tmp_path / "set", prompts=3)
+    config = tmp_path / "pairs.yaml"
+    config.write_text(yaml.safe_dump(_settings(tiny_llava, data, tmp_path / "unused")))
+    assert pairs_main([str(config), f"output_dir={tmp_path / 'out'}", "sampling.samples_per_prompt=4"]) == 0
+    captured = capsys.readouterr()
+    assert f"dataset: {tmp_path / 'out' / 'dataset'}" in captured.out and "from 3 prompts (12 samples" in captured.out
+    assert "[dama-pairs] generating (prompts=3, samples=12)" in captured.err
+    assert (tmp_path / "out" / "report.png").is_file() and not (tmp_path / "unused").exists()
