@@ -17,7 +17,14 @@ from dama_engine.callbacks import Callback
 from dama_engine.cli.eval import eval_main as main
 from dama_engine.config import ConfigError, LoraSection, ModelSection
 from dama_engine.data.generative import GenerativeEvalError, load_generative_eval
-from dama_engine.data.matcher import Vocabulary, VocabularyError, chair, chair_samples, plural_forms
+from dama_engine.data.matcher import (
+    Vocabulary,
+    VocabularyError,
+    as_vocabulary,
+    chair,
+    chair_samples,
+    plural_forms,
+)
 from dama_engine.data.validation import DataError
 from dama_engine.evaluation.config import load_evaluation_config, parse_evaluation_config
 from dama_engine.evaluation.metrics import bucket_by_hardness, logprob_stats, preference_metrics
@@ -71,6 +78,14 @@ def test_plural_rules() -> None:
     assert plural_forms("knife") == ("knives",)
     assert "firemen" in plural_forms("fireman")
     assert plural_forms("sheep") == ()
+
+
+def test_a_vocabulary_mapping_is_built_once_per_content() -> None:
+    """Judging many answers with one mapping builds its Vocabulary (a regex of every form) once."""
+    first = as_vocabulary({"cat": ["kitty"], "dog": []})
+    assert as_vocabulary({"dog": [], "cat": ["kitty"]}) is first  # equal content, another dict
+    assert as_vocabulary({"cat": ["kitty"]}) is not first
+    assert as_vocabulary(first) is first
 
 
 def test_synonyms_map_to_the_name() -> None:
