@@ -89,7 +89,7 @@ def test_base_and_adapter(tiny_models: dict[str, Path], tmp_path: Path) -> None:
         assert generate_token_ids(peft_model, processor, requests, settings) == base_answers
     assert tuned_answers != base_answers
 
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
     fresh, _ = _load(tiny_models["llava"])
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     assert generate_token_ids(reloaded, processor, requests, settings, batch_size=2) == tuned_answers
