@@ -7,7 +7,7 @@ and every bad value is reported with its dotted field path before any work start
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,8 @@ from dama_settings.names import (
     Precision,
     Scheduler,
 )
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class ConfigError(UserError):
@@ -222,11 +224,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
 
 
 def parse_config(values: dict[str, Any]) -> TrainConfig:
+    return validate_config(TrainConfig, values, "config")
+
+
+def validate_config(model: type[ConfigT], values: dict[str, Any], what: str) -> ConfigT:
+    """``model`` validated from ``values``; a ConfigError listing each bad field as ``path: message`` otherwise."""
     try:
-        return TrainConfig.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             where = ".".join(str(part) for part in item["loc"]) or "config"
             lines.append(f"{where}: {item['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
