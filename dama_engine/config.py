@@ -133,6 +133,7 @@ class EvaluationSection(_Section):
     max_samples: int | None = EVALUATION["max_samples"].field()
     max_pairs: int | None = Field(default=None, gt=0, description="Held-out pairs used (None: all).")
     max_new_tokens: int = EVALUATION["max_new_tokens"].field()
+    pope: bool = EVALUATION["pope"].field()
 
     @model_validator(mode="after")
     def _vocabulary_with_generative(self) -> EvaluationSection:

@@ -87,6 +87,7 @@ JOB_SPEC_SOURCES: dict[str, dict[str, str | NotExposed]] = {
     "evaluation": {
         "max_new_tokens": "evaluation.max_new_tokens",
         "max_samples": "evaluation.max_samples",
+        "pope": "evaluation.pope",
     },
 }
 
@@ -119,6 +120,10 @@ EVALUATION_SPEC_SOURCES: dict[str, str | NotExposed] = {
     "hardness.rescale": _ENGINE_DETAIL,
     "hardness.thresholds": NotExposed("buckets are the data's tertiles, the same for every evaluation"),
     "judge": NotExposed("the service configures no judge endpoint; CHAIR and the preference scores are reported"),
+    "pope.enabled": "pope",
+    "pope.per_image": NotExposed("fixed (3 present, 3 absent per split, POPE's own design): comparable across runs"),
+    "pope.seed": NotExposed("a fixed seed draws the same questions in every evaluation of a set"),
+    "pope.max_new_tokens": NotExposed("a yes or no needs few tokens; the engine's cap keeps answers short"),
     "beta": "beta",
     "batch_size": "batch_size",
 }

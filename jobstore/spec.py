@@ -93,6 +93,7 @@ class EvaluationSpec(_Spec):
     )
     max_new_tokens: int = EVALUATION["max_new_tokens"].field(service=True, examples=[64])
     max_samples: int | None = EVALUATION["max_samples"].field(service=True, examples=[64])
+    pope: bool = EVALUATION["pope"].field(service=True, examples=[True])
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:
@@ -258,6 +259,7 @@ class EvaluationCreate(_Spec):
         default=8, gt=0, le=1024, description="Pairs per scoring pass and prompts per generation batch.", examples=[8]
     )
     trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True, examples=[False])
+    pope: bool = EVALUATION["pope"].field(service=True, examples=[True])
     queue: QueueName = Field(default=None, examples=[None])
 
     @model_validator(mode="after")

@@ -80,6 +80,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "generative_dataset_id": None,
         "max_new_tokens": knobs.EVALUATION["max_new_tokens"],
         "max_samples": knobs.EVALUATION["max_samples"],
+        "pope": knobs.EVALUATION["pope"],
     },
     spec.JobSpec: {
         "model": None,

@@ -393,7 +393,7 @@ def evaluation_config(
     for path, source in EVALUATION_SPEC_SOURCES.items():
         if not isinstance(source, NotExposed):
             *section, name = path.split(".")
-            (values[section[0]] if section else values)[name] = _spec_value(spec, source)
+            (values.setdefault(section[0], {}) if section else values)[name] = _spec_value(spec, source)
     values["model"].update(_model_values(spec.model, spec.trust_remote_code, staged.model_path))
     data = values["data"]
     if staged.preference is not None:

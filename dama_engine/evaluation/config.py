@@ -151,6 +151,7 @@ def after_training_config(
                 "skip_invalid_rows": config.data.skip_invalid_rows,
             },
             "generation": {"max_new_tokens": section.max_new_tokens},
+            "pope": {"enabled": section.pope},
             "hardness": {
                 "scorer": config.hardness.scorer if clip_scored else None,
                 "aggregation": config.hardness.aggregation,

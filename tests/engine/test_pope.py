@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,22 @@ def test_metrics_edge_cases() -> None:
     assert empty["accuracy"] == 0.0 and empty["questions"] == 0
     with pytest.raises(ValueError, match="2 questions but 1 answers"):
         pope_metrics([True, False], ["yes"])
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_a_training_runs_evaluation_asks_pope_as_its_config_says(tmp_path: Path, asked: bool) -> None:
+    """``evaluation.pope`` of the training config (the job spec's ``evaluation.pope``) reaches the evaluation."""
+    from dama_engine.config import parse_config
+    from dama_engine.evaluation.config import after_training_config
+
+    config = parse_config(
+        {
+            "model": {"name_or_path": "some/model"},
+            "data": {"train": str(tmp_path / "train.jsonl")},
+            "objective": {"method": "dpo"},
+            "evaluation": {"generative": "g.jsonl", "vocabulary": "v.json", "pope": asked},
+            "run": {"output_dir": str(tmp_path / "run")},
+        }
+    )
+    evaluation = after_training_config(config, tmp_path / "adapter", tmp_path / "run", train_rows=[], held_out=False)
+    assert evaluation.pope.enabled is asked

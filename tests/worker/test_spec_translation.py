@@ -142,7 +142,7 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
             "trust_remote_code": True,
             "hardness_scorer": "/models/clip",
             "hardness_rescale": "minmax",
-            "evaluation": {"holdout_fraction": 0.1, "max_new_tokens": 16, "max_samples": 3},
+            "evaluation": {"holdout_fraction": 0.1, "max_new_tokens": 16, "max_samples": 3, "pope": False},
         }
     )
     # Every exposed setting differs from its default here, so a setting the translation drops (the engine then
@@ -233,6 +233,7 @@ def test_evaluation_translation_is_pure_and_carries_every_exposed_setting(tmp_pa
             "beta": 0.3,
             "batch_size": 3,
             "trust_remote_code": True,
+            "pope": False,
         }
     )
     defaults = EvaluationCreate.model_validate({"model": HUB_MODEL, "preference_dataset_id": "ds_a"})
