@@ -414,6 +414,13 @@ class TinyModelPublic(_Public):
 class ModelCatalogPublic(_Public):
     families: list[ModelFamilyPublic] = Field(description="Supported model families.")
     tiny_models: list[TinyModelPublic] = Field(description="Built-in tiny models for trying the service on a CPU.")
+    hardness_scorer: str | None = Field(
+        default=None,
+        description="The CLIP scorer (hub id or folder on the workers) that computes data hardness for datasets "
+        "whose rows carry none (the operator's DAMA_HARDNESS_SCORER). Null: none is configured, so methods dama and "
+        "dama_data need rows with hardness, or chosen_score and rejected_score.",
+        examples=["openai/clip-vit-large-patch14-336"],
+    )
 
 
 # ---- health ---------------------------------------------------------------------------------------------------

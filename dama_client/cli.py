@@ -436,6 +436,8 @@ def _models_list(client: Client, args: argparse.Namespace) -> int:
             print(f"{tiny['name']}  ({tiny['family']}, built in)")
         for family in catalog.families:
             print(f"{family['name']}: model types {', '.join(family['model_types'])}")
+        scorer = catalog.hardness_scorer or "none (dama and dama_data need rows with hardness or scores)"
+        print(f"hardness scorer: {scorer}")
     return 0
 
 

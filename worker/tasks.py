@@ -58,6 +58,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dama_engine.availability import unavailable_reason
 from dama_engine.callbacks import CallbackList
 from dama_engine.config import ConfigError
 from dama_engine.errors import UserError
@@ -375,7 +376,10 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
         result = None
     except Exception as error:
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
+        # The traceback stays here, in the worker's log; the job carries the message.
+        log.warning(
+            "job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "", exc_info=error
+        )
         if tracking is not None:
             tracking.finish("failed")
         return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
@@ -434,7 +438,11 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     except Exception as error:
         kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
         log.warning(
-            "evaluation %s failed (%s): %s", claimed.job_id, kind.value, message.splitlines()[0] if message else ""
+            "evaluation %s failed (%s): %s",
+            claimed.job_id,
+            kind.value,
+            message.splitlines()[0] if message else "",
+            exc_info=error,
         )
         return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
     if outcome is None:
@@ -704,8 +712,8 @@ def classify_error(error: BaseException, *, stage: str | None, model: str | None
     # an errno; an OSError with one (disk full, I/O error) is the machine's fault.
     if isinstance(error, OSError) and error.errno is None and stage in MODEL_STAGES:
         return ErrorKind.user_error, _clip(
-            f"model {model!r} could not be loaded: {error}\nCheck the name (a hub id or a folder on the workers) "
-            "and its revision, and that the workers can download it or have it in their model cache."
+            f"model {model!r} could not be loaded: {unavailable_reason(error)} (check the name: a hub id or a "
+            "folder on the workers)"
         )
     if isinstance(error, ValueError) and stage in ("validating", "loading_model"):
         return ErrorKind.user_error, _clip(

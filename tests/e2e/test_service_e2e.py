@@ -65,7 +65,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def service(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("service")
+    yield from run_service(tmp_path_factory.mktemp("service"), pg_url, redis_url)
+
+
+def run_service(root: Path, pg_url: str, redis_url: str, **extra_env: str) -> Iterator[dict[str, Any]]:
+    """Migrate, then run the compose commands' API and worker (environment plus ``extra_env``) until closed;
+    yields the URL, a key of tenant ``e2e``, the folder and the workers' model cache."""
     port = _free_port()
     env = {
         **os.environ,
@@ -80,6 +85,7 @@ def service(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
         "DAMA_API_PORT": str(port),
         "DAMA_METRICS_FLUSH_S": "0.2",
         "OMP_NUM_THREADS": "1",
+        **extra_env,
     }
     env["DAMA_WORKER_QUEUES"] = env["DAMA_DEFAULT_QUEUE"]
     subprocess.run(_command("migrate"), env=env, check=True, timeout=120)
@@ -108,7 +114,7 @@ def service(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
         text=True,
     ).stdout.strip()
     try:
-        yield {"url": base_url, "key": key, "root": root, "models": root / "models"}
+        yield {"url": base_url, "key": key, "root": root, "models": root / "models", "env": env}
     finally:
         for process in processes.values():
             _stop(process)
