@@ -43,8 +43,10 @@ def _emit(args: argparse.Namespace, value: Any, columns: Sequence[str] = ()) -> 
         print(json.dumps(data, indent=2))
         return
     if isinstance(data, list):
-        for item in data:
-            print("  ".join(str(item.get(column, "")) if item.get(column) is not None else "-" for column in columns))
+        rows = [[str(item[column]) if item.get(column) is not None else "-" for column in columns] for item in data]
+        widths = [max(len(cell) for cell in cells) for cells in zip(columns, *rows, strict=True)]
+        for cells in (list(columns), *rows):  # a header row, then the items, in aligned columns
+            print("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip())
         return
     if isinstance(data, dict):
         for key, item in data.items():
@@ -120,6 +122,10 @@ def _datasets_hardness(client: Client, args: argparse.Namespace) -> int:
 
 # ---- jobs -------------------------------------------------------------------------------------------------------
 
+MISSING_KEY = (
+    "no API key: set DAMA_API_KEY to the key `dama admin create-key` (or `dama keys create`) printed, or pass "
+    "--api-key KEY"
+)
 JOB_COLUMNS = ("id", "status", "stage", "step", "total_steps", "dataset_id", "created_at")
 
 
@@ -594,14 +600,15 @@ def run(args: argparse.Namespace) -> int:
         with Client(args.api_url, args.api_key, timeout=args.timeout) as client:
             return handler(client, args)
     except APIError as error:
-        detail = {"status": error.status_code, "type": error.type, "code": error.code, "message": error.message}
+        message = MISSING_KEY if error.code == "missing_api_key" else error.message
+        detail = {"status": error.status_code, "type": error.type, "code": error.code, "message": message}
         if error.param:
             detail["param"] = error.param
         if args.json:
             print(json.dumps({"error": detail}), file=sys.stderr)
         else:
             where = f" (param: {error.param})" if error.param else ""
-            print(f"error: {error.message} [{error.code}, HTTP {error.status_code}]{where}", file=sys.stderr)
+            print(f"error: {message} [{error.code}, HTTP {error.status_code}]{where}", file=sys.stderr)
         return 1
     except (DamaError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
