@@ -122,6 +122,7 @@ def _datasets_hardness(client: Client, args: argparse.Namespace) -> int:
 
 # ---- jobs -------------------------------------------------------------------------------------------------------
 
+LOCAL_BUILD_MODULE = "worker.build_model"  # `dama models build`, run by the full `dama` (api.cli) as python -m
 MISSING_KEY = (
     "no API key: set DAMA_API_KEY to the key `dama admin create-key` (or `dama keys create`) printed, or pass "
     "--api-key KEY"
@@ -586,6 +587,12 @@ def add_commands(commands: Any) -> None:
 
     models = group("models", "supported models")
     leaf(models, "list", _models_list, "families and built-in tiny models")
+    build = models.add_parser(
+        "build", help="build a built-in model (dama/...) into a folder here, to load a downloaded adapter on"
+    )
+    build.add_argument("name", help="a built-in model, e.g. dama/tiny-llava")
+    build.add_argument("--output", required=True, help="the folder to build it in")
+    build.set_defaults(local_module=LOCAL_BUILD_MODULE)  # runs here, with the engine installed: not a client call
     health = commands.add_parser(
         "health", help="is the service up (--ready: and its database and broker)?", parents=[common]
     )
@@ -621,4 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``dama`` with only the client commands (``python -m dama_client``)."""
     parser = argparse.ArgumentParser(prog="dama", description="DAMA alignment service client.")
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if hasattr(args, "local_module"):
+        print("error: `dama models build` needs the engine: pip install -e '.[engine,service]'", file=sys.stderr)
+        return 2
+    return run(args)

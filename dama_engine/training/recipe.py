@@ -393,6 +393,9 @@ def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
         config.lora,
         init_adapter=config.model.init_adapter,
     )
+    # Checkpoints' and the final adapter's config name the base as users know it, never a folder of this machine.
+    for adapter_config in getattr(model, "peft_config", {}).values():
+        adapter_config.base_model_name_or_path = config.model.shown_name
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)

@@ -1,11 +1,14 @@
 """A new user's first hour, on the whole service (the compose commands' API and worker, real Postgres, Redis and
 Celery, HTTP only): their own small TRL archive without hardness trains with ``dama`` on a service whose operator
 named a CLIP scorer (here a tiny CLIP folder built on this machine) and with ``dpo``; a scorer or a model that
-cannot be loaded fails in ``validating`` within seconds, as a one-line ``user_error``.
+cannot be loaded fails in ``validating`` within seconds, as a one-line ``user_error``; the downloaded adapter
+names its base ``dama/tiny-llava`` and loads with peft on the base ``dama models build`` makes on this machine.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
 
 from dama_engine.models.tiny import build_tiny_clip
 from tests.api.test_job_checks import own_archive
-from tests.e2e.test_service_e2e import ENDED, run_service
+from tests.e2e.test_service_e2e import ENDED, VENV_BIN, _download_adapter, run_service
 
 ROWS = 12
 QUICK = {"batch_size": 4, "max_steps": 3, "checkpoint_every": 100, "max_length": 256}
@@ -88,9 +94,36 @@ def test_own_archive_without_hardness_trains_with_dama_on_the_services_scorer(
     assert "scoring" in _stages(client, job_id)
 
 
-def test_own_archive_without_hardness_trains_with_dpo(client: httpx.Client, unscored: str) -> None:
-    job = _ended(client, _job(client, unscored, method="dpo"))
+def test_own_archive_without_hardness_trains_with_dpo_and_its_adapter_loads_on_a_locally_built_base(
+    client: httpx.Client, unscored: str, first_hour: dict[str, Any], tmp_path: Path
+) -> None:
+    job_id = _job(client, unscored, method="dpo")
+    job = _ended(client, job_id)
     assert job["status"] == "succeeded", job
+
+    adapter_dir = _download_adapter(client, f"/jobs/{job_id}/adapter", tmp_path / "adapter")
+    # The adapter names its base as the user knows it, never the workers' folder.
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "dama/tiny-llava"
+    card = (adapter_dir / "README.md").read_text()
+    assert "base_model: dama/tiny-llava" in card and str(first_hour["root"]) not in card
+
+    # The README's way to a base it loads on: `dama models build`, then peft.
+    base_dir = tmp_path / "tiny-llava"
+    built = subprocess.run(
+        [str(VENV_BIN / "dama"), "models", "build", "dama/tiny-llava", "--output", str(base_dir)],
+        env=first_hour["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), adapter_dir).eval()
+        # The same weights as the base the worker trained on: base + adapter gives the worker's own logits.
+        workers_base = next(p.parent for p in first_hour["models"].rglob("config.json") if "llava" in p.read_text())
+        reference = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(workers_base), adapter_dir)
+        torch.testing.assert_close(tuned(input_ids=tokens).logits, reference.eval()(input_ids=tokens).logits)
 
 
 def _one_line_user_error(job: dict[str, Any]) -> str:
