@@ -23,6 +23,7 @@ from transformers import AutoModelForImageTextToText
 from dama_engine.models.tiny import build_tiny_clip
 from tests.api.test_job_checks import own_archive
 from tests.e2e.test_service_e2e import ENDED, VENV_BIN, _download_adapter, run_service
+from worker.engine_config import build_builtin_model
 
 ROWS = 12
 QUICK = {"batch_size": 4, "max_steps": 3, "checkpoint_every": 100, "max_length": 256}
@@ -43,7 +44,11 @@ def first_hour(
 ) -> Iterator[dict[str, Any]]:
     """The service, its operator having named a CLIP scorer the workers can load."""
     yield from run_service(
-        tmp_path_factory.mktemp("first-hour"), pg_url, redis_url, DAMA_HARDNESS_SCORER=str(tiny_clip)
+        tmp_path_factory.mktemp("first-hour"),
+        pg_url,
+        redis_url,
+        DAMA_HARDNESS_SCORER=str(tiny_clip),
+        DAMA_ALLOW_REMOTE_CODE="true",  # for the slow-loading model below, whose class is the folder's own code
     )
 
 
@@ -155,3 +160,65 @@ def test_a_model_that_cannot_load_fails_in_validating_within_seconds(
     assert message.startswith(f"model {model!r} could not be loaded: "), message
     assert _stages(client, job_id) == ["validating"]
     assert time.monotonic() - started < 30
+
+
+SLOW_MODEL_CODE = """
+import time
+
+from transformers import LlavaForConditionalGeneration
+
+
+class SlowLlava(LlavaForConditionalGeneration):
+    # Loading takes five minutes, in short steps, as reading many weight shards does.
+    def __init__(self, config, *args, **kwargs):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().__init__(config, *args, **kwargs)
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA, but its weights take five minutes to load: a model folder with its own code (auto_map)."""
+    folder = tmp_path_factory.mktemp("slow") / "slow-llava"
+    build_builtin_model("dama/tiny-llava", folder)
+    (folder / "slow_llava.py").write_text(SLOW_MODEL_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageTextToText": "slow_llava.SlowLlava"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _cancel_within(client: httpx.Client, job_id: str, seconds: float) -> dict[str, Any]:
+    asked = time.monotonic()
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    job = _ended(client, job_id, timeout=120)
+    took = time.monotonic() - asked
+    assert job["status"] == "cancelled", job
+    assert took < seconds, f"cancelled after {took:.1f} s"
+    return job
+
+
+def _wait_for(client: httpx.Client, job_id: str, done: Any, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not done(job := client.get(f"/jobs/{job_id}").json()):
+        assert job["status"] not in ENDED and time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return job
+
+
+def test_a_cancel_while_the_model_loads_ends_cancelled_within_15_s(
+    client: httpx.Client, unscored: str, slow_model: Path
+) -> None:
+    job_id = _job(client, unscored, model=str(slow_model), method="dpo", trust_remote_code=True)
+    _wait_for(client, job_id, lambda job: job["stage"] == "loading_model")
+    time.sleep(1.0)  # well inside the five-minute load
+    _cancel_within(client, job_id, 15)
+
+
+def test_a_cancel_while_training_ends_cancelled_within_15_s(client: httpx.Client, unscored: str) -> None:
+    job_id = _job(client, unscored, method="dpo", hyperparameters={**QUICK, "max_steps": 5000})
+    _wait_for(client, job_id, lambda job: job["stage"] == "training" and job["step"] >= 2)
+    job = _cancel_within(client, job_id, 15)
+    assert job["step"] < 5000
