@@ -207,8 +207,9 @@ class JobPublic(_Public):
         description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
     )
     stage: str | None = Field(
-        description="Current stage while running: validating, loading_model, scoring, reference, training, "
-        "evaluating, exporting.",
+        description="Current stage while running: building_model (a built-in model built on first use), "
+        "validating, loading_model, scoring, reference, training, evaluating, exporting. Null once the job ended "
+        "(its events keep every stage).",
         examples=["training"],
     )
     step: int = Field(description="Optimizer steps done.", examples=[120])

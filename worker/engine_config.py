@@ -206,6 +206,15 @@ def _built_in_model(model: str, trust_remote_code: bool, settings: Settings) -> 
     return None
 
 
+def builtin_model_unbuilt(model: str, settings: Settings) -> bool:
+    """Whether ``model`` is a built-in model this worker has not built yet (its run starts by building it)."""
+    root = model_cache_root(settings)
+    tiny_family = TINY_MODELS.get(model)
+    if tiny_family:
+        return not (root / "dama-tiny" / f"{tiny_family}-seed{TINY_MODEL_SEED}" / "config.json").is_file()
+    return model == SEEING_MODEL and not (seeing_base_dir(root) / "config.json").is_file()
+
+
 def _model_values(model: str, trust_remote_code: bool, model_path: Path | None) -> dict[str, Any]:
     return {
         "name_or_path": model if model_path is None else str(model_path),

@@ -79,6 +79,7 @@ from worker.distributed import run_distributed
 from worker.engine_config import (
     AdapterMissing,
     DatasetMissing,
+    builtin_model_unbuilt,
     evaluation_config,
     evaluation_passes,
     stage_evaluation_inputs,
@@ -115,6 +116,8 @@ ArtifactRecord = tuple[str, str, str, str, int]
 # Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
 # "validating", the weights in "loading_model").
 MODEL_STAGES = (None, "validating", "loading_model")
+# The worker's own stage before the engine's: building a built-in base model on first use.
+BUILDING_MODEL = "building_model"
 
 
 class JobStoreUnavailable(RuntimeError):
@@ -429,6 +432,7 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     try:
         spec = EvaluationCreate.model_validate(claimed.spec)
         with recorder.cancel_watch().armed():  # staging may build a built-in model: a minute without reports
+            _announce_build(spec.model, reporter, settings)
             staged = stage_evaluation_inputs(spec, store=store, settings=settings)
             config = evaluation_config(
                 spec, staged, run_dir=store.run_dir(claimed.job_id), preference_format=claimed.dataset_format
@@ -531,6 +535,7 @@ def _train(
     tracking: Tracking | None = None,
 ) -> TrainResult:
     # Stage (artifact store, built-in models, starting adapter), then translate (a pure function of the spec).
+    _announce_build(spec.model, reporter, settings)
     staged = stage_training_inputs(spec, job_id=claimed.job_id, store=store, settings=settings)
     config = train_config(
         spec,
@@ -546,6 +551,13 @@ def _train(
     # The same progress records as under torchrun, delivered in process (dama_engine.events).
     relay = EventRelay(reporter)
     return train(config, CallbackList([relay, tracking]) if tracking is not None else relay)
+
+
+def _announce_build(model: str, reporter: JobReporter, settings: Settings) -> None:
+    """A ``building_model`` stage while this worker builds a built-in base on first use (about a minute for the
+    seeing base), so the job does not sit at 'running' with no stage meanwhile."""
+    if builtin_model_unbuilt(model, settings):
+        reporter.on_stage(BUILDING_MODEL, {"model": model})
 
 
 def _check_gpus(wanted: int) -> None:

@@ -223,6 +223,9 @@ def watch_job(driver: Any) -> None:
         "return [...document.querySelector('#held-out tbody tr').cells].map(c => c.textContent)"
     )
     assert first[0] == "0" and float(first[-1]) > 0, first  # the log-prob "before" is measured, not 0 by construction
+    assert first[2:4] == ["-", "-"], first  # the implicit reward is 0 by construction at step 0: no figure shown
+    assert css(driver, "#job-stage")[0].text == "-"  # an ended job has no current stage, never a stale one
+    assert "stage stage" not in css(driver, "#events")[0].text
     assert "overall" in css(driver, "#base-vs-tuned table")[0].text
     screenshot(driver, "job")
 
@@ -255,6 +258,13 @@ def compare(driver: Any, job_ids: list[str]) -> None:
     )
     assert lines == 2  # both jobs' loss on one chart
     assert all(count >= 4 for count in chart_points(driver, "#compare-charts"))
+    # Held-out points of equal value stay visible: each job's dots are a ring of its own size.
+    radii = driver.execute_script(
+        "const f = [...document.querySelectorAll('#compare-charts figure')].find("
+        "  x => x.querySelector('figcaption').textContent === 'held-out log-prob accuracy');"
+        "return [...new Set([...f.querySelectorAll('circle')].map(c => c.getAttribute('r')))]"
+    )
+    assert len(radii) == 2, radii
     screenshot(driver, "compare")
 
 
