@@ -109,7 +109,7 @@ def chart_points(driver: Any, scope: str) -> list[int]:
         return [...document.querySelectorAll(arguments[0] + ' svg.plot')].map((svg) =>
           [...svg.querySelectorAll('path.line')]
             .reduce((n, p) => n + (p.getAttribute('d').match(/[ML]/g) || []).length, 0)
-          + svg.querySelectorAll('circle.dot, rect.bar').length);
+          + svg.querySelectorAll('circle.dot, circle.ring, rect.bar').length);
         """,
         scope,
     )
@@ -257,7 +257,8 @@ def compare(driver: Any, job_ids: list[str]) -> None:
         "return document.querySelectorAll('#compare-charts figure:first-child path.line').length"
     )
     assert lines == 2  # both jobs' loss on one chart
-    assert all(count >= 4 for count in chart_points(driver, "#compare-charts"))
+    points = chart_points(driver, "#compare-charts")
+    assert all(count >= 4 for count in points), points
     # Held-out points of equal value stay visible: each job's dots are a ring of its own size.
     radii = driver.execute_script(
         "const f = [...document.querySelectorAll('#compare-charts figure')].find("
