@@ -217,8 +217,9 @@ class JobPublic(_Public):
         description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
     )
     stage: str | None = Field(
-        description="Current stage while running: validating, loading_model, scoring, reference, training, "
-        "evaluating, exporting.",
+        description="Current stage while running: building_model (a built-in model built on first use), "
+        "validating, loading_model, scoring, reference, training, evaluating, exporting. Null once the job ended "
+        "(its events keep every stage).",
         examples=["training"],
     )
     step: int = Field(description="Optimizer steps done.", examples=[120])
@@ -424,6 +425,13 @@ class TinyModelPublic(_Public):
 class ModelCatalogPublic(_Public):
     families: list[ModelFamilyPublic] = Field(description="Supported model families.")
     tiny_models: list[TinyModelPublic] = Field(description="Built-in tiny models for trying the service on a CPU.")
+    hardness_scorer: str | None = Field(
+        default=None,
+        description="The CLIP scorer (hub id or folder on the workers) that computes data hardness for datasets "
+        "whose rows carry none (the operator's DAMA_HARDNESS_SCORER). Null: none is configured, so methods dama and "
+        "dama_data need rows with hardness, or chosen_score and rejected_score.",
+        examples=["openai/clip-vit-large-patch14-336"],
+    )
 
 
 # ---- health ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,17 @@ class ModelSection(_Section):
         "it is loaded onto the base and trained further (its LoRA shape replaces lora.r/alpha/target_modules); the "
         "reference of a preference method is base + this adapter, frozen (shared/DAMA.md section 4b).",
     )
+    public_name: str | None = Field(
+        default=None,
+        description="The base model's name in the adapter (adapter_config.json's base_model_name_or_path) and its "
+        "model card; default name_or_path. The service sets the name its users know (a built-in model's name), "
+        "never the folder it was staged in.",
+    )
+
+    @property
+    def shown_name(self) -> str:
+        """The name the adapter and its model card give the base model."""
+        return self.public_name or self.name_or_path
 
 
 class DataSection(_Section):

@@ -369,6 +369,7 @@ def set_status(
     if target in TERMINAL:
         job.finished_at = now
         job.eta_seconds = None
+        job.stage = None  # "the current stage": an ended job has none (its events keep every stage it went through)
         if target == JobStatus.succeeded:
             job.progress = 1.0
     # The tenant reads the error and the result: no worker file paths in them but its own (jobstore.redact).

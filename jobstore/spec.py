@@ -14,6 +14,8 @@ from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, 
 from dama_settings.names import Method as Method
 from dama_settings.rules import too_small_filter_group
 
+# Names under this prefix are the service's own models: only those below exist (anything else is a typo).
+BUILTIN_PREFIX = "dama/"
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 # The proving ground's seeing base (dama_engine.proving), which the worker also builds on the spot: a tiny LLaVA

@@ -164,7 +164,7 @@ ALLOWED_PACKAGES: dict[str, set[str]] = {
 # The engine's layers, lowest first: a module may import its own layer's units and those of lower layers, never a
 # higher one. The root's small shared modules form the lowest layer; each subpackage is one unit.
 ENGINE_LAYERS: list[set[str]] = [
-    {"errors", "threads", "model_files", "callbacks", "events"},
+    {"errors", "threads", "model_files", "callbacks", "events", "availability"},
     {"data"},
     {"objective"},
     {"config"},

@@ -30,7 +30,7 @@ from jobstore import spec, states
 
 # Fields of the engine config that are the engine's alone (defined once, in dama_engine.config).
 ENGINE_ONLY = {
-    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter"},
+    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter", "public_name"},
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_pairs"},

@@ -49,7 +49,7 @@ from dama_engine.training import ADAPTER_DIR, checkpoint_dir
 from dama_settings.spec_sources import EVALUATION_SPEC_SOURCES, JOB_SPEC_SOURCES, NotExposed
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
-from jobstore.spec import SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
+from jobstore.spec import BUILTIN_MODELS, SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ def _built_once(target: Path, build: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # another worker finished first (theirs is identical), or failed
     return target
+
+
+def build_builtin_model(model: str, folder: Path) -> None:
+    """Build the built-in model ``model`` (``dama/...``) into ``folder``: the weights a worker builds (identical
+    when both build on a CPU), so an adapter downloaded from the service loads on it elsewhere."""
+    tiny_family = TINY_MODELS.get(model)
+    if tiny_family:
+        build_tiny_model(tiny_family, folder, seed=TINY_MODEL_SEED)
+    elif model == SEEING_MODEL:
+        build_seeing_base(folder, **SEEING_BASE_RECIPE)
+    else:
+        raise ConfigError(f"{model!r} is not a built-in model; the built-in models are {', '.join(BUILTIN_MODELS)}")
 
 
 def ensure_tiny_model(family: str, cache_root: Path) -> Path:
@@ -195,9 +207,19 @@ def _built_in_model(model: str, trust_remote_code: bool, settings: Settings) -> 
     return None
 
 
+def builtin_model_unbuilt(model: str, settings: Settings) -> bool:
+    """Whether ``model`` is a built-in model this worker has not built yet (its run starts by building it)."""
+    root = model_cache_root(settings)
+    tiny_family = TINY_MODELS.get(model)
+    if tiny_family:
+        return not (root / "dama-tiny" / f"{tiny_family}-seed{TINY_MODEL_SEED}" / "config.json").is_file()
+    return model == SEEING_MODEL and not (seeing_base_dir(root) / "config.json").is_file()
+
+
 def _model_values(model: str, trust_remote_code: bool, model_path: Path | None) -> dict[str, Any]:
     return {
         "name_or_path": model if model_path is None else str(model_path),
+        "public_name": model,  # what the adapter names as its base: the job's model, never the staged folder
         "trust_remote_code": trust_remote_code,
         # Built-in models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
         "precision": "auto" if model_path is None else "fp32",
@@ -239,6 +261,7 @@ WORKER_DECIDES: dict[str, dict[str, str | NotExposed]] = {
         "name_or_path": "the hub name, or a built-in model's staged folder",
         "precision": "auto for hub models, fp32 for built-in ones",
         "init_adapter": "the staged copy of init_adapter",
+        "public_name": "the job's model name (a built-in model's name, never its staged folder)",
         "revision": NotExposed("a job names a model, not a hub revision"),
         "attn_implementation": NotExposed("the engine picks the model's best"),
     },

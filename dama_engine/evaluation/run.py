@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from dama_engine.availability import check_available
 from dama_engine.callbacks import Callback
 from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data import (
@@ -453,6 +454,7 @@ def run_evaluation(
     output_dir = Path(config.output_dir)
 
     callback.on_stage("validating", {})
+    check_available(config.model.name_or_path, what="model", revision=config.model.revision)
     device = resolve_device(config.device)
     inputs = _validate_inputs(config, preference_rows)
 
