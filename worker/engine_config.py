@@ -396,6 +396,7 @@ EVALUATION_WORKER_DECIDES: dict[str, str | NotExposed] = {
     "model.revision": NotExposed("a request names a model, not a hub revision"),
     "model.attn_implementation": NotExposed("the engine picks the model's best"),
     "model.init_adapter": NotExposed("the tuned adapter is compared with the plain base model"),
+    "model.public_name": "the request's model name (a built-in model's name, never its staged folder)",
     "adapter": "the staged tuned adapter of adapter_job_id",
     "data.preference": "the staged preference dataset",
     "data.format": "the format the preference upload was read as",
