@@ -36,6 +36,14 @@ Evaluation jobs (``job.kind == "evaluation"``, :func:`_run_evaluation`) run
 ``scoring``, ``log_probs``, ``generating``, ``writing``; on success the results go in ``result["results"]`` and the
 per-sample generations, the per-pair scores and the chart are registered as artifacts (``eval_outputs``,
 ``eval_pairs``, ``eval_chart``). Errors, cancellation and shutdown are handled as for training.
+
+Pair generations (``job.kind == "pair_generation"``, :func:`_run_pair_generation`) run
+:func:`dama_engine.pairs.generate_pairs`: stages ``validating``, ``loading_model``, ``generating`` (step = prompts
+done), ``writing``. On success the pairs are moved into the dataset store (:mod:`worker.pair_dataset`) and their
+dataset row is created in the transaction that records the success (and counted against the tenant's storage
+there): a run that dies first leaves no dataset. The per-sample file, the report and its chart are artifacts
+(``pairs_samples``, ``pairs_report``, ``pairs_chart``); ``result`` holds ``dataset_id`` and the report. No prompt
+yielding a pair is the engine's ``NoPairsError``: ``failed`` with ``user_error`` and its message.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from dama_engine.config import ConfigError
 from dama_engine.errors import UserError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
+from dama_engine.pairs import PairGenerationResult, generate_pairs
 from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, train
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
@@ -70,7 +79,7 @@ from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Job
 from jobstore.settings import Settings
-from jobstore.spec import EvaluationCreate, JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec, PairGenerationCreate
 from jobstore.states import ErrorKind, JobStatus
 from worker.distributed import run_distributed
 from worker.engine_config import (
@@ -78,16 +87,21 @@ from worker.engine_config import (
     DatasetMissing,
     evaluation_config,
     evaluation_passes,
+    pairs_config,
+    pairs_output_dir,
     stage_evaluation_inputs,
+    stage_pair_inputs,
     stage_training_inputs,
     train_config,
 )
+from worker.pair_dataset import NewDataset, pair_dataset_id, store_pair_dataset
 from worker.progress import (
     Backoff,
     EvaluationReporter,
     Heartbeat,
     JobReporter,
     JobStopped,
+    PairGenerationReporter,
     RunOwner,
     StallWatchdog,
     deep_json_safe,
@@ -103,9 +117,11 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 4000
 CLAIM_RETRIES = 5
 USER_ERRORS = (UserError, DatasetMissing, AdapterMissing, ValidationError)
-EVALUATION = repository.EVALUATION
+EVALUATION, PAIR_GENERATION = repository.EVALUATION, repository.PAIR_GENERATION
 # Artifact kinds of an evaluation job: the EvaluationResult path each comes from.
 EVALUATION_ARTIFACTS = {"eval_outputs": "generations_path", "eval_pairs": "pairs_path", "eval_chart": "chart_path"}
+# Artifact kinds of a pair generation: the PairOutput path each comes from (the dataset becomes a dataset row).
+PAIR_ARTIFACTS = {"pairs_samples": "samples_path", "pairs_report": "report_path", "pairs_chart": "chart_path"}
 # (tenant_id, kind, recorded path, sha256, size_bytes) of a file to register with the job's outcome (the path as
 # ArtifactStore.recorded_path names it).
 ArtifactRecord = tuple[str, str, str, str, int]
@@ -304,11 +320,11 @@ def _run(
     }
     if store.remote:
         common["artifacts"] = store
-    reporter = (
-        EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
-        if claimed.kind == EVALUATION
-        else JobReporter(**common)
-    )
+    reporter: JobReporter = JobReporter(**common)
+    if claimed.kind == EVALUATION:
+        reporter = EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
+    elif claimed.kind == PAIR_GENERATION:
+        reporter = PairGenerationReporter(**common)
     watchdog = None
     if settings.stall_timeout_s is not None:
         watchdog = StallWatchdog(
@@ -335,6 +351,8 @@ def _run(
         with scratch.hold(_held_paths(claimed, store, scratch)):
             if claimed.kind == EVALUATION:
                 return _run_evaluation(claimed, recorder, store=store, settings=settings)
+            if claimed.kind == PAIR_GENERATION:
+                return _run_pair_generation(claimed, recorder, store=store, settings=settings)
             return _run_claimed(claimed, recorder, store=store, settings=settings)
     finally:
         heartbeat.stop()
@@ -461,6 +479,56 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
         message=f"evaluation succeeded in {outcome.seconds:.1f} s",
         result=summary,
         artifacts=artifacts,
+    )
+
+
+def _run_pair_generation(
+    claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings
+) -> str | None:
+    """A pair generation: answers sampled and judged, pairs written; the dataset recorded with the success."""
+    reporter, job_id = recorder.reporter, claimed.job_id
+    spec: PairGenerationCreate | None = None
+    outcome: PairGenerationResult | None = None
+    try:
+        spec = PairGenerationCreate.model_validate(claimed.spec)
+        staged = stage_pair_inputs(spec, job_id=job_id, store=store, settings=settings)
+        outcome = generate_pairs(pairs_config(spec, staged, output_dir=pairs_output_dir(store, job_id)), reporter)
+    except JobStopped:
+        outcome = None
+    except Exception as error:
+        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
+        log.warning("pair generation %s failed (%s): %s", job_id, kind.value, message.splitlines()[0])
+        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
+    if outcome is None or outcome.stopped or outcome.output is None:
+        return recorder.stopped()
+    assert spec is not None  # validated before the run began
+    try:
+        output = outcome.output
+        dataset = store_pair_dataset(
+            output, run_id=job_id, tenant_id=claimed.tenant_id, name=spec.dataset_name, store=store
+        )
+        artifacts: list[ArtifactRecord] = []
+        for artifact_kind, attribute in PAIR_ARTIFACTS.items():
+            path: Path = getattr(output, attribute)
+            recorded = store.recorded_path(path)
+            artifacts.append((claimed.tenant_id, artifact_kind, recorded, file_sha256(path), path.stat().st_size))
+        store.publish(store.job_dir(job_id))  # the per-sample file, the report, its chart
+    except Exception as error:
+        message = short_traceback(error)
+        store.remove(store.dataset_dir(pair_dataset_id(job_id)))  # files no row will ever name
+        return recorder.finish(JobStatus.failed, error_kind=ErrorKind.system_error, error_message=message)
+    summary = {
+        "dataset_id": dataset.dataset_id,
+        "report": deep_json_safe(outcome.report),
+        "seconds": round(outcome.seconds, 3),
+        "attempts": claimed.attempt,
+    }
+    return recorder.finish(
+        JobStatus.succeeded,
+        message=f"{outcome.pairs} pairs from {outcome.prompts} prompts: dataset {dataset.dataset_id}",
+        result=summary,
+        artifacts=artifacts,
+        dataset=dataset,
     )
 
 
@@ -607,8 +675,10 @@ def _store_outcome(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
     artifacts: list[ArtifactRecord] | None = None,
+    dataset: NewDataset | None = None,
 ) -> str | None:
-    """Record the run's outcome if this attempt still owns the job; return the job's status then."""
+    """Record the run's outcome if this attempt still owns the job; return the job's status then. A ``dataset`` (a
+    pair generation's pairs) is created with a success, or its files removed when the success cannot be."""
     with session_scope(session_factory) as session:
         job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
         if job is None:
@@ -619,9 +689,14 @@ def _store_outcome(
             return None
         if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
             status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
-        if (over := _account_storage(session, job, storage, succeeded=status == JobStatus.succeeded)) is not None:
+        succeeded, adding = status == JobStatus.succeeded, dataset.size_bytes if dataset is not None else 0
+        if (over := _account_storage(session, job, storage, succeeded=succeeded, adding=adding)) is not None:
             status, message, error_kind, error_message = JobStatus.failed, None, ErrorKind.user_error, over
             result, artifacts = None, None
+        if dataset is not None and status == JobStatus.succeeded:
+            repository.create_dataset(session, **dataset.row())
+        elif dataset is not None:
+            storage.store.remove(dataset.folder)
         for tenant_id, kind, path, sha256, size in artifacts or ():
             repository.add_artifact(
                 session,
@@ -662,19 +737,22 @@ def _storage_full(claimed: _Claimed, session_factory: sessionmaker[Session], set
         return quota.full_message(session, tenant_id=claimed.tenant_id, quota=settings.tenant_storage_bytes, what=what)
 
 
-def _account_storage(session: Session, job: Job, storage: StorageAccount, *, succeeded: bool) -> str | None:
-    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota,
-    remove its files and return the user_error message (the run then fails)."""
+def _account_storage(
+    session: Session, job: Job, storage: StorageAccount, *, succeeded: bool, adding: int = 0
+) -> str | None:
+    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota
+    (with ``adding`` bytes it stores elsewhere: a pair generation's dataset), remove its files and return the
+    user_error message (the run then fails)."""
     if storage.quota_bytes is not None and succeeded:
         quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
     job.storage_bytes = storage.store.size_bytes(storage.folder)
     session.flush()  # before set_status refreshes the row
     if storage.quota_bytes is None or not succeeded:
         return None
-    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id)
+    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id) + adding
     if used <= storage.quota_bytes:
         return None
-    adding = job.storage_bytes
+    adding += job.storage_bytes
     storage.store.remove(storage.folder)
     job.storage_bytes = 0
     session.flush()
