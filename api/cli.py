@@ -8,9 +8,9 @@
     dama worker                           run a Celery worker on DAMA_WORKER_QUEUES (python -m worker)
     dama serve [--host H] [--port P] [--demo]   API + worker on one machine with no external servers
 
-and the client commands of :mod:`dama_client.cli` (``dama datasets|jobs|evaluations|pairs|keys|webhooks|models|health``),
-which talk to a running service over HTTP. Server imports are lazy: with only the ``client`` extra installed, the
-client commands work.
+and the client commands of :mod:`dama_client.cli`
+(``dama datasets|jobs|evaluations|pairs|keys|webhooks|models|health``), which talk to a running service over HTTP.
+Server imports are lazy: with only the ``client`` extra installed, the client commands work.
 
 Settings come from the ``DAMA_`` environment, read here at the entry point.
 """

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dama_client.client import Client, FollowUpdate, RunT, RunResource
+from dama_client.client import Client, FollowUpdate, RunResource, RunT
 from dama_client.errors import APIError, DamaError
 from dama_client.models import PairGeneration, Run
 
