@@ -26,7 +26,8 @@ from dama_engine.data.matcher import Vocabulary
 from tests.api.conftest import LIMITED_MAX_PROMPTS, ROOT, ApiServer, assert_error, dataset_count, upload
 from tests.engine.test_pairs import _generative_set
 
-NO_PAIR_VOCABULARY = {"red zeppelin": [], "blue walrus": []}  # objects the random model never names
+# Objects the random model never names.
+NO_PAIR_VOCABULARY: dict[str, list[str]] = {"red zeppelin": [], "blue walrus": []}
 
 
 def _archive(folder: Path) -> bytes:

@@ -92,7 +92,7 @@ def _store_then_die(*args: Any, **kwargs: Any) -> Any:
 def _run_and_die(settings: Settings, run_id: str) -> None:
     """A worker process (forked from this one, so it starts at once) that runs the pair generation and dies at the
     worst moment; it opens its own connections, never the parent's."""
-    tasks.store_pair_dataset = _store_then_die  # type: ignore[assignment]
+    tasks.store_pair_dataset = _store_then_die
     factory = make_session_factory(make_engine(settings.resolved_database_url))
     run_job(run_id, session_factory=factory, settings=settings, worker="doomed:1")
 
