@@ -3,8 +3,8 @@
 Two servers per session share one database: ``api_server`` (Redis broker, a queue of its own that no worker
 consumes) and ``limited_server`` (a 4 KiB upload limit, at most 3 prompts per pair generation, and a broker port
 with nothing listening), so the tests speak HTTP to the same process a deployment runs. ``worker_queue`` is a real
-Celery worker on ``api_server``'s database and artifact store, consuming a queue of its own (started once per
-session, for the tests that run evaluations and pair generations).
+Celery worker on ``api_server``'s database and artifact store, consuming a queue of its own (started once for
+tests/api, for the tests that run evaluations and pair generations).
 """
 
 from __future__ import annotations
@@ -139,9 +139,10 @@ def limited_server(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     yield from _start(tmp, env, queue)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def worker_queue(api_server: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Celery worker on the API server's database and artifact store, consuming a queue of its own."""
+    """A Celery worker on the API server's database and artifact store, consuming a queue of its own. Stopped when
+    tests/api ends: its sweeper and webhook dispatcher must not act on the worker tests' runs and deliveries."""
     from jobstore.settings import Settings
     from tests.worker.conftest import WorkerProcess
     from worker.engine_config import ensure_tiny_model, model_cache_root
