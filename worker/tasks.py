@@ -450,11 +450,7 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     except JobStopped:
         outcome = None
     except Exception as error:
-        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning(
-            "evaluation %s failed (%s): %s", claimed.job_id, kind.value, message.splitlines()[0] if message else ""
-        )
-        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
+        return _failed(recorder, error, run=f"evaluation {claimed.job_id}", model=spec.model if spec else None)
     if outcome is None:
         return recorder.stopped()
     try:
@@ -496,9 +492,7 @@ def _run_pair_generation(
     except JobStopped:
         outcome = None
     except Exception as error:
-        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning("pair generation %s failed (%s): %s", job_id, kind.value, message.splitlines()[0])
-        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
+        return _failed(recorder, error, run=f"pair generation {job_id}", model=spec.model if spec else None)
     if outcome is None or outcome.stopped or outcome.output is None:
         return recorder.stopped()
     assert spec is not None  # validated before the run began
@@ -530,6 +524,13 @@ def _run_pair_generation(
         artifacts=artifacts,
         dataset=dataset,
     )
+
+
+def _failed(recorder: _Recorder, error: Exception, *, run: str, model: str | None) -> str | None:
+    """Record a run the engine (or its setup) failed: ``user_error`` or ``system_error`` (:func:`classify_error`)."""
+    kind, message = classify_error(error, stage=recorder.reporter.stage, model=model)
+    log.warning("%s failed (%s): %s", run, kind.value, message.splitlines()[0] if message else "")
+    return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
 
 
 def _claim(
