@@ -20,10 +20,12 @@ from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Dataset, WebhookDelivery
 from jobstore.settings import Settings
+from jobstore.spec import PairGenerationCreate
 from jobstore.webhook_store import create_endpoint
 from tests.engine.test_pairs import _generative_set
 from tests.worker.conftest import QUEUE_PREFIX, JobStore
 from worker import tasks
+from worker.engine_config import StagedPairs, pairs_config
 from worker.pair_dataset import pair_dataset_id
 from worker.sweeper import sweep
 from worker.tasks import run_job
@@ -80,6 +82,40 @@ def dataset_row(store: JobStore, dataset_id: str) -> Dataset | None:
 
 def _run(store: JobStore, run_id: str) -> str | None:
     return run_job(run_id, session_factory=store.factory, settings=store.settings, worker="pytest:1")
+
+
+def test_a_request_becomes_the_engine_config() -> None:
+    """A pure function of the request and the staged paths: every sampling setting reaches the engine."""
+    spec = PairGenerationCreate.model_validate(
+        {
+            "model": "org/vlm",
+            "generative_dataset_id": "ds_x",
+            "init_adapter": "job_abc:20",
+            "samples_per_prompt": 5,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "max_new_tokens": 32,
+            "seed": 4,
+            "max_prompts": 10,
+            "prompts_per_batch": 2,
+        }
+    )
+    staged = StagedPairs(None, Path("/s/set.jsonl"), Path("/s/vocabulary.json"), Path("/s/init_adapter"))
+    config = pairs_config(spec, staged, output_dir=Path("/runs/pgen_x/run/pairs"))
+    assert (config.model.name_or_path, config.model.precision, config.model.init_adapter) == (
+        "org/vlm",
+        "auto",
+        "/s/init_adapter",
+    )
+    assert (config.data.generative, config.data.vocabulary, config.data.max_prompts) == (
+        "/s/set.jsonl",
+        "/s/vocabulary.json",
+        10,
+    )
+    generation = config.generation
+    assert (generation.temperature, generation.top_p, generation.max_new_tokens, generation.seed) == (0.7, 0.9, 32, 4)
+    assert (config.sampling.samples_per_prompt, config.sampling.prompts_per_batch) == (5, 2)
+    assert config.output_dir == "/runs/pgen_x/run/pairs"
 
 
 def _store_then_die(*args: Any, **kwargs: Any) -> Any:
