@@ -11,6 +11,7 @@ which the next attempt (the sweeper re-queues the run) replaces as a whole, sinc
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dama_engine.data import load_and_validate
 from dama_engine.pairs import PairOutput
 from jobstore.artifacts import ArtifactStore, file_sha256
 from jobstore.quota import folder_bytes
+from jobstore.redact import redact_json, strings_in
 
 FORMAT = "trl"  # what the engine writes: TRL's conversational preference rows, scores and objects beside
 
@@ -76,3 +78,13 @@ def store_pair_dataset(
         report={**report.to_dict(), "source": {"pair_generation_id": run_id}},
         folder=target,
     )
+
+
+def redact_report(output: PairOutput, report: dict[str, Any], *, spec: dict[str, Any]) -> dict[str, Any]:
+    """The report without this worker's file paths (the staged set's, a built-in model's and the starting adapter's
+    folders; the model and adapter as the request named them): rewritten in ``report.json``, which the tenant
+    downloads, and returned for the run's result."""
+    redacted: dict[str, Any] = redact_json(report, strings_in(spec))
+    redacted.update(model=spec["model"], init_adapter=spec.get("init_adapter"))
+    output.report_path.write_text(json.dumps(redacted, indent=2) + "\n", encoding="utf-8")
+    return redacted

@@ -94,7 +94,7 @@ from worker.engine_config import (
     stage_training_inputs,
     train_config,
 )
-from worker.pair_dataset import NewDataset, pair_dataset_id, store_pair_dataset
+from worker.pair_dataset import NewDataset, pair_dataset_id, redact_report, store_pair_dataset
 from worker.progress import (
     Backoff,
     EvaluationReporter,
@@ -501,6 +501,7 @@ def _run_pair_generation(
         dataset = store_pair_dataset(
             output, run_id=job_id, tenant_id=claimed.tenant_id, name=spec.dataset_name, store=store
         )
+        report = redact_report(output, outcome.report, spec=claimed.spec)
         artifacts: list[ArtifactRecord] = []
         for artifact_kind, attribute in PAIR_ARTIFACTS.items():
             path: Path = getattr(output, attribute)
@@ -513,7 +514,7 @@ def _run_pair_generation(
         return recorder.finish(JobStatus.failed, error_kind=ErrorKind.system_error, error_message=message)
     summary = {
         "dataset_id": dataset.dataset_id,
-        "report": deep_json_safe(outcome.report),
+        "report": deep_json_safe(report),
         "seconds": round(outcome.seconds, 3),
         "attempts": claimed.attempt,
     }

@@ -190,6 +190,12 @@ def test_a_worker_killed_before_the_dataset_is_recorded_leaves_none_and_the_reru
     with session_scope(store.factory) as session:
         samples = repository.get_artifact(session, job_id=run_id, kind="pairs_samples")
         assert samples is not None and len(Path(samples.path).read_text().splitlines()) == 18
+        report_file = repository.get_artifact(session, job_id=run_id, kind="pairs_report")
+        assert report_file is not None
+    # The report the tenant downloads names no file of this worker (the staged set, the built-in model's folder).
+    shown = Path(report_file.path).read_text()
+    assert json.loads(shown) == report and str(store.settings.home) not in shown
+    assert report["generative"].endswith("/generative.jsonl") and report["model"] == "dama/tiny-llava"
 
 
 def _bytes(folder: Path) -> int:
