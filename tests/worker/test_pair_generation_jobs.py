@@ -1,7 +1,8 @@
 """Pair generations in the worker (kind ``pair_generation``) on the built-in random tiny LLaVA: a worker SIGKILLed
 after the dataset's files are in place but before the success is recorded leaves no dataset; the sweeper re-queues
 the run, and its re-run records exactly one dataset row with the success (images once, checked as an upload is,
-counted once), announced to webhooks as ``pair_generation.*``. The HTTP side and the no-pair failure:
+counted once), announced to webhooks as ``pair_generation.*``; a run cancelled while it generates stops before a
+next batch, leaving no dataset. The HTTP side and the no-pair failure:
 tests/api/test_pair_generations.py."""
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from dama_engine.callbacks import Callback, CallbackList
+from dama_engine.pairs import PairGenerationResult, PairsConfig
 from jobstore import repository
 from jobstore.broker import make_celery
 from jobstore.db import make_engine, make_session_factory, session_scope
@@ -116,6 +121,33 @@ def test_a_request_becomes_the_engine_config() -> None:
     assert (generation.temperature, generation.top_p, generation.max_new_tokens, generation.seed) == (0.7, 0.9, 32, 4)
     assert (config.sampling.samples_per_prompt, config.sampling.prompts_per_batch) == (5, 2)
     assert config.output_dir == "/runs/pgen_x/run/pairs"
+
+
+def test_a_running_pair_generation_cancelled_stops_before_a_next_batch_leaving_no_dataset(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = pair_spec(generative_dataset(store, prompts=6), samples_per_prompt=2, max_new_tokens=8, prompts_per_batch=1)
+    run_id = create_run(store, spec)
+    engine = tasks.generate_pairs
+
+    class CancelAfterTheFirstBatch(Callback):
+        def on_progress(self, stage: str, done: int, total: int) -> None:
+            if done == 1:  # as POST /pair-generations/{id}/cancel does
+                with session_scope(store.factory) as session:
+                    job = repository.get_job(session, job_id=run_id)
+                    assert job is not None
+                    repository.request_cancel(session, job=job)
+
+    def cancelled_while_generating(config: PairsConfig, reporter: Callback) -> PairGenerationResult:
+        return engine(config, CallbackList([CancelAfterTheFirstBatch(), reporter]))
+
+    monkeypatch.setattr(tasks, "generate_pairs", cancelled_while_generating)
+    assert _run(store, run_id) == "cancelled"
+    job = store.job(run_id)
+    assert job.stage == "generating" and 1 <= job.step < 6 and job.result is None
+    assert dataset_row(store, pair_dataset_id(run_id)) is None
+    assert not store.artifacts.dataset_dir(pair_dataset_id(run_id)).exists()
+    assert not (store.artifacts.run_dir(run_id) / "pairs").exists()
 
 
 def _store_then_die(*args: Any, **kwargs: Any) -> Any:
