@@ -454,12 +454,7 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     if outcome is None:
         return recorder.stopped()
     try:
-        artifacts: list[ArtifactRecord] = []
-        for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
-            path: Path | None = getattr(outcome, attribute)
-            if path is not None and path.is_file():
-                recorded = store.recorded_path(path)
-                artifacts.append((claimed.tenant_id, artifact_kind, recorded, file_sha256(path), path.stat().st_size))
+        artifacts = _artifact_records(claimed.tenant_id, store, outcome, EVALUATION_ARTIFACTS)
         store.publish(store.job_dir(claimed.job_id))  # the outputs, the chart
     except Exception as error:
         message = short_traceback(error)
@@ -502,11 +497,7 @@ def _run_pair_generation(
             output, run_id=job_id, tenant_id=claimed.tenant_id, name=spec.dataset_name, store=store
         )
         report = redact_report(output, outcome.report, spec=claimed.spec)
-        artifacts: list[ArtifactRecord] = []
-        for artifact_kind, attribute in PAIR_ARTIFACTS.items():
-            path: Path = getattr(output, attribute)
-            recorded = store.recorded_path(path)
-            artifacts.append((claimed.tenant_id, artifact_kind, recorded, file_sha256(path), path.stat().st_size))
+        artifacts = _artifact_records(claimed.tenant_id, store, output, PAIR_ARTIFACTS)
         store.publish(store.job_dir(job_id))  # the per-sample file, the report, its chart
     except Exception as error:
         message = short_traceback(error)
@@ -525,6 +516,19 @@ def _run_pair_generation(
         artifacts=artifacts,
         dataset=dataset,
     )
+
+
+def _artifact_records(
+    tenant_id: str, store: ArtifactStore, outcome: Any, kinds: dict[str, str]
+) -> list[ArtifactRecord]:
+    """The files of a run's ``outcome`` to register: per artifact kind, the outcome's attribute naming the file
+    (those it did not write left out)."""
+    records: list[ArtifactRecord] = []
+    for kind, attribute in kinds.items():
+        path: Path | None = getattr(outcome, attribute)
+        if path is not None and path.is_file():
+            records.append((tenant_id, kind, store.recorded_path(path), file_sha256(path), path.stat().st_size))
+    return records
 
 
 def _failed(recorder: _Recorder, error: Exception, *, run: str, model: str | None) -> str | None:
