@@ -32,6 +32,7 @@ from api.routers import (
     jobs,
     keys,
     models,
+    pair_generations,
     webhooks,
 )
 from jobstore.artifacts import open_store
@@ -107,7 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
-    for module in (datasets, dataset_preview, jobs, job_outputs, exports, evaluations, webhooks, keys, models, health):
+    routers = (datasets, dataset_preview, jobs, job_outputs, exports, evaluations, pair_generations, webhooks, keys)
+    for module in (*routers, models, health):
         app.include_router(module.router)
     install_console(app)
 

@@ -9,9 +9,9 @@
     dama serve [--host H] [--port P] [--demo]   API + worker on one machine with no external servers
     dama models build NAME --output DIR   build a built-in model (dama/tiny-llava, ...) here (worker.build_model)
 
-and the client commands of :mod:`dama_client.cli` (``dama datasets|jobs|evaluations|keys|webhooks|models|health``),
-which talk to a running service over HTTP. Server imports are lazy: with only the ``client`` extra installed, the
-client commands work.
+and the client commands of :mod:`dama_client.cli`
+(``dama datasets|jobs|evaluations|pairs|keys|webhooks|models|health``), which talk to a running service over HTTP.
+Server imports are lazy: with only the ``client`` extra installed, the client commands work.
 
 Settings come from the ``DAMA_`` environment, read here at the entry point.
 """

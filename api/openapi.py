@@ -31,13 +31,16 @@ adapter that loads with `peft` on top of the base model.
 5. `POST /evaluations` to score a base model, or a job's adapter against its base, on held-out preference pairs
    and a generative set (object hallucination: CHAIR); `GET /evaluations/{id}` carries the `metrics`,
    `/outputs` the per-sample generations and `/chart` the PNG.
+6. `POST /pair-generations` to make preference pairs from your own model (or a job's adapter) on a generative set:
+   answers are sampled, judged against each image's objects, and paired into a dataset for `POST /jobs`.
 
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
 **Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
 **Webhooks**: `POST /webhooks` a URL to be told when jobs and evaluations start and end (signed per Standard
 Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the call returns once).
-**Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs` and `POST /evaluations`.
+**Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs`, `POST /evaluations` and
+`POST /pair-generations`.
 """.strip()
 
 TAGS: list[dict[str, Any]] = [
@@ -56,6 +59,11 @@ TAGS: list[dict[str, Any]] = [
     {
         "name": "evaluations",
         "description": "Score a base model and a tuned adapter: preference metrics per hardness bucket, CHAIR.",
+    },
+    {
+        "name": "pair generations",
+        "description": "Preference pairs sampled from your model on a generative set, judged against each image's "
+        "objects (CHAIR matcher), registered as a dataset; the per-sample file and a report.",
     },
     {
         "name": "webhooks",

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from jobstore.models import Dataset, Job, JobEvent
 from jobstore.redact import redact_json, redact_paths, strings_in
-from jobstore.spec import EvaluationCreate, JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec, PairGenerationCreate
 from jobstore.states import JobStatus
 
 
@@ -32,6 +32,7 @@ _TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
 _DATASET_ID = "ds_0194b1c2d3e4a1b2c3d4e5f6"
 _JOB_ID = "job_0194b1c2d3e4a1b2c3d4e5f6"
 _EVAL_ID = "eval_0194b1c2d3e4a1b2c3d4e5f6"
+_PGEN_ID = "pgen_0194b1c2d3e4a1b2c3d4e5f6"
 
 
 class _Public(BaseModel):
@@ -324,6 +325,68 @@ class EvaluationPublic(_Public):
 
 class EvaluationsPublic(Page[EvaluationPublic]):
     """Evaluations, newest first."""
+
+
+class PairGenerationPublic(_Public):
+    id: str = Field(description="Pair generation id.", examples=[_PGEN_ID])
+    object: Literal["pair_generation"] = Field(
+        default="pair_generation", description="Always 'pair_generation'.", examples=["pair_generation"]
+    )
+    status: JobStatus = Field(
+        description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
+    )
+    stage: str | None = Field(
+        description="Current stage while running: validating, loading_model, generating, writing.",
+        examples=["generating"],
+    )
+    step: int = Field(description="Prompts sampled and judged so far.", examples=[48])
+    total_steps: int | None = Field(description="Prompts to sample, once known.", examples=[200])
+    progress: float = Field(description="Share of the prompts done, 0 to 1.", examples=[0.24])
+    percent: float = Field(description="Progress in percent, 0 to 100.", examples=[24.0])
+    eta_seconds: float | None = Field(description="Estimated seconds left; null when unknown.", examples=[310.0])
+    error: JobErrorPublic | None = Field(
+        description="Why it failed; null otherwise. No prompt yielding a pair is a user_error saying what was tried "
+        "and what to change.",
+        examples=[None],
+    )
+    attempts: int = Field(description="Runs started (one whose worker died is re-run).", examples=[1])
+    queue: str = Field(description="Worker queue it was sent to.", examples=["gpu"])
+    spec: PairGenerationCreate = Field(description="The request as accepted (defaults filled in).")
+    dataset_id: str | None = Field(
+        description="Once succeeded: the preference dataset made (TRL format, images stored once, chosen_score and "
+        "rejected_score per pair), usable as a job's dataset_id; null before.",
+        examples=[_DATASET_ID],
+    )
+    report: dict[str, Any] | None = Field(
+        description="Once succeeded: prompts tried, pairs made, samples (faithful, hallucinating, empty), "
+        "hallucinated objects per sample as a histogram, the most common hallucinated objects, mean scores, the "
+        "sampling settings and samples per second; null before.",
+        examples=[
+            {
+                "prompts_tried": 200,
+                "pairs": 131,
+                "samples": 1600,
+                "hallucinated_objects_per_sample": {"0": 912, "1": 488, "2": 200},
+                "most_common_hallucinated_objects": [{"object": "car", "samples": 211}],
+            }
+        ],
+    )
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, Job):
+            return value
+        result = (value.result or {}) if value.status == JobStatus.succeeded.value else {}
+        report = redact_json(result.get("report"), strings_in(value.spec))
+        return {**_job_columns(value), "dataset_id": result.get("dataset_id"), "report": report}
+
+
+class PairGenerationsPublic(Page[PairGenerationPublic]):
+    """Pair generations, newest first."""
 
 
 class EventPublic(_Public):

@@ -19,6 +19,10 @@ EventType = Literal[
     "evaluation.succeeded",
     "evaluation.failed",
     "evaluation.cancelled",
+    "pair_generation.running",
+    "pair_generation.succeeded",
+    "pair_generation.failed",
+    "pair_generation.cancelled",
 ]
 ALL_EVENT_TYPES: list[EventType] = list(get_args(EventType))
 assert set(ALL_EVENT_TYPES) == set(EVENT_TYPES)  # one list of event types: jobstore.webhooks

@@ -1,4 +1,4 @@
-"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|keys|webhooks|models|health ...``).
+"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|pairs|keys|webhooks|models|health ...``).
 
 ``api.cli.main`` hands these commands here before importing anything of the server, so they work where only the
 ``client`` extra is installed. The service is ``--api-url`` / ``DAMA_API_URL``, the key ``--api-key`` /
@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dama_client.client import Client, FollowUpdate
+from dama_client.client import Client, FollowUpdate, RunResource, RunT
 from dama_client.errors import APIError, DamaError
-from dama_client.models import Job
+from dama_client.models import PairGeneration, Run
 
-COMMANDS = frozenset({"datasets", "jobs", "evaluations", "keys", "webhooks", "models", "health"})
+COMMANDS = frozenset({"datasets", "jobs", "evaluations", "pairs", "keys", "webhooks", "models", "health"})
 
 Handler = Callable[[Client, argparse.Namespace], int]
 
@@ -170,7 +170,7 @@ def _jobs_create(client: Client, args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         print(f"created {job.id}", file=sys.stderr)
-    return _follow(client, args, job.id)
+    return _follow(client.jobs, args, job.id, _final_summary)
 
 
 def _jobs_list(client: Client, args: argparse.Namespace) -> int:
@@ -236,7 +236,7 @@ def _eta(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def _final_summary(job: Job) -> dict[str, Any]:
+def _final_summary(job: Any) -> dict[str, Any]:
     result = job.result or {}
     summary: dict[str, Any] = {"id": job.id, "status": job.status}
     for key in ("eval_before", "eval_after", "train_metrics", "metrics"):
@@ -247,21 +247,28 @@ def _final_summary(job: Job) -> dict[str, Any]:
     return summary
 
 
-def _follow(client: Client, args: argparse.Namespace, job_id: str) -> int:
-    """A live bar (step of total steps, the stage, the service's ETA) and the events, then the final metrics."""
-    job: Job | None = None
+def _follow(
+    runs: RunResource[RunT],
+    args: argparse.Namespace,
+    job_id: str,
+    summary: Callable[[RunT], dict[str, Any]],
+    unit: str = "step",
+) -> int:
+    """A live bar (step of total steps, the stage, the service's ETA) and the events, then ``summary`` of the run
+    (a job's final metrics); exits 0 when it succeeded."""
+    job: RunT | None = None
     if args.json:
-        for update in client.jobs.follow(job_id):
+        for update in runs.follow(job_id):
             for event in update.events:
                 print(event.model_dump_json(), flush=True)
             job = update.job
     else:
-        job = _follow_with_bar(client, job_id)
+        job = _follow_with_bar(runs, job_id, unit)
     assert job is not None  # follow yields at least once
     if args.json:
         print(job.model_dump_json())
     else:
-        for key, value in _final_summary(job).items():
+        for key, value in summary(job).items():
             if not isinstance(value, dict):
                 print(f"{key}: {value}")
                 continue
@@ -271,23 +278,24 @@ def _follow(client: Client, args: argparse.Namespace, job_id: str) -> int:
     return 0 if job.status == "succeeded" else 1
 
 
-def _follow_with_bar(client: Client, job_id: str) -> Job:
+def _follow_with_bar(runs: RunResource[RunT], job_id: str, unit: str) -> RunT:
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True)
-    update: FollowUpdate | None = None
+    bar = tqdm(total=None, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    update: FollowUpdate[RunT] | None = None
     try:
-        for update in client.jobs.follow(job_id):
+        for update in runs.follow(job_id):
             for event in update.events:
                 if event.type != "log" or event.data:
                     bar.write(f"[{event.type}] {event.message}", file=sys.stderr)
-            job = update.job
-            if job.total_steps and bar.total != job.total_steps:
-                bar.total = job.total_steps
+            job: Run = update.job
+            total, step = getattr(job, "total_steps", None), getattr(job, "step", 0)
+            if total and bar.total != total:
+                bar.total = total
                 bar.refresh()
             bar.set_description(f"{job.status}:{job.stage or '-'}", refresh=False)
             bar.set_postfix_str("done" if job.ended else f"eta {_eta(job.eta_seconds)}", refresh=False)
-            bar.update(max(0, job.step - bar.n))
+            bar.update(max(0, step - bar.n))
     finally:
         bar.close()
     assert update is not None
@@ -295,7 +303,7 @@ def _follow_with_bar(client: Client, job_id: str) -> Job:
 
 
 def _jobs_follow(client: Client, args: argparse.Namespace) -> int:
-    return _follow(client, args, args.id)
+    return _follow(client.jobs, args, args.id, _final_summary)
 
 
 def _jobs_export(client: Client, args: argparse.Namespace) -> int:
@@ -363,6 +371,83 @@ def _evaluations_chart(client: Client, args: argparse.Namespace) -> int:
     with open(args.output, "wb") as out:
         out.write(client.evaluations.chart(args.id))
     _emit(args, {"path": args.output} if args.json else args.output)
+    return 0
+
+
+# ---- pairs (pair generations) ---------------------------------------------------------------------------------------
+
+PAIRS_COLUMNS = ("id", "status", "stage", "step", "total_steps", "dataset_id", "created_at")
+
+
+def _pairs_summary(run: PairGeneration) -> dict[str, Any]:
+    """The outcome: the dataset made and the report's counts, or the error (what was tried, what to change)."""
+    summary: dict[str, Any] = {"id": run.id, "status": run.status, "dataset_id": run.dataset_id}
+    report = run.report or {}
+    for key in ("prompts_tried", "pairs", "samples", "faithful_samples", "hallucinating_samples"):
+        if key in report:
+            summary[key] = report[key]
+    if run.error:
+        summary["error"] = run.error.get("message")
+    return summary
+
+
+def _pairs_generate(client: Client, args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = json.loads(args.spec) if args.spec else {}
+    if not isinstance(spec, dict):
+        raise DamaError("--spec: expected a JSON object")
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DamaError(f"--set {item!r}: expected key=value")
+        spec[key] = _parse_value(value)
+    options = {"samples_per_prompt": args.samples, "temperature": args.temperature, "max_prompts": args.max_prompts}
+    spec.update({key: value for key, value in options.items() if value is not None})
+    if args.adapter:
+        spec["init_adapter"] = args.adapter
+    run = client.pair_generations.create(model=args.model, generative_dataset_id=args.dataset, **spec)
+    if not args.follow:
+        _emit(args, run)
+        return 0
+    if not args.json:
+        print(f"created {run.id}", file=sys.stderr)
+    return _follow(client.pair_generations, args, run.id, _pairs_summary, unit="prompt")
+
+
+def _pairs_list(client: Client, args: argparse.Namespace) -> int:
+    runs = client.pair_generations.list(status=args.status)
+    _emit(args, [run for _, run in zip(range(args.limit), runs, strict=False)], PAIRS_COLUMNS)
+    return 0
+
+
+def _pairs_show(client: Client, args: argparse.Namespace) -> int:
+    _emit(args, client.pair_generations.get(args.id))
+    return 0
+
+
+def _pairs_cancel(client: Client, args: argparse.Namespace) -> int:
+    _emit(args, client.pair_generations.cancel(args.id))
+    return 0
+
+
+def _pairs_follow(client: Client, args: argparse.Namespace) -> int:
+    return _follow(client.pair_generations, args, args.id, _pairs_summary, unit="prompt")
+
+
+def _pairs_events(client: Client, args: argparse.Namespace) -> int:
+    runs = client.pair_generations
+    for event in runs.stream_events(args.id) if args.follow else runs.events(args.id):
+        print(event.model_dump_json() if args.json else f"{event.seq:>4}  {event.type:<10}  {event.message}")
+    return 0
+
+
+def _pairs_outputs(client: Client, args: argparse.Namespace) -> int:
+    content = client.pair_generations.outputs(args.id, file=args.file)
+    if args.output:
+        with open(args.output, "wb") as out:
+            out.write(content)
+        _emit(args, {"path": args.output} if args.json else args.output)
+    else:
+        sys.stdout.buffer.write(content)
     return 0
 
 
@@ -558,6 +643,36 @@ def add_commands(commands: Any) -> None:
     chart = leaf(evaluations, "chart", _evaluations_chart, "save the results chart (PNG)")
     chart.add_argument("id")
     chart.add_argument("-o", "--output", default="chart.png")
+
+    pairs = group("pairs", "preference pairs sampled from your model on a generative set")
+    generate = leaf(pairs, "generate", _pairs_generate, "start a pair generation (--follow: to its end)")
+    generate.add_argument("--model", required=True, help="base model (a hub id or dama/tiny-*)")
+    generate.add_argument("--dataset", required=True, help="generative dataset id (image, prompt, objects)")
+    generate.add_argument("--adapter", default=None, help="sample base + this job's adapter: job_... or job_...:STEP")
+    generate.add_argument("--samples", type=int, default=None, help="samples per prompt (default 8)")
+    generate.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    generate.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    generate.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="a request field (top_p=0.9, seed=1); repeatable"
+    )
+    generate.add_argument("--spec", default=None, help="more of the request, as a JSON object")
+    generate.add_argument("--follow", action="store_true", help="then follow it to its end")
+    pairs_list = leaf(pairs, "list", _pairs_list, "list pair generations, newest first")
+    pairs_list.add_argument("--status", default=None)
+    pairs_list.add_argument("--limit", type=int, default=20)
+    for name, handler, text in (
+        ("show", _pairs_show, "show a pair generation"),
+        ("cancel", _pairs_cancel, "cancel a pair generation"),
+        ("follow", _pairs_follow, "follow one live (prompts, stage, ETA), then print its outcome"),
+    ):
+        leaf(pairs, name, handler, text).add_argument("id")
+    pairs_events = leaf(pairs, "events", _pairs_events, "print a pair generation's events")
+    pairs_events.add_argument("id")
+    pairs_events.add_argument("--follow", action="store_true")
+    pairs_outputs = leaf(pairs, "outputs", _pairs_outputs, "the per-sample file (JSON lines), report or chart")
+    pairs_outputs.add_argument("id")
+    pairs_outputs.add_argument("--file", choices=["samples", "report", "chart"], default=None)
+    pairs_outputs.add_argument("-o", "--output", default=None, help="write to this file (default: stdout)")
 
     keys = group("keys", "your tenant's API keys")
     leaf(keys, "create", _keys_create, "create a key (the secret is printed once)")

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 import httpx
 
@@ -40,7 +40,9 @@ from dama_client.models import (
     Model,
     ModelCatalog,
     Page,
+    PairGeneration,
     Ready,
+    Run,
     Webhook,
     WebhookCreated,
     WebhookDelivery,
@@ -50,6 +52,7 @@ from dama_client.sse import parse
 DEFAULT_URL = "http://127.0.0.1:8000"
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=Model)
+RunT = TypeVar("RunT", bound=Run)
 Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
 
@@ -220,17 +223,19 @@ class Datasets(_Resource):
 
 
 @dataclass
-class FollowUpdate:
-    """One step of :meth:`Jobs.follow`: the job as it is now and the events that arrived since the last step."""
+class FollowUpdate(Generic[RunT]):
+    """One step of ``follow``: the run (a job, an evaluation, a pair generation) as it is now and the events that
+    arrived since the last step."""
 
-    job: Job
+    job: RunT
     events: list[Event] = field(default_factory=list)
 
 
-class _EventStreams(_Resource):
-    """Paged and live events, shared by jobs and evaluations."""
+class RunResource(_Resource, Generic[RunT]):
+    """What every kind of run has: paged and live events, following and waiting."""
 
     _prefix = ""
+    _model: type[RunT]
 
     def _event_pages(self, resource_id: str, after: int, limit: int) -> Iterator[Event]:
         while True:
@@ -258,9 +263,54 @@ class _EventStreams(_Resource):
             except httpx.TransportError:
                 time.sleep(1.0)
 
+    def follow(self, job_id: str, *, interval: float = 1.0) -> Iterator[FollowUpdate[RunT]]:
+        """Follow a run to its end: the live event stream is read in the background while the run's progress
+        (step, stage, ETA) is refreshed every ``interval`` seconds; the last update has the ended run."""
+        arrived: queue.Queue[Event | BaseException | None] = queue.Queue()
 
-class Jobs(_EventStreams):
-    _prefix = "/jobs"
+        def read() -> None:
+            try:
+                for event in self.stream_events(job_id):
+                    arrived.put(event)
+            except BaseException as error:  # handed to the caller's thread
+                arrived.put(error)
+            arrived.put(None)
+
+        threading.Thread(target=read, name=f"dama-follow-{job_id}", daemon=True).start()
+        stream_open = True
+        while True:
+            events: list[Event] = []
+            deadline = time.monotonic() + interval
+            while stream_open and (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = arrived.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stream_open = False
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    events.append(item)
+            if not stream_open and not events:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+            job = self._get(self._model, f"{self._prefix}/{job_id}")
+            yield FollowUpdate(job=job, events=events)
+            if job.ended and not stream_open:
+                return
+
+    def wait(self, job_id: str, *, timeout: float | None = None, interval: float = 1.0) -> RunT:
+        """Block until the run ends (polling); return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (job := self._get(self._model, f"{self._prefix}/{job_id}")).ended:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DamaError(f"{job_id} still {job.status} after {timeout} s")
+            time.sleep(interval)
+        return job
+
+
+class Jobs(RunResource[Job]):
+    _prefix, _model = "/jobs", Job
 
     @operation("POST", "/jobs")
     def create(
@@ -295,51 +345,6 @@ class Jobs(_EventStreams):
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> Iterator[Event]:
         """Every event after ``after``, page by page (``stream_events`` follows a running job live)."""
         return self._event_pages(job_id, after, limit)
-
-    def follow(self, job_id: str, *, interval: float = 1.0) -> Iterator[FollowUpdate]:
-        """Follow a job to its end: the live event stream is read in the background while the job's progress
-        (step, stage, ETA) is refreshed every ``interval`` seconds; the last update has the ended job."""
-        arrived: queue.Queue[Event | BaseException | None] = queue.Queue()
-
-        def read() -> None:
-            try:
-                for event in self.stream_events(job_id):
-                    arrived.put(event)
-            except BaseException as error:  # handed to the caller's thread
-                arrived.put(error)
-            arrived.put(None)
-
-        threading.Thread(target=read, name=f"dama-follow-{job_id}", daemon=True).start()
-        stream_open = True
-        while True:
-            events: list[Event] = []
-            deadline = time.monotonic() + interval
-            while stream_open and (left := deadline - time.monotonic()) > 0:
-                try:
-                    item = arrived.get(timeout=left)
-                except queue.Empty:
-                    break
-                if item is None:
-                    stream_open = False
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    events.append(item)
-            if not stream_open and not events:
-                time.sleep(max(0.0, deadline - time.monotonic()))
-            job = self.get(job_id)
-            yield FollowUpdate(job=job, events=events)
-            if job.ended and not stream_open:
-                return
-
-    def wait(self, job_id: str, *, timeout: float | None = None, interval: float = 1.0) -> Job:
-        """Block until the job ends (polling); return it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not (job := self.get(job_id)).ended:
-            if deadline is not None and time.monotonic() > deadline:
-                raise DamaError(f"job {job_id} still {job.status} after {timeout} s")
-            time.sleep(interval)
-        return job
 
     @operation("GET", "/jobs/{job_id}/metrics")
     def metrics(self, job_id: str, *, keys: builtins.list[str] | None = None) -> Metrics:
@@ -405,8 +410,8 @@ class Jobs(_EventStreams):
             return _unpack(archive, dest / stem)
 
 
-class Evaluations(_EventStreams):
-    _prefix = "/evaluations"
+class Evaluations(RunResource[Evaluation]):
+    _prefix, _model = "/evaluations", Evaluation
 
     @operation("POST", "/evaluations")
     def create(self, *, idempotency_key: str | None = None, **spec: Any) -> Evaluation:
@@ -441,6 +446,43 @@ class Evaluations(_EventStreams):
     def chart(self, evaluation_id: str) -> bytes:
         """The results chart, as PNG bytes."""
         return self._t.request("GET", f"/evaluations/{evaluation_id}/chart").content
+
+
+class PairGenerations(RunResource[PairGeneration]):
+    _prefix, _model = "/pair-generations", PairGeneration
+
+    @operation("POST", "/pair-generations")
+    def create(
+        self, *, model: str, generative_dataset_id: str, idempotency_key: str | None = None, **spec: Any
+    ) -> PairGeneration:
+        """Sample pairs from ``model`` (``init_adapter`` for base + a job's adapter) on a generative dataset (the
+        body is a PairGenerationCreate: ``samples_per_prompt``, ``temperature``, ``max_prompts``... as keywords)."""
+        body = _drop_none({"model": model, "generative_dataset_id": generative_dataset_id, **spec})
+        key = idempotency_key or new_idempotency_key()
+        return self._post(PairGeneration, "/pair-generations", json=body, idempotency_key=key)
+
+    @operation("GET", "/pair-generations")
+    def list(self, *, status: str | None = None, limit: int = 100) -> Iterator[PairGeneration]:
+        return self._pages(PairGeneration, "/pair-generations", status=status, limit=limit)
+
+    @operation("GET", "/pair-generations/{pair_generation_id}")
+    def get(self, pair_generation_id: str) -> PairGeneration:
+        return self._get(PairGeneration, f"/pair-generations/{pair_generation_id}")
+
+    @operation("POST", "/pair-generations/{pair_generation_id}/cancel")
+    def cancel(self, pair_generation_id: str) -> PairGeneration:
+        return self._post(PairGeneration, f"/pair-generations/{pair_generation_id}/cancel")
+
+    @operation("GET", "/pair-generations/{pair_generation_id}/events")
+    def events(self, pair_generation_id: str, *, after: int = 0, limit: int = 100) -> Iterator[Event]:
+        return self._event_pages(pair_generation_id, after, limit)
+
+    @operation("GET", "/pair-generations/{pair_generation_id}/outputs")
+    def outputs(self, pair_generation_id: str, *, file: str | None = None) -> bytes:
+        """``samples`` (default: one JSON line per sample, its judgement and pair role), ``report`` (JSON) or
+        ``chart`` (PNG), as bytes."""
+        params = _drop_none({"file": file})
+        return self._t.request("GET", f"/pair-generations/{pair_generation_id}/outputs", params=params).content
 
 
 class Webhooks(_Resource):
@@ -536,6 +578,7 @@ class Client:
         self.datasets = Datasets(self._transport)
         self.jobs = Jobs(self._transport)
         self.evaluations = Evaluations(self._transport)
+        self.pair_generations = PairGenerations(self._transport)
         self.webhooks = Webhooks(self._transport)
         self.keys = Keys(self._transport)
         self.models = Models(self._transport)

@@ -42,8 +42,9 @@ class Hardness(Model):
     count: int
 
 
-class _Run(Model):
-    """What a training job and an evaluation share: status, progress, error and timestamps."""
+class Run(Model):
+    """What every run (a training job, an evaluation, a pair generation) shares: status, progress, error and
+    timestamps."""
 
     id: str
     status: str
@@ -64,7 +65,7 @@ class _Run(Model):
         return self.status in TERMINAL
 
 
-class Job(_Run):
+class Job(Run):
     kind: str
     step: int
     total_steps: int | None = None
@@ -72,8 +73,15 @@ class Job(_Run):
     result: dict[str, Any] | None = None
 
 
-class Evaluation(_Run):
+class Evaluation(Run):
     metrics: dict[str, Any] | None = None
+
+
+class PairGeneration(Run):
+    step: int
+    total_steps: int | None = None
+    dataset_id: str | None = None
+    report: dict[str, Any] | None = None
 
 
 class Event(Model):

@@ -44,9 +44,10 @@ from jobstore.webhook_store import announce
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 RUNNING = (JobStatus.running.value, JobStatus.cancelling.value)  # a worker holds the job
 JOB_RUNS = RunTable(Job, RUNNING)
-# Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
-TRAINING, EVALUATION = "training", "evaluation"
-ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval"}
+# Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs, ``pgen_`` for
+# pair generations (preference pairs sampled from the tenant's model, registered as a dataset).
+TRAINING, EVALUATION, PAIR_GENERATION = "training", "evaluation", "pair_generation"
+ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval", PAIR_GENERATION: "pgen"}
 
 # ---- tenants and API keys ------------------------------------------------------------------------------------
 

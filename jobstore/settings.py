@@ -138,6 +138,17 @@ class Settings(BaseSettings):
         "once it is reached; a worker refuses to start a run then, and fails a run whose files push the tenant "
         "over it (user_error; the run's files are removed). None: no quota.",
     )
+    pairs_max_samples_per_prompt: int = Field(
+        default=64,
+        gt=1,
+        description="Answers a pair generation may sample per prompt (POST /pair-generations answers 422 above).",
+    )
+    pairs_max_prompts: int = Field(
+        default=10_000,
+        gt=0,
+        description="Prompts one pair generation may use: its max_prompts, or its generative set's rows when it "
+        "gives none (POST /pair-generations answers 422 / 400 above).",
+    )
     # Dataset uploads: what one upload may unpack to, and the bounds of its check (a child process).
     max_extracted_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="Bytes an uploaded archive may unpack to, every byte counted (413)."

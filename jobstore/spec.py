@@ -31,6 +31,14 @@ INIT_ADAPTER_PATTERN = r"^job_[A-Za-z0-9]{1,60}(:[0-9]{1,9})?$"
 ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
 
 
+def split_init_adapter(init_adapter: str | None) -> tuple[str, int | None] | None:
+    """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
+    if init_adapter is None:
+        return None
+    job_id, _, step = init_adapter.partition(":")
+    return job_id, int(step) if step else None
+
+
 class _Spec(BaseModel):
     # No Infinity/NaN: a spec is stored as JSON, and JSON has neither.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -204,10 +212,7 @@ class JobSpec(_Spec):
     @property
     def init_source(self) -> tuple[str, int | None] | None:
         """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
-        if self.init_adapter is None:
-            return None
-        job_id, _, step = self.init_adapter.partition(":")
-        return job_id, int(step) if step else None
+        return split_init_adapter(self.init_adapter)
 
 
 class GenerationSpec(_Spec):
@@ -273,3 +278,72 @@ class EvaluationCreate(_Spec):
     @property
     def tiny_family(self) -> str | None:
         return BUILTIN_MODELS.get(self.model)
+
+
+class PairGenerationCreate(_Spec):
+    """A pair generation: answers sampled from a model (base, or base + a training job's adapter) on a generative
+    set, judged against each image's objects, paired into a preference dataset of the tenant."""
+
+    model: ModelName = Field(description=_MODEL_DESCRIPTION + " With init_adapter, that training job's base.")
+    generative_dataset_id: ObjectId = Field(
+        description="The prompts: a generative dataset (format 'generative': image, prompt, objects, with its "
+        "vocabulary.json); every sample is judged against its row's objects with that vocabulary.",
+        examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
+    )
+    init_adapter: str | None = Field(
+        default=None,
+        pattern=INIT_ADAPTER_PATTERN,
+        description="Sample base + an adapter of an earlier training job of this tenant on the same base model: "
+        "'job_...' (its final adapter, once it succeeded) or 'job_...:STEP' (a kept checkpoint). Null: the base.",
+        examples=["job_0192a0c1d2e3f4a5b6c7d8"],
+    )
+    samples_per_prompt: int = Field(
+        default=8,
+        ge=2,
+        le=1024,
+        description="Answers sampled per prompt; a prompt yields a pair when one is faithful (no hallucinated "
+        "object) and one hallucinates. At most the service's DAMA_PAIRS_MAX_SAMPLES_PER_PROMPT.",
+        examples=[8],
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, le=10, description="Sampling temperature (> 0: pairs need varied answers).", examples=[1.0]
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.", examples=[1.0])
+    max_new_tokens: int = Field(
+        default=128, gt=0, le=4096, description="Most tokens per answer (EOS stops sooner).", examples=[128]
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="Each sample is seeded from (seed, prompt id, sample number): a re-run makes the same samples.",
+        examples=[0],
+    )
+    max_prompts: int | None = Field(
+        default=None,
+        gt=0,
+        description="Use only the first N prompts of the set (null: all). The prompts used may be at most the "
+        "service's DAMA_PAIRS_MAX_PROMPTS.",
+        examples=[None],
+    )
+    prompts_per_batch: int = Field(
+        default=4,
+        gt=0,
+        le=256,
+        description="Prompts per generate call (each call answers prompts_per_batch x samples_per_prompt rows): "
+        "lower it when GPU memory is short.",
+        examples=[4],
+    )
+    dataset_name: str | None = Field(
+        default=None,
+        max_length=300,
+        description="Name of the preference dataset made (default 'pairs from <pair generation id>').",
+        examples=["round-1 pairs"],
+    )
+    trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True, examples=[False])
+    queue: QueueName = Field(default=None, examples=[None])
+
+    @property
+    def init_source(self) -> tuple[str, int | None] | None:
+        """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
+        return split_init_adapter(self.init_adapter)

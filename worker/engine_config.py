@@ -24,7 +24,10 @@ Field names follow the engine's; this module only decides paths and the few serv
 * a generative evaluation dataset is its folder's JSONL file and ``vocabulary.json``
   (:func:`dama_engine.data.generative.find_generative_files`);
 * an evaluation job (:func:`evaluation_config`) writes to its own ``run_dir`` and reads the tuned adapter of a
-  training job from that job's ``run_dir(job_id)/adapter``.
+  training job from that job's ``run_dir(job_id)/adapter``;
+* a pair generation (:func:`stage_pair_inputs`, :func:`pairs_config`) stages its starting adapter as a training job
+  does (a copy in its own folder) and writes to ``run_dir(job_id)/pairs`` (:mod:`worker.pair_dataset` then moves
+  the dataset into the dataset store).
 """
 
 from __future__ import annotations
@@ -43,13 +46,22 @@ from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_con
 from dama_engine.data import find_generative_files
 from dama_engine.evaluation import EvaluationConfig, parse_evaluation_config
 from dama_engine.models import build_tiny_model
+from dama_engine.pairs import PairsConfig, parse_pairs_config
 from dama_engine.proving import BASE as SEEING_BASE_RECIPE
 from dama_engine.proving import build_seeing_base, seeing_base_recipe
 from dama_engine.training import ADAPTER_DIR, checkpoint_dir
 from dama_settings.spec_sources import EVALUATION_SPEC_SOURCES, JOB_SPEC_SOURCES, NotExposed
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
-from jobstore.spec import BUILTIN_MODELS, SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
+from jobstore.spec import (
+    BUILTIN_MODELS,
+    SEEING_MODEL,
+    TINY_MODELS,
+    EvaluationCreate,
+    Hyperparameters,
+    JobSpec,
+    PairGenerationCreate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +159,7 @@ def _existing_dataset(store: ArtifactStore, dataset_id: str, role: str) -> Path:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def starting_adapter(spec: JobSpec, *, job_id: str, store: ArtifactStore) -> Path:
+def starting_adapter(spec: JobSpec | PairGenerationCreate, *, job_id: str, store: ArtifactStore) -> Path:
     """The adapter the job starts from, copied into its own folder on the first attempt (the source checkpoint
     may be pruned later, and a resumed attempt needs the same start and the same reference cache key).
 
@@ -435,3 +447,53 @@ def evaluation_passes(spec: dict[str, Any]) -> int:
     models = 2 if spec.get("adapter_job_id") else 1
     sets = int(bool(spec.get("preference_dataset_id"))) + int(bool(spec.get("generative_dataset_id")))
     return max(1, models * sets)
+
+
+@dataclass(frozen=True)
+class StagedPairs:
+    """What a pair generation reads, on this worker's disk (:func:`stage_pair_inputs`)."""
+
+    model_path: Path | None
+    generative: Path
+    vocabulary: Path
+    init_adapter: Path | None = None
+
+
+def stage_pair_inputs(
+    spec: PairGenerationCreate, *, job_id: str, store: ArtifactStore, settings: Settings
+) -> StagedPairs:
+    """Fetch the generative set, build a built-in base model and copy the starting adapter (raises
+    :class:`DatasetMissing` or the engine's ``ConfigError``)."""
+    model_path = _built_in_model(spec.model, spec.trust_remote_code, settings)
+    generative, vocabulary = generative_files(store, spec.generative_dataset_id, "generative")
+    init_adapter = starting_adapter(spec, job_id=job_id, store=store) if spec.init_source is not None else None
+    return StagedPairs(model_path, generative, vocabulary, init_adapter)
+
+
+def pairs_output_dir(store: ArtifactStore, job_id: str) -> Path:
+    """Where a pair generation writes its output (the dataset, samples.jsonl, report.json and report.png)."""
+    return store.run_dir(job_id) / "pairs"
+
+
+def pairs_config(spec: PairGenerationCreate, staged: StagedPairs, *, output_dir: Path) -> PairsConfig:
+    """The engine config of one pair generation: a pure function of the request and what staging made."""
+    model = _model_values(spec.model, spec.trust_remote_code, staged.model_path)
+    if staged.init_adapter is not None:
+        model["init_adapter"] = str(staged.init_adapter)
+    values: dict[str, Any] = {
+        "model": model,
+        "data": {
+            "generative": str(staged.generative),
+            "vocabulary": str(staged.vocabulary),
+            "max_prompts": spec.max_prompts,
+        },
+        "generation": {
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "max_new_tokens": spec.max_new_tokens,
+            "seed": spec.seed,
+        },
+        "sampling": {"samples_per_prompt": spec.samples_per_prompt, "prompts_per_batch": spec.prompts_per_batch},
+        "output_dir": str(output_dir.resolve()),
+    }
+    return parse_pairs_config(values)

@@ -499,6 +499,24 @@ class EvaluationReporter(JobReporter):
         return done, eta
 
 
+class PairGenerationReporter(EvaluationReporter):
+    """The callback of a pair generation (``dama_engine.pairs.generate_pairs``): one pass, its ``generating``
+    stage, whose progress (prompts sampled of the prompts) is also the run's step of total steps."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(passes=1, **kwargs)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "generating":
+            self.step, self.total_steps = done, total
+        super().on_progress(stage, done, total)
+
+    def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        if stage == "generating" and "prompts" in info:
+            self.total_steps = int(info["prompts"])
+        super().on_stage(stage, info)
+
+
 @dataclass(frozen=True)
 class StallWatchdog:
     """When the run counts as hung (``idle_s() > timeout_s``) and what then happens (``on_stall(idle_s)``)."""

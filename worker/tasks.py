@@ -37,6 +37,14 @@ Evaluation jobs (``job.kind == "evaluation"``, :func:`_run_evaluation`) run
 ``scoring``, ``log_probs``, ``generating``, ``writing``; on success the results go in ``result["results"]`` and the
 per-sample generations, the per-pair scores and the chart are registered as artifacts (``eval_outputs``,
 ``eval_pairs``, ``eval_chart``). Errors, cancellation and shutdown are handled as for training.
+
+Pair generations (``job.kind == "pair_generation"``, :func:`_run_pair_generation`) run
+:func:`dama_engine.pairs.generate_pairs`: stages ``validating``, ``loading_model``, ``generating`` (step = prompts
+done), ``writing``. On success the pairs are moved into the dataset store (:mod:`worker.pair_dataset`) and their
+dataset row is created in the transaction that records the success (and counted against the tenant's storage
+there): a run that dies first leaves no dataset. The per-sample file, the report and its chart are artifacts
+(``pairs_samples``, ``pairs_report``, ``pairs_chart``); ``result`` holds ``dataset_id`` and the report. No prompt
+yielding a pair is the engine's ``NoPairsError``: ``failed`` with ``user_error`` and its message.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from dama_engine.config import ConfigError
 from dama_engine.errors import UserError
 from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
+from dama_engine.pairs import PairGenerationResult, generate_pairs
 from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, train
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
@@ -72,7 +81,7 @@ from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Job
 from jobstore.settings import Settings
-from jobstore.spec import EvaluationCreate, JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec, PairGenerationCreate
 from jobstore.states import ErrorKind, JobStatus
 from worker.cancel import CancelWatch
 from worker.distributed import run_distributed
@@ -83,13 +92,18 @@ from worker.engine_config import (
     builtin_model_unbuilt,
     evaluation_config,
     evaluation_passes,
+    pairs_config,
+    pairs_output_dir,
     stage_evaluation_inputs,
+    stage_pair_inputs,
 )
+from worker.pair_dataset import NewDataset, pair_dataset_id, redact_report, store_pair_dataset
 from worker.progress import (
     EvaluationReporter,
     Heartbeat,
     JobReporter,
     JobStopped,
+    PairGenerationReporter,
     RunOwner,
     StallWatchdog,
     deep_json_safe,
@@ -105,9 +119,11 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 4000
 CLAIM_RETRIES = 5
 USER_ERRORS = (UserError, DatasetMissing, AdapterMissing, ValidationError)
-EVALUATION = repository.EVALUATION
+EVALUATION, PAIR_GENERATION = repository.EVALUATION, repository.PAIR_GENERATION
 # Artifact kinds of an evaluation job: the EvaluationResult path each comes from.
 EVALUATION_ARTIFACTS = {"eval_outputs": "generations_path", "eval_pairs": "pairs_path", "eval_chart": "chart_path"}
+# Artifact kinds of a pair generation: the PairOutput path each comes from (the dataset becomes a dataset row).
+PAIR_ARTIFACTS = {"pairs_samples": "samples_path", "pairs_report": "report_path", "pairs_chart": "chart_path"}
 # (tenant_id, kind, recorded path, sha256, size_bytes) of a file to register with the job's outcome (the path as
 # ArtifactStore.recorded_path names it).
 ArtifactRecord = tuple[str, str, str, str, int]
@@ -308,11 +324,11 @@ def _run(
     }
     if store.remote:
         common["artifacts"] = store
-    reporter = (
-        EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
-        if claimed.kind == EVALUATION
-        else JobReporter(**common)
-    )
+    reporter: JobReporter = JobReporter(**common)
+    if claimed.kind == EVALUATION:
+        reporter = EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
+    elif claimed.kind == PAIR_GENERATION:
+        reporter = PairGenerationReporter(**common)
     watchdog = None
     if settings.stall_timeout_s is not None:
         watchdog = StallWatchdog(
@@ -339,6 +355,8 @@ def _run(
         with scratch.hold(_held_paths(claimed, store, scratch)):
             if claimed.kind == EVALUATION:
                 return _run_evaluation(claimed, recorder, store=store, settings=settings)
+            if claimed.kind == PAIR_GENERATION:
+                return _run_pair_generation(claimed, recorder, store=store, settings=settings)
             return _run_claimed(claimed, recorder, store=store, settings=settings)
     finally:
         heartbeat.stop()
@@ -383,7 +401,7 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
             log.info("job %s: cancelled (%s on the way out)", job_id, type(error).__name__)
             result = None
         else:
-            return _failed(recorder, error, tracking=tracking, model=spec.model if spec else None)
+            return _failed(recorder, error, run=f"job {job_id}", tracking=tracking, model=spec.model if spec else None)
 
     if result is None or result.stopped:
         if tracking is not None:
@@ -440,17 +458,12 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
         outcome = None
     except Exception as error:
         if reporter.stop_reason != "cancelled":
-            return _failed(recorder, error, tracking=None, model=spec.model if spec else None)
+            return _failed(recorder, error, run=f"evaluation {claimed.job_id}", model=spec.model if spec else None)
         outcome = None  # interrupted, and wrapped on its way out
     if outcome is None:
         return recorder.stopped()
     try:
-        artifacts: list[ArtifactRecord] = []
-        for artifact_kind, attribute in EVALUATION_ARTIFACTS.items():
-            path: Path | None = getattr(outcome, attribute)
-            if path is not None and path.is_file():
-                recorded = store.recorded_path(path)
-                artifacts.append((claimed.tenant_id, artifact_kind, recorded, file_sha256(path), path.stat().st_size))
+        artifacts = _artifact_records(claimed.tenant_id, store, outcome, EVALUATION_ARTIFACTS)
         store.publish(store.job_dir(claimed.job_id))  # the outputs, the chart
     except Exception as error:
         message = short_traceback(error)
@@ -469,13 +482,75 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     )
 
 
-def _failed(recorder: _Recorder, error: Exception, *, tracking: Tracking | None, model: str | None) -> str | None:
-    """Record a run that raised: ``user_error`` with its message, or ``system_error`` with a short traceback; the
-    whole traceback goes to this worker's log only."""
+def _run_pair_generation(
+    claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore, settings: Settings
+) -> str | None:
+    """A pair generation: answers sampled and judged, pairs written; the dataset recorded with the success."""
+    reporter, job_id = recorder.reporter, claimed.job_id
+    spec: PairGenerationCreate | None = None
+    outcome: PairGenerationResult | None = None
+    try:
+        spec = PairGenerationCreate.model_validate(claimed.spec)
+        with recorder.cancel_watch().armed():  # staging may build a built-in model: a minute without reports
+            staged = stage_pair_inputs(spec, job_id=job_id, store=store, settings=settings)
+            output_dir = pairs_output_dir(store, job_id)
+            outcome = generate_pairs(pairs_config(spec, staged, output_dir=output_dir), reporter)
+    except JobStopped:
+        outcome = None
+    except Exception as error:
+        if reporter.stop_reason != "cancelled":
+            return _failed(recorder, error, run=f"pair generation {job_id}", model=spec.model if spec else None)
+        outcome = None  # interrupted, and wrapped on its way out
+    if outcome is None or outcome.stopped or outcome.output is None:
+        return recorder.stopped()
+    assert spec is not None  # validated before the run began
+    try:
+        output = outcome.output
+        dataset = store_pair_dataset(
+            output, run_id=job_id, tenant_id=claimed.tenant_id, name=spec.dataset_name, store=store
+        )
+        report = redact_report(output, outcome.report, spec=claimed.spec)
+        artifacts = _artifact_records(claimed.tenant_id, store, output, PAIR_ARTIFACTS)
+        store.publish(store.job_dir(job_id))  # the per-sample file, the report, its chart
+    except Exception as error:
+        message = short_traceback(error)
+        store.remove(store.dataset_dir(pair_dataset_id(job_id)))  # files no row will ever name
+        return recorder.finish(JobStatus.failed, error_kind=ErrorKind.system_error, error_message=message)
+    summary = {
+        "dataset_id": dataset.dataset_id,
+        "report": deep_json_safe(report),
+        "seconds": round(outcome.seconds, 3),
+        "attempts": claimed.attempt,
+    }
+    return recorder.finish(
+        JobStatus.succeeded,
+        message=f"{outcome.pairs} pairs from {outcome.prompts} prompts: dataset {dataset.dataset_id}",
+        result=summary,
+        artifacts=artifacts,
+        dataset=dataset,
+    )
+
+
+def _artifact_records(
+    tenant_id: str, store: ArtifactStore, outcome: Any, kinds: dict[str, str]
+) -> list[ArtifactRecord]:
+    """The files of a run's ``outcome`` to register: per artifact kind, the outcome's attribute naming the file
+    (those it did not write left out)."""
+    records: list[ArtifactRecord] = []
+    for kind, attribute in kinds.items():
+        path: Path | None = getattr(outcome, attribute)
+        if path is not None and path.is_file():
+            records.append((tenant_id, kind, store.recorded_path(path), file_sha256(path), path.stat().st_size))
+    return records
+
+
+def _failed(
+    recorder: _Recorder, error: Exception, *, run: str, model: str | None, tracking: Tracking | None = None
+) -> str | None:
+    """Record a run the engine (or its setup) failed: ``user_error`` with its message, or ``system_error`` with a
+    short traceback (:func:`classify_error`); the whole traceback goes to this worker's log only."""
     kind, message = classify_error(error, stage=recorder.reporter.stage, model=model)
-    job_id = recorder.owner.job_id
-    first_line = message.splitlines()[0] if message else ""
-    log.warning("job %s failed (%s): %s", job_id, kind.value, first_line, exc_info=error)
+    log.warning("%s failed (%s): %s", run, kind.value, message.splitlines()[0] if message else "", exc_info=error)
     if tracking is not None:
         tracking.finish("failed")
     return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
@@ -620,8 +695,10 @@ def _store_outcome(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
     artifacts: list[ArtifactRecord] | None = None,
+    dataset: NewDataset | None = None,
 ) -> str | None:
-    """Record the run's outcome if this attempt still owns the job; return the job's status then."""
+    """Record the run's outcome if this attempt still owns the job; return the job's status then. A ``dataset`` (a
+    pair generation's pairs) is created with a success, or its files removed when the success cannot be."""
     with session_scope(session_factory) as session:
         job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
         if job is None:
@@ -632,9 +709,14 @@ def _store_outcome(
             return None
         if status == JobStatus.queued and job.status == JobStatus.cancelling.value:
             status, message = JobStatus.cancelled, "cancelled while the worker was shutting down"
-        if (over := _account_storage(session, job, storage, succeeded=status == JobStatus.succeeded)) is not None:
+        succeeded, adding = status == JobStatus.succeeded, dataset.size_bytes if dataset is not None else 0
+        if (over := _account_storage(session, job, storage, succeeded=succeeded, adding=adding)) is not None:
             status, message, error_kind, error_message = JobStatus.failed, None, ErrorKind.user_error, over
             result, artifacts = None, None
+        if dataset is not None and status == JobStatus.succeeded:
+            repository.create_dataset(session, **dataset.row())
+        elif dataset is not None:
+            storage.store.remove(dataset.folder)
         for tenant_id, kind, path, sha256, size in artifacts or ():
             repository.add_artifact(
                 session,
@@ -675,19 +757,22 @@ def _storage_full(claimed: _Claimed, session_factory: sessionmaker[Session], set
         return quota.full_message(session, tenant_id=claimed.tenant_id, quota=settings.tenant_storage_bytes, what=what)
 
 
-def _account_storage(session: Session, job: Job, storage: StorageAccount, *, succeeded: bool) -> str | None:
-    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota,
-    remove its files and return the user_error message (the run then fails)."""
+def _account_storage(
+    session: Session, job: Job, storage: StorageAccount, *, succeeded: bool, adding: int = 0
+) -> str | None:
+    """Record the bytes under the job's folder; when a run about to succeed pushes the tenant over its quota
+    (with ``adding`` bytes it stores elsewhere: a pair generation's dataset), remove its files and return the
+    user_error message (the run then fails)."""
     if storage.quota_bytes is not None and succeeded:
         quota.lock_tenant(session, tenant_id=storage.tenant_id)  # against a concurrent upload or run ending
     job.storage_bytes = storage.store.size_bytes(storage.folder)
     session.flush()  # before set_status refreshes the row
     if storage.quota_bytes is None or not succeeded:
         return None
-    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id)
+    used = quota.tenant_storage_bytes(session, tenant_id=storage.tenant_id) + adding
     if used <= storage.quota_bytes:
         return None
-    adding = job.storage_bytes
+    adding += job.storage_bytes
     storage.store.remove(storage.folder)
     job.storage_bytes = 0
     session.flush()

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from api.deps import Services
 from api.errors import ApiError
 from api.services.jobs import check_dataset, get_tenant_job, submit_job
+from api.services.outputs import succeeded_run_output
 from jobstore import repository
 from jobstore.models import Job
 from jobstore.spec import EvaluationCreate, JobSpec
@@ -88,17 +89,6 @@ def create_evaluation(
 def succeeded_output(
     session: Session, services: Services, *, tenant_id: str, evaluation_id: str, kind: str, what: str
 ) -> tuple[Path, str]:
-    """The local path and sha256 of a succeeded evaluation's artifact of ``kind``; 409 before it succeeded, 404
-    when it has none (or the store lost it)."""
+    """The local path and sha256 of a succeeded evaluation's artifact of ``kind`` (:func:`succeeded_run_output`)."""
     job = get_tenant_evaluation(session, tenant_id=tenant_id, evaluation_id=evaluation_id)
-    if job.status != JobStatus.succeeded.value:
-        raise ApiError(
-            409, "evaluation_not_ready", f"the evaluation is {job.status}; its {what} is available once it succeeded"
-        )
-    artifact = repository.get_artifact(session, job_id=job.id, kind=kind)
-    if artifact is None:
-        raise ApiError(404, "output_not_found", f"this evaluation has no {what}")
-    path = services.artifacts.local_path(artifact.path)
-    if not services.artifacts.exists(path):
-        raise ApiError(404, "output_not_found", f"the evaluation succeeded but its {what} is missing from the store")
-    return path, artifact.sha256
+    return succeeded_run_output(session, services, job=job, kind=kind, what=what)

@@ -1,4 +1,5 @@
-"""A training job's downloadable outputs: its final adapter archive and each kept checkpoint's adapter."""
+"""Downloadable outputs: a training job's final adapter archive and each kept checkpoint's adapter, and the files
+an evaluation or a pair generation registered (:func:`succeeded_run_output`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from api.errors import ApiError
 from api.services.jobs import get_tenant_job
 from jobstore import repository
 from jobstore.artifacts import file_sha256, pack_folder
-from jobstore.models import Checkpoint
+from jobstore.models import Checkpoint, Job
 from jobstore.states import JobStatus
 
 
@@ -100,3 +101,20 @@ def checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkp
     """The job's kept checkpoints, in step order."""
     get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
     return repository.list_checkpoints(session, job_id=job_id)
+
+
+def succeeded_run_output(session: Session, services: Services, *, job: Job, kind: str, what: str) -> tuple[Path, str]:
+    """The local path and sha256 of the artifact of ``kind`` that a succeeded run (an evaluation, a pair
+    generation) registered; 409 before it succeeded, 404 when it has none (or the store lost it)."""
+    noun = job.kind.replace("_", " ")
+    if job.status != JobStatus.succeeded.value:
+        raise ApiError(
+            409, f"{job.kind}_not_ready", f"the {noun} is {job.status}; its {what} is available once it succeeded"
+        )
+    artifact = repository.get_artifact(session, job_id=job.id, kind=kind)
+    if artifact is None:
+        raise ApiError(404, "output_not_found", f"this {noun} has no {what}")
+    path = services.artifacts.local_path(artifact.path)
+    if not services.artifacts.exists(path):
+        raise ApiError(404, "output_not_found", f"the {noun} succeeded but its {what} is missing from the store")
+    return path, artifact.sha256

@@ -1,8 +1,10 @@
 """A real API server (``uvicorn --factory api.app:create_app`` in a child process) on real Postgres and Redis.
 
 Two servers per session share one database: ``api_server`` (Redis broker, a queue of its own that no worker
-consumes, a CLIP hardness scorer configured) and ``limited_server`` (a 4 KiB upload limit, a broker port with
-nothing listening, no hardness scorer), so the tests speak HTTP to the same process a deployment runs.
+consumes, a CLIP hardness scorer configured) and ``limited_server`` (a 4 KiB upload limit, at most 3 prompts per
+pair generation, a broker port with nothing listening, no hardness scorer), so the tests speak HTTP to the same
+process a deployment runs. ``worker_queue`` is a real Celery worker on ``api_server``'s database and artifact store,
+consuming a queue of its own (started once for tests/api, for the tests that run evaluations and pair generations).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ LIMITED_MAX_UPLOAD_BYTES = 4096
 # The CLIP scorer the operator of ``api_server`` names (no worker consumes its queue, so it is never loaded):
 # its jobs may use dama on rows without hardness; ``limited_server`` names none.
 API_SERVER_SCORER = "openai/clip-vit-base-patch32"
+LIMITED_MAX_PROMPTS = 3
 
 
 @dataclass
@@ -129,9 +132,40 @@ def limited_server(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     queue = f"test-api-{secrets.token_hex(4)}"
     dead_broker = f"redis://127.0.0.1:{_free_port()}/0"
     env = _server_env(
-        pg_url, dead_broker, tmp / "artifacts", queue, DAMA_MAX_UPLOAD_BYTES=str(LIMITED_MAX_UPLOAD_BYTES)
+        pg_url,
+        dead_broker,
+        tmp / "artifacts",
+        queue,
+        DAMA_MAX_UPLOAD_BYTES=str(LIMITED_MAX_UPLOAD_BYTES),
+        DAMA_PAIRS_MAX_PROMPTS=str(LIMITED_MAX_PROMPTS),
     )
     yield from _start(tmp, env, queue)
+
+
+@pytest.fixture(scope="package")
+def worker_queue(api_server: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Celery worker on the API server's database and artifact store, consuming a queue of its own. Stopped when
+    tests/api ends: its sweeper and webhook dispatcher must not act on the worker tests' runs and deliveries."""
+    from jobstore.settings import Settings
+    from tests.worker.conftest import WorkerProcess
+    from worker.engine_config import ensure_tiny_model, model_cache_root
+
+    home = tmp_path_factory.mktemp("api-worker")
+    queue = f"test-worker-{secrets.token_hex(4)}"
+    settings = Settings(
+        home=home,
+        database_url=api_server.env["DAMA_DATABASE_URL"],
+        broker_url=api_server.env["DAMA_BROKER_URL"],
+        artifacts_dir=api_server.artifacts,
+        model_cache_dir=home / "models",
+        default_queue=queue,
+        metrics_flush_s=0.25,
+    )
+    ensure_tiny_model("llava", model_cache_root(settings))  # built here once, not inside the timed runs
+    worker = WorkerProcess(settings, queue, home, "api")
+    yield queue
+    worker.stop()
+    redis.Redis.from_url(api_server.env["DAMA_BROKER_URL"]).delete(queue)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,16 @@ from dama_client import client as sdk
 from dama_client.models import Model
 from tests.api.conftest import ROOT, ApiServer, create_key
 
-RESOURCES = (sdk.Datasets, sdk.Jobs, sdk.Evaluations, sdk.Webhooks, sdk.Keys, sdk.Models, sdk.HealthChecks)
+RESOURCES = (
+    sdk.Datasets,
+    sdk.Jobs,
+    sdk.Evaluations,
+    sdk.PairGenerations,
+    sdk.Webhooks,
+    sdk.Keys,
+    sdk.Models,
+    sdk.HealthChecks,
+)
 
 
 def _sdk_operations() -> dict[tuple[str, str], Any]:

@@ -8,17 +8,13 @@ import json
 import secrets
 import time
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from dama_engine.proving.shapes import make_demo_dataset
-from jobstore.settings import Settings
 from tests.api.conftest import ApiServer, assert_error, upload
-from tests.worker.conftest import WorkerProcess
-from worker.engine_config import ensure_tiny_model, model_cache_root
 
 CHAIR_KEYS = {"chair_s", "chair_i", "coverage", "hallucination_rate", "mean_length"}
 ENDED = {"succeeded", "failed", "cancelled"}
@@ -53,23 +49,9 @@ def generative1(client1: httpx.Client, generative_members: dict[str, bytes]) -> 
 
 
 @pytest.fixture(scope="module")
-def eval_queue(api_server: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Celery worker on the API server's database and artifact store, consuming a queue of its own."""
-    home = tmp_path_factory.mktemp("eval-worker")
-    queue = f"test-eval-{secrets.token_hex(4)}"
-    settings = Settings(
-        home=home,
-        database_url=api_server.env["DAMA_DATABASE_URL"],
-        broker_url=api_server.env["DAMA_BROKER_URL"],
-        artifacts_dir=api_server.artifacts,
-        model_cache_dir=home / "models",
-        default_queue=queue,
-        metrics_flush_s=0.25,
-    )
-    ensure_tiny_model("llava", model_cache_root(settings))  # built here once, not inside the timed run
-    worker = WorkerProcess(settings, queue, home, "eval")
-    yield queue
-    worker.stop()
+def eval_queue(worker_queue: str) -> str:
+    """The session's worker (tests/api/conftest.py), shared with the pair generations' tests."""
+    return worker_queue
 
 
 def _follow(client: httpx.Client, evaluation_id: str, timeout: float = 120.0) -> dict[str, Any]:

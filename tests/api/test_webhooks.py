@@ -47,7 +47,7 @@ def test_default_event_types_are_all_of_them(client1: httpx.Client) -> None:
     created = _create(client1).json()
     assert set(created["event_types"]) == {
         f"{kind}.{status}"
-        for kind in ("job", "evaluation")
+        for kind in ("job", "evaluation", "pair_generation")
         for status in ("running", "succeeded", "failed", "cancelled")
     }
     assert_error(_create(client1, event_types=["job.queued"]), 422)

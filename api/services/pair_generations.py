@@ -1,0 +1,119 @@
+"""Pair generations: jobs of kind ``pair_generation`` (id prefix ``pgen_``), created, enqueued, claimed, run,
+cancelled and recovered exactly like a training job (:mod:`api.services.jobs`), never visible under ``/jobs``.
+
+A worker samples answers from the model on a generative set, judges each against the row's objects and registers
+the pairs as a preference dataset of the tenant in the same transaction as the run's success
+(:mod:`worker.pair_dataset`); the run's GET names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from api.deps import Services
+from api.errors import ApiError
+from api.services.jobs import check_dataset, check_init_adapter, get_tenant_job, submit_job
+from api.services.outputs import succeeded_run_output
+from jobstore import repository
+from jobstore.models import Dataset, Job
+from jobstore.settings import Settings
+from jobstore.spec import JobSpec, PairGenerationCreate
+
+ENDPOINT = "POST /pair-generations"
+KIND = repository.PAIR_GENERATION
+DATASET_PARAM = "generative_dataset_id"
+
+# ?file= of GET /pair-generations/{id}/outputs -> (artifact kind the worker registered, media type, file suffix).
+OUTPUTS = {
+    "samples": ("pairs_samples", "application/x-ndjson", "jsonl"),
+    "report": ("pairs_report", "application/json", "json"),
+    "chart": ("pairs_chart", "image/png", "png"),
+}
+
+
+def get_tenant_pair_generation(session: Session, *, tenant_id: str, pair_generation_id: str) -> Job:
+    return get_tenant_job(session, tenant_id=tenant_id, job_id=pair_generation_id, kind=KIND)
+
+
+def _generative_set(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:
+    """404 unless the tenant owns the dataset; 400 unless it is a generative set (objects per image)."""
+    try:
+        return check_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=DATASET_PARAM, generative=True)
+    except ApiError as error:
+        if error.code != "dataset_not_generative":
+            raise
+        raise ApiError(
+            400,
+            "dataset_without_objects",
+            f"{DATASET_PARAM}: dataset {dataset_id} holds preference pairs, with no objects per image to judge "
+            "samples against; give a generative dataset (a JSONL file of image, prompt and objects plus "
+            "vocabulary.json, uploaded with POST /datasets)",
+            param=DATASET_PARAM,
+        ) from error
+
+
+def _check_limits(settings: Settings, spec: PairGenerationCreate, dataset: Dataset) -> None:
+    """422 for a request over the operator's limits; 400 when the set itself has more prompts than allowed."""
+    most_samples, most_prompts = settings.pairs_max_samples_per_prompt, settings.pairs_max_prompts
+    if spec.samples_per_prompt > most_samples:
+        raise ApiError(
+            422,
+            "samples_over_limit",
+            f"samples_per_prompt: {spec.samples_per_prompt} is more than this service allows per prompt "
+            f"({most_samples}, DAMA_PAIRS_MAX_SAMPLES_PER_PROMPT); ask for at most {most_samples}",
+            param="samples_per_prompt",
+        )
+    if spec.max_prompts is not None and spec.max_prompts > most_prompts:
+        raise ApiError(
+            422,
+            "prompts_over_limit",
+            f"max_prompts: {spec.max_prompts} is more than this service allows per pair generation "
+            f"({most_prompts}, DAMA_PAIRS_MAX_PROMPTS); ask for at most {most_prompts}",
+            param="max_prompts",
+        )
+    if spec.max_prompts is None and dataset.row_count > most_prompts:
+        raise ApiError(
+            400,
+            "prompts_over_limit",
+            f"max_prompts: dataset {dataset.id} has {dataset.row_count} prompts, more than this service allows per "
+            f"pair generation ({most_prompts}, DAMA_PAIRS_MAX_PROMPTS); set max_prompts to at most {most_prompts} "
+            "(the first prompts are used) or split the set",
+            param="max_prompts",
+        )
+
+
+def create_pair_generation(
+    session: Session, services: Services, *, tenant_id: str, spec: PairGenerationCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """``POST /pair-generations``: check the generative set, the limits and the starting adapter (the
+    ``init_adapter`` rules of training jobs: this tenant's job, same base), then :func:`submit_job`."""
+
+    def check() -> None:
+        dataset = _generative_set(session, tenant_id=tenant_id, dataset_id=spec.generative_dataset_id)
+        _check_limits(services.settings, spec, dataset)
+        if spec.init_adapter is not None:
+            start = JobSpec(model=spec.model, dataset_id=spec.generative_dataset_id, init_adapter=spec.init_adapter)
+            check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=start)
+
+    return submit_job(
+        session,
+        services,
+        tenant_id=tenant_id,
+        body=spec.model_dump(mode="json"),
+        kind=KIND,
+        endpoint=ENDPOINT,
+        dataset_id=spec.generative_dataset_id,
+        queue=spec.queue,
+        idempotency_key=idempotency_key,
+        check=check,
+    )
+
+
+def succeeded_output(
+    session: Session, services: Services, *, tenant_id: str, pair_generation_id: str, file: str
+) -> tuple[Path, str]:
+    """The local path and sha256 of a succeeded pair generation's ``file`` (a key of :data:`OUTPUTS`)."""
+    job = get_tenant_pair_generation(session, tenant_id=tenant_id, pair_generation_id=pair_generation_id)
+    return succeeded_run_output(session, services, job=job, kind=OUTPUTS[file][0], what=f"{file} file")
