@@ -90,6 +90,12 @@ def _differences(before: Any, now: Any, where: str, *, request: bool) -> list[st
                 old, new = set(before[key]), set(now[key])
                 if (request and not new <= old) or (not request and not old <= new):
                     found.append(f"{where}: required {sorted(old)} -> {sorted(new)}")
+            elif key in {"maxItems", "maxLength", "maximum"} and request:  # a request may accept more
+                if now[key] < before[key]:
+                    found.append(f"{where}: {key} {before[key]} -> {now[key]}")
+            elif key in {"minItems", "minLength", "minimum"} and request:
+                if now[key] > before[key]:
+                    found.append(f"{where}: {key} {before[key]} -> {now[key]}")
             elif key == "enum":
                 if not set(before[key]) <= set(now[key]):
                     found.append(f"{where}: enum lost {sorted(set(before[key]) - set(now[key]))}")
@@ -141,6 +147,8 @@ def test_the_comparison_allows_additions_and_catches_breaks() -> None:
         body, {**body, "properties": {"x": {"type": "boolean"}, "y": {}}, "required": ["y"]}, "b", request=True
     )
     assert not _differences({"enum": ["a"]}, {"enum": ["a", "b"]}, "e", request=False)
+    assert not _differences({"maxItems": 8}, {"maxItems": 12}, "m", request=True)
+    assert _differences({"maxItems": 8}, {"maxItems": 4}, "m", request=True)
     assert _differences({"enum": ["a", "b"]}, {"enum": ["a"]}, "e", request=False)
 
 

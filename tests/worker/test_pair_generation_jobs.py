@@ -144,7 +144,9 @@ def test_a_running_pair_generation_cancelled_stops_before_a_next_batch_leaving_n
     monkeypatch.setattr(tasks, "generate_pairs", cancelled_while_generating)
     assert _run(store, run_id) == "cancelled"
     job = store.job(run_id)
-    assert job.stage == "generating" and 1 <= job.step < 6 and job.result is None
+    # an ended run's stage is cleared; its events keep where it stopped
+    assert job.stage is None and 1 <= job.step < 6 and job.result is None
+    assert store.stages(run_id)[-1] == "generating"
     assert dataset_row(store, pair_dataset_id(run_id)) is None
     assert not store.artifacts.dataset_dir(pair_dataset_id(run_id)).exists()
     assert not (store.artifacts.run_dir(run_id) / "pairs").exists()
