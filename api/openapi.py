@@ -35,6 +35,9 @@ adapter that loads with `peft` on top of the base model.
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
 **Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
+**Types**: JSON bodies are taken as the schemas type them, never coerced: a boolean is `true` or `false` (not
+`"true"` or `1`), an integer is a JSON integer (`2`, not `"2"` or `2.0`), a number is not a string; an integer is
+accepted where a number is asked for.
 **Webhooks**: `POST /webhooks` a URL to be told when jobs and evaluations start and end (signed per Standard
 Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the call returns once).
 **Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs` and `POST /evaluations`.

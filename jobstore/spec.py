@@ -30,8 +30,9 @@ ObjectId = Annotated[str, Field(min_length=1, max_length=100)]
 
 
 class _Spec(BaseModel):
-    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither. Strict: a value is taken as the type the
+    # OpenAPI document says, never coerced ("true" is not a boolean, "2" and 2.0 are not integers).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="after")
     @classmethod
