@@ -1,16 +1,17 @@
 """The OpenAPI document, part of the product: every field described, errors in the one shape the API answers.
 
-FastAPI's document is adjusted in four ways: its 422 ``HTTPValidationError`` is replaced by our
+FastAPI's document is adjusted in five ways: its 422 ``HTTPValidationError`` is replaced by our
 :class:`~api.schemas.ErrorResponse` (that is what the handler answers); the errors any route may answer besides its
 own (400 from :mod:`api.errors` and :mod:`api.guards`, 413 for JSON bodies, 401 and 429 for authenticated routes)
 are listed on every operation they apply to; the multipart form of ``POST /datasets`` (parsed by hand, to stream
-it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves undescribed get a
-description here (a field described there wins).
+it) is added as ``DatasetUpload``; job-spec fields that ``jobstore.spec`` leaves undescribed get a
+description here (a field described there wins); and every create links to the operations on what it created
+(:data:`LINKS`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -85,6 +86,105 @@ SPEC_FIELD_DOCS: dict[tuple[str, str], tuple[str, Any]] = {
     ("JobSpec", "hyperparameters"): ("Optimisation and DAMA settings.", None),
     ("JobSpec", "lora"): ("LoRA adapter settings.", None),
 }
+
+
+class Link(NamedTuple):
+    """An OpenAPI link: from a create's response to an operation on what it created."""
+
+    method: str
+    path: str
+    description: str
+    parameters: dict[str, Any]
+    body: dict[str, Any] | None = None  # merged into the target's request body
+
+
+_ID = "$response.body#/id"
+_JOB = {"job_id": _ID}
+_EVALUATION = {"evaluation_id": _ID}
+_DATASET = {"dataset_id": _ID}
+_WEBHOOK = {"webhook_id": _ID}
+_EXPORT = {"job_id": "$request.path.job_id", "export_id": _ID}
+
+# From every create (each of its 2xx responses: created, or replayed by an Idempotency-Key) to the operations on
+# the object it created, so that a client (and a stateful fuzzer) can follow them; Swagger UI lists them.
+LINKS: dict[tuple[str, str], dict[str, Link]] = {
+    ("post", "/datasets"): {
+        "GetDataset": Link("get", "/datasets/{dataset_id}", "The dataset.", _DATASET),
+        "SampleRows": Link("get", "/datasets/{dataset_id}/rows", "Its sample rows.", _DATASET),
+        "RowImage": Link(
+            "get",
+            "/datasets/{dataset_id}/rows/{row}/images/{index}",
+            "The first image of its first row.",
+            {**_DATASET, "row": 1, "index": 0},
+        ),
+        "Hardness": Link("get", "/datasets/{dataset_id}/hardness", "Its hardness histogram.", _DATASET),
+        "DeleteDataset": Link("delete", "/datasets/{dataset_id}", "Delete it.", _DATASET),
+        "TrainOnIt": Link("post", "/jobs", "A job trained on it.", {}, {"dataset_id": _ID}),
+        "EvaluateOnIt": Link("post", "/evaluations", "An evaluation on it.", {}, {"preference_dataset_id": _ID}),
+    },
+    ("post", "/jobs"): {
+        "GetJob": Link("get", "/jobs/{job_id}", "The job.", _JOB),
+        "CancelJob": Link("post", "/jobs/{job_id}/cancel", "Cancel it.", _JOB),
+        "JobEvents": Link("get", "/jobs/{job_id}/events", "Its events.", _JOB),
+        "JobMetrics": Link("get", "/jobs/{job_id}/metrics", "Its metric series.", _JOB),
+        "JobCheckpoints": Link("get", "/jobs/{job_id}/checkpoints", "Its checkpoints.", _JOB),
+        "JobAdapter": Link("get", "/jobs/{job_id}/adapter", "Its adapter, once it succeeded.", _JOB),
+        "ExportJob": Link("post", "/jobs/{job_id}/exports", "A merged export of its adapter.", _JOB),
+        "JobExports": Link("get", "/jobs/{job_id}/exports", "Its exports.", _JOB),
+        "EvaluateAdapter": Link(
+            "post", "/evaluations", "An evaluation of its adapter against the base.", {}, {"adapter_job_id": _ID}
+        ),
+    },
+    ("post", "/evaluations"): {
+        "GetEvaluation": Link("get", "/evaluations/{evaluation_id}", "The evaluation.", _EVALUATION),
+        "CancelEvaluation": Link("post", "/evaluations/{evaluation_id}/cancel", "Cancel it.", _EVALUATION),
+        "EvaluationEvents": Link("get", "/evaluations/{evaluation_id}/events", "Its events.", _EVALUATION),
+        "EvaluationOutputs": Link(
+            "get", "/evaluations/{evaluation_id}/outputs", "Its per-sample generations.", _EVALUATION
+        ),
+        "EvaluationChart": Link("get", "/evaluations/{evaluation_id}/chart", "Its chart.", _EVALUATION),
+    },
+    ("post", "/jobs/{job_id}/exports"): {
+        "GetExport": Link("get", "/jobs/{job_id}/exports/{export_id}", "The export.", _EXPORT),
+        "DownloadExport": Link(
+            "get", "/jobs/{job_id}/exports/{export_id}/download", "Its archive, once it succeeded.", _EXPORT
+        ),
+        "JobExports": Link("get", "/jobs/{job_id}/exports", "The job's exports.", {"job_id": "$request.path.job_id"}),
+    },
+    ("post", "/webhooks"): {
+        "GetWebhook": Link("get", "/webhooks/{webhook_id}", "The endpoint.", _WEBHOOK),
+        "UpdateWebhook": Link("patch", "/webhooks/{webhook_id}", "Change or disable it.", _WEBHOOK),
+        "WebhookDeliveries": Link("get", "/webhooks/{webhook_id}/deliveries", "Its delivery log.", _WEBHOOK),
+        "DeleteWebhook": Link("delete", "/webhooks/{webhook_id}", "Delete it.", _WEBHOOK),
+    },
+    ("post", "/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): {
+        "WebhookDeliveries": Link(
+            "get",
+            "/webhooks/{webhook_id}/deliveries",
+            "The endpoint's delivery log, where the attempt shows.",
+            {"webhook_id": "$request.path.webhook_id"},
+        ),
+    },
+    ("post", "/keys"): {
+        "RevokeKey": Link("delete", "/keys/{key_id}", "Revoke it.", {"key_id": _ID}),
+    },
+}
+
+
+def _add_links(paths: dict[str, Any]) -> None:
+    for (method, path), links in LINKS.items():
+        responses = paths[path][method]["responses"]
+        documented = {}
+        for name, link in links.items():
+            target = paths[link.path][link.method]
+            documented[name] = {"operationId": target["operationId"], "description": link.description}
+            if link.parameters:
+                documented[name]["parameters"] = link.parameters
+            if link.body is not None:
+                documented[name]["requestBody"] = link.body
+        for status, response in responses.items():
+            if status.startswith("2"):
+                response["links"] = documented
 
 
 def _describe_spec_fields(schemas: dict[str, Any]) -> None:
@@ -175,6 +275,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     for paths in document.get("paths", {}).values():
         for operation in paths.values():
             _document_common_errors(operation, error_content)
+    _add_links(document["paths"])
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     _describe_spec_fields(schemas)
