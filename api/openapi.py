@@ -171,6 +171,78 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
 }
 
 
+_REMOTE_CODE = (
+    "trust_remote_code true only where the operator allows it (DAMA_ALLOW_REMOTE_CODE; else 422 "
+    "remote_code_not_allowed)"
+)
+_URL_RULE = (
+    "url: http:// or https://, naming a host, without credentials; localhost and literal private, loopback, "
+    "link-local or reserved addresses are refused unless DAMA_WEBHOOK_ALLOWED_HOSTS names the host (400 "
+    "url_not_allowed); a name is checked when a delivery resolves it"
+)
+# Rules a request must also follow that its schema cannot state: what a file holds, arithmetic across fields,
+# the operator's settings, other objects' state. Added to the operation's description; the fuzzing run leaves
+# schemathesis' positive_data_acceptance check out on exactly these operations (tests/api/fuzzing.py).
+RULES: dict[tuple[str, str], list[str]] = {
+    ("post", "/datasets"): [
+        "file: a non-empty data file (.jsonl, .json, .parquet) or a .zip / .tar / .tar.gz archive holding one with "
+        "its images (else 400 invalid_dataset, 422 empty_file)",
+        "every row in one format (TRL, RLAIF-V, OpenAI preference; generative: image, prompt, objects plus "
+        "vocabulary.json) with its images readable (else 422, every problem listed with its row and field)",
+        "within the upload limits (else 413, the limit named)",
+    ],
+    ("post", "/jobs"): [
+        "with a filtering method (beta_dpo, dama_model, dama), floor(hyperparameters.keep_ratio x group) >= 2, "
+        "group being hyperparameters.batch_size x gpus, times hyperparameters.grad_accumulation when "
+        "hyperparameters.filter_scope is step (else 400 filter_group_too_small)",
+        "integrations[].target: a tracking target this service defines (else 400 unknown_tracking_target)",
+        _REMOTE_CODE,
+        "the datasets are this tenant's (else 404) and of the right kind; init_adapter names a job of this tenant "
+        "on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
+    ],
+    ("post", "/evaluations"): [
+        _REMOTE_CODE,
+        "the datasets are this tenant's (else 404) and of the right kind (else 422); adapter_job_id is a training "
+        "job of this tenant that succeeded (else 404 or 409), trained on model (else 422)",
+    ],
+    ("post", "/webhooks"): [_URL_RULE],
+    ("patch", "/webhooks/{webhook_id}"): [_URL_RULE],
+}
+RULES_HEADING = "Rules beyond the schema:"
+
+# Path parameters: what each id is.
+PATH_PARAMETERS = {
+    "dataset_id": "The dataset's id (ds_...).",
+    "job_id": "The training job's id (job_...).",
+    "evaluation_id": "The evaluation's id (eval_...).",
+    "export_id": "The export's id (exp_...).",
+    "webhook_id": "The webhook endpoint's id (wh_...).",
+    "delivery_id": "The delivery's id (whd_...).",
+    "key_id": "The API key's id (key_...), not its secret.",
+}
+# The request guard (api.guards) refuses a NUL character in the path or a query parameter: said in the schema.
+NO_NUL = r"^[^\x00]*$"
+
+
+def _document_rules(paths: dict[str, Any]) -> None:
+    for (method, path), rules in RULES.items():
+        operation = paths[path][method]
+        listed = "\n".join(f"- {rule}." for rule in rules)
+        operation["description"] = f"{operation.get('description', '').rstrip()}\n\n{RULES_HEADING}\n{listed}".strip()
+
+
+def _document_parameters(operation: dict[str, Any]) -> None:
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] not in ("path", "query"):
+            continue
+        if parameter["in"] == "path" and parameter["name"] in PATH_PARAMETERS:
+            parameter.setdefault("description", PATH_PARAMETERS[parameter["name"]])
+        schema = parameter.get("schema", {})
+        for option in [schema, *schema.get("anyOf", [])]:
+            if option.get("type") == "string" and "pattern" not in option and "enum" not in option:
+                option["pattern"] = NO_NUL
+
+
 def _add_links(paths: dict[str, Any]) -> None:
     for (method, path), links in LINKS.items():
         responses = paths[path][method]["responses"]
@@ -275,6 +347,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     for paths in document.get("paths", {}).values():
         for operation in paths.values():
             _document_common_errors(operation, error_content)
+            _document_parameters(operation)
+    _document_rules(document["paths"])
     _add_links(document["paths"])
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)

@@ -5,6 +5,10 @@ the same parameters, request body and response schemas.
 Compared after resolving every ``$ref`` and dropping prose (descriptions, examples, titles, summaries): the
 shape a client codes against, not the wording; list pages are one ``Page[T]`` now, whose schema names may be
 reworded but whose fields are the same.
+
+Deliberate changes since, made in the snapshot too (issue 28): string path and query parameters carry the pattern
+``^[^\x00]*$`` (the request guard refuses a NUL character there), and the rules of ``EvaluationCreate`` (a
+dataset to evaluate) and ``EvaluationSpec`` (dataset_id or holdout_fraction) are in their schemas.
 """
 
 from __future__ import annotations
