@@ -120,6 +120,9 @@ def _fuzz(
     config_file.write_text(fuzzing.config(ids))
     if args.serve:
         print(f"API: {server.url}\nkey: {key}\nconfig: {config_file}\nids: {json.dumps(ids)}", flush=True)
+        # Enough to start another API (`dama api`) on the same job store and artifacts, and fuzz it from outside.
+        shared = ("DAMA_DATABASE_URL", "DAMA_ARTIFACTS_DIR", "DAMA_API_KEY_PEPPER", "DAMA_DEFAULT_QUEUE")
+        print("env: " + " ".join(f"{name}={server.env[name]}" for name in shared), flush=True)
         print("Ctrl-C to stop (the database is dropped).", flush=True)
         while True:
             time.sleep(3600)

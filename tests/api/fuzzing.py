@@ -9,6 +9,7 @@ rule the OpenAPI document describes in words because a schema cannot state it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from jobstore import exports as dama_exports
 from jobstore import repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.db import session_scope
@@ -100,9 +102,9 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
 
 def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archive: bytes) -> dict[str, list[Any]]:
     """Real objects of the fuzzing tenant, so that fuzzed requests reach past the 404 of an unknown id: two
-    datasets, a queued job, a succeeded one with an adapter, a checkpoint and an export, an evaluation, a webhook
-    endpoint with a delivery (the succeeded job's event), and a spare API key (not the one fuzzing: revoking that
-    would end the run)."""
+    datasets, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded export, a queued and a
+    succeeded evaluation (outputs and chart), a webhook endpoint with a delivery (the succeeded job's event), and
+    a spare API key (not the one fuzzing: revoking that would end the run)."""
     with server.client(key) as client:
         datasets = [_created(upload(client, demo_archive, "demo.zip")) for _ in range(2)]
         # Never contacted: the API process delivers no webhook (workers do), and none runs here.
@@ -110,7 +112,7 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         spec = {"model": "dama/tiny-llava", "dataset_id": datasets[0], "hyperparameters": {"max_steps": 2}}
         jobs = [_created(client.post("/jobs", json=spec)) for _ in range(2)]
         evaluation = {"model": "dama/tiny-llava", "preference_dataset_id": datasets[0]}
-        evaluations = [_created(client.post("/evaluations", json=evaluation))]
+        evaluations = [_created(client.post("/evaluations", json=evaluation)) for _ in range(2)]
         keys = [_created(client.post("/keys"))]
     with session_scope(db) as session:
         done = repository.get_job(session, job_id=jobs[1])
@@ -127,8 +129,30 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
     (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)))
     with session_scope(db) as session:
         repository.add_checkpoint(session, job_id=jobs[1], step=1, path=str(checkpoint))
+    with session_scope(db) as session:  # the second evaluation succeeded, with its outputs and chart
+        finished = repository.get_job(session, job_id=evaluations[1])
+        assert finished is not None
+        repository.set_status(session, job=finished, status="running")
+        repository.set_status(session, job=finished, status="succeeded", result={"metrics": {}})
+        for kind, name in (
+            ("eval_outputs", "generations.jsonl"),
+            ("eval_pairs", "pairs.jsonl"),
+            ("eval_chart", "c.png"),
+        ):
+            _stored_file(store, session, finished.tenant_id, evaluations[1], kind, store.run_dir(evaluations[1]) / name)
     with server.client(key) as client:
         exports = [_created(client.post(f"/jobs/{jobs[1]}/exports", json={"format": "merged"}))]
+    with session_scope(db) as session:  # it succeeded too, as a worker would have recorded it
+        export = dama_exports.claim_export(session, export_id=exports[0], worker="fuzz")
+        assert export is not None
+        archive = store.export_archive(jobs[1], exports[0])
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        archive.write_bytes(b"not really a merged model, but a file to download")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        dama_exports.finish_export(
+            session, export=export, path=store.recorded_path(archive), size_bytes=archive.stat().st_size, sha256=digest
+        )
+    with server.client(key) as client:
         deliveries = [row["id"] for row in client.get(f"/webhooks/{webhooks[0]}/deliveries").json()["data"]]
     assert deliveries, "the succeeded job's event made no delivery to the fuzzing tenant's endpoint"
     return {
@@ -143,6 +167,22 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         "rows": [1, 2],  # sample rows of the datasets, each with one image
         "indexes": [0],
     }
+
+
+def _stored_file(store: ArtifactStore, session: Session, tenant_id: str, job_id: str, kind: str, path: Path) -> None:
+    """A small file at ``path``, recorded as the job's artifact of ``kind``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'{"sample": 1}\n')
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    repository.add_artifact(
+        session,
+        tenant_id=tenant_id,
+        job_id=job_id,
+        kind=kind,
+        path=store.recorded_path(path),
+        size_bytes=path.stat().st_size,
+        sha256=digest,
+    )
 
 
 def _created(response: object) -> str:

@@ -27,7 +27,7 @@ from jobstore import repository
 from jobstore.db import session_scope
 from jobstore.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.api import fuzzing
-from tests.api.conftest import PEPPER, ROOT, ApiServer, _server_env, _start, create_key
+from tests.api.conftest import ROOT, ApiServer, _server_env, _start, create_key
 
 # The run's budget: with start-up, seeding and teardown the test stays under 3 minutes. Longer runs by hand:
 # DAMA_TEST_FUZZ_SECONDS=1800 (and another DAMA_TEST_FUZZ_SEED), or benchmarks/fuzz_api.py.
@@ -51,11 +51,11 @@ def fuzz_server(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFa
     yield from _start(tmp, env, queue, runner=(str(Path(__file__).with_name("loopback_only.py")),))
 
 
-def _forget_webhooks(db: sessionmaker[Session], key: str) -> int:
+def _forget_webhooks(db: sessionmaker[Session], tenant_name: str) -> int:
     """Delete the fuzzing tenant's webhook endpoints (no later test's worker may send to a fuzzed URL); returns
     how many delivery attempts they had."""
     with session_scope(db) as session:
-        tenant = repository.tenant_for_key(session, key=key, pepper=PEPPER)
+        tenant = repository.tenant_by_name(session, name=tenant_name)
         assert tenant is not None
         mine = select(WebhookEndpoint.id).where(WebhookEndpoint.tenant_id == tenant.id)
         attempts = session.scalar(
@@ -71,7 +71,8 @@ def _forget_webhooks(db: sessionmaker[Session], key: str) -> int:
 def test_fuzzing_the_openapi_document_finds_nothing(
     fuzz_server: ApiServer, db: sessionmaker[Session], demo_archive: bytes, tmp_path: Path
 ) -> None:
-    key = create_key(db, f"fuzz-{secrets.token_hex(3)}")
+    tenant = f"fuzz-{secrets.token_hex(3)}"
+    key = create_key(db, tenant)
     config = tmp_path / "schemathesis.toml"
     config.write_text(fuzzing.config(fuzzing.known_ids(fuzz_server, key, db, demo_archive)))
     runs = []
@@ -83,7 +84,7 @@ def test_fuzzing_the_openapi_document_finds_nothing(
             )
             runs.append(subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60))
     finally:
-        attempts = _forget_webhooks(db, key)
+        attempts = _forget_webhooks(db, tenant)
     assert attempts == 0, "the API process sent webhooks: only workers may"
     egress = Path(fuzz_server.env["DAMA_TEST_EGRESS_LOG"])
     assert not egress.exists(), f"the API tried to reach beyond the loopback address:\n{egress.read_text()}"
@@ -92,6 +93,8 @@ def test_fuzzing_the_openapi_document_finds_nothing(
         assert run.returncode == 0, f"schemathesis found problems (seed {SEED}):\n{summary}\n{run.stderr[-3000:]}"
         print(summary)  # the figures (operations, test cases, failures) for the log
     fuzzed, stateful = runs
+    with fuzz_server.client(key) as client:  # a key may revoke itself: had the fuzzer done so, it tested nothing
+        assert client.get("/keys").status_code == 200, "the fuzzing key was revoked during the run"
     # It really ran: every check costs requests of its own (ignored_auth, unsupported_method...), so a case is
     # several requests; 5 a second is what a 2-core machine shared with other test runs reaches.
     assert fuzzing.cases_generated(fuzzed.stdout) >= 5 * FUZZ_SECONDS, fuzzed.stdout[-3000:]
