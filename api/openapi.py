@@ -165,6 +165,15 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
             {"webhook_id": "$request.path.webhook_id"},
         ),
     },
+    # Not a create, but the only way to a delivery's id: the newest one of the log.
+    ("get", "/webhooks/{webhook_id}/deliveries"): {
+        "RedeliverNewest": Link(
+            "post",
+            "/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver",
+            "Send the newest delivery of the page again.",
+            {"webhook_id": "$request.path.webhook_id", "delivery_id": "$response.body#/data/0/id"},
+        ),
+    },
     ("post", "/keys"): {
         "RevokeKey": Link("delete", "/keys/{key_id}", "Revoke it.", {"key_id": _ID}),
     },

@@ -15,7 +15,6 @@ from jobstore.settings import Settings
 # Operations on an object that no create of the API makes (a worker does), so no link can lead there.
 UNLINKED = {
     "GET /jobs/{job_id}/checkpoints/{step}/adapter": "checkpoints are written by the run",
-    "POST /webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver": "deliveries are made by status changes",
 }
 
 
