@@ -31,8 +31,8 @@ from tests.api.conftest import ROOT, ApiServer, _server_env, _start, create_key
 
 # The run's budget: with start-up, seeding and teardown the test stays under 3 minutes. Longer runs by hand:
 # DAMA_TEST_FUZZ_SECONDS=1800 (and another DAMA_TEST_FUZZ_SEED), or benchmarks/fuzz_api.py.
-FUZZ_SECONDS = int(os.environ.get("DAMA_TEST_FUZZ_SECONDS", "80"))
-STATEFUL_SECONDS = int(os.environ.get("DAMA_TEST_FUZZ_STATEFUL_SECONDS", "40"))
+FUZZ_SECONDS = int(os.environ.get("DAMA_TEST_FUZZ_SECONDS", "70"))
+STATEFUL_SECONDS = int(os.environ.get("DAMA_TEST_FUZZ_STATEFUL_SECONDS", "35"))
 SEED = int(os.environ.get("DAMA_TEST_FUZZ_SEED", "12"))  # the same requests on every CI run
 
 
