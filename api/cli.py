@@ -7,6 +7,7 @@
     dama api [--host H] [--port P]        run the HTTP API (uvicorn with api.app:create_app)
     dama worker                           run a Celery worker on DAMA_WORKER_QUEUES (python -m worker)
     dama serve [--host H] [--port P] [--demo]   API + worker on one machine with no external servers
+    dama models build NAME --output DIR   build a built-in model (dama/tiny-llava, ...) here (worker.build_model)
 
 and the client commands of :mod:`dama_client.cli` (``dama datasets|jobs|evaluations|keys|webhooks|models|health``),
 which talk to a running service over HTTP. Server imports are lazy: with only the ``client`` extra installed, the
@@ -206,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    if hasattr(args, "local_module"):  # `dama models build`: the worker package builds a built-in model here
+        return _exec_module(args.local_module, [args.name, "--output", args.output])
     if hasattr(args, "client_handler"):  # a client command: no server settings, no server imports
         from dama_client.cli import run
 

@@ -6,6 +6,7 @@ Conversions from job-store rows live here too (``*_public`` functions), so every
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -91,6 +92,15 @@ class Page(_Public, Generic[ItemT]):
     next_cursor: str | None = Field(
         default=None, description="Pass as ?after= to get the next page; null on the last page.", examples=[None]
     )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A named page (``JobsPublic``) describes its ``data`` with its docstring ("Jobs, newest first."): what
+        is listed and in which order, in the field a client reads."""
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.__doc__ and cls.__doc__ != Page.__doc__ and "data" in cls.__pydantic_fields__:
+            cls.__pydantic_fields__["data"].description = inspect.cleandoc(cls.__doc__)
+            cls.model_rebuild(force=True)
 
     @classmethod
     def of(cls, rows: Sequence[Any], *, has_more: bool = False, cursor: str | None = None) -> Self:
@@ -207,8 +217,9 @@ class JobPublic(_Public):
         description="queued, running, cancelling, succeeded, failed or cancelled.", examples=["running"]
     )
     stage: str | None = Field(
-        description="Current stage while running: validating, loading_model, scoring, reference, training, "
-        "evaluating, exporting.",
+        description="Current stage while running: building_model (a built-in model built on first use), "
+        "validating, loading_model, scoring, reference, training, evaluating, exporting. Null once the job ended "
+        "(its events keep every stage).",
         examples=["training"],
     )
     step: int = Field(description="Optimizer steps done.", examples=[120])
@@ -414,6 +425,13 @@ class TinyModelPublic(_Public):
 class ModelCatalogPublic(_Public):
     families: list[ModelFamilyPublic] = Field(description="Supported model families.")
     tiny_models: list[TinyModelPublic] = Field(description="Built-in tiny models for trying the service on a CPU.")
+    hardness_scorer: str | None = Field(
+        default=None,
+        description="The CLIP scorer (hub id or folder on the workers) that computes data hardness for datasets "
+        "whose rows carry none (the operator's DAMA_HARDNESS_SCORER). Null: none is configured, so methods dama and "
+        "dama_data need rows with hardness, or chosen_score and rejected_score.",
+        examples=["openai/clip-vit-large-patch14-336"],
+    )
 
 
 # ---- health ---------------------------------------------------------------------------------------------------

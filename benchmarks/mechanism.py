@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dama_engine.proving.mechanism import ARMS, LEVELS, SETTINGS  # noqa: E402
-from dama_engine.proving.stats import paired_t_test, wilson_interval  # noqa: E402
+from dama_engine.proving.stats import paired_table, wilson_interval  # noqa: E402
 
 PREMISE_GAP_RATIO = 1.5
 PREMISE_ACCURACY_GAP = 0.10
@@ -68,12 +69,12 @@ def _run_task(task: dict[str, Any]) -> dict[str, Any]:
     return {"arm": task["arm"], "seed": task["seed"], "seconds": round(time.monotonic() - started, 1), **figures}
 
 
-def _ratio(row: dict[str, Any]) -> float:
+def _ratio(row: Mapping[str, Any]) -> float:
     easy, hard = row["levels"]["easy"]["train_gap"], row["levels"]["hard"]["train_gap"]
     return easy / hard if hard > 0 else float("inf")
 
 
-def _accuracy(row: dict[str, Any], level: str, key: str = "eval_reward_correct") -> float:
+def _accuracy(row: Mapping[str, Any], level: str, key: str = "eval_reward_correct") -> float:
     figures = row["levels"][level]
     return figures[key] / figures["eval_n"]
 
@@ -139,22 +140,17 @@ def report(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
             "",
             "## Against DPO, paired by seed (arm - dpo; two-sided paired t-test and sign test)",
             "",
-            "| arm | easy/hard gap ratio | held-out hard reward acc | held-out easy reward acc |",
-            "|---|---|---|---|",
         ]
-        reference = {r["seed"]: r for r in dpo}
-        for arm, arm_rows in by_arm.items():
-            if arm == "dpo":
-                continue
-            paired = [(r, reference[r["seed"]]) for r in arm_rows if r["seed"] in reference]
-            if len(paired) < 2:
-                continue
-            cells = [
-                paired_t_test([_ratio(a) - _ratio(b) for a, b in paired]).describe(3),
-                paired_t_test([_accuracy(a, "hard") - _accuracy(b, "hard") for a, b in paired]).describe(3),
-                paired_t_test([_accuracy(a, "easy") - _accuracy(b, "easy") for a, b in paired]).describe(3),
-            ]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += paired_table(
+            rows,
+            arm_key="arm",
+            reference="dpo",
+            measures={
+                "easy/hard gap ratio": _ratio,
+                "held-out hard reward acc": lambda row: _accuracy(row, "hard"),
+                "held-out easy reward acc": lambda row: _accuracy(row, "easy"),
+            },
+        )
     return lines
 
 
@@ -171,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="arms run at a time, one torch thread each")
     parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dama-mechanism")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "measurements" / "mechanism.md")
+    parser.add_argument(
+        "--figure-from", type=Path, help="draw the figure from a run's rows (its .json) and exit, without training"
+    )
     args = parser.parse_args(argv)
+    if args.figure_from:
+        print(f"[mechanism] wrote {figure(json.loads(args.figure_from.read_text()), args.figure_from)}")
+        return 0
     if args.quick:
         args.seeds, args.train_per_level, args.eval_per_level = 1, 200, 100
         if args.out == parser.get_default("out"):
@@ -234,8 +236,49 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"[mechanism] wrote {args.out} and {args.out.with_suffix('.json')}")
+    print(f"[mechanism] wrote {args.out}, {args.out.with_suffix('.json')} and {figure(rows, args.out)}")
     return 0
+
+
+def figure(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Two panels, one point per seed: each arm's mean training gap on the easy and the hard level, and each arm's
+    easy/hard gap ratio minus DPO's of the same seed (the paired difference the claim is tested on). Written beside
+    ``out`` under ``images/`` as ``<out's stem>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(row["arm"] for row in rows))
+    dpo = {row["seed"]: _ratio(row) for row in rows if row["arm"] == "dpo"}
+    fig, (gaps, ratios) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
+    for position, arm in enumerate(arms):
+        runs = [row for row in rows if row["arm"] == arm]
+        for level, colour, shift in (("easy", "tab:blue", -0.15), ("hard", "tab:red", 0.15)):
+            values = [row["levels"][level]["train_gap"] for row in runs]
+            gaps.scatter([position + shift] * len(values), values, color=colour, s=14, alpha=0.7)
+            gaps.hlines(statistics.fmean(values), position + shift - 0.1, position + shift + 0.1, color=colour)
+        differences = [_ratio(row) - dpo[row["seed"]] for row in runs if row["seed"] in dpo]
+        ratios.scatter([position] * len(differences), differences, color="black", s=14, alpha=0.7)
+        if differences:
+            ratios.hlines(statistics.fmean(differences), position - 0.2, position + 0.2, color="black")
+    for axis in (gaps, ratios):
+        axis.set_xticks(range(len(arms)), [arm.replace(" (", "\n(") for arm in arms], fontsize=7)
+        axis.margins(x=0.05, y=0.08)
+    gaps.scatter([], [], color="tab:blue", label="easy level")
+    gaps.scatter([], [], color="tab:red", label="hard level")
+    gaps.legend(fontsize=8)
+    gaps.set_ylabel("mean reward gap on the training pairs")
+    gaps.set_title("Training gap per level (dots: seeds; bars: means)", fontsize=9)
+    ratios.axhline(0.0, color="grey", linewidth=0.8)
+    ratios.set_ylabel("easy/hard gap ratio minus DPO's (same seed)")
+    ratios.set_title("Above 0: the arm widens the imbalance DPO has", fontsize=9)
+    fig.tight_layout()
+    path = out.parent / "images" / f"{out.stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

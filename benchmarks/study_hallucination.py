@@ -151,6 +151,8 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"![CHAIR_i per method](images/{chart.name})", ""]
+    if "dpo" in labels and args.seeds > 1:
+        lines += [*paired_lines(rows), ""]
     kept = ""
     if results.is_file():  # the hand-written reading of an earlier run stays (its author updates it)
         earlier = results.read_text()
@@ -172,6 +174,28 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
     (measurements / f"{results.stem.lower()}_rows.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each method against DPO, paired by seed: the held-out CHAIR_i, the hard tertile's implicit-reward accuracy
+    and the easy - hard accuracy gap (two-sided paired t-test and sign test of the per-seed differences)."""
+    from dama_engine.proving.stats import paired_table
+
+    return [
+        "Against DPO, paired by seed (method - dpo; two-sided paired t-test with n - 1 degrees of freedom and exact "
+        "sign test; with 5 seeds the sign test's smallest p is 0.062):",
+        "",
+        *paired_table(
+            rows,
+            arm_key="method",
+            reference="dpo",
+            measures={
+                "CHAIR_i": lambda row: row["tuned_chair_i"],
+                "hard accuracy": lambda row: row["accuracy_hard"],
+                "easy - hard gap": lambda row: row["gap"],
+            },
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 100 steps, 200 scenes (about 5 minutes)")
@@ -188,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the table goes (default docs/RESULTS.md; docs/measurements/results_synthetic.md with "
         "--pairs synthetic); text from a '## Reading' heading on in an existing file is kept",
     )
+    parser.add_argument(
+        "--paired-from", type=Path, help="print the paired table of an earlier run's rows (its _rows.json) and exit"
+    )
     args = parser.parse_args(argv)
+    if args.paired_from:
+        print("\n".join(paired_lines(json.loads(args.paired_from.read_text()))))
+        return 0
 
     from dama_engine.proving.ground import SCENES, TRAINING, prepare_proving_ground, synthetic_pairs
 

@@ -43,8 +43,10 @@ def _emit(args: argparse.Namespace, value: Any, columns: Sequence[str] = ()) -> 
         print(json.dumps(data, indent=2))
         return
     if isinstance(data, list):
-        for item in data:
-            print("  ".join(str(item.get(column, "")) if item.get(column) is not None else "-" for column in columns))
+        rows = [[str(item[column]) if item.get(column) is not None else "-" for column in columns] for item in data]
+        widths = [max(len(cell) for cell in cells) for cells in zip(columns, *rows, strict=True)]
+        for cells in (list(columns), *rows):  # a header row, then the items, in aligned columns
+            print("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip())
         return
     if isinstance(data, dict):
         for key, item in data.items():
@@ -120,6 +122,11 @@ def _datasets_hardness(client: Client, args: argparse.Namespace) -> int:
 
 # ---- jobs -------------------------------------------------------------------------------------------------------
 
+LOCAL_BUILD_MODULE = "worker.build_model"  # `dama models build`, run by the full `dama` (api.cli) as python -m
+MISSING_KEY = (
+    "no API key: set DAMA_API_KEY to the key `dama admin create-key` (or `dama keys create`) printed, or pass "
+    "--api-key KEY"
+)
 JOB_COLUMNS = ("id", "status", "stage", "step", "total_steps", "dataset_id", "created_at")
 
 
@@ -436,6 +443,8 @@ def _models_list(client: Client, args: argparse.Namespace) -> int:
             print(f"{tiny['name']}  ({tiny['family']}, built in)")
         for family in catalog.families:
             print(f"{family['name']}: model types {', '.join(family['model_types'])}")
+        scorer = catalog.hardness_scorer or "none (dama and dama_data need rows with hardness or scores)"
+        print(f"hardness scorer: {scorer}")
     return 0
 
 
@@ -578,6 +587,12 @@ def add_commands(commands: Any) -> None:
 
     models = group("models", "supported models")
     leaf(models, "list", _models_list, "families and built-in tiny models")
+    build = models.add_parser(
+        "build", help="build a built-in model (dama/...) into a folder here, to load a downloaded adapter on"
+    )
+    build.add_argument("name", help="a built-in model, e.g. dama/tiny-llava")
+    build.add_argument("--output", required=True, help="the folder to build it in")
+    build.set_defaults(local_module=LOCAL_BUILD_MODULE)  # runs here, with the engine installed: not a client call
     health = commands.add_parser(
         "health", help="is the service up (--ready: and its database and broker)?", parents=[common]
     )
@@ -592,14 +607,15 @@ def run(args: argparse.Namespace) -> int:
         with Client(args.api_url, args.api_key, timeout=args.timeout) as client:
             return handler(client, args)
     except APIError as error:
-        detail = {"status": error.status_code, "type": error.type, "code": error.code, "message": error.message}
+        message = MISSING_KEY if error.code == "missing_api_key" else error.message
+        detail = {"status": error.status_code, "type": error.type, "code": error.code, "message": message}
         if error.param:
             detail["param"] = error.param
         if args.json:
             print(json.dumps({"error": detail}), file=sys.stderr)
         else:
             where = f" (param: {error.param})" if error.param else ""
-            print(f"error: {error.message} [{error.code}, HTTP {error.status_code}]{where}", file=sys.stderr)
+            print(f"error: {message} [{error.code}, HTTP {error.status_code}]{where}", file=sys.stderr)
         return 1
     except (DamaError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -612,4 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``dama`` with only the client commands (``python -m dama_client``)."""
     parser = argparse.ArgumentParser(prog="dama", description="DAMA alignment service client.")
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if hasattr(args, "local_module"):
+        print("error: `dama models build` needs the engine: pip install -e '.[engine,service]'", file=sys.stderr)
+        return 2
+    return run(args)

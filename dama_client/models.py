@@ -150,6 +150,7 @@ class WebhookDelivery(Model):
 class ModelCatalog(Model):
     families: list[dict[str, Any]]
     tiny_models: list[dict[str, Any]]
+    hardness_scorer: str | None = None
 
 
 class Health(Model):

@@ -9,10 +9,11 @@ direction only (lower never imports higher; ``tests/test_layout.py`` holds the o
     config      the training config (root module)
     models      families, loading, tiny models
     forward     batching, log-probs, packing, compiling, generation, scoring helpers
-    evaluation  running an evaluation, metrics, the judge client, the report
+    evaluation  running an evaluation, metrics (CHAIR's and POPE's), the judge client, the report
+    pairs       preference pairs sampled from the user's model, judged against the image's objects
     training    the recipe (``train()``), the step, checkpoints, reference cache, export
     proving     the shapes world, the seeing base, on-policy pairs, the proving-ground recipe, the demo runs
-    cli         ``dama-train``, ``dama-eval``
+    cli         ``dama-train``, ``dama-eval``, ``dama-pairs``
 
 Each subpackage's ``__init__`` names its public surface. It imports nothing of the service, reads no environment
 variables and sets no global state at import time.

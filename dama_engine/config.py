@@ -7,7 +7,7 @@ and every bad value is reported with its dotted field path before any work start
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,8 @@ from dama_settings.names import (
     Precision,
     Scheduler,
 )
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class ConfigError(UserError):
@@ -50,6 +52,17 @@ class ModelSection(_Section):
         "it is loaded onto the base and trained further (its LoRA shape replaces lora.r/alpha/target_modules); the "
         "reference of a preference method is base + this adapter, frozen (shared/DAMA.md section 4b).",
     )
+    public_name: str | None = Field(
+        default=None,
+        description="The base model's name in the adapter (adapter_config.json's base_model_name_or_path) and its "
+        "model card; default name_or_path. The service sets the name its users know (a built-in model's name), "
+        "never the folder it was staged in.",
+    )
+
+    @property
+    def shown_name(self) -> str:
+        """The name the adapter and its model card give the base model."""
+        return self.public_name or self.name_or_path
 
 
 class DataSection(_Section):
@@ -131,6 +144,7 @@ class EvaluationSection(_Section):
     max_samples: int | None = EVALUATION["max_samples"].field()
     max_pairs: int | None = Field(default=None, gt=0, description="Held-out pairs used (None: all).")
     max_new_tokens: int = EVALUATION["max_new_tokens"].field()
+    pope: bool = EVALUATION["pope"].field()
 
     @model_validator(mode="after")
     def _vocabulary_with_generative(self) -> EvaluationSection:
@@ -222,11 +236,16 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
 
 
 def parse_config(values: dict[str, Any]) -> TrainConfig:
+    return validate_config(TrainConfig, values, "config")
+
+
+def validate_config(model: type[ConfigT], values: dict[str, Any], what: str) -> ConfigT:
+    """``model`` validated from ``values``; a ConfigError listing each bad field as ``path: message`` otherwise."""
     try:
-        return TrainConfig.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             where = ".".join(str(part) for part in item["loc"]) or "config"
             lines.append(f"{where}: {item['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None

@@ -182,4 +182,10 @@ RUN = by_name(
 EVALUATION = by_name(
     Setting("max_new_tokens", 64, "Greedy generation length on the generative set.", gt=0, service_le=4096),
     Setting("max_samples", 64, "Generative samples scored: the set's first N (null: all).", gt=0),
+    Setting(
+        "pope",
+        True,
+        "Ask POPE's yes/no questions ('Is there a {entry} in the image?': present entries and absent ones under the "
+        "random, popular and adversarial splits) about the generative set's images, beside CHAIR.",
+    ),
 )

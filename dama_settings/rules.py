@@ -7,6 +7,9 @@ import math
 
 # The methods that draw a kept subset of each filter group (shared/DAMA.md section 4).
 FILTERING_METHODS = frozenset({"beta_dpo", "dama_model", "dama"})
+# The methods that weigh each pair by its data hardness, alpha_D (shared/DAMA.md section 1): the rows' own scores,
+# or a CLIP scorer's.
+HARDNESS_METHODS = frozenset({"dama_data", "dama"})
 
 
 def keep_count(keep_ratio: float, group: int) -> int:

@@ -87,5 +87,43 @@ JOB_SPEC_SOURCES: dict[str, dict[str, str | NotExposed]] = {
     "evaluation": {
         "max_new_tokens": "evaluation.max_new_tokens",
         "max_samples": "evaluation.max_samples",
+        "pope": "evaluation.pope",
     },
+}
+
+
+# Where each setting of the engine's evaluation config (``dama_engine.evaluation.EvaluationConfig``) comes from in
+# an evaluation request (``jobstore.spec.EvaluationCreate``), keyed by the setting's dotted path in that config
+# (``data.max_pairs``; a top-level setting by its name). The settings the worker decides are named in
+# ``worker.engine_config.EVALUATION_WORKER_DECIDES``; each setting is in exactly one of the two tables
+# (tests/worker/test_spec_translation.py).
+_CHECKED_UPLOADS = NotExposed(
+    "an upload is checked whole before it is stored: no invalid or over-long rows reach a job"
+)
+
+EVALUATION_SPEC_SOURCES: dict[str, str | NotExposed] = {
+    "model.trust_remote_code": "trust_remote_code",
+    "data.max_pairs": "max_pairs",
+    "data.max_samples": "max_samples",
+    "data.max_length": "max_length",
+    "data.truncate_answers": _CHECKED_UPLOADS,
+    "data.skip_invalid_rows": _CHECKED_UPLOADS,
+    "generation.max_new_tokens": "generation.max_new_tokens",
+    "generation.temperature": "generation.temperature",
+    "generation.top_p": NotExposed("an evaluation decodes greedily or at one temperature: comparable across runs"),
+    "generation.top_k": NotExposed("an evaluation decodes greedily or at one temperature: comparable across runs"),
+    "generation.seed": NotExposed("the engine's fixed sampling seed keeps evaluations reproducible"),
+    "hardness.scorer": NotExposed("pairs are bucketed by the hardness they carry; the service runs no CLIP scorer"),
+    "hardness.aggregation": _ENGINE_DETAIL,
+    "hardness.splitter": _ENGINE_DETAIL,
+    "hardness.batch_size": NotExposed("a throughput knob of the worker's CLIP pass, not of the job"),
+    "hardness.rescale": _ENGINE_DETAIL,
+    "hardness.thresholds": NotExposed("buckets are the data's tertiles, the same for every evaluation"),
+    "judge": NotExposed("the service configures no judge endpoint; CHAIR and the preference scores are reported"),
+    "pope.enabled": "pope",
+    "pope.per_image": NotExposed("fixed (3 present, 3 absent per split, POPE's own design): comparable across runs"),
+    "pope.seed": NotExposed("a fixed seed draws the same questions in every evaluation of a set"),
+    "pope.max_new_tokens": NotExposed("a yes or no needs few tokens; the engine's cap keeps answers short"),
+    "beta": "beta",
+    "batch_size": "batch_size",
 }

@@ -26,7 +26,9 @@ Layout (relative to the folder, and the keys below the prefix)::
                                            the checkpoint's PEFT adapter (part of the checkpoint and its manifest)
     jobs/<job_id>/init_adapter/            the adapter a job started from (copied there on its first attempt)
     jobs/<job_id>/checkpoint-adapters/     archives of checkpoint adapters, packed by the API on first download
-    jobs/<job_id>/exports/<export_id>/     a merged export: model/ (the worker's output, local only) and model.tar
+    jobs/<job_id>/exports/<export_id>/attempt-<n>/
+                                           a merged export, one folder per run: model/ (the worker's output, local
+                                           only) and model.tar (the row names the recording run's archive)
     uploads/tmp-*                          uploads in flight (local only; removed when rejected; left by a killed
                                            API: removed once stale, api.cleanup)
 
@@ -100,8 +102,13 @@ class ArtifactStore:
     def export_dir(self, job_id: str, export_id: str) -> Path:
         return self.job_dir(job_id) / "exports" / export_id
 
-    def export_archive(self, job_id: str, export_id: str) -> Path:
-        return self.export_dir(job_id, export_id) / "model.tar"
+    def export_attempt_dir(self, job_id: str, export_id: str, attempt: int) -> Path:
+        """What one run (attempt) of an export writes: its own folder, so a run that lost the export to the sweeper
+        cannot touch the files of the run that holds it now."""
+        return self.export_dir(job_id, export_id) / f"attempt-{attempt}"
+
+    def export_archive(self, job_id: str, export_id: str, attempt: int) -> Path:
+        return self.export_attempt_dir(job_id, export_id, attempt) / "model.tar"
 
     def uploads_dir(self) -> Path:
         path = self.root / "uploads"

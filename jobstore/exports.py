@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.models import Export, Job, utcnow
+from jobstore.runs import RunTable, gave_up_reason
 from jobstore.states import JobStatus, check_transition
 
 FORMATS = ("merged",)
@@ -26,6 +27,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = (
     JobStatus.succeeded.value,
     JobStatus.failed.value,
 )
+EXPORT_RUNS = RunTable(Export, (RUNNING,))
 
 
 def create_export(session: Session, *, tenant_id: str, job_id: str, format: str, queue: str | None = None) -> Export:
@@ -69,8 +71,8 @@ def claim_export(session: Session, *, export_id: str, worker: str) -> Export | N
     claimed = session.execute(
         update(Export)
         .where(Export.id == export_id, Export.status == QUEUED)
-        .values(status=RUNNING, worker=worker, attempts=Export.attempts + 1, heartbeat_at=now, started_at=now)
-        .values(updated_at=now)
+        .values(status=RUNNING, worker=worker, attempts=Export.attempts + 1, heartbeat_at=now)
+        .values(started_at=func.coalesce(Export.started_at, now), updated_at=now)  # the first run's start
         .execution_options(synchronize_session=False)
     )
     if getattr(claimed, "rowcount", 0) != 1:
@@ -93,14 +95,7 @@ def heartbeat_export(session: Session, *, export_id: str, worker: str, attempt: 
 def lock_owned_export(session: Session, *, export_id: str, worker: str, attempt: int) -> Export | None:
     """The export, locked for its final write, if ``worker`` still runs it in ``attempt``; else None (the sweeper
     gave it to another run meanwhile, which records the outcome)."""
-    query = (
-        select(Export)
-        .where(Export.id == export_id, Export.status == RUNNING, Export.worker == worker, Export.attempts == attempt)
-        .execution_options(populate_existing=True)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return session.scalar(query)
+    return EXPORT_RUNS.lock_owned(session, run_id=export_id, worker=worker, attempt=attempt)
 
 
 def finish_export(
@@ -125,34 +120,21 @@ def finish_export(
 
 
 def stale_exports(session: Session, *, older_than: datetime) -> list[str]:
-    """Ids of running exports whose worker has not heartbeaten since ``older_than``."""
-    silent = or_(Export.heartbeat_at.is_(None), Export.heartbeat_at < older_than)
-    return list(session.scalars(select(Export.id).where(Export.status == RUNNING, silent)))
+    """Ids of running exports whose worker has shown no sign of life since ``older_than``."""
+    return EXPORT_RUNS.stale_ids(session, older_than=older_than)
 
 
 def lock_stale_export(session: Session, *, export_id: str, older_than: datetime) -> Export | None:
-    """Lock an export that is still stale for recovery; None when it heartbeat meanwhile or another sweeper holds
-    it (``SKIP LOCKED`` on Postgres): one stale run is recovered once."""
-    silent = or_(Export.heartbeat_at.is_(None), Export.heartbeat_at < older_than)
-    query = (
-        select(Export)
-        .where(Export.id == export_id, Export.status == RUNNING, silent)
-        .execution_options(populate_existing=True)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return session.scalar(query)
+    """Lock an export that is still stale for recovery; None when it is not, or another sweeper holds it
+    (:meth:`jobstore.runs.RunTable.lock_stale`)."""
+    return EXPORT_RUNS.lock_stale(session, run_id=export_id, older_than=older_than)
 
 
 def recover_stale_export(session: Session, *, export: Export, max_attempts: int) -> str:
     """An export whose worker died: re-queue it (the merge starts over), or fail it with the reason once it has
     had ``max_attempts`` runs. Returns the new status."""
-    if export.attempts >= max_attempts:
-        finish_export(
-            session,
-            export=export,
-            error_message=f"the worker stopped responding {export.attempts} times; giving up",
-        )
+    if (reason := gave_up_reason(export.attempts, max_attempts=max_attempts)) is not None:
+        finish_export(session, export=export, error_message=reason)
     else:
         _set_status(export, QUEUED)
         export.worker, export.heartbeat_at = None, None

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from jobstore.db import page as _page
@@ -36,11 +37,13 @@ from jobstore.models import (
     utcnow,
 )
 from jobstore.redact import redact_json, redact_paths, strings_in
+from jobstore.runs import RunTable, gave_up_reason
 from jobstore.states import TERMINAL, ErrorKind, IllegalTransition, JobStatus, check_transition
 from jobstore.webhook_store import announce
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 RUNNING = (JobStatus.running.value, JobStatus.cancelling.value)  # a worker holds the job
+JOB_RUNS = RunTable(Job, RUNNING)
 # Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs.
 TRAINING, EVALUATION = "training", "evaluation"
 ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval"}
@@ -178,6 +181,18 @@ def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset
 
 def list_datasets(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
     return _page(session, select(Dataset).where(Dataset.tenant_id == tenant_id), Dataset, limit=limit, after=after)
+
+
+def lock_dataset(session: Session, *, dataset: Dataset, shared: bool = False) -> bool:
+    """Lock the dataset's row until the transaction ends (on Postgres; SQLite serialises writes) and reload it:
+    ``shared`` (``FOR SHARE``) while a job that reads it is created, so a concurrent delete either sees the new job
+    or happens first; exclusive (``FOR UPDATE``) for the delete itself. False when the dataset was deleted while
+    waiting for the lock."""
+    try:
+        session.refresh(dataset, with_for_update={"read": True} if shared else True)
+    except InvalidRequestError:  # the row went away while we waited
+        return False
+    return True
 
 
 def dataset_in_use(session: Session, *, dataset_id: str) -> bool:
@@ -354,6 +369,7 @@ def set_status(
     if target in TERMINAL:
         job.finished_at = now
         job.eta_seconds = None
+        job.stage = None  # "the current stage": an ended job has none (its events keep every stage it went through)
         if target == JobStatus.succeeded:
             job.progress = 1.0
     # The tenant reads the error and the result: no worker file paths in them but its own (jobstore.redact).
@@ -634,16 +650,9 @@ def get_artifact_by_path(session: Session, *, job_id: str, path: str) -> Artifac
 # ---- the sweeper ---------------------------------------------------------------------------------------------
 
 
-def stale_jobs(session: Session, *, older_than: datetime) -> list[Job]:
-    """Jobs marked running or cancelling whose worker has not heartbeaten since ``older_than``."""
-    return list(
-        session.scalars(
-            select(Job).where(
-                Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < older_than),
-            )
-        )
-    )
+def stale_jobs(session: Session, *, older_than: datetime) -> list[str]:
+    """Ids of jobs marked running or cancelling whose worker has shown no sign of life since ``older_than``."""
+    return JOB_RUNS.stale_ids(session, older_than=older_than)
 
 
 def orphaned_queued_jobs(session: Session, *, older_than: datetime) -> list[Job]:
@@ -657,13 +666,13 @@ def recover_stale_job(session: Session, *, job: Job, max_attempts: int) -> str:
     """A job whose worker died: re-queue it (it resumes from its last checkpoint) or fail it after the limit."""
     if job.status == JobStatus.cancelling.value:
         set_status(session, job=job, status=JobStatus.cancelled.value, message="worker lost while cancelling")
-    elif job.attempts >= max_attempts:
+    elif (reason := gave_up_reason(job.attempts, max_attempts=max_attempts)) is not None:
         set_status(
             session,
             job=job,
             status=JobStatus.failed.value,
             error_kind=ErrorKind.system_error,
-            error_message=f"the worker stopped responding {job.attempts} times; giving up",
+            error_message=reason,
         )
     else:
         set_status(
@@ -686,39 +695,12 @@ def job_owner(session: Session, *, job_id: str) -> tuple[str, str | None, int] |
 
 
 def lock_owned_job(session: Session, *, job_id: str, worker: str, attempt: int) -> Job | None:
-    """Lock the job for a final write if ``worker`` still runs it in ``attempt`` (running or cancelling), else None.
-
-    A worker whose heartbeats went silent may have been declared dead and its job re-queued (and claimed again);
-    it must then leave the job to its new owner instead of overwriting its status or result."""
-    query = (
-        select(Job)
-        .where(
-            Job.id == job_id,
-            Job.worker == worker,
-            Job.attempts == attempt,
-            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
-        )
-        .execution_options(populate_existing=True)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return session.scalar(query)
+    """Lock the job for a final write if ``worker`` still runs it in ``attempt`` (running or cancelling), else None
+    (:meth:`jobstore.runs.RunTable.lock_owned`)."""
+    return JOB_RUNS.lock_owned(session, run_id=job_id, worker=worker, attempt=attempt)
 
 
 def lock_stale_job(session: Session, *, job_id: str, older_than: datetime) -> Job | None:
-    """Lock a job that is still stale (running or cancelling, silent since ``older_than``) for recovery.
-
-    None when it changed since the sweeper listed it (a heartbeat came, another sweeper re-queued it and a worker
-    claimed it) or when another sweeper holds it (``SKIP LOCKED`` on Postgres): one stale run is recovered once."""
-    query = (
-        select(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < older_than),
-        )
-        .execution_options(populate_existing=True)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return session.scalar(query)
+    """Lock a job that is still stale for recovery; None when it is not, or another sweeper holds it
+    (:meth:`jobstore.runs.RunTable.lock_stale`)."""
+    return JOB_RUNS.lock_stale(session, run_id=job_id, older_than=older_than)

@@ -85,6 +85,15 @@ class Settings(BaseSettings):
         "of leaving a finished run to be re-queued and redone.",
     )
     model_cache_dir: Path | None = Field(default=None, description="Where workers keep models (HF_HOME).")
+    hardness_scorer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=300,
+        description="A CLIP model the workers can load (a hub id such as openai/clip-vit-large-patch14-336, or a "
+        "folder on the workers) that scores data hardness for datasets whose rows carry none; a job that leaves "
+        "hardness_scorer unset uses it. Unset: no CLIP scoring, and POST /jobs refuses methods dama and dama_data "
+        "on such datasets (400 hardness_required, naming the fixes).",
+    )
     allow_remote_code: bool = Field(
         default=False,
         description="Let job specs set trust_remote_code (a model repo's own Python then runs in the workers, "
@@ -198,6 +207,11 @@ class Settings(BaseSettings):
             if self.database_url is None or self.database_url.startswith("sqlite"):
                 raise ValueError("DAMA_DATABASE_URL: production needs a server database (Postgres), not SQLite")
         return self
+
+    @field_validator("hardness_scorer", mode="before")
+    @classmethod
+    def _blank_scorer_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("webhook_retry_schedule_s")
     @classmethod

@@ -14,6 +14,8 @@ from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, 
 from dama_settings.names import Method as Method
 from dama_settings.rules import too_small_filter_group
 
+# Names under this prefix are the service's own models: only those below exist (anything else is a typo).
+BUILTIN_PREFIX = "dama/"
 # Tiny models the worker builds on the spot (random weights, a local tokenizer): the embedded default and tests.
 TINY_MODELS = {"dama/tiny-llava": "llava", "dama/tiny-qwen2-vl": "qwen2_vl", "dama/tiny-idefics3": "idefics3"}
 # The proving ground's seeing base (dama_engine.proving), which the worker also builds on the spot: a tiny LLaVA
@@ -107,6 +109,7 @@ class EvaluationSpec(_Spec):
     )
     max_new_tokens: int = EVALUATION["max_new_tokens"].field(service=True, examples=[64])
     max_samples: int | None = EVALUATION["max_samples"].field(service=True, examples=[64])
+    pope: bool = EVALUATION["pope"].field(service=True, examples=[True])
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:
@@ -283,6 +286,7 @@ class EvaluationCreate(_Spec):
         default=8, gt=0, le=1024, description="Pairs per scoring pass and prompts per generation batch.", examples=[8]
     )
     trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True, examples=[False])
+    pope: bool = EVALUATION["pope"].field(service=True, examples=[True])
     queue: QueueName = Field(default=None, examples=[None])
 
     @model_validator(mode="after")

@@ -173,6 +173,12 @@ def redeliver(session: Session, *, delivery: WebhookDelivery) -> None:
     delivery.status, delivery.retry_index, delivery.next_attempt_at = PENDING, 0, utcnow()
 
 
+def with_current_attempts(session: Session, *, delivery: WebhookDelivery) -> WebhookDelivery:
+    """``delivery`` with its attempt count as stored now (a worker may have attempted it since it was read)."""
+    session.refresh(delivery, ["attempts"])
+    return delivery
+
+
 # ---- delivery (workers) ----------------------------------------------------------------------------------------
 
 

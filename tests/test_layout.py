@@ -164,18 +164,19 @@ ALLOWED_PACKAGES: dict[str, set[str]] = {
 # The engine's layers, lowest first: a module may import its own layer's units and those of lower layers, never a
 # higher one. The root's small shared modules form the lowest layer; each subpackage is one unit.
 ENGINE_LAYERS: list[set[str]] = [
-    {"errors", "threads", "model_files", "callbacks", "events"},
+    {"errors", "threads", "model_files", "callbacks", "events", "availability"},
     {"data"},
     {"objective"},
     {"config"},
     {"models"},
     {"forward"},
     {"evaluation"},
+    {"pairs"},
     {"training"},
     {"proving"},
     {"cli"},
 ]
-ENGINE_SUBPACKAGES = {"data", "objective", "models", "forward", "evaluation", "training", "proving", "cli"}
+ENGINE_SUBPACKAGES = {"data", "objective", "models", "forward", "evaluation", "pairs", "training", "proving", "cli"}
 MAX_ENGINE_FILE_LINES = 800
 
 
@@ -300,3 +301,23 @@ def test_the_graph_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
     for importer, target in edges:
         graph.setdefault(importer, set()).add(target)
     assert import_graph.cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_pair_generation_reaches_no_proving_ground_code() -> None:
+    """Pair generation is generic (issue 22): nothing ``dama_engine.pairs`` imports, directly or through the modules
+    it imports (at top level, in functions or under TYPE_CHECKING), is ``dama_engine.proving`` (the shapes world,
+    the seeing base and its own on-policy pairs)."""
+    modules, edges = _graph()
+    graph: dict[str, set[str]] = {}
+    for edge in edges:
+        graph.setdefault(edge.importer, set()).add(edge.target)
+    start = [module for module in modules if module == "dama_engine.pairs" or module.startswith("dama_engine.pairs.")]
+    assert "dama_engine.pairs.run" in start
+    reached: set[str] = set()
+    while start:
+        module = start.pop()
+        if module not in reached:
+            reached.add(module)
+            start += graph.get(module, ())
+    assert "dama_engine.data.matcher" in reached and "dama_engine.forward.generation" in reached  # the walk went deep
+    assert sorted(module for module in reached if module.startswith("dama_engine.proving")) == []

@@ -179,36 +179,129 @@ def test_one_idempotency_helper() -> None:
     assert not catches, f"a commit race handled outside the helper: {catches}"
 
 
+def _shared_errors() -> dict[str, str]:
+    """``NAME -> description`` of every shared error response (``NAME = error("...")`` in ``api/responses.py``)."""
+    shared: dict[str, str] = {}
+    for node in _tree(ROOT / "api" / "responses.py").body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "error"
+            and isinstance(node.value.args[0], ast.Constant)
+        ):
+            shared[ast.unparse(node.targets[0])] = str(node.value.args[0].value)
+    return shared
+
+
+def _inline_error_descriptions(path: Path) -> list[tuple[ast.AST, str]]:
+    """Error responses written out in place: ``{"model": ErrorResponse, "description": "..."}``."""
+    found: list[tuple[ast.AST, str]] = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Dict):
+            entries = {
+                key.value: value
+                for key, value in zip(node.keys, node.values, strict=True)
+                if isinstance(key, ast.Constant)
+            }
+            model, description = entries.get("model"), entries.get("description")
+            if isinstance(model, ast.Name) and model.id == "ErrorResponse" and isinstance(description, ast.Constant):
+                found.append((node, str(description.value)))
+    return found
+
+
 def test_each_shared_error_is_defined_once() -> None:
-    descriptions: dict[str, list[str]] = {}
+    """Every shared error response (``api/responses.py``) is written once: its description appears nowhere else in
+    api/, and an error response written out in place is not shared by two routes (it belongs in responses.py)."""
+    shared = _shared_errors()
+    assert {"UNAUTHORIZED", "JOB_NOT_FOUND", "STORAGE_FULL", "TOO_MANY_ACTIVE"} <= set(shared), shared
+    places: dict[str, list[str]] = {description: [] for description in shared.values()}
+    inline: dict[str, list[str]] = {}
     for path in _python_files("api"):
         for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.Constant) and node.value == "Missing or invalid API key.":
-                descriptions.setdefault(node.value, []).append(_where(path, node))
-    assert [len(places) for places in descriptions.values()] == [1], descriptions
+            if isinstance(node, ast.Constant) and node.value in places:
+                places[node.value].append(_where(path, node))
+        for node, description in _inline_error_descriptions(path):
+            inline.setdefault(description, []).append(_where(path, node))
+    copied = {description: where for description, where in places.items() if len(where) != 1}
+    assert not copied, f"shared error descriptions written more than once: {copied}"
+    repeated = {description: where for description, where in inline.items() if len(where) > 1}
+    assert not repeated, f"error responses written out in several places (share them in api/responses.py): {repeated}"
+
+
+# Calls that query or lock rows: on whatever they are called (a session, a connection, a statement), and, for
+# names other objects share (a progress bar's refresh, a dict's get), on a session.
+QUERY_METHODS = {"execute", "scalar", "scalars", "query", "with_for_update", "select"}
+SESSION_METHODS = {"refresh", "get"}
+QUERY_BUILDERS = {"select", "insert", "update", "delete", "text", "func", "and_", "or_"}
+# The readiness probe: ``SELECT 1`` (sqlalchemy's ``text``) on a bare connection (GET /readyz), no query of the
+# store; allowed in this one function of this one file.
+PROBE_FILE, PROBE_FUNCTION = "api/routers/health.py", "_check_database"
+
+
+def _query_use(tree: ast.Module, where: str) -> list[str]:
+    """Where a module builds a statement, queries or locks rows itself (``where``: its path from the root)."""
+    exempt: set[int] = set()
+    if where == PROBE_FILE:
+        exempt = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name == PROBE_FUNCTION
+            for inner in ast.walk(node)
+        }
+    found = []
+    for node in ast.walk(tree):
+        line = f"{where}:{getattr(node, 'lineno', '?')}"
+        if id(node) in exempt:
+            continue
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlalchemy":
+            names = {alias.name for alias in node.names} & QUERY_BUILDERS
+            if where == PROBE_FILE:
+                names -= {"text"}
+            found += [f"{line} imports {name}" for name in sorted(names)]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            receiver, method = ast.unparse(node.func.value), node.func.attr
+            if method in QUERY_METHODS or (method in SESSION_METHODS and "session" in receiver.lower()):
+                found.append(f"{line} {receiver}.{method}()")
+        if isinstance(node, ast.keyword) and node.arg == "with_for_update":
+            found.append(f"{line} with_for_update=")
+    return found
 
 
 def test_queries_only_in_jobstore() -> None:
-    """api/ and worker/ read and write the job store through jobstore's functions, never with their own query
-    (the API's readiness probe, ``SELECT 1`` on a bare connection, is no query of the store)."""
-    query_calls = {"select", "insert", "update", "delete", "scalar", "scalars", "query"}
-    offending = []
-    for path in _python_files("api", "worker"):
-        if path.name == "distributed.py":
-            continue
-        for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.ImportFrom) and node.module == "sqlalchemy":
-                names = {alias.name for alias in node.names}
-                offending += [f"{_where(path, node)} imports {name}" for name in names & query_calls]
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "session"
-                and node.func.attr in query_calls | {"get", "execute"}
-            ):
-                offending.append(f"{_where(path, node)} session.{node.func.attr}")
+    """api/ and worker/ read, write and lock the job store through jobstore's functions, never with a statement,
+    a query or a row lock of their own (``session.refresh(row, with_for_update=...)`` included); the API's
+    readiness probe, ``SELECT 1`` on a bare connection, is no query of the store."""
+    offending = [
+        place
+        for path in _python_files("api", "worker")
+        if path.name != "distributed.py"
+        for place in _query_use(_tree(path), str(path.relative_to(ROOT)))
+    ]
     assert not offending, offending
+
+
+def test_the_query_check_sees_row_locks_and_statements() -> None:
+    """The check is not blind: what the service layer used to do is caught, wherever it is written."""
+    sample = ast.parse(
+        "from sqlalchemy import select\n"
+        "def lock(session, dataset, delivery, query):\n"
+        "    session.refresh(dataset, with_for_update={'read': True})\n"
+        "    self.session.refresh(delivery, ['attempts'])\n"
+        "    connection.execute(query.with_for_update())\n"
+    )
+    found = sorted(place.split(" ", 1)[1] for place in _query_use(sample, "api/services/sample.py"))
+    assert found == sorted(
+        [
+            "imports select",
+            "session.refresh()",
+            "with_for_update=",
+            "self.session.refresh()",
+            "connection.execute()",
+            "query.with_for_update()",
+        ]
+    ), found
+    assert _query_use(ast.parse("bar.refresh()\nsettings.get('x')\n"), "worker/serve.py") == []
 
 
 def test_sessions_are_typed() -> None:

@@ -30,7 +30,7 @@ from jobstore import spec, states
 
 # Fields of the engine config that are the engine's alone (defined once, in dama_engine.config).
 ENGINE_ONLY = {
-    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter"},
+    "ModelSection": {"name_or_path", "revision", "attn_implementation", "init_adapter", "public_name"},
     "DataSection": {"train", "eval"},
     "LoraSection": {"freeze_vision_tower"},
     "EvaluationSection": {"enabled", "generative", "vocabulary", "max_pairs"},
@@ -80,6 +80,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "generative_dataset_id": None,
         "max_new_tokens": knobs.EVALUATION["max_new_tokens"],
         "max_samples": knobs.EVALUATION["max_samples"],
+        "pope": knobs.EVALUATION["pope"],
     },
     spec.JobSpec: {
         "model": None,

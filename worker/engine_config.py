@@ -4,9 +4,10 @@
    fetches the datasets (and a tuned or starting adapter) from the artifact store, builds a built-in base model
    into the model cache and copies the starting adapter, and answers local paths (:class:`StagedInputs`).
 2. Translation (:func:`train_config`, :func:`evaluation_config`): pure functions of the spec and the staged paths.
-   Every knob comes from the spec through ``dama_settings.spec_sources.JOB_SPEC_SOURCES`` (no hand-copied list);
-   what the spec does not carry is the worker's (:data:`WORKER_DECIDES`). A test fails when an engine setting is
-   in neither table (tests/worker/test_spec_translation.py).
+   Every knob comes from the spec through ``dama_settings.spec_sources.JOB_SPEC_SOURCES`` (an evaluation request's
+   through ``EVALUATION_SPEC_SOURCES``; no hand-copied list); what the spec does not carry is the worker's
+   (:data:`WORKER_DECIDES`, :data:`EVALUATION_WORKER_DECIDES`). A test fails when an engine setting is in neither
+   table (tests/worker/test_spec_translation.py).
 
 Field names follow the engine's; this module only decides paths and the few service-level defaults:
 
@@ -45,10 +46,10 @@ from dama_engine.models import build_tiny_model
 from dama_engine.proving import BASE as SEEING_BASE_RECIPE
 from dama_engine.proving import build_seeing_base, seeing_base_recipe
 from dama_engine.training import ADAPTER_DIR, checkpoint_dir
-from dama_settings.spec_sources import JOB_SPEC_SOURCES, NotExposed
+from dama_settings.spec_sources import EVALUATION_SPEC_SOURCES, JOB_SPEC_SOURCES, NotExposed
 from jobstore.artifacts import ArtifactStore
 from jobstore.settings import Settings
-from jobstore.spec import SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
+from jobstore.spec import BUILTIN_MODELS, SEEING_MODEL, TINY_MODELS, EvaluationCreate, Hyperparameters, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,18 @@ def _built_once(target: Path, build: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # another worker finished first (theirs is identical), or failed
     return target
+
+
+def build_builtin_model(model: str, folder: Path) -> None:
+    """Build the built-in model ``model`` (``dama/...``) into ``folder``: the weights a worker builds (identical
+    when both build on a CPU), so an adapter downloaded from the service loads on it elsewhere."""
+    tiny_family = TINY_MODELS.get(model)
+    if tiny_family:
+        build_tiny_model(tiny_family, folder, seed=TINY_MODEL_SEED)
+    elif model == SEEING_MODEL:
+        build_seeing_base(folder, **SEEING_BASE_RECIPE)
+    else:
+        raise ConfigError(f"{model!r} is not a built-in model; the built-in models are {', '.join(BUILTIN_MODELS)}")
 
 
 def ensure_tiny_model(family: str, cache_root: Path) -> Path:
@@ -194,9 +207,19 @@ def _built_in_model(model: str, trust_remote_code: bool, settings: Settings) -> 
     return None
 
 
+def builtin_model_unbuilt(model: str, settings: Settings) -> bool:
+    """Whether ``model`` is a built-in model this worker has not built yet (its run starts by building it)."""
+    root = model_cache_root(settings)
+    tiny_family = TINY_MODELS.get(model)
+    if tiny_family:
+        return not (root / "dama-tiny" / f"{tiny_family}-seed{TINY_MODEL_SEED}" / "config.json").is_file()
+    return model == SEEING_MODEL and not (seeing_base_dir(root) / "config.json").is_file()
+
+
 def _model_values(model: str, trust_remote_code: bool, model_path: Path | None) -> dict[str, Any]:
     return {
         "name_or_path": model if model_path is None else str(model_path),
+        "public_name": model,  # what the adapter names as its base: the job's model, never the staged folder
         "trust_remote_code": trust_remote_code,
         # Built-in models: float32 everywhere, so CPU runs and GPU runs agree and bf16 rounding cannot swamp them.
         "precision": "auto" if model_path is None else "fp32",
@@ -238,6 +261,7 @@ WORKER_DECIDES: dict[str, dict[str, str | NotExposed]] = {
         "name_or_path": "the hub name, or a built-in model's staged folder",
         "precision": "auto for hub models, fp32 for built-in ones",
         "init_adapter": "the staged copy of init_adapter",
+        "public_name": "the job's model name (a built-in model's name, never its staged folder)",
         "revision": NotExposed("a job names a model, not a hub revision"),
         "attn_implementation": NotExposed("the engine picks the model's best"),
     },
@@ -266,8 +290,8 @@ WORKER_DECIDES: dict[str, dict[str, str | NotExposed]] = {
 _UNSET = object()
 
 
-def _spec_value(spec: JobSpec, path: str) -> Any:
-    """The job-spec value at a dotted ``path``; _UNSET when a section on the way is absent (null)."""
+def _spec_value(spec: JobSpec | EvaluationCreate, path: str) -> Any:
+    """The spec's value at a dotted ``path``; _UNSET when a section on the way is absent (null)."""
     value: Any = spec
     for name in path.split("."):
         if value is None:
@@ -364,28 +388,45 @@ def stage_evaluation_inputs(spec: EvaluationCreate, *, store: ArtifactStore, set
     return StagedEvaluation(model_path, preference, generative, vocabulary, adapter)
 
 
+# The evaluation settings an evaluation request does not carry and the worker decides
+# (dama_settings.spec_sources.EVALUATION_SPEC_SOURCES names the others), by dotted path in the engine's config.
+EVALUATION_WORKER_DECIDES: dict[str, str | NotExposed] = {
+    "model.name_or_path": "the hub name, or a built-in model's staged folder",
+    "model.precision": "auto for hub models, fp32 for built-in ones",
+    "model.revision": NotExposed("a request names a model, not a hub revision"),
+    "model.attn_implementation": NotExposed("the engine picks the model's best"),
+    "model.init_adapter": NotExposed("the tuned adapter is compared with the plain base model"),
+    "model.public_name": "the request's model name (a built-in model's name, never its staged folder)",
+    "adapter": "the staged tuned adapter of adapter_job_id",
+    "data.preference": "the staged preference dataset",
+    "data.format": "the format the preference upload was read as",
+    "data.generative": "the staged generative set's JSONL file",
+    "data.vocabulary": "the staged generative set's vocabulary",
+    "device": NotExposed("the worker's own device (auto: CUDA when available)"),
+    "output_dir": "the evaluation job's run folder",
+}
+
+
 def evaluation_config(
     spec: EvaluationCreate, staged: StagedEvaluation, *, run_dir: Path, preference_format: str | None = None
 ) -> EvaluationConfig:
-    """The engine config of one evaluation job: a pure function of the request and what staging made."""
-    data: dict[str, Any] = {"max_samples": spec.max_samples, "max_pairs": spec.max_pairs, "max_length": spec.max_length}
+    """The engine config of one evaluation job: a pure function of the request and what staging made. Each knob
+    comes from the request through :data:`dama_settings.spec_sources.EVALUATION_SPEC_SOURCES`; the rest is the
+    worker's (:data:`EVALUATION_WORKER_DECIDES`)."""
+    values: dict[str, Any] = {"model": {}, "data": {}, "generation": {}}
+    for path, source in EVALUATION_SPEC_SOURCES.items():
+        if not isinstance(source, NotExposed):
+            *section, name = path.split(".")
+            (values.setdefault(section[0], {}) if section else values)[name] = _spec_value(spec, source)
+    values["model"].update(_model_values(spec.model, spec.trust_remote_code, staged.model_path))
+    data = values["data"]
     if staged.preference is not None:
         data["preference"] = str(staged.preference)
         data["format"] = preference_format if preference_format in ENGINE_FORMATS else "auto"
     if staged.generative is not None:
         data.update(generative=str(staged.generative), vocabulary=str(staged.vocabulary))
-    values: dict[str, Any] = {
-        "model": _model_values(spec.model, spec.trust_remote_code, staged.model_path),
-        "adapter": str(staged.adapter) if staged.adapter is not None else None,
-        "data": data,
-        "generation": {
-            "max_new_tokens": spec.generation.max_new_tokens,
-            "temperature": spec.generation.temperature,
-        },
-        "beta": spec.beta,
-        "batch_size": spec.batch_size,
-        "output_dir": str(run_dir.resolve()),
-    }
+    values["adapter"] = str(staged.adapter) if staged.adapter is not None else None
+    values["output_dir"] = str(run_dir.resolve())
     return parse_evaluation_config(values)
 
 

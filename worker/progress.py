@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +39,8 @@ from jobstore.states import JobStatus
 from worker.outbox import MEMORY_LIMIT, Outbox, Report
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 StopReason = Literal["cancelled", "lost", "shutdown"]
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
@@ -433,6 +435,24 @@ def store_unreachable(error: BaseException | None) -> bool:
     if isinstance(error, OperationalError | InterfaceError):
         return True
     return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def write_until(deadline: float, write: Callable[[], T], *, what: str) -> T | None:
+    """A run's final write (its outcome): ``write`` (one transaction) again after each :class:`Backoff` delay
+    while the job store is unreachable, until ``deadline`` (``time.monotonic()``). None when it could not be made
+    (an error that is no outage, or the deadline passed): the run then stays held with a silent heartbeat and the
+    sweeper recovers it. ``what`` names the write in the log ("job job_1: its outcome (succeeded)")."""
+    backoff = Backoff()
+    while True:
+        try:
+            return write()
+        except Exception as error:
+            delay = backoff.next()
+            if not store_unreachable(error) or time.monotonic() + delay > deadline:
+                log.exception("%s could not be recorded", what)
+                return None
+            log.warning("%s: job store unreachable; recording it again in %.1f s", what, delay)
+            time.sleep(delay)
 
 
 class EvaluationReporter(JobReporter):

@@ -166,6 +166,11 @@ def run_demo(
         tenant = get_or_create_tenant(session=session, name="demo")
         _row, api_key = create_api_key(session, tenant_id=tenant.id, pepper=settings.resolved_api_key_pepper)
     engine.dispose()
+    print(
+        f"[demo] tenant 'demo', API key {api_key}: sign in to the console ({base_url}/console) with this key; "
+        f"for the dama commands: export DAMA_API_KEY={api_key}",
+        flush=True,
+    )
     headers = {"Authorization": f"Bearer {api_key}"}
     client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
     root = default_root()
@@ -193,7 +198,8 @@ def run_demo(
     response.raise_for_status()
     job = response.json()
     print(
-        f"[demo] job {job['id']} on {SEEING_MODEL} queued (the worker builds the model on first use); follow it "
+        f"[demo] job {job['id']} on {SEEING_MODEL} queued (the worker builds the model on first use: stage "
+        "building_model, about 1-2 min); follow it "
         f"with GET {base_url}/jobs/{job['id']}/events",
         flush=True,
     )

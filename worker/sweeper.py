@@ -15,7 +15,9 @@ broker; heartbeats in the job store are what tell a live run from a dead one:
   a duplicate message is a no-op;
 * every other run kind goes the same way: a merged export silent for ``heartbeat_timeout_s`` is re-queued (the
   merge starts over) or failed with its reason after ``max_attempts`` runs
-  (:func:`jobstore.exports.recover_stale_export`), and a queued export nobody claimed is sent again.
+  (:func:`jobstore.exports.recover_stale_export`), and a queued export nobody claimed is sent again. Each kind
+  is one :class:`RunKind` in :data:`RUN_KINDS`, walked by the same loop; what a silent run is (no heartbeat, else
+  no start, since the cutoff) and which rows are locked are :mod:`jobstore.runs`'s, shared by every kind.
 
 Where it runs: a daemon thread in every worker process (:class:`SweeperThread`), not Celery beat. That needs no
 extra process in the embedded single-machine mode, and it keeps sweeping while the worker's only pool slot is
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from celery import Celery
@@ -69,17 +73,69 @@ class StoreWatch:
         return self.back_since is not None and self.back_since > silent_since
 
 
+@dataclass(frozen=True)
+class RunKind:
+    """One kind of run the sweeper recovers, as the job store and the broker name its parts."""
+
+    name: str  # "job", "export": in the log, and (but for jobs) in the counts ("export_requeued")
+    stale: Callable[..., list[str]]  # (session, *, older_than) -> ids of held runs gone silent
+    recover: Callable[[Session, str, datetime, int], tuple[str, str] | None]  # -> (new status, queue), or None
+    send: Callable[[Celery, str, str], None]  # (app, run id, queue): enqueue it
+
+    def count(self, status: str) -> str:
+        outcome = {JobStatus.queued.value: "requeued"}.get(status, status)
+        return outcome if self.name == "job" else f"{self.name}_{outcome}"
+
+
+def _recover_job(session: Session, job_id: str, silent_since: datetime, max_attempts: int) -> tuple[str, str] | None:
+    job = repository.lock_stale_job(session, job_id=job_id, older_than=silent_since)
+    if job is None:
+        return None  # it heartbeat meanwhile, or another sweeper has it
+    log.warning("job %s: worker %s silent since %s", job_id, job.worker, job.heartbeat_at)
+    return repository.recover_stale_job(session, job=job, max_attempts=max_attempts), job.queue
+
+
+def _recover_export(
+    session: Session, export_id: str, silent_since: datetime, max_attempts: int
+) -> tuple[str, str] | None:
+    export = exports.lock_stale_export(session, export_id=export_id, older_than=silent_since)
+    if export is None:
+        return None
+    log.warning("export %s: worker %s silent since %s", export_id, export.worker, export.heartbeat_at)
+    status = exports.recover_stale_export(session, export=export, max_attempts=max_attempts)
+    return status, exports.export_queue(session, export=export)
+
+
+RUN_KINDS = {
+    "job": RunKind(
+        "job",
+        repository.stale_jobs,
+        _recover_job,
+        lambda app, job_id, queue: enqueue_job(app, job_id=job_id, queue=queue),
+    ),
+    "export": RunKind(
+        "export",
+        exports.stale_exports,
+        _recover_export,
+        lambda app, export_id, queue: enqueue_export(app, export_id=export_id, queue=queue),
+    ),
+}
+
+
 def sweep(
     session_factory: sessionmaker[Session], celery_app: Celery, settings: Settings, watch: StoreWatch | None = None
 ) -> Counter[str]:
-    """One pass; returns counts of what it did (``requeued``, ``failed``, ``cancelled``, ``resent``). With
-    ``watch`` (the process's own view of job-store outages), no run is re-queued for a silence an outage caused."""
+    """One pass; returns counts of what it did (``requeued``, ``failed``, ``cancelled``, ``resent``; for exports
+    ``export_requeued``, ``export_failed``). With ``watch`` (the process's own view of job-store outages), no run
+    is re-queued for a silence an outage caused."""
     done: Counter[str] = Counter()
     now = utcnow()
     silent_since = now - timedelta(seconds=settings.heartbeat_timeout_s)
     try:
         with session_scope(session_factory) as session:
-            stale = [job.id for job in repository.stale_jobs(session, older_than=silent_since)]
+            stale = [
+                (kind, run_id) for kind in RUN_KINDS.values() for run_id in kind.stale(session, older_than=silent_since)
+            ]
     except Exception:
         if watch is not None:
             watch.failed()
@@ -89,29 +145,19 @@ def sweep(
         if stale and watch.grace(silent_since):
             log.info("sweeper: %d silent runs left alone: the job store came back at %s", len(stale), watch.back_since)
             stale = []
-    for job_id in stale:
+    for kind, run_id in stale:
         try:
             with session_scope(session_factory) as session:
-                job = repository.lock_stale_job(session, job_id=job_id, older_than=silent_since)
-                if job is None:
-                    continue  # it heartbeat meanwhile, or another sweeper has it
-                log.warning("job %s: worker %s silent since %s", job_id, job.worker, job.heartbeat_at)
-                status = repository.recover_stale_job(session, job=job, max_attempts=settings.max_attempts)
-                queue = job.queue
-            # Sent after the commit, so the worker that takes the message finds the job queued.
-            done[_outcome(status)] += 1
+                recovered = kind.recover(session, run_id, silent_since, settings.max_attempts)
+            if recovered is None:
+                continue
+            status, queue = recovered
+            done[kind.count(status)] += 1
+            # Sent after the commit, so the worker that takes the message finds the run queued.
             if status == JobStatus.queued.value:
-                enqueue_job(celery_app, job_id=job_id, queue=queue)
+                kind.send(celery_app, run_id, queue)
         except Exception:
-            log.exception("sweeper: could not recover job %s", job_id)
-
-    done += _recover_exports(
-        session_factory,
-        celery_app,
-        settings,
-        silent_since=silent_since,
-        judge=not (watch is not None and watch.grace(silent_since)),
-    )
+            log.exception("sweeper: could not recover %s %s", kind.name, run_id)
 
     unclaimed_since = now - timedelta(seconds=2 * settings.sweep_interval_s)
     with session_scope(session_factory) as session:
@@ -123,60 +169,18 @@ def sweep(
             for export in exports.orphaned_queued_exports(session, older_than=unclaimed_since)
         ]
     waiting: dict[str, int | None] = {}
-    for kind, run_id, queue in orphans:
+    for name, run_id, queue in orphans:
         if queue not in waiting:
             waiting[queue] = queued_messages(celery_app, queue)
         if waiting[queue]:
             continue
         try:
-            _send(celery_app, kind=kind, run_id=run_id, queue=queue)
-            log.info("sweeper: %s %s was queued but never claimed; sent it again", kind, run_id)
+            RUN_KINDS[name].send(celery_app, run_id, queue)
+            log.info("sweeper: %s %s was queued but never claimed; sent it again", name, run_id)
             done["resent"] += 1
         except Exception:
-            log.exception("sweeper: could not send %s %s again", kind, run_id)
+            log.exception("sweeper: could not send %s %s again", name, run_id)
     return done
-
-
-def _send(celery_app: Celery, *, kind: str, run_id: str, queue: str) -> None:
-    if kind == "export":
-        enqueue_export(celery_app, export_id=run_id, queue=queue)
-    else:
-        enqueue_job(celery_app, job_id=run_id, queue=queue)
-
-
-def _recover_exports(
-    session_factory: sessionmaker[Session],
-    celery_app: Celery,
-    settings: Settings,
-    *,
-    silent_since: datetime,
-    judge: bool,
-) -> Counter[str]:
-    """Re-queue (and send again) or fail each running export whose worker went silent, as for jobs."""
-    done: Counter[str] = Counter()
-    if not judge:
-        return done
-    with session_scope(session_factory) as session:
-        stale = exports.stale_exports(session, older_than=silent_since)
-    for export_id in stale:
-        try:
-            with session_scope(session_factory) as session:
-                export = exports.lock_stale_export(session, export_id=export_id, older_than=silent_since)
-                if export is None:
-                    continue  # it heartbeat meanwhile, or another sweeper has it
-                log.warning("export %s: worker %s silent since %s", export_id, export.worker, export.heartbeat_at)
-                status = exports.recover_stale_export(session, export=export, max_attempts=settings.max_attempts)
-                queue = exports.export_queue(session, export=export)
-            done[f"export_{_outcome(status)}"] += 1
-            if status == exports.QUEUED:  # sent after the commit: the worker that takes it finds it queued
-                enqueue_export(celery_app, export_id=export_id, queue=queue)
-        except Exception:
-            log.exception("sweeper: could not recover export %s", export_id)
-    return done
-
-
-def _outcome(status: str) -> str:
-    return {JobStatus.queued.value: "requeued"}.get(status, status)
 
 
 def queued_messages(celery_app: Celery, queue: str) -> int | None:

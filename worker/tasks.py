@@ -15,7 +15,8 @@ Outcomes:
 * success -> the adapter folder is packed into ``ArtifactStore.adapter_archive(job_id)`` (a flat tar.gz: it
   extracts into a folder ``peft.PeftModel.from_pretrained`` loads), published to the artifact store with the run's
   files, registered with its sha256, and the job ``succeeded`` with its final metrics in ``result``;
-* cancel requested -> the engine stops at the next step boundary -> ``cancelled``;
+* cancel requested -> the engine stops at the next step boundary, stage change or progress report, and any other
+  work (building or loading a model) is interrupted within seconds (:mod:`worker.cancel`) -> ``cancelled``;
 * worker shutting down (SIGTERM) -> the engine checkpoints and stops -> the job goes back to ``queued`` and the
   sweeper sends it again; it resumes from that checkpoint;
 * bad input (data, config, dataset files, model name) -> ``failed`` with ``user_error`` and the engine's message;
@@ -58,6 +59,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dama_engine.availability import unavailable_reason
 from dama_engine.callbacks import CallbackList
 from dama_engine.config import ConfigError
 from dama_engine.errors import UserError
@@ -72,18 +74,18 @@ from jobstore.models import Job
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec
 from jobstore.states import ErrorKind, JobStatus
+from worker.cancel import CancelWatch
 from worker.distributed import run_distributed
 from worker.engine_config import (
     AdapterMissing,
     DatasetMissing,
+    build_train_config,
+    builtin_model_unbuilt,
     evaluation_config,
     evaluation_passes,
     stage_evaluation_inputs,
-    stage_training_inputs,
-    train_config,
 )
 from worker.progress import (
-    Backoff,
     EvaluationReporter,
     Heartbeat,
     JobReporter,
@@ -92,7 +94,7 @@ from worker.progress import (
     StallWatchdog,
     deep_json_safe,
     json_safe,
-    store_unreachable,
+    write_until,
 )
 from worker.scratch import Scratch
 from worker.sweeper import StoreWatch, sweep
@@ -112,6 +114,8 @@ ArtifactRecord = tuple[str, str, str, str, int]
 # Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
 # "validating", the weights in "loading_model").
 MODEL_STAGES = (None, "validating", "loading_model")
+# The worker's own stage before the engine's: building a built-in base model on first use.
+BUILDING_MODEL = "building_model"
 
 
 class JobStoreUnavailable(RuntimeError):
@@ -370,15 +374,16 @@ def _run_claimed(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactStore
             folder=store.job_dir(job_id) / "tracking",
             note=reporter.note,
         )
-        result = _train(spec, claimed, reporter, store=store, settings=settings, tracking=tracking)
+        with recorder.cancel_watch().armed():
+            result = _train(spec, claimed, reporter, store=store, settings=settings, tracking=tracking)
     except JobStopped:
         result = None
     except Exception as error:
-        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning("job %s failed (%s): %s", job_id, kind.value, message.splitlines()[0] if message else "")
-        if tracking is not None:
-            tracking.finish("failed")
-        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
+        if reporter.stop_reason == "cancelled":  # interrupted, and wrapped on its way out (e.g. in an OSError)
+            log.info("job %s: cancelled (%s on the way out)", job_id, type(error).__name__)
+            result = None
+        else:
+            return _failed(recorder, error, tracking=tracking, model=spec.model if spec else None)
 
     if result is None or result.stopped:
         if tracking is not None:
@@ -424,19 +429,19 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
     outcome: EvaluationResult | None = None
     try:
         spec = EvaluationCreate.model_validate(claimed.spec)
-        staged = stage_evaluation_inputs(spec, store=store, settings=settings)
-        config = evaluation_config(
-            spec, staged, run_dir=store.run_dir(claimed.job_id), preference_format=claimed.dataset_format
-        )
-        outcome = run_evaluation(config, reporter)
+        with recorder.cancel_watch().armed():  # staging may build a built-in model: a minute without reports
+            _announce_build(spec.model, reporter, settings)
+            staged = stage_evaluation_inputs(spec, store=store, settings=settings)
+            config = evaluation_config(
+                spec, staged, run_dir=store.run_dir(claimed.job_id), preference_format=claimed.dataset_format
+            )
+            outcome = run_evaluation(config, reporter)
     except JobStopped:
         outcome = None
     except Exception as error:
-        kind, message = classify_error(error, stage=reporter.stage, model=spec.model if spec else None)
-        log.warning(
-            "evaluation %s failed (%s): %s", claimed.job_id, kind.value, message.splitlines()[0] if message else ""
-        )
-        return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
+        if reporter.stop_reason != "cancelled":
+            return _failed(recorder, error, tracking=None, model=spec.model if spec else None)
+        outcome = None  # interrupted, and wrapped on its way out
     if outcome is None:
         return recorder.stopped()
     try:
@@ -462,6 +467,18 @@ def _run_evaluation(claimed: _Claimed, recorder: _Recorder, *, store: ArtifactSt
         result=summary,
         artifacts=artifacts,
     )
+
+
+def _failed(recorder: _Recorder, error: Exception, *, tracking: Tracking | None, model: str | None) -> str | None:
+    """Record a run that raised: ``user_error`` with its message, or ``system_error`` with a short traceback; the
+    whole traceback goes to this worker's log only."""
+    kind, message = classify_error(error, stage=recorder.reporter.stage, model=model)
+    job_id = recorder.owner.job_id
+    first_line = message.splitlines()[0] if message else ""
+    log.warning("job %s failed (%s): %s", job_id, kind.value, first_line, exc_info=error)
+    if tracking is not None:
+        tracking.finish("failed")
+    return recorder.finish(JobStatus.failed, error_kind=kind, error_message=message)
 
 
 def _claim(
@@ -516,13 +533,9 @@ def _train(
     tracking: Tracking | None = None,
 ) -> TrainResult:
     # Stage (artifact store, built-in models, starting adapter), then translate (a pure function of the spec).
-    staged = stage_training_inputs(spec, job_id=claimed.job_id, store=store, settings=settings)
-    config = train_config(
-        spec,
-        staged,
-        run_dir=store.run_dir(claimed.job_id),
-        cache_dir=settings.resolved_scratch_dir / "cache",
-        dataset_format=claimed.dataset_format,
+    _announce_build(spec.model, reporter, settings)
+    config = build_train_config(
+        spec, job_id=claimed.job_id, store=store, settings=settings, dataset_format=claimed.dataset_format
     )
     if spec.gpus > 1:
         _check_gpus(spec.gpus)
@@ -531,6 +544,13 @@ def _train(
     # The same progress records as under torchrun, delivered in process (dama_engine.events).
     relay = EventRelay(reporter)
     return train(config, CallbackList([relay, tracking]) if tracking is not None else relay)
+
+
+def _announce_build(model: str, reporter: JobReporter, settings: Settings) -> None:
+    """A ``building_model`` stage while this worker builds a built-in base on first use (about a minute for the
+    seeing base), so the job does not sit at 'running' with no stage meanwhile."""
+    if builtin_model_unbuilt(model, settings):
+        reporter.on_stage(BUILDING_MODEL, {"model": model})
 
 
 def _check_gpus(wanted: int) -> None:
@@ -556,6 +576,10 @@ class _Recorder:
     wait_s: float
     storage: StorageAccount
 
+    def cancel_watch(self) -> CancelWatch:
+        """Interrupts the run in any stage once its job is ``cancelling`` (:mod:`worker.cancel`)."""
+        return CancelWatch(owner=self.owner, session_factory=self.session_factory, reporter=self.reporter)
+
     def stopped(self) -> str | None:
         """The engine stopped early: cancelled, re-queued (the worker is shutting down), or lost."""
         deadline = time.monotonic() + self.wait_s
@@ -577,23 +601,12 @@ class _Recorder:
         return self._record(status, deadline, **outcome)
 
     def _record(self, status: JobStatus, deadline: float, **outcome: Any) -> str | None:
-        backoff = Backoff()
-        while True:
-            try:
-                return _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome)
-            except Exception as error:
-                delay = backoff.next()
-                if not store_unreachable(error) or time.monotonic() + delay > deadline:
-                    # The job stays running with a silent heartbeat; the sweeper recovers it.
-                    log.exception("job %s: could not record its outcome (%s)", self.owner.job_id, status.value)
-                    return None
-                log.warning(
-                    "job %s: job store unreachable; recording the outcome (%s) again in %.1f s",
-                    self.owner.job_id,
-                    status.value,
-                    delay,
-                )
-                time.sleep(delay)
+        # Past the deadline the job stays running with a silent heartbeat; the sweeper recovers it.
+        return write_until(
+            deadline,
+            lambda: _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome),
+            what=f"job {self.owner.job_id}: its outcome ({status.value})",
+        )
 
 
 def _store_outcome(
@@ -704,8 +717,8 @@ def classify_error(error: BaseException, *, stage: str | None, model: str | None
     # an errno; an OSError with one (disk full, I/O error) is the machine's fault.
     if isinstance(error, OSError) and error.errno is None and stage in MODEL_STAGES:
         return ErrorKind.user_error, _clip(
-            f"model {model!r} could not be loaded: {error}\nCheck the name (a hub id or a folder on the workers) "
-            "and its revision, and that the workers can download it or have it in their model cache."
+            f"model {model!r} could not be loaded: {unavailable_reason(error)} (check the name: a hub id or a "
+            "folder on the workers)"
         )
     if isinstance(error, ValueError) and stage in ("validating", "loading_model"):
         return ErrorKind.user_error, _clip(

@@ -28,7 +28,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
             "model": ErrorResponse,
             "description": "filter_group_too_small: the model-aware filter would see fewer pairs than it needs "
             "(shared/DAMA.md 2.5); the message names both fixes. unknown_tracking_target: integrations[i].target "
-            "names no tracking target of this service.",
+            "names no tracking target of this service. unknown_model: a `dama/...` model that is not a built-in "
+            "model (GET /models lists them). hardness_required: method dama or dama_data on a dataset whose rows "
+            "carry no hardness while the service has no CLIP scorer; the message names the fixes.",
         },
         401: UNAUTHORIZED,
         403: STORAGE_FULL,

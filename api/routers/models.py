@@ -10,7 +10,7 @@ import re
 
 from fastapi import APIRouter
 
-from api.deps import CurrentTenant
+from api.deps import CurrentTenant, ServicesDep
 from api.schemas import ModelCatalogPublic, ModelFamilyPublic, TinyModelPublic
 from dama_settings.families import FAMILY_LAYOUTS, FamilyLayout
 from jobstore.spec import BUILTIN_MODELS, SEEING_MODEL
@@ -54,7 +54,10 @@ TINY = tuple(
     "",
     summary="Supported models",
     description="Model families a job's base model may belong to (any model of these transformers model types), "
-    "with their default LoRA targets, and the built-in tiny models.",
+    "with their default LoRA targets, the built-in tiny models (a `dama/...` name not listed here is refused at "
+    "POST /jobs), and the CLIP hardness scorer the workers use for rows without hardness (null: none).",
 )
-def list_models(_tenant: CurrentTenant) -> ModelCatalogPublic:
-    return ModelCatalogPublic(families=list(FAMILIES), tiny_models=list(TINY))
+def list_models(_tenant: CurrentTenant, services: ServicesDep) -> ModelCatalogPublic:
+    return ModelCatalogPublic(
+        families=list(FAMILIES), tiny_models=list(TINY), hardness_scorer=services.settings.hardness_scorer
+    )

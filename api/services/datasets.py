@@ -177,7 +177,8 @@ def delete(session: Session, services: Services, *, tenant_id: str, dataset_id: 
     dataset = get_tenant_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     # Lock the row (Postgres) so a job being created on it either commits first (and is seen below) or waits
     # and finds the dataset gone.
-    session.refresh(dataset, with_for_update=True)
+    if not repository.lock_dataset(session, dataset=dataset):
+        raise not_found("dataset", dataset_id)  # deleted by a concurrent request meanwhile
     if repository.dataset_in_use(session, dataset_id=dataset_id):
         raise ApiError(
             409, "dataset_in_use", "a job that has not ended uses this dataset; cancel it or wait for it to finish"

@@ -9,6 +9,7 @@ from api.downloads import safe_label
 from api.errors import ApiError
 from api.services.jobs import get_tenant_job
 from api.services.outputs import Archive
+from api.services.sending import send_committed
 from jobstore import exports
 from jobstore.broker import enqueue_export
 from jobstore.models import Export
@@ -27,7 +28,7 @@ def request_export(
     session: Session, services: Services, *, tenant_id: str, job_id: str, format: str
 ) -> tuple[Export, bool]:
     """(export, created): the export of ``format`` that is queued, running or done, else a new one, committed
-    and then enqueued on the job's queue."""
+    and then enqueued on the job's queue (a broker outage leaves it queued for the sweeper: not an error)."""
     job = get_tenant_job(session, tenant_id=tenant_id, job_id=job_id)
     if job.status != JobStatus.succeeded.value:
         raise ApiError(409, "job_not_succeeded", f"the job is {job.status}; only a succeeded job can be exported")
@@ -36,7 +37,7 @@ def request_export(
         return existing, False
     export = exports.create_export(session, tenant_id=tenant_id, job_id=job_id, format=format, queue=job.queue)
     session.commit()
-    enqueue_export(services.celery, export_id=export.id, queue=job.queue)
+    send_committed(enqueue_export, services.celery, queue=job.queue, export_id=export.id)
     return export, True
 
 

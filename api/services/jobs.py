@@ -1,28 +1,29 @@
 """Jobs of every kind (training, evaluation): look one up for a tenant, create one (checks, quota, limits,
 idempotency, commit, then enqueue by task name), cancel one.
 
-The job row is committed before the message is sent, so a worker never receives an id it cannot find; if the
-broker is down the job simply stays queued and the worker's sweeper sends it again (Postgres, not Redis, is the
-source of truth).
+The job row is committed before the message is sent (:func:`api.services.sending.send_committed`: a broker
+outage leaves the job queued for the sweeper, never fails the request).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError, not_found
 from api.services.idempotency import IdempotentCreate, body_hash
+from api.services.sending import send_committed
+from dama_settings.rules import HARDNESS_METHODS
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import enqueue_job
 from jobstore.models import Dataset, Job
-from jobstore.spec import JobSpec
+from jobstore.spec import BUILTIN_MODELS, BUILTIN_PREFIX, JobSpec
 from jobstore.states import IllegalTransition, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ def check_dataset(
     dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, param=param)
-    try:
-        session.refresh(dataset, with_for_update={"read": True})
-    except InvalidRequestError as error:  # deleted while we waited for the lock
-        raise not_found("dataset", dataset_id, param=param) from error
+    if not repository.lock_dataset(session, dataset=dataset, shared=True):  # deleted while we waited for the lock
+        raise not_found("dataset", dataset_id, param=param)
     is_generative = dataset.format == GENERATIVE_FORMAT
     if generative and not is_generative:
         raise ApiError(
@@ -72,6 +71,53 @@ def check_dataset(
             param=param,
         )
     return dataset
+
+
+def check_model_name(model: str, *, param: str = "model") -> None:
+    """400 ``unknown_model`` for a ``dama/...`` name that is not a built-in model (a typo would otherwise be sent
+    to the hub by the worker, minutes later); other names are the workers' to load (checked in ``validating``)."""
+    if not model.startswith(BUILTIN_PREFIX) or model in BUILTIN_MODELS:
+        return
+    close = difflib.get_close_matches(model, list(BUILTIN_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ApiError(
+        400,
+        "unknown_model",
+        f"{param}: {model!r} is not a built-in model; {hint}the built-in models (GET /models) are "
+        f"{', '.join(BUILTIN_MODELS)}",
+        param=param,
+    )
+
+
+def check_hardness_source(services: Services, spec: JobSpec, dataset: Dataset) -> None:
+    """400 ``hardness_required`` when the method weighs pairs by data hardness, the dataset's rows carry none
+    (counted at upload) and this service has no CLIP scorer (``DAMA_HARDNESS_SCORER``) to compute it: the job
+    would otherwise fail in its ``scoring`` stage, trying to fetch CLIP. A dataset checked before uploads counted
+    such rows is left to the worker, which checks the scorer loads during ``validating``."""
+    if spec.method not in HARDNESS_METHODS or services.settings.hardness_scorer is not None:
+        return
+    with_hardness = (dataset.report or {}).get("rows_with_hardness")
+    if not isinstance(with_hardness, int) or with_hardness > 0:
+        return
+    raise ApiError(
+        400,
+        "hardness_required",
+        f"method {spec.method!r} weighs each pair by its data hardness, but the rows of dataset {dataset.id} carry "
+        "none and this service has no CLIP scorer to compute it (GET /models: hardness_scorer is null). Add a "
+        "'hardness' value, or 'chosen_score' and 'rejected_score', to every row and upload it again; or use method "
+        "'dpo' or 'dama_model', which need no hardness; or ask the operator to set DAMA_HARDNESS_SCORER to a CLIP "
+        "model the workers can load",
+        param="method",
+    )
+
+
+def with_service_scorer(services: Services, spec: JobSpec) -> JobSpec:
+    """The spec with the operator's CLIP scorer (``DAMA_HARDNESS_SCORER``) when it names none itself, so the stored
+    job says which scorer its data hardness came from."""
+    scorer = services.settings.hardness_scorer
+    if scorer is None or "hardness_scorer" in spec.model_fields_set:
+        return spec
+    return spec.model_copy(update={"hardness_scorer": scorer})
 
 
 def check_init_adapter(session: Session, store: ArtifactStore, *, tenant_id: str, spec: JobSpec) -> None:
@@ -195,13 +241,7 @@ def submit_job(
     job, raced = request.commit(session, create=create, resource_id=lambda job: job.id, find=find)
     if raced:  # a concurrent request with this key committed first: its job, already enqueued
         return job, True
-    try:
-        enqueue_job(services.celery, job_id=job.id, queue=queue)
-    except Exception as error:  # broker down: the job is safe in the job store; the sweeper re-sends it
-        logger.warning(
-            "job %s is queued but could not be sent to queue %r (%s); the sweeper will", job.id, queue, error
-        )
-    else:
+    if send_committed(enqueue_job, services.celery, queue=queue, job_id=job.id):
         logger.info("%s job %s queued on %r for tenant %s", kind, job.id, queue, tenant_id)
     return job, False
 
@@ -212,9 +252,12 @@ def create_training_job(
     """``POST /jobs``: check every id the spec names, then :func:`submit_job`."""
     if (problem := spec.filter_group_problem()) is not None:
         raise ApiError(400, "filter_group_too_small", problem, param="hyperparameters.filter_scope")
+    check_model_name(spec.model)
+    spec = with_service_scorer(services, spec)
 
     def check() -> None:
-        check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+        dataset = check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+        check_hardness_source(services, spec, dataset)
         check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
         _check_tracking_targets(services, spec)
         evaluation = spec.evaluation

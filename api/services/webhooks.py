@@ -83,5 +83,4 @@ def redeliver(session: Session, *, tenant_id: str, endpoint_id: str, delivery_id
         raise ApiError(404, "delivery_not_found", f"no delivery with id {delivery_id!r} for this endpoint")
     webhook_store.redeliver(session, delivery=delivery)
     session.commit()
-    session.refresh(delivery, ["attempts"])
-    return delivery
+    return webhook_store.with_current_attempts(session, delivery=delivery)

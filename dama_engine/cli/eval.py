@@ -23,16 +23,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 from dama_engine.callbacks import Callback
 from dama_engine.config import ConfigError
 
-_UNITS = {"log_probs": "pair", "generating": "sample", "scoring": "pair"}
-
 
 class EvalProgress(Callback):
     """A stage line per stage and a tqdm bar for the stages that report progress."""
+
+    command = "dama-eval"
+    units: ClassVar[dict[str, str]] = {
+        "log_probs": "pair",
+        "generating": "sample",
+        "scoring": "pair",
+    }  # stages with a bar
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -47,16 +52,24 @@ class EvalProgress(Callback):
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
         self.close()
         details = ", ".join(f"{key}={value}" for key, value in info.items() if value is not None)
-        print(f"[dama-eval] {stage}" + (f" ({details})" if details else ""), file=self.stream, flush=True)
+        print(f"[{self.command}] {stage}" + (f" ({details})" if details else ""), file=self.stream, flush=True)
         self._stage_label = f"{stage} ({info['model']})" if "model" in info else stage
-        total = info.get("pairs", info.get("samples"))
-        if stage in _UNITS and isinstance(total, int):
+        total = self.bar_total(info)
+        if stage in self.units and total is not None:
             self._open_bar(stage, total)
+
+    def bar_total(self, info: dict[str, Any]) -> int | None:
+        """How many items the stage's bar counts, from its ``on_stage`` info (None: no bar yet)."""
+        total = info.get("pairs", info.get("samples"))
+        if isinstance(total, int) and isinstance(info.get("pope_questions"), int):
+            total += info["pope_questions"]  # the generating pass also answers POPE's questions
+        return total if isinstance(total, int) else None
 
     def _open_bar(self, stage: str, total: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=self._stage_label or stage, unit=_UNITS.get(stage, "item"), file=self.stream)
+        unit = self.units.get(stage, "item")
+        self.bar = tqdm(total=total, desc=self._stage_label or stage, unit=unit, file=self.stream)
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
         if self.bar is None or self.bar.total != total:
@@ -79,17 +92,16 @@ def format_table(rows: list[tuple[str, float | None, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dama-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("config", help="YAML evaluation config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generation.max_new_tokens=32")
+def config_parser(prog: str, description: str | None, what: str, example: str) -> argparse.ArgumentParser:
+    """The arguments of a command run from one YAML config: ``CONFIG.yaml [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("config", help=f"YAML {what} config")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     return parser
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = config_parser("dama-eval", __doc__, "evaluation", "generation.max_new_tokens=32").parse_args(argv)
     from dama_engine.data import DataError, DataFormatError
     from dama_engine.evaluation import comparison_table, load_evaluation_config, run_evaluation
 

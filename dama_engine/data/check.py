@@ -5,6 +5,8 @@ decoded outside the API process (a decompression bomb or a crash costs a child, 
 never imports the engine. Output::
 
     {"ok": true, "format": "trl", "row_count": 12, "image_count": 12, "data_file": "...", "report": {...}}
+
+(``report.rows_with_hardness`` counts the preference rows that carry their own hardness or both scores.)
     {"ok": false, "error": "archive member '../x' escapes the dataset folder"}     (exit status 2)
 
 A **generative evaluation set** (``dama_engine.data.matcher``: JSONL rows ``{"image", "prompt", "objects"}`` beside a
@@ -48,11 +50,17 @@ from dama_engine.data.generative import (
     looks_generative,
 )
 from dama_engine.data.lines import DataFormatError, DataLimitError, check_file_size, iter_lines
+from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataLimits
 
 GENERATIVE = "generative"
 MEMORY_LIMIT = "max_memory_bytes"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def has_own_hardness(row: PreferenceRow) -> bool:
+    """Whether the row gives its data hardness itself (DAMA.md section 1.5), so no CLIP scorer is needed for it."""
+    return row.hardness is not None or (row.chosen_score is not None and row.rejected_score is not None)
 
 
 def check_generative(
@@ -172,7 +180,9 @@ def check(
             "row_count": report.total_rows,
             "valid_rows": len(rows),
             "image_count": sum(len(row.images) for row in rows),
-            "report": report.to_dict(),
+            # Rows that carry their own data hardness (hardness, or chosen_score and rejected_score): the service
+            # refuses a hardness-weighted job on a dataset with none unless its workers can score with CLIP.
+            "report": {**report.to_dict(), "rows_with_hardness": sum(1 for row in rows if has_own_hardness(row))},
         }
         if keep_only_used and report.ok and source != path:  # only a folder this check unpacked
             outcome["kept_files"] = keep_only(source, {data_file, *_image_files(i for r in rows for i in r.images)})

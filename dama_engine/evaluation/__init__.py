@@ -1,13 +1,13 @@
 """Evaluating a tuned model against its base: the config (:mod:`.config`), running it (:mod:`.run`), the
-preference metrics by hardness bucket (:mod:`.metrics`), the judge client (:mod:`.judge`) and the report
-(:mod:`.report`). CHAIR's matcher is the torch-free :mod:`dama_engine.data.matcher`. Evaluation never imports
-training.
+preference metrics by hardness bucket (:mod:`.metrics`), POPE's questions and metrics (:mod:`.pope`), the judge
+client (:mod:`.judge`) and the report (:mod:`.report`). CHAIR's matcher is the torch-free
+:mod:`dama_engine.data.matcher`. Evaluation never imports training.
 """
 
 from dama_engine.evaluation.config import EvaluationConfig, load_evaluation_config, parse_evaluation_config
 from dama_engine.evaluation.metrics import logprob_stats
 from dama_engine.evaluation.report import comparison_table, plot_evaluation
-from dama_engine.evaluation.run import EvaluationResult, evaluate_after_training, run_evaluation
+from dama_engine.evaluation.run import EvaluationResult, evaluate_after_training, resolve_device, run_evaluation
 
 __all__ = [
     "EvaluationConfig",
@@ -18,5 +18,6 @@ __all__ = [
     "logprob_stats",
     "parse_evaluation_config",
     "plot_evaluation",
+    "resolve_device",
     "run_evaluation",
 ]

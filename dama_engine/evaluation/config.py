@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dama_engine.config import ConfigError, ModelSection, TrainConfig, apply_overrides, read_yaml_mapping
+from dama_engine.config import ModelSection, TrainConfig, apply_overrides, read_yaml_mapping, validate_config
 from dama_engine.data import PreferenceRow
 from dama_engine.evaluation.judge import JudgeConfig
 from dama_engine.forward import GenerationSettings
@@ -60,6 +60,16 @@ class EvalHardnessSection(_Section):
         return self
 
 
+class PopeSection(_Section):
+    """POPE's yes/no questions on the generative set's images (:mod:`dama_engine.evaluation.pope`), answered with
+    greedy decoding whatever ``generation`` says."""
+
+    enabled: bool = Field(default=True, description="Ask POPE's questions whenever a generative set is given.")
+    per_image: int = Field(default=3, gt=0, description="Present entries, and absent ones per split, asked per image.")
+    seed: int = Field(default=0, description="Seed of the drawn entries (the present ones and the random split's).")
+    max_new_tokens: int = Field(default=16, gt=0, description="Most tokens per answer (a yes or no is enough).")
+
+
 class EvaluationConfig(_Section):
     """One evaluation run: the base model, the tuned adapter (optional), the data and how to decode.
 
@@ -74,6 +84,7 @@ class EvaluationConfig(_Section):
     data: EvalDataSection = EvalDataSection()
     generation: GenerationSettings = GenerationSettings()
     hardness: EvalHardnessSection = EvalHardnessSection()
+    pope: PopeSection = PopeSection()
     judge: JudgeConfig | None = Field(
         default=None, description="Optional OpenAI-compatible judge of generative answers (MMHal-style 0-6)."
     )
@@ -95,11 +106,7 @@ class EvaluationConfig(_Section):
 
 
 def parse_evaluation_config(values: dict[str, Any]) -> EvaluationConfig:
-    try:
-        return EvaluationConfig.model_validate(values)
-    except ValidationError as error:
-        lines = [f"{'.'.join(str(p) for p in item['loc']) or 'config'}: {item['msg']}" for item in error.errors()]
-        raise ConfigError("invalid evaluation config:\n  " + "\n  ".join(lines)) from None
+    return validate_config(EvaluationConfig, values, "evaluation config")
 
 
 def load_evaluation_config(
@@ -144,6 +151,7 @@ def after_training_config(
                 "skip_invalid_rows": config.data.skip_invalid_rows,
             },
             "generation": {"max_new_tokens": section.max_new_tokens},
+            "pope": {"enabled": section.pope},
             "hardness": {
                 "scorer": config.hardness.scorer if clip_scored else None,
                 "aggregation": config.hardness.aggregation,

@@ -12,6 +12,7 @@ from dama_engine.evaluation.metrics import BUCKETS
 # Reporting: the base-vs-tuned table and the chart
 
 GENERATIVE_METRICS: tuple[str, ...] = ("chair_s", "chair_i", "hallucination_rate", "coverage", "mean_length")
+POPE_METRICS: tuple[str, ...] = ("accuracy", "f1", "yes_ratio")  # per split; precision and recall: results.json
 
 
 def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tuple[str, float | None, float | None]]:
@@ -27,6 +28,17 @@ def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tup
         tuned = generative.get("tuned") or {}
         base_summary = generative.get(base) or {}
         rows += [(name, base_summary.get(name), tuned.get(name)) for name in GENERATIVE_METRICS]
+        pope = generative.get("pope") or {}
+        base_pope, tuned_pope = pope.get(base) or {}, pope.get("tuned") or {}
+        for split in pope.get("questions", {}):
+            rows += [
+                (
+                    f"pope_{metric} [{split}]",
+                    (base_pope.get(split) or {}).get(metric),
+                    (tuned_pope.get(split) or {}).get(metric),
+                )
+                for metric in POPE_METRICS
+            ]
     preference = results.get("preference")
     if preference:
         base_stats = preference.get(base)
@@ -61,14 +73,15 @@ def comparison_table(results: dict[str, Any], *, base: str = "base") -> list[tup
 
 
 def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
-    """Three panels: CHAIR metrics base vs tuned; preference accuracy per hardness bucket (base and tuned log-prob
-    accuracy, tuned implicit-reward accuracy); tuned reward margin per bucket. Panels without data say so."""
+    """Four panels: CHAIR metrics base vs tuned; POPE's F1 per split; preference accuracy per hardness bucket (base
+    and tuned log-prob accuracy, tuned implicit-reward accuracy); tuned reward margin per bucket. Panels without
+    data say so."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     generative, preference = results.get("generative"), results.get("preference")
 
     def bars(
@@ -102,6 +115,14 @@ def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
             gen_series["tuned"] = [generative["tuned"][name] for name in rates]
     rate_labels = ["CHAIRs", "CHAIRi", "Hal", "Cover"]
     bars(axes[0], rate_labels if generative else [], gen_series, "object hallucination (lower CHAIR/Hal is better)")
+    pope = (generative or {}).get("pope") or {}
+    splits = list(pope.get("questions", {}))
+    pope_series = {
+        label: [pope[which][split]["f1"] for split in splits]
+        for which, label in (("plain_base", "plain base"), ("base", base_name), ("tuned", "tuned"))
+        if pope.get(which)
+    }
+    bars(axes[1], splits, pope_series, "POPE F1 by split (higher is better)")
 
     groups: list[str] = []
     group_labels: list[str] = []
@@ -128,9 +149,9 @@ def plot_evaluation(results: dict[str, Any], out_png: Path) -> Path:
             implicit = preference["implicit_reward"]
             accuracy_series["tuned implicit reward"] = [pick(implicit, g, "accuracy") for g in groups]
             margin_series[f"tuned vs {base_name}"] = [pick(implicit, g, "margin") for g in groups]
-    bars(axes[1], group_labels, accuracy_series, "preference accuracy by hardness")
+    bars(axes[2], group_labels, accuracy_series, "preference accuracy by hardness")
     margin_labels = group_labels if margin_series else []
-    bars(axes[2], margin_labels, margin_series, "tuned reward margin by hardness (beta-scaled)", rates=False)
+    bars(axes[3], margin_labels, margin_series, "tuned reward margin by hardness (beta-scaled)", rates=False)
 
     adapter = results.get("adapter")
     figure.suptitle(f"{results.get('model', '')}" + (f"  vs  {adapter}" if adapter else ""), fontsize=9)

@@ -1,4 +1,4 @@
-"""Evaluating a tuned model against its base: object hallucination (CHAIR) and held-out preference metrics.
+"""Evaluating a tuned model against its base: object hallucination (CHAIR, POPE) and held-out preference metrics.
 
 shared/DAMA.md section 7 reports Object HalBench's CHAIRs / CHAIRi and AMBER's CHAIR, Cover and Hal. This module
 computes those metrics with a vocabulary the user supplies, and the implicit-reward preference metrics of section 3
@@ -25,12 +25,14 @@ from typing import Any, Literal
 
 import torch
 
+from dama_engine.availability import check_available
 from dama_engine.callbacks import Callback
 from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data import (
     ChairSample,
     DataError,
     GenerativeEvalSet,
+    GenerativeSample,
     PreferenceRow,
     chair_samples,
     load_and_validate,
@@ -40,8 +42,9 @@ from dama_engine.data import (
 from dama_engine.evaluation.config import EvaluationConfig, after_training_config
 from dama_engine.evaluation.judge import judge_answers
 from dama_engine.evaluation.metrics import bucket_by_hardness, logprob_stats, preference_metrics
+from dama_engine.evaluation.pope import PopeQuestion, pope_metrics, pope_questions
 from dama_engine.evaluation.report import plot_evaluation
-from dama_engine.forward import GenerationRequest, generate
+from dama_engine.forward import GenerationRequest, GenerationSettings, generate
 from dama_engine.objective import HardnessConfig, compute_hardness, user_hardness
 
 EVAL_STAGES: tuple[str, ...] = (
@@ -119,7 +122,8 @@ class _Inputs:
     adapter_kind: Literal["peft", "full"] | None = None
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device a ``device`` setting names (``auto``: CUDA when available); ConfigError for a bad or missing one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -303,10 +307,14 @@ def _evaluate_generative(
     samples = eval_set.samples
     requests = [GenerationRequest.from_prompt(sample.prompt, [sample.image]) for sample in samples]
     objects = [sample.objects for sample in samples]
+    pope = _PopeQuestions.build(config, eval_set)
+    total = len(samples) + len(pope.asked)
     judged: dict[str, list[ChairSample]] = {}
+    pope_answers: dict[str, list[str]] = {}
     ratings: dict[str, dict[str, Any]] = {}
     for which in models.names:
-        callback.on_stage("generating", {"model": which, "samples": len(samples)})
+        # One pass per model: the descriptions (CHAIR), then POPE's answers, reported as one stage.
+        callback.on_stage("generating", {"model": which, "samples": len(samples), "pope_questions": len(pope.asked)})
         with models.use(which) as model:
             responses = generate(
                 model,
@@ -314,8 +322,17 @@ def _evaluate_generative(
                 requests,
                 config.generation,
                 batch_size=config.batch_size,
-                progress=lambda done, total: callback.on_progress("generating", done, total),
+                progress=lambda done, _: callback.on_progress("generating", done, total),
             )
+            if pope.asked:
+                pope_answers[which] = generate(
+                    model,
+                    processor,
+                    pope.requests(samples),
+                    GenerationSettings(max_new_tokens=config.pope.max_new_tokens),
+                    batch_size=config.batch_size,
+                    progress=lambda done, _: callback.on_progress("generating", len(samples) + done, total),
+                )
         judged[which] = chair_samples(responses, objects, eval_set.vocabulary)
         if config.judge is not None:
             callback.on_stage("judging", {"model": which, "samples": len(samples), "judge": config.judge.model})
@@ -334,6 +351,8 @@ def _evaluate_generative(
     }
     if "plain_base" in judged:
         section["plain_base"] = summarize_chair(judged["plain_base"])
+    if pope.asked:
+        section["pope"] = pope.summary(config, pope_answers)
     if ratings:
         # MMHal-style judge (optional): mean 0-6 rating and share rated below 3, per model.
         section["judge"] = {which: {k: v for k, v in r.items() if k != "ratings"} for which, r in ratings.items()}
@@ -349,8 +368,62 @@ def _evaluate_generative(
             record[which] = judgements[index].to_dict()
             if which in ratings:
                 record[which]["judge_rating"] = ratings[which]["ratings"][index]
+            if which in pope_answers:
+                record[which]["pope"] = pope.answers_of(index, pope_answers[which])
         per_sample.append(record)
     return section, per_sample
+
+
+@dataclass
+class _PopeQuestions:
+    """POPE's questions of every split (:func:`pope_questions`), each distinct (image, entry) asked once."""
+
+    splits: dict[str, list[PopeQuestion]]
+    asked: list[PopeQuestion]
+    _by_image: dict[int, list[int]] | None = None  # image index -> positions in ``asked``
+
+    @classmethod
+    def build(cls, config: EvaluationConfig, eval_set: GenerativeEvalSet) -> _PopeQuestions:
+        if not config.pope.enabled:
+            return cls(splits={}, asked=[])
+        objects = [sample.objects for sample in eval_set.samples]
+        splits = pope_questions(objects, eval_set.vocabulary, seed=config.pope.seed, per_image=config.pope.per_image)
+        asked = list(dict.fromkeys(question for split in splits.values() for question in split))
+        return cls(splits=splits, asked=asked)
+
+    def requests(self, samples: Sequence[GenerativeSample]) -> list[GenerationRequest]:
+        return [
+            GenerationRequest.from_prompt(question.text, [samples[question.image_index].image])
+            for question in self.asked
+        ]
+
+    def summary(self, config: EvaluationConfig, answers: dict[str, list[str]]) -> dict[str, Any]:
+        """Per model (base, tuned, plain_base as evaluated), per split: :func:`pope_metrics`."""
+        position = {question: index for index, question in enumerate(self.asked)}
+        section: dict[str, Any] = {
+            "per_image": config.pope.per_image,
+            "seed": config.pope.seed,
+            "questions": {split: len(questions) for split, questions in self.splits.items()},
+        }
+        for which, said in answers.items():
+            section[which] = {
+                split: pope_metrics(
+                    [question.present for question in questions], [said[position[question]] for question in questions]
+                )
+                for split, questions in self.splits.items()
+            }
+        return section
+
+    def answers_of(self, image_index: int, answers: list[str]) -> list[dict[str, Any]]:
+        """One image's questions with a model's answers (for ``generations.jsonl``)."""
+        if self._by_image is None:
+            self._by_image = {}
+            for index, question in enumerate(self.asked):
+                self._by_image.setdefault(question.image_index, []).append(index)
+        return [
+            {"entry": self.asked[index].entry, "present": self.asked[index].present, "answer": answers[index]}
+            for index in self._by_image.get(image_index, [])
+        ]
 
 
 def run_evaluation(
@@ -366,8 +439,12 @@ def run_evaluation(
     hardness. Generative data: answers from each model, judged with :func:`chair`. With ``model.init_adapter``
     ``base`` is base + that adapter (the tuned one's starting point and reference) and ``plain_base`` is added.
 
+    With ``pope.enabled`` (the default) the generative set's images also get POPE's yes/no questions
+    (:mod:`.pope`), answered greedily by each model in the same ``generating`` stage: ``results["generative"]
+    ["pope"]`` has accuracy, precision, recall, F1 and yes-ratio per split and model.
+
     Writes into ``config.output_dir``: ``results.json``, ``generations.jsonl`` (per sample: prompt, true objects,
-    and per model the response with its mentioned, hallucinated, covered and missed objects),
+    and per model the response with its mentioned, hallucinated, covered and missed objects, and its POPE answers),
     ``preference_pairs.jsonl`` (per pair: hardness, bucket, log-probs, reward margin) and ``evaluation.png``.
     """
     from dama_engine.models import load_processor, resolve_dtype
@@ -377,7 +454,8 @@ def run_evaluation(
     output_dir = Path(config.output_dir)
 
     callback.on_stage("validating", {})
-    device = _resolve_device(config.device)
+    check_available(config.model.name_or_path, what="model", revision=config.model.revision)
+    device = resolve_device(config.device)
     inputs = _validate_inputs(config, preference_rows)
 
     callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.adapter})

@@ -6,6 +6,12 @@ new text. Greedy decoding is the default, so the same model, prompts and setting
 run and at any batch size. Sampling (``temperature > 0``) is seeded from :attr:`GenerationSettings.seed` in a forked
 RNG, so the caller's random state is left alone; it repeats exactly for the same inputs and batch size.
 
+**Seeded rows** (``row_seeds``): each request draws its tokens from its own RNG instead (one uniform number per row
+and step, turned into a token through the row's temperature / top-k / top-p distribution), so a row's answer depends
+on its seed and its own logits only, not on which other rows share its batch or where the batch starts. Pair
+generation seeds every sample this way, so a restarted run reproduces its samples while still batching many
+prompts per call.
+
 The model may be a transformers model or a peft model; for the base of a peft model, call inside
 ``with model.disable_adapter():`` (the adapter switched off, never a second copy of the weights).
 """
@@ -13,9 +19,10 @@ The model may be a transformers model or a peft model; for the base of a peft mo
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -123,6 +130,42 @@ def _encode(processor: Any, requests: Sequence[GenerationRequest]) -> Any:
     )
 
 
+class _RowSampler:
+    """A logits processor that samples each row with its own RNG and hands generate() a one-hot choice.
+
+    Used with greedy decoding (``do_sample=False``): it returns ``0`` at the sampled token and ``-inf`` elsewhere,
+    so the argmax is the sample and transformers' loop, KV cache and stopping stay as they are. Every row consumes
+    one uniform number per step (finished rows too), so its stream never depends on the others'.
+    """
+
+    def __init__(self, settings: GenerationSettings, seeds: Sequence[int]) -> None:
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        warpers: list[Any] = [TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k:
+            warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(settings.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.rngs = [random.Random(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        warped = self.warpers(cast(torch.LongTensor, input_ids), cast(torch.FloatTensor, scores.float()))
+        probs = torch.softmax(warped, dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        uniform = torch.tensor([[rng.random()] for rng in self.rngs], dtype=cumulative.dtype, device=probs.device)
+        # Inverse CDF: the first token whose cumulative mass exceeds u * total (a zero-mass token never qualifies).
+        choice = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+        choice = choice.clamp(max=probs.shape[-1] - 1)
+        one_hot = torch.full_like(scores, float("-inf"))
+        return one_hot.scatter_(-1, choice, 0.0)
+
+
 def _generation_kwargs(settings: GenerationSettings, pad_token_id: int | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
@@ -145,19 +188,24 @@ def generate_token_ids(
     *,
     batch_size: int = 8,
     progress: ProgressCallback | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The new token ids of each request's answer, cut before the first EOS token (EOS and padding removed).
 
-    Requests are answered ``batch_size`` at a time, in order, on the model's device.
+    Requests are answered ``batch_size`` at a time, in order, on the model's device. ``row_seeds`` (sampling only):
+    one seed per request, each row sampled from its own RNG (module docstring).
     """
     settings = settings or GenerationSettings()
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if row_seeds is not None and (not settings.sampling or len(row_seeds) != len(requests)):
+        raise ValueError("row_seeds: one seed per request, and only with sampling (temperature > 0)")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
     device, dtype = _model_device_and_dtype(model)
-    kwargs = _generation_kwargs(settings, pad_token_id)
+    greedy = settings.model_copy(update={"temperature": 0.0})  # with row seeds the sampler draws, generate() argmaxes
+    kwargs = _generation_kwargs(settings if row_seeds is None else greedy, pad_token_id)
     was_training = model.training
     model.eval()
     answers: list[list[int]] = []
@@ -172,7 +220,10 @@ def generate_token_ids(
                     for key, value in features.items()
                     if isinstance(value, torch.Tensor)
                 }
-                sequences = model.generate(**inputs, **kwargs)
+                extra: dict[str, Any] = {}
+                if row_seeds is not None:  # greedy over one-hot scores: the row sampler has drawn each token
+                    extra["logits_processor"] = [_RowSampler(settings, row_seeds[start : start + batch_size])]
+                sequences = model.generate(**inputs, **kwargs, **extra)
                 # With left padding every prompt ends at the same column: the new tokens are what follows it.
                 new_tokens = sequences[:, inputs["input_ids"].shape[1] :].tolist()
                 for ids in new_tokens:
@@ -194,11 +245,14 @@ def generate(
     *,
     batch_size: int = 8,
     progress: ProgressCallback | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Each request's answer as text, without the prompt (special tokens dropped, surrounding space trimmed).
 
     See :func:`generate_token_ids` for the arguments.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids = generate_token_ids(model, processor, requests, settings, batch_size=batch_size, progress=progress)
+    ids = generate_token_ids(
+        model, processor, requests, settings, batch_size=batch_size, progress=progress, row_seeds=row_seeds
+    )
     return [tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in ids]

@@ -39,11 +39,11 @@ from dama_settings.names import PREFERENCE_METHODS as PREFERENCE_METHODS
 from dama_settings.names import EmaSource, FilterStd
 from dama_settings.names import FilterScope as FilterScope
 from dama_settings.names import Method as Method
+from dama_settings.rules import HARDNESS_METHODS, too_small_filter_group
 from dama_settings.rules import keep_count as keep_count
-from dama_settings.rules import too_small_filter_group
 
 # Which factors each method switches on (DAMA.md section 4).
-_USES_DATA = {"dama_data", "dama"}
+_USES_DATA = HARDNESS_METHODS
 _USES_MODEL = {"dama_model", "dama"}
 
 

@@ -189,6 +189,9 @@ def training_values(ground: ProvingGround, output_dir: Path, *, scenes: int = 20
             "vocabulary": str(ground.vocabulary),
             "max_samples": scenes,
             "max_new_tokens": 40,
+            # The seeing base was never taught yes/no questions, so POPE would measure nothing here yet (and would
+            # multiply the evaluation's generation calls); issue 22 teaches the base to answer them.
+            "pope": False,
         },
         "run": {"output_dir": str(output_dir), "resume": False, "log_every": 10},
     }

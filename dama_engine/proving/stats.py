@@ -5,15 +5,17 @@ mechanism experiment declares before it runs.
 - :func:`paired_t_test`: two-sided paired t-test of per-seed differences (Student's t with n - 1 degrees of
   freedom; its CDF through the regularized incomplete beta function, evaluated by Lentz's continued fraction).
 - :func:`sign_test`: two-sided exact sign test of the same differences (zeros dropped).
+- :func:`paired_table`: a Markdown table of those tests, each arm against a reference arm, paired by seed.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 
 def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
@@ -115,3 +117,27 @@ def paired_t_test(differences: Sequence[float]) -> PairedTest:
     return PairedTest(
         n=n, mean=mean, sd=sd, t=t, p=t_two_sided_p(t, n - 1), positive=positive, negative=negative, sign_p=sign_p
     )
+
+
+def paired_table(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    arm_key: str,
+    reference: str,
+    measures: Mapping[str, Callable[[Mapping[str, Any]], float]],
+    digits: int = 3,
+) -> list[str]:
+    """Markdown lines: one row per arm (in first-seen order, the reference left out), one column per measure, each
+    cell :func:`paired_t_test` of ``measure(arm's run) - measure(reference's run)`` over the seeds both have (a row's
+    ``seed`` key). Arms sharing fewer than two seeds with the reference are left out."""
+    lines = ["| " + arm_key + " | " + " | ".join(measures) + " |", "|---|" + "---|" * len(measures)]
+    base = {row["seed"]: row for row in rows if row[arm_key] == reference}
+    for arm in dict.fromkeys(row[arm_key] for row in rows):
+        if arm == reference:
+            continue
+        pairs = [(row, base[row["seed"]]) for row in rows if row[arm_key] == arm and row["seed"] in base]
+        if len(pairs) < 2:
+            continue
+        cells = [paired_t_test([f(a) - f(b) for a, b in pairs]).describe(digits) for f in measures.values()]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines

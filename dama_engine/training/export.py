@@ -44,15 +44,15 @@ def model_card(
     objective = config.objective
     kind = f"LoRA r={config.lora.r}, alpha={config.lora.alpha}" if config.lora.enabled else "full fine-tune"
     card = f"""---
-base_model: {config.model.name_or_path}
+base_model: {config.model.shown_name}
 library_name: peft
 tags: [dama, dpo, preference-tuning, vision-language]
 ---
-# {objective.method} adapter for {config.model.name_or_path}
+# {objective.method} adapter for {config.model.shown_name}
 
 Trained with DAMA (Data- and Model-aware DPO, Lu et al., ICML 2025) by `dama-train`.
 
-- Base model: `{config.model.name_or_path}`
+- Base model: `{config.model.shown_name}`
 - Method: `{objective.method}` (beta {objective.beta}, keep ratio {objective.keep_ratio}, gamma {objective.gamma})
 - Tuning: {kind}; vision tower {"frozen" if config.lora.freeze_vision_tower else "trained"}
 - Optimizer steps: {steps} (learning rate {config.optim.learning_rate}, {config.optim.scheduler} schedule,
@@ -75,7 +75,7 @@ After training:
 ```python
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
-base = AutoModelForImageTextToText.from_pretrained("{config.model.name_or_path}")
+base = AutoModelForImageTextToText.from_pretrained("{config.model.shown_name}")
 model = PeftModel.from_pretrained(base, "path/to/this/folder")
 processor = AutoProcessor.from_pretrained("path/to/this/folder")
 ```

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
+from dama_engine.availability import ModelUnavailable, check_available
 from dama_engine.callbacks import Callback
 from dama_engine.config import ConfigError, TrainConfig
 from dama_engine.data import DataError, PreferenceRow, answer_only, load_and_validate
@@ -54,6 +55,7 @@ from dama_engine.objective import (
     describe_hardness,
     hardness_cache_key,
     preference_loss,
+    user_hardness,
 )
 from dama_engine.threads import apply_threads
 from dama_engine.training.cache import rows_fingerprint, tensor_cache
@@ -351,6 +353,27 @@ def _validated_data(
     return train_rows, eval_rows, schedule
 
 
+def _check_hardness_source(config: TrainConfig, rows: list[PreferenceRow]) -> None:
+    """A method weighing pairs by data hardness needs it from every row or from a CLIP scorer that loads here:
+    refused while validating, with the fixes, rather than in ``scoring`` after the model has loaded."""
+    if not config.objective.build().uses_hardness:
+        return
+    try:
+        supplied = user_hardness(rows) is not None
+    except ValueError as error:
+        raise DataError(f"data.train: {error}") from None
+    if supplied:
+        return
+    try:
+        check_available(config.hardness.scorer, what="CLIP hardness scorer")
+    except ModelUnavailable as error:
+        raise ModelUnavailable(
+            f"{error}. Method {config.objective.method} needs data hardness and the rows carry none: add 'hardness' "
+            "(or 'chosen_score' and 'rejected_score') to every row, use a scorer that loads here, or use method "
+            "dpo or dama_model"
+        ) from None
+
+
 def _refuse_answer_only(rows: list[PreferenceRow], split: str, method: str) -> None:
     """A preference method needs both answers: name the first row that carries only one."""
     single = [row for row in rows if row.answer_only]
@@ -370,6 +393,9 @@ def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
         config.lora,
         init_adapter=config.model.init_adapter,
     )
+    # Checkpoints' and the final adapter's config name the base as users know it, never a folder of this machine.
+    for adapter_config in getattr(model, "peft_config", {}).values():
+        adapter_config.base_model_name_or_path = config.model.shown_name
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
@@ -425,9 +451,13 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
+    # In seconds, not after minutes of retries: the base model must be reachable (a folder, the cache, the hub).
+    section = config.model
+    check_available(section.name_or_path, what="model", revision=section.revision)
     processor = load_processor(config.model)
     encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
     train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
+    _check_hardness_source(config, train_rows)
     steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
 

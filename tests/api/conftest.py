@@ -1,8 +1,8 @@
 """A real API server (``uvicorn --factory api.app:create_app`` in a child process) on real Postgres and Redis.
 
 Two servers per session share one database: ``api_server`` (Redis broker, a queue of its own that no worker
-consumes) and ``limited_server`` (a 4 KiB upload limit and a broker port with nothing listening), so the tests
-speak HTTP to the same process a deployment runs.
+consumes, a CLIP hardness scorer configured) and ``limited_server`` (a 4 KiB upload limit, a broker port with
+nothing listening, no hardness scorer), so the tests speak HTTP to the same process a deployment runs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from jobstore.models import Dataset
 ROOT = Path(__file__).resolve().parents[2]
 PEPPER = "test-pepper-" + secrets.token_hex(8)
 LIMITED_MAX_UPLOAD_BYTES = 4096
+# The CLIP scorer the operator of ``api_server`` names (no worker consumes its queue, so it is never loaded):
+# its jobs may use dama on rows without hardness; ``limited_server`` names none.
+API_SERVER_SCORER = "openai/clip-vit-base-patch32"
 
 
 @dataclass
@@ -114,7 +117,7 @@ def _start(
 def api_server(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("api")
     queue = f"test-api-{secrets.token_hex(4)}"
-    env = _server_env(pg_url, redis_url, tmp / "artifacts", queue)
+    env = _server_env(pg_url, redis_url, tmp / "artifacts", queue, DAMA_HARDNESS_SCORER=API_SERVER_SCORER)
     yield from _start(tmp, env, queue)
     redis.Redis.from_url(redis_url).delete(queue)
 

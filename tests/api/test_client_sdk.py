@@ -224,3 +224,33 @@ def test_the_client_extra_alone_runs_the_commands(
     )
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 1
+
+
+def test_the_commands_name_the_key_variable_and_print_list_headers(
+    api_server: ApiServer, db: sessionmaker[Session]
+) -> None:
+    env = {key: value for key, value in api_server.env.items() if key != "DAMA_API_KEY"}
+    env |= {"DAMA_API_URL": api_server.url, "DAMA_KEY": "dama_set_under_the_old_name"}
+    missing = _dama(env, "jobs", "list")
+    assert missing.returncode == 1
+    assert "DAMA_API_KEY" in missing.stderr and "--api-key" in missing.stderr, missing.stderr
+
+    env["DAMA_API_KEY"] = create_key(db, "cli-lists")
+    empty = _dama(env, "jobs", "list")
+    assert empty.returncode == 0 and empty.stdout.split() == [
+        "id",
+        "status",
+        "stage",
+        "step",
+        "total_steps",
+        "dataset_id",
+        "created_at",
+    ]
+    listed = _dama(env, "datasets", "list")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].split()[0] == "id"
+
+
+def test_the_readme_names_one_key_variable() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "DAMA_KEY" not in readme.replace("DAMA_API_KEY", ""), "the client reads DAMA_API_KEY: use it everywhere"
+    assert "$DAMA_API_KEY" in readme and ".venv/bin/activate" in readme

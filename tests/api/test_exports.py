@@ -56,7 +56,7 @@ def test_export_lifecycle_and_download(
     )
 
     # The worker's side: claim, write the archive, record it.
-    archive = ArtifactStore(api_server.artifacts).export_archive(job_id, export["id"])
+    archive = ArtifactStore(api_server.artifacts).export_archive(job_id, export["id"], 1)
     archive.parent.mkdir(parents=True)
     content = bytes(range(256)) * 40
     archive.write_bytes(content)
@@ -142,3 +142,21 @@ def test_an_unknown_tracking_target_is_refused_naming_it(client1: httpx.Client, 
     # A URI of the job's own is not a field at all.
     body["integrations"] = [{"target": "x", "tracking_uri": "http://attacker.example"}]
     assert assert_error(client1.post("/jobs", json=body), 422)["param"] == "integrations[0].tracking_uri"
+
+
+def test_an_export_stays_queued_when_the_broker_is_down(
+    client1: httpx.Client,
+    limited_server: ApiServer,
+    key1: str,
+    dataset1: dict[str, Any],
+    db: sessionmaker[Session],
+) -> None:
+    """As a job does (tests/api/test_jobs.py): the row is committed, the message cannot be sent, the request still
+    succeeds and the export waits, queued, for the sweeper to send it."""
+    job_id = _succeeded_job(client1, dataset1, db)
+    with limited_server.client(key1) as client:  # the same database, a broker port with nothing listening
+        response = client.post(f"/jobs/{job_id}/exports", json={"format": "merged"})
+        assert response.status_code == 202, response.text
+        export = response.json()
+        assert export["status"] == "queued"
+        assert client.get(f"/jobs/{job_id}/exports/{export['id']}").json()["status"] == "queued"

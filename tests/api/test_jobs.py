@@ -206,7 +206,8 @@ def test_job_stays_queued_when_the_broker_is_down(
     limited_server: ApiServer, key1: str, dataset1: dict[str, Any]
 ) -> None:
     with limited_server.client(key1) as client:
-        response = client.post("/jobs", json=_spec(dataset1["id"]))
+        # dpo: this server has no hardness scorer, and dataset1's rows carry no hardness (tests/api/test_job_checks.py)
+        response = client.post("/jobs", json=_spec(dataset1["id"], method="dpo"))
         assert response.status_code == 201, response.text
         job = response.json()
         assert job["status"] == "queued" and job["queue"] == limited_server.queue

@@ -117,7 +117,7 @@ def test_checkpoint_adapters_exports_and_init_adapters_on_s3(pg_url: str, s3_ser
         with session_scope(db) as session:  # the row names the object, never a worker's local path
             stored = exports.get_export(session, export_id=export_id)
             assert stored is not None and stored.sha256 is not None
-            key = f"dama/jobs/{job_id}/exports/{export_id}/model.tar"
+            key = f"dama/jobs/{job_id}/exports/{export_id}/attempt-1/model.tar"
             assert stored.path == f"s3://{bucket}/{key}" and s3_server.keys(bucket)[key] == stored.size_bytes
             sha256 = stored.sha256
         download_url = f"/jobs/{job_id}/exports/{export_id}/download"

@@ -109,7 +109,7 @@ def chart_points(driver: Any, scope: str) -> list[int]:
         return [...document.querySelectorAll(arguments[0] + ' svg.plot')].map((svg) =>
           [...svg.querySelectorAll('path.line')]
             .reduce((n, p) => n + (p.getAttribute('d').match(/[ML]/g) || []).length, 0)
-          + svg.querySelectorAll('circle.dot, rect.bar').length);
+          + svg.querySelectorAll('circle.dot, circle.ring, rect.bar').length);
         """,
         scope,
     )
@@ -223,6 +223,9 @@ def watch_job(driver: Any) -> None:
         "return [...document.querySelector('#held-out tbody tr').cells].map(c => c.textContent)"
     )
     assert first[0] == "0" and float(first[-1]) > 0, first  # the log-prob "before" is measured, not 0 by construction
+    assert first[2:4] == ["-", "-"], first  # the implicit reward is 0 by construction at step 0: no figure shown
+    assert css(driver, "#job-stage")[0].text == "-"  # an ended job has no current stage, never a stale one
+    assert "stage stage" not in css(driver, "#events")[0].text
     assert "overall" in css(driver, "#base-vs-tuned table")[0].text
     screenshot(driver, "job")
 
@@ -254,7 +257,15 @@ def compare(driver: Any, job_ids: list[str]) -> None:
         "return document.querySelectorAll('#compare-charts figure:first-child path.line').length"
     )
     assert lines == 2  # both jobs' loss on one chart
-    assert all(count >= 4 for count in chart_points(driver, "#compare-charts"))
+    points = chart_points(driver, "#compare-charts")
+    assert all(count >= 4 for count in points), points
+    # Held-out points of equal value stay visible: each job's dots are a ring of its own size.
+    radii = driver.execute_script(
+        "const f = [...document.querySelectorAll('#compare-charts figure')].find("
+        "  x => x.querySelector('figcaption').textContent === 'held-out log-prob accuracy');"
+        "return [...new Set([...f.querySelectorAll('circle')].map(c => c.getAttribute('r')))]"
+    )
+    assert len(radii) == 2, radii
     screenshot(driver, "compare")
 
 

@@ -17,7 +17,14 @@ from dama_engine.callbacks import Callback
 from dama_engine.cli.eval import eval_main as main
 from dama_engine.config import ConfigError, LoraSection, ModelSection
 from dama_engine.data.generative import GenerativeEvalError, load_generative_eval
-from dama_engine.data.matcher import Vocabulary, VocabularyError, chair, chair_samples, plural_forms
+from dama_engine.data.matcher import (
+    Vocabulary,
+    VocabularyError,
+    as_vocabulary,
+    chair,
+    chair_samples,
+    plural_forms,
+)
 from dama_engine.data.validation import DataError
 from dama_engine.evaluation.config import load_evaluation_config, parse_evaluation_config
 from dama_engine.evaluation.metrics import bucket_by_hardness, logprob_stats, preference_metrics
@@ -71,6 +78,14 @@ def test_plural_rules() -> None:
     assert plural_forms("knife") == ("knives",)
     assert "firemen" in plural_forms("fireman")
     assert plural_forms("sheep") == ()
+
+
+def test_a_vocabulary_mapping_is_built_once_per_content() -> None:
+    """Judging many answers with one mapping builds its Vocabulary (a regex of every form) once."""
+    first = as_vocabulary({"cat": ["kitty"], "dog": []})
+    assert as_vocabulary({"dog": [], "cat": ["kitty"]}) is first  # equal content, another dict
+    assert as_vocabulary({"cat": ["kitty"]}) is not first
+    assert as_vocabulary(first) is first
 
 
 def test_synonyms_map_to_the_name() -> None:
@@ -409,6 +424,13 @@ def test_run_evaluation_writes_everything(demo: dict[str, Any]) -> None:
     assert generative["samples"] == 3
     for model in ("base", "tuned"):
         assert {"chair_s", "chair_i", "coverage", "hallucination_rate", "mean_length"} <= set(generative[model])
+    pope = generative["pope"]  # every split, both models, on the same questions
+    assert set(pope["questions"]) == {"random", "popular", "adversarial"}
+    for model in ("base", "tuned"):
+        for split, count in pope["questions"].items():
+            metrics = pope[model][split]
+            assert metrics["questions"] == count == metrics["tp"] + metrics["fp"] + metrics["tn"] + metrics["fn"]
+            assert {"accuracy", "precision", "recall", "f1", "yes_ratio", "unclear"} <= set(metrics)
 
     preference = results["preference"]
     assert preference["pairs"] == 8 and preference["skipped"] == 0
@@ -425,7 +447,8 @@ def test_run_evaluation_writes_everything(demo: dict[str, Any]) -> None:
     samples = [json.loads(line) for line in result.generations_path.read_text().splitlines()]
     assert len(samples) == 3
     assert {"id", "prompt", "objects", "base", "tuned"} <= set(samples[0])
-    assert {"response", "mentioned", "hallucinated"} <= set(samples[0]["tuned"])
+    assert {"response", "mentioned", "hallucinated", "pope"} <= set(samples[0]["tuned"])
+    assert {"entry", "present", "answer"} == set(samples[0]["tuned"]["pope"][0])
     pairs = [json.loads(line) for line in result.pairs_path.read_text().splitlines()]
     assert len(pairs) == 8 and {"bucket", "reward_margin"} <= set(pairs[0])
     assert result.chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -435,11 +458,15 @@ def test_run_evaluation_writes_everything(demo: dict[str, Any]) -> None:
     assert set(stages) <= set(EVAL_STAGES)
     assert stages[0] == "validating" and stages[-1] == "writing"
     assert ("log_probs", "base") in recorder.stages and ("generating", "tuned") in recorder.stages
-    assert ("generating", 3, 3) in recorder.progress
+    # One generating pass per model: the 3 descriptions, then POPE's distinct questions.
+    asked = sum(len(sample["base"]["pope"]) for sample in samples)
+    assert ("generating", 3, 3 + asked) in recorder.progress
+    assert ("generating", 3 + asked, 3 + asked) in recorder.progress
 
     table = {name: (base, tuned) for name, base, tuned in comparison_table(results)}
     assert table["chair_s"] == (generative["base"]["chair_s"], generative["tuned"]["chair_s"])
     assert table["reward_accuracy [hard]"][0] is None
+    assert table["pope_f1 [adversarial]"] == (pope["base"]["adversarial"]["f1"], pope["tuned"]["adversarial"]["f1"])
 
 
 def test_cli_without_adapter_matches_the_base_side(

@@ -89,7 +89,7 @@ def test_base_and_adapter(tiny_models: dict[str, Path], tmp_path: Path) -> None:
         assert generate_token_ids(peft_model, processor, requests, settings) == base_answers
     assert tuned_answers != base_answers
 
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
     fresh, _ = _load(tiny_models["llava"])
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     assert generate_token_ids(reloaded, processor, requests, settings, batch_size=2) == tuned_answers
@@ -113,3 +113,49 @@ def test_settings_are_checked() -> None:
         GenerationSettings.model_validate({"max_new_token": 5})
     assert not GenerationSettings().sampling
     assert GenerationSettings(temperature=0.7).sampling
+
+
+def test_row_seeds_make_each_answer_independent_of_its_batch(tiny_models: dict[str, Path]) -> None:
+    """Seeded rows: a request's answer depends on its seed only, not on its batch or its place in it."""
+    model, processor = _load(tiny_models["llava"])
+    requests = _requests() * 2
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=0.9)
+    seeds = [11, 12, 13, 14, 15, 16]
+    batched = generate_token_ids(model, processor, requests, settings, batch_size=6, row_seeds=seeds)
+    single = [
+        generate_token_ids(model, processor, [r], settings, row_seeds=[s])[0]
+        for r, s in zip(requests, seeds, strict=True)
+    ]
+    assert batched == single
+    assert generate_token_ids(model, processor, requests, settings, batch_size=4, row_seeds=seeds) == batched
+    assert batched[0] != batched[3]  # the same prompt under another seed
+    moved = generate_token_ids(model, processor, requests[3:] + requests[:3], settings, row_seeds=seeds[3:] + seeds[:3])
+    assert moved == batched[3:] + batched[:3]
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate_token_ids(model, processor, requests, GenerationSettings(), row_seeds=seeds)
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate_token_ids(model, processor, requests, settings, row_seeds=seeds[:2])
+
+
+def test_row_sampler_draws_by_inverse_cdf() -> None:
+    """Worked by hand: probabilities (0.5, 0.25, 0.25, 0); u picks the first token whose cumulative mass exceeds u,
+    never the zero-mass one; top_k=2 over (0.5, 0.3, 0.2) keeps the two likeliest and renormalises."""
+    from dama_engine.forward.generation import _RowSampler
+
+    class Fixed:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def random(self) -> float:
+            return self.value
+
+    scores = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0]] * 4))
+    sampler = _RowSampler(GenerationSettings(temperature=1.0), [0, 0, 0, 0])
+    sampler.rngs = [Fixed(u) for u in (0.1, 0.6, 0.8, 0.999)]  # type: ignore[misc]
+    chosen = sampler(torch.zeros(4, 1, dtype=torch.long), scores).argmax(dim=-1).tolist()
+    assert chosen == [0, 1, 2, 2]
+    top2 = _RowSampler(GenerationSettings(temperature=1.0, top_k=2), [0, 0])
+    top2.rngs = [Fixed(u) for u in (0.6, 0.7)]  # type: ignore[misc]
+    # Kept: 0.5 and 0.3 -> 0.625 and 0.375; u = 0.6 -> token 0, u = 0.7 -> token 1.
+    uneven = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]] * 2))
+    assert top2(torch.zeros(2, 1, dtype=torch.long), uneven).argmax(dim=-1).tolist() == [0, 1]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dama_engine.proving.stats import incomplete_beta, paired_t_test, sign_test, t_two_sided_p
+from dama_engine.proving.stats import incomplete_beta, paired_t_test, paired_table, sign_test, t_two_sided_p
 
 
 def test_incomplete_beta_closed_forms() -> None:
@@ -52,3 +52,21 @@ def test_paired_t_test_by_hand() -> None:
     assert flat.t == math.inf and flat.p == 0.0
     with pytest.raises(ValueError, match="at least two"):
         paired_t_test([1.0])
+
+
+def test_paired_table_pairs_each_arm_with_the_reference_by_seed() -> None:
+    # arm - ref per seed: 1, 2, 0 -> mean 1, sd 1, t = 1 / (1 / sqrt 3) = sqrt 3 with 2 degrees of freedom, whose
+    # two-sided p has the closed form 1 - t / sqrt(2 + t^2) = 1 - sqrt(3 / 5) = 0.2254; signs 2+ / 0-: p = 2 / 4.
+    rows = [
+        {"arm": "ref", "seed": 0, "x": 1.0},
+        {"arm": "ref", "seed": 1, "x": 2.0},
+        {"arm": "ref", "seed": 2, "x": 3.0},
+        {"arm": "a", "seed": 2, "x": 3.0},  # rows in any order: paired by seed
+        {"arm": "a", "seed": 0, "x": 2.0},
+        {"arm": "a", "seed": 1, "x": 4.0},
+        {"arm": "lonely", "seed": 0, "x": 9.0},  # one shared seed: no test, no row
+        {"arm": "a", "seed": 7, "x": 100.0},  # a seed the reference lacks is not paired
+    ]
+    lines = paired_table(rows, arm_key="arm", reference="ref", measures={"x": lambda row: row["x"]})
+    assert lines[:2] == ["| arm | x |", "|---|---|"]
+    assert lines[2:] == ["| a | mean +1.000 (sd 1.000), t(2) = 1.73, p = 0.225; sign 2+/0-, p = 0.500 |"]

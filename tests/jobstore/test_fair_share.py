@@ -6,33 +6,14 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import repository as repo
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Job, QueueTurn
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'dama.db'}"
-        config = Config(str(ROOT / "alembic.ini"))
-        config.attributes["url"] = url
-        command.upgrade(config, "head")
-    engine = make_engine(url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -96,9 +96,10 @@ def test_stale_jobs_are_requeued_then_failed_after_the_limit(factory: sessionmak
             assert repo.claim_job(session, job_id=job_id, worker=f"w{attempt}") is not None
         later = utcnow() + timedelta(seconds=1)
         with session_scope(factory) as session:
-            stale = [j for j in repo.stale_jobs(session, older_than=later) if j.id == job_id]
-            assert len(stale) == 1
-            status = repo.recover_stale_job(session, job=stale[0], max_attempts=2)
+            assert job_id in repo.stale_jobs(session, older_than=later)
+            stale = repo.lock_stale_job(session, job_id=job_id, older_than=later)
+            assert stale is not None
+            status = repo.recover_stale_job(session, job=stale, max_attempts=2)
         assert status == ("queued" if attempt == 1 else "failed")
     with session_scope(factory) as session:
         job = repo.get_job(session, job_id=job_id)

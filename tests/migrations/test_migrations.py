@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 
+from jobstore import repository, webhook_store
+from jobstore.db import make_session_factory, session_scope
 from jobstore.models import Base
 from tests.conftest import PG_ADMIN_URL
 
@@ -87,3 +90,41 @@ def test_tenant_names_that_clash_by_case_stop_the_upgrade(tmp_path: Path) -> Non
         connection.execute(text("UPDATE tenants SET name = 'alpha-old' WHERE id = 'ten_1'"))
     engine.dispose()
     command.upgrade(_config(url), "head")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_downgrading_0008_spells_out_the_all_events_default(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An endpoint made with the default stores "*" from 0008 on; 0007 knows no "*", so the downgrade writes the
+    event types 0007 announces (what the endpoint received there). Explicit lists stay as they are."""
+    url = f"sqlite:///{tmp_path / 'dama.db'}" if database == "sqlite" else request.getfixturevalue("pg_url")
+    command.upgrade(_config(url), "head")
+    engine = create_engine(url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            tenant = repository.get_or_create_tenant(session, name=f"hooks-{secrets.token_hex(3)}")
+            everything = webhook_store.create_endpoint(session, tenant_id=tenant.id, url="https://a.example/hook")
+            explicit = webhook_store.create_endpoint(
+                session, tenant_id=tenant.id, url="https://b.example/hook", event_types=["job.succeeded"]
+            )
+            ids = {everything.id: "all", explicit.id: "explicit"}
+        command.downgrade(_config(url), "0007_fair_share")
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT id, event_types FROM webhook_endpoints WHERE id IN (:a, :b)"),
+                {"a": everything.id, "b": explicit.id},
+            ).all()
+    finally:
+        engine.dispose()
+        if database == "postgres":
+            command.upgrade(_config(url), "head")  # the session's database goes on at head
+    stored = {ids[row_id]: json.loads(types) if isinstance(types, str) else types for row_id, types in rows}
+    assert stored == {
+        "all": [
+            f"{kind}.{status}"
+            for kind in ("job", "evaluation")
+            for status in ("running", "succeeded", "failed", "cancelled")
+        ],
+        "explicit": ["job.succeeded"],
+    }

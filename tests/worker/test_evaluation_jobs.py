@@ -91,7 +91,7 @@ def test_an_evaluation_job_compares_a_training_jobs_adapter_with_its_base(
     assert eval_id.startswith("eval_")
     assert _run(store, eval_id) == "succeeded", store.job(eval_id).error_message
     job = store.job(eval_id)
-    assert job.progress == 1.0 and job.stage == "writing"
+    assert job.progress == 1.0 and job.stage is None  # ended: no current stage
     assert job.result is not None
     results = job.result["results"]
     assert results["adapter"].endswith("/adapter") and results["preference"] is None

@@ -74,7 +74,7 @@ def _kill_mid_export_then_recover(store: JobStore, app: Celery, log_dir: Path, t
         export = _export(store, export_id)
         assert export.status == "succeeded", (export.error_message, second.log())
         assert export.attempts == 2 and export.worker is not None and export.worker.startswith("export2@")
-        archive = store.artifacts.export_archive(export.job_id, export_id)
+        archive = store.artifacts.export_archive(export.job_id, export_id, 2)  # the run that recorded it
         assert export.path == str(archive) and archive.is_file() and export.size_bytes == archive.stat().st_size
     finally:
         second.stop()

@@ -43,8 +43,8 @@ def test_a_job_runs_to_succeeded_in_process(store: JobStore, finished_job: str) 
     job = store.job(finished_job)
     assert job.status == "succeeded" and job.error_kind is None
     assert (job.step, job.total_steps, job.progress, job.attempts) == (12, 12, 1.0, 1)
-    # Last: base against tuned on the held-out split (holdout_fraction = the engine's data.eval_fraction).
-    assert job.stage == "evaluating" and job.eta_seconds is None and job.finished_at is not None
+    # An ended job has no current stage; the events keep each one (last: base against tuned on the held-out split).
+    assert job.stage is None and job.eta_seconds is None and job.finished_at is not None
     stages = store.stages(finished_job)
     assert [stage for stage in STAGES if stage in stages] == list(STAGES)
     assert stages.index("training") < len(stages) - 1 - stages[::-1].index("evaluating")
@@ -130,6 +130,17 @@ def test_a_dataset_without_files_fails_with_a_user_error(store: JobStore) -> Non
     job = store.job(job_id)
     assert job.error_kind == "user_error"
     assert job.error_message is not None and "upload it again" in job.error_message
+
+
+def test_a_built_in_model_built_on_first_use_shows_a_building_model_stage(store: JobStore, tmp_path: Path) -> None:
+    # Nothing built yet; and an empty artifact store, so staging stops the run (no dataset files) once built.
+    fresh = store.settings.model_copy(update={"model_cache_dir": tmp_path / "models", "artifacts_dir": tmp_path})
+    spec = tiny_spec(store.dataset(8))
+    job_id = store.create_job(spec, queue=QUEUE)
+    assert run_job(job_id, session_factory=store.factory, settings=fresh, worker="pytest:1") == "failed"
+    assert store.stages(job_id) == ["building_model"]
+    assert (tmp_path / "models" / "dama-tiny").is_dir()
+    assert store.job(job_id).stage is None  # ended: no current stage
 
 
 def test_an_unknown_model_fails_with_a_user_error(store: JobStore) -> None:

@@ -7,7 +7,8 @@ const WIDTH = 460;
 const HEIGHT = 220;
 const PAD = { left: 56, right: 12, top: 12, bottom: 30 };
 
-function extent(values) {
+/** [low, high] of values, widened by `margin` of the range on both sides (dots at the extremes stay whole). */
+function extent(values, margin = 0) {
   let low = Math.min(...values);
   let high = Math.max(...values);
   if (!Number.isFinite(low) || !Number.isFinite(high)) return [0, 1];
@@ -16,7 +17,8 @@ function extent(values) {
     low -= pad;
     high += pad;
   }
-  return [low, high];
+  const room = (high - low) * margin;
+  return [low - room, high + room];
 }
 
 function ticks(low, high, count) {
@@ -69,7 +71,7 @@ export function lineChart({ title, series, xLabel = "step" }) {
     return frame(title, null, svg);
   }
   const xDomain = extent(xs);
-  const yDomain = extent(ys);
+  const yDomain = extent(ys, 0.06);
   const x = scale(xDomain, [PAD.left, WIDTH - PAD.right]);
   const y = scale(yDomain, [HEIGHT - PAD.bottom, PAD.top]);
   const axes = s("g", { class: "axes" });
@@ -82,6 +84,8 @@ export function lineChart({ title, series, xLabel = "step" }) {
   }
   axes.append(s("text", { x: WIDTH - PAD.right, y: HEIGHT - 2, "text-anchor": "end", class: "axis-label" }, xLabel));
   svg.append(axes);
+  // Dotted series draw rings, each a size larger than the one before it, so equal values do not hide each other.
+  const ringRadius = new Map(series.filter((item) => item.dots).map((item, k) => [item, 3.5 + 2.5 * k]));
   series.forEach((item, i) => {
     const colour = `s${item.color ?? i}`;
     if (item.band && item.band.length) {
@@ -95,10 +99,10 @@ export function lineChart({ title, series, xLabel = "step" }) {
       svg.append(s("path", { d: d.join(""), class: `line ${colour}`, "data-series": item.label }));
     }
     if (item.dots || item.points.length === 1) {
+      const ring = ringRadius.get(item);
+      const shape = ring === undefined || ring === 3.5 ? { r: 3.5, class: `dot ${colour}` } : { r: ring, class: `ring ${colour}` };
       for (const [px, py] of item.points) {
-        svg.append(
-          s("circle", { cx: x(px), cy: y(py), r: 3.5, class: `dot ${colour}` }, s("title", null, `${px}: ${fmt(py)}`)),
-        );
+        svg.append(s("circle", { cx: x(px), cy: y(py), ...shape }, s("title", null, `${item.label}, ${px}: ${fmt(py)}`)));
       }
     }
   });

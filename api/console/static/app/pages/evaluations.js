@@ -3,7 +3,7 @@
 import { api, fetchRaw, followEvents, imageUrl } from "../api.js";
 import { duration, fmt, h, mount, statusBadge, table, when } from "../dom.js";
 import { progressCell } from "./jobs.js";
-import { ENDED, evaluationTables } from "./job.js";
+import { ENDED, errorDetails, evaluationTables } from "./job.js";
 
 export async function evaluationsPage(view, { signal }) {
   const page = await api("/evaluations", { query: { limit: 100 }, signal });
@@ -100,7 +100,7 @@ export async function evaluationPage(view, { id, signal }) {
         h("dt", null, "adapter of"),
         h("dd", null, evaluation.spec.adapter_job_id ? h("a", { href: `#/jobs/${evaluation.spec.adapter_job_id}` }, evaluation.spec.adapter_job_id) : "-"),
       ),
-      evaluation.error ? h("div", { class: "error" }, `${evaluation.error.kind}: ${evaluation.error.message}`) : null,
+      evaluation.error ? errorDetails(evaluation.error) : null,
     ];
     if (evaluation.status === "succeeded") {
       const chart = h("img", { alt: "evaluation chart", class: "chart-png" });

@@ -65,17 +65,19 @@ export function trainingCharts(series, spec) {
   ];
 }
 
-function heldOutTable(series) {
+function heldOutTable(series, spec) {
   const steps = (series.eval_accuracy || []).map(([step]) => step);
   if (!steps.length) return h("p", { class: "muted" }, "No held-out evaluation (set evaluation.dataset_id or holdout_fraction).");
   const at = (key) => new Map(series[key] || []);
-  const [loss, accuracy, margin, logp] = [at("eval_loss"), at("eval_accuracy"), at("eval_margin"), at("eval_logp_accuracy")];
+  const [loss, logp] = [at("eval_loss"), at("eval_logp_accuracy")];
+  // The implicit reward is 0 by construction before the first step (policy = reference): no figure, not a 0.
+  const [accuracy, margin] = [new Map(afterStart(series.eval_accuracy || [], spec)), new Map(afterStart(series.eval_margin || [], spec))];
   return table(
     [
       { label: "step", value: (step) => String(step), class: "num" },
       { label: "loss", value: (step) => fmt(loss.get(step)), class: "num" },
-      { label: "accuracy", value: (step) => fmt(accuracy.get(step)), class: "num" },
-      { label: "margin", value: (step) => fmt(margin.get(step)), class: "num" },
+      { label: "implicit-reward accuracy", value: (step) => fmt(accuracy.get(step)), class: "num" },
+      { label: "implicit-reward margin", value: (step) => fmt(margin.get(step)), class: "num" },
       { label: "log-prob accuracy", value: (step) => fmt(logp.get(step)), class: "num" },
     ],
     steps,
@@ -116,7 +118,7 @@ export function evaluationTables(evaluation) {
   }
   const generative = evaluation.generative;
   if (generative && generative.base) {
-    const metrics = ["chair_s", "chair_i", "coverage", "hallucination_rate", "mean_length"];
+    const metrics = ["chair_s", "chair_i", "coverage", "mean_length"]; // hallucination_rate is chair_s again
     parts.push(
       h("h3", null, `Generative set (CHAIR): ${generative.samples ?? ""} samples`),
       table(
@@ -132,6 +134,11 @@ export function evaluationTables(evaluation) {
     );
   }
   return parts.length ? parts : h("p", { class: "muted" }, "No evaluation results.");
+}
+
+/** A failed job's error: its kind, then the message with its line breaks kept (a traceback reads as one). */
+export function errorDetails(error) {
+  return h("div", { class: "error", id: "job-error" }, h("strong", null, `${error.kind}:`), h("pre", { class: "error-message" }, error.message));
 }
 
 function header(job) {
@@ -150,7 +157,7 @@ function header(job) {
       h("dt", null, "created"), h("dd", null, when(job.created_at)),
       h("dt", null, "finished"), h("dd", null, when(job.finished_at)),
     ),
-    job.error ? h("div", { class: "error" }, `${job.error.kind}: ${job.error.message}`) : null,
+    job.error ? errorDetails(job.error) : null,
   ];
 }
 
@@ -192,7 +199,7 @@ export async function jobPage(view, { id, signal }) {
       h("a", { class: "button", href: `#/compare?ids=${job.id}` }, "Compare..."),
     );
     mount(charts, trainingCharts(metrics.series, job.spec));
-    mount(heldOut, h("h2", null, "Held-out evaluation"), heldOutTable(metrics.series));
+    mount(heldOut, h("h2", null, "Held-out evaluation"), heldOutTable(metrics.series, job.spec));
     mount(baseVsTuned, h("h2", null, "Base vs tuned"), evaluationTables(job.result?.evaluation));
     mount(
       checkpoints,
@@ -206,7 +213,7 @@ export async function jobPage(view, { id, signal }) {
             ],
             saved.data,
           )
-        : h("p", { class: "muted" }, "None yet."),
+        : h("p", { class: "muted", id: "no-checkpoints" }, ENDED.has(job.status) ? "None kept." : "None yet."),
     );
   };
   async function cancel() {
@@ -239,7 +246,8 @@ export async function jobPage(view, { id, signal }) {
           " ",
           h("span", { class: "event-type" }, event.type),
           " ",
-          event.message,
+          // "stage validating" under the type "stage" reads "stage stage validating": say the type once.
+          event.message.startsWith(`${event.type} `) ? event.message.slice(event.type.length + 1) : event.message,
         ),
       );
     },
