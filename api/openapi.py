@@ -204,6 +204,9 @@ RULES: dict[tuple[str, str], list[str]] = {
         "with a filtering method (beta_dpo, dama_model, dama), floor(hyperparameters.keep_ratio x group) >= 2, "
         "group being hyperparameters.batch_size x gpus, times hyperparameters.grad_accumulation when "
         "hyperparameters.filter_scope is step (else 400 filter_group_too_small)",
+        "with a method that weighs pairs by data hardness (dama, dama_data), the dataset's rows carry hardness "
+        "(or chosen_score and rejected_score), or the service has a hardness scorer (GET /models; else 400 "
+        "hardness_required)",
         "integrations[].target: a tracking target this service defines (else 400 unknown_tracking_target)",
         _REMOTE_CODE,
         "the datasets are this tenant's (else 404) and of the right kind; init_adapter names a job of this tenant "

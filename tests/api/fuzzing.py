@@ -109,7 +109,13 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         datasets = [_created(upload(client, demo_archive, "demo.zip")) for _ in range(2)]
         # Never contacted: the API process delivers no webhook (workers do), and none runs here.
         webhooks = [_created(client.post("/webhooks", json={"url": "https://hooks.example.com/fuzz"}))]
-        spec = {"model": "dama/tiny-llava", "dataset_id": datasets[0], "hyperparameters": {"max_steps": 2}}
+        # dpo: the demo rows carry no hardness, and the fuzzing service has no scorer to compute it.
+        spec = {
+            "model": "dama/tiny-llava",
+            "dataset_id": datasets[0],
+            "method": "dpo",
+            "hyperparameters": {"max_steps": 2},
+        }
         jobs = [_created(client.post("/jobs", json=spec)) for _ in range(2)]
         evaluation = {"model": "dama/tiny-llava", "preference_dataset_id": datasets[0]}
         evaluations = [_created(client.post("/evaluations", json=evaluation)) for _ in range(2)]
@@ -145,7 +151,7 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
     with session_scope(db) as session:  # it succeeded too, as a worker would have recorded it
         export = dama_exports.claim_export(session, export_id=exports[0], worker="fuzz")
         assert export is not None
-        archive = store.export_archive(jobs[1], exports[0])
+        archive = store.export_archive(jobs[1], exports[0], export.attempts)
         archive.parent.mkdir(parents=True, exist_ok=True)
         archive.write_bytes(b"not really a merged model, but a file to download")
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
