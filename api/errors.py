@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from jobstore.redact import redact_json, redact_paths
 
@@ -140,7 +141,23 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return ApiError(422, "validation_error", message, param=first["param"], errors=problems).response()
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+# Methods a path may answer, in the order ``Allow`` lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers at this request's path. Starlette's 405 names the methods of the first
+    route whose path matched; FastAPI has one route per method, so that was one method of several."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     codes = {404: "route_not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -149,7 +166,10 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     except ValueError:
         phrase = "http_error"
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
-    headers = dict(exc.headers) if exc.headers else None
+    headers = dict(exc.headers) if exc.headers else {}
+    if status == 405:  # RFC 9110: Allow lists every method of the resource; OPTIONS is answered the same way
+        headers["Allow"] = ", ".join(allowed_methods(request))
+        message = f"{request.method} is not allowed on this path; it answers {headers['Allow']}"
     return ApiError(status, codes.get(status, phrase), message, headers=headers).response()
 
 

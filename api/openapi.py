@@ -1,16 +1,17 @@
 """The OpenAPI document, part of the product: every field described, errors in the one shape the API answers.
 
-FastAPI's document is adjusted in four ways: its 422 ``HTTPValidationError`` is replaced by our
+FastAPI's document is adjusted in five ways: its 422 ``HTTPValidationError`` is replaced by our
 :class:`~api.schemas.ErrorResponse` (that is what the handler answers); the errors any route may answer besides its
 own (400 from :mod:`api.errors` and :mod:`api.guards`, 413 for JSON bodies, 401 and 429 for authenticated routes)
 are listed on every operation they apply to; the multipart form of ``POST /datasets`` (parsed by hand, to stream
-it) is added as ``DatasetUpload``; and job-spec fields that ``jobstore.spec`` leaves undescribed get a
-description here (a field described there wins).
+it) is added as ``DatasetUpload``; job-spec fields that ``jobstore.spec`` leaves undescribed get a
+description here (a field described there wins); and every create links to the operations on what it created
+(:data:`LINKS`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -37,6 +38,9 @@ adapter that loads with `peft` on top of the base model.
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
 **Lists**: `?limit=&after=` cursor pagination answering `{"data", "has_more", "next_cursor"}`.
+**Types**: JSON bodies are taken as the schemas type them, never coerced: a boolean is `true` or `false` (not
+`"true"` or `1`), an integer is a JSON integer (`2`, not `"2"` or `2.0`), a number is not a string; an integer is
+accepted where a number is asked for.
 **Webhooks**: `POST /webhooks` a URL to be told when jobs and evaluations start and end (signed per Standard
 Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the call returns once).
 **Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs`, `POST /evaluations` and
@@ -90,6 +94,189 @@ SPEC_FIELD_DOCS: dict[tuple[str, str], tuple[str, Any]] = {
     ("JobSpec", "hyperparameters"): ("Optimisation and DAMA settings.", None),
     ("JobSpec", "lora"): ("LoRA adapter settings.", None),
 }
+
+
+class Link(NamedTuple):
+    """An OpenAPI link: from a create's response to an operation on what it created."""
+
+    method: str
+    path: str
+    description: str
+    parameters: dict[str, Any]
+    body: dict[str, Any] | None = None  # merged into the target's request body
+
+
+_ID = "$response.body#/id"
+_JOB = {"job_id": _ID}
+_EVALUATION = {"evaluation_id": _ID}
+_DATASET = {"dataset_id": _ID}
+_WEBHOOK = {"webhook_id": _ID}
+_EXPORT = {"job_id": "$request.path.job_id", "export_id": _ID}
+
+# From every create (each of its 2xx responses: created, or replayed by an Idempotency-Key) to the operations on
+# the object it created, so that a client (and a stateful fuzzer) can follow them; Swagger UI lists them.
+LINKS: dict[tuple[str, str], dict[str, Link]] = {
+    ("post", "/datasets"): {
+        "GetDataset": Link("get", "/datasets/{dataset_id}", "The dataset.", _DATASET),
+        "SampleRows": Link("get", "/datasets/{dataset_id}/rows", "Its sample rows.", _DATASET),
+        "RowImage": Link(
+            "get",
+            "/datasets/{dataset_id}/rows/{row}/images/{index}",
+            "The first image of its first row.",
+            {**_DATASET, "row": 1, "index": 0},
+        ),
+        "Hardness": Link("get", "/datasets/{dataset_id}/hardness", "Its hardness histogram.", _DATASET),
+        "DeleteDataset": Link("delete", "/datasets/{dataset_id}", "Delete it.", _DATASET),
+        "TrainOnIt": Link("post", "/jobs", "A job trained on it.", {}, {"dataset_id": _ID}),
+        "EvaluateOnIt": Link("post", "/evaluations", "An evaluation on it.", {}, {"preference_dataset_id": _ID}),
+    },
+    ("post", "/jobs"): {
+        "GetJob": Link("get", "/jobs/{job_id}", "The job.", _JOB),
+        "CancelJob": Link("post", "/jobs/{job_id}/cancel", "Cancel it.", _JOB),
+        "JobEvents": Link("get", "/jobs/{job_id}/events", "Its events.", _JOB),
+        "JobMetrics": Link("get", "/jobs/{job_id}/metrics", "Its metric series.", _JOB),
+        "JobCheckpoints": Link("get", "/jobs/{job_id}/checkpoints", "Its checkpoints.", _JOB),
+        "JobAdapter": Link("get", "/jobs/{job_id}/adapter", "Its adapter, once it succeeded.", _JOB),
+        "ExportJob": Link("post", "/jobs/{job_id}/exports", "A merged export of its adapter.", _JOB),
+        "JobExports": Link("get", "/jobs/{job_id}/exports", "Its exports.", _JOB),
+        "EvaluateAdapter": Link(
+            "post", "/evaluations", "An evaluation of its adapter against the base.", {}, {"adapter_job_id": _ID}
+        ),
+    },
+    ("post", "/evaluations"): {
+        "GetEvaluation": Link("get", "/evaluations/{evaluation_id}", "The evaluation.", _EVALUATION),
+        "CancelEvaluation": Link("post", "/evaluations/{evaluation_id}/cancel", "Cancel it.", _EVALUATION),
+        "EvaluationEvents": Link("get", "/evaluations/{evaluation_id}/events", "Its events.", _EVALUATION),
+        "EvaluationOutputs": Link(
+            "get", "/evaluations/{evaluation_id}/outputs", "Its per-sample generations.", _EVALUATION
+        ),
+        "EvaluationChart": Link("get", "/evaluations/{evaluation_id}/chart", "Its chart.", _EVALUATION),
+    },
+    ("post", "/jobs/{job_id}/exports"): {
+        "GetExport": Link("get", "/jobs/{job_id}/exports/{export_id}", "The export.", _EXPORT),
+        "DownloadExport": Link(
+            "get", "/jobs/{job_id}/exports/{export_id}/download", "Its archive, once it succeeded.", _EXPORT
+        ),
+        "JobExports": Link("get", "/jobs/{job_id}/exports", "The job's exports.", {"job_id": "$request.path.job_id"}),
+    },
+    ("post", "/webhooks"): {
+        "GetWebhook": Link("get", "/webhooks/{webhook_id}", "The endpoint.", _WEBHOOK),
+        "UpdateWebhook": Link("patch", "/webhooks/{webhook_id}", "Change or disable it.", _WEBHOOK),
+        "WebhookDeliveries": Link("get", "/webhooks/{webhook_id}/deliveries", "Its delivery log.", _WEBHOOK),
+        "DeleteWebhook": Link("delete", "/webhooks/{webhook_id}", "Delete it.", _WEBHOOK),
+    },
+    ("post", "/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): {
+        "WebhookDeliveries": Link(
+            "get",
+            "/webhooks/{webhook_id}/deliveries",
+            "The endpoint's delivery log, where the attempt shows.",
+            {"webhook_id": "$request.path.webhook_id"},
+        ),
+    },
+    # Not a create, but the only way to a delivery's id: the newest one of the log.
+    ("get", "/webhooks/{webhook_id}/deliveries"): {
+        "RedeliverNewest": Link(
+            "post",
+            "/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver",
+            "Send the newest delivery of the page again.",
+            {"webhook_id": "$request.path.webhook_id", "delivery_id": "$response.body#/data/0/id"},
+        ),
+    },
+    ("post", "/keys"): {
+        "RevokeKey": Link("delete", "/keys/{key_id}", "Revoke it.", {"key_id": _ID}),
+    },
+}
+
+
+_REMOTE_CODE = (
+    "trust_remote_code true only where the operator allows it (DAMA_ALLOW_REMOTE_CODE; else 422 "
+    "remote_code_not_allowed)"
+)
+_URL_RULE = (
+    "url: http:// or https://, naming a host, without credentials; localhost and literal private, loopback, "
+    "link-local or reserved addresses are refused unless DAMA_WEBHOOK_ALLOWED_HOSTS names the host (400 "
+    "url_not_allowed); a name is checked when a delivery resolves it"
+)
+# Rules a request must also follow that its schema cannot state: what a file holds, arithmetic across fields,
+# the operator's settings, other objects' state. Added to the operation's description; the fuzzing run leaves
+# schemathesis' positive_data_acceptance check out on exactly these operations (tests/api/fuzzing.py).
+RULES: dict[tuple[str, str], list[str]] = {
+    ("post", "/datasets"): [
+        "file: a non-empty data file (.jsonl, .json, .parquet) or a .zip / .tar / .tar.gz archive holding one with "
+        "its images (else 400 invalid_dataset, 422 empty_file)",
+        "every row in one format (TRL, RLAIF-V, OpenAI preference; generative: image, prompt, objects plus "
+        "vocabulary.json) with its images readable (else 422, every problem listed with its row and field)",
+        "within the upload limits (else 413, the limit named)",
+    ],
+    ("post", "/jobs"): [
+        "with a filtering method (beta_dpo, dama_model, dama), floor(hyperparameters.keep_ratio x group) >= 2, "
+        "group being hyperparameters.batch_size x gpus, times hyperparameters.grad_accumulation when "
+        "hyperparameters.filter_scope is step (else 400 filter_group_too_small)",
+        "with a method that weighs pairs by data hardness (dama, dama_data), the dataset's rows carry hardness "
+        "(or chosen_score and rejected_score), or the service has a hardness scorer (GET /models; else 400 "
+        "hardness_required)",
+        "integrations[].target: a tracking target this service defines (else 400 unknown_tracking_target)",
+        _REMOTE_CODE,
+        "the datasets are this tenant's (else 404) and of the right kind; init_adapter names a job of this tenant "
+        "on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
+    ],
+    ("post", "/evaluations"): [
+        _REMOTE_CODE,
+        "the datasets are this tenant's (else 404) and of the right kind (else 422); adapter_job_id is a training "
+        "job of this tenant that succeeded (else 404 or 409), trained on model (else 422)",
+    ],
+    ("post", "/webhooks"): [_URL_RULE],
+    ("patch", "/webhooks/{webhook_id}"): [_URL_RULE],
+}
+RULES_HEADING = "Rules beyond the schema:"
+
+# Path parameters: what each id is.
+PATH_PARAMETERS = {
+    "dataset_id": "The dataset's id (ds_...).",
+    "job_id": "The training job's id (job_...).",
+    "evaluation_id": "The evaluation's id (eval_...).",
+    "export_id": "The export's id (exp_...).",
+    "webhook_id": "The webhook endpoint's id (wh_...).",
+    "delivery_id": "The delivery's id (whd_...).",
+    "key_id": "The API key's id (key_...), not its secret.",
+}
+# The request guard (api.guards) refuses a NUL character in the path or a query parameter: said in the schema.
+NO_NUL = r"^[^\x00]*$"
+
+
+def _document_rules(paths: dict[str, Any]) -> None:
+    for (method, path), rules in RULES.items():
+        operation = paths[path][method]
+        listed = "\n".join(f"- {rule}." for rule in rules)
+        operation["description"] = f"{operation.get('description', '').rstrip()}\n\n{RULES_HEADING}\n{listed}".strip()
+
+
+def _document_parameters(operation: dict[str, Any]) -> None:
+    for parameter in operation.get("parameters", []):
+        if parameter["in"] not in ("path", "query"):
+            continue
+        if parameter["in"] == "path" and parameter["name"] in PATH_PARAMETERS:
+            parameter.setdefault("description", PATH_PARAMETERS[parameter["name"]])
+        schema = parameter.get("schema", {})
+        for option in [schema, *schema.get("anyOf", [])]:
+            if option.get("type") == "string" and "pattern" not in option and "enum" not in option:
+                option["pattern"] = NO_NUL
+
+
+def _add_links(paths: dict[str, Any]) -> None:
+    for (method, path), links in LINKS.items():
+        responses = paths[path][method]["responses"]
+        documented = {}
+        for name, link in links.items():
+            target = paths[link.path][link.method]
+            documented[name] = {"operationId": target["operationId"], "description": link.description}
+            if link.parameters:
+                documented[name]["parameters"] = link.parameters
+            if link.body is not None:
+                documented[name]["requestBody"] = link.body
+        for status, response in responses.items():
+            if status.startswith("2"):
+                response["links"] = documented
 
 
 def _describe_spec_fields(schemas: dict[str, Any]) -> None:
@@ -180,6 +367,9 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     for paths in document.get("paths", {}).values():
         for operation in paths.values():
             _document_common_errors(operation, error_content)
+            _document_parameters(operation)
+    _document_rules(document["paths"])
+    _add_links(document["paths"])
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     _describe_spec_fields(schemas)

@@ -517,7 +517,7 @@ _EXPORT_ID = "exp_0194b1c2d3e4a1b2c3d4e5f6"
 
 
 class ExportCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: as typed in the document, never coerced
 
     format: Literal["merged"] = Field(
         description="merged: the adapter folded into the base model's weights (safetensors, processor files, model "

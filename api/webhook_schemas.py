@@ -37,7 +37,7 @@ _EVENTS_DOC = "The events sent to this endpoint."
 
 
 class WebhookCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: as typed in the document, never coerced
 
     url: str = Field(max_length=2000, description=_URL_DOC, examples=["https://hooks.example.com/dama"])
     event_types: list[EventType] = Field(
@@ -53,7 +53,7 @@ class WebhookCreate(BaseModel):
 
 
 class WebhookUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: as typed in the document, never coerced
 
     url: str | None = Field(default=None, max_length=2000, description=_URL_DOC, examples=[None])
     event_types: list[EventType] | None = Field(

@@ -40,8 +40,9 @@ def split_init_adapter(init_adapter: str | None) -> tuple[str, int | None] | Non
 
 
 class _Spec(BaseModel):
-    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # No Infinity/NaN: a spec is stored as JSON, and JSON has neither. Strict: a value is taken as the type the
+    # OpenAPI document says, never coerced ("true" is not a boolean, "2" and 2.0 are not integers).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -91,6 +92,19 @@ class LoraSpec(_Spec):
 
 
 class EvaluationSpec(_Spec):
+    """Held-out preference evaluation after training: pairs of another dataset (dataset_id) or a share of the
+    training pairs (holdout_fraction), not both."""
+
+    # The rule of _one_source, in the OpenAPI document.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["dataset_id", "holdout_fraction"],
+                "properties": {"dataset_id": {"type": "string"}, "holdout_fraction": {"exclusiveMinimum": 0}},
+            }
+        }
+    )
+
     dataset_id: ObjectId | None = Field(
         default=None, description="Held-out pairs (an uploaded preference dataset).", examples=[None]
     )
@@ -229,7 +243,18 @@ class GenerationSpec(_Spec):
 
 
 class EvaluationCreate(_Spec):
-    """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets."""
+    """An evaluation job: a base model (and optionally a tuned adapter) scored on uploaded datasets: a preference
+    dataset, a generative one, or both."""
+
+    # The rule of _something_to_evaluate, in the OpenAPI document.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [name], "properties": {name: {"type": "string"}}}
+                for name in ("preference_dataset_id", "generative_dataset_id")
+            ]
+        }
+    )
 
     model: ModelName = Field(description=_MODEL_DESCRIPTION + " With adapter_job_id, the training job's base.")
     adapter_job_id: ObjectId | None = Field(

@@ -232,9 +232,14 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 @pytest.fixture(scope="session")
 def demo_archive(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A zip of the demo dataset's train.jsonl and images/ (6 rows, 6 images)."""
+    return demo_zip(tmp_path_factory.mktemp("demo"))
+
+
+def demo_zip(folder: Path) -> bytes:
+    """The demo dataset (6 rows, 6 images of 32 px), made in ``folder``, as a zip of train.jsonl and images/."""
     from dama_engine.proving.shapes import make_demo_dataset
 
-    demo = make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=6, n_eval=0, n_generative=0, image_size=32)
+    demo = make_demo_dataset(folder, n_train=6, n_eval=0, n_generative=0, image_size=32)
     members = {"train.jsonl": demo.train.read_bytes()}
     for image in sorted(demo.images_dir.iterdir()):
         members[f"images/{image.name}"] = image.read_bytes()

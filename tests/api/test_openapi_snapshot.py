@@ -9,6 +9,11 @@ whose description was lost or went generic is a regression); examples, titles an
 list pages are one ``Page[T]`` now, whose schema names may be reworded but whose fields are the same. Where a
 description changed on purpose, the snapshot says so too (a named page's own description, a moved engine module,
 the webhook default that now includes later event types).
+
+Deliberate changes since, made in the snapshot too (issue 28): string path and query parameters carry the pattern
+``^[^\x00]*$`` (the request guard refuses a NUL character there), path ids are described, and the rules of
+``EvaluationCreate`` (a dataset to evaluate) and ``EvaluationSpec`` (dataset_id or holdout_fraction) are in their
+schemas and descriptions.
 """
 
 from __future__ import annotations
