@@ -14,7 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dama_engine.errors import UserError
 from dama_engine.objective import ObjectiveConfig
-from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
+from dama_settings.knobs import (
+    DATA,
+    DISTRIBUTED,
+    EVALUATION,
+    HARDNESS,
+    KEEP_CHECKPOINTS_FULL,
+    KEEP_CHECKPOINTS_LORA,
+    LORA,
+    MODEL,
+    OBJECTIVE,
+    OPTIM,
+    RUN,
+)
 from dama_settings.names import (
     Aggregation,
     CompileMode,
@@ -27,6 +39,7 @@ from dama_settings.names import (
     PairForward,
     Precision,
     Scheduler,
+    Strategy,
 )
 
 
@@ -145,7 +158,7 @@ class RunSection(_Section):
         default=None, description="Reference log-probs and hardness cache; default under output_dir."
     )
     checkpoint_every: int | None = RUN["checkpoint_every"].field()
-    keep_checkpoints: int = RUN["keep_checkpoints"].field()
+    keep_checkpoints: int | None = RUN["keep_checkpoints"].field()
     eval_every: int | None = RUN["eval_every"].field()
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")
@@ -160,6 +173,12 @@ class RunSection(_Section):
     )
 
 
+class DistributedSection(_Section):
+    """How several processes (``torchrun``) share the run; one process ignores it."""
+
+    strategy: Strategy = DISTRIBUTED["strategy"].field()
+
+
 class TrainConfig(_Section):
     model: ModelSection
     data: DataSection
@@ -169,12 +188,21 @@ class TrainConfig(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     optim: OptimSection = OptimSection()
     run: RunSection = RunSection()
+    distributed: DistributedSection = DistributedSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("data.eval and data.eval_fraction are both set; give one way to hold out pairs")
+        if self.run.keep_checkpoints is None:  # a full fine-tune's checkpoint holds the whole model and optimizer
+            self.run.keep_checkpoints = KEEP_CHECKPOINTS_LORA if self.lora.enabled else KEEP_CHECKPOINTS_FULL
         return self
+
+    @property
+    def checkpoints_kept(self) -> int:
+        """``run.keep_checkpoints``, resolved (never None once validated)."""
+        assert self.run.keep_checkpoints is not None
+        return self.run.keep_checkpoints
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, raw: str) -> None:

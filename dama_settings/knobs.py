@@ -18,6 +18,7 @@ from dama_settings.names import (
     PAIR_FORWARDS,
     PRECISIONS,
     SCHEDULERS,
+    STRATEGIES,
 )
 from dama_settings.setting import Setting, by_name
 
@@ -170,12 +171,30 @@ RUN = by_name(
     ),
     Setting(
         "keep_checkpoints",
-        2,
-        "How many of the newest checkpoints are kept (older ones are pruned); each is downloadable as an adapter.",
+        None,
+        "How many of the newest checkpoints are kept (older ones are pruned); default (null): 2 for LoRA, 1 for a "
+        "full fine-tune, whose checkpoints hold the whole model and its optimizer states (about 100 GB for 7B). "
+        "Each LoRA checkpoint is downloadable as an adapter.",
         gt=0,
         service_le=100,
     ),
     Setting("eval_every", None, "Evaluate on the held-out split every N steps.", gt=0),
+)
+
+# How many checkpoints are kept when keep_checkpoints is left unset (null), by kind of run.
+KEEP_CHECKPOINTS_LORA = 2
+KEEP_CHECKPOINTS_FULL = 1
+
+# ---- several processes: config `distributed.*`, spec `strategy` ------------------------------------------------
+DISTRIBUTED = by_name(
+    Setting(
+        "strategy",
+        "ddp",
+        "How several GPUs share one job (with one, both are the same run): ddp = a whole copy of the model and "
+        "optimizer on every GPU, gradients averaged; fsdp = parameters, gradients and optimizer states sharded "
+        "across the GPUs (PyTorch FSDP2), for full fine-tunes and models whose training state does not fit one GPU.",
+        choices=STRATEGIES,
+    ),
 )
 
 # ---- evaluation after training: config `evaluation.*`, spec `evaluation.*` -------------------------------------

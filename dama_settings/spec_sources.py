@@ -88,4 +88,7 @@ JOB_SPEC_SOURCES: dict[str, dict[str, str | NotExposed]] = {
         "max_new_tokens": "evaluation.max_new_tokens",
         "max_samples": "evaluation.max_samples",
     },
+    "distributed": {
+        "strategy": "strategy",
+    },
 }

@@ -46,6 +46,7 @@ ENGINE_SECTIONS: dict[type[BaseModel], dict[str, Setting]] = {
     config.OptimSection: knobs.OPTIM,
     config.EvaluationSection: knobs.EVALUATION,
     config.RunSection: knobs.RUN,
+    config.DistributedSection: knobs.DISTRIBUTED,
 }
 
 # The job spec's fields: each names the knob it is (the service caps and defaults applied).
@@ -92,6 +93,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "hardness_rescale": knobs.HARDNESS["rescale"],
         "trust_remote_code": knobs.MODEL["trust_remote_code"],
         "gpus": None,
+        "strategy": knobs.DISTRIBUTED["strategy"],
         "queue": None,
         "suffix": None,
         "init_adapter": None,

@@ -27,6 +27,7 @@ KNOB_TABLES = {
     "lora": knobs.LORA,
     "run": knobs.RUN,
     "evaluation": knobs.EVALUATION,
+    "distributed": knobs.DISTRIBUTED,
 }
 HUB_MODEL = "llava-hf/llava-1.5-7b-hf"  # not built in: no staging default (tiny learning rate, fp32) applies
 
@@ -54,7 +55,7 @@ def _unmapped(
 
 def test_every_engine_setting_has_a_source_a_worker_decision_or_a_reason() -> None:
     assert not _unmapped(JOB_SPEC_SOURCES, WORKER_DECIDES)
-    assert len(_engine_sections()) == 8  # the walk did reach the sections
+    assert len(_engine_sections()) == 9  # the walk did reach the sections
 
 
 def test_a_setting_without_a_mapping_is_caught() -> None:
@@ -117,6 +118,7 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
             "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj"], "train_projector": True},
             "hardness_scorer": "/models/clip",
             "hardness_rescale": "minmax",
+            "strategy": "fsdp",
             "evaluation": {"holdout_fraction": 0.1, "max_new_tokens": 16, "max_samples": 3},
         }
     )
