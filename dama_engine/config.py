@@ -194,15 +194,16 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("data.eval and data.eval_fraction are both set; give one way to hold out pairs")
-        if self.run.keep_checkpoints is None:  # a full fine-tune's checkpoint holds the whole model and optimizer
-            self.run.keep_checkpoints = KEEP_CHECKPOINTS_LORA if self.lora.enabled else KEEP_CHECKPOINTS_FULL
         return self
 
     @property
     def checkpoints_kept(self) -> int:
-        """``run.keep_checkpoints``, resolved (never None once validated)."""
-        assert self.run.keep_checkpoints is not None
-        return self.run.keep_checkpoints
+        """``run.keep_checkpoints``, or when unset (null) by kind of run: a full fine-tune's checkpoint holds the
+        whole model and its optimizer states, so one is kept. Resolved here, not stored, so a config dumped and
+        changed (``lora.enabled=false``) still gets the default of its kind."""
+        if self.run.keep_checkpoints is not None:
+            return self.run.keep_checkpoints
+        return KEEP_CHECKPOINTS_LORA if self.lora.enabled else KEEP_CHECKPOINTS_FULL
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, raw: str) -> None:
