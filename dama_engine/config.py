@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dama_engine.data import PixelBudget
 from dama_engine.errors import UserError
 from dama_engine.objective import ObjectiveConfig
 from dama_settings.knobs import (
@@ -73,6 +74,18 @@ class DataSection(_Section):
     max_length: int = DATA["max_length"].field()
     truncate_answers: bool = DATA["truncate_answers"].field()
     skip_invalid_rows: bool = DATA["skip_invalid_rows"].field()
+    max_pixels: int | None = DATA["max_pixels"].field()
+    min_pixels: int | None = DATA["min_pixels"].field()
+    max_image_side: int | None = DATA["max_image_side"].field()
+
+    @model_validator(mode="after")
+    def _pixel_budget_order(self) -> DataSection:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels {self.min_pixels} is above data.max_pixels {self.max_pixels}")
+        return self
+
+    def pixel_budget(self) -> PixelBudget:
+        return PixelBudget(self.max_pixels, self.min_pixels, self.max_image_side)
 
 
 class LoraSection(_Section):

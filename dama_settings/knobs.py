@@ -136,6 +136,28 @@ DATA = by_name(
         "Cut over-long answers to fit max_length instead of rejecting the row. Never cuts the prompt.",
     ),
     Setting("skip_invalid_rows", False, "Drop rows that fail validation instead of stopping."),
+    # Pixel budgets: an image is resized to fit them before the processor sees it, never cut in tokens.
+    Setting(
+        "max_pixels",
+        None,
+        "Largest image area in pixels (width x height); a larger image is scaled down, aspect kept, before the "
+        "processor (Qwen2-VL's processor also takes it: its image token count follows). Null: the processor's own.",
+        gt=0,
+    ),
+    Setting(
+        "min_pixels",
+        None,
+        "Smallest image area in pixels; a smaller image is scaled up, aspect kept (Qwen2-VL's processor also takes "
+        "it). Null: the processor's own.",
+        gt=0,
+    ),
+    Setting(
+        "max_image_side",
+        None,
+        "Longest image side in pixels, for any family (for those whose processor has no pixel budget, such as "
+        "LLaVA's fixed-size one, it bounds decoding and resizing work); a longer image is scaled down, aspect kept.",
+        gt=0,
+    ),
 )
 
 # ---- model: config `model.*`, spec `trust_remote_code` ---------------------------------------------------------

@@ -142,6 +142,8 @@ def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: 
     identity["template"] = getattr(processor, "chat_template", None)
     identity["max_length"] = config.data.max_length
     identity["truncate_answers"] = config.data.truncate_answers
+    if config.data.pixel_budget().is_set:  # only then: the keys of runs without a budget stay as they were
+        identity["pixels"] = [config.data.max_pixels, config.data.min_pixels, config.data.max_image_side]
     identity["bf16"] = bf16  # the precision "auto" resolved to on this machine
     # A hub model: the commit its files came from, so an updated repo never reuses old reference log-probs.
     identity["commit"] = commit
@@ -434,8 +436,11 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    processor = load_processor(config.model)
-    encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
+    pixels = config.data.pixel_budget()
+    processor = load_processor(config.model, pixels)
+    encoder = PairEncoder(
+        processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers, pixels=pixels
+    )
     train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
     steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
