@@ -12,9 +12,22 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dama_engine.data import PixelBudget
 from dama_engine.errors import UserError
 from dama_engine.objective import ObjectiveConfig
-from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
+from dama_settings.knobs import (
+    DATA,
+    DISTRIBUTED,
+    EVALUATION,
+    HARDNESS,
+    KEEP_CHECKPOINTS_FULL,
+    KEEP_CHECKPOINTS_LORA,
+    LORA,
+    MODEL,
+    OBJECTIVE,
+    OPTIM,
+    RUN,
+)
 from dama_settings.names import (
     Aggregation,
     CompileMode,
@@ -27,6 +40,7 @@ from dama_settings.names import (
     PairForward,
     Precision,
     Scheduler,
+    Strategy,
 )
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -73,6 +87,18 @@ class DataSection(_Section):
     max_length: int = DATA["max_length"].field()
     truncate_answers: bool = DATA["truncate_answers"].field()
     skip_invalid_rows: bool = DATA["skip_invalid_rows"].field()
+    max_pixels: int | None = DATA["max_pixels"].field()
+    min_pixels: int | None = DATA["min_pixels"].field()
+    max_image_side: int | None = DATA["max_image_side"].field()
+
+    @model_validator(mode="after")
+    def _pixel_budget_order(self) -> DataSection:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels {self.min_pixels} is above data.max_pixels {self.max_pixels}")
+        return self
+
+    def pixel_budget(self) -> PixelBudget:
+        return PixelBudget(self.max_pixels, self.min_pixels, self.max_image_side)
 
 
 class LoraSection(_Section):
@@ -159,7 +185,7 @@ class RunSection(_Section):
         default=None, description="Reference log-probs and hardness cache; default under output_dir."
     )
     checkpoint_every: int | None = RUN["checkpoint_every"].field()
-    keep_checkpoints: int = RUN["keep_checkpoints"].field()
+    keep_checkpoints: int | None = RUN["keep_checkpoints"].field()
     eval_every: int | None = RUN["eval_every"].field()
     log_every: int = Field(default=1, gt=0)
     resume: bool = Field(default=True, description="Resume from the newest checkpoint in output_dir if present.")
@@ -174,6 +200,12 @@ class RunSection(_Section):
     )
 
 
+class DistributedSection(_Section):
+    """How several processes (``torchrun``) share the run; one process ignores it."""
+
+    strategy: Strategy = DISTRIBUTED["strategy"].field()
+
+
 class TrainConfig(_Section):
     model: ModelSection
     data: DataSection
@@ -183,12 +215,22 @@ class TrainConfig(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     optim: OptimSection = OptimSection()
     run: RunSection = RunSection()
+    distributed: DistributedSection = DistributedSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("data.eval and data.eval_fraction are both set; give one way to hold out pairs")
         return self
+
+    @property
+    def checkpoints_kept(self) -> int:
+        """``run.keep_checkpoints``, or when unset (null) by kind of run: a full fine-tune's checkpoint holds the
+        whole model and its optimizer states, so one is kept. Resolved here, not stored, so a config dumped and
+        changed (``lora.enabled=false``) still gets the default of its kind."""
+        if self.run.keep_checkpoints is not None:
+            return self.run.keep_checkpoints
+        return KEEP_CHECKPOINTS_LORA if self.lora.enabled else KEEP_CHECKPOINTS_FULL
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, raw: str) -> None:

@@ -18,6 +18,7 @@ from dama_settings.names import (
     PAIR_FORWARDS,
     PRECISIONS,
     SCHEDULERS,
+    STRATEGIES,
 )
 from dama_settings.setting import Setting, by_name
 
@@ -135,6 +136,28 @@ DATA = by_name(
         "Cut over-long answers to fit max_length instead of rejecting the row. Never cuts the prompt.",
     ),
     Setting("skip_invalid_rows", False, "Drop rows that fail validation instead of stopping."),
+    # Pixel budgets: an image is resized to fit them before the processor sees it, never cut in tokens.
+    Setting(
+        "max_pixels",
+        None,
+        "Largest image area in pixels (width x height); a larger image is scaled down, aspect kept, before the "
+        "processor (Qwen2-VL's processor also takes it: its image token count follows). Null: the processor's own.",
+        gt=0,
+    ),
+    Setting(
+        "min_pixels",
+        None,
+        "Smallest image area in pixels; a smaller image is scaled up, aspect kept (Qwen2-VL's processor also takes "
+        "it). Null: the processor's own.",
+        gt=0,
+    ),
+    Setting(
+        "max_image_side",
+        None,
+        "Longest image side in pixels, for any family (for those whose processor has no pixel budget, such as "
+        "LLaVA's fixed-size one, it bounds decoding and resizing work); a longer image is scaled down, aspect kept.",
+        gt=0,
+    ),
 )
 
 # ---- model: config `model.*`, spec `trust_remote_code` ---------------------------------------------------------
@@ -170,12 +193,30 @@ RUN = by_name(
     ),
     Setting(
         "keep_checkpoints",
-        2,
-        "How many of the newest checkpoints are kept (older ones are pruned); each is downloadable as an adapter.",
+        None,
+        "How many of the newest checkpoints are kept (older ones are pruned); default (null): 2 for LoRA, 1 for a "
+        "full fine-tune, whose checkpoints hold the whole model and its optimizer states (about 100 GB for 7B). "
+        "Each LoRA checkpoint is downloadable as an adapter.",
         gt=0,
         service_le=100,
     ),
     Setting("eval_every", None, "Evaluate on the held-out split every N steps.", gt=0),
+)
+
+# How many checkpoints are kept when keep_checkpoints is left unset (null), by kind of run.
+KEEP_CHECKPOINTS_LORA = 2
+KEEP_CHECKPOINTS_FULL = 1
+
+# ---- several processes: config `distributed.*`, spec `strategy` ------------------------------------------------
+DISTRIBUTED = by_name(
+    Setting(
+        "strategy",
+        "ddp",
+        "How several GPUs share one job (with one, both are the same run): ddp = a whole copy of the model and "
+        "optimizer on every GPU, gradients averaged; fsdp = parameters, gradients and optimizer states sharded "
+        "across the GPUs (PyTorch FSDP2), for full fine-tunes and models whose training state does not fit one GPU.",
+        choices=STRATEGIES,
+    ),
 )
 
 # ---- evaluation after training: config `evaluation.*`, spec `evaluation.*` -------------------------------------

@@ -23,6 +23,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 DataFormat = Literal["auto", "trl", "rlaif_v", "openai"]
 Scheduler = Literal["cosine", "linear", "constant"]
 PairForward = Literal["auto", "packed", "two_rows", "model_logits"]
+Strategy = Literal["ddp", "fsdp"]
 
 # A dataset's data file (dama_engine.data.formats reads these; api.uploads accepts them).
 DATA_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
@@ -39,3 +40,4 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 PAIR_FORWARDS: tuple[str, ...] = get_args(PairForward)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)

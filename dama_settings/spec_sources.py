@@ -64,6 +64,9 @@ JOB_SPEC_SOURCES: dict[str, dict[str, str | NotExposed]] = {
     },
     "data": {
         "max_length": "hyperparameters.max_length",
+        "max_pixels": "hyperparameters.max_pixels",
+        "min_pixels": "hyperparameters.min_pixels",
+        "max_image_side": "hyperparameters.max_image_side",
         "eval_fraction": "evaluation.holdout_fraction",
         "truncate_answers": NotExposed("the service rejects over-long rows with their row numbers, never cuts them"),
         "skip_invalid_rows": NotExposed("an upload is checked whole before it is stored: no invalid rows reach a job"),
@@ -88,6 +91,9 @@ JOB_SPEC_SOURCES: dict[str, dict[str, str | NotExposed]] = {
         "max_new_tokens": "evaluation.max_new_tokens",
         "max_samples": "evaluation.max_samples",
         "pope": "evaluation.pope",
+    },
+    "distributed": {
+        "strategy": "strategy",
     },
 }
 

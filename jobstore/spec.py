@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dama_settings.knobs import DATA, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
-from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, HardnessRescale
+from dama_settings.knobs import DATA, DISTRIBUTED, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
+from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, HardnessRescale, Strategy
 from dama_settings.names import Method as Method
 from dama_settings.rules import too_small_filter_group
 
@@ -72,11 +72,14 @@ class Hyperparameters(_Spec):
     warmup_ratio: float = OPTIM["warmup_ratio"].field(service=True)
     weight_decay: float = OPTIM["weight_decay"].field(service=True)
     max_length: int = DATA["max_length"].field(service=True)
+    max_pixels: int | None = DATA["max_pixels"].field(service=True)
+    min_pixels: int | None = DATA["min_pixels"].field(service=True)
+    max_image_side: int | None = DATA["max_image_side"].field(service=True)
     gradient_checkpointing: bool = OPTIM["gradient_checkpointing"].field(service=True)
     compile: CompileMode = OPTIM["compile"].field(service=True)
     seed: int = OPTIM["seed"].field(service=True)
     checkpoint_every: int = RUN["checkpoint_every"].field(service=True)
-    keep_checkpoints: int = RUN["keep_checkpoints"].field(service=True)
+    keep_checkpoints: int | None = RUN["keep_checkpoints"].field(service=True)
     eval_every: int | None = RUN["eval_every"].field(service=True)
 
 
@@ -171,7 +174,8 @@ class JobSpec(_Spec):
     hardness_scorer: str = HARDNESS["scorer"].field(service=True)
     hardness_rescale: HardnessRescale = HARDNESS["rescale"].field(service=True)
     trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True)
-    gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun DDP when > 1).")
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs for this job (torchrun when > 1; see strategy).")
+    strategy: Strategy = DISTRIBUTED["strategy"].field(service=True)
     queue: QueueName = None
     suffix: str | None = Field(default=None, max_length=64, description="A label for the adapter.")
     integrations: list[Integration] = Field(

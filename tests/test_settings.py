@@ -46,6 +46,7 @@ ENGINE_SECTIONS: dict[type[BaseModel], dict[str, Setting]] = {
     config.OptimSection: knobs.OPTIM,
     config.EvaluationSection: knobs.EVALUATION,
     config.RunSection: knobs.RUN,
+    config.DistributedSection: knobs.DISTRIBUTED,
 }
 
 # The job spec's fields: each names the knob it is (the service caps and defaults applied).
@@ -66,6 +67,9 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "warmup_ratio": knobs.OPTIM["warmup_ratio"],
         "weight_decay": knobs.OPTIM["weight_decay"],
         "max_length": knobs.DATA["max_length"],
+        "max_pixels": knobs.DATA["max_pixels"],
+        "min_pixels": knobs.DATA["min_pixels"],
+        "max_image_side": knobs.DATA["max_image_side"],
         "gradient_checkpointing": knobs.OPTIM["gradient_checkpointing"],
         "compile": knobs.OPTIM["compile"],
         "seed": knobs.OPTIM["seed"],
@@ -93,6 +97,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "hardness_rescale": knobs.HARDNESS["rescale"],
         "trust_remote_code": knobs.MODEL["trust_remote_code"],
         "gpus": None,
+        "strategy": knobs.DISTRIBUTED["strategy"],
         "queue": None,
         "suffix": None,
         "init_adapter": None,

@@ -1,7 +1,9 @@
-"""A job on several GPUs: the engine under ``torchrun`` (DDP), followed from the outside.
+"""A job on several GPUs: the engine under ``torchrun`` (DDP, or FSDP2 with the spec's ``strategy: fsdp``),
+followed from the outside.
 
 The engine's own launcher support is the distributed runtime (``torchrun --nproc_per_node N -m dama_engine.cli
-CONFIG.yaml``; each rank takes its slice of every batch and rank 0 writes checkpoints, metrics and the adapter),
+CONFIG.yaml``; each rank takes its slice of every batch and rank 0 writes metrics and the adapter; under ``fsdp``
+every rank also writes its checkpoint shard; the config file carries ``distributed.strategy``),
 so the worker only writes the config file, starts the launcher in a process group of its own, and follows the
 progress events rank 0 appends to ``events.jsonl`` (``dama-train --events``; schema in :mod:`dama_engine.events`):
 each record becomes the same callback call an in-process run makes, which goes through the same records

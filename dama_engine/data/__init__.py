@@ -14,6 +14,7 @@ from dama_engine.data.generative import (
     find_generative_files,
     load_generative_eval,
 )
+from dama_engine.data.images import PixelBudget
 from dama_engine.data.lines import DataFormatError, DataLimitError
 from dama_engine.data.matcher import (
     ChairSample,
@@ -44,6 +45,7 @@ __all__ = [
     "ImagePart",
     "ImageSource",
     "Message",
+    "PixelBudget",
     "PreferenceRow",
     "TextPart",
     "ValidationReport",

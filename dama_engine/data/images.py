@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
+
+from PIL import Image
 
 from dama_engine.data.readers import RowContext, type_name
 from dama_engine.data.rows import ImageSource
@@ -103,3 +107,41 @@ def _image_file(relative: str, path: str, context: RowContext) -> ImageSource | 
         context.problem(path, ErrorCode.IMAGE_NOT_FOUND, reason)
         return None
     return ImageSource(path=full)
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """Bounds on an image's size (``data.max_pixels``, ``data.min_pixels``, ``data.max_image_side``; None: no bound).
+
+    :meth:`fit` resizes an image into them, aspect ratio kept, before any processor sees it: a large image costs
+    fewer image tokens (Qwen2-VL) or less decoding work, and is never trained on with some of its tokens cut.
+    """
+
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    max_side: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return any(bound is not None for bound in (self.max_pixels, self.min_pixels, self.max_side))
+
+    def scale(self, width: int, height: int) -> float:
+        """The factor that brings a ``width`` x ``height`` image into the budget (1.0: it already fits)."""
+        scale = 1.0
+        area = width * height
+        if self.max_pixels is not None and area > self.max_pixels:
+            scale = math.sqrt(self.max_pixels / area)
+        elif self.min_pixels is not None and area < self.min_pixels:
+            scale = math.sqrt(self.min_pixels / area)
+        if self.max_side is not None and max(width, height) * scale > self.max_side:
+            scale = self.max_side / max(width, height)
+        return scale
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        scale = self.scale(*image.size)
+        if scale == 1.0:
+            return image
+        # Floor when shrinking (the area stays within max_pixels), ceil when growing (at least min_pixels).
+        rounding = math.floor if scale < 1 else math.ceil
+        size = (max(1, rounding(image.width * scale)), max(1, rounding(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC)

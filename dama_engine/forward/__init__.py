@@ -4,7 +4,7 @@ scoring helpers training and evaluation share (:mod:`.scoring`).
 """
 
 from dama_engine.forward.batching import PairBatch, PairEncoder
-from dama_engine.forward.compiling import compile_decoder_layers
+from dama_engine.forward.compiling import compile_decoder_layers, decoder_layers
 from dama_engine.forward.generation import GenerationRequest, GenerationSettings, generate
 from dama_engine.forward.logprobs import pair_log_probs
 from dama_engine.forward.packing import set_pair_forward
@@ -18,6 +18,7 @@ __all__ = [
     "autocast",
     "check_lengths",
     "compile_decoder_layers",
+    "decoder_layers",
     "encode_batch",
     "generate",
     "pair_log_probs",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dama_engine.data import PreferenceRow
+from dama_engine.data import PixelBudget, PreferenceRow
 from dama_engine.errors import UserError
 
 # Per-token processor outputs that must be extended over the answer tokens (with 0: "text token").
@@ -60,11 +60,14 @@ class EncodedPair:
 class PairEncoder:
     """Turns a :class:`PreferenceRow` into an :class:`EncodedPair` with a transformers processor."""
 
-    def __init__(self, processor: Any, *, max_length: int, truncate_answers: bool = False) -> None:
+    def __init__(
+        self, processor: Any, *, max_length: int, truncate_answers: bool = False, pixels: PixelBudget | None = None
+    ) -> None:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.truncate_answers = truncate_answers
+        self.pixels = pixels or PixelBudget()  # images are resized into it before the processor, never cut
 
     def _answer_suffix(self, row: PreferenceRow, prompt_text: str, answer: str, name: str) -> str:
         full = self.processor.apply_chat_template(row.conversation(answer), tokenize=False)
@@ -75,7 +78,7 @@ class PairEncoder:
     def encode(self, row: PreferenceRow, index: int = 0, *, with_images: bool = True) -> EncodedPair:
         """Encode one row. ``with_images=False`` skips the pixel tensors (for a length check)."""
         prompt_text = self.processor.apply_chat_template(row.prompt_chat(), add_generation_prompt=True, tokenize=False)
-        images = [source.load() for source in row.images]
+        images = [self.pixels.fit(source.load()) for source in row.images]
         # As transformers' own apply_chat_template(tokenize=True): add BOS unless the template already wrote it.
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and prompt_text.startswith(bos))

@@ -42,6 +42,8 @@ class FamilySpec(layouts.FamilyLayout):
     accepts_4d_attention_mask: bool = True
     accepts_position_ids: bool = True
     position_ids_kind: Literal["1d", "mrope"] = "1d"
+    # Whether the processor takes min_pixels / max_pixels (its image token count follows the image's area).
+    processor_pixel_budget: bool = False
     notes: str = ""
 
     @property
@@ -87,6 +89,7 @@ QWEN2_VL = FamilySpec(
     **asdict(layouts.QWEN2_VL),
     model_input_names=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
     position_ids_kind="mrope",
+    processor_pixel_budget=True,
     notes=(
         "M-RoPE: position_ids are (3, batch, seq) from model.model.get_rope_index(input_ids, mm_token_type_ids, "
         "image_grid_thw=..., attention_mask=2D mask); the forward computes them itself from a 2D attention_mask "

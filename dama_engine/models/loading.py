@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from dama_engine.config import ConfigError, LoraSection, ModelSection
+from dama_engine.data import PixelBudget
 from dama_engine.models.families import family_for
 
 
@@ -29,10 +30,22 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_processor(section: ModelSection) -> Any:
-    return AutoProcessor.from_pretrained(
-        section.name_or_path, revision=section.revision, trust_remote_code=section.trust_remote_code
-    )
+def load_processor(section: ModelSection, pixels: PixelBudget | None = None) -> Any:
+    """The model's processor; with ``pixels``, a processor that takes a pixel budget (Qwen2-VL: ``size`` as
+    ``shortest_edge`` / ``longest_edge`` in pixels) gets ``min_pixels`` / ``max_pixels``, so its resizing (to whole
+    patches) stays inside the same bounds."""
+    where = {"revision": section.revision, "trust_remote_code": section.trust_remote_code}
+    processor = AutoProcessor.from_pretrained(section.name_or_path, **where)
+    if pixels is None or (pixels.max_pixels is None and pixels.min_pixels is None):
+        return processor
+    if not family_for(AutoConfig.from_pretrained(section.name_or_path, **where)).processor_pixel_budget:
+        return processor
+    size = processor.image_processor.size
+    bounds = {
+        "shortest_edge": pixels.min_pixels if pixels.min_pixels is not None else size["shortest_edge"],
+        "longest_edge": pixels.max_pixels if pixels.max_pixels is not None else size["longest_edge"],
+    }
+    return AutoProcessor.from_pretrained(section.name_or_path, size=bounds, **where)
 
 
 def load_model(section: ModelSection, *, dtype: torch.dtype) -> Any:

@@ -6,6 +6,11 @@ adapter folder (``adapter/``: ``adapter_config.json`` + ``adapter_model.safetens
 ``scheduler.pt``, ``state.json`` (optimizer step, objective state, filter-generator state digest) and one
 ``rng-rank<R>.pt`` per process (python, numpy, torch, CUDA and the filtering generator's states). The data
 position needs no file: the order of every epoch is a pure function of the seed and the epoch.
+
+Under ``distributed.strategy: fsdp`` the weights and optimizer states are sharded: ``sharded/`` (written by every
+rank through ``torch.distributed.checkpoint``, :mod:`dama_engine.training.sharding`) replaces
+``trainable.safetensors`` and ``optimizer.pt``; ``adapter/`` is gathered from the shards, so it is the same PEFT
+folder as under DDP. A checkpoint resumes only under the strategy that wrote it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from dama_engine.models import is_peft
 from dama_engine.objective import ObjectiveState
+from dama_engine.training.sharding import (
+    SHARDED_DIR,
+    gathered_state_dict,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+)
 
 _PREFIX = "step-"
 ADAPTER_DIR = "adapter"
@@ -73,7 +85,7 @@ def save_checkpoint(
     *,
     output_dir: Path,
     state: TrainingState,
-    trainable: dict[str, torch.Tensor],
+    trainable: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
@@ -88,17 +100,27 @@ def save_checkpoint(
     ``barrier`` waits for every rank (``accelerator.wait_for_everyone``): ``state.json``, which marks the
     checkpoint complete, is written only once every rank's RNG file is on disk. ``model`` (the PEFT model, not
     its DDP wrapper) adds the ``adapter/`` folder, so any kept checkpoint can be served as an adapter without torch.
+    A sharded ``model`` (``fsdp``) is saved by every rank (call this on all of them); ``trainable`` is then unused.
     """
     path = checkpoint_dir(output_dir, state.step)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(generator), path / f"rng-rank{rank}.pt")
+    sharded = model is not None and is_sharded(model)
+    gathered: dict[str, torch.Tensor] | None = None
+    if sharded:
+        assert model is not None
+        save_sharded(path, model, optimizer)
+        if is_peft(model):  # the adapter/ folder: the trained weights gathered to rank 0
+            gathered = gathered_state_dict(model, trainable_only=True)
     barrier()
     if is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        if not sharded:
+            assert trainable is not None
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, path / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), path / "optimizer.pt")
         torch.save(scheduler.state_dict(), path / "scheduler.pt")
         if model is not None:
-            save_checkpoint_adapter(model, path)
+            save_checkpoint_adapter(model, path, state_dict=gathered)
         # state.json last: its presence marks the checkpoint complete.
         (path / "state.json").write_text(
             json.dumps({"step": state.step, "objective": state.objective.to_dict()}, indent=2)
@@ -109,13 +131,16 @@ def save_checkpoint(
     return path
 
 
-def save_checkpoint_adapter(model: torch.nn.Module, path: Path) -> Path | None:
+def save_checkpoint_adapter(
+    model: torch.nn.Module, path: Path, *, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path | None:
     """Write the model's trainable adapter as a PEFT folder under the checkpoint; None for a full fine-tune (its
-    training state is the whole model, served by no adapter route)."""
+    training state is the whole model, served by no adapter route). ``state_dict``: the trained weights gathered
+    from a sharded model (:func:`dama_engine.training.sharding.gathered_state_dict`)."""
     if not is_peft(model):
         return None
     adapter_dir = path / ADAPTER_DIR
-    model.save_pretrained(adapter_dir)  # type: ignore[operator]
+    model.save_pretrained(adapter_dir, state_dict=state_dict)  # type: ignore[operator]
     return adapter_dir
 
 
@@ -128,7 +153,28 @@ def load_checkpoint(
     generator: torch.Generator,
     rank: int,
 ) -> TrainingState:
-    """Restore weights, optimizer, scheduler and RNG states in place; return the counters."""
+    """Restore weights, optimizer, scheduler and RNG states in place; return the counters. A sharded ``model``
+    (``fsdp``; every rank calls this) reads the checkpoint's shards."""
+    written_sharded = (path / SHARDED_DIR).is_dir()
+    if written_sharded != is_sharded(model):
+        written, running = ("fsdp", "ddp") if written_sharded else ("ddp", "fsdp")
+        raise ValueError(
+            f"checkpoint {path} was written under distributed.strategy {written}; this run uses {running}: "
+            f"resume with distributed.strategy {written}, or start in a new run.output_dir"
+        )
+    if written_sharded:
+        load_sharded(path, model, optimizer)
+    else:
+        _load_trainable(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=False), generator)
+    values = json.loads((path / "state.json").read_text())
+    return TrainingState(step=checkpoint_step(path), objective=ObjectiveState.from_dict(values["objective"]))
+
+
+def _load_trainable(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     saved = load_file(path / "trainable.safetensors")
     parameters = dict(model.named_parameters())
     missing = [name for name in saved if name not in parameters]
@@ -138,12 +184,6 @@ def load_checkpoint(
         for name, value in saved.items():
             parameters[name].copy_(value.to(parameters[name].device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=False), generator)
-    values = json.loads((path / "state.json").read_text())
-    return TrainingState(step=checkpoint_step(path), objective=ObjectiveState.from_dict(values["objective"]))
 
 
 def checkpoint_step(path: Path) -> int:

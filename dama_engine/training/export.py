@@ -96,14 +96,17 @@ def export_adapter(
     eval_before: dict[str, float] | None,
     eval_after: dict[str, float] | None,
     steps: int,
+    state_dict: dict[str, Any] | None = None,
     hardness_source: str | None = None,
 ) -> Path:
+    """Write ``output_dir/adapter``. ``state_dict``: the weights gathered from a sharded model (fsdp), written in
+    place of the model's own (which are shards)."""
     adapter_dir = output_dir / "adapter"
     adapter_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=state_dict)
     else:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(adapter_dir)
     (adapter_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
     metrics = {"steps": steps, "train": train_metrics, "eval_before": eval_before, "eval_after": eval_after}

@@ -3,8 +3,10 @@
 ``train(config, callback)`` runs one job: :func:`_setup`, then a loop of :func:`dama_engine.training.step.train_step`
 with
 the hooks after each step (:func:`_after_step`), then :func:`_finish`. It works the same in one process and
-under ``torchrun`` / ``accelerate launch`` (DDP): each rank takes its slice of every global batch, the step
-gathers the reward gaps over ranks, and rank 0 writes caches, checkpoints and the adapter.
+under ``torchrun`` / ``accelerate launch``: each rank takes its slice of every global batch, the step
+gathers the reward gaps over ranks, and rank 0 writes caches, checkpoints and the adapter. Several processes
+share the model as ``distributed.strategy`` says: ``ddp`` (a copy per rank, through accelerate) or ``fsdp``
+(sharded, :mod:`dama_engine.training.sharding`: every rank also evaluates in step and writes its checkpoint shard).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from dama_engine.training.cache import rows_fingerprint, tensor_cache
 from dama_engine.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dama_engine.training.export import add_evaluation_to_adapter, export_adapter
 from dama_engine.training.metrics_log import append_metrics, logged_eval_before, truncate_metrics
+from dama_engine.training.sharding import gathered_state_dict, shard_model
 from dama_engine.training.step import StepSetup, train_step
 
 
@@ -141,6 +144,8 @@ def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: 
     identity["template"] = getattr(processor, "chat_template", None)
     identity["max_length"] = config.data.max_length
     identity["truncate_answers"] = config.data.truncate_answers
+    if config.data.pixel_budget().is_set:  # only then: the keys of runs without a budget stay as they were
+        identity["pixels"] = [config.data.max_pixels, config.data.min_pixels, config.data.max_image_side]
     identity["bf16"] = bf16  # the precision "auto" resolved to on this machine
     # A hub model: the commit its files came from, so an updated repo never reuses old reference log-probs.
     identity["commit"] = commit
@@ -267,11 +272,17 @@ class _Run:
     output_dir: Path
     metrics_path: Path
     bf16: bool
+    sharded: bool = False  # distributed.strategy fsdp under several processes
     eval_before: dict[str, float] | None = None
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs the held-out evaluation: rank 0 alone, or every rank in step when sharded."""
+        return self.is_main or self.sharded
 
     def evaluate_held_out(self) -> dict[str, float]:
         assert self.eval_split is not None
@@ -454,8 +465,11 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     # In seconds, not after minutes of retries: the base model must be reachable (a folder, the cache, the hub).
     section = config.model
     check_available(section.name_or_path, what="model", revision=section.revision)
-    processor = load_processor(config.model)
-    encoder = PairEncoder(processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers)
+    pixels = config.data.pixel_budget()
+    processor = load_processor(config.model, pixels)
+    encoder = PairEncoder(
+        processor, max_length=config.data.max_length, truncate_answers=config.data.truncate_answers, pixels=pixels
+    )
     train_rows, eval_rows, schedule = _validated_data(config, encoder, world_size, rank)
     _check_hardness_source(config, train_rows)
     steps_per_epoch = schedule.per_epoch // optim.grad_accumulation
@@ -508,13 +522,20 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
     if train_hardness is not None:
         _check_finite_values("hardness", train_hardness)
 
-    # ---- optimizer, schedule, resumed state --------------------------------------------------------------------
+    # ---- sharding (fsdp), optimizer, schedule, resumed state -------------------------------------------------------
+    # Sharded after the reference pass, which needs the weights only (see dama_engine.training.sharding).
+    sharded = config.distributed.strategy == "fsdp" and torch.distributed.is_initialized()
+    if sharded:
+        accelerator.wait_for_everyone()
+        shard_model(model, device, bf16=bf16)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler, generator, state = _optimizer_and_state(config, model, parameters, total_steps, rank)
     accelerator.wait_for_everyone()
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    step_model = model
+    if not sharded:
+        step_model, optimizer = accelerator.prepare(model, optimizer)
     step_setup = StepSetup(
-        model=ddp_model,
+        model=step_model,
         parameters=parameters,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -543,6 +564,7 @@ def _setup(config: TrainConfig, callback: Callback) -> _Run:
         output_dir=output_dir,
         metrics_path=output_dir / "metrics.jsonl",
         bf16=bf16,
+        sharded=sharded,
     )
 
 
@@ -554,11 +576,13 @@ def _train_loop(run: _Run, callback: Callback) -> tuple[bool, dict[str, float]]:
         truncate_metrics(run.metrics_path, run.state.step)
     # A resumed run evaluated before training in its first attempt: take those numbers from the log.
     run.eval_before = logged_eval_before(run.metrics_path) if run.state.step > 0 and run.is_main else None
-    if run.eval_split is not None and run.state.step == 0 and run.is_main:
-        callback.on_stage("evaluating", {"when": "before", "pairs": len(run.eval_split.rows)})
+    if run.eval_split is not None and run.state.step == 0 and run.evaluates:
+        if run.is_main:
+            callback.on_stage("evaluating", {"when": "before", "pairs": len(run.eval_split.rows)})
         run.eval_before = run.evaluate_held_out()
-        append_metrics(run.metrics_path, {"step": 0, **run.eval_before})
-        callback.on_eval(0, run.eval_before)
+        if run.is_main:
+            append_metrics(run.metrics_path, {"step": 0, **run.eval_before})
+            callback.on_eval(0, run.eval_before)
 
     callback.on_stage(
         "training",
@@ -601,10 +625,11 @@ def _after_step(run: _Run, callback: Callback, metrics: dict[str, float], *, log
     callback.on_step(step, total, metrics)
 
     if run.eval_split is not None and config.run.eval_every and step % config.run.eval_every == 0:
-        if run.is_main and step < total:
+        if run.evaluates and step < total:
             results = run.evaluate_held_out()
-            append_metrics(run.metrics_path, {"step": step, **results})
-            callback.on_eval(step, results)
+            if run.is_main:
+                append_metrics(run.metrics_path, {"step": step, **results})
+                callback.on_eval(step, results)
         run.accelerator.wait_for_everyone()
     wants_stop = callback.should_stop()
     at_checkpoint = config.run.checkpoint_every and step % config.run.checkpoint_every == 0
@@ -612,13 +637,13 @@ def _after_step(run: _Run, callback: Callback, metrics: dict[str, float], *, log
         path = save_checkpoint(
             output_dir=run.output_dir,
             state=run.state,
-            trainable=trainable_state_dict(run.model),
+            trainable=None if run.sharded else trainable_state_dict(run.model),
             optimizer=run.step_setup.optimizer,
             scheduler=run.step_setup.scheduler,
             generator=run.step_setup.generator,
             rank=run.accelerator.process_index,
             is_main=run.is_main,
-            keep=config.run.keep_checkpoints,
+            keep=config.checkpoints_kept,
             barrier=run.accelerator.wait_for_everyone,
             model=run.model,
         )
@@ -628,14 +653,24 @@ def _after_step(run: _Run, callback: Callback, metrics: dict[str, float], *, log
 
 
 def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
-    """After the last step: the held-out evaluation, the adapter's export, base against tuned."""
-    config = run.config
-    if run.eval_split is not None and run.is_main:
-        callback.on_stage("evaluating", {"when": "after", "pairs": len(run.eval_split.rows)})
-        result.eval_after = run.evaluate_held_out()
-        append_metrics(run.metrics_path, {"step": run.state.step, **result.eval_after})
-        callback.on_eval(run.state.step, result.eval_after)
+    """After the last step: the held-out evaluation, the adapter's export, base against tuned.
 
+    Sharded (fsdp): the held-out evaluation runs on every rank in step; then the trained weights (every weight
+    for a full fine-tune) are gathered to rank 0 once, which exports them as under DDP and runs the evaluation
+    after training from that export (gather first: the simplest, and the same code as one process)."""
+    config = run.config
+    if run.eval_split is not None and run.evaluates:
+        if run.is_main:
+            callback.on_stage("evaluating", {"when": "after", "pairs": len(run.eval_split.rows)})
+        result.eval_after = run.evaluate_held_out()
+        if run.is_main:
+            append_metrics(run.metrics_path, {"step": run.state.step, **result.eval_after})
+            callback.on_eval(run.state.step, result.eval_after)
+
+    gathered = gathered_state_dict(run.model, trainable_only=is_peft(run.model)) if run.sharded else None
+    if run.sharded and not run.is_main:
+        run.model = run.step_setup = None  # type: ignore[assignment]
+        gc.collect()
     if run.is_main:
         callback.on_stage("exporting", {})
         result.adapter_dir = export_adapter(
@@ -650,6 +685,7 @@ def _finish(run: _Run, result: TrainResult, callback: Callback) -> None:
             eval_before=run.eval_before,
             eval_after=result.eval_after,
             steps=run.state.step,
+            state_dict=gathered,
             hardness_source=(
                 describe_hardness(run.train_split.rows, config.hardness)
                 if run.step_setup.hardness_mean is not None

@@ -16,7 +16,12 @@ the step's micro-batches and divided by their token count on this rank (every to
 reference, no filtering, the objective state passes through unchanged.
 
 No host syncs on a step that logs nothing but one: the merged running statistics are read back once (they are
-checkpointed and reported as plain floats). Metrics become floats only when ``log`` is set.
+checkpointed and reported as plain floats). Metrics become floats only when ``log`` is set; the logged ``loss``
+is then the mean of the ranks' losses (one all-reduce), the objective whose gradient DDP and FSDP average, so a
+run on several processes logs the same loss as one process over the same global batch.
+
+Under ``distributed.strategy: fsdp`` the model is sharded (:mod:`dama_engine.training.sharding`): gradient
+accumulation turns FSDP2's gradient sync off instead of DDP's, and the gradient norm is the global one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from dama_engine.forward import PairBatch, autocast, pair_log_probs
@@ -43,6 +49,7 @@ from dama_engine.objective import (
     select_pairs,
     sft_loss,
 )
+from dama_engine.training.sharding import gradient_sync_off, is_sharded
 
 
 @dataclass
@@ -283,6 +290,7 @@ def _step_metrics(
         # Each micro-batch's loss is already its share of the step's (normalised by the step's kept count, or
         # for sft by the step's answer tokens).
         stacked["loss"] = torch.stack([o.metric_tensors["loss"].double() for o in outputs]).sum()
+    stacked["loss"] = _mean_over_ranks(stacked["loss"])
     metrics = metric_floats({**stacked, "grad_norm": grad_norm})
     groups = [step_selection] if step_selection is not None else [o.selection for o in outputs]
     metrics["kept"] = float(sum(group.kept for group in groups))
@@ -290,13 +298,27 @@ def _step_metrics(
     return metrics
 
 
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    world, _ = _world()
+    if world == 1:
+        return value
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / world
+
+
 def _clip(setup: StepSetup) -> torch.Tensor:
+    """Clip to ``max_grad_norm`` (if set); the global gradient norm, also of sharded gradients (fsdp)."""
     grads = [p.grad for p in setup.parameters if p.grad is not None]
     if setup.max_grad_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(setup.parameters, setup.max_grad_norm)
-    if not grads:
+        norm = torch.nn.utils.clip_grad_norm_(setup.parameters, setup.max_grad_norm)
+    elif not grads:
         return torch.zeros((), device=setup.device)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+    elif isinstance(grads[0], DTensor):
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
@@ -304,4 +326,6 @@ def _lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _no_sync(model: Any) -> contextlib.AbstractContextManager[Any]:
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return gradient_sync_off(model) if is_sharded(model) else contextlib.nullcontext()

@@ -10,9 +10,6 @@ Only rank 0 writes the reference cache, metrics.jsonl and the adapter.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,10 +20,10 @@ import yaml
 from safetensors.torch import load_file
 
 from dama_engine.proving.demo import prepare_demo
+from tests.engine.torchrun import run_or_fail, torchrun
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 PER_DEVICE = 4
 WORLD_SIZE = 2
 MAX_STEPS = 4
@@ -40,36 +37,9 @@ WEIGHT_ATOL = 1e-3
 TYPICAL_ATOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # both runs on the CPU, also on a GPU host: same numerics, gloo backend
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def _run(command: list[str], output_dir: Path) -> None:
     log = output_dir.with_suffix(".log")
-    with log.open("w") as stream:
-        process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=stream, stderr=subprocess.STDOUT)
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            # SIGTERM lets torchrun end its workers (each runs in a session of its own); SIGKILL if it does not.
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            pytest.fail(f"{' '.join(command)} did not finish in {TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
-    assert process.returncode == 0, f"{' '.join(command)} exited {process.returncode}:\n{log.read_text()[-6000:]}"
+    run_or_fail(command, log, TIMEOUT_S)
     assert (output_dir / "adapter" / "adapter_model.safetensors").is_file(), log.read_text()[-6000:]
 
 
@@ -105,11 +75,9 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     config_file.write_text(yaml.safe_dump(config.model_dump()))
     outputs = {"two": root / "two", "one": root / "one"}
     cli = ["-m", "dama_engine.cli", str(config_file)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}"]
     _run(
         [
-            *torchrun,
-            f"--master_port={_free_port()}",
+            *torchrun(WORLD_SIZE),
             *cli,
             f"optim.batch_size={PER_DEVICE}",
             f"run.output_dir={outputs['two']}",

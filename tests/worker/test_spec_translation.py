@@ -36,6 +36,7 @@ KNOB_TABLES = {
     "lora": knobs.LORA,
     "run": knobs.RUN,
     "evaluation": knobs.EVALUATION,
+    "distributed": knobs.DISTRIBUTED,
 }
 HUB_MODEL = "llava-hf/llava-1.5-7b-hf"  # not built in: no staging default (tiny learning rate, fp32) applies
 
@@ -71,7 +72,7 @@ def _unmapped(
 
 def test_every_engine_setting_has_a_source_a_worker_decision_or_a_reason() -> None:
     assert not _unmapped(JOB_SPEC_SOURCES, WORKER_DECIDES)
-    assert len(_engine_sections()) == 8  # the walk did reach the sections
+    assert len(_engine_sections()) == 9  # the walk did reach the sections
 
 
 def test_a_setting_without_a_mapping_is_caught() -> None:
@@ -127,6 +128,9 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
                 "compile": "off",
                 "seed": 7,
                 "max_length": 512,
+                "max_pixels": 200_704,
+                "min_pixels": 3136,
+                "max_image_side": 1024,
                 "checkpoint_every": 5,
                 "keep_checkpoints": 3,
                 "eval_every": 4,
@@ -142,6 +146,7 @@ def test_translation_is_pure_and_carries_every_exposed_setting(tmp_path: Path) -
             "trust_remote_code": True,
             "hardness_scorer": "/models/clip",
             "hardness_rescale": "minmax",
+            "strategy": "fsdp",
             "evaluation": {"holdout_fraction": 0.1, "max_new_tokens": 16, "max_samples": 3, "pope": False},
         }
     )
