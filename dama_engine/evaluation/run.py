@@ -454,9 +454,10 @@ def run_evaluation(
     output_dir = Path(config.output_dir)
 
     callback.on_stage("validating", {})
-    check_available(config.model.name_or_path, what="model", revision=config.model.revision)
     device = resolve_device(config.device)
     inputs = _validate_inputs(config, preference_rows)
+    # After the config's own checks (they answer at once), before minutes of loading.
+    check_available(config.model.name_or_path, what="model", revision=config.model.revision)
 
     callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.adapter})
     dtype = resolve_dtype(config.model.precision, device)

@@ -77,7 +77,11 @@ def test_active_job_quota(limited_pair: list[ApiServer], db: sessionmaker[Sessio
     key = create_key(db, f"quota-{secrets.token_hex(3)}")
     with server.client(key) as client:
         dataset = upload(client, demo_archive, "demo.zip").json()
-        spec: dict[str, Any] = {"model": "dama/tiny-llava", "dataset_id": dataset["id"]}
+        spec: dict[str, Any] = {
+            "model": "dama/tiny-llava",
+            "dataset_id": dataset["id"],
+            "method": "dpo",
+        }  # rows without hardness
         first = client.post("/jobs", json=spec, headers={"Idempotency-Key": "quota-1"})
         assert first.status_code == 201, first.text
         assert client.post("/jobs", json=spec).status_code == 201
