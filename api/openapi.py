@@ -112,6 +112,7 @@ _EVALUATION = {"evaluation_id": _ID}
 _DATASET = {"dataset_id": _ID}
 _WEBHOOK = {"webhook_id": _ID}
 _EXPORT = {"job_id": "$request.path.job_id", "export_id": _ID}
+_PAIR_GENERATION = {"pair_generation_id": _ID}
 
 # From every create (each of its 2xx responses: created, or replayed by an Idempotency-Key) to the operations on
 # the object it created, so that a client (and a stateful fuzzer) can follow them; Swagger UI lists them.
@@ -151,6 +152,18 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
             "get", "/evaluations/{evaluation_id}/outputs", "Its per-sample generations.", _EVALUATION
         ),
         "EvaluationChart": Link("get", "/evaluations/{evaluation_id}/chart", "Its chart.", _EVALUATION),
+    },
+    ("post", "/pair-generations"): {
+        "GetPairGeneration": Link("get", "/pair-generations/{pair_generation_id}", "The run.", _PAIR_GENERATION),
+        "CancelPairGeneration": Link(
+            "post", "/pair-generations/{pair_generation_id}/cancel", "Cancel it.", _PAIR_GENERATION
+        ),
+        "PairGenerationEvents": Link(
+            "get", "/pair-generations/{pair_generation_id}/events", "Its events.", _PAIR_GENERATION
+        ),
+        "PairGenerationOutputs": Link(
+            "get", "/pair-generations/{pair_generation_id}/outputs", "Its per-sample file.", _PAIR_GENERATION
+        ),
     },
     ("post", "/jobs/{job_id}/exports"): {
         "GetExport": Link("get", "/jobs/{job_id}/exports/{export_id}", "The export.", _EXPORT),
