@@ -35,6 +35,7 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
     "replays an earlier request.",
     responses={
         200: {"model": EvaluationPublic, "description": "Replayed: the evaluation an earlier request created."},
+        400: {"model": ErrorResponse, "description": "unknown_model: a dama/... name that is not built in."},
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
         429: TOO_MANY_ACTIVE,

@@ -39,8 +39,8 @@ router = APIRouter(prefix="/pair-generations", tags=["pair generations"])
         200: {"model": PairGenerationPublic, "description": "Replayed: the run an earlier request created."},
         400: {
             "model": ErrorResponse,
-            "description": "dataset_without_objects (generative_dataset_id holds preference pairs, no objects), or "
-            "prompts_over_limit (the set has more prompts than DAMA_PAIRS_MAX_PROMPTS and max_prompts is not set).",
+            "description": "unknown_model (a dama/... name that is not built in), or prompts_over_limit (the set "
+            "has more prompts than DAMA_PAIRS_MAX_PROMPTS and max_prompts is not set).",
         },
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
@@ -48,8 +48,9 @@ router = APIRouter(prefix="/pair-generations", tags=["pair generations"])
         409: {"model": ErrorResponse, "description": "The Idempotency-Key was reused with another body."},
         422: {
             "model": ErrorResponse,
-            "description": "Invalid request: a field out of range, samples_per_prompt or max_prompts over the "
-            "service's limits, an init_adapter of another base model or not ready; param names the field.",
+            "description": "Invalid request: a field out of range, dataset_not_generative (generative_dataset_id "
+            "holds preference pairs, no objects), samples_per_prompt or max_prompts over the service's limits, an "
+            "init_adapter of another base model or not ready; param names the field.",
         },
         429: TOO_MANY_ACTIVE,
     },

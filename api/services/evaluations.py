@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError
-from api.services.jobs import check_dataset, get_tenant_job, submit_job
+from api.services.jobs import check_dataset, check_model_name, get_tenant_job, submit_job
 from api.services.outputs import succeeded_run_output
 from jobstore import repository
 from jobstore.models import Job
@@ -57,6 +57,7 @@ def create_evaluation(
     """``POST /evaluations``: check the datasets and the adapter job, then :func:`submit_job`."""
 
     def check() -> None:
+        check_model_name(spec.model)
         if spec.preference_dataset_id:
             check_dataset(
                 session, tenant_id=tenant_id, dataset_id=spec.preference_dataset_id, param="preference_dataset_id"

@@ -58,8 +58,9 @@ def check_dataset(
         raise ApiError(
             422,
             "dataset_not_generative",
-            f"{param}: dataset {dataset_id} holds preference pairs ({dataset.format}); give a generative evaluation "
-            "dataset (JSONL of image, prompt, objects plus vocabulary.json)",
+            f"{param}: dataset {dataset_id} holds preference pairs ({dataset.format}), with no objects per image; "
+            "give a generative dataset (a JSONL file of image, prompt and objects plus vocabulary.json, uploaded "
+            "with POST /datasets)",
             param=param,
         )
     if not generative and is_generative:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError
-from api.services.jobs import check_dataset, check_init_adapter, get_tenant_job, submit_job
+from api.services.jobs import check_dataset, check_init_adapter, check_model_name, get_tenant_job, submit_job
 from api.services.outputs import succeeded_run_output
 from jobstore import repository
 from jobstore.models import Dataset, Job
@@ -35,23 +35,6 @@ OUTPUTS = {
 
 def get_tenant_pair_generation(session: Session, *, tenant_id: str, pair_generation_id: str) -> Job:
     return get_tenant_job(session, tenant_id=tenant_id, job_id=pair_generation_id, kind=KIND)
-
-
-def _generative_set(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:
-    """404 unless the tenant owns the dataset; 400 unless it is a generative set (objects per image)."""
-    try:
-        return check_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=DATASET_PARAM, generative=True)
-    except ApiError as error:
-        if error.code != "dataset_not_generative":
-            raise
-        raise ApiError(
-            400,
-            "dataset_without_objects",
-            f"{DATASET_PARAM}: dataset {dataset_id} holds preference pairs, with no objects per image to judge "
-            "samples against; give a generative dataset (a JSONL file of image, prompt and objects plus "
-            "vocabulary.json, uploaded with POST /datasets)",
-            param=DATASET_PARAM,
-        ) from error
 
 
 def _check_limits(settings: Settings, spec: PairGenerationCreate, dataset: Dataset) -> None:
@@ -91,7 +74,10 @@ def create_pair_generation(
     ``init_adapter`` rules of training jobs: this tenant's job, same base), then :func:`submit_job`."""
 
     def check() -> None:
-        dataset = _generative_set(session, tenant_id=tenant_id, dataset_id=spec.generative_dataset_id)
+        check_model_name(spec.model)
+        dataset = check_dataset(
+            session, tenant_id=tenant_id, dataset_id=spec.generative_dataset_id, param=DATASET_PARAM, generative=True
+        )
         _check_limits(services.settings, spec, dataset)
         if spec.init_adapter is not None:
             start = JobSpec(model=spec.model, dataset_id=spec.generative_dataset_id, init_adapter=spec.init_adapter)

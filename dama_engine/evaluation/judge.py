@@ -3,7 +3,9 @@
 Off by default and never needed by the tests of the rest of the engine. For each sample the judge sees the image
 (as a data URI), the question, the objects that are truly in the image, and the model's answer, and rates it
 0-6 as MMHal-Bench does (6: informative, no hallucination ... 0: not informative and hallucinated); a rating
-below 3 counts as a hallucination. Plain ``urllib``: the engine takes no HTTP client dependency for this.
+below 3 counts as a hallucination. Plain ``urllib``: the engine takes no HTTP client dependency for this. The
+client follows no redirect and reads no reply longer than ``max_response_bytes`` or slower than ``timeout_s``:
+each such request counts as a failure.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -43,8 +46,11 @@ class JudgeConfig(BaseModel):
     url: str = Field(description="Base URL of an OpenAI-compatible API, e.g. https://host/v1 (…/chat/completions).")
     model: str = Field(description="The judge model's name at that endpoint.")
     api_key: str | None = Field(default=None, description="Bearer key; the CLI takes DAMA_JUDGE_API_KEY when unset.")
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="Seconds for the connection, and again for the whole reply to arrive."
+    )
     max_tokens: int = Field(default=32, gt=0)
+    max_response_bytes: int = Field(default=1_000_000, gt=0, description="A longer reply is an error.")
 
 
 def parse_rating(text: str) -> int | None:
@@ -66,9 +72,37 @@ def _chat(config: JudgeConfig, messages: list[dict[str, Any]]) -> str:
     request = urllib.request.Request(
         config.url.rstrip("/") + "/chat/completions", data=body, headers=headers, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
-        payload = json.loads(response.read())
+    deadline = time.monotonic() + config.timeout_s
+    with _NO_REDIRECTS.open(request, timeout=config.timeout_s) as response:
+        payload = json.loads(_read_capped(response, config.max_response_bytes, deadline, config.url))
     return str(payload["choices"][0]["message"]["content"])
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint answered in a way the judge does not follow (a redirect, a reply too long or too slow)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise JudgeError(f"judge {req.full_url}: answered {code} (a redirect to {newurl}); redirects are not followed")
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
+def _read_capped(response: Any, most: int, deadline: float, url: str) -> bytes:
+    """The reply's body, read in chunks: an error once it passes ``most`` bytes or the deadline (a server that
+    drips its reply never holds the evaluation longer than ``timeout_s``)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.read1(65536):  # what has arrived, so a slow reply is noticed between its chunks
+        size += len(chunk)
+        if size > most:
+            raise JudgeError(f"judge {url}: the reply is longer than {most} bytes (max_response_bytes)")
+        if time.monotonic() > deadline:
+            raise JudgeError(f"judge {url}: no whole reply within timeout_s")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def judge_answers(
@@ -96,7 +130,7 @@ def judge_answers(
         ]
         try:
             ratings.append(parse_rating(_chat(config, messages)))
-        except (urllib.error.URLError, TimeoutError, KeyError, IndexError, ValueError, OSError):
+        except (JudgeError, urllib.error.URLError, TimeoutError, KeyError, IndexError, ValueError, OSError):
             ratings.append(None)
         if progress is not None:
             progress(index + 1, len(samples))

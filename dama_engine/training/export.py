@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, cast
 
 from dama_engine.config import ModelSection, TrainConfig
 from dama_engine.models import is_peft, load_processor
@@ -83,6 +83,26 @@ processor = AutoProcessor.from_pretrained("path/to/this/folder")
     return card
 
 
+def shareable_config(config: TrainConfig) -> dict[str, Any]:
+    """The run's config as the adapter carries it to whoever downloads it: the base model under its public name,
+    and every other absolute path (the data, the output folder, a staged starting adapter or scorer) cut to its
+    last part. The folders of the machine that trained it mean nothing elsewhere and are not the tenant's to see."""
+
+    def public(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: public(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [public(item) for item in value]
+        if isinstance(value, str) and PurePath(value).is_absolute():
+            return PurePath(value).name
+        return value
+
+    values = config.model_dump()
+    values["model"]["name_or_path"] = config.model.shown_name
+    values["model"]["public_name"] = None
+    return cast(dict[str, Any], public(values))
+
+
 def export_adapter(
     *,
     model: Any,
@@ -108,7 +128,7 @@ def export_adapter(
     else:
         model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(adapter_dir)
-    (adapter_dir / "training_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+    (adapter_dir / "training_config.json").write_text(json.dumps(shareable_config(config), indent=2))
     metrics = {"steps": steps, "train": train_metrics, "eval_before": eval_before, "eval_after": eval_after}
     (adapter_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     metrics_file = output_dir / "metrics.jsonl"

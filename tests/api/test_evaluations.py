@@ -177,6 +177,10 @@ def test_evaluation_requests_are_checked(
         "dataset_is_generative",
     )
     assert error["param"] == "preference_dataset_id"
+    # A misspelled built-in model is refused at once, as for jobs and pair generations (not minutes later).
+    misspelled = {"model": "dama/tiny-lava", "generative_dataset_id": generative1["id"]}
+    error = assert_error(client1.post("/evaluations", json=misspelled), 400, "unknown_model")
+    assert error["param"] == "model" and "did you mean 'dama/tiny-llava'" in error["message"]
 
     # A training job that has not succeeded (no worker consumes the server's queue: it stays queued).
     training = client1.post("/jobs", json={"model": "dama/tiny-llava", "dataset_id": dataset1["id"]})

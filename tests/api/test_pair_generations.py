@@ -76,7 +76,8 @@ def test_requests_are_checked_with_the_field_at_fault(
 ) -> None:
     set_id = prompts_set["id"]
     refusals = [
-        (client1, _spec(dataset1["id"]), 400, "dataset_without_objects", "generative_dataset_id"),
+        (client1, _spec(dataset1["id"]), 422, "dataset_not_generative", "generative_dataset_id"),
+        (client1, _spec(set_id, model="dama/tiny-lava"), 400, "unknown_model", "model"),
         (client2, _spec(set_id), 404, "dataset_not_found", "generative_dataset_id"),
         (client1, _spec(set_id, samples_per_prompt=65), 422, "samples_over_limit", "samples_per_prompt"),
         (client1, _spec(set_id, samples_per_prompt=1), 422, "validation_error", "samples_per_prompt"),

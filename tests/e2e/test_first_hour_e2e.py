@@ -1,7 +1,8 @@
 """A new user's first hour, on the whole service (the compose commands' API and worker, real Postgres, Redis and
 Celery, HTTP only): their own small TRL archive without hardness trains with ``dama`` on a service whose operator
 named a CLIP scorer (here a tiny CLIP folder built on this machine) and with ``dpo``; a scorer or a model that
-cannot be loaded fails in ``validating`` within seconds, as a one-line ``user_error``; the downloaded adapter
+cannot be loaded fails in ``validating`` within seconds, as a one-line ``user_error``; a cancel while the model
+loads, while CLIP scores the pairs or while training ends ``cancelled`` within 15 s; the downloaded adapter
 names its base ``dama/tiny-llava`` and loads with peft on the base ``dama models build`` makes on this machine.
 """
 
@@ -111,6 +112,9 @@ def test_own_archive_without_hardness_trains_with_dpo_and_its_adapter_loads_on_a
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "dama/tiny-llava"
     card = (adapter_dir / "README.md").read_text()
     assert "base_model: dama/tiny-llava" in card and str(first_hour["root"]) not in card
+    training_config = (adapter_dir / "training_config.json").read_text()
+    assert json.loads(training_config)["model"]["name_or_path"] == "dama/tiny-llava"
+    assert str(first_hour["root"]) not in training_config and '"/' not in training_config
 
     # The README's way to a base it loads on: `dama models build`, then peft.
     base_dir = tmp_path / "tiny-llava"
@@ -215,6 +219,29 @@ def test_a_cancel_while_the_model_loads_ends_cancelled_within_15_s(
     _wait_for(client, job_id, lambda job: job["stage"] == "loading_model")
     time.sleep(1.0)  # well inside the five-minute load
     _cancel_within(client, job_id, 15)
+
+
+@pytest.fixture(scope="module")
+def slow_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP scorer whose image tower is large enough (224 px in 8 px patches, 12 layers of width 256: about
+    20 GFLOP an image) that scoring 40 pairs takes tens of seconds on a CPU thread, as a real scorer on many
+    pairs does."""
+    folder = tmp_path_factory.mktemp("slow-clip")
+    vision = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 4}
+    model, processor = build_tiny_clip(image_size=224, patch_size=8, vision=vision)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_cancel_while_scoring_ends_cancelled_within_15_s(client: httpx.Client, slow_clip: Path) -> None:
+    response = client.post("/datasets", files={"file": ("forty.zip", own_archive(40, with_hardness=False))})
+    assert response.status_code == 201, response.text
+    job_id = _job(client, response.json()["id"], method="dama", hardness_scorer=str(slow_clip))
+    _wait_for(client, job_id, lambda job: job["stage"] == "scoring")
+    time.sleep(1.0)  # inside the scoring of 40 pairs
+    _cancel_within(client, job_id, 15)
+    assert _stages(client, job_id)[-1] == "scoring"  # stopped there, not at the next stage's boundary
 
 
 def test_a_cancel_while_training_ends_cancelled_within_15_s(client: httpx.Client, unscored: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +29,27 @@ class _Judge(BaseHTTPRequestHandler):
         if reply == "500":
             self.send_response(500)
             self.end_headers()
+            return
+        if reply == "redirect":  # to a path of this same server that would rate 6: never asked
+            self.send_response(307)
+            self.send_header("Location", "/v1/elsewhere/chat/completions")
+            self.end_headers()
+            return
+        if reply == "huge":
+            reply = "Rating: 6 " + "x" * 3_000
+        if reply == "drip":  # a valid reply, sent a few bytes at a time over 3 s
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Rating: 6"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            step = len(payload) // 10 + 1
+            try:
+                for start in range(0, len(payload), step):
+                    self.wfile.write(payload[start : start + step])
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except BrokenPipeError:  # the judge gave up on it, as it should
+                pass
             return
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
         self.send_response(200)
@@ -78,3 +100,15 @@ def test_judge_rates_answers_and_counts_failures(judge_url: str, tmp_path: Path)
     assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert samples[0].prompt in content[1]["text"] and "Answer: a" in content[1]["text"]
     assert ", ".join(samples[0].objects) in content[1]["text"]
+
+
+def test_the_judge_follows_no_redirect_and_reads_no_reply_too_long_or_too_slow(judge_url: str, tmp_path: Path) -> None:
+    data = make_demo_dataset(tmp_path, n_train=0, n_eval=0, n_generative=4)
+    samples = load_generative_eval(data.generative_eval, data.vocabulary).samples
+    _Judge.replies = ["redirect", "huge", "drip", "Rating: 5"]
+    config = JudgeConfig(url=judge_url, model="judge-model", timeout_s=1.0, max_response_bytes=2_000)
+    started = time.monotonic()
+    result = judge_answers(config, samples, ["a", "b", "c", "d"])
+    assert result["ratings"] == [None, None, None, 5]
+    assert [seen["path"] for seen in _Judge.seen] == ["/v1/chat/completions"] * 4  # the redirect was not followed
+    assert time.monotonic() - started < 2.9  # the dripping reply was dropped after about timeout_s

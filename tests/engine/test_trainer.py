@@ -112,6 +112,12 @@ def test_train_exports_an_adapter_that_peft_reloads_exactly(demo_base: dict[str,
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "training_config.json"):
         assert (adapter / name).is_file(), name
     assert (adapter / "training_curves.png").stat().st_size > 10_000
+    # The config travels with the adapter without this machine's folders: absolute paths cut to their last part.
+    shared = json.loads((adapter / "training_config.json").read_text())
+    assert str(tmp_path) not in json.dumps(shared) and str(demo_base["model"]["name_or_path"]) not in json.dumps(shared)
+    assert shared["model"]["name_or_path"] == Path(demo_base["model"]["name_or_path"]).name
+    assert shared["data"]["train"] == Path(demo_base["data"]["train"]).name
+    assert shared["optim"] == config.optim.model_dump()
     assert "dama" in (adapter / "README.md").read_text()
     # The demo rows carry their own hardness, used as given (hardness.rescale: none).
     assert (
