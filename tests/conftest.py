@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,14 +33,14 @@ def _pg_url(database: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A new Postgres database, upgraded to the newest Alembic revision."""
+@contextmanager
+def migrated_database(prefix: str = "dama_test") -> Iterator[str]:
+    """A new Postgres database, upgraded to the newest Alembic revision; dropped afterwards."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine, text
 
-    name = f"dama_test_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -53,6 +54,13 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The session's database (:func:`migrated_database`)."""
+    with migrated_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

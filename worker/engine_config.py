@@ -410,6 +410,7 @@ EVALUATION_WORKER_DECIDES: dict[str, str | NotExposed] = {
     "model.init_adapter": NotExposed("the tuned adapter is compared with the plain base model"),
     "model.public_name": "the request's model name (a built-in model's name, never its staged folder)",
     "adapter": "the staged tuned adapter of adapter_job_id",
+    "adapter_name": "the adapter's training job (adapter_job_id), never the folder it was staged in",
     "data.preference": "the staged preference dataset",
     "data.format": "the format the preference upload was read as",
     "data.generative": "the staged generative set's JSONL file",
@@ -438,6 +439,7 @@ def evaluation_config(
     if staged.generative is not None:
         data.update(generative=str(staged.generative), vocabulary=str(staged.vocabulary))
     values["adapter"] = str(staged.adapter) if staged.adapter is not None else None
+    values["adapter_name"] = f"adapter of {spec.adapter_job_id}" if spec.adapter_job_id else None
     values["output_dir"] = str(run_dir.resolve())
     return parse_evaluation_config(values)
 

@@ -81,6 +81,11 @@ class EvaluationConfig(_Section):
         default=None,
         description="The tuned model: a PEFT adapter folder (dama-train's OUTPUT/adapter) or a full model folder.",
     )
+    adapter_name: str | None = Field(
+        default=None,
+        description="The tuned model's name in the results and the chart; default the adapter's folder. The service "
+        "names the training job, never the folder the adapter was staged in.",
+    )
     data: EvalDataSection = EvalDataSection()
     generation: GenerationSettings = GenerationSettings()
     hardness: EvalHardnessSection = EvalHardnessSection()
@@ -139,6 +144,7 @@ def after_training_config(
         {
             "model": config.model.model_dump(),
             "adapter": str(adapter_dir),
+            "adapter_name": f"this run's {config.objective.method} adapter",
             "data": {
                 "preference": preference if held_out else None,
                 "format": config.data.format,

@@ -465,8 +465,8 @@ def run_evaluation(
     models = _load_models(config, inputs, device, dtype)
 
     results: dict[str, Any] = {
-        "model": config.model.name_or_path,
-        "adapter": config.adapter,
+        "model": config.model.shown_name,  # the public name where one is set, never a staged folder
+        "adapter": config.adapter_name or config.adapter,
         "init_adapter": config.model.init_adapter,  # set: "base" is base + this adapter, "plain_base" the model
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

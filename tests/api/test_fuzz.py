@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.openapi import RULES_HEADING
 from jobstore import repository
-from jobstore.db import session_scope
+from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.api import fuzzing
 from tests.api.conftest import ROOT, ApiServer, _server_env, _start, create_key
+from tests.conftest import migrated_database
 
 # The run's budget: with start-up, seeding and teardown the test stays under 3 minutes. Longer runs by hand:
 # DAMA_TEST_FUZZ_SECONDS=1800 (and another DAMA_TEST_FUZZ_SEED), or benchmarks/fuzz_api.py.
@@ -37,11 +38,26 @@ SEED = int(os.environ.get("DAMA_TEST_FUZZ_SEED", "12"))  # the same requests on 
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+def fuzz_pg_url() -> Iterator[str]:
+    """A database of the fuzzing server's own: the session's workers (other tests') run a webhook dispatcher over
+    their database, which would send the fuzzed endpoints' deliveries; here only the API process could."""
+    with migrated_database("dama_fuzz") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def fuzz_db(fuzz_pg_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(fuzz_pg_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(fuzz_pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("api-fuzz")
     queue = f"test-fuzz-{secrets.token_hex(4)}"  # no worker consumes it: fuzzed jobs stay queued
     env = _server_env(
-        pg_url,
+        fuzz_pg_url,
         redis_url,
         tmp / "artifacts",
         queue,
@@ -69,8 +85,9 @@ def _forget_webhooks(db: sessionmaker[Session], tenant_name: str) -> int:
 
 
 def test_fuzzing_the_openapi_document_finds_nothing(
-    fuzz_server: ApiServer, db: sessionmaker[Session], demo_archive: bytes, tmp_path: Path
+    fuzz_server: ApiServer, fuzz_db: sessionmaker[Session], demo_archive: bytes, tmp_path: Path
 ) -> None:
+    db = fuzz_db
     tenant = f"fuzz-{secrets.token_hex(3)}"
     key = create_key(db, tenant)
     config = tmp_path / "schemathesis.toml"

@@ -1,7 +1,8 @@
 """The web console in a real browser (Debian's headless Chromium via Selenium) against the real service: sign in,
 upload datasets (one hostile, one invalid), start a job from the form, watch it to 100% with charts that hold
-data, download the adapter, compare two jobs, open the API docs; then check that no request left the host and
-that the key is in no URL the browser requested and nowhere in the server's access log.
+data, download the adapter, compare two jobs, follow an evaluation and a pair generation to their reports, open the API
+docs; then check that no request left the host and that the key is in no URL the browser requested and nowhere in
+the server's access log.
 
 Set DAMA_CONSOLE_SCREENSHOTS=docs/images to refresh the README's screenshots.
 """
@@ -24,8 +25,10 @@ import pytest
 from selenium.webdriver.support.ui import Select
 
 from dama_engine.proving.shapes import make_demo_dataset
+from tests.api.test_pair_generations import _archive
 from tests.console.browser import NetworkLog, chromium
 from tests.console.conftest import Service
+from tests.engine.test_pairs import _generative_set
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +64,10 @@ def _broken(rows: list[dict[str, Any]]) -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("console-data")
     demo = make_demo_dataset(folder / "demo", n_train=32, n_eval=8, n_generative=0, image_size=32, with_hardness=True)
+    _generative_set(folder / "prompts", prompts=6)  # the random tiny model's samples make pairs on it
+    (folder / "prompts.zip").write_bytes(_archive(folder / "prompts"))
     return {
+        "prompts": folder / "prompts.zip",
         "train": _zip(folder, demo.train, demo.images_dir, _hostile),
         "eval": _zip(folder, demo.eval, demo.images_dir, lambda rows: None),
         "broken": _zip(folder / "demo", demo.train, demo.images_dir, _broken),
@@ -279,6 +285,8 @@ def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str)
     assert len(rows) == 8  # every held-out pair, with its bucket and margins
     metrics = css(driver, "#evaluation-metrics")[0].text
     assert "overall" in metrics and "implicit-reward accuracy" in metrics
+    rows = [row.text.split(" ", 1)[0] for row in css(driver, "#evaluation-metrics tbody tr")]
+    assert rows == ["overall", "easy", "medium", "hard"], rows  # in order of hardness, as stored results are not
     wait(
         driver,
         lambda d: d.execute_script(
@@ -287,6 +295,34 @@ def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str)
         what="chart",
     )
     screenshot(driver, "evaluation")
+
+
+def check_pair_generation(driver: Any, api: httpx.Client, prompts: Path) -> None:
+    uploaded = api.post(
+        "/datasets", files={"file": ("prompts.zip", prompts.read_bytes())}, data={"format": "generative"}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    spec = {"model": "dama/tiny-llava", "generative_dataset_id": uploaded.json()["id"]}
+    created = api.post("/pair-generations", json=spec | {"samples_per_prompt": 6, "max_new_tokens": 24})
+    assert created.status_code == 201, created.text
+    driver.get(driver.current_url.split("#")[0] + "#/pair-generations")
+    wait(driver, lambda d: css(d, "#pair-generations-table a"), what="pair generations list")[0].click()
+    report = wait(driver, lambda d: css(d, "#pair-report"), timeout=240, what="the pair generation's report")[0]
+    run = api.get(f"/pair-generations/{created.json()['id']}").json()
+    assert run["status"] == "succeeded" and run["report"]["pairs"] > 0, run
+    assert re.search(rf"pairs made\s+{run['report']['pairs']}\b", report.text), report.text
+    link = css(driver, "#pairs-dataset a")[0]
+    assert link.get_attribute("href").endswith(f"#/datasets/{run['dataset_id']}")
+    roles = {row.text.rsplit(" ", 1)[-1] for row in css(driver, "#pair-samples tbody tr")}
+    assert {"chosen", "rejected"} <= roles
+    wait(
+        driver,
+        lambda d: d.execute_script(
+            "const i = document.querySelector('img.chart-png');return i && i.complete && i.naturalWidth > 0"
+        ),
+        what="report chart",
+    )
+    screenshot(driver, "pair-generation")
 
 
 def cancel_from_the_page(driver: Any, api: httpx.Client, dataset_id: str) -> None:
@@ -338,6 +374,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
         time.sleep(0.5)
     compare(driver, [job_id, dpo.json()["id"]])
     check_evaluation(driver, api, job_id, held_out)
+    check_pair_generation(driver, api, files["prompts"])
     cancel_from_the_page(driver, api, dataset_id)
     open_docs(driver, service)
 

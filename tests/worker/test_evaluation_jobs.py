@@ -66,6 +66,8 @@ def test_a_training_job_evaluates_on_a_generative_dataset(
     assert result is not None
     generative = result["evaluation"]["generative"]
     assert generative["samples"] == 3  # evaluation.max_samples of the set's 4
+    assert result["evaluation"]["model"] == "dama/tiny-llava"
+    assert result["evaluation"]["adapter"] == "this run's dama adapter"
     assert set(generative["base"]) >= CHAIR_KEYS and set(generative["tuned"]) >= CHAIR_KEYS
     assert "evaluating" in store.stages(job_id)
     card = (store.artifacts.run_dir(job_id) / "adapter" / "README.md").read_text()
@@ -94,7 +96,9 @@ def test_an_evaluation_job_compares_a_training_jobs_adapter_with_its_base(
     assert job.progress == 1.0 and job.stage is None  # ended: no current stage
     assert job.result is not None
     results = job.result["results"]
-    assert results["adapter"].endswith("/adapter") and results["preference"] is None
+    # The results name the model and the adapter as the tenant knows them, never the workers' folders.
+    assert results["model"] == "dama/tiny-llava" and results["adapter"] == f"adapter of {training_id}"
+    assert results["preference"] is None
     assert set(results["generative"]["tuned"]) >= CHAIR_KEYS
     stages = store.stages(eval_id)
     assert stages == ["validating", "loading_model", "generating", "generating", "writing"]

@@ -137,6 +137,9 @@ def test_a_running_pair_generation_cancelled_stops_before_a_next_batch_leaving_n
                     job = repository.get_job(session, job_id=run_id)
                     assert job is not None
                     repository.request_cancel(session, job=job)
+                # The reporter reads the status at most every poll_interval_s (0.5 s): the next batches could all
+                # end before that on an idle machine; the wait makes its next check read the cancel.
+                time.sleep(0.6)
 
     def cancelled_while_generating(config: PairsConfig, reporter: Callback) -> PairGenerationResult:
         return engine(config, CallbackList([CancelAfterTheFirstBatch(), reporter]))

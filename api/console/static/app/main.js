@@ -8,6 +8,7 @@ import { datasetPage, datasetsPage } from "./pages/datasets.js";
 import { evaluationPage, evaluationsPage } from "./pages/evaluations.js";
 import { jobPage } from "./pages/job.js";
 import { jobsPage, newJobPage } from "./pages/jobs.js";
+import { pairGenerationPage, pairGenerationsPage } from "./pages/pair_generations.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -22,6 +23,8 @@ const ROUTES = [
   [/^\/compare$/, comparePage, "compare"],
   [/^\/evaluations$/, evaluationsPage, "evaluations"],
   [/^\/evaluations\/([\w-]+)$/, evaluationPage, "evaluations"],
+  [/^\/pair-generations$/, pairGenerationsPage, "pair-generations"],
+  [/^\/pair-generations\/([\w-]+)$/, pairGenerationPage, "pair-generations"],
 ];
 
 let current = null;

@@ -1,9 +1,10 @@
 // Evaluations: the list, and a page with the metrics, the chart (PNG fetched with the key) and per-sample outputs.
 
-import { api, fetchRaw, followEvents, imageUrl } from "../api.js";
+import { api, fetchRaw, imageUrl } from "../api.js";
 import { duration, fmt, h, mount, statusBadge, table, when } from "../dom.js";
 import { progressCell } from "./jobs.js";
 import { ENDED, errorDetails, evaluationTables } from "./job.js";
+import { followRunPage } from "./run.js";
 
 export async function evaluationsPage(view, { signal }) {
   const page = await api("/evaluations", { query: { limit: 100 }, signal });
@@ -81,12 +82,7 @@ async function outputs(evaluation, signal) {
 }
 
 export async function evaluationPage(view, { id, signal }) {
-  const urls = [];
-  signal.addEventListener("abort", () => urls.forEach((url) => URL.revokeObjectURL(url)));
-  const log = h("ol", { class: "events" });
-  const body = h("div");
-  mount(view, body, h("section", { class: "card" }, h("h2", null, "Events"), log));
-  const draw = async () => {
+  const draw = async (body, urls) => {
     const evaluation = await api(`/evaluations/${id}`, { signal });
     const parts = [
       h("h1", null, "Evaluation ", h("code", null, evaluation.id), " ", statusBadge(evaluation.status)),
@@ -117,13 +113,5 @@ export async function evaluationPage(view, { id, signal }) {
     mount(body, parts);
     return evaluation;
   };
-  let evaluation = await draw();
-  const stream = followEvents(`/evaluations/${id}/events`, (event) => {
-    log.append(h("li", null, h("span", { class: "event-type" }, event.type), " ", event.message));
-  }, { signal }).catch(() => null);
-  while (!signal.aborted && !ENDED.has(evaluation.status)) {
-    await new Promise((resolve) => setTimeout(resolve, 1500));
-    if (!signal.aborted) evaluation = await draw();
-  }
-  await stream;
+  await followRunPage(view, { signal, eventsPath: `/evaluations/${id}/events`, draw });
 }

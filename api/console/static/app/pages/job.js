@@ -93,7 +93,9 @@ export function evaluationTables(evaluation) {
   const base = evaluation.init_adapter ? "base + starting adapter" : "base";
   const preference = evaluation.preference;
   if (preference && preference.base) {
-    const buckets = ["overall", ...Object.keys(preference.base.buckets || {})];
+    // easy, medium, hard: the stored results' key order is not kept (Postgres jsonb orders keys by length).
+    const order = (name) => ({ easy: 0, medium: 1, hard: 2 })[name] ?? 3;
+    const buckets = ["overall", ...Object.keys(preference.base.buckets || {}).sort((a, b) => order(a) - order(b))];
     const pick = (model, bucket) => (bucket === "overall" ? preference[model]?.overall : preference[model]?.buckets?.[bucket]) || {};
     const reward = (bucket) => (bucket === "overall" ? preference.implicit_reward?.overall : preference.implicit_reward?.buckets?.[bucket]) || {};
     parts.push(
