@@ -238,6 +238,16 @@ RULES: dict[tuple[str, str], list[str]] = {
         "the datasets are this tenant's (else 404) and of the right kind (else 422); adapter_job_id is a training "
         "job of this tenant that succeeded (else 404 or 409), trained on model (else 422)",
     ],
+    ("post", "/pair-generations"): [
+        "model: a dama/... name is one of the built-in models (GET /models; else 400 unknown_model)",
+        "samples_per_prompt and max_prompts within the operator's limits (DAMA_PAIRS_MAX_SAMPLES_PER_PROMPT, "
+        "DAMA_PAIRS_MAX_PROMPTS; else 422 samples_over_limit or prompts_over_limit), and without max_prompts the "
+        "set has no more prompts than that (else 400 prompts_over_limit)",
+        _REMOTE_CODE,
+        "generative_dataset_id is a generative set of this tenant (else 404, or 422 dataset_not_generative); "
+        "init_adapter names a job of this tenant on the same base model that succeeded, or a kept checkpoint of it "
+        "(else 404 or 422)",
+    ],
     ("post", "/webhooks"): [_URL_RULE],
     ("patch", "/webhooks/{webhook_id}"): [_URL_RULE],
 }
@@ -248,6 +258,7 @@ PATH_PARAMETERS = {
     "dataset_id": "The dataset's id (ds_...).",
     "job_id": "The training job's id (job_...).",
     "evaluation_id": "The evaluation's id (eval_...).",
+    "pair_generation_id": "The pair generation's id (pgen_...).",
     "export_id": "The export's id (exp_...).",
     "webhook_id": "The webhook endpoint's id (wh_...).",
     "delivery_id": "The delivery's id (whd_...).",

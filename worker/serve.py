@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from dama_engine.cli import ProgressPrinter
 from dama_engine.proving import ProvingGround, default_root, prepare_proving_ground, training_values
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.repository import create_api_key, get_or_create_tenant
@@ -182,7 +183,8 @@ def run_demo(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars are noise here, as in dama-train
-    ground = prepare_proving_ground(root)
+    # The build's own progress: the seeing base's training steps, then the sampling of its pairs, as bars.
+    ground = prepare_proving_ground(root, callback=ProgressPrinter())
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         datasets = {

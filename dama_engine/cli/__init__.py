@@ -5,9 +5,10 @@
 
 from dama_engine.cli.eval import eval_main
 from dama_engine.cli.pairs import pairs_main
-from dama_engine.cli.train import train_main
+from dama_engine.cli.train import ProgressPrinter, train_main
 
 __all__ = [
+    "ProgressPrinter",
     "eval_main",
     "pairs_main",
     "train_main",

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dama_engine.callbacks import Callback
 from dama_engine.model_files import code_version, stamped, write_stamp
 
 # The seeing base (dama_engine.proving.seeing_base's defaults), its pairs and the held-out scenes.
@@ -97,8 +98,11 @@ def ground_at(root: Path | None = None) -> ProvingGround:
     return ProvingGround(root=root, base=root / "base", pairs=root / "pairs", scenes=root / "scenes")
 
 
-def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = None) -> ProvingGround:
-    """Build (or reuse) the seeing base, its on-policy pairs and ``scenes`` held-out scenes under ``root``."""
+def prepare_proving_ground(
+    root: Path | None = None, *, scenes: int | None = None, callback: Callback | None = None
+) -> ProvingGround:
+    """Build (or reuse) the seeing base, its on-policy pairs and ``scenes`` held-out scenes under ``root``.
+    ``callback`` follows the building (the base's training steps, then the sampling of its pairs)."""
     from dama_engine.proving.on_policy import on_policy_pairs
     from dama_engine.proving.seeing_base import build_seeing_base
     from dama_engine.proving.shapes import make_demo_dataset
@@ -106,7 +110,7 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
 
     apply_threads()
     ground = ground_at(root)
-    build_seeing_base(ground.base, **BASE)
+    build_seeing_base(ground.base, **BASE, callback=callback)
     base_recipe = json.loads((ground.base / "seeing_base.json").read_text())
 
     wanted_pairs = {**PAIRS, "image_size": IMAGE_SIZE, "base": base_recipe, "code": code_version("proving_pairs")}
@@ -120,6 +124,7 @@ def prepare_proving_ground(root: Path | None = None, *, scenes: int | None = Non
             samples=PAIRS["samples"],
             temperature=PAIRS["temperature"],
             image_size=IMAGE_SIZE,
+            callback=callback,
         )
         write_stamp(ground.pairs, STAMP, wanted_pairs)
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dama_engine.callbacks import Callback
 from dama_engine.proving.shapes import (
     COLOURS,
     ORACLE_SCALE,
@@ -73,8 +75,10 @@ def on_policy_pairs(
     temperature: float = 1.0,
     image_size: int = 32,
     eval_share: float = 0.15,
+    callback: Callback | None = None,
 ) -> dict[str, Any]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` of on-policy pairs into ``out_dir``; return counts."""
+    """Write ``train.jsonl`` and ``eval.jsonl`` of on-policy pairs into ``out_dir``; return counts. ``callback``
+    gets the stage ``sampling`` and its progress over the samples."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from dama_engine.data import judge_response
@@ -94,7 +98,11 @@ def on_policy_pairs(
     processor = AutoProcessor.from_pretrained(base_dir)
     requests = [GenerationRequest.from_prompt(prompt, [image]) for _, _, image, prompt in drawn for _ in range(samples)]
     settings = GenerationSettings(max_new_tokens=40, temperature=temperature, seed=seed)
-    answers = generate(model, processor, requests, settings, batch_size=32)
+    progress = None
+    if callback is not None:
+        callback.on_stage("sampling", {"samples": len(requests)})
+        progress = partial(callback.on_progress, "sampling")
+    answers = generate(model, processor, requests, settings, batch_size=32, progress=progress)
     rows = []
     for index, (scene, name, _, prompt) in enumerate(drawn):
         objects = [item.name for item in scene]

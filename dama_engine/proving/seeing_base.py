@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dama_engine.callbacks import Callback
 from dama_engine.model_files import code_version, stamped, write_stamp
 from dama_engine.proving.shapes import PROMPTS, describe_scene, draw_scene, sample_scene
 
@@ -77,8 +78,11 @@ def seeing_base_recipe(seed: int, steps: int, scenes: int) -> dict[str, Any]:
     }
 
 
-def build_seeing_base(out_dir: Path, *, seed: int = 0, steps: int = 600, scenes: int = 4000) -> Path:
-    """Build (or reuse) the seeing base in ``out_dir``; returns ``out_dir``."""
+def build_seeing_base(
+    out_dir: Path, *, seed: int = 0, steps: int = 600, scenes: int = 4000, callback: Callback | None = None
+) -> Path:
+    """Build (or reuse) the seeing base in ``out_dir``; returns ``out_dir``. ``callback`` follows the training
+    (its stages and steps), e.g. to show a bar while the base builds."""
     from dama_engine.config import parse_config
     from dama_engine.models import build_tiny_model
     from dama_engine.threads import apply_threads
@@ -111,7 +115,7 @@ def build_seeing_base(out_dir: Path, *, seed: int = 0, steps: int = 600, scenes:
                 "run": {"output_dir": str(work / "run"), "resume": False, "log_every": 50},
             }
         )
-        result = train(config)
+        result = train(config, callback)
         assert result.adapter_dir is not None
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from jobstore import repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.db import session_scope
 from tests.api.conftest import ApiServer, upload
+from tests.api.test_pair_generations import _archive
+from tests.engine.test_pairs import _generative_set
 
 # Every phase, in two runs: the stateful phase (sequences along the document's links) gets time of its own.
 RUNS = ("examples,coverage,fuzzing", "stateful")
@@ -72,6 +75,12 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "base model",
     ),
     Exclusion(
+        _ACCEPTANCE,
+        "POST /pair-generations",
+        "the operator's limits on samples and prompts (DAMA_PAIRS_MAX_SAMPLES_PER_PROMPT, DAMA_PAIRS_MAX_PROMPTS, "
+        "against the set's size), and the referenced dataset's kind and the starting adapter's job state and base",
+    ),
+    Exclusion(
         _ACCEPTANCE, "POST /webhooks", "which hosts a URL may name (not private or loopback addresses) is policy"
     ),
     Exclusion(
@@ -87,6 +96,7 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("path.dataset_id", "datasets"),
     ("path.job_id", "jobs"),
     ("path.evaluation_id", "evaluations"),
+    ("path.pair_generation_id", "pair_generations"),
     ("path.webhook_id", "webhooks"),
     ("path.delivery_id", "deliveries"),
     ("path.export_id", "exports"),
@@ -96,17 +106,25 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("path.index", "indexes"),
     ("body.dataset_id", "datasets"),
     ("body.preference_dataset_id", "datasets"),
+    ("body.generative_dataset_id", "generative_sets"),
     ("body.adapter_job_id", "jobs"),
 )
 
 
 def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archive: bytes) -> dict[str, list[Any]]:
     """Real objects of the fuzzing tenant, so that fuzzed requests reach past the 404 of an unknown id: two
-    datasets, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded export, a queued and a
-    succeeded evaluation (outputs and chart), a webhook endpoint with a delivery (the succeeded job's event), and
-    a spare API key (not the one fuzzing: revoking that would end the run)."""
+    datasets and a generative set, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded
+    export, a queued and a succeeded evaluation (outputs and chart), a queued and a succeeded pair generation (its
+    samples, report and chart), a webhook endpoint with a delivery (the succeeded job's event), and a spare API key
+    (not the one fuzzing: revoking that would end the run)."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-set-") as folder:
+        _generative_set(Path(folder), prompts=4)
+        generative_archive = _archive(Path(folder))
     with server.client(key) as client:
         datasets = [_created(upload(client, demo_archive, "demo.zip")) for _ in range(2)]
+        generative = [_created(upload(client, generative_archive, "set.zip", format="generative"))]
+        run = {"model": "dama/tiny-llava", "generative_dataset_id": generative[0]}
+        pair_generations = [_created(client.post("/pair-generations", json=run)) for _ in range(2)]
         # Never contacted: the API process delivers no webhook (workers do), and none runs here.
         webhooks = [_created(client.post("/webhooks", json={"url": "https://hooks.example.com/fuzz"}))]
         # dpo: the demo rows carry no hardness, and the fuzzing service has no scorer to compute it.
@@ -146,6 +164,21 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
             ("eval_chart", "c.png"),
         ):
             _stored_file(store, session, finished.tenant_id, evaluations[1], kind, store.run_dir(evaluations[1]) / name)
+    with session_scope(db) as session:  # the second pair generation succeeded: its files, its dataset
+        finished = repository.get_job(session, job_id=pair_generations[1])
+        assert finished is not None
+        repository.set_status(session, job=finished, status="running")
+        report = {"prompts_tried": 4, "pairs": 1, "samples": 32}
+        result = {"dataset_id": datasets[1], "report": report, "seconds": 1.0, "attempts": 1}
+        repository.set_status(session, job=finished, status="succeeded", result=result)
+        for kind, name in (
+            ("pairs_samples", "samples.jsonl"),
+            ("pairs_report", "report.json"),
+            ("pairs_chart", "r.png"),
+        ):
+            _stored_file(
+                store, session, finished.tenant_id, pair_generations[1], kind, store.run_dir(finished.id) / name
+            )
     with server.client(key) as client:
         exports = [_created(client.post(f"/jobs/{jobs[1]}/exports", json={"format": "merged"}))]
     with session_scope(db) as session:  # it succeeded too, as a worker would have recorded it
@@ -165,6 +198,8 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         "datasets": datasets,
         "jobs": jobs,
         "evaluations": evaluations,
+        "pair_generations": pair_generations,
+        "generative_sets": generative,
         "webhooks": webhooks,
         "deliveries": deliveries,
         "exports": exports,

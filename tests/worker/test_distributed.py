@@ -175,15 +175,16 @@ def test_the_cli_records_a_bad_config_as_an_error_event(store: JobStore, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_two_process_job_runs_under_torchrun(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_process_job_runs_under_torchrun(store: JobStore, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # two CPU ranks (gloo), also on a GPU host
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # No held-out split, to keep it short (rank-0 evaluation under DDP is covered in
-    # tests/engine/test_distributed_training.py).
+    # No held-out split, to keep it short (evaluation under DDP and FSDP is covered in
+    # tests/engine/test_distributed_training.py and tests/engine/test_fsdp.py).
     spec = {**tiny_spec(store.dataset(48), max_steps=6, checkpoint_every=3, batch_size=2), "gpus": 2}
-    job_id = store.create_job(spec, queue="in-process")
+    job_id = store.create_job({**spec, "strategy": strategy}, queue="in-process")
     settings = store.settings.model_copy(update={"metrics_flush_s": 0.1})
-    status = run_job(job_id, session_factory=store.factory, settings=settings, worker="pytest:ddp")
+    status = run_job(job_id, session_factory=store.factory, settings=settings, worker=f"pytest:{strategy}")
     job = store.job(job_id)
     log = (store.artifacts.job_dir(job_id) / "train.log").read_text()[-4000:]
     assert status == "succeeded", (job.error_message, log)
