@@ -138,7 +138,11 @@ def seeing_base_dir(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECI
 def ensure_seeing_base(cache_root: Path, base: Mapping[str, int] = SEEING_BASE_RECIPE) -> Path:
     """``dama/tiny-seeing-llava``: :func:`dama_engine.proving.seeing_base.build_seeing_base` with the proving ground's
     recipe (``dama_engine.proving.BASE``), built on first use (about 1 min on a CPU core)."""
-    return _built_once(seeing_base_dir(cache_root, base), lambda folder: build_seeing_base(folder, **base))
+    seed, steps, scenes = base["seed"], base["steps"], base["scenes"]
+    return _built_once(
+        seeing_base_dir(cache_root, base),
+        lambda folder: build_seeing_base(folder, seed=seed, steps=steps, scenes=scenes),
+    )
 
 
 def dataset_folder(store: ArtifactStore, dataset_id: str) -> Path:
