@@ -90,7 +90,8 @@ class ProgressPrinter(Callback):
         if self.stage_bar is not None and (self.stage_bar.total != total or done < self.stage_bar.n):
             self._close_stage_bar()  # a new pass of the same stage (e.g. the held-out split)
         if self.stage_bar is None:
-            self.stage_bar = tqdm(total=total, desc=stage, unit="pair", file=self.stream, dynamic_ncols=True)
+            unit = "sample" if stage == "sampling" else "pair"  # the proving ground's sampling counts answers
+            self.stage_bar = tqdm(total=total, desc=stage, unit=unit, file=self.stream, dynamic_ncols=True)
         self.stage_bar.n = done
         self.stage_bar.refresh()
 
