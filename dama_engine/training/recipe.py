@@ -396,11 +396,23 @@ def _refuse_answer_only(rows: list[PreferenceRow], split: str, method: str) -> N
         )
 
 
+def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype the model's weights are loaded and kept in while training.
+
+    LoRA: the compute dtype (bf16 where the hardware has it, :func:`resolve_dtype`); the frozen base needs no more,
+    and peft keeps the adapter itself in float32. A full fine-tune keeps float32 master weights and computes in
+    bf16 under autocast (and FSDP's ``param_dtype``), as mixed-precision training does: bf16 weights would round
+    away every update smaller than their rounding step, e.g. all of the paper's (lr 5e-7: Adam's step is about the
+    learning rate, 1/100 of bf16's spacing at a weight of 0.01)."""
+    dtype = resolve_dtype(config.model.precision, device)
+    return dtype if config.lora.enabled else torch.float32
+
+
 def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
     """The model with LoRA (or unfrozen for a full fine-tune), on the device, its pair forward and compiling set."""
     optim = config.optim
     model = make_trainable(
-        load_model(config.model, dtype=resolve_dtype(config.model.precision, device)),
+        load_model(config.model, dtype=weights_dtype(config, device)),
         config.lora,
         init_adapter=config.model.init_adapter,
     )

@@ -22,7 +22,7 @@ from dama_engine.forward.batching import PairEncoder, collate_pairs
 from dama_engine.proving.demo import prepare_demo
 from dama_engine.proving.ground import ProvingGround
 from dama_engine.proving.shapes import make_demo_dataset
-from dama_engine.training.recipe import train
+from dama_engine.training.recipe import train, weights_dtype
 
 SECTION_5_KEYS = {
     "loss",
@@ -234,6 +234,31 @@ def test_full_fine_tune_keeps_the_vision_tower_frozen(demo_base: dict[str, Any],
     language = [k for k in base if "language_model" in k and "layers" in k]
     assert vision and all(torch.equal(base[k], tuned[k]) for k in vision)
     assert any(not torch.equal(base[k], tuned[k]) for k in language)
+
+
+def test_a_full_fine_tune_in_bf16_keeps_float32_master_weights(demo_base: dict[str, Any], tmp_path: Path) -> None:
+    """bf16 compute (autocast, here on the CPU) over float32 weights: updates of the paper's size (lr 5e-7) reach the
+    weights, which bf16 weights would round away (Adam's first step moves each weight by about the learning rate,
+    far below bf16's spacing at the weights' magnitude)."""
+    overrides = ["lora.enabled=false", "model.precision=bf16", "optim.learning_rate=5e-7", "optim.warmup_ratio=0"]
+    config = derive(demo_base, tmp_path / "run", *overrides, "optim.max_steps=1", "optim.batch_size=8")
+    assert weights_dtype(config, torch.device("cpu")) == torch.float32
+    result = train(config)
+    assert result.adapter_dir is not None
+    tuned = load_file(result.adapter_dir / "model.safetensors")
+    base = load_file(Path(config.model.name_or_path) / "model.safetensors")
+    layers = [k for k in base if "language_model" in k and "layers" in k and k.endswith("proj.weight")]
+    assert layers and all(tuned[k].dtype == torch.float32 for k in layers)
+    moved = [k for k in layers if not torch.equal(base[k].float(), tuned[k])]
+    assert len(moved) == len(layers)
+    # The same step on bf16 weights: the update is lost in rounding for almost every weight.
+    for k in layers:
+        step = (tuned[k] - base[k].float()).abs()
+        kept = (base[k].bfloat16().float() + step).bfloat16().float() != base[k].bfloat16().float()
+        assert kept.float().mean() < 0.05, k
+    # LoRA keeps the compute dtype for the frozen base (peft holds the adapter in float32).
+    lora = derive(demo_base, tmp_path / "lora", "model.precision=bf16")
+    assert weights_dtype(lora, torch.device("cpu")) == torch.bfloat16
 
 
 def test_bad_config_values_name_the_field(tmp_path: Path) -> None:
