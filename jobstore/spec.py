@@ -5,13 +5,14 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dama_settings.knobs import DATA, DISTRIBUTED, EVALUATION, HARDNESS, LORA, MODEL, OBJECTIVE, OPTIM, RUN
 from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, HardnessRescale, Strategy
 from dama_settings.names import Method as Method
+from dama_settings.presets import PRESETS, with_preset
 from dama_settings.rules import too_small_filter_group
 
 # Names under this prefix are the service's own models: only those below exist (anything else is a typo).
@@ -163,6 +164,15 @@ QueueName = Annotated[
 class JobSpec(_Spec):
     """A DAMA fine-tuning job."""
 
+    preset: Literal["paper"] | None = Field(
+        default=None,
+        description="A named recipe that fills the fields the request leaves out (the request's own values win; the "
+        "job's spec shows the result). 'paper': the DAMA paper's released recipe for LLaVA-1.5-7B/13B: method dama, "
+        "a full fine-tune (lora.enabled false, vision tower frozen), learning_rate 5e-7, cosine schedule, "
+        "warmup_ratio 0.1, weight_decay 0, epochs 4, batch_size 16 (global), max_length 2048, gradient "
+        "checkpointing, strategy fsdp on gpus 4.",
+        examples=["paper"],
+    )
     model: ModelName = Field(description=_MODEL_DESCRIPTION)
     dataset_id: ObjectId = Field(
         description="Training pairs: an uploaded dataset's id.", examples=["ds_0192a0c1d2e3f4a5b6c7d8"]
@@ -196,6 +206,12 @@ class JobSpec(_Spec):
         "still loads on the plain base.",
         examples=["job_0192a0c1d2e3f4a5b6c7d8:50"],
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        preset = data.get("preset") if isinstance(data, dict) else None
+        return with_preset(data, preset) if isinstance(preset, str) and preset in PRESETS else data
 
     @property
     def tiny_family(self) -> str | None:
@@ -303,6 +319,12 @@ class EvaluationCreate(_Spec):
         if not self.preference_dataset_id and not self.generative_dataset_id:
             raise ValueError("give preference_dataset_id and/or generative_dataset_id: there is nothing to evaluate")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        preset = data.get("preset") if isinstance(data, dict) else None
+        return with_preset(data, preset) if isinstance(preset, str) and preset in PRESETS else data
 
     @property
     def tiny_family(self) -> str | None:

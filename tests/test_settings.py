@@ -87,6 +87,7 @@ SPEC_FIELDS: dict[type[BaseModel], dict[str, Setting | None]] = {
         "pope": knobs.EVALUATION["pope"],
     },
     spec.JobSpec: {
+        "preset": None,
         "model": None,
         "dataset_id": None,
         "method": knobs.OBJECTIVE["method"],
