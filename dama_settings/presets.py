@@ -2,15 +2,17 @@
 win. One preset so far:
 
 ``paper``: the DAMA paper's released training recipe for LLaVA-1.5-7B/13B (``shared/DAMA.md`` section 6): DAMA,
-a full fine-tune with the vision tower frozen, learning rate 5e-7 with a cosine schedule after a 0.1 warmup,
-weight decay 0, 4 epochs, a global batch of 16, bf16, sequences up to 2048 tokens, reference log-probs computed
-once. The released code shards with DeepSpeed ZeRO-3 on 4 GPUs; here FSDP2 on 4 GPUs (``strategy: fsdp``, 4
-pairs per GPU per step), gradient checkpointing on. Memory per GPU on 4 and 8 GPUs: ``docs/PERFORMANCE.md``.
-Precision is the worker's (bf16 on GPUs that have it); a full fine-tune keeps float32 master weights.
+a full fine-tune with the vision tower frozen (the projector and the language model train), learning rate 5e-7
+with a cosine schedule after a 0.1 warmup, weight decay 0, 4 epochs, a global batch of 16, bf16, sequences up to
+2048 tokens, reference log-probs computed once. The released code shards with DeepSpeed ZeRO-3 on 4 GPUs; here
+FSDP2 on 4 GPUs (``strategy: fsdp``, 4 pairs per GPU per step), gradient checkpointing on. Memory per GPU on 4
+and 8 GPUs: ``docs/PERFORMANCE.md``. Precision is the worker's (bf16 on GPUs that have it); a full fine-tune
+keeps float32 master weights.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -18,7 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "method": "dama",
         "gpus": 4,
         "strategy": "fsdp",
-        "lora": {"enabled": False},
+        "lora": {"enabled": False, "train_projector": True},
         "hyperparameters": {
             "learning_rate": 5e-7,
             "epochs": 4,
@@ -35,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def with_preset(values: dict[str, Any], preset: str) -> dict[str, Any]:
     """``values`` (a request's fields) on top of the preset's: the request's own values win, section by section."""
-    merged: dict[str, Any] = {**PRESETS[preset]}
+    merged: dict[str, Any] = copy.deepcopy(PRESETS[preset])
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}

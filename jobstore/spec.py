@@ -168,8 +168,8 @@ class JobSpec(_Spec):
         default=None,
         description="A named recipe that fills the fields the request leaves out (the request's own values win; the "
         "job's spec shows the result). 'paper': the DAMA paper's released recipe for LLaVA-1.5-7B/13B: method dama, "
-        "a full fine-tune (lora.enabled false, vision tower frozen), learning_rate 5e-7, cosine schedule, "
-        "warmup_ratio 0.1, weight_decay 0, epochs 4, batch_size 16 (global), max_length 2048, gradient "
+        "a full fine-tune (lora.enabled false, vision tower frozen, projector trained), learning_rate 5e-7, cosine "
+        "schedule, warmup_ratio 0.1, weight_decay 0, epochs 4, batch_size 16 (global), max_length 2048, gradient "
         "checkpointing, strategy fsdp on gpus 4.",
         examples=["paper"],
     )
@@ -319,12 +319,6 @@ class EvaluationCreate(_Spec):
         if not self.preference_dataset_id and not self.generative_dataset_id:
             raise ValueError("give preference_dataset_id and/or generative_dataset_id: there is nothing to evaluate")
         return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        preset = data.get("preset") if isinstance(data, dict) else None
-        return with_preset(data, preset) if isinstance(preset, str) and preset in PRESETS else data
 
     @property
     def tiny_family(self) -> str | None:

@@ -45,10 +45,10 @@ def migrated_database(prefix: str = "dama_test") -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = _pg_url(name)
-    config = Config(str(Path(__file__).parent.parent / "alembic.ini"))
-    config.attributes["url"] = url
-    command.upgrade(config, "head")
     try:
+        config = Config(str(Path(__file__).parent.parent / "alembic.ini"))
+        config.attributes["url"] = url
+        command.upgrade(config, "head")
         yield url
     finally:
         with admin.connect() as connection:

@@ -84,6 +84,7 @@ class JudgeError(RuntimeError):
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        fp.close()  # the redirect's own connection, not kept until garbage collection
         raise JudgeError(f"judge {req.full_url}: answered {code} (a redirect to {newurl}); redirects are not followed")
 
 

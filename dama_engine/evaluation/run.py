@@ -467,7 +467,9 @@ def run_evaluation(
     results: dict[str, Any] = {
         "model": config.model.shown_name,  # the public name where one is set, never a staged folder
         "adapter": config.adapter_name or config.adapter,
-        "init_adapter": config.model.init_adapter,  # set: "base" is base + this adapter, "plain_base" the model
+        # Set: "base" is base + this adapter, "plain_base" the model. Its folder's name only: a staged folder's path
+        # means nothing to whoever reads the results (they travel with the adapter).
+        "init_adapter": Path(config.model.init_adapter).name if config.model.init_adapter else None,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "beta": config.beta,

@@ -147,6 +147,8 @@ def _model_identity(config: TrainConfig, processor: Any, *, bf16: bool, commit: 
     if config.data.pixel_budget().is_set:  # only then: the keys of runs without a budget stay as they were
         identity["pixels"] = [config.data.max_pixels, config.data.min_pixels, config.data.max_image_side]
     identity["bf16"] = bf16  # the precision "auto" resolved to on this machine
+    if not config.lora.enabled:  # float32 master weights (weights_dtype): other numbers than bf16 weights give
+        identity["weights"] = "float32"
     # A hub model: the commit its files came from, so an updated repo never reuses old reference log-probs.
     identity["commit"] = commit
     if config.model.init_adapter:  # only then: the keys of runs from the plain base stay as they were
@@ -416,6 +418,11 @@ def _trainable_model(config: TrainConfig, device: torch.device) -> Any:
         config.lora,
         init_adapter=config.model.init_adapter,
     )
+    # Whatever trains is kept in float32 (computed in bf16 under autocast): peft upcasts LoRA's matrices, not the
+    # whole modules it trains beside them (the projector with lora.train_projector, an unfrozen vision tower).
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
     # Checkpoints' and the final adapter's config name the base as users know it, never a folder of this machine.
     for adapter_config in getattr(model, "peft_config", {}).values():
         adapter_config.base_model_name_or_path = config.model.shown_name

@@ -21,7 +21,8 @@ What runs where under ``fsdp``:
 
 * the reference pass runs before sharding, exactly as under DDP (rank 0 computes, the cache is shared and keyed
   the same): it needs the weights only, no gradients or optimizer states, so a model whose training state needs
-  sharding still runs it on one GPU (13B in bf16: 26 GB);
+  sharding still runs it on one GPU (13B: 26 GB in bf16 for LoRA, 53 GB in float32, the master weights of a full
+  fine-tune);
 * held-out evaluations during training run on every rank in step (every rank scores all the held-out pairs: the
   sharded forward needs every rank), rank 0 records them;
 * checkpoints: every rank writes its shard of the trainable weights and optimizer states with

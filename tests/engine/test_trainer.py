@@ -256,9 +256,16 @@ def test_a_full_fine_tune_in_bf16_keeps_float32_master_weights(demo_base: dict[s
         step = (tuned[k] - base[k].float()).abs()
         kept = (base[k].bfloat16().float() + step).bfloat16().float() != base[k].bfloat16().float()
         assert kept.float().mean() < 0.05, k
-    # LoRA keeps the compute dtype for the frozen base (peft holds the adapter in float32).
-    lora = derive(demo_base, tmp_path / "lora", "model.precision=bf16")
+    # LoRA keeps the compute dtype for the frozen base; whatever trains is float32: peft's LoRA matrices, and the
+    # whole projector it trains beside them (lora.train_projector), which peft would leave in bf16.
+    bf16_lora = ["model.precision=bf16", "lora.train_projector=true", "optim.max_steps=1", "optim.batch_size=8"]
+    lora = derive(demo_base, tmp_path / "lora", *bf16_lora)
     assert weights_dtype(lora, torch.device("cpu")) == torch.bfloat16
+    adapter = train(lora).adapter_dir
+    assert adapter is not None
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("projector" in name for name in saved)
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
 
 
 def test_bad_config_values_name_the_field(tmp_path: Path) -> None:

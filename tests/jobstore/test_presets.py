@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from jobstore.spec import JobSpec
+from jobstore.spec import EvaluationCreate, JobSpec
 from worker.engine_config import StagedInputs, train_config
 
 HUB_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -20,7 +20,7 @@ def test_the_paper_preset_is_the_released_recipe() -> None:
     hp = spec.hyperparameters
     # shared/DAMA.md section 6: full fine-tune, vision tower frozen, lr 5e-7, cosine, warmup 0.1, weight decay 0,
     # 4 epochs, global batch 16, max length 2048; the released code shards over 4 GPUs.
-    assert spec.method == "dama" and spec.lora.enabled is False
+    assert spec.method == "dama" and spec.lora.enabled is False and spec.lora.train_projector is True
     assert (hp.learning_rate, hp.warmup_ratio, hp.weight_decay, hp.epochs) == (5e-7, 0.1, 0.0, 4)
     assert (hp.batch_size, hp.grad_accumulation, hp.max_length) == (16, 1, 2048)
     assert (spec.gpus, spec.strategy, hp.gradient_checkpointing) == (4, "fsdp", True)
@@ -33,6 +33,7 @@ def test_the_paper_preset_is_the_released_recipe() -> None:
         dataset_format="trl",
     )
     assert config.objective.method == "dama" and not config.lora.enabled and config.lora.freeze_vision_tower
+    assert config.lora.train_projector
     assert (config.optim.learning_rate, config.optim.scheduler, config.optim.warmup_ratio) == (5e-7, "cosine", 0.1)
     assert (config.optim.epochs, config.optim.batch_size, config.data.max_length) == (4, 16, 2048)
     assert config.distributed.strategy == "fsdp" and config.optim.gradient_checkpointing
@@ -52,6 +53,13 @@ def test_the_requests_own_values_win_field_by_field() -> None:
     # The recorded spec names the preset and its values: validating it again gives the same job.
     recorded = spec.model_dump(mode="json")
     assert recorded["preset"] == "paper" and JobSpec.model_validate(recorded) == spec
+
+
+def test_an_evaluation_request_has_no_preset() -> None:
+    body = {"model": HUB_MODEL, "generative_dataset_id": DATASET, "preset": "paper"}
+    with pytest.raises(ValidationError) as refused:
+        EvaluationCreate.model_validate(body)
+    assert [error["loc"] for error in refused.value.errors()] == [("preset",)]  # one error, on the field itself
 
 
 def test_an_unknown_preset_is_refused_with_the_field() -> None:

@@ -42,6 +42,7 @@ export async function pairGenerationsPage(view, { signal }) {
 
 /** The report's counts as a two-column table, and its most common hallucinated objects. */
 function reportTables(report) {
+  if (!report) return h("p", { class: "muted" }, "No report.");
   const counts = [
     ["prompts tried", report.prompts_tried],
     ["pairs made", report.pairs],
@@ -78,8 +79,14 @@ function reportTables(report) {
 }
 
 async function samples(id, signal) {
-  const text = await (await fetchRaw(`/pair-generations/${id}/outputs?file=samples`, { signal })).text();
-  const rows = text.split("\n").filter((line) => line.trim()).slice(0, 50).map((line) => JSON.parse(line));
+  let rows;
+  try {
+    const text = await (await fetchRaw(`/pair-generations/${id}/outputs?file=samples`, { signal })).text();
+    rows = text.split("\n").filter((line) => line.trim()).slice(0, 50).map((line) => JSON.parse(line));
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    return h("p", { class: "muted" }, `The samples could not be shown: ${error.message || error}`);
+  }
   return table(
     [
       { label: "prompt", value: (r) => r.prompt_id },
