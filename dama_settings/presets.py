@@ -5,7 +5,8 @@ win. One preset so far:
 a full fine-tune with the vision tower frozen (the projector and the language model train), learning rate 5e-7
 with a cosine schedule after a 0.1 warmup, weight decay 0, 4 epochs, a global batch of 16, bf16, sequences up to
 2048 tokens, reference log-probs computed once. The released code shards with DeepSpeed ZeRO-3 on 4 GPUs; here
-FSDP2 on 4 GPUs (``strategy: fsdp``, 4 pairs per GPU per step), gradient checkpointing on. Memory per GPU on 4
+FSDP2 on 4 GPUs (``strategy: fsdp``; ``batch_size`` is per GPU: 4 pairs each, 16 per step; on 8 GPUs a request
+sets ``batch_size`` 2 to keep 16), gradient checkpointing on. Memory per GPU on 4
 and 8 GPUs: ``docs/PERFORMANCE.md``. Precision is the worker's (bf16 on GPUs that have it); a full fine-tune
 keeps float32 master weights.
 """
@@ -24,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hyperparameters": {
             "learning_rate": 5e-7,
             "epochs": 4,
-            "batch_size": 16,
+            "batch_size": 4,  # per GPU: 4 x 4 GPUs = the global batch of 16
             "grad_accumulation": 1,
             "warmup_ratio": 0.1,
             "weight_decay": 0.0,

@@ -169,8 +169,9 @@ class JobSpec(_Spec):
         description="A named recipe that fills the fields the request leaves out (the request's own values win; the "
         "job's spec shows the result). 'paper': the DAMA paper's released recipe for LLaVA-1.5-7B/13B: method dama, "
         "a full fine-tune (lora.enabled false, vision tower frozen, projector trained), learning_rate 5e-7, cosine "
-        "schedule, warmup_ratio 0.1, weight_decay 0, epochs 4, batch_size 16 (global), max_length 2048, gradient "
-        "checkpointing, strategy fsdp on gpus 4.",
+        "schedule, warmup_ratio 0.1, weight_decay 0, epochs 4, batch_size 4 per GPU (a global batch of 16 on the "
+        "preset's 4 GPUs; with gpus 8 send batch_size 2), max_length 2048, gradient checkpointing, strategy fsdp on "
+        "gpus 4.",
         examples=["paper"],
     )
     model: ModelName = Field(description=_MODEL_DESCRIPTION)

@@ -22,7 +22,8 @@ def test_the_paper_preset_is_the_released_recipe() -> None:
     # 4 epochs, global batch 16, max length 2048; the released code shards over 4 GPUs.
     assert spec.method == "dama" and spec.lora.enabled is False and spec.lora.train_projector is True
     assert (hp.learning_rate, hp.warmup_ratio, hp.weight_decay, hp.epochs) == (5e-7, 0.1, 0.0, 4)
-    assert (hp.batch_size, hp.grad_accumulation, hp.max_length) == (16, 1, 2048)
+    assert (hp.batch_size, hp.grad_accumulation, hp.max_length) == (4, 1, 2048)
+    assert hp.batch_size * spec.gpus * hp.grad_accumulation == 16  # batch_size is per GPU: the global batch is 16
     assert (spec.gpus, spec.strategy, hp.gradient_checkpointing) == (4, "fsdp", True)
 
     config = train_config(
@@ -35,7 +36,7 @@ def test_the_paper_preset_is_the_released_recipe() -> None:
     assert config.objective.method == "dama" and not config.lora.enabled and config.lora.freeze_vision_tower
     assert config.lora.train_projector
     assert (config.optim.learning_rate, config.optim.scheduler, config.optim.warmup_ratio) == (5e-7, "cosine", 0.1)
-    assert (config.optim.epochs, config.optim.batch_size, config.data.max_length) == (4, 16, 2048)
+    assert (config.optim.epochs, config.optim.batch_size, config.data.max_length) == (4, 4, 2048)
     assert config.distributed.strategy == "fsdp" and config.optim.gradient_checkpointing
 
 
