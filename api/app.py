@@ -31,6 +31,7 @@ from api.routers import (
     job_outputs,
     jobs,
     keys,
+    loops,
     models,
     pair_generations,
     webhooks,
@@ -108,7 +109,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
-    routers = (datasets, dataset_preview, jobs, job_outputs, exports, evaluations, pair_generations, webhooks, keys)
+    routers = (
+        datasets,
+        dataset_preview,
+        jobs,
+        job_outputs,
+        exports,
+        evaluations,
+        pair_generations,
+        loops,
+        webhooks,
+        keys,
+    )
     for module in (*routers, models, health):
         app.include_router(module.router)
     install_console(app)

@@ -70,6 +70,11 @@ TAGS: list[dict[str, Any]] = [
         "objects (CHAIR matcher), registered as a dataset; the per-sample file and a report.",
     },
     {
+        "name": "loops",
+        "description": "Rounds on the server: sample pairs from the model, train on them, evaluate on held-out "
+        "scenes, then sample again from the tuned model; per-round metrics, events and webhooks (loop.*).",
+    },
+    {
         "name": "webhooks",
         "description": "Signed (Standard Webhooks) notifications of job and evaluation status changes, retried for "
         "hours; endpoints, their delivery log and redelivery.",

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from jobstore.models import Dataset, Job, JobEvent
 from jobstore.redact import redact_json, redact_paths, strings_in
-from jobstore.spec import EvaluationCreate, JobSpec, PairGenerationCreate
+from jobstore.spec import EvaluationCreate, JobSpec, LoopCreate, PairGenerationCreate
 from jobstore.states import JobStatus
 
 
@@ -387,6 +387,123 @@ class PairGenerationPublic(_Public):
 
 class PairGenerationsPublic(Page[PairGenerationPublic]):
     """Pair generations, newest first."""
+
+
+_LOOP_ID = "loop_0194b1c2d3e4a1b2c3d4e5f6"
+# What each kind of run a loop starts is called in the API (and so where to GET it).
+RUN_OBJECTS = {"pair_generation": "pair_generation", "training": "job", "evaluation": "evaluation"}
+
+
+class LoopRunPublic(_Public):
+    """One run of a round, in short (its own route has the rest: /pair-generations, /jobs, /evaluations)."""
+
+    id: str = Field(description="The run's id.", examples=[_PGEN_ID])
+    object: Literal["pair_generation", "job", "evaluation"] = Field(
+        description="What it is (and so where to GET it).", examples=["pair_generation"]
+    )
+    status: JobStatus = Field(description="Its status.", examples=["succeeded"])
+    stage: str | None = Field(description="Its current stage while it runs.", examples=[None])
+    percent: float = Field(description="Its progress in percent.", examples=[100.0])
+    attempts: int = Field(description="Runs started (re-run after a worker died).", examples=[1])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, value: Any) -> Any:
+        if not isinstance(value, Job):
+            return value
+        return {**_job_columns(value), "object": RUN_OBJECTS[value.kind]}
+
+
+class LoopRoundPublic(_Public):
+    round: int = Field(description="1, 2, ...", examples=[1])
+    status: Literal["pending", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="pending (not started), running (a stage is queued or running), succeeded (evaluated), failed "
+        "or cancelled (a stage ended so).",
+        examples=["succeeded"],
+    )
+    pair_generation: LoopRunPublic | None = Field(description="Its pair generation, once started.")
+    job: LoopRunPublic | None = Field(description="Its training job, once started.")
+    evaluation: LoopRunPublic | None = Field(description="Its evaluation, once started.")
+    pairs: int | None = Field(description="Pairs its pair generation made.", examples=[131])
+    dataset_id: str | None = Field(description="The preference dataset of those pairs.", examples=[_DATASET_ID])
+    metrics: dict[str, Any] | None = Field(
+        description="Once evaluated: the tuned model's held-out chair_i, chair_s, coverage, hallucination_rate, "
+        "pope_f1 (mean over POPE's splits) and pope_f1_by_split.",
+        examples=[{"chair_i": 0.186, "chair_s": 0.33, "coverage": 0.81, "pope_f1": 0.87}],
+    )
+
+
+class LoopPublic(_Public):
+    id: str = Field(description="Loop id.", examples=[_LOOP_ID])
+    object: Literal["loop"] = Field(default="loop", description="Always 'loop'.", examples=["loop"])
+    status: JobStatus = Field(
+        description="running (from its creation: its first run is queued with it), cancelling, succeeded, failed "
+        "(a run failed: error names it) or cancelled.",
+        examples=["running"],
+    )
+    stage: str | None = Field(
+        description="The current round and stage ('round 2: pairs').", examples=["round 2: pairs"]
+    )
+    step: int = Field(description="Stages done (three per round).", examples=[3])
+    total_steps: int = Field(description="Stages in all: 3 x rounds.", examples=[6])
+    progress: float = Field(description="Stages done plus the current one's share, over all, 0 to 1.", examples=[0.55])
+    percent: float = Field(description="Progress in percent, 0 to 100.", examples=[55.0])
+    error: JobErrorPublic | None = Field(description="Why the loop failed (which run, and why); null otherwise.")
+    spec: LoopCreate = Field(description="The request as accepted (defaults filled in, the queue resolved).")
+    base: dict[str, Any] | None = Field(
+        description="The plain model's held-out figures (round 1's evaluation), to compare each round with.",
+        examples=[{"chair_i": 0.285, "chair_s": 0.48, "coverage": 0.72, "pope_f1": 0.84}],
+    )
+    rounds: list[LoopRoundPublic] = Field(description="Every round, those not started yet included.")
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
+
+    @classmethod
+    def of(cls, loop: Job, rounds: Sequence[Any], *, progress: float) -> LoopPublic:
+        """The loop's row with its rounds (``api.services.loops.RoundView``: round, runs by stage, metrics)."""
+        columns = _job_columns(loop)
+        public_rounds = []
+        for view in rounds:
+            runs = view.runs
+            pairs_run = runs.get("pairs")
+            made = (pairs_run.result or {}) if pairs_run is not None and pairs_run.status == "succeeded" else {}
+            statuses = [run.status for run in runs.values()]
+            if not runs:
+                state = "pending"
+            elif view.metrics is not None:
+                state = "succeeded"
+            elif "failed" in statuses:
+                state = "failed"
+            elif "cancelled" in statuses:
+                state = "cancelled"
+            else:
+                state = "running"
+            public_rounds.append(
+                {
+                    "round": view.round,
+                    "status": state,
+                    "pair_generation": pairs_run,
+                    "job": runs.get("training"),
+                    "evaluation": runs.get("evaluation"),
+                    "pairs": (made.get("report") or {}).get("pairs"),
+                    "dataset_id": made.get("dataset_id"),
+                    "metrics": (view.metrics or {}).get("tuned"),
+                }
+            )
+        return cls.model_validate(
+            {
+                **columns,
+                "total_steps": loop.total_steps or 0,
+                "progress": progress,
+                "percent": round(progress * 100, 2),
+                "base": (loop.result or {}).get("base"),
+                "rounds": public_rounds,
+            }
+        )
+
+
+class LoopsPublic(Page[LoopPublic]):
+    """Loops, newest first."""
 
 
 class EventPublic(_Public):

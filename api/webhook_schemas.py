@@ -23,6 +23,11 @@ EventType = Literal[
     "pair_generation.succeeded",
     "pair_generation.failed",
     "pair_generation.cancelled",
+    "loop.running",
+    "loop.succeeded",
+    "loop.failed",
+    "loop.cancelled",
+    "loop.round_completed",
 ]
 ALL_EVENT_TYPES: list[EventType] = list(get_args(EventType))
 assert set(ALL_EVENT_TYPES) == set(EVENT_TYPES)  # one list of event types: jobstore.webhooks

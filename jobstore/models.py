@@ -288,3 +288,18 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class LoopStage(Base):
+    """One stage of one round of a loop (a job of kind ``loop``): the run that does it. The primary key is the
+    stage itself, so a stage is started once whoever asks twice (a redelivered message, a sweeper's re-queue, two
+    processes recording the same success): :func:`jobstore.loops.child_ended` creates the next run only with
+    this row, in the transaction that records the previous run's success."""
+
+    __tablename__ = "loop_stages"
+
+    loop_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(20), primary_key=True)  # pairs | training | evaluation
+    run_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -43,11 +43,12 @@ from jobstore.webhook_store import announce
 
 ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 RUNNING = (JobStatus.running.value, JobStatus.cancelling.value)  # a worker holds the job
-JOB_RUNS = RunTable(Job, RUNNING)
+# A loop's row (kind "loop", jobstore.loops) is running without a worker: no heartbeat, never stale.
+JOB_RUNS = RunTable(Job, RUNNING, only=Job.kind != "loop")
 # Job kinds and their id prefixes: ``job_`` for training (the default), ``eval_`` for evaluation jobs, ``pgen_`` for
 # pair generations (preference pairs sampled from the tenant's model, registered as a dataset).
-TRAINING, EVALUATION, PAIR_GENERATION = "training", "evaluation", "pair_generation"
-ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval", PAIR_GENERATION: "pgen"}
+TRAINING, EVALUATION, PAIR_GENERATION, LOOP = "training", "evaluation", "pair_generation", "loop"
+ID_PREFIXES = {TRAINING: "job", EVALUATION: "eval", PAIR_GENERATION: "pgen", LOOP: "loop"}
 
 # ---- tenants and API keys ------------------------------------------------------------------------------------
 
@@ -211,6 +212,7 @@ def _other_datasets(job: Job) -> set[str]:
         evaluation.get("generative_dataset_id"),
         spec.get("preference_dataset_id"),
         spec.get("generative_dataset_id"),
+        spec.get("held_out_dataset_id"),
     )
     return {value for value in ids if isinstance(value, str)}
 
@@ -259,7 +261,9 @@ def active_job_count(session: Session, *, tenant_id: str) -> int:
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     statuses = [s.value for s in ACTIVE]
     count = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.status.in_(statuses), Job.kind != LOOP)
     )
     return int(count or 0)
 
@@ -386,6 +390,12 @@ def set_status(
         data["error"] = {"kind": error_kind.value, "message": error_message}
     add_events(session, job_id=job.id, events=[("status", message or f"job {target.value}", data)])
     announce(session, job=job)  # the webhook outbox row commits (or not) with the status change
+    if target in TERMINAL:
+        # A loop's run ended: the loop advances or ends in this same transaction. Imported here: jobstore.loops
+        # builds on this module.
+        from jobstore import loops
+
+        loops.child_ended(session, run=job)
     return job
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, func, select
 from sqlalchemy.orm import Session
 
 from jobstore.models import Export, Job
@@ -38,10 +38,12 @@ class RunTable(Generic[Run]):
 
     model: type[Run]
     held: tuple[str, ...]  # the statuses in which a worker holds the run (and heartbeats it)
+    only: ColumnElement[bool] | None = None  # rows of the table that are runs at all (None: every row)
 
     def silent(self, older_than: datetime) -> ColumnElement[bool]:
         """The staleness predicate: no sign of life (heartbeat, else start) since ``older_than``."""
-        return func.coalesce(self.model.heartbeat_at, self.model.started_at) < older_than
+        stale = func.coalesce(self.model.heartbeat_at, self.model.started_at) < older_than
+        return stale if self.only is None else and_(self.only, stale)
 
     def stale_ids(self, session: Session, *, older_than: datetime) -> list[str]:
         """Ids of held runs silent since ``older_than``, oldest first."""

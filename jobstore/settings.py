@@ -149,6 +149,18 @@ class Settings(BaseSettings):
         description="Prompts one pair generation may use: its max_prompts, or its generative set's rows when it "
         "gives none (POST /pair-generations answers 422 / 400 above).",
     )
+    loops_max_rounds: int = Field(
+        default=5,
+        gt=0,
+        description="Rounds one loop may ask for (POST /loops answers 422 above): each round is a pair generation, "
+        "a training job and an evaluation.",
+    )
+    loops_max_active: int = Field(
+        default=2,
+        gt=0,
+        description="Loops one tenant may have running at once (POST /loops answers 429 beyond it). A loop's "
+        "runs are ordinary runs, one at a time per loop.",
+    )
     # Dataset uploads: what one upload may unpack to, and the bounds of its check (a child process).
     max_extracted_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="Bytes an uploaded archive may unpack to, every byte counted (413)."

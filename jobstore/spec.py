@@ -5,6 +5,7 @@ The worker turns it into the engine's config (``worker.engine_config``); field n
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -392,4 +393,90 @@ class PairGenerationCreate(_Spec):
     @property
     def init_source(self) -> tuple[str, int | None] | None:
         """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
+        return split_init_adapter(self.init_adapter)
+
+
+def _same_field(model: type[BaseModel], name: str) -> Any:
+    """``model``'s field ``name`` (type rules, default, description, examples) for a field of the same meaning in
+    another model: one definition, no copy to drift."""
+    return copy.deepcopy(model.model_fields[name])
+
+
+class LoopSampling(_Spec):
+    """How each round samples its pairs (the fields of ``POST /pair-generations``)."""
+
+    samples_per_prompt: int = _same_field(PairGenerationCreate, "samples_per_prompt")
+    temperature: float = _same_field(PairGenerationCreate, "temperature")
+    top_p: float = _same_field(PairGenerationCreate, "top_p")
+    max_new_tokens: int = _same_field(PairGenerationCreate, "max_new_tokens")
+    seed: int = _same_field(PairGenerationCreate, "seed")
+    max_prompts: int | None = _same_field(PairGenerationCreate, "max_prompts")
+    prompts_per_batch: int = _same_field(PairGenerationCreate, "prompts_per_batch")
+
+
+class LoopTraining(_Spec):
+    """How each round trains on its pairs (the fields of ``POST /jobs`` that a loop does not decide itself: the
+    loop names the model, the dataset and the starting adapter)."""
+
+    method: Method = _same_field(JobSpec, "method")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="LoRA settings; a loop of more than one round needs LoRA (each round trains the previous "
+        "round's adapter further).",
+    )
+    hardness_rescale: HardnessRescale = _same_field(JobSpec, "hardness_rescale")
+    gpus: int = _same_field(JobSpec, "gpus")
+    strategy: Strategy = _same_field(JobSpec, "strategy")
+
+
+class LoopEvaluation(_Spec):
+    """How each round's tuned model is evaluated on the held-out set (the fields of ``POST /evaluations``)."""
+
+    max_samples: int | None = _same_field(EvaluationCreate, "max_samples")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="How answers are decoded on the held-out set (greedy default)."
+    )
+    pope: bool = _same_field(EvaluationCreate, "pope")
+    batch_size: int = _same_field(EvaluationCreate, "batch_size")
+
+
+class LoopCreate(_Spec):
+    """A loop: rounds of sample -> train -> evaluate on the server. Round k samples pairs from round k-1's tuned
+    model (round 1: the model, or base + init_adapter), trains that adapter further on them, and evaluates the
+    result on the held-out set."""
+
+    model: ModelName = Field(description=_MODEL_DESCRIPTION)
+    generative_dataset_id: ObjectId = Field(
+        description="The prompts each round samples from: a generative dataset (image, prompt, objects, vocabulary).",
+        examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
+    )
+    held_out_dataset_id: ObjectId = Field(
+        description="A generative dataset each round's tuned model is evaluated on (CHAIR_i, CHAIR_s, coverage, "
+        "POPE); keep it apart from generative_dataset_id.",
+        examples=["ds_0192a0c1d2e3f4a5b6c7da"],
+    )
+    rounds: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Rounds to run, each a pair generation, a training job and an evaluation (at most the "
+        "service's DAMA_LOOPS_MAX_ROUNDS).",
+        examples=[2],
+    )
+    init_adapter: str | None = Field(
+        default=None,
+        pattern=INIT_ADAPTER_PATTERN,
+        description="Start round 1 from an adapter of an earlier training job of this tenant on the same base "
+        "('job_...' or 'job_...:STEP'); null: from the model itself.",
+        examples=[None],
+    )
+    sampling: LoopSampling = Field(default_factory=LoopSampling, description="Each round's pair generation.")
+    training: LoopTraining = Field(default_factory=LoopTraining, description="Each round's training job.")
+    evaluation: LoopEvaluation = Field(default_factory=LoopEvaluation, description="Each round's evaluation.")
+    trust_remote_code: bool = MODEL["trust_remote_code"].field(service=True, examples=[False])
+    queue: QueueName = Field(default=None, examples=[None])
+
+    @property
+    def init_source(self) -> tuple[str, int | None] | None:
         return split_init_adapter(self.init_adapter)

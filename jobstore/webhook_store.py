@@ -82,7 +82,7 @@ def event_payload(job: Job, event_type: str, now: datetime) -> dict[str, Any]:
         "timestamp": now.isoformat().replace("+00:00", "Z"),
         "data": {
             "id": job.id,
-            "object": job.kind if job.kind in ("evaluation", "pair_generation") else "job",
+            "object": job.kind if job.kind in ("evaluation", "pair_generation", "loop") else "job",
             "status": job.status,
             "attempt": job.attempts,
             "error": error,

@@ -26,8 +26,18 @@ from urllib.parse import urlsplit
 
 # The job statuses that are announced, and the event type prefix per job kind (see jobstore.repository).
 ANNOUNCED_STATUSES = ("running", "succeeded", "failed", "cancelled")
-EVENT_PREFIXES = {"training": "job", "evaluation": "evaluation", "pair_generation": "pair_generation"}
-EVENT_TYPES = tuple(f"{prefix}.{status}" for prefix in EVENT_PREFIXES.values() for status in ANNOUNCED_STATUSES)
+EVENT_PREFIXES = {
+    "training": "job",
+    "evaluation": "evaluation",
+    "pair_generation": "pair_generation",
+    "loop": "loop",
+}
+# A loop's round evaluated: its held-out metrics (jobstore.loops), besides the loop's own status changes.
+LOOP_ROUND_COMPLETED = "loop.round_completed"
+EVENT_TYPES = (
+    *(f"{prefix}.{status}" for prefix in EVENT_PREFIXES.values() for status in ANNOUNCED_STATUSES),
+    LOOP_ROUND_COMPLETED,
+)
 # Stored as an endpoint's event types when it was created without a list: every event type, those added later
 # (new run kinds) included. An explicit list receives only what it names.
 ALL_EVENTS = "*"

@@ -77,8 +77,9 @@ from dama_engine.pairs import PairGenerationResult, generate_pairs
 from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, train
 from jobstore import quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
-from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK
+from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK, enqueue_job
 from jobstore.db import make_engine, make_session_factory, session_scope
+from jobstore.loops import CREATED_RUNS
 from jobstore.models import Job
 from jobstore.settings import Settings
 from jobstore.spec import EvaluationCreate, JobSpec, PairGenerationCreate
@@ -127,6 +128,8 @@ PAIR_ARTIFACTS = {"pairs_samples": "samples_path", "pairs_report": "report_path"
 # (tenant_id, kind, recorded path, sha256, size_bytes) of a file to register with the job's outcome (the path as
 # ArtifactStore.recorded_path names it).
 ArtifactRecord = tuple[str, str, str, str, int]
+# Sends a queued run's message: (run id, queue). The worker's: jobstore.broker.enqueue_job on its Celery app.
+Sender = Callable[[str, str], None]
 # Stages in which a failing model load means a wrong model name, revision or kind (the processor loads in
 # "validating", the weights in "loading_model").
 MODEL_STAGES = (None, "validating", "loading_model")
@@ -255,6 +258,7 @@ def run_next_job(
     settings: Settings,
     worker: str | None = None,
     shutdown: threading.Event | None = None,
+    send: Sender | None = None,
 ) -> str | None:
     """What a job message asks of a worker (fair share, see README "Fair share"): claim the queued job of ``queue``
     that :func:`jobstore.repository.claim_next_job` puts first, whoever's message this is, and run it to its end.
@@ -297,6 +301,7 @@ def run_next_job(
         store=store,
         scratch=scratch,
         shutdown=shutdown,
+        send=send,
     )
 
 
@@ -310,6 +315,7 @@ def _run(
     scratch: Scratch,
     shutdown: threading.Event | None,
     on_stall: Callable[[float], None] | None = None,
+    send: Sender | None = None,
 ) -> str | None:
     """Run a claimed job to its end: reporter, heartbeat, stall watchdog, storage check, engine, outcome."""
     job_id = claimed.job_id
@@ -347,6 +353,7 @@ def _run(
         session_factory=session_factory,
         wait_s=settings.store_wait_s,
         storage=storage,
+        send=send,
     )
     try:
         if full := _storage_full(claimed, session_factory, settings):
@@ -650,6 +657,7 @@ class _Recorder:
     session_factory: sessionmaker[Session]
     wait_s: float
     storage: StorageAccount
+    send: Sender | None = None  # sends the message of a run that this outcome started (a loop's next stage)
 
     def cancel_watch(self) -> CancelWatch:
         """Interrupts the run in any stage once its job is ``cancelling`` (:mod:`worker.cancel`)."""
@@ -679,7 +687,7 @@ class _Recorder:
         # Past the deadline the job stays running with a silent heartbeat; the sweeper recovers it.
         return write_until(
             deadline,
-            lambda: _store_outcome(self.owner, self.session_factory, self.storage, status, **outcome),
+            lambda: _store_outcome(self.owner, self.session_factory, self.storage, status, send=self.send, **outcome),
             what=f"job {self.owner.job_id}: its outcome ({status.value})",
         )
 
@@ -696,9 +704,54 @@ def _store_outcome(
     result: dict[str, Any] | None = None,
     artifacts: list[ArtifactRecord] | None = None,
     dataset: NewDataset | None = None,
+    send: Sender | None = None,
 ) -> str | None:
     """Record the run's outcome if this attempt still owns the job; return the job's status then. A ``dataset`` (a
-    pair generation's pairs) is created with a success, or its files removed when the success cannot be."""
+    pair generation's pairs) is created with a success, or its files removed when the success cannot be. A run of
+    a loop whose success starts the loop's next stage (same transaction, :mod:`jobstore.loops`): that run's
+    message is sent with ``send`` once the outcome committed (without ``send``, or if sending fails, the sweeper
+    sends it: a queued run nobody claimed)."""
+    created: list[tuple[str, str]] = []
+    status_now = _record_outcome(
+        owner,
+        session_factory,
+        storage,
+        status,
+        created,
+        message=message,
+        error_kind=error_kind,
+        error_message=error_message,
+        result=result,
+        artifacts=artifacts,
+        dataset=dataset,
+    )
+    for run_id, queue in created:
+        if send is None:
+            break
+        try:
+            send(run_id, queue)
+        except Exception:
+            log.exception(
+                "job %s: could not send the message of %s, which it started; the sweeper will", owner.job_id, run_id
+            )
+    return status_now
+
+
+def _record_outcome(
+    owner: RunOwner,
+    session_factory: sessionmaker[Session],
+    storage: StorageAccount,
+    status: JobStatus,
+    created: list[tuple[str, str]],
+    *,
+    message: str | None,
+    error_kind: ErrorKind | None,
+    error_message: str | None,
+    result: dict[str, Any] | None,
+    artifacts: list[ArtifactRecord] | None,
+    dataset: NewDataset | None,
+) -> str | None:
+    """:func:`_store_outcome`'s transaction; ``created`` gets the runs it started, once it committed."""
     with session_scope(session_factory) as session:
         job = repository.lock_owned_job(session, job_id=owner.job_id, worker=owner.worker, attempt=owner.attempt)
         if job is None:
@@ -738,7 +791,10 @@ def _store_outcome(
         )
         if status == JobStatus.queued:
             job.worker = None
-        return job.status
+        recorded = job.status
+        started = session.info.pop(CREATED_RUNS, [])
+    created.extend(started)  # committed: session_scope's commit raised nothing
+    return recorded
 
 
 def _already_recorded(session: Session, owner: RunOwner, status: JobStatus) -> bool:
@@ -853,6 +909,7 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
             settings=context.settings,
             worker=worker_name(self.request.hostname),
             shutdown=context.shutdown,
+            send=lambda run_id, run_queue: enqueue_job(app, job_id=run_id, queue=run_queue),
         )
 
     @app.task(name=SWEEP_TASK, ignore_result=True)

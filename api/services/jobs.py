@@ -173,11 +173,23 @@ def _check_tracking_targets(services: Services, spec: JobSpec) -> None:
             )
 
 
-def _check_room(session: Session, services: Services, *, tenant_id: str, kind: str) -> None:
+def check_room(session: Session, services: Services, *, tenant_id: str, kind: str) -> None:
     """403 while the account's storage is full (a run writes checkpoints and an adapter)."""
     what, quota_bytes = f"starting another {kind} job", services.settings.tenant_storage_bytes
     if full := quota.full_message(session, tenant_id=tenant_id, quota=quota_bytes, what=what):
         raise ApiError(403, "storage_quota_exceeded", full)
+
+
+def refuse_remote_code(services: Services, *, trust_remote_code: bool) -> None:
+    """422 when a run asks to run a model repository's own code and the operator does not allow it."""
+    if trust_remote_code and not services.settings.allow_remote_code:
+        raise ApiError(
+            422,
+            "remote_code_not_allowed",
+            "this service does not run model repositories' own code (trust_remote_code); its operator can allow "
+            "it with DAMA_ALLOW_REMOTE_CODE=true",
+            param="trust_remote_code",
+        )
 
 
 def _refuse_over_limit(*, active: int, limit: int) -> None:
@@ -216,16 +228,9 @@ def submit_job(
 
     if (replayed := request.replay(session, find)) is not None:
         return replayed, True
-    if body.get("trust_remote_code") and not services.settings.allow_remote_code:
-        raise ApiError(
-            422,
-            "remote_code_not_allowed",
-            "this service does not run model repositories' own code (trust_remote_code); its operator can allow "
-            "it with DAMA_ALLOW_REMOTE_CODE=true",
-            param="trust_remote_code",
-        )
+    refuse_remote_code(services, trust_remote_code=bool(body.get("trust_remote_code")))
     check()
-    _check_room(session, services, tenant_id=tenant_id, kind=kind)
+    check_room(session, services, tenant_id=tenant_id, kind=kind)
     if (limit := services.settings.max_active_jobs) is not None:
         active = repository.active_job_count(session, tenant_id=tenant_id)  # takes the tenant's lock (Postgres)
         # A retry that waited on the lock behind its own first request answers that request's job.

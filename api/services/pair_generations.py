@@ -37,33 +37,34 @@ def get_tenant_pair_generation(session: Session, *, tenant_id: str, pair_generat
     return get_tenant_job(session, tenant_id=tenant_id, job_id=pair_generation_id, kind=KIND)
 
 
-def _check_limits(settings: Settings, spec: PairGenerationCreate, dataset: Dataset) -> None:
-    """422 for a request over the operator's limits; 400 when the set itself has more prompts than allowed."""
+def check_limits(settings: Settings, spec: PairGenerationCreate, dataset: Dataset, *, prefix: str = "") -> None:
+    """422 for a request over the operator's limits; 400 when the set itself has more prompts than allowed.
+    ``prefix``: where the sampling fields sit in the request ("sampling." in a loop's)."""
     most_samples, most_prompts = settings.pairs_max_samples_per_prompt, settings.pairs_max_prompts
     if spec.samples_per_prompt > most_samples:
         raise ApiError(
             422,
             "samples_over_limit",
-            f"samples_per_prompt: {spec.samples_per_prompt} is more than this service allows per prompt "
+            f"{prefix}samples_per_prompt: {spec.samples_per_prompt} is more than this service allows per prompt "
             f"({most_samples}, DAMA_PAIRS_MAX_SAMPLES_PER_PROMPT); ask for at most {most_samples}",
-            param="samples_per_prompt",
+            param=f"{prefix}samples_per_prompt",
         )
     if spec.max_prompts is not None and spec.max_prompts > most_prompts:
         raise ApiError(
             422,
             "prompts_over_limit",
-            f"max_prompts: {spec.max_prompts} is more than this service allows per pair generation "
+            f"{prefix}max_prompts: {spec.max_prompts} is more than this service allows per pair generation "
             f"({most_prompts}, DAMA_PAIRS_MAX_PROMPTS); ask for at most {most_prompts}",
-            param="max_prompts",
+            param=f"{prefix}max_prompts",
         )
     if spec.max_prompts is None and dataset.row_count > most_prompts:
         raise ApiError(
             400,
             "prompts_over_limit",
-            f"max_prompts: dataset {dataset.id} has {dataset.row_count} prompts, more than this service allows per "
-            f"pair generation ({most_prompts}, DAMA_PAIRS_MAX_PROMPTS); set max_prompts to at most {most_prompts} "
-            "(the first prompts are used) or split the set",
-            param="max_prompts",
+            f"{prefix}max_prompts: dataset {dataset.id} has {dataset.row_count} prompts, more than this service "
+            f"allows per pair generation ({most_prompts}, DAMA_PAIRS_MAX_PROMPTS); set max_prompts to at most "
+            f"{most_prompts} (the first prompts are used) or split the set",
+            param=f"{prefix}max_prompts",
         )
 
 
@@ -78,7 +79,7 @@ def create_pair_generation(
         dataset = check_dataset(
             session, tenant_id=tenant_id, dataset_id=spec.generative_dataset_id, param=DATASET_PARAM, generative=True
         )
-        _check_limits(services.settings, spec, dataset)
+        check_limits(services.settings, spec, dataset)
         if spec.init_adapter is not None:
             start = JobSpec(model=spec.model, dataset_id=spec.generative_dataset_id, init_adapter=spec.init_adapter)
             check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=start)
