@@ -34,6 +34,9 @@ adapter that loads with `peft` on top of the base model.
    `/outputs` the per-sample generations and `/chart` the PNG.
 6. `POST /pair-generations` to make preference pairs from your own model (or a job's adapter) on a generative set:
    answers are sampled, judged against each image's objects, and paired into a dataset for `POST /jobs`.
+7. `POST /loops` to run rounds of that on the server: each round samples pairs from the previous round's tuned
+   model, trains it further on them and evaluates it on held-out scenes; `GET /loops/{id}` has each round's runs
+   and metrics.
 
 **Auth**: `Authorization: Bearer <API key>` (create one with `dama admin create-key --tenant NAME`).
 **Errors**: always `{"error": {"type", "code", "message", "param"}}`; `param` is the field at fault as a dotted path.
@@ -43,8 +46,8 @@ adapter that loads with `peft` on top of the base model.
 accepted where a number is asked for.
 **Webhooks**: `POST /webhooks` a URL to be told when jobs and evaluations start and end (signed per Standard
 Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the call returns once).
-**Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs`, `POST /evaluations` and
-`POST /pair-generations`.
+**Retries**: send an `Idempotency-Key` header with `POST /datasets`, `POST /jobs`, `POST /evaluations`,
+`POST /pair-generations` and `POST /loops`.
 """.strip()
 
 TAGS: list[dict[str, Any]] = [
@@ -118,6 +121,7 @@ _DATASET = {"dataset_id": _ID}
 _WEBHOOK = {"webhook_id": _ID}
 _EXPORT = {"job_id": "$request.path.job_id", "export_id": _ID}
 _PAIR_GENERATION = {"pair_generation_id": _ID}
+_LOOP = {"loop_id": _ID}
 
 # From every create (each of its 2xx responses: created, or replayed by an Idempotency-Key) to the operations on
 # the object it created, so that a client (and a stateful fuzzer) can follow them; Swagger UI lists them.
@@ -169,6 +173,11 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
         "PairGenerationOutputs": Link(
             "get", "/pair-generations/{pair_generation_id}/outputs", "Its per-sample file.", _PAIR_GENERATION
         ),
+    },
+    ("post", "/loops"): {
+        "GetLoop": Link("get", "/loops/{loop_id}", "The loop, its rounds' runs and metrics.", _LOOP),
+        "CancelLoop": Link("post", "/loops/{loop_id}/cancel", "Cancel it (and its current run).", _LOOP),
+        "LoopEvents": Link("get", "/loops/{loop_id}/events", "Its events.", _LOOP),
     },
     ("post", "/jobs/{job_id}/exports"): {
         "GetExport": Link("get", "/jobs/{job_id}/exports/{export_id}", "The export.", _EXPORT),
@@ -253,6 +262,18 @@ RULES: dict[tuple[str, str], list[str]] = {
         "init_adapter names a job of this tenant on the same base model that succeeded, or a kept checkpoint of it "
         "(else 404 or 422)",
     ],
+    ("post", "/loops"): [
+        "rounds at most the operator's DAMA_LOOPS_MAX_ROUNDS (else 422 rounds_over_limit); at most "
+        "DAMA_LOOPS_MAX_ACTIVE loops of this tenant running (else 429 too_many_active_loops)",
+        "model: a dama/... name is one of the built-in models (GET /models; else 400 unknown_model)",
+        "generative_dataset_id and held_out_dataset_id are generative sets of this tenant (else 404, or 422 "
+        "dataset_not_generative), and not the same set (else 422 held_out_is_sampled)",
+        "sampling within the pair generations' limits (else 422 samples_over_limit or prompts_over_limit, or 400 "
+        "prompts_over_limit)",
+        "more than one round needs training.lora.enabled (else 422 rounds_need_lora); init_adapter names a job of "
+        "this tenant on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
+        _REMOTE_CODE,
+    ],
     ("post", "/webhooks"): [_URL_RULE],
     ("patch", "/webhooks/{webhook_id}"): [_URL_RULE],
 }
@@ -264,6 +285,7 @@ PATH_PARAMETERS = {
     "job_id": "The training job's id (job_...).",
     "evaluation_id": "The evaluation's id (eval_...).",
     "pair_generation_id": "The pair generation's id (pgen_...).",
+    "loop_id": "The loop's id (loop_...).",
     "export_id": "The export's id (exp_...).",
     "webhook_id": "The webhook endpoint's id (wh_...).",
     "delivery_id": "The delivery's id (whd_...).",

@@ -19,6 +19,7 @@ TOO_MANY_ACTIVE = error(
     "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant already has "
     "DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry."
 )
+KEY_REUSED = error("The Idempotency-Key was reused with another body.")
 EXPORT_NOT_FOUND = error("No such job or export for this tenant.")
 EVALUATION_NOT_FOUND = error("No such evaluation for this tenant.")
 EVALUATION_NOT_READY = error("The evaluation has not succeeded (yet).")

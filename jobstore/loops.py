@@ -3,8 +3,8 @@
 A loop runs nothing itself. Each stage of a round is an ordinary run of the service (a pair generation, a training
 job, an evaluation: queued, claimed with fair share, heartbeaten, recovered by the sweeper, cancelled), and
 :class:`jobstore.models.LoopStage` names the run of each (loop, round, stage). The loop advances when a run ends:
-:func:`child_ended`, called by :func:`jobstore.repository.set_status` in the transaction that records the run's
-final status, creates the next stage's run (queued) in that same transaction, or ends the loop. So no process waits
+:func:`status_changed`, called by whoever records a run's final status in that same transaction (the worker, the
+sweeper, a cancel), creates the next stage's run (queued) in that transaction, or ends the loop. No process waits
 for a child (the worker runs one task at a time), and a stage is started exactly when the previous one's success
 commits: a redelivered message or a re-queued run cannot start a stage twice, since the stage's row is the primary
 key. The process that committed the success sends the new run's message (:data:`CREATED_RUNS`); if it dies first,
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobstore import repository
 from jobstore.models import Job, LoopStage, utcnow
 from jobstore.spec import EvaluationCreate, JobSpec, LoopCreate, PairGenerationCreate
-from jobstore.states import ErrorKind, JobStatus
+from jobstore.states import TERMINAL, ErrorKind, JobStatus
 from jobstore.webhook_store import announce_event
 from jobstore.webhooks import LOOP_ROUND_COMPLETED
 
@@ -114,6 +114,15 @@ def stage_runs(session: Session, *, loop_id: str) -> dict[tuple[int, str], Job]:
     return {(round_, stage): job for round_, stage, job in rows}
 
 
+def active_loop_count(session: Session, *, tenant_id: str) -> int:
+    """The tenant's loops that have not ended, counted under the tenant's lock (Postgres): concurrent creations of
+    one tenant count one after the other until they commit."""
+    repository.active_job_count(session, tenant_id=tenant_id)  # takes the lock
+    active = [status.value for status in repository.ACTIVE]
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.kind == LOOP)
+    return int(session.scalar(query.where(Job.status.in_(active))) or 0)
+
+
 def create_loop(session: Session, *, tenant_id: str, spec: LoopCreate) -> Job:
     """The loop's row (running at once: its first run is queued with it) and round 1's pair generation. The caller
     commits, then sends :data:`CREATED_RUNS`."""
@@ -188,6 +197,14 @@ def round_metrics(evaluation: Job) -> dict[str, Any]:
     return {"tuned": figures("tuned"), "base": figures("base"), "samples": generative.get("samples")}
 
 
+def status_changed(session: Session, *, run: Job) -> None:
+    """Call after every status change of a run that may end it, in the same transaction (the worker recording an
+    outcome, the sweeper recovering a run, a cancel): when ``run`` ended and is a loop's stage, the loop advances
+    or ends with it."""
+    if JobStatus(run.status) in TERMINAL:
+        child_ended(session, run=run)
+
+
 def child_ended(session: Session, *, run: Job) -> None:
     """``run`` just reached a final status (same transaction): if it is a loop's stage, advance or end the loop."""
     row = session.scalar(select(LoopStage).where(LoopStage.run_id == run.id))
@@ -252,6 +269,7 @@ def cancel_loop(session: Session, *, loop: Job) -> Job:
     for run in stage_runs(session, loop_id=loop.id).values():
         if run.status in active:
             repository.request_cancel(session, job=run)
+            status_changed(session, run=run)  # a queued run is cancelled at once: so is the loop
     return loop
 
 

@@ -390,12 +390,6 @@ def set_status(
         data["error"] = {"kind": error_kind.value, "message": error_message}
     add_events(session, job_id=job.id, events=[("status", message or f"job {target.value}", data)])
     announce(session, job=job)  # the webhook outbox row commits (or not) with the status change
-    if target in TERMINAL:
-        # A loop's run ended: the loop advances or ends in this same transaction. Imported here: jobstore.loops
-        # builds on this module.
-        from jobstore import loops
-
-        loops.child_ended(session, run=job)
     return job
 
 

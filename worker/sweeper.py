@@ -38,7 +38,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobstore import exports, repository
+from jobstore import exports, loops, repository
 from jobstore.broker import enqueue_export, enqueue_job
 from jobstore.db import session_scope
 from jobstore.models import utcnow
@@ -92,7 +92,9 @@ def _recover_job(session: Session, job_id: str, silent_since: datetime, max_atte
     if job is None:
         return None  # it heartbeat meanwhile, or another sweeper has it
     log.warning("job %s: worker %s silent since %s", job_id, job.worker, job.heartbeat_at)
-    return repository.recover_stale_job(session, job=job, max_attempts=max_attempts), job.queue
+    status = repository.recover_stale_job(session, job=job, max_attempts=max_attempts)
+    loops.status_changed(session, run=job)  # failed or cancelled: a loop it belongs to ends with it
+    return status, job.queue
 
 
 def _recover_export(

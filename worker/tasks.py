@@ -75,7 +75,7 @@ from dama_engine.evaluation import EvaluationResult, run_evaluation
 from dama_engine.events import EventRelay
 from dama_engine.pairs import PairGenerationResult, generate_pairs
 from dama_engine.training import TrainResult, checkpoint_step, latest_checkpoint, train
-from jobstore import quota, repository
+from jobstore import loops, quota, repository
 from jobstore.artifacts import ArtifactStore, FilesystemStore, file_sha256, open_store, pack_folder
 from jobstore.broker import RUN_JOB_TASK, SWEEP_TASK, enqueue_job
 from jobstore.db import make_engine, make_session_factory, session_scope
@@ -791,6 +791,7 @@ def _record_outcome(
         )
         if status == JobStatus.queued:
             job.worker = None
+        loops.status_changed(session, run=job)  # a loop's stage: the loop advances (or ends) with this commit
         recorded = job.status
         started = session.info.pop(CREATED_RUNS, [])
     created.extend(started)  # committed: session_scope's commit raised nothing

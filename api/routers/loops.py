@@ -12,8 +12,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response, status
 
 from api.deps import After, CurrentTenant, EventsAfter, EventsLimit, IdempotencyKey, Limit, ServicesDep, SessionDep
+from api.responses import KEY_REUSED, STORAGE_FULL, UNAUTHORIZED
 from api.responses import LOOP_NOT_FOUND as NOT_FOUND
-from api.responses import STORAGE_FULL, UNAUTHORIZED
 from api.schemas import ErrorResponse, EventsPublic, LoopPublic, LoopsPublic
 from api.services import events, jobs, loops
 from jobstore.models import Job
@@ -48,7 +48,7 @@ def _public(session: SessionDep, loop: Job) -> LoopPublic:
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
         404: {"model": ErrorResponse, "description": "A dataset or init_adapter's job is not this tenant's."},
-        409: {"model": ErrorResponse, "description": "The Idempotency-Key was reused with another body."},
+        409: KEY_REUSED,
         422: {
             "model": ErrorResponse,
             "description": "Invalid request: a field out of range, rounds over DAMA_LOOPS_MAX_ROUNDS, a dataset that "

@@ -14,9 +14,9 @@ from fastapi.responses import FileResponse
 
 from api.deps import After, CurrentTenant, EventsAfter, EventsLimit, IdempotencyKey, Limit, ServicesDep, SessionDep
 from api.downloads import artifact_response
+from api.responses import KEY_REUSED, STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
 from api.responses import PAIR_GENERATION_NOT_FOUND as NOT_FOUND
 from api.responses import PAIR_GENERATION_NOT_READY as NOT_READY
-from api.responses import STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
 from api.schemas import ErrorResponse, EventsPublic, PairGenerationPublic, PairGenerationsPublic
 from api.services import events, jobs, pair_generations
 from jobstore.spec import PairGenerationCreate
@@ -45,7 +45,7 @@ router = APIRouter(prefix="/pair-generations", tags=["pair generations"])
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
         404: {"model": ErrorResponse, "description": "The dataset or init_adapter's job is not this tenant's."},
-        409: {"model": ErrorResponse, "description": "The Idempotency-Key was reused with another body."},
+        409: KEY_REUSED,
         422: {
             "model": ErrorResponse,
             "description": "Invalid request: a field out of range, dataset_not_generative (generative_dataset_id "

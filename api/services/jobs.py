@@ -19,7 +19,7 @@ from api.errors import ApiError, not_found
 from api.services.idempotency import IdempotentCreate, body_hash
 from api.services.sending import send_committed
 from dama_settings.rules import HARDNESS_METHODS
-from jobstore import quota, repository
+from jobstore import loops, quota, repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import enqueue_job
 from jobstore.models import Dataset, Job
@@ -299,6 +299,7 @@ def cancel(session: Session, *, tenant_id: str, job_id: str, kind: str = reposit
     noun = "job" if kind == repository.TRAINING else kind
     try:
         repository.request_cancel(session, job=job)
+        loops.status_changed(session, run=job)  # a queued run of a loop is cancelled at once: so is its loop
     except IllegalTransition as error:
         raise ApiError(
             409,

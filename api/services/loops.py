@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import Services
@@ -106,13 +105,8 @@ def _check_spec(session: Session, services: Services, *, tenant_id: str, spec: L
 
 def _refuse_over_limit(session: Session, *, tenant_id: str, limit: int) -> None:
     """429 once the tenant has DAMA_LOOPS_MAX_ACTIVE loops that have not ended."""
-    repository.active_job_count(session, tenant_id=tenant_id)  # takes the tenant's lock (Postgres): one at a time
-    active = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.kind == KIND, Job.status.in_([s.value for s in repository.ACTIVE]))
-    )
-    if int(active or 0) >= limit:
+    active = loops.active_loop_count(session, tenant_id=tenant_id)
+    if active >= limit:
         raise ApiError(
             429,
             "too_many_active_loops",

@@ -24,9 +24,7 @@ def upgrade() -> None:
         sa.Column("stage", sa.String(length=20), nullable=False),
         sa.Column("run_id", sa.String(length=40), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["loop_id"], ["jobs.id"], name=op.f("fk_loop_stages_loop_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["loop_id"], ["jobs.id"], name=op.f("fk_loop_stages_loop_id_jobs"), ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["run_id"], ["jobs.id"], name=op.f("fk_loop_stages_run_id_jobs"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("loop_id", "round", "stage", name=op.f("pk_loop_stages")),
         sa.UniqueConstraint("run_id", name=op.f("uq_loop_stages_run_id")),

@@ -74,6 +74,7 @@ def _finish(factory: sessionmaker[Session], run_id: str, status: str, **outcome:
         job = repository.claim_job(session, job_id=run_id, worker="w:1")
         assert job is not None
         repository.set_status(session, job=job, status=status, **outcome)
+        loops.status_changed(session, run=job)
         return list(session.info.pop(loops.CREATED_RUNS, []))
 
 
@@ -206,6 +207,7 @@ def test_cancelling_a_loop_while_its_run_runs_ends_it_when_the_run_stops(factory
         assert run is not None
         # The run finished its last batch as the cancel came: the loop still ends, and starts nothing more.
         repository.set_status(session, job=run, status="succeeded", result={"dataset_id": "ds_x", "report": {}})
+        loops.status_changed(session, run=run)
         assert session.info.pop(loops.CREATED_RUNS, []) == []
     with session_scope(factory) as session:
         loop = session.get(Job, loop_id)
