@@ -1,4 +1,4 @@
-"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|pairs|keys|webhooks|models|health ...``).
+"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|pairs|loops|keys|webhooks|models|health ...``).
 
 ``api.cli.main`` hands these commands here before importing anything of the server, so they work where only the
 ``client`` extra is installed. The service is ``--api-url`` / ``DAMA_API_URL``, the key ``--api-key`` /
@@ -18,9 +18,9 @@ from pydantic import BaseModel
 
 from dama_client.client import Client, FollowUpdate, RunResource, RunT
 from dama_client.errors import APIError, DamaError
-from dama_client.models import PairGeneration, Run
+from dama_client.models import Loop, PairGeneration, Run
 
-COMMANDS = frozenset({"datasets", "jobs", "evaluations", "pairs", "keys", "webhooks", "models", "health"})
+COMMANDS = frozenset({"datasets", "jobs", "evaluations", "pairs", "loops", "keys", "webhooks", "models", "health"})
 
 Handler = Callable[[Client, argparse.Namespace], int]
 
@@ -146,14 +146,19 @@ def spec_from_sets(sets: Iterable[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise DamaError(f"--set {item!r}: expected key=value")
-        path = key.split(".") if "." in key else ["hyperparameters", key]
-        node = spec
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DamaError(f"--set {item!r}: {part} is already a value")
-        node[path[-1]] = _parse_value(value)
+        _set_path(spec, key if "." in key else f"hyperparameters.{key}", _parse_value(value))
     return spec
+
+
+def _set_path(spec: dict[str, Any], path: str, value: Any) -> None:
+    """Set the dotted ``path`` (``training.hyperparameters.max_steps``) of ``spec`` to ``value``."""
+    *parents, last = path.split(".")
+    node = spec
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DamaError(f"--set {path}: {part} is already a value")
+    node[last] = value
 
 
 def _jobs_create(client: Client, args: argparse.Namespace) -> int:
@@ -288,13 +293,13 @@ def _follow_with_bar(runs: RunResource[RunT], job_id: str, unit: str) -> RunT:
             for event in update.events:
                 if event.type != "log" or event.data:
                     bar.write(f"[{event.type}] {event.message}", file=sys.stderr)
-            job: Run = update.job
+            job = update.job
             total, step = getattr(job, "total_steps", None), getattr(job, "step", 0)
             if total and bar.total != total:
                 bar.total = total
                 bar.refresh()
             bar.set_description(f"{job.status}:{job.stage or '-'}", refresh=False)
-            bar.set_postfix_str("done" if job.ended else f"eta {_eta(job.eta_seconds)}", refresh=False)
+            bar.set_postfix_str("done" if job.ended else f"eta {_eta(getattr(job, "eta_seconds", None))}", refresh=False)
             bar.update(max(0, step - bar.n))
     finally:
         bar.close()
@@ -448,6 +453,151 @@ def _pairs_outputs(client: Client, args: argparse.Namespace) -> int:
         _emit(args, {"path": args.output} if args.json else args.output)
     else:
         sys.stdout.buffer.write(content)
+    return 0
+
+
+# ---- loops ---------------------------------------------------------------------------------------------------------
+
+LOOP_COLUMNS = ("id", "status", "stage", "step", "total_steps", "created_at")
+ROUND_FIGURES = (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("coverage", "coverage"), ("pope_f1", "POPE F1"))
+
+
+def _figures(metrics: dict[str, Any] | None) -> str:
+    values = metrics or {}
+    shown = [f"{name} {values[key]:.3f}" for key, name in ROUND_FIGURES if isinstance(values.get(key), int | float)]
+    return ", ".join(shown) or "no figures"
+
+
+def _loop_summary(loop: Loop) -> dict[str, Any]:
+    """The base's held-out figures, then each round's (with its pairs), or the error."""
+    summary: dict[str, Any] = {"id": loop.id, "status": loop.status, "base": _figures(loop.base)}
+    for entry in loop.rounds:
+        pairs = f"{entry.pairs} pairs; " if entry.pairs is not None else ""
+        summary[f"round {entry.round}"] = f"{entry.status}: {pairs}{_figures(entry.metrics)}"
+    if loop.error:
+        summary["error"] = loop.error.get("message")
+    return summary
+
+
+def _loops_create(client: Client, args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = json.loads(args.spec) if args.spec else {}
+    if not isinstance(spec, dict):
+        raise DamaError("--spec: expected a JSON object")
+    for item in args.set or []:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise DamaError(f"--set {item!r}: expected key=value (a dotted path: training.method=dama)")
+        _set_path(spec, path, _parse_value(value))
+    if args.adapter:
+        spec["init_adapter"] = args.adapter
+    loop = client.loops.create(
+        model=args.model,
+        generative_dataset_id=args.dataset,
+        held_out_dataset_id=args.held_out,
+        rounds=args.rounds,
+        **spec,
+    )
+    if not args.follow:
+        _emit(args, loop)
+        return 0
+    if not args.json:
+        print(f"created {loop.id}", file=sys.stderr)
+    return _loops_follow_id(client, args, loop.id)
+
+
+def _loops_follow_id(client: Client, args: argparse.Namespace, loop_id: str) -> int:
+    if args.json:
+        return _follow(client.loops, args, loop_id, _loop_summary)
+    loop = _follow_stages(client, loop_id)
+    for key, value in _loop_summary(loop).items():
+        print(f"{key}: {value}")
+    return 0 if loop.status == "succeeded" else 1
+
+
+RUN_RESOURCES = {"pair_generation": "pair_generations", "job": "jobs", "evaluation": "evaluations"}
+STAGE_UNITS = {"pair_generation": "prompt", "job": "step", "evaluation": "pass"}
+
+
+def _follow_stages(client: Client, loop_id: str, interval: float = 1.0) -> Loop:
+    """A bar per stage (the current run's step of its total, its stage and ETA) and a line per finished round."""
+    import time
+
+    from tqdm import tqdm
+
+    bar: Any = None
+    current: str | None = None
+    reported: set[int] = set()
+    try:
+        while True:
+            loop = client.loops.get(loop_id)
+            for entry in loop.rounds:
+                if entry.metrics is not None and entry.round not in reported:
+                    reported.add(entry.round)
+                    line = f"round {entry.round}: {entry.pairs} pairs; {_figures(entry.metrics)}"
+                    (bar.write if bar is not None else print)(line, file=sys.stderr)
+            running = [
+                (entry.round, run)
+                for entry in loop.rounds
+                for run in (entry.pair_generation, entry.job, entry.evaluation)
+                if run is not None and run["status"] not in ("succeeded", "failed", "cancelled")
+            ]
+            if running:
+                number, brief = running[0]
+                if brief["id"] != current:
+                    if bar is not None:
+                        bar.close()
+                    current = brief["id"]
+                    bar = tqdm(
+                        total=None,
+                        unit=STAGE_UNITS[brief["object"]],
+                        desc=f"round {number} {brief['object']} {brief['id']}",
+                        file=sys.stderr,
+                        dynamic_ncols=True,
+                    )
+                run: Run = getattr(client, RUN_RESOURCES[brief["object"]]).get(brief["id"])
+                total, step = getattr(run, "total_steps", None), getattr(run, "step", 0) or 0
+                if total and bar.total != total:
+                    bar.total = total
+                    bar.refresh()
+                bar.set_postfix_str(f"{run.status}:{run.stage or '-'} eta {_eta(run.eta_seconds)}", refresh=False)
+                bar.update(max(0, step - bar.n))
+            if loop.ended:
+                return loop
+            time.sleep(interval)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _loops_list(client: Client, args: argparse.Namespace) -> int:
+    loops = client.loops.list(status=args.status)
+    _emit(args, [loop for _, loop in zip(range(args.limit), loops, strict=False)], LOOP_COLUMNS)
+    return 0
+
+
+def _loops_show(client: Client, args: argparse.Namespace) -> int:
+    loop = client.loops.get(args.id)
+    if args.json:
+        _emit(args, loop)
+        return 0
+    for key, value in _loop_summary(loop).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _loops_cancel(client: Client, args: argparse.Namespace) -> int:
+    _emit(args, client.loops.cancel(args.id))
+    return 0
+
+
+def _loops_follow(client: Client, args: argparse.Namespace) -> int:
+    return _loops_follow_id(client, args, args.id)
+
+
+def _loops_events(client: Client, args: argparse.Namespace) -> int:
+    loops = client.loops
+    for event in loops.stream_events(args.id) if args.follow else loops.events(args.id):
+        print(event.model_dump_json() if args.json else f"{event.seq:>4}  {event.type:<10}  {event.message}")
     return 0
 
 
@@ -673,6 +823,34 @@ def add_commands(commands: Any) -> None:
     pairs_outputs.add_argument("id")
     pairs_outputs.add_argument("--file", choices=["samples", "report", "chart"], default=None)
     pairs_outputs.add_argument("-o", "--output", default=None, help="write to this file (default: stdout)")
+
+    loops = group("loops", "rounds of sample -> train -> evaluate on the server")
+    loop = leaf(loops, "create", _loops_create, "start a loop (--follow: a bar per stage, a line per round)")
+    loop.add_argument("--model", required=True, help="base model (a hub id or dama/tiny-*)")
+    loop.add_argument("--dataset", required=True, help="generative dataset id the rounds sample pairs from")
+    loop.add_argument("--held-out", required=True, help="generative dataset id each round is evaluated on")
+    loop.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
+    loop.add_argument("--adapter", default=None, help="start round 1 from this job's adapter: job_... or job_...:STEP")
+    loop.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a dotted request path (training.method=dama, sampling.seed=1); repeatable",
+    )
+    loop.add_argument("--spec", default=None, help="more of the request, as a JSON object")
+    loop.add_argument("--follow", action="store_true", help="then follow it to its end")
+    loops_list = leaf(loops, "list", _loops_list, "list loops, newest first")
+    loops_list.add_argument("--status", default=None)
+    loops_list.add_argument("--limit", type=int, default=20)
+    for name, handler, text in (
+        ("show", _loops_show, "show a loop: the base's and each round's figures"),
+        ("cancel", _loops_cancel, "cancel a loop and its current run"),
+        ("follow", _loops_follow, "follow a loop live: a bar per stage, a line per finished round"),
+    ):
+        leaf(loops, name, handler, text).add_argument("id")
+    loops_events = leaf(loops, "events", _loops_events, "print a loop's events")
+    loops_events.add_argument("id")
+    loops_events.add_argument("--follow", action="store_true")
 
     keys = group("keys", "your tenant's API keys")
     leaf(keys, "create", _keys_create, "create a key (the secret is printed once)")

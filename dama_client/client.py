@@ -36,13 +36,14 @@ from dama_client.models import (
     Hardness,
     Health,
     Job,
+    Loop,
     Metrics,
     Model,
     ModelCatalog,
     Page,
     PairGeneration,
     Ready,
-    Run,
+    Tracked,
     Webhook,
     WebhookCreated,
     WebhookDelivery,
@@ -52,7 +53,7 @@ from dama_client.sse import parse
 DEFAULT_URL = "http://127.0.0.1:8000"
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=Model)
-RunT = TypeVar("RunT", bound=Run)
+RunT = TypeVar("RunT", bound=Tracked)
 Progress = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
 
 
@@ -485,6 +486,51 @@ class PairGenerations(RunResource[PairGeneration]):
         return self._t.request("GET", f"/pair-generations/{pair_generation_id}/outputs", params=params).content
 
 
+class Loops(RunResource[Loop]):
+    _prefix, _model = "/loops", Loop
+
+    @operation("POST", "/loops")
+    def create(
+        self,
+        *,
+        model: str,
+        generative_dataset_id: str,
+        held_out_dataset_id: str,
+        rounds: int = 2,
+        idempotency_key: str | None = None,
+        **spec: Any,
+    ) -> Loop:
+        """Run ``rounds`` rounds of sample -> train -> evaluate on the server (the body is a LoopCreate:
+        ``sampling``, ``training``, ``evaluation``, ``init_adapter``... as keywords)."""
+        body = _drop_none(
+            {
+                "model": model,
+                "generative_dataset_id": generative_dataset_id,
+                "held_out_dataset_id": held_out_dataset_id,
+                "rounds": rounds,
+                **spec,
+            }
+        )
+        key = idempotency_key or new_idempotency_key()
+        return self._post(Loop, "/loops", json=body, idempotency_key=key)
+
+    @operation("GET", "/loops")
+    def list(self, *, status: str | None = None, limit: int = 100) -> Iterator[Loop]:
+        return self._pages(Loop, "/loops", status=status, limit=limit)
+
+    @operation("GET", "/loops/{loop_id}")
+    def get(self, loop_id: str) -> Loop:
+        return self._get(Loop, f"/loops/{loop_id}")
+
+    @operation("POST", "/loops/{loop_id}/cancel")
+    def cancel(self, loop_id: str) -> Loop:
+        return self._post(Loop, f"/loops/{loop_id}/cancel")
+
+    @operation("GET", "/loops/{loop_id}/events")
+    def events(self, loop_id: str, *, after: int = 0, limit: int = 100) -> Iterator[Event]:
+        return self._event_pages(loop_id, after, limit)
+
+
 class Webhooks(_Resource):
     @operation("POST", "/webhooks")
     def create(
@@ -579,6 +625,7 @@ class Client:
         self.jobs = Jobs(self._transport)
         self.evaluations = Evaluations(self._transport)
         self.pair_generations = PairGenerations(self._transport)
+        self.loops = Loops(self._transport)
         self.webhooks = Webhooks(self._transport)
         self.keys = Keys(self._transport)
         self.models = Models(self._transport)

@@ -42,27 +42,33 @@ class Hardness(Model):
     count: int
 
 
-class Run(Model):
-    """What every run (a training job, an evaluation, a pair generation) shares: status, progress, error and
-    timestamps."""
+class Tracked(Model):
+    """What everything that runs to an end on the service (a run, a loop of runs) shares: status, stage,
+    progress, error and timestamps."""
 
     id: str
     status: str
     stage: str | None = None
     progress: float | None = None
     percent: float | None = None
-    eta_seconds: float | None = None
     error: dict[str, Any] | None = None
-    attempts: int
-    queue: str
     spec: dict[str, Any]
     created_at: datetime
-    started_at: datetime | None = None
     finished_at: datetime | None = None
 
     @property
     def ended(self) -> bool:
         return self.status in TERMINAL
+
+
+class Run(Tracked):
+    """What every run (a training job, an evaluation, a pair generation) shares besides: its queue, attempts, ETA
+    and start."""
+
+    eta_seconds: float | None = None
+    attempts: int
+    queue: str
+    started_at: datetime | None = None
 
 
 class Job(Run):
@@ -82,6 +88,27 @@ class PairGeneration(Run):
     total_steps: int | None = None
     dataset_id: str | None = None
     report: dict[str, Any] | None = None
+
+
+class LoopRound(Model):
+    round: int
+    status: str
+    pair_generation: dict[str, Any] | None = None
+    job: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    pairs: int | None = None
+    dataset_id: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class Loop(Tracked):
+    """Rounds of sample -> train -> evaluate: each round's runs (id, status, percent) and, once evaluated, its
+    held-out metrics; ``base`` has the plain model's."""
+
+    step: int
+    total_steps: int
+    base: dict[str, Any] | None = None
+    rounds: list[LoopRound]
 
 
 class Event(Model):

@@ -29,6 +29,7 @@ RESOURCES = (
     sdk.Jobs,
     sdk.Evaluations,
     sdk.PairGenerations,
+    sdk.Loops,
     sdk.Webhooks,
     sdk.Keys,
     sdk.Models,
