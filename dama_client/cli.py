@@ -299,7 +299,9 @@ def _follow_with_bar(runs: RunResource[RunT], job_id: str, unit: str) -> RunT:
                 bar.total = total
                 bar.refresh()
             bar.set_description(f"{job.status}:{job.stage or '-'}", refresh=False)
-            bar.set_postfix_str("done" if job.ended else f"eta {_eta(getattr(job, "eta_seconds", None))}", refresh=False)
+            bar.set_postfix_str(
+                "done" if job.ended else f"eta {_eta(getattr(job, 'eta_seconds', None))}", refresh=False
+            )
             bar.update(max(0, step - bar.n))
     finally:
         bar.close()
