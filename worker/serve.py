@@ -2,12 +2,13 @@
 
 It migrates the job store (SQLite under ``DAMA_HOME`` unless ``DAMA_DATABASE_URL`` says otherwise), starts the API
 (``dama api``) and one worker (``dama worker``) as child processes, and keeps them running until interrupted.
-With ``--demo`` it then acts as a first user would, over HTTP only: creates an API key, builds the proving ground
-(``dama_engine.proving``, cached under ``DAMA_PROVING_DIR``), uploads its on-policy pairs, held-out pairs and
-held-out scenes, posts a DAMA job on the seeing base (``dama/tiny-seeing-llava``) with the proving ground's
-settings, follows its progress, prints hallucination (CHAIR) and log-prob preference accuracy before and after,
-downloads the adapter and prints where it is. The same commands with ``DAMA_DATABASE_URL`` / ``DAMA_BROKER_URL``
-use Postgres and Redis.
+With ``--demo`` it then acts as a first user would, over HTTP only: creates an API key, uploads scenes of the
+proving ground's shapes world (images, a prompt and the objects in each; no model runs on the client) to sample
+from and held-out scenes, asks for a loop of ``--rounds`` rounds on the seeing base (``dama/tiny-seeing-llava``):
+each round the service samples pairs from the model, trains DAMA on them with the proving ground's settings and
+evaluates; the demo follows it (a bar per stage, a line per round), prints hallucination (CHAIR) on the held-out
+scenes, base -> each round, downloads the last round's adapter and prints where it is. The same commands with
+``DAMA_DATABASE_URL`` / ``DAMA_BROKER_URL`` use Postgres and Redis.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from typing import Any
 
 import httpx
 
-from dama_engine.cli import ProgressPrinter
-from dama_engine.proving import ProvingGround, default_root, prepare_proving_ground, training_values
+from dama_engine.proving.ground import IMAGE_SIZE, PAIRS, SCENES, TRAINING
+from dama_engine.proving.shapes import make_demo_dataset
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.repository import create_api_key, get_or_create_tenant
 from jobstore.settings import Settings
 from jobstore.spec import SEEING_MODEL
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+DESCRIPTION_TOKENS = 40  # the proving ground's answer length (sampling and evaluation)
 
 
 def _dama(*args: str) -> list[str]:
@@ -90,78 +92,160 @@ def _upload(client: httpx.Client, archive: Path, data_format: str = "auto") -> d
     return dataset
 
 
-def demo_spec(ground: ProvingGround, datasets: dict[str, str], *, steps: int | None, scenes: int) -> dict[str, Any]:
-    """The demo's job: the proving ground's preference stage (``dama_engine.proving.training_values``: method,
-    beta, filter width, learning rate, steps, batch, LoRA, all sent explicitly) on ``dama/tiny-seeing-llava``,
-    evaluated on the held-out pairs and ``scenes`` held-out scenes."""
-    engine = training_values(ground, ground.root, scenes=scenes)  # the run folder is the worker's, not this one
-    objective, optim, lora = engine["objective"], engine["optim"], engine["lora"]
+def _demo_training(steps: int | None) -> dict[str, Any]:
+    """The proving ground's preference stage (:data:`dama_engine.proving.ground.TRAINING`: method, beta, filter
+    width, learning rate, steps, batch, LoRA with the projector, all sent explicitly) as a job's fields."""
+    return {
+        "method": TRAINING["method"],
+        "hyperparameters": {
+            "beta": TRAINING["beta"],
+            "filter_sigma": TRAINING["filter_sigma"],
+            "learning_rate": TRAINING["learning_rate"],
+            "batch_size": TRAINING["batch_size"],
+            "max_steps": steps or TRAINING["steps"],
+            "warmup_ratio": 0.1,
+            "seed": 0,
+            "max_length": 256,
+        },
+        "lora": {"r": TRAINING["lora_r"], "alpha": TRAINING["lora_alpha"], "dropout": 0.0, "train_projector": True},
+    }
+
+
+def demo_spec(datasets: dict[str, str], *, steps: int | None, scenes: int) -> dict[str, Any]:
+    """A training job of the proving ground's preference stage on ``dama/tiny-seeing-llava`` (``datasets``:
+    ``train`` pairs, ``eval`` held-out pairs, ``scenes`` a held-out generative set), evaluated on ``scenes``
+    held-out scenes."""
     return {
         "model": SEEING_MODEL,
         "dataset_id": datasets["train"],
-        "method": objective["method"],
-        "hyperparameters": {
-            "beta": objective["beta"],
-            "filter_sigma": objective["filter_sigma"],
-            "learning_rate": optim["learning_rate"],
-            "batch_size": optim["batch_size"],
-            "max_steps": steps or optim["max_steps"],
-            "warmup_ratio": optim["warmup_ratio"],
-            "seed": optim["seed"],
-            "max_length": engine["data"]["max_length"],
-        },
-        "lora": {key: lora[key] for key in ("r", "alpha", "dropout", "train_projector")},
+        **_demo_training(steps),
         "evaluation": {
             "dataset_id": datasets["eval"],
             "generative_dataset_id": datasets["scenes"],
-            "max_samples": engine["evaluation"]["max_samples"],
-            "max_new_tokens": engine["evaluation"]["max_new_tokens"],
+            "max_samples": scenes,
+            "max_new_tokens": DESCRIPTION_TOKENS,
         },
     }
 
 
-def _follow(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
-    """The job's progress as a bar until it ends; the ended job."""
+def demo_loop_spec(
+    sampled: str, held_out: str, *, rounds: int, steps: int | None, scenes: int, prompts: int | None
+) -> dict[str, Any]:
+    """The demo's loop: each round samples pairs from the seeing base (then from the previous round's adapter) on
+    the ``sampled`` scenes as the proving ground samples its own (:data:`dama_engine.proving.ground.PAIRS`), trains
+    the proving ground's preference stage on them, and evaluates on ``scenes`` held-out scenes. POPE is off: the
+    seeing base was never taught to answer yes/no questions, so its POPE figures would measure nothing."""
+    return {
+        "model": SEEING_MODEL,
+        "generative_dataset_id": sampled,
+        "held_out_dataset_id": held_out,
+        "rounds": rounds,
+        "sampling": {
+            "samples_per_prompt": PAIRS["samples"],
+            "temperature": PAIRS["temperature"],
+            "seed": PAIRS["seed"],
+            "max_new_tokens": DESCRIPTION_TOKENS,
+            "prompts_per_batch": 16,
+            "max_prompts": prompts,
+        },
+        "training": _demo_training(steps),
+        "evaluation": {
+            "max_samples": scenes,
+            "generation": {"max_new_tokens": DESCRIPTION_TOKENS},
+            "pope": False,
+            "batch_size": 16,
+        },
+    }
+
+
+RUN_ROUTES = {"pair_generation": "pair-generations", "job": "jobs", "evaluation": "evaluations"}
+FIGURES = (("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"), ("coverage", "coverage"))
+
+
+def _follow_loop(client: httpx.Client, loop: dict[str, Any]) -> dict[str, Any]:
+    """A bar per stage (the current run's step of its total, its stage and ETA) and a line per finished round,
+    until the loop ends; the ended loop."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1, desc="queued", unit="step", dynamic_ncols=True)
-    while job["status"] not in TERMINAL:
-        time.sleep(1.0)
-        job = client.get(f"/jobs/{job['id']}").json()
-        if job.get("total_steps") and bar.total != job["total_steps"]:
-            bar.total = job["total_steps"]
-        bar.set_description(f"{job['status']} / {job.get('stage') or '-'}")
-        eta = job.get("eta_seconds")
-        bar.set_postfix_str(f"ETA {eta:.0f} s" if isinstance(eta, int | float) else "", refresh=False)
-        bar.n = job.get("step") or 0
-        bar.refresh()
-    bar.close()
-    return job
+    bar: Any = None
+    current, reported = None, 0
+    try:
+        while True:
+            for entry in loop["rounds"][reported:]:
+                if entry["metrics"] is None:
+                    break
+                reported += 1
+                line = f"[demo] round {entry['round']}: {entry['pairs']} pairs; {_figures(entry['metrics'])}"
+                (bar.write if bar is not None else print)(line)
+            running = [
+                (entry["round"], entry[name])
+                for entry in loop["rounds"]
+                for name in ("pair_generation", "job", "evaluation")
+                if entry[name] is not None and entry[name]["status"] not in TERMINAL
+            ]
+            if running:
+                number, brief = running[0]
+                run = client.get(f"/{RUN_ROUTES[brief['object']]}/{brief['id']}").json()
+                if brief["id"] != current:
+                    if bar is not None:
+                        bar.close()
+                    current = brief["id"]
+                    bar = tqdm(total=1, desc=f"round {number} {brief['object']}", unit="step", dynamic_ncols=True)
+                if run.get("total_steps") and bar.total != run["total_steps"]:
+                    bar.total = run["total_steps"]
+                eta = run.get("eta_seconds")
+                eta_text = f"ETA {eta:.0f} s" if isinstance(eta, int | float) else ""
+                bar.set_postfix_str(f"{run['status']} / {run.get('stage') or '-'} {eta_text}", refresh=False)
+                bar.n = run.get("step") or 0
+                bar.refresh()
+            if loop["status"] in TERMINAL:
+                return loop
+            time.sleep(1.0)
+            loop = client.get(f"/loops/{loop['id']}").json()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def before_after_lines(evaluation: dict[str, Any]) -> list[str]:
-    """The demo's report from a job's evaluation (base = before tuning, tuned = after): hallucination on the
-    held-out scenes and log-prob preference accuracy on the held-out pairs. Both are measured on the base too,
-    so neither "before" is zero by construction (unlike the implicit reward's accuracy)."""
-    generative, preference = evaluation["generative"], evaluation["preference"]
-    base, tuned = generative["base"], generative["tuned"]
-    rates = ", ".join(
-        f"{label} {base[key]:.3f} -> {tuned[key]:.3f}"
-        for label, key in (("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"), ("coverage", "coverage"))
-    )
-    accuracy = [preference[model]["overall"]["logp_accuracy"] for model in ("base", "tuned")]
+def _figures(metrics: dict[str, Any] | None) -> str:
+    values = metrics or {}
+    return ", ".join(f"{label} {values[key]:.3f}" for label, key in FIGURES if isinstance(values.get(key), float))
+
+
+def loop_lines(loop: dict[str, Any]) -> list[str]:
+    """The demo's report from an ended loop: hallucination on the held-out scenes, base -> each round."""
+    base, rounds = loop["base"] or {}, [entry for entry in loop["rounds"] if entry["metrics"]]
+    if not rounds:
+        return []
+    evaluated = loop["spec"]["evaluation"]["max_samples"]
+    lines = []
+    for label, key in FIGURES:
+        steps = " -> ".join(f"{entry['metrics'][key]:.3f}" for entry in rounds)
+        lines.append(f"{label} {base[key]:.3f} -> {steps}")
+    sampling = loop["spec"]["sampling"]
+    pairs = ", ".join(str(entry["pairs"]) for entry in rounds)
+    names = " -> ".join(f"round {entry['round']}" for entry in rounds)
+    sampled = sampling["max_prompts"] or "all the"
     return [
-        f"hallucination on {generative['samples']} held-out scenes, base -> tuned: {rates}",
-        f"log-prob preference accuracy on {preference['pairs']} held-out pairs, base -> tuned: "
-        f"{accuracy[0]:.3f} -> {accuracy[1]:.3f}",
+        f"pairs per round: {pairs} (from {sampled} scenes sampled, {sampling['samples_per_prompt']} answers each)",
+        f"hallucination on {evaluated} held-out scenes, base -> {names}: {'; '.join(lines)}",
     ]
 
 
 def run_demo(
-    base_url: str, settings: Settings, out_dir: Path, *, steps: int | None = None, scenes: int | None = None
+    base_url: str,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    rounds: int = 1,
+    steps: int | None = None,
+    scenes: int | None = None,
+    prompts: int | None = None,
 ) -> Path:
-    """Build the proving ground here (cached), upload its pairs and held-out scenes, run a DAMA job on the seeing
-    base through the API, report hallucination and preference accuracy before and after, download the adapter."""
+    """Act as a first user would, over HTTP only: upload scenes (images, prompts, what is in each) to sample from
+    and held-out scenes, ask the service for a loop of ``rounds`` rounds on the seeing base (pairs sampled from the
+    model on the server, a DAMA job on them, an evaluation), report hallucination base -> each round, download the
+    last round's adapter."""
     engine = make_engine(settings.resolved_database_url)
     with session_scope(make_session_factory(engine)) as session:
         tenant = get_or_create_tenant(session=session, name="demo")
@@ -174,57 +258,66 @@ def run_demo(
     )
     headers = {"Authorization": f"Bearer {api_key}"}
     client = httpx.Client(base_url=base_url, headers=headers, timeout=120)
-    root = default_root()
-    print(
-        f"[demo] proving ground in {root} (set DAMA_PROVING_DIR to move it): the first run builds the seeing base, "
-        "its pairs and held-out scenes (1.5-3 min), later runs reuse them",
-        flush=True,
-    )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file loading bars are noise here, as in dama-train
-    # The build's own progress: the seeing base's training steps, then the sampling of its pairs, as bars.
-    ground = prepare_proving_ground(root, callback=ProgressPrinter())
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
+        # Scenes of the shapes world as files: the images, a prompt, and the objects in each (no model involved).
+        sampled = make_demo_dataset(
+            folder / "sampled", n_train=0, n_eval=0, n_generative=PAIRS["scenes"], image_size=IMAGE_SIZE, seed=23
+        )
+        held_out = make_demo_dataset(
+            folder / "held-out",
+            n_train=0,
+            n_eval=0,
+            n_generative=SCENES["count"],
+            image_size=IMAGE_SIZE,
+            seed=SCENES["seed"],
+        )
         datasets = {
-            "train": _upload(client, _archive(folder / "pairs-train.zip", ground.train)),
-            "eval": _upload(client, _archive(folder / "pairs-eval.zip", ground.eval)),
-            "scenes": _upload(
-                client, _archive(folder / "scenes.zip", ground.generative, ground.vocabulary), "generative"
+            "sampled": _upload(
+                client, _archive(folder / "scenes.zip", sampled.generative_eval, sampled.vocabulary), "generative"
+            ),
+            "held_out": _upload(
+                client,
+                _archive(folder / "held-out-scenes.zip", held_out.generative_eval, held_out.vocabulary),
+                "generative",
             ),
         }
-    scenes = min(scenes or datasets["scenes"]["row_count"], datasets["scenes"]["row_count"])
-    spec = demo_spec(ground, {role: dataset["id"] for role, dataset in datasets.items()}, steps=steps, scenes=scenes)
-    response = client.post("/jobs", json=spec, headers={"Idempotency-Key": f"demo-{int(time.time())}"})
+    scenes = min(scenes or datasets["held_out"]["row_count"], datasets["held_out"]["row_count"])
+    spec = demo_loop_spec(
+        datasets["sampled"]["id"],
+        datasets["held_out"]["id"],
+        rounds=rounds,
+        steps=steps,
+        scenes=scenes,
+        prompts=prompts,
+    )
+    response = client.post("/loops", json=spec, headers={"Idempotency-Key": f"demo-{int(time.time())}"})
     response.raise_for_status()
-    job = response.json()
+    loop = response.json()
     print(
-        f"[demo] job {job['id']} on {SEEING_MODEL} queued (the worker builds the model on first use: stage "
-        "building_model, about 1-2 min); follow it "
-        f"with GET {base_url}/jobs/{job['id']}/events",
+        f"[demo] loop {loop['id']} of {rounds} round{'s' if rounds > 1 else ''} on {SEEING_MODEL}: each round "
+        "samples pairs from the model on the server, trains DAMA on them and evaluates (the worker builds the model "
+        f"on first use: stage building_model, about 1-2 min); follow it with GET {base_url}/loops/{loop['id']}",
         flush=True,
     )
-    job = _follow(client, job)
-    if job["status"] != "succeeded":
-        raise SystemExit(f"[demo] job {job['status']}: {json.dumps(job.get('error'))}")
-    evaluation = (job.get("result") or {}).get("evaluation")
-    if not evaluation or not evaluation.get("generative") or not evaluation.get("preference"):
-        raise SystemExit(f"[demo] job {job['id']} has no evaluation of base and tuned in its result")
-    for line in before_after_lines(evaluation):
+    loop = _follow_loop(client, loop)
+    if loop["status"] != "succeeded":
+        raise SystemExit(f"[demo] loop {loop['status']}: {json.dumps(loop.get('error'))}")
+    for line in loop_lines(loop):
         print(f"[demo] {line}", flush=True)
+    job_id = loop["rounds"][-1]["job"]["id"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    archive = out_dir / f"{job['id']}-adapter.tar.gz"
-    with client.stream("GET", f"/jobs/{job['id']}/adapter") as download:
+    archive = out_dir / f"{job_id}-adapter.tar.gz"
+    with client.stream("GET", f"/jobs/{job_id}/adapter") as download:
         download.raise_for_status()
         sha = download.headers.get("X-Content-SHA256", "")
         with archive.open("wb") as handle:
             for chunk in download.iter_bytes():
                 handle.write(chunk)
-    target = out_dir / f"{job['id']}-adapter"
+    target = out_dir / f"{job_id}-adapter"
     with tarfile.open(archive) as bundle:
         bundle.extractall(target, filter="data")
-    print(f"[demo] adapter: {target} (archive {archive}, sha256 {sha})", flush=True)
+    print(f"[demo] adapter of the last round: {target} (archive {archive}, sha256 {sha})", flush=True)
     return target
 
 
@@ -233,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="run the demo job through the API once it is up")
     parser.add_argument("--demo-dir", default="runs/serve-demo", help="where the demo's adapter goes")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop the service when the demo is done")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the demo's loop (default 1)")
     parser.add_argument(
-        "--demo-steps", type=int, default=None, help="optimizer steps of the demo job (default: the proving ground's)"
+        "--demo-steps", type=int, default=None, help="optimizer steps per round (default: the proving ground's)"
     )
     parser.add_argument(
-        "--demo-scenes", type=int, default=None, help="held-out scenes the demo job is scored on (default: all)"
+        "--demo-scenes", type=int, default=None, help="held-out scenes each round is scored on (default: all 300)"
+    )
+    parser.add_argument(
+        "--demo-prompts", type=int, default=None, help="scenes each round samples pairs from (default: all 1,600)"
     )
     parser.add_argument("--host", default=None, help="address the API listens on (default DAMA_API_HOST, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="the API's port (default DAMA_API_PORT, 8000)")
@@ -282,7 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(base_url, processes)
         print(f"[serve] API ready at {base_url} (docs: {base_url}/docs)", flush=True)
         if args.demo:
-            run_demo(base_url, settings, Path(args.demo_dir), steps=args.demo_steps, scenes=args.demo_scenes)
+            run_demo(
+                base_url,
+                settings,
+                Path(args.demo_dir),
+                rounds=args.rounds,
+                steps=args.demo_steps,
+                scenes=args.demo_scenes,
+                prompts=args.demo_prompts,
+            )
             if args.exit_after_demo:
                 return 0
         print("[serve] serving; press Ctrl-C to stop", flush=True)

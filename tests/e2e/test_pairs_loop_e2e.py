@@ -116,10 +116,7 @@ def test_pairs_sampled_from_the_model_train_a_dama_job_that_lowers_chair_i(
         # A DAMA job on those pairs, with the proving ground's preference settings (hardness from the pairs'
         # scores), evaluated on the held-out scenes by the base and the tuned model.
         spec = demo_spec(
-            proving_ground,
-            {"train": run["dataset_id"], "eval": "", "scenes": held_out},
-            steps=None,
-            scenes=HELD_OUT_SCENES,
+            {"train": run["dataset_id"], "eval": "", "scenes": held_out}, steps=None, scenes=HELD_OUT_SCENES
         )
         spec["evaluation"] = {
             "holdout_fraction": 0.1,
