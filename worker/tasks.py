@@ -499,6 +499,7 @@ def _run_pair_generation(
     try:
         spec = PairGenerationCreate.model_validate(claimed.spec)
         with recorder.cancel_watch().armed():  # staging may build a built-in model: a minute without reports
+            _announce_build(spec.model, reporter, settings)
             staged = stage_pair_inputs(spec, job_id=job_id, store=store, settings=settings)
             output_dir = pairs_output_dir(store, job_id)
             outcome = generate_pairs(pairs_config(spec, staged, output_dir=output_dir), reporter)

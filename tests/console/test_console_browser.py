@@ -1,8 +1,8 @@
 """The web console in a real browser (Debian's headless Chromium via Selenium) against the real service: sign in,
 upload datasets (one hostile, one invalid), start a job from the form, watch it to 100% with charts that hold
-data, download the adapter, compare two jobs, follow an evaluation and a pair generation to their reports, open the API
-docs; then check that no request left the host and that the key is in no URL the browser requested and nowhere in
-the server's access log.
+data, download the adapter, compare two jobs, follow an evaluation and a pair generation to their reports and a
+loop to its rounds' figures, open the API docs; then check that no request left the host and that the key is in no
+URL the browser requested and nowhere in the server's access log.
 
 Set DAMA_CONSOLE_SCREENSHOTS=docs/images to refresh the README's screenshots.
 """
@@ -325,6 +325,42 @@ def check_pair_generation(driver: Any, api: httpx.Client, prompts: Path) -> None
     screenshot(driver, "pair-generation")
 
 
+def check_loop(driver: Any, api: httpx.Client, prompts: Path) -> None:
+    """A 2-round loop on the random tiny model: its page shows both rounds' runs and figures, and the chart."""
+    sets = []
+    for name in ("sampled.zip", "held-out.zip"):
+        uploaded = api.post("/datasets", files={"file": (name, prompts.read_bytes())}, data={"format": "generative"})
+        assert uploaded.status_code == 201, uploaded.text
+        sets.append(uploaded.json()["id"])
+    spec = {
+        "model": "dama/tiny-llava",
+        "generative_dataset_id": sets[0],
+        "held_out_dataset_id": sets[1],
+        "rounds": 2,
+        "sampling": {"samples_per_prompt": 6, "max_new_tokens": 24, "seed": 3, "prompts_per_batch": 3},
+        "training": {"method": "dama", "hyperparameters": {"max_steps": 2, "batch_size": 3}},
+        "evaluation": {"max_samples": 4, "generation": {"max_new_tokens": 12}},
+    }
+    created = api.post("/loops", json=spec)
+    assert created.status_code == 201, created.text
+    driver.get(driver.current_url.split("#")[0] + "#/loops")
+    wait(driver, lambda d: css(d, "#loops-table a"), what="loops list")[0].click()
+    wait(driver, lambda d: css(d, "h1 .badge")[0].text == "succeeded", timeout=240, what="the loop to succeed")
+    loop = api.get(f"/loops/{created.json()['id']}").json()
+    rows = [row.text for row in css(driver, "#loop-rounds tbody tr")]
+    assert len(rows) == 3 and rows[0].startswith("base"), rows  # the base, then each round
+    for entry, row in zip(loop["rounds"], rows[1:], strict=True):
+        assert (
+            entry["job"]["id"] in row
+            and entry["evaluation"]["id"] in row
+            and f"{entry['metrics']['chair_i']:.3f}" in row
+        )
+    links = [link.get_attribute("href") for link in css(driver, "#loop-rounds a")]
+    assert any(link.endswith(f"#/jobs/{loop['rounds'][1]['job']['id']}") for link in links), links
+    assert chart_points(driver, "#loop-chart") == [9]  # CHAIR_i, coverage and POPE F1 at the base and 2 rounds
+    screenshot(driver, "loop")
+
+
 def cancel_from_the_page(driver: Any, api: httpx.Client, dataset_id: str) -> None:
     spec = {"model": "dama/tiny-llava", "dataset_id": dataset_id, "hyperparameters": {**HYPERPARAMETERS, "epochs": 50}}
     job_id = api.post("/jobs", json=spec).json()["id"]
@@ -375,6 +411,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
     compare(driver, [job_id, dpo.json()["id"]])
     check_evaluation(driver, api, job_id, held_out)
     check_pair_generation(driver, api, files["prompts"])
+    check_loop(driver, api, files["prompts"])
     cancel_from_the_page(driver, api, dataset_id)
     open_docs(driver, service)
 

@@ -8,6 +8,7 @@ import { datasetPage, datasetsPage } from "./pages/datasets.js";
 import { evaluationPage, evaluationsPage } from "./pages/evaluations.js";
 import { jobPage } from "./pages/job.js";
 import { jobsPage, newJobPage } from "./pages/jobs.js";
+import { loopPage, loopsPage } from "./pages/loops.js";
 import { pairGenerationPage, pairGenerationsPage } from "./pages/pair_generations.js";
 
 const main = document.getElementById("main");
@@ -25,6 +26,8 @@ const ROUTES = [
   [/^\/evaluations\/([\w-]+)$/, evaluationPage, "evaluations"],
   [/^\/pair-generations$/, pairGenerationsPage, "pair-generations"],
   [/^\/pair-generations\/([\w-]+)$/, pairGenerationPage, "pair-generations"],
+  [/^\/loops$/, loopsPage, "loops"],
+  [/^\/loops\/([\w-]+)$/, loopPage, "loops"],
 ];
 
 let current = null;
