@@ -517,7 +517,7 @@ def _loops_follow_id(client: Client, args: argparse.Namespace, loop_id: str) -> 
 
 
 RUN_RESOURCES = {"pair_generation": "pair_generations", "job": "jobs", "evaluation": "evaluations"}
-STAGE_UNITS = {"pair_generation": "prompt", "job": "step", "evaluation": "pass"}
+STAGE_UNITS = {"pair_generation": "prompt", "job": "step", "evaluation": "%"}
 
 
 def _follow_stages(client: Client, loop_id: str, interval: float = 1.0) -> Loop:
@@ -550,19 +550,19 @@ def _follow_stages(client: Client, loop_id: str, interval: float = 1.0) -> Loop:
                         bar.close()
                     current = brief["id"]
                     bar = tqdm(
-                        total=None,
+                        total=100,
                         unit=STAGE_UNITS[brief["object"]],
                         desc=f"round {number} {brief['object']} {brief['id']}",
                         file=sys.stderr,
                         dynamic_ncols=True,
                     )
                 run: Run = getattr(client, RUN_RESOURCES[brief["object"]]).get(brief["id"])
-                total, step = getattr(run, "total_steps", None), getattr(run, "step", 0) or 0
-                if total and bar.total != total:
-                    bar.total = total
-                    bar.refresh()
+                # Steps of a total where the run counts them (prompts, optimizer steps), else its percent.
+                total = getattr(run, "total_steps", None)
+                bar.total = total or 100
+                bar.n = (getattr(run, "step", 0) or 0) if total else round(run.percent or 0)
                 bar.set_postfix_str(f"{run.status}:{run.stage or '-'} eta {_eta(run.eta_seconds)}", refresh=False)
-                bar.update(max(0, step - bar.n))
+                bar.refresh()
             if loop.ended:
                 return loop
             time.sleep(interval)

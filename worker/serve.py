@@ -190,13 +190,13 @@ def _follow_loop(client: httpx.Client, loop: dict[str, Any]) -> dict[str, Any]:
                     if bar is not None:
                         bar.close()
                     current = brief["id"]
-                    bar = tqdm(total=1, desc=f"round {number} {brief['object']}", unit="step", dynamic_ncols=True)
-                if run.get("total_steps") and bar.total != run["total_steps"]:
-                    bar.total = run["total_steps"]
+                    bar = tqdm(total=100, desc=f"round {number} {brief['object']}", dynamic_ncols=True)
+                # Steps of a total where the run counts them (prompts, optimizer steps), else its percent.
+                total, done = (run["total_steps"], run.get("step") or 0) if run.get("total_steps") else (100, 0)
+                bar.total, bar.n = total, done or round(run.get("percent") or 0)
                 eta = run.get("eta_seconds")
                 eta_text = f"ETA {eta:.0f} s" if isinstance(eta, int | float) else ""
                 bar.set_postfix_str(f"{run['status']} / {run.get('stage') or '-'} {eta_text}", refresh=False)
-                bar.n = run.get("step") or 0
                 bar.refresh()
             if loop["status"] in TERMINAL:
                 return loop

@@ -79,7 +79,9 @@ export function lineChart({ title, series, xLabel = "step" }) {
     axes.append(s("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: y(value), y2: y(value), class: "grid" }));
     axes.append(s("text", { x: PAD.left - 6, y: y(value) + 4, "text-anchor": "end" }, fmt(value, 3)));
   }
-  for (const value of ticks(...xDomain, 5)) {
+  // Whole-number x (rounds, steps) over a short range: one tick per value, never "0 0 1 1 2".
+  const whole = xs.every(Number.isInteger) && xDomain[1] - xDomain[0] < 5 && Number.isInteger(xDomain[0]);
+  for (const value of ticks(...xDomain, whole ? Math.max(1, xDomain[1] - xDomain[0]) : 5)) {
     axes.append(s("text", { x: x(value), y: HEIGHT - PAD.bottom + 16, "text-anchor": "middle" }, fmt(value, 0)));
   }
   axes.append(s("text", { x: WIDTH - PAD.right, y: HEIGHT - 2, "text-anchor": "end", class: "axis-label" }, xLabel));
