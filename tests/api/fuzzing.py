@@ -81,6 +81,13 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "against the set's size), and the referenced dataset's kind and the starting adapter's job state and base",
     ),
     Exclusion(
+        _ACCEPTANCE,
+        "POST /loops",
+        "the operator's limits on rounds, running loops and sampling, the held-out set being another set than the "
+        "sampled one, more than one round needing LoRA, and the referenced datasets' kind and the starting "
+        "adapter's job state and base",
+    ),
+    Exclusion(
         _ACCEPTANCE, "POST /webhooks", "which hosts a URL may name (not private or loopback addresses) is policy"
     ),
     Exclusion(
@@ -97,6 +104,7 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("path.job_id", "jobs"),
     ("path.evaluation_id", "evaluations"),
     ("path.pair_generation_id", "pair_generations"),
+    ("path.loop_id", "loops"),
     ("path.webhook_id", "webhooks"),
     ("path.delivery_id", "deliveries"),
     ("path.export_id", "exports"),
@@ -107,24 +115,29 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("body.dataset_id", "datasets"),
     ("body.preference_dataset_id", "datasets"),
     ("body.generative_dataset_id", "generative_sets"),
+    ("body.held_out_dataset_id", "generative_sets"),
     ("body.adapter_job_id", "jobs"),
 )
 
 
 def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archive: bytes) -> dict[str, list[Any]]:
     """Real objects of the fuzzing tenant, so that fuzzed requests reach past the 404 of an unknown id: two
-    datasets and a generative set, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded
+    datasets and two generative sets, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded
     export, a queued and a succeeded evaluation (outputs and chart), a queued and a succeeded pair generation (its
-    samples, report and chart), a webhook endpoint with a delivery (the succeeded job's event), and a spare API key
+    samples, report and chart), a running and a cancelled loop, a webhook endpoint with a delivery (the succeeded job's event), and a spare API key
     (not the one fuzzing: revoking that would end the run)."""
     with tempfile.TemporaryDirectory(prefix="fuzz-set-") as folder:
         _generative_set(Path(folder), prompts=4)
         generative_archive = _archive(Path(folder))
     with server.client(key) as client:
         datasets = [_created(upload(client, demo_archive, "demo.zip")) for _ in range(2)]
-        generative = [_created(upload(client, generative_archive, "set.zip", format="generative"))]
+        generative = [_created(upload(client, generative_archive, "set.zip", format="generative")) for _ in range(2)]
         run = {"model": "dama/tiny-llava", "generative_dataset_id": generative[0]}
         pair_generations = [_created(client.post("/pair-generations", json=run)) for _ in range(2)]
+        # A running loop (its first pair generation queued) and a cancelled one.
+        loop = {**run, "held_out_dataset_id": generative[1], "training": {"method": "dpo"}}
+        loops = [_created(client.post("/loops", json=loop)) for _ in range(2)]
+        assert client.post(f"/loops/{loops[1]}/cancel").json()["status"] == "cancelled"
         # Never contacted: the API process delivers no webhook (workers do), and none runs here.
         webhooks = [_created(client.post("/webhooks", json={"url": "https://hooks.example.com/fuzz"}))]
         # dpo: the demo rows carry no hardness, and the fuzzing service has no scorer to compute it.
@@ -199,6 +212,7 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         "jobs": jobs,
         "evaluations": evaluations,
         "pair_generations": pair_generations,
+        "loops": loops,
         "generative_sets": generative,
         "webhooks": webhooks,
         "deliveries": deliveries,

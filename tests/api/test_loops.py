@@ -7,6 +7,7 @@ the refusals with the field at fault. The job-store mechanics on both databases:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -237,3 +238,34 @@ def test_loop_requests_are_checked_with_the_field_at_fault(
     ]
     for client, body, status, code, param in refusals:
         assert assert_error(client.post("/loops", json=body), status, code)["param"] == param, body
+
+
+def test_dama_loops_create_follows_a_loop_to_its_end(
+    api_server: ApiServer,
+    key1: str,
+    sampled_set: dict[str, Any],
+    held_out_set: dict[str, Any],
+    loop_worker_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """``dama loops create --follow``: a bar per stage on stderr, a line per finished round, then the base's and
+    each round's figures; exit 0 once it succeeded."""
+    settings = loop_worker_settings
+    env = {**os.environ, "DAMA_API_URL": api_server.url, "DAMA_API_KEY": key1}
+    command = [sys.executable, "-m", "api.cli", "loops", "create", "--model", "dama/tiny-llava"]
+    command += ["--dataset", sampled_set["id"], "--held-out", held_out_set["id"], "--rounds", "1", "--follow"]
+    spec = _loop_spec(sampled_set["id"], held_out_set["id"], settings.default_queue)
+    command += ["--spec", json.dumps({"sampling": spec["sampling"], "queue": spec["queue"]})]
+    command += ["--set", "training.method=dama", "--set", "training.hyperparameters.max_steps=2"]
+    command += ["--set", "training.hyperparameters.batch_size=3", "--set", "evaluation.max_samples=4"]
+    command += ["--set", "evaluation.generation.max_new_tokens=12"]
+    worker = WorkerProcess(settings, settings.default_queue, tmp_path, "loops-cli")
+    try:
+        followed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        worker.stop()
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert "round 1 pair_generation" in followed.stderr and "round 1 evaluation" in followed.stderr  # the bars
+    assert "round 1: " in followed.stderr and "pairs; CHAIR_i" in followed.stderr  # the round's line
+    lines = dict(line.split(": ", 1) for line in followed.stdout.splitlines() if ": " in line)
+    assert lines["status"] == "succeeded" and lines["round 1"].startswith("succeeded: ") and "CHAIR_i" in lines["base"]
