@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ STAGE_KINDS = {PAIRS: repository.PAIR_GENERATION, TRAINING: repository.TRAINING,
 STAGE_NAMES = {PAIRS: "pair generation", TRAINING: "training job", EVALUATION: "evaluation"}
 # The queue column of a loop's own row: no worker consumes it (a loop is never claimed), and fair share, which
 # counts a tenant's running runs per queue, never counts a loop beside its runs.
-LOOP_QUEUE = "loops"
+LOOP_QUEUE = "loops:none"  # not a legal queue name (QueueName's pattern has no ':'): no worker can be given it
 # session.info key: the (run id, queue) of runs this session created for loops; sent once it commits.
 CREATED_RUNS = "dama_loop_runs"
 # The held-out metrics a round reports, from its evaluation's generative results.
@@ -133,6 +134,7 @@ def create_loop(session: Session, *, tenant_id: str, spec: LoopCreate) -> Job:
         dataset_id=spec.generative_dataset_id,
         queue=LOOP_QUEUE,
         kind=LOOP,
+        created="loop created",
     )
     repository.set_status(session, job=loop, status=JobStatus.running.value, message=f"loop of {spec.rounds} rounds")
     loop.total_steps, loop.step = total_stages(spec), 0
@@ -161,7 +163,10 @@ def start_stage(session: Session, *, loop: Job, spec: LoopCreate, round_: int, s
             )
             session.add(LoopStage(loop_id=loop.id, round=round_, stage=stage, run_id=run.id))
             session.flush()
-    except IntegrityError:  # another transaction started this stage first (SQLite has no row lock to wait on)
+    except IntegrityError:
+        # Another transaction started this stage first; any other integrity error is a fault to report.
+        if session.get(LoopStage, (loop.id, round_, stage), populate_existing=True) is None:
+            raise
         return None
     loop.stage = f"round {round_}: {stage}"
     repository.add_events(
@@ -197,6 +202,17 @@ def round_metrics(evaluation: Job) -> dict[str, Any]:
     return {"tuned": figures("tuned"), "base": figures("base"), "samples": generative.get("samples")}
 
 
+def lock_row(session: Session, row: Job) -> None:
+    """Read ``row`` afresh under a lock held until the transaction ends: ``FOR UPDATE`` on Postgres; on SQLite, a
+    write first (the transaction's write lock: no other writer can commit before this one does), then the read,
+    which can then no longer be overtaken by another process's commit."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.refresh(row, with_for_update=True)
+        return
+    session.execute(update(Job).where(Job.id == row.id).values(updated_at=utcnow()))
+    session.refresh(row)
+
+
 def status_changed(session: Session, *, run: Job) -> None:
     """Call after every status change of a run that may end it, in the same transaction (the worker recording an
     outcome, the sweeper recovering a run, a cancel): when ``run`` ended and is a loop's stage, the loop advances
@@ -213,7 +229,7 @@ def child_ended(session: Session, *, run: Job) -> None:
     loop = session.get(Job, row.loop_id)
     if loop is None:
         return
-    session.refresh(loop, with_for_update=session.get_bind().dialect.name == "postgresql")
+    lock_row(session, loop)  # after the run's own lock: every path takes a run's lock, then its loop's
     if loop.status not in repository.RUNNING:
         return
     what = f"round {row.round}'s {STAGE_NAMES[row.stage]} {run.id}"
@@ -226,6 +242,21 @@ def child_ended(session: Session, *, run: Job) -> None:
         cancelled = f"{what} was cancelled" if run.status == JobStatus.cancelled.value else f"cancelled after {what}"
         repository.set_status(session, job=loop, status=JobStatus.cancelled.value, message=cancelled)
         return
+    try:
+        _advance(session, loop=loop, row=row, run=run)
+    except (ValidationError, KeyError, TypeError, ValueError) as error:
+        # Not a database fault: the run's own outcome must still commit, and the loop ends saying why it stopped
+        # (rolling the outcome back would have the run redone, and fail the same way, until its attempts ran out).
+        following = next_stage(row.round, row.stage, LoopCreate.model_validate(loop.spec).rounds)
+        where = f"round {following[0]}'s {STAGE_NAMES[following[1]]}" if following else "its results"
+        message = f"after {what} succeeded, {where} could not be started: {type(error).__name__}: {error}"
+        kind = ErrorKind.system_error
+        repository.set_status(session, job=loop, status=JobStatus.failed.value, error_kind=kind, error_message=message)
+
+
+def _advance(session: Session, *, loop: Job, row: LoopStage, run: Job) -> None:
+    """The loop's next step after ``run`` (its ``row``) succeeded: the round's figures after an evaluation, then
+    the next stage's run, or the loop's success after the last round."""
     spec = LoopCreate.model_validate(loop.spec)
     loop.step = min(loop.step + 1, total_stages(spec))
     loop.progress = loop.step / total_stages(spec)
@@ -261,12 +292,17 @@ def child_ended(session: Session, *, run: Job) -> None:
 def cancel_loop(session: Session, *, loop: Job) -> Job:
     """running -> cancelling, and the current run asked to cancel (queued: cancelled at once, which ends the loop
     in the same transaction; running: once its worker stops). Raises IllegalTransition once the loop ended."""
-    session.refresh(loop, with_for_update=session.get_bind().dialect.name == "postgresql")
+    active = [s.value for s in repository.ACTIVE]
+    # The runs' locks before the loop's, in the order every path that ends a run takes them (the worker recording
+    # an outcome, the sweeper, a run's own cancel): two orders would deadlock.
+    for run in stage_runs(session, loop_id=loop.id).values():
+        if run.status in active:
+            lock_row(session, run)
+    lock_row(session, loop)
     if loop.status == JobStatus.cancelling.value:
         return loop
     repository.set_status(session, job=loop, status=JobStatus.cancelling.value, message="cancellation requested")
-    active = [s.value for s in repository.ACTIVE]
-    for run in stage_runs(session, loop_id=loop.id).values():
+    for run in stage_runs(session, loop_id=loop.id).values():  # again: a stage may have started meanwhile
         if run.status in active:
             repository.request_cancel(session, job=run)
             status_changed(session, run=run)  # a queued run is cancelled at once: so is the loop

@@ -276,6 +276,7 @@ def create_job(
     dataset_id: str | None,
     queue: str,
     kind: str = "training",
+    created: str = "job created and queued",
 ) -> Job:
     job = Job(
         id=new_id(ID_PREFIXES.get(kind, "job")),
@@ -288,7 +289,7 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    add_events(session, job_id=job.id, events=[("status", "job created and queued", {"status": "queued"})])
+    add_events(session, job_id=job.id, events=[("status", created, {"status": "queued"})])
     return job
 
 

@@ -192,7 +192,7 @@ def refuse_remote_code(services: Services, *, trust_remote_code: bool) -> None:
         )
 
 
-def _refuse_over_limit(*, active: int, limit: int) -> None:
+def refuse_over_limit(*, active: int, limit: int) -> None:
     """429 once the tenant has DAMA_MAX_ACTIVE_JOBS queued or running jobs."""
     if active >= limit:
         raise ApiError(
@@ -236,7 +236,7 @@ def submit_job(
         # A retry that waited on the lock behind its own first request answers that request's job.
         if (replayed := request.replay(session, find)) is not None:
             return replayed, True
-        _refuse_over_limit(active=active, limit=limit)
+        refuse_over_limit(active=active, limit=limit)
     queue = queue or services.settings.default_queue
 
     def create() -> Job:

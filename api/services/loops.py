@@ -23,6 +23,7 @@ from api.services.jobs import (
     check_model_name,
     check_room,
     get_tenant_job,
+    refuse_over_limit,
     refuse_remote_code,
 )
 from api.services.pair_generations import check_limits
@@ -30,7 +31,7 @@ from api.services.sending import send_committed
 from jobstore import loops, repository
 from jobstore.broker import enqueue_job
 from jobstore.models import Job
-from jobstore.spec import JobSpec, LoopCreate, PairGenerationCreate
+from jobstore.spec import EvaluationCreate, JobSpec, LoopCreate, PairGenerationCreate
 from jobstore.states import IllegalTransition, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,23 @@ def _check_spec(session: Session, services: Services, *, tenant_id: str, spec: L
             param="training.lora.enabled",
         )
     check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=training)
+    # The evaluations' spec, as each round will build it (a stand-in for the round's training job).
+    EvaluationCreate.model_validate(
+        {
+            "model": spec.model,
+            "adapter_job_id": "job_stand_in",
+            "generative_dataset_id": spec.held_out_dataset_id,
+            **spec.evaluation.model_dump(mode="json"),
+        }
+    )
 
 
-def _refuse_over_limit(session: Session, *, tenant_id: str, limit: int) -> None:
-    """429 once the tenant has DAMA_LOOPS_MAX_ACTIVE loops that have not ended."""
+def _refuse_over_limit(session: Session, services: Services, *, tenant_id: str) -> None:
+    """429 once the tenant has DAMA_LOOPS_MAX_ACTIVE loops that have not ended, or DAMA_MAX_ACTIVE_JOBS runs (the
+    loop's first run would be one more; later stages replace the stage before them, one run at a time)."""
+    if (most_runs := services.settings.max_active_jobs) is not None:
+        refuse_over_limit(active=repository.active_job_count(session, tenant_id=tenant_id), limit=most_runs)
+    limit = services.settings.loops_max_active
     active = loops.active_loop_count(session, tenant_id=tenant_id)
     if active >= limit:
         raise ApiError(
@@ -135,7 +149,7 @@ def create_loop(
     refuse_remote_code(services, trust_remote_code=spec.trust_remote_code)
     _check_spec(session, services, tenant_id=tenant_id, spec=spec)
     check_room(session, services, tenant_id=tenant_id, kind="loop")
-    _refuse_over_limit(session, tenant_id=tenant_id, limit=services.settings.loops_max_active)
+    _refuse_over_limit(session, services, tenant_id=tenant_id)
     if (replayed := request.replay(session, find)) is not None:  # a retry that waited behind its first request
         return replayed, True
     loop, raced = request.commit(

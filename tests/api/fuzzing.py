@@ -124,8 +124,8 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
     """Real objects of the fuzzing tenant, so that fuzzed requests reach past the 404 of an unknown id: two
     datasets and two generative sets, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded
     export, a queued and a succeeded evaluation (outputs and chart), a queued and a succeeded pair generation (its
-    samples, report and chart), a running and a cancelled loop, a webhook endpoint with a delivery (the succeeded job's event), and a spare API key
-    (not the one fuzzing: revoking that would end the run)."""
+    samples, report and chart), a running and a cancelled loop, a webhook endpoint with a delivery (the succeeded
+    job's event), and a spare API key (not the one fuzzing: revoking that would end the run)."""
     with tempfile.TemporaryDirectory(prefix="fuzz-set-") as folder:
         _generative_set(Path(folder), prompts=4)
         generative_archive = _archive(Path(folder))

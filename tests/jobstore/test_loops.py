@@ -224,3 +224,20 @@ def test_a_loop_is_never_stale_nor_counted_as_an_active_job(factory: sessionmake
         session.flush()
         assert loop_id not in repository.stale_jobs(session, older_than=utcnow())
         assert repository.active_job_count(session, tenant_id=tenant_id) == 1  # its pair generation only
+
+
+def test_a_stage_that_cannot_be_built_fails_the_loop_and_keeps_the_runs_success(factory: sessionmaker[Session]) -> None:
+    """A fault in building the next stage is no reason to roll back the run's outcome (it would be redone, and fail
+    the same way, until its attempts ran out): the run's success commits and the loop fails saying why."""
+    tenant_id = _tenant(factory)
+    loop_id, created = _loop(factory, tenant_id, _spec(factory, tenant_id))
+    ((first_id, _),) = created
+    assert _finish(factory, first_id, "succeeded", result={"report": {}}) == []  # no dataset_id: round 1 can't train
+    with session_scope(factory) as session:
+        run, loop = session.get(Job, first_id), session.get(Job, loop_id)
+        assert run is not None and run.status == "succeeded"
+        assert loop is not None and (loop.status, loop.error_kind) == ("failed", "system_error")
+        assert loop.error_message == (
+            f"after round 1's pair generation {first_id} succeeded, round 1's training job could not be started: "
+            "KeyError: 'dataset_id'"
+        )
