@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobstore import loops, repository
 from jobstore.db import session_scope
-from jobstore.models import Job, LoopStage, WebhookDelivery, utcnow
+from jobstore.models import Job, LoopStage, WebhookDelivery, WebhookEndpoint, utcnow
 from jobstore.spec import LoopCreate
 from jobstore.webhook_store import create_endpoint
 
@@ -157,7 +157,14 @@ def test_a_two_round_loop_advances_on_each_success_with_each_stage_once(factory:
         queued = [event.data["run_id"] for event in events if event.type == "stage" and event.data]
         assert len(queued) == len(set(queued)) == 6
         assert [event.data["round"] for event in events if event.type == "round" and event.data] == [1, 2]
-        hooks = list(session.scalars(select(WebhookDelivery.event_type).order_by(WebhookDelivery.created_at)))
+        hooks = list(
+            session.scalars(
+                select(WebhookDelivery.event_type)
+                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+                .where(WebhookEndpoint.tenant_id == tenant_id)  # this test's tenant: the database is the session's
+                .order_by(WebhookDelivery.created_at)
+            )
+        )
         loop_hooks = [hook for hook in hooks if hook.startswith("loop.")]
         assert loop_hooks == ["loop.running", "loop.round_completed", "loop.round_completed", "loop.succeeded"]
 
