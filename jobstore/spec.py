@@ -419,7 +419,9 @@ class LoopTraining(_Spec):
     loop names the model, the dataset and the starting adapter)."""
 
     method: Method = _same_field(JobSpec, "method")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Each round's training hyper-parameters, as in POST /jobs."
+    )
     lora: LoraSpec = Field(
         default_factory=LoraSpec,
         description="LoRA settings; a loop of more than one round needs LoRA (each round trains the previous "

@@ -28,8 +28,7 @@ from typing import Any
 
 import httpx
 
-from dama_engine.proving.ground import IMAGE_SIZE, PAIRS, SCENES, TRAINING
-from dama_engine.proving.shapes import make_demo_dataset
+from dama_engine.proving import IMAGE_SIZE, PAIRS, SCENES, TRAINING, make_demo_dataset
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.repository import create_api_key, get_or_create_tenant
 from jobstore.settings import Settings

@@ -4,14 +4,30 @@
 """
 
 from dama_engine.proving.demo import prepare_proving_demo
-from dama_engine.proving.ground import BASE, ProvingGround, default_root, prepare_proving_ground, training_values
+from dama_engine.proving.ground import (
+    BASE,
+    IMAGE_SIZE,
+    PAIRS,
+    SCENES,
+    TRAINING,
+    ProvingGround,
+    default_root,
+    prepare_proving_ground,
+    training_values,
+)
 from dama_engine.proving.seeing_base import build_seeing_base, seeing_base_recipe
+from dama_engine.proving.shapes import make_demo_dataset
 
 __all__ = [
     "BASE",
+    "IMAGE_SIZE",
+    "PAIRS",
+    "SCENES",
+    "TRAINING",
     "ProvingGround",
     "build_seeing_base",
     "default_root",
+    "make_demo_dataset",
     "prepare_proving_demo",
     "prepare_proving_ground",
     "seeing_base_recipe",

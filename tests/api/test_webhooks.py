@@ -47,9 +47,9 @@ def test_default_event_types_are_all_of_them(client1: httpx.Client) -> None:
     created = _create(client1).json()
     assert set(created["event_types"]) == {
         f"{kind}.{status}"
-        for kind in ("job", "evaluation", "pair_generation")
+        for kind in ("job", "evaluation", "pair_generation", "loop")
         for status in ("running", "succeeded", "failed", "cancelled")
-    }
+    } | {"loop.round_completed"}
     assert_error(_create(client1, event_types=["job.queued"]), 422)
     assert_error(_create(client1, event_types=[]), 422)
     client1.delete(f"/webhooks/{created['id']}")
