@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from dama_engine.proving.shapes import make_demo_dataset  # noqa: E402
 from dama_engine.proving.stats import paired_table  # noqa: E402
 from jobstore.settings import Settings  # noqa: E402
 from worker.engine_config import model_cache_root, seeing_base_dir  # noqa: E402
-from worker.serve import demo_loop_spec  # noqa: E402
+from worker.serve import _archive, demo_loop_spec  # noqa: E402
 
 BEGIN, END = "<!-- rounds:begin -->", "<!-- rounds:end -->"
 MEASURES = (("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"), ("coverage", "coverage"))
@@ -64,15 +63,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _zip(target: Path, data: Path, vocabulary: Path) -> Path:
-    with zipfile.ZipFile(target, "w") as bundle:
-        bundle.write(data, data.name)
-        bundle.write(vocabulary, vocabulary.name)
-        for image in sorted((data.parent / "images").glob("*")):
-            bundle.write(image, f"images/{image.name}")
-    return target
 
 
 def _service(home: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
@@ -234,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 image_size=IMAGE_SIZE,
                 seed=SCENES["seed"],
             )
-            sampled_id = _upload(client, _zip(folder / "sampled.zip", sampled.generative_eval, sampled.vocabulary))
-            held_id = _upload(client, _zip(folder / "held.zip", held.generative_eval, held.vocabulary))
+            sampled_id = _upload(client, _archive(folder / "sampled.zip", sampled.generative_eval, sampled.vocabulary))
+            held_id = _upload(client, _archive(folder / "held.zip", held.generative_eval, held.vocabulary))
         loops: dict[tuple[str, int], str] = {}
         for seed in args.seeds:
             for arm, rounds, steps in (("rounds", args.rounds, args.steps), ("matched", 1, args.rounds * args.steps)):

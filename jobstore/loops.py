@@ -247,7 +247,7 @@ def child_ended(session: Session, *, run: Job) -> None:
     except (ValidationError, KeyError, TypeError, ValueError) as error:
         # Not a database fault: the run's own outcome must still commit, and the loop ends saying why it stopped
         # (rolling the outcome back would have the run redone, and fail the same way, until its attempts ran out).
-        following = next_stage(row.round, row.stage, LoopCreate.model_validate(loop.spec).rounds)
+        following = next_stage(row.round, row.stage, int((loop.spec or {}).get("rounds", row.round)))
         where = f"round {following[0]}'s {STAGE_NAMES[following[1]]}" if following else "its results"
         message = f"after {what} succeeded, {where} could not be started: {type(error).__name__}: {error}"
         kind = ErrorKind.system_error
