@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 
 from api.cleanup import run_periodically
@@ -23,6 +24,7 @@ from api.guards import RequestGuard
 from api.openapi import DESCRIPTION, TAGS, TITLE, build_openapi
 from api.ratelimit import RateLimiter
 from api.routers import (
+    chat,
     dataset_preview,
     datasets,
     evaluations,
@@ -34,6 +36,8 @@ from api.routers import (
     loops,
     models,
     pair_generations,
+    playground,
+    usage,
     webhooks,
 )
 from jobstore.artifacts import open_store
@@ -67,6 +71,33 @@ def make_services(settings: Settings) -> Services:
             code="too_many_failed_authentications",
             what="requests with an invalid API key from this address",
         ),
+        # The chat limits guard GPU time: unlike the limits above they fail closed (api.ratelimit).
+        chat_limiter=RateLimiter(
+            settings.chat_rate_limit,
+            settings.rate_limit_storage,
+            setting="DAMA_CHAT_RATE_LIMIT",
+            namespace="chat-requests",
+            what="this account's chat requests",
+            fail_closed=True,
+        ),
+        chat_token_limiter=RateLimiter(
+            settings.chat_token_limit,
+            settings.rate_limit_storage,
+            setting="DAMA_CHAT_TOKEN_LIMIT",
+            namespace="chat-tokens",
+            what="this account's chat tokens",
+            unit="tokens",
+            fail_closed=True,
+        ),
+        # The inference backend is on an internal network: no proxy from the environment, no redirects.
+        # Connections: more than a backend holds (it sheds load itself, 503); a request finds none within 5 s only
+        # when the API is the bottleneck (503 server_overloaded, never a 5-minute wait in a pool).
+        inference=httpx.AsyncClient(
+            trust_env=False,
+            follow_redirects=False,
+            timeout=httpx.Timeout(settings.inference_timeout_s, pool=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        ),
     )
 
 
@@ -93,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             cleaner.cancel()
+            await services.inference.aclose()
             services.engine.dispose()
             services.celery.close()
 
@@ -108,7 +140,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.dataset_checker = DatasetChecker(settings)
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_json_body_bytes,
+        prefix_limits={"/v1/": (settings.chat_max_body_bytes, "DAMA_CHAT_MAX_BODY_BYTES")},
+    )
     routers = (
         datasets,
         dataset_preview,
@@ -120,6 +156,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loops,
         webhooks,
         keys,
+        usage,
+        chat,
+        playground,
     )
     for module in (*routers, models, health):
         app.include_router(module.router)

@@ -6,7 +6,8 @@
     dama migrate                          upgrade the job store's database to the newest schema
     dama api [--host H] [--port P]        run the HTTP API (uvicorn with api.app:create_app)
     dama worker                           run a Celery worker on DAMA_WORKER_QUEUES (python -m worker)
-    dama serve [--host H] [--port P] [--demo]   API + worker on one machine with no external servers
+    dama serve [--host H] [--port P] [--demo]   API + worker + inference on one machine, no external servers
+    dama infer [--host H] [--port P]      run the inference backend of /v1/chat/completions (worker.infer)
     dama models build NAME --output DIR   build a built-in model (dama/tiny-llava, ...) here (worker.build_model)
 
 and the client commands of :mod:`dama_client.cli`
@@ -156,6 +157,10 @@ def _serve(args: argparse.Namespace, _settings: Settings) -> int:
     return _exec_module("worker.serve", list(args.extra))
 
 
+def _infer(args: argparse.Namespace, _settings: Settings) -> int:
+    return _exec_module("worker.infer", list(args.extra))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dama", description="DAMA alignment service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="API + worker on this machine, no external servers (--host, --port, --demo)"
     )
     serve.set_defaults(handler=_serve, passthrough=True)  # options: see `dama serve --help`
+
+    infer = commands.add_parser(
+        "infer", help="run the inference backend the /v1 chat routes forward to (--host, --port; internal only)"
+    )
+    infer.set_defaults(handler=_infer, passthrough=True)  # options: see `dama infer --help`
 
     from dama_client.cli import add_commands  # httpx and pydantic only: no server import
 

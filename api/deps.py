@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
+import httpx
 from celery import Celery
 from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -31,6 +32,9 @@ class Services:
     celery: Celery
     rate_limiter: RateLimiter
     auth_failure_limiter: RateLimiter
+    chat_limiter: RateLimiter
+    chat_token_limiter: RateLimiter
+    inference: httpx.AsyncClient
 
 
 def get_services(request: Request) -> Services:

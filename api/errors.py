@@ -113,8 +113,15 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+# OpenAI's protocol (the /v1 routes) answers every invalid request 400; a parameter it does not run is
+# ``unsupported_parameter`` (pydantic's extra_forbidden, or a validator's own error of that type).
+_OPENAI_PREFIX = "/v1/"
+_UNSUPPORTED = frozenset({"extra_forbidden", "unsupported_parameter"})
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    openai = request.url.path.startswith(_OPENAI_PREFIX)
     problems: list[dict[str, Any]] = []
     for error in exc.errors():
         loc = tuple(error.get("loc", ()))
@@ -127,9 +134,12 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
                 }
             )
             continue
-        problems.append(
-            {"param": field_path(loc), "code": str(error.get("type", "invalid")), "message": _validation_message(error)}
-        )
+        code, message = str(error.get("type", "invalid")), _validation_message(error)
+        if openai:
+            if code == "extra_forbidden":
+                message = "this service does not support this parameter"
+            code = "unsupported_parameter" if code in _UNSUPPORTED else "invalid_value"
+        problems.append({"param": field_path(loc), "code": code, "message": message})
     if not problems:  # never seen in practice; keep the shape anyway
         problems.append({"param": None, "code": "invalid", "message": "the request is not valid"})
     first = problems[0]
@@ -138,6 +148,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}; see error.errors)"
     if first["code"] == "invalid_json":  # not a JSON document at all: a malformed request, not a bad value
         return ApiError(400, "invalid_json", message, errors=problems).response()
+    if openai:
+        return ApiError(400, first["code"], message, param=first["param"], errors=problems).response()
     return ApiError(422, "validation_error", message, param=first["param"], errors=problems).response()
 
 

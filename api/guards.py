@@ -3,13 +3,15 @@ character where the job store would receive it.
 
 * A request body over ``DAMA_MAX_JSON_BODY_BYTES`` is answered 413 ``request_too_large`` (by its Content-Length
   at once, or as soon as a chunked body passes the limit), so a huge job spec never reaches memory whole. Dataset
-  uploads (``POST /datasets``) stream to disk under their own limit (``DAMA_MAX_UPLOAD_BYTES``) and are exempt.
+  uploads (``POST /datasets``) stream to disk under their own limit (``DAMA_MAX_UPLOAD_BYTES``) and are exempt;
+  paths under a prefix of ``prefix_limits`` have their own limit (``/v1/``: chat requests carry images inline).
 * A NUL character (``%00``) in the path or a query parameter is answered 400 ``invalid_characters`` naming the
   parameter: no id, cursor or metric key holds one, and PostgreSQL refuses it in text (it would be a 500).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from starlette.exceptions import HTTPException
@@ -25,18 +27,21 @@ class BodyTooLarge(HTTPException):
     """Raised from ``receive`` once a body passes the limit. An HTTPException, so that FastAPI's body reading
     passes it on (it turns other exceptions into a 400) to the handler in :mod:`api.errors`."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, detail=body_too_large_message(limit))
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, detail=body_too_large_message(limit, setting))
 
 
-def body_too_large_message(limit: int) -> str:
-    return f"the request body is larger than {limit} bytes, the most this service accepts (DAMA_MAX_JSON_BODY_BYTES)"
+def body_too_large_message(limit: int, setting: str = "DAMA_MAX_JSON_BODY_BYTES") -> str:
+    return f"the request body is larger than {limit} bytes, the most this service accepts ({setting})"
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, prefix_limits: Mapping[str, tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.prefix_limits = dict(prefix_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,21 +49,27 @@ class RequestGuard:
             return
         refusal = _nul_refusal(scope)
         if refusal is None and (scope["method"], scope["path"].rstrip("/") or "/") not in STREAMED_UPLOADS:
-            refusal = self._declared_size_refusal(scope)
-            receive = self._counting(receive)
+            limit, setting = self._limit(scope["path"])
+            refusal = self._declared_size_refusal(scope, limit, setting)
+            receive = self._counting(receive, limit, setting)
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _declared_size_refusal(self, scope: Scope) -> ApiError | None:
+    def _limit(self, path: str) -> tuple[int, str]:
+        for prefix, limit in self.prefix_limits.items():
+            if path.startswith(prefix):
+                return limit
+        return self.max_body_bytes, "DAMA_MAX_JSON_BODY_BYTES"
+
+    def _declared_size_refusal(self, scope: Scope, limit: int, setting: str) -> ApiError | None:
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                return ApiError(413, "request_too_large", body_too_large_message(self.max_body_bytes))
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return ApiError(413, "request_too_large", body_too_large_message(limit, setting))
         return None
 
-    def _counting(self, receive: Receive) -> Receive:
-        limit = self.max_body_bytes
+    def _counting(self, receive: Receive, limit: int, setting: str) -> Receive:
         received = 0
 
         async def counted() -> Message:
@@ -67,7 +78,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         return counted

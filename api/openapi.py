@@ -274,6 +274,20 @@ RULES: dict[tuple[str, str], list[str]] = {
         "this tenant on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
         _REMOTE_CODE,
     ],
+    ("post", "/v1/chat/completions"): [
+        "model: a base the service offers or a job, checkpoint or merged export of this tenant (GET /v1/models; else "
+        "404 model_not_found, 409 model_not_ready)",
+        "max_tokens (or max_completion_tokens) at most the operator's DAMA_CHAT_MAX_TOKENS, at most "
+        "DAMA_CHAT_MAX_IMAGES images, each a decodable image of at most DAMA_CHAT_MAX_IMAGE_PIXELS pixels, given as a "
+        "base64 data URI or an http(s) URL of a host on DAMA_CHAT_IMAGE_HOSTS, images in user messages only (else "
+        "400 with the part at fault)",
+        "the tenant's chat requests and tokens within DAMA_CHAT_RATE_LIMIT and DAMA_CHAT_TOKEN_LIMIT (else 429; a "
+        "request that alone reserves more tokens than the limit: 400 request_over_limit)",
+    ],
+    ("post", "/playground/judge"): [
+        "dataset_id is a generative set of this tenant (else 404, or 400 not_generative) and row one of its preview "
+        "rows (GET /datasets/{id}/rows; else 404 row_not_found)",
+    ],
     ("post", "/webhooks"): [_URL_RULE],
     ("patch", "/webhooks/{webhook_id}"): [_URL_RULE],
 }

@@ -34,3 +34,21 @@ URL_REFUSED = error(
     "url_not_allowed: the URL is not http(s), or names a private, loopback, link-local or reserved host that "
     "DAMA_WEBHOOK_ALLOWED_HOSTS does not allow; param is url."
 )
+CHAT_INVALID = error(
+    "invalid_request_error in OpenAI's shape: unsupported_parameter (a parameter this service does not run: tools, "
+    "response_format, n > 1, ...), invalid_value, invalid_image_url, invalid_image, image_too_large, too_many_images, "
+    "remote_image_not_allowed, image_fetch_failed, model_not_servable; param names the field at fault."
+)
+CHAT_MODEL_NOT_FOUND = error("model_not_found: no such model for this tenant (another tenant's job included).")
+CHAT_MODEL_NOT_READY = error("model_not_ready: the job has not succeeded; call a kept checkpoint 'job_...:STEP'.")
+CHAT_TOO_LARGE = error("request_too_large: the body is over DAMA_CHAT_MAX_BODY_BYTES.")
+CHAT_LIMITED = error(
+    "rate_limit_exceeded: the tenant's chat requests (DAMA_CHAT_RATE_LIMIT) or tokens (DAMA_CHAT_TOKEN_LIMIT, "
+    "max_tokens reserved up front) are used up; Retry-After says when to retry."
+)
+CHAT_UNAVAILABLE = error(
+    "inference_unavailable (no backend, or it is unreachable), server_overloaded (the backend holds its most "
+    "requests), or rate_limiter_unavailable (the chat limits fail closed while their store is down)."
+)
+CHAT_BACKEND_FAILED = error("inference_error: the inference backend failed (logged).")
+CHAT_TIMEOUT = error("inference_timeout: no answer within DAMA_INFERENCE_TIMEOUT_S.")

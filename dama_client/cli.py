@@ -1,4 +1,5 @@
-"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|pairs|loops|keys|webhooks|models|health ...``).
+"""The client commands of ``dama`` (``dama datasets|jobs|evaluations|pairs|loops|keys|webhooks|models|health``,
+``dama chat|chat-models|usage`` ...).
 
 ``api.cli.main`` hands these commands here before importing anything of the server, so they work where only the
 ``client`` extra is installed. The service is ``--api-url`` / ``DAMA_API_URL``, the key ``--api-key`` /
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dama_client.client import Client, FollowUpdate, RunResource, RunT
+from dama_client.client import Client, FollowUpdate, RunResource, RunT, _drop_none, user_message
 from dama_client.errors import APIError, DamaError
 from dama_client.models import Loop, PairGeneration, Run
 
@@ -685,6 +686,55 @@ def _models_list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    """Stream one answer to the terminal (``--json``: the whole completion object instead)."""
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append(user_message(args.prompt, *args.image))
+    params = _drop_none(
+        {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    )
+    if args.json:
+        _emit(args, client.chat.complete(model=args.model, messages=messages, **params))
+        return 0
+    usage: dict[str, int] | None = None
+    for chunk in client.chat.stream(
+        model=args.model, messages=messages, stream_options={"include_usage": True}, **params
+    ):
+        print(chunk.text, end="", flush=True)
+        usage = chunk.usage or usage
+    print()
+    if usage:
+        print(f"[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens]", file=sys.stderr)
+    return 0
+
+
+def _chat_models(client: Client, args: argparse.Namespace) -> int:
+    models = client.chat.models()
+    if args.json:
+        _emit(args, models)
+    else:
+        for model in models.data:
+            print(f"{model.id}  ({'base' if model.base_model is None else 'tuned ' + model.base_model})")
+    return 0
+
+
+def _usage(client: Client, args: argparse.Namespace) -> int:
+    usage = client.usage.get(start_date=args.start, end_date=args.end)
+    if args.json:
+        _emit(args, usage)
+        return 0
+    for line in usage.data:
+        tokens = f"{line.prompt_tokens} + {line.completion_tokens} tokens"
+        print(f"{line.date}  {line.model}  {line.requests} requests  {tokens}")
+    print(
+        f"{usage.start_date} .. {usage.end_date}: {usage.total_requests} requests, "
+        f"{usage.total_prompt_tokens} prompt + {usage.total_completion_tokens} completion tokens"
+    )
+    return 0
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     _emit(args, client.health.ready() if args.ready else client.health.live())
     return 0
@@ -888,6 +938,24 @@ def add_commands(commands: Any) -> None:
     build.add_argument("name", help="a built-in model, e.g. dama/tiny-llava")
     build.add_argument("--output", required=True, help="the folder to build it in")
     build.set_defaults(local_module=LOCAL_BUILD_MODULE)  # runs here, with the engine installed: not a client call
+    chat = commands.add_parser(
+        "chat", help="ask a base or tuned model (job_...) about images; streams the answer", parents=[common]
+    )
+    chat.add_argument("prompt", help="the question or instruction")
+    chat.add_argument("--model", required=True, help="a base (dama/tiny-llava), job_... or job_...:STEP")
+    chat.add_argument("--image", action="append", default=[], help="an image file or http(s) URL (repeatable)")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None, help="0: greedy (default 1, OpenAI's)")
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(client_handler=_chat)
+    chat_models = commands.add_parser("chat-models", help="the models you may chat with", parents=[common])
+    chat_models.set_defaults(client_handler=_chat_models)
+    usage = commands.add_parser("usage", help="chat requests and tokens by day and model", parents=[common])
+    usage.add_argument("--start", default=None, help="first UTC day, YYYY-MM-DD (default 30 days ago)")
+    usage.add_argument("--end", default=None, help="last UTC day (default today)")
+    usage.set_defaults(client_handler=_usage)
     health = commands.add_parser(
         "health", help="is the service up (--ready: and its database and broker)?", parents=[common]
     )

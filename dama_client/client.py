@@ -6,8 +6,11 @@ tests/client/test_sdk_contract.py checks that every operation of the OpenAPI doc
 
 from __future__ import annotations
 
+import base64
 import builtins
 import hashlib
+import json
+import mimetypes
 import os
 import queue
 import tarfile
@@ -23,10 +26,13 @@ from typing import IO, Any, Generic, TypeVar
 import httpx
 
 from dama_client._transport import Transport
-from dama_client.errors import ChecksumError, DamaError
+from dama_client.errors import APIError, ChecksumError, DamaError
 from dama_client.models import (
     ApiKey,
     ApiKeyCreated,
+    ChatChunk,
+    ChatCompletion,
+    ChatModelList,
     Checkpoint,
     Dataset,
     DatasetRows,
@@ -36,6 +42,7 @@ from dama_client.models import (
     Hardness,
     Health,
     Job,
+    Judgement,
     Loop,
     Metrics,
     Model,
@@ -44,6 +51,7 @@ from dama_client.models import (
     PairGeneration,
     Ready,
     Tracked,
+    Usage,
     Webhook,
     WebhookCreated,
     WebhookDelivery,
@@ -594,6 +602,75 @@ class Models(_Resource):
         return self._get(ModelCatalog, "/models")
 
 
+def image_part(image: str | Path | bytes, *, mime: str | None = None) -> dict[str, Any]:
+    """A chat message's image part: a file (path) or its bytes as a base64 data URI, or an http(s) URL as is (the
+    service fetches it only from hosts its operator allows)."""
+    if isinstance(image, str) and image.startswith(("http://", "https://", "data:")):
+        return {"type": "image_url", "image_url": {"url": image}}
+    if isinstance(image, bytes):
+        data, kind = image, mime or "image/png"
+    else:
+        data, kind = Path(image).read_bytes(), mime or mimetypes.guess_type(str(image))[0] or "image/png"
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}}
+
+
+def user_message(text: str, *images: str | Path | bytes) -> dict[str, Any]:
+    """One user turn: its images first, then the text (the order the service's evaluations use)."""
+    return {"role": "user", "content": [*(image_part(image) for image in images), {"type": "text", "text": text}]}
+
+
+class Chat(_Resource):
+    """``/v1``: chat with a base model, a job's tuned model (``job_...``) or a kept checkpoint (``job_...:STEP``).
+
+    The routes speak OpenAI's protocol, so the ``openai`` package works too:
+    ``OpenAI(base_url=f"{service}/v1", api_key=key)``. Parameters are OpenAI's (``max_tokens``, ``temperature``,
+    ``top_p``, ``seed``, ``stop``)."""
+
+    @operation("POST", "/v1/chat/completions")
+    def complete(self, *, model: str, messages: builtins.list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        body = {"model": model, "messages": messages, **params, "stream": False}
+        return ChatCompletion.model_validate(self._t.request("POST", "/v1/chat/completions", json=body).json())
+
+    def stream(self, *, model: str, messages: builtins.list[dict[str, Any]], **params: Any) -> Iterator[ChatChunk]:
+        """The answer as it is generated (``POST /v1/chat/completions`` with ``stream: true``): chunks until
+        ``[DONE]``; an error after the stream started raises :class:`APIError` with the service's code."""
+        body = {"model": model, "messages": messages, **params, "stream": True}
+        with self._t.stream("POST", "/v1/chat/completions", json=body) as response:
+            for event in parse(response.iter_lines()):
+                if event.data == "[DONE]":
+                    return
+                chunk = json.loads(event.data)
+                if "error" in chunk:  # after the stream started: the status was 200, the error is the event's
+                    error = chunk["error"]
+                    raise APIError(
+                        502,
+                        type=str(error.get("type") or "api_error"),
+                        code=str(error.get("code") or "inference_error"),
+                        message=str(error.get("message") or "the stream ended with an error"),
+                        param=error.get("param"),
+                    )
+                yield ChatChunk.model_validate(chunk)
+
+    @operation("GET", "/v1/models")
+    def models(self) -> ChatModelList:
+        """The models this tenant may call (``.data``): the bases, then its succeeded training jobs."""
+        return self._get(ChatModelList, "/v1/models")
+
+    @operation("POST", "/playground/judge")
+    def judge(self, *, dataset_id: str, row: int, answers: builtins.list[str]) -> Judgement:
+        """Answers marked against what is in a generative set's row (its preview's row number): each mention's
+        span, hallucinated or grounded by the CHAIR matcher, and the objects covered and missed."""
+        body = {"dataset_id": dataset_id, "row": row, "answers": answers}
+        return Judgement.model_validate(self._t.request("POST", "/playground/judge", json=body).json())
+
+
+class UsageResource(_Resource):
+    @operation("GET", "/usage")
+    def get(self, *, start_date: str | None = None, end_date: str | None = None) -> Usage:
+        """Chat requests and tokens by UTC day and model (default: the last 30 days)."""
+        return self._get(Usage, "/usage", **_drop_none({"start_date": start_date, "end_date": end_date}))
+
+
 class HealthChecks(_Resource):
     @operation("GET", "/healthz")
     def live(self) -> Health:
@@ -629,6 +706,8 @@ class Client:
         self.webhooks = Webhooks(self._transport)
         self.keys = Keys(self._transport)
         self.models = Models(self._transport)
+        self.chat = Chat(self._transport)
+        self.usage = UsageResource(self._transport)
         self.health = HealthChecks(self._transport)
 
     def close(self) -> None:

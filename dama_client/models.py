@@ -209,3 +209,63 @@ class Page(Model, Generic[T]):
 
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class _ChatObject(Model):
+    id: str
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, int] | None = None
+
+
+class ChatCompletion(_ChatObject):
+    """A ``chat.completion`` (OpenAI's shape): ``choices[0]["message"]["content"]`` is the answer."""
+
+    @property
+    def text(self) -> str:
+        return str(self.choices[0]["message"].get("content") or "") if self.choices else ""
+
+
+class ChatChunk(_ChatObject):
+    """One ``chat.completion.chunk`` of a stream: a piece of the answer, the finish reason, or (last) the usage."""
+
+    @property
+    def text(self) -> str:
+        return "".join(str(choice.get("delta", {}).get("content") or "") for choice in self.choices)
+
+
+class ChatModel(Model):
+    id: str
+    owned_by: str
+    base_model: str | None = None
+
+
+class ChatModelList(Model):
+    data: list[ChatModel]
+
+
+class UsageDay(Model):
+    date: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Usage(Model):
+    start_date: str
+    end_date: str
+    data: list[UsageDay]
+    total_requests: int
+    total_prompt_tokens: int
+    total_completion_tokens: int
+
+
+class Judgement(Model):
+    """``POST /playground/judge``: the row's objects and, per answer, its marked mentions and object lists."""
+
+    dataset_id: str
+    row: int
+    objects: list[str]
+    judgements: list[dict[str, Any]]

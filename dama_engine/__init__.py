@@ -9,6 +9,7 @@ direction only (lower never imports higher; ``tests/test_layout.py`` holds the o
     config      the training config (root module)
     models      families, loading, tiny models
     forward     batching, log-probs, packing, compiling, generation, scoring helpers
+    serving     chat requests answered many per generate call (`dama infer`): protocol, batches, model cache
     evaluation  running an evaluation, metrics (CHAIR's and POPE's), the judge client, the report
     pairs       preference pairs sampled from the user's model, judged against the image's objects
     training    the recipe (``train()``), the step, checkpoints, reference cache, export

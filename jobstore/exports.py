@@ -57,6 +57,23 @@ def list_exports(session: Session, *, job_id: str) -> list[Export]:
     return list(session.scalars(select(Export).where(Export.job_id == job_id).order_by(Export.id)))
 
 
+def succeeded_merged_exports(session: Session, *, tenant_id: str) -> list[tuple[Export, Job]]:
+    """The tenant's succeeded merged exports of its own jobs, newest first, each with its job (what it can chat
+    with)."""
+    query = (
+        select(Export, Job)
+        .join(Job, Export.job_id == Job.id)
+        .where(
+            Export.tenant_id == tenant_id,
+            Job.tenant_id == tenant_id,
+            Export.status == SUCCEEDED,
+            Export.format == "merged",
+        )
+        .order_by(Export.id.desc())
+    )
+    return [(export, job) for export, job in session.execute(query).tuples()]
+
+
 def _set_status(export: Export, status: str) -> None:
     """Move ``export`` to ``status`` through the state table (raises IllegalTransition)."""
     export.status = check_transition(export.status, status).value

@@ -303,3 +303,19 @@ class LoopStage(Base):
     stage: Mapped[str] = mapped_column(String(20), primary_key=True)  # pairs | training | evaluation
     run_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ChatUsage(Base):
+    """One answered request of ``/v1/chat/completions``: the tokens a tenant's chat used (``GET /usage`` sums them).
+    Token counts are the backend's (its tokenizer); a stream the client left early counts what was generated."""
+
+    __tablename__ = "chat_usage"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(300))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_chat_usage_tenant_created", "tenant_id", "created_at"),)

@@ -213,6 +213,93 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="How long one webhook request may take.")
     webhook_poll_s: float = Field(default=1.0, gt=0, description="How often workers look for due webhooks.")
+    # Trying models (/v1/chat/completions): the API checks and forwards; an inference backend generates.
+    inference_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Base URL of the OpenAI-compatible inference backend the /v1 routes forward to, with its /v1 "
+        "(e.g. http://infer:8001/v1): `dama infer` (the default backend) or a vLLM server. Internal address only. "
+        "Empty: `dama serve` starts `dama infer` itself; `dama api` alone answers /v1 with 503.",
+    )
+    inference_secret: str = Field(
+        default="",
+        description="Shared secret the API sends to the inference backend as a Bearer token (vLLM: its --api-key). "
+        "`dama infer` refuses every request without it; `dama serve` makes one when empty.",
+    )
+    inference_kind: Literal["dama", "vllm"] = Field(
+        default="dama",
+        description="What DAMA_INFERENCE_URL is: 'dama' (`dama infer`: any base, LoRA adapters with trained "
+        "projectors, full fine-tunes) or 'vllm' (multi-LoRA; adapters with modules_to_save and full fine-tunes go "
+        "to DAMA_INFERENCE_FALLBACK_URL).",
+    )
+    inference_fallback_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="With DAMA_INFERENCE_KIND=vllm: a `dama infer` backend for the models vLLM cannot load (adapters "
+        "with a trained projector, full fine-tunes). Empty: those models answer 400 model_not_servable.",
+    )
+    inference_timeout_s: float = Field(
+        default=300.0, gt=0, description="How long one /v1 request may take end to end (the backend's generation)."
+    )
+    chat_max_body_bytes: int = Field(
+        default=20 * 1024**2, gt=0, description="Largest /v1 request body (images inline as data URIs): 413 above."
+    )
+    chat_max_images: int = Field(default=4, gt=0, description="Images one chat request may carry (400 above).")
+    chat_max_image_pixels: int = Field(
+        default=4096 * 4096, gt=0, description="Decoded pixels (width x height) one image may have (400 above)."
+    )
+    chat_max_tokens: int = Field(
+        default=1024, gt=0, description="Largest max_tokens a chat request may ask for (400 above); also the default."
+    )
+    chat_base_models: str = Field(
+        default="",
+        description="Comma-separated hub models (or local paths) tenants may chat with as plain bases, beside the "
+        "built-in dama/... models and their own jobs. Empty: none.",
+    )
+    chat_image_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts a chat image_url may name as an http(s) URL; the API fetches it (no "
+        "redirects, public addresses only unless DAMA_WEBHOOK_ALLOWED_HOSTS lists the host) and forwards a data URI. "
+        "Empty: remote image URLs are refused; send data URIs.",
+    )
+    chat_image_fetch_bytes: int = Field(default=10 * 1024**2, gt=0, description="Largest remote image fetched.")
+    chat_image_fetch_timeout_s: float = Field(default=10.0, gt=0, description="How long one image fetch may take.")
+    chat_rate_limit: str = Field(
+        default="60/minute",
+        description="Chat requests per tenant (limits notation, e.g. '60/minute;5/second'), counted in "
+        "DAMA_RATE_LIMIT_STORAGE. Fails closed: with the counter store down, /v1 answers 503.",
+    )
+    chat_token_limit: str = Field(
+        default="100000/minute",
+        description="Chat tokens per tenant (prompt estimate + max_tokens, reserved up front when the request is "
+        "accepted), same notation and store; fails closed.",
+    )
+    infer_host: str = Field(default="127.0.0.1", description="`dama infer` bind address (keep it internal).")
+    infer_port: int = Field(default=8001, gt=0, lt=65536, description="`dama infer` port.")
+    infer_cache_bytes: int = Field(
+        default=16 * 1024**3,
+        gt=0,
+        description="Bytes of model weights `dama infer` keeps loaded; the least recently used model goes first.",
+    )
+    infer_max_adapters: int = Field(
+        default=16, gt=0, description="LoRA adapters `dama infer` keeps loaded per base model (LRU)."
+    )
+    infer_max_batch: int = Field(default=8, gt=0, description="Requests `dama infer` answers in one generate call.")
+    infer_batch_window_ms: float = Field(
+        default=10.0, ge=0, description="How long `dama infer` waits for more requests to batch with the first."
+    )
+    infer_max_concurrent: int = Field(
+        default=64,
+        gt=0,
+        description="Requests `dama infer` holds at once, queued or generating; more answer 503 with Retry-After.",
+    )
+    infer_gpu_memory_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory `dama infer` may allocate (torch's per-process cap), so it cannot "
+        "starve training on a shared GPU. None: no cap.",
+    )
     api_host: str = Field(default="127.0.0.1", description="`dama api` / `dama serve` bind address.")
     api_port: int = Field(default=8000, gt=0, lt=65536)
     worker_queues: str | None = Field(default=None, description="Comma-separated queues a worker consumes.")
@@ -231,9 +318,12 @@ class Settings(BaseSettings):
                 raise ValueError("DAMA_DATABASE_URL: production needs a server database (Postgres), not SQLite")
         return self
 
-    @field_validator("hardness_scorer", mode="before")
+    @field_validator(
+        "hardness_scorer", "inference_url", "inference_fallback_url", "infer_gpu_memory_fraction", mode="before"
+    )
     @classmethod
-    def _blank_scorer_is_none(cls, value: object) -> object:
+    def _blank_is_none(cls, value: object) -> object:
+        """An empty variable (compose's ``${VAR:-}``) means unset."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("webhook_retry_schedule_s")

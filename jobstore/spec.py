@@ -250,6 +250,14 @@ class JobSpec(_Spec):
         """``init_adapter`` split into the source job's id and the checkpoint step (None: its final adapter)."""
         return split_init_adapter(self.init_adapter)
 
+    @property
+    def vllm_loadable(self) -> bool:
+        """Whether vLLM's multi-LoRA can serve what this job trains: a LoRA adapter holding LoRA weights only. A
+        trained projector is saved in full (peft's ``modules_to_save``), which vLLM refuses to load, and a full
+        fine-tune is a model of its own: `dama infer` serves those (tests/engine/test_vllm_adapters.py checks this
+        rule against the adapters the engine makes)."""
+        return self.lora.enabled and not self.lora.train_projector
+
 
 class GenerationSpec(_Spec):
     max_new_tokens: int = Field(

@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -126,3 +127,27 @@ def check_url(url: str, *, allowed_hosts: Iterable[str]) -> str | None:
     except ValueError:
         return None  # a name: its addresses are checked when a delivery resolves it
     return f"{host} is {reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)" if reason else None
+
+
+class RefusedTarget(Exception):
+    """The host is not a place the service may connect to (a webhook endpoint, a chat image's URL)."""
+
+
+def pinned_address(
+    host: str, port: int, *, allowed_hosts: frozenset[str], setting: str = "DAMA_WEBHOOK_ALLOWED_HOSTS"
+) -> str:
+    """The address to connect to for ``host``: resolved once, every address checked (a name with one private
+    address among public ones is refused: which one a client picks is not ours to know)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise RefusedTarget(f"cannot resolve {host}: {error.strerror}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise RefusedTarget(f"{host} has no address")
+    if host not in allowed_hosts:
+        for address in addresses:
+            reason = refused_address(address)
+            if reason is not None:
+                raise RefusedTarget(f"refused: {host} resolves to {address}, {reason} (not on {setting})")
+    return addresses[0]

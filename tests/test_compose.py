@@ -17,7 +17,7 @@ def _compose() -> dict:
 
 def test_services_and_their_commands_are_the_tested_ones() -> None:
     services = _compose()["services"]
-    assert set(services) == {"postgres", "redis", "minio", "createbucket", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "minio", "createbucket", "migrate", "api", "worker", "infer"}
     for name, command in COMPOSE_COMMANDS.items():
         assert services[name]["command"] == command, name
 
@@ -50,6 +50,20 @@ def test_worker_reserves_a_gpu_and_builds_the_cuda_torch() -> None:
     # A hung run ends the worker (status 75) and the restart policy brings a fresh one.
     assert worker["environment"]["DAMA_STALL_TIMEOUT_S"] == "${DAMA_STALL_TIMEOUT_S:-3600}"
     assert worker["restart"] == "unless-stopped"
+
+
+def test_inference_backend_is_internal_with_its_own_gpu_and_a_required_secret() -> None:
+    compose = _compose()
+    infer, env = compose["services"]["infer"], compose["x-dama-env"]
+    assert "ports" not in infer, "the inference backend is never published: only the API reaches it"
+    assert infer["expose"] == ["8001"] and infer["environment"]["DAMA_INFER_PORT"] == "8001"
+    assert env["DAMA_INFERENCE_URL"] == "http://infer:8001/v1"
+    assert ":?" in env["DAMA_INFERENCE_SECRET"], "the shared secret must be required, never defaulted"
+    devices = infer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert "8001/health" in " ".join(infer["healthcheck"]["test"])
+    assert "DAMA_INFER_GPU_MEMORY_FRACTION" in infer["environment"]
+    assert infer["image"] == compose["services"]["worker"]["image"], "the CUDA image: torch, transformers, peft"
 
 
 def test_production_settings_and_no_default_secret() -> None:

@@ -170,13 +170,25 @@ ENGINE_LAYERS: list[set[str]] = [
     {"config"},
     {"models"},
     {"forward"},
+    {"serving"},
     {"evaluation"},
     {"pairs"},
     {"training"},
     {"proving"},
     {"cli"},
 ]
-ENGINE_SUBPACKAGES = {"data", "objective", "models", "forward", "evaluation", "pairs", "training", "proving", "cli"}
+ENGINE_SUBPACKAGES = {
+    "data",
+    "objective",
+    "models",
+    "forward",
+    "serving",
+    "evaluation",
+    "pairs",
+    "training",
+    "proving",
+    "cli",
+}
 MAX_ENGINE_FILE_LINES = 800
 
 

@@ -1,21 +1,26 @@
 """``dama serve``: the whole service on one machine, with no external servers (the embedded default).
 
 It migrates the job store (SQLite under ``DAMA_HOME`` unless ``DAMA_DATABASE_URL`` says otherwise), starts the API
-(``dama api``) and one worker (``dama worker``) as child processes, and keeps them running until interrupted.
+(``dama api``), one worker (``dama worker``) and, unless ``DAMA_INFERENCE_URL`` names one, the inference backend of
+the chat routes (``dama infer``, with a fresh shared secret) as child processes, and keeps them running until
+interrupted.
 With ``--demo`` it then acts as a first user would, over HTTP only: creates an API key, uploads scenes of the
 proving ground's shapes world (images, a prompt and the objects in each; no model runs on the client) to sample
 from and held-out scenes, asks for a loop of ``--rounds`` rounds on the seeing base (``dama/tiny-seeing-llava``):
 each round the service samples pairs from the model, trains DAMA on them with the proving ground's settings and
 evaluates; the demo follows it (a bar per stage, a line per round), prints hallucination (CHAIR) on the held-out
-scenes, base -> each round, downloads the last round's adapter and prints where it is. The same commands with
+scenes, base -> each round, downloads the last round's adapter, and asks the base and the tuned model about one
+held-out scene through the chat API (``/v1/chat/completions``), side by side. The same commands with
 ``DAMA_DATABASE_URL`` / ``DAMA_BROKER_URL`` use Postgres and Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,12 +28,15 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from dama_engine.proving import IMAGE_SIZE, PAIRS, SCENES, TRAINING, make_demo_dataset
+from dama_engine.data import judge_response
+from dama_engine.proving import IMAGE_SIZE, PAIRS, SCENES, TRAINING, DemoDataset, make_demo_dataset
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.repository import create_api_key, get_or_create_tenant
 from jobstore.settings import Settings
@@ -36,6 +44,7 @@ from jobstore.spec import SEEING_MODEL
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 DESCRIPTION_TOKENS = 40  # the proving ground's answer length (sampling and evaluation)
+SIDE_BY_SIDE_SCENES = 16  # held-out scenes the demo asks both models about, to show one they answer differently
 
 
 def _dama(*args: str) -> list[str]:
@@ -49,19 +58,39 @@ def _start(name: str, command: list[str], env: dict[str, str], log_dir: Path) ->
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_ready(base_url: str, processes: list[subprocess.Popen[bytes]], timeout: float = 120.0) -> None:
+class NotAnswering(RuntimeError):
+    """A service process exited, or its URL did not answer 200 in time (the message ends with its log's tail)."""
+
+
+def wait_until_answering(
+    url: str, processes: Sequence[subprocess.Popen[Any]], *, timeout: float = 120.0, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; raise :class:`NotAnswering` when a process of ``processes`` exits first or
+    ``timeout`` seconds pass. Also what the tests and benchmarks use to wait for `dama api` and `dama infer`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def tail() -> str:
+        return f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.is_file() else ""
+
+    while True:
         for process in processes:
             if process.poll() is not None:
-                raise SystemExit(f"[serve] a service process exited early (code {process.returncode}); see its log")
+                raise NotAnswering(f"a service process exited early (code {process.returncode}){tail()}")
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise SystemExit(f"[serve] the API did not become ready at {base_url} within {timeout:.0f} s")
+        if time.monotonic() > deadline:
+            raise NotAnswering(f"{url} did not answer within {timeout:.0f} s{tail()}")
+        time.sleep(0.1)
+
+
+def _wait_ready(base_url: str, processes: list[subprocess.Popen[bytes]], timeout: float = 120.0) -> None:
+    try:
+        wait_until_answering(f"{base_url}/readyz", processes, timeout=timeout)
+    except NotAnswering as error:
+        raise SystemExit(f"[serve] the API is not ready: {error}; see its log") from None
 
 
 def _archive(archive: Path, data_file: Path, *extra: Path) -> Path:
@@ -231,6 +260,81 @@ def loop_lines(loop: dict[str, Any]) -> list[str]:
     ]
 
 
+def _chat(client: httpx.Client, model: str, image: bytes, prompt: str, *, wait_s: float = 120.0) -> str:
+    """One greedy answer through ``/v1/chat/completions`` (the evaluation's settings), waiting for the inference
+    backend while it starts."""
+    url = f"data:image/png;base64,{base64.b64encode(image).decode()}"
+    body = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}],
+            }
+        ],
+        "max_tokens": DESCRIPTION_TOKENS,
+        "temperature": 0,
+    }
+    deadline = time.monotonic() + wait_s
+    while True:
+        response = client.post("/v1/chat/completions", json=body)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            response.raise_for_status()
+            return str(response.json()["choices"][0]["message"]["content"])
+        time.sleep(1.0)
+
+
+def held_out_scenes(folder: Path) -> DemoDataset:
+    """The proving ground's held-out scenes as a generative set's files in ``folder`` (what the demo uploads)."""
+    return make_demo_dataset(
+        folder, n_train=0, n_eval=0, n_generative=SCENES["count"], image_size=IMAGE_SIZE, seed=SCENES["seed"]
+    )
+
+
+@dataclass(frozen=True)
+class HeldOutScene:
+    """A held-out scene as the demo keeps it for the side-by-side: its image, prompt and what is in it."""
+
+    number: int
+    image: bytes
+    prompt: str
+    objects: list[str]
+
+
+def _marked(answer: str, scene: HeldOutScene, vocabulary: dict[str, Any]) -> str:
+    judged = judge_response(answer, scene.objects, vocabulary)
+    hallucinated = ", ".join(judged.hallucinated) or "none"
+    return f"{answer!r} (hallucinated: {hallucinated})"
+
+
+def side_by_side(
+    client: httpx.Client, job_id: str, scenes: list[HeldOutScene], vocabulary: dict[str, Any], out_dir: Path
+) -> list[str]:
+    """The base and the tuned model answering held-out scenes through the chat API: the first scene where their
+    answers differ (the first scene when none does), each answer's hallucinated objects marked with the CHAIR
+    matcher, and the command to ask more."""
+    answers: list[tuple[HeldOutScene, str, str]] = [
+        (
+            scene,
+            _chat(client, SEEING_MODEL, scene.image, scene.prompt),
+            _chat(client, job_id, scene.image, scene.prompt),
+        )
+        for scene in scenes
+    ]
+    scene, base, tuned = next((entry for entry in answers if entry[1] != entry[2]), answers[0])
+    image = out_dir / f"held-out-scene-{scene.number}.png"
+    image.write_bytes(scene.image)
+    differ = sum(entry[1] != entry[2] for entry in answers)
+    return [
+        f"the base and the tuned model through {client.base_url}/v1/chat/completions: different answers on {differ} "
+        f"of the first {len(scenes)} held-out scenes; scene {scene.number} ({', '.join(scene.objects)}), "
+        f"{scene.prompt!r}:",
+        f"  base  {SEEING_MODEL}: {_marked(base, scene, vocabulary)}",
+        f"  tuned {job_id}: {_marked(tuned, scene, vocabulary)}",
+        f"ask it yourself: dama chat --model {job_id} --image {image} {scene.prompt!r} --temperature 0",
+    ]
+
+
 def run_demo(
     base_url: str,
     settings: Settings,
@@ -263,14 +367,19 @@ def run_demo(
         sampled = make_demo_dataset(
             folder / "sampled", n_train=0, n_eval=0, n_generative=PAIRS["scenes"], image_size=IMAGE_SIZE, seed=23
         )
-        held_out = make_demo_dataset(
-            folder / "held-out",
-            n_train=0,
-            n_eval=0,
-            n_generative=SCENES["count"],
-            image_size=IMAGE_SIZE,
-            seed=SCENES["seed"],
-        )
+        held_out = held_out_scenes(folder / "held-out")
+        shown = [
+            HeldOutScene(
+                number + 1,
+                (held_out.generative_eval.parent / row["image"]).read_bytes(),
+                row["prompt"],
+                list(row["objects"]),
+            )
+            for number, row in enumerate(
+                json.loads(line) for line in held_out.generative_eval.read_text().splitlines()[:SIDE_BY_SIDE_SCENES]
+            )
+        ]
+        vocabulary = json.loads(held_out.vocabulary.read_text())
         datasets = {
             "sampled": _upload(
                 client, _archive(folder / "scenes.zip", sampled.generative_eval, sampled.vocabulary), "generative"
@@ -317,6 +426,8 @@ def run_demo(
     with tarfile.open(archive) as bundle:
         bundle.extractall(target, filter="data")
     print(f"[demo] adapter of the last round: {target} (archive {archive}, sha256 {sha})", flush=True)
+    for line in side_by_side(client, job_id, shown, vocabulary, out_dir):
+        print(f"[demo] {line}", flush=True)
     return target
 
 
@@ -353,10 +464,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[serve] job store: {settings.resolved_database_url}", flush=True)
     subprocess.run(_dama("migrate"), env=env, check=True)
+    if settings.inference_url is None:  # the chat routes' backend: our own, on this machine, behind a fresh secret
+        env["DAMA_INFERENCE_URL"] = f"http://{settings.infer_host}:{settings.infer_port}/v1"
+        env["DAMA_INFERENCE_SECRET"] = settings.inference_secret or secrets.token_urlsafe(32)
     processes = [
         _start("api", _dama("api"), env, log_dir),
         _start("worker", _dama("worker"), env, log_dir),
     ]
+    if settings.inference_url is None:
+        processes.append(_start("infer", _dama("infer"), env, log_dir))
     base_url = f"http://{settings.api_host}:{settings.api_port}"
 
     def stop(*_: object) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -26,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobstore import webhook_store
 from jobstore.db import session_scope
 from jobstore.settings import Settings
-from jobstore.webhooks import refused_address, sign
+from jobstore.webhooks import RefusedTarget, pinned_address, sign
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
@@ -40,30 +39,6 @@ class Outcome:
     status_code: int | None
     latency_ms: float | None
     error: str | None  # None: delivered (a 2xx answer)
-
-
-class RefusedTarget(Exception):
-    """The endpoint's host is not a place webhooks may go."""
-
-
-def pinned_address(host: str, port: int, *, allowed_hosts: frozenset[str]) -> str:
-    """The address to connect to for ``host``: resolved once, every address checked (a name with one private
-    address among public ones is refused: which one a client picks is not ours to know)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise RefusedTarget(f"cannot resolve {host}: {error.strerror}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise RefusedTarget(f"{host} has no address")
-    if host not in allowed_hosts:
-        for address in addresses:
-            reason = refused_address(address)
-            if reason is not None:
-                raise RefusedTarget(
-                    f"refused: {host} resolves to {address}, {reason} (not on DAMA_WEBHOOK_ALLOWED_HOSTS)"
-                )
-    return addresses[0]
 
 
 def send(delivery: webhook_store.DueDelivery, *, settings: Settings) -> Outcome:

@@ -221,6 +221,13 @@ class Vocabulary:
         """Every mention in ``text``, left to right: ``(name, the words as written)``, repeats included."""
         return [(self._forms[normalize_name(match.group())], match.group()) for match in self._pattern.finditer(text)]
 
+    def mention_spans(self, text: str) -> list[tuple[int, int, str]]:
+        """Every mention in ``text`` as ``(start, end, name)`` character offsets, left to right."""
+        return [
+            (match.start(), match.end(), self._forms[normalize_name(match.group())])
+            for match in self._pattern.finditer(text)
+        ]
+
     def mentioned(self, text: str) -> list[str]:
         """The distinct objects ``text`` mentions, in order of first mention (repeats and bare repeats dropped)."""
         names = list(dict.fromkeys(name for name, _ in self.mentions(text)))
@@ -312,6 +319,28 @@ def judge_response(response: str, objects: Sequence[str], vocabulary: Vocabulary
         covered=covered,
         words=len(response.split()),
     )
+
+
+def mark_response(response: str, objects: Sequence[str], vocabulary: VocabularyLike) -> dict[str, Any]:
+    """One response judged for display: every mention with its character span and whether it hallucinates
+    (:func:`grounded`), and the response's hallucinated, covered and missed objects (:func:`judge_response`)."""
+    vocab = as_vocabulary(vocabulary)
+    sample = judge_response(response, objects, vocab)
+    return {
+        "mentions": [
+            {
+                "start": start,
+                "end": end,
+                "text": response[start:end],
+                "object": name,
+                "hallucinated": not grounded(name, sample.objects, vocab),
+            }
+            for start, end, name in vocab.mention_spans(response)
+        ],
+        "hallucinated": list(sample.hallucinated),
+        "covered": list(sample.covered),
+        "missed": list(sample.missed),
+    }
 
 
 def chair_samples(

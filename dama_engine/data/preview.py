@@ -5,7 +5,8 @@ Run by the API in a child process (the API never imports the engine or decodes i
 
 - ``preview.json``: ``{"format", "total_rows", "rows": [...first --sample rows...], "hardness": {"source",
   "values"}}``; a row is ``{"row", "row_id", "prompt", "chosen", "rejected", "images": [file names], "hardness",
-  "chosen_score", "rejected_score"}`` (a generative set's: ``{"row", "row_id", "prompt", "objects", "images"}``);
+  "chosen_score", "rejected_score"}`` (a generative set's: ``{"row", "row_id", "prompt", "objects", "images"}``,
+  and the set's ``vocabulary`` as uploaded);
 - ``images/``: the sampled rows' images, re-encoded as PNG (only decodable raster images; anything else, SVG
   included, is left out), so the API serves nothing it has not seen decoded.
 
@@ -106,6 +107,7 @@ def _generative_preview(data_file: Path, vocabulary: Path, sample: int, images_d
     return {
         "format": "generative",
         "total_rows": len(loaded.samples),
+        "vocabulary": json.loads(vocabulary.read_text(encoding="utf-8")),  # the playground's marking uses it
         "rows": rows,
         "hardness": {"source": None, "values": []},
     }

@@ -5,7 +5,13 @@ scoring helpers training and evaluation share (:mod:`.scoring`).
 
 from dama_engine.forward.batching import PairBatch, PairEncoder
 from dama_engine.forward.compiling import compile_decoder_layers, decoder_layers
-from dama_engine.forward.generation import GenerationRequest, GenerationSettings, generate
+from dama_engine.forward.generation import (
+    GenerationRequest,
+    GenerationSettings,
+    encode_requests,
+    eos_token_ids,
+    generate,
+)
 from dama_engine.forward.logprobs import pair_log_probs
 from dama_engine.forward.packing import set_pair_forward
 from dama_engine.forward.scoring import autocast, check_lengths, encode_batch, pair_log_probs_all
@@ -20,6 +26,8 @@ __all__ = [
     "compile_decoder_layers",
     "decoder_layers",
     "encode_batch",
+    "encode_requests",
+    "eos_token_ids",
     "generate",
     "pair_log_probs",
     "pair_log_probs_all",

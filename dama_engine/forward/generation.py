@@ -87,7 +87,8 @@ def _model_device_and_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     return device, dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the generation config's EOS ids, else the tokenizer's."""
     eos = getattr(unwrap_model(model).generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -108,7 +109,9 @@ def _seeded(seed: int, device: torch.device, enabled: bool) -> Iterator[None]:
         yield
 
 
-def _encode(processor: Any, requests: Sequence[GenerationRequest]) -> Any:
+def encode_requests(processor: Any, requests: Sequence[GenerationRequest]) -> Any:
+    """The batch's model inputs, left-padded (chat template with the generation prompt; BOS added unless the
+    template wrote it): what :func:`generate_token_ids` feeds ``generate``, and `dama infer` too."""
     texts = [
         processor.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         for request in requests
@@ -202,7 +205,7 @@ def generate_token_ids(
         raise ValueError("row_seeds: one seed per request, and only with sampling (temperature > 0)")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     device, dtype = _model_device_and_dtype(model)
     greedy = settings.model_copy(update={"temperature": 0.0})  # with row seeds the sampler draws, generate() argmaxes
     kwargs = _generation_kwargs(settings if row_seeds is None else greedy, pad_token_id)
@@ -214,7 +217,7 @@ def generate_token_ids(
         with _seeded(settings.seed, device, settings.sampling), eager():
             for start in range(0, len(requests), batch_size):
                 batch = requests[start : start + batch_size]
-                features = _encode(processor, batch)
+                features = encode_requests(processor, batch)
                 inputs = {
                     key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
                     for key, value in features.items()

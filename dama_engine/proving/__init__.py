@@ -16,7 +16,7 @@ from dama_engine.proving.ground import (
     training_values,
 )
 from dama_engine.proving.seeing_base import build_seeing_base, seeing_base_recipe
-from dama_engine.proving.shapes import make_demo_dataset
+from dama_engine.proving.shapes import DemoDataset, make_demo_dataset
 
 __all__ = [
     "BASE",
@@ -24,6 +24,7 @@ __all__ = [
     "PAIRS",
     "SCENES",
     "TRAINING",
+    "DemoDataset",
     "ProvingGround",
     "build_seeing_base",
     "default_root",

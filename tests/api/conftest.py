@@ -15,7 +15,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobstore import repository
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import Dataset
+from worker.serve import wait_until_answering
 
 ROOT = Path(__file__).resolve().parents[2]
 PEPPER = "test-pepper-" + secrets.token_hex(8)
@@ -55,6 +55,50 @@ class ApiServer:
     def files(self) -> set[str]:
         """Every file and folder under the artifact store (relative paths)."""
         return {str(path.relative_to(self.artifacts)) for path in self.artifacts.rglob("*")}
+
+
+SECRET = "test-inference-secret-0123456789abcdef"  # the API and the inference backend share it in the tests
+
+
+@dataclass
+class Infer:
+    url: str
+    log: Path
+
+
+def start_infer(tmp: Path, *, artifacts: Path, models: Path, **extra: str) -> Iterator[Infer]:
+    """``python -m worker.infer`` (what ``dama infer`` runs) on a free port, with :data:`SECRET`, serving the artifact
+    store at ``artifacts`` and building models into ``models``, until the generator is closed."""
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DAMA_")}
+    env.update(
+        DAMA_ARTIFACTS_DIR=str(artifacts),
+        DAMA_MODEL_CACHE_DIR=str(models),
+        DAMA_HOME=str(tmp / "home"),
+        DAMA_INFERENCE_SECRET=SECRET,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **extra,
+    )
+    log = tmp / "infer.log"
+    command = [sys.executable, "-m", "worker.infer", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answering(f"{url}/health", [process], timeout=60, log=log)
+        yield Infer(url, log)
+    finally:
+        stop_process(process, timeout=15)
+
+
+def stop_process(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _free_port() -> int:
@@ -91,26 +135,10 @@ def _start(
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ApiServer(f"http://127.0.0.1:{port}", Path(env["DAMA_ARTIFACTS_DIR"]), queue, env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the API server exited:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API server did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_until_answering(f"{server.url}/healthz", [process], timeout=30, log=log_path)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
         errors = log_path.read_text(errors="replace")
         if "Traceback" in errors:
             print(f"API server log ({log_path}):\n{errors}", file=sys.stderr)

@@ -41,6 +41,10 @@ SERVER_SETTINGS = {
     "DAMA_RATE_LIMIT": "",
     "DAMA_AUTH_FAILURE_LIMIT": "",
     "DAMA_ALLOW_REMOTE_CODE": "true",
+    # chat: no request or token limits, short answers (the backend answers fuzzed requests on a CPU)
+    "DAMA_CHAT_RATE_LIMIT": "",
+    "DAMA_CHAT_TOKEN_LIMIT": "",
+    "DAMA_CHAT_MAX_TOKENS": "8",
 }
 
 
@@ -86,6 +90,17 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "the operator's limits on rounds, running loops and sampling, the held-out set being another set than the "
         "sampled one, more than one round needing LoRA, and the referenced datasets' kind and the starting "
         "adapter's job state and base",
+    ),
+    Exclusion(
+        _ACCEPTANCE,
+        "POST /v1/chat/completions",
+        "the model must be one the tenant may call, the images must decode within the operator's limits, and "
+        "max_tokens within the operator's cap and the tenant's token limit",
+    ),
+    Exclusion(
+        _ACCEPTANCE,
+        "POST /playground/judge",
+        "the dataset must be a generative set and the row one of its preview rows",
     ),
     Exclusion(
         _ACCEPTANCE, "POST /webhooks", "which hosts a URL may name (not private or loopback addresses) is policy"

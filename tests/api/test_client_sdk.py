@@ -33,6 +33,8 @@ RESOURCES = (
     sdk.Webhooks,
     sdk.Keys,
     sdk.Models,
+    sdk.Chat,
+    sdk.UsageResource,
     sdk.HealthChecks,
 )
 

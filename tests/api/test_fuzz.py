@@ -27,7 +27,7 @@ from jobstore import repository
 from jobstore.db import make_engine, make_session_factory, session_scope
 from jobstore.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.api import fuzzing
-from tests.api.conftest import ROOT, ApiServer, _server_env, _start, create_key
+from tests.api.conftest import ROOT, SECRET, ApiServer, _server_env, _start, create_key, start_infer
 from tests.conftest import migrated_database
 
 # The run's budget: with start-up, seeding and teardown the test stays under 3 minutes. Longer runs by hand:
@@ -54,17 +54,23 @@ def fuzz_db(fuzz_pg_url: str) -> Iterator[sessionmaker[Session]]:
 
 @pytest.fixture(scope="module")
 def fuzz_server(fuzz_pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """The API with a real inference backend (``dama infer``, the built-in tiny models, answers of at most
+    DAMA_CHAT_MAX_TOKENS tokens), so fuzzed chat requests that pass the API's checks are answered."""
     tmp = tmp_path_factory.mktemp("api-fuzz")
     queue = f"test-fuzz-{secrets.token_hex(4)}"  # no worker consumes it: fuzzed jobs stay queued
-    env = _server_env(
-        fuzz_pg_url,
-        redis_url,
-        tmp / "artifacts",
-        queue,
-        DAMA_TEST_EGRESS_LOG=str(tmp / "egress.log"),
-        **fuzzing.SERVER_SETTINGS,
-    )
-    yield from _start(tmp, env, queue, runner=(str(Path(__file__).with_name("loopback_only.py")),))
+    cap = {"DAMA_CHAT_MAX_TOKENS": fuzzing.SERVER_SETTINGS["DAMA_CHAT_MAX_TOKENS"]}
+    for infer in start_infer(tmp, artifacts=tmp / "artifacts", models=tmp / "models", **cap):
+        env = _server_env(
+            fuzz_pg_url,
+            redis_url,
+            tmp / "artifacts",
+            queue,
+            DAMA_TEST_EGRESS_LOG=str(tmp / "egress.log"),
+            DAMA_INFERENCE_URL=f"{infer.url}/v1",
+            DAMA_INFERENCE_SECRET=SECRET,
+            **fuzzing.SERVER_SETTINGS,
+        )
+        yield from _start(tmp, env, queue, runner=(str(Path(__file__).with_name("loopback_only.py")),))
 
 
 def _forget_webhooks(db: sessionmaker[Session], tenant_name: str) -> int:

@@ -1,8 +1,9 @@
 """The web console in a real browser (Debian's headless Chromium via Selenium) against the real service: sign in,
 upload datasets (one hostile, one invalid), start a job from the form, watch it to 100% with charts that hold
-data, download the adapter, compare two jobs, follow an evaluation and a pair generation to their reports and a
-loop to its rounds' figures, open the API docs; then check that no request left the host and that the key is in no
-URL the browser requested and nowhere in the server's access log.
+data, download the adapter, compare two jobs, ask the base and the tuned job the same question in the playground
+(both answers streamed side by side, then judged against the row's objects), follow an evaluation and a pair
+generation to their reports and a loop to its rounds' figures, open the API docs; then check that no request left
+the host and that the key is in no URL the browser requested and nowhere in the server's access log.
 
 Set DAMA_CONSOLE_SCREENSHOTS=docs/images to refresh the README's screenshots.
 """
@@ -22,9 +23,10 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
-from dama_engine.proving.shapes import make_demo_dataset
+from dama_engine.proving.shapes import COLOURS, SHAPES, make_demo_dataset
 from tests.api.test_pair_generations import _archive
 from tests.console.browser import NetworkLog, chromium
 from tests.console.conftest import Service
@@ -60,6 +62,18 @@ def _broken(rows: list[dict[str, Any]]) -> None:
     del rows[1]["rejected"]
 
 
+def _scenes(folder: Path) -> Path:
+    """A generative set of 4 shapes scenes (rows with their objects, and the vocabulary), zipped to upload."""
+    demo = make_demo_dataset(folder, n_train=0, n_eval=0, n_generative=4, image_size=64)
+    target = folder / "scenes.zip"
+    with zipfile.ZipFile(target, "w") as bundle:
+        for path in (demo.generative_eval, demo.vocabulary):
+            bundle.write(path, path.name)
+        for image in sorted(demo.images_dir.glob("gen_*")):
+            bundle.write(image, f"images/{image.name}")
+    return target
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("console-data")
@@ -68,6 +82,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (folder / "prompts.zip").write_bytes(_archive(folder / "prompts"))
     return {
         "prompts": folder / "prompts.zip",
+        "scenes": _scenes(folder / "scenes"),
         "train": _zip(folder, demo.train, demo.images_dir, _hostile),
         "eval": _zip(folder, demo.eval, demo.images_dir, lambda rows: None),
         "broken": _zip(folder / "demo", demo.train, demo.images_dir, _broken),
@@ -275,6 +290,107 @@ def compare(driver: Any, job_ids: list[str]) -> None:
     screenshot(driver, "compare")
 
 
+def check_playground(driver: Any, service: Service, api: httpx.Client, job_ids: list[str], scenes: Path) -> None:
+    """The base on the left and the DAMA job on the right asked about a generative row's image: both answers
+    stream into their columns, then the CHAIR matcher's judgement marks them."""
+    service.wait_for_infer()
+    uploaded = api.post("/datasets", files={"file": ("scenes.zip", scenes.read_bytes())}, data={"format": "generative"})
+    assert uploaded.status_code == 201, uploaded.text
+    dataset_id = uploaded.json()["id"]
+    row = api.get(f"/datasets/{dataset_id}/rows", params={"offset": 1, "limit": 1}).json()["data"][0]
+    driver.get(driver.current_url.split("#")[0] + "#/playground")
+    wait(driver, lambda d: css(d, "#playground-image")[0].get_attribute("src"), what="the playground's first row")
+    assert css(driver, 'a[data-nav="playground"]')[0].get_attribute("class") == "active"
+    left, right = Select(css(driver, "#playground-left")[0]), Select(css(driver, "#playground-right")[0])
+    # defaults: a base on the left, the newest tuned model (the DPO job, created second) on the right
+    assert left.first_selected_option.get_attribute("value") == "dama/tiny-llava"
+    assert right.first_selected_option.get_attribute("value") == job_ids[1]
+    right.select_by_value(job_ids[0])
+    Select(css(driver, "#playground-dataset")[0]).select_by_value(dataset_id)
+    css(driver, "#playground-row")[0].clear()
+    css(driver, "#playground-row")[0].send_keys("2", Keys.TAB)
+    wait(
+        driver,
+        lambda d: (
+            css(d, "#playground-prompt")[0].get_attribute("value") == row["prompt"]
+            and "row 2 " in css(d, "#playground-image-note")[0].text
+            and d.execute_script("const i = document.getElementById('playground-image');return i.naturalWidth > 0")
+        ),
+        what="row 2's image and prompt",
+    )
+    css(driver, "#playground-max-tokens")[0].clear()
+    css(driver, "#playground-max-tokens")[0].send_keys("16")
+    css(driver, "#playground-ask")[0].click()
+    done = '#playground-answer-{} .playground-answer[data-state="done"]'
+    wait(driver, lambda d: css(d, done.format("left")) and css(d, done.format("right")), timeout=120, what="answers")
+    answers = {side: css(driver, done.format(side))[0].text.strip() for side in ("left", "right")}
+    assert all(answers.values()), answers
+    assert css(driver, "#playground-answer-right h2")[0].text == job_ids[0]
+    marks = wait(driver, lambda d: css(d, "#playground-marks[data-state]"), timeout=60, what="the judgement")[0]
+    assert marks.get_attribute("data-state") == "done", marks.text
+    assert "CHAIR matcher, run by the inference backend" in marks.text
+    objects = set(row["objects"])
+    assert set(css(driver, "#playground-objects")[0].text.split(": ", 1)[1].split(", ")) == objects
+
+    def listed(side: str, kind: str) -> set[str]:
+        text = css(driver, f"#playground-answer-{side} .judged-{kind}")[0].text.split(": ", 1)[1]
+        return set() if text == "none" else set(text.split(", "))
+
+    for side in ("left", "right"):
+        assert listed(side, "covered") | listed(side, "missed") == objects, side
+        assert not listed(side, "covered") & listed(side, "missed"), side
+        marked = css(driver, f"#playground-answer-{side} mark.mention.hallucinated")
+        assert {mark.get_attribute("data-object") for mark in marked} <= listed(side, "hallucinated"), side
+    # No screenshot: the random models name no objects; docs/images/console-playground.png shows the demo's seeing
+    # base and its DAMA job on a held-out scene.
+    # The tiny random models name no objects: the page's marking is checked on a written answer, judged by the
+    # service (its offsets count code points: the emoji before the mentions is one character there, two in JS).
+    present = row["objects"][0]
+    absent = next(f"{c} {shape}" for c in COLOURS for shape in SHAPES if f"{c} {shape}" not in objects)
+    answer = f"\N{EYES} I see a {present} and a {absent}."
+    marked = driver.execute_async_script(
+        """
+        const [datasetId, row, answer, done] = arguments;
+        Promise.all([import("/console/static/api.js"), import("/console/static/pages/playground.js")])
+          .then(async ([{ api }, { markedAnswer }]) => {
+            const body = { dataset_id: datasetId, row, answers: [answer] };
+            const result = await api("/playground/judge", { method: "POST", json: body });
+            const p = document.createElement("p");
+            p.append(...markedAnswer(answer, result.judgements[0]));
+            const marks = [...p.querySelectorAll("mark")].map((m) => [m.className, m.textContent]);
+            done({ text: p.textContent, marks });
+          })
+          .catch((error) => done({ error: String(error) }));
+        """,
+        dataset_id,
+        2,
+        answer,
+    )
+    assert marked.get("text") == answer, marked
+    assert marked["marks"] == [["mention grounded", present], ["mention hallucinated", absent]], marked
+    # an image file instead: read in the page (a data URI for the request), shown as a blob: URL
+    css(driver, "#playground-source-file")[0].click()
+    css(driver, "#playground-file")[0].send_keys(str(scenes.parent / "images" / "gen_00000.png"))
+    wait(
+        driver,
+        lambda d: (
+            "gen_00000.png" in css(d, "#playground-image-note")[0].text
+            and css(d, "#playground-image")[0].get_attribute("src").startswith("blob:")
+        ),
+        what="the uploaded image",
+    )
+    # a job page can link here with both models chosen
+    driver.get(driver.current_url.split("#")[0] + f"#/playground?left={job_ids[1]}&right={job_ids[0]}")
+    wait(
+        driver,
+        lambda d: (
+            Select(css(d, "#playground-left")[0]).first_selected_option.get_attribute("value") == job_ids[1]
+            and Select(css(d, "#playground-right")[0]).first_selected_option.get_attribute("value") == job_ids[0]
+        ),
+        what="the linked models",
+    )
+
+
 def check_evaluation(driver: Any, api: httpx.Client, job_id: str, held_out: str) -> None:
     spec = {"model": "dama/tiny-llava", "adapter_job_id": job_id, "preference_dataset_id": held_out}
     created = api.post("/evaluations", json=spec)
@@ -408,6 +524,7 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     compare(driver, [job_id, dpo.json()["id"]])
+    check_playground(driver, service, api, [job_id, dpo.json()["id"]], files["scenes"])
     check_evaluation(driver, api, job_id, held_out)
     check_pair_generation(driver, api, files["prompts"])
     check_loop(driver, api, files["prompts"])
@@ -424,6 +541,9 @@ def test_console_in_a_browser(service: Service, files: dict[str, Path], browser:
     streams = [r for r in network.requests.values() if "/events" in r["url"]]
     assert streams and all(r["headers"].get("Accept") == "text/event-stream" for r in streams)
     assert all(r["headers"].get("Authorization") == f"Bearer {service.key}" for r in streams)
+    chats = [r for r in network.requests.values() if r["url"].endswith("/v1/chat/completions")]
+    assert len(chats) == 2 and all(r["headers"].get("Authorization") == f"Bearer {service.key}" for r in chats)
+    assert not [entry for entry in network.console if "Uncaught" in entry["message"]]  # no script error on any page
     assert driver.execute_script("return localStorage.length") == 0  # the key is kept for the tab only
     driver.get(f"{service.url}/console/#/jobs")
     wait(driver, lambda d: css(d, "#sign-out")[0].is_displayed(), what="signed in")

@@ -4,4 +4,5 @@ COMPOSE_COMMANDS: dict[str, list[str]] = {
     "migrate": ["dama", "migrate"],
     "api": ["dama", "api"],
     "worker": ["dama", "worker"],
+    "infer": ["dama", "infer"],
 }

@@ -23,6 +23,7 @@ from dama_engine.data.matcher import (
     as_vocabulary,
     chair,
     chair_samples,
+    mark_response,
     plural_forms,
 )
 from dama_engine.data.validation import DataError
@@ -159,6 +160,21 @@ def test_attribute_vocabulary_of_the_demo() -> None:
     [bare] = chair_samples(["A purple circle."], [["circle"]], VOCABULARY)
     assert bare.hallucinated == ()
     assert bare.covered == ("circle",)
+
+
+def test_mark_response_gives_each_mention_its_span_and_verdict() -> None:
+    answer = "A crimson disc, a circle and a green square."
+    marked = mark_response(answer, ["red circle", "blue square"], VOCABULARY)
+    spans = [(m["start"], m["end"], m["text"], m["object"], m["hallucinated"]) for m in marked["mentions"]]
+    assert spans == [
+        (2, 14, "crimson disc", "red circle", False),  # a synonym of the true red circle
+        (18, 24, "circle", "circle", False),  # a bare repeat: grounded, marked where it is written
+        (31, 43, "green square", "green square", True),
+    ]
+    assert all(answer[start:end] == text for start, end, text, _, _ in spans)
+    assert marked["hallucinated"] == ["green square"]
+    assert marked["covered"] == ["red circle"]
+    assert marked["missed"] == ["blue square"]
 
 
 def test_vocabulary_problems_are_reported() -> None:

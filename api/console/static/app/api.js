@@ -32,7 +32,8 @@ function headers(extra = {}) {
   return key ? { Authorization: `Bearer ${key}`, ...extra } : { ...extra };
 }
 
-async function failure(response) {
+/** The ApiError of a failed response (a 401 also tells the console to sign in again). */
+export async function failure(response) {
   let body = null;
   try {
     body = await response.json();

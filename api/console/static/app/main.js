@@ -10,6 +10,7 @@ import { jobPage } from "./pages/job.js";
 import { jobsPage, newJobPage } from "./pages/jobs.js";
 import { loopPage, loopsPage } from "./pages/loops.js";
 import { pairGenerationPage, pairGenerationsPage } from "./pages/pair_generations.js";
+import { playgroundPage } from "./pages/playground.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -28,6 +29,7 @@ const ROUTES = [
   [/^\/pair-generations\/([\w-]+)$/, pairGenerationPage, "pair-generations"],
   [/^\/loops$/, loopsPage, "loops"],
   [/^\/loops\/([\w-]+)$/, loopPage, "loops"],
+  [/^\/playground$/, playgroundPage, "playground"],
 ];
 
 let current = null;
