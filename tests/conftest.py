@@ -26,7 +26,30 @@ os.environ.setdefault("DAMA_TORCH_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", os.environ["DAMA_TORCH_THREADS"])
 
 PG_ADMIN_URL = os.environ.get("DAMA_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("DAMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def _worker_redis_url(url: str, worker: str | None) -> str:
+    """``url`` with its database number moved up by the pytest-xdist worker's index (gw0: +0, gw1: +1, ...), so
+    parallel workers never share a Redis database (rate-limit counters, Celery queues, locks)."""
+    if not worker or not worker.startswith("gw"):
+        return url
+    base, _, number = url.rpartition("/")
+    if not number.isdigit():
+        return url
+    return f"{base}/{int(number) + int(worker[2:])}"
+
+
+REDIS_URL = _worker_redis_url(
+    os.environ.get("DAMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9"), os.environ.get("PYTEST_XDIST_WORKER")
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``, the README's test command) every test that uses the proving ground
+    runs on one worker, so the session builds it once (a few minutes) instead of once per worker."""
+    for item in items:
+        if "proving_ground" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("proving_ground"))
 
 
 def _pg_url(database: str) -> str:
