@@ -261,6 +261,8 @@ RULES: dict[tuple[str, str], list[str]] = {
         "generative_dataset_id is a generative set of this tenant (else 404, or 422 dataset_not_generative); "
         "init_adapter names a job of this tenant on the same base model that succeeded, or a kept checkpoint of it "
         "(else 404 or 422)",
+        "judge: a judge this service defines (else 400 unknown_judge), given for a prompt set (else 400 "
+        "judge_required) and only for one (else 400 judge_not_needed)",
     ],
     ("post", "/loops"): [
         "rounds at most the operator's DAMA_LOOPS_MAX_ROUNDS (else 422 rounds_over_limit); at most "

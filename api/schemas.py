@@ -26,7 +26,7 @@ def _as_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
-DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai", "generative"]
+DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai", "generative", "prompts"]
 
 _TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
 _DATASET_ID = "ds_0194b1c2d3e4a1b2c3d4e5f6"
@@ -151,9 +151,10 @@ class DatasetUpload(BaseModel):
     )
     format: DatasetFormat = Field(
         default="auto",
-        description="Row format: trl, rlaif_v, openai or generative (an evaluation set for POST /evaluations); "
-        "auto tells them apart by the rows' columns (rows with objects and no chosen, beside a vocabulary.json: "
-        "generative).",
+        description="Row format: trl, rlaif_v, openai, generative (an evaluation set for POST /evaluations) or "
+        "prompts (images and prompts without objects, for POST /pair-generations with a judge); auto tells them "
+        "apart by the rows' columns (beside a vocabulary.json, rows with objects and no chosen: generative; rows "
+        "with image and prompt, none with objects or chosen: prompts).",
         examples=["auto"],
     )
 

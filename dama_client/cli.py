@@ -412,6 +412,8 @@ def _pairs_generate(client: Client, args: argparse.Namespace) -> int:
     spec.update({key: value for key, value in options.items() if value is not None})
     if args.adapter:
         spec["init_adapter"] = args.adapter
+    if args.judge:
+        spec["judge"] = args.judge
     run = client.pair_generations.create(model=args.model, generative_dataset_id=args.dataset, **spec)
     if not args.follow:
         _emit(args, run)
@@ -849,7 +851,10 @@ def add_commands(commands: Any) -> None:
     pairs = group("pairs", "preference pairs sampled from your model on a generative set")
     generate = leaf(pairs, "generate", _pairs_generate, "start a pair generation (--follow: to its end)")
     generate.add_argument("--model", required=True, help="base model (a hub id or dama/tiny-*)")
-    generate.add_argument("--dataset", required=True, help="generative dataset id (image, prompt, objects)")
+    generate.add_argument(
+        "--dataset", required=True, help="generative dataset id (image, prompt, objects), or a prompt set's (--judge)"
+    )
+    generate.add_argument("--judge", default=None, help="for a prompt set: the service's judge that lists objects")
     generate.add_argument("--adapter", default=None, help="sample base + this job's adapter: job_... or job_...:STEP")
     generate.add_argument("--samples", type=int, default=None, help="samples per prompt (default 8)")
     generate.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")

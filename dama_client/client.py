@@ -464,8 +464,9 @@ class PairGenerations(RunResource[PairGeneration]):
     def create(
         self, *, model: str, generative_dataset_id: str, idempotency_key: str | None = None, **spec: Any
     ) -> PairGeneration:
-        """Sample pairs from ``model`` (``init_adapter`` for base + a job's adapter) on a generative dataset (the
-        body is a PairGenerationCreate: ``samples_per_prompt``, ``temperature``, ``max_prompts``... as keywords)."""
+        """Sample pairs from ``model`` (``init_adapter`` for base + a job's adapter) on a generative dataset, or on a
+        prompt set with ``judge`` (the body is a PairGenerationCreate: ``samples_per_prompt``, ``temperature``,
+        ``max_prompts``, ``judge``... as keywords)."""
         body = _drop_none({"model": model, "generative_dataset_id": generative_dataset_id, **spec})
         key = idempotency_key or new_idempotency_key()
         return self._post(PairGeneration, "/pair-generations", json=body, idempotency_key=key)

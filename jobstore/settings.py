@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobstore.judges import JudgeName, JudgeTarget
 from jobstore.tracking import TargetName, TrackingTarget
 from jobstore.webhooks import DISABLE_AFTER, RETRY_SCHEDULE_S, parse_allowed_hosts
 
@@ -201,6 +202,17 @@ class Settings(BaseSettings):
         "to even though they are or resolve to private, loopback, link-local or reserved addresses. Empty: public "
         "addresses only.",
     )
+    judge_targets: dict[JudgeName, JudgeTarget] = Field(
+        default_factory=dict,
+        description="Judges pair generations may name for prompt sets without objects (JSON: name -> {url, model, "
+        "api_key_env, prompt, max_tokens, timeout_s, max_response_bytes, concurrency}); a key comes from the "
+        "workers' environment variable api_key_env names, never from here or a spec.",
+    )
+    judge_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated judge hosts allowed although they are or resolve to private, loopback, "
+        "link-local or reserved addresses (the webhooks' policy). Empty: public addresses only.",
+    )
     webhook_retry_schedule_s: str = Field(
         default=",".join(f"{delay:g}" for delay in RETRY_SCHEDULE_S),
         description="Seconds before each retry of a failed webhook delivery, comma-separated (the first attempt "
@@ -344,6 +356,10 @@ class Settings(BaseSettings):
     @property
     def allowed_webhook_hosts(self) -> frozenset[str]:
         return parse_allowed_hosts(self.webhook_allowed_hosts)
+
+    @property
+    def allowed_judge_hosts(self) -> frozenset[str]:
+        return parse_allowed_hosts(self.judge_allowed_hosts)
 
     @property
     def resolved_api_key_pepper(self) -> str:

@@ -15,6 +15,7 @@ from dama_settings.names import CompileMode, EmaSource, FilterScope, FilterStd, 
 from dama_settings.names import Method as Method
 from dama_settings.presets import PRESETS, with_preset
 from dama_settings.rules import too_small_filter_group
+from jobstore.judges import JudgeName
 
 # Names under this prefix are the service's own models: only those below exist (anything else is a typo).
 BUILTIN_PREFIX = "dama/"
@@ -342,7 +343,8 @@ class PairGenerationCreate(_Spec):
     model: ModelName = Field(description=_MODEL_DESCRIPTION + " With init_adapter, that training job's base.")
     generative_dataset_id: ObjectId = Field(
         description="The prompts: a generative dataset (format 'generative': image, prompt, objects, with its "
-        "vocabulary.json); every sample is judged against its row's objects with that vocabulary.",
+        "vocabulary.json); every sample is judged against its row's objects with that vocabulary. Or a prompt set "
+        "(format 'prompts': image and prompt, with its vocabulary.json) with a judge that lists the objects.",
         examples=["ds_0192a0c1d2e3f4a5b6c7d9"],
     )
     init_adapter: str | None = Field(
@@ -388,6 +390,14 @@ class PairGenerationCreate(_Spec):
         description="Prompts per generate call (each call answers prompts_per_batch x samples_per_prompt rows): "
         "lower it when GPU memory is short.",
         examples=[4],
+    )
+    judge: JudgeName | None = Field(
+        default=None,
+        description="For a prompt set (format 'prompts': images and prompts, no objects): a judge this service's "
+        "operator defines (an unknown name is answered with the known ones) that lists each image's objects, "
+        "matched onto the set's vocabulary; naming it consents to sending the set's images there. Null for a set "
+        "with objects.",
+        examples=[None],
     )
     dataset_name: str | None = Field(
         default=None,

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dama_engine.config import ConfigError, ModelSection, TrainConfig, parse_config
 from dama_engine.data import find_generative_files
@@ -62,6 +63,7 @@ from jobstore.spec import (
     JobSpec,
     PairGenerationCreate,
 )
+from jobstore.webhooks import RefusedTarget, pinned_address
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +200,16 @@ def starting_adapter(spec: JobSpec | PairGenerationCreate, *, job_id: str, store
     return target
 
 
-def generative_files(store: ArtifactStore, dataset_id: str, role: str) -> tuple[Path, Path]:
-    """The generative evaluation set's JSONL file and vocabulary in dataset ``dataset_id``'s folder."""
+def generative_files(store: ArtifactStore, dataset_id: str, role: str, *, labelled: bool = True) -> tuple[Path, Path]:
+    """The generative evaluation set's (``labelled=False``: the prompt set's) JSONL file and vocabulary in dataset
+    ``dataset_id``'s folder."""
     folder = _existing_dataset(store, dataset_id, role)
-    found = find_generative_files(folder)
+    found = find_generative_files(folder, labelled=labelled)
     if found is None:
+        what = "image, prompt and objects" if labelled else "image and prompt"
         raise DatasetMissing(
-            f"{role} dataset {dataset_id} is not a generative evaluation set (a JSONL file of image, prompt and "
-            "objects beside vocabulary.json)"
+            f"{role} dataset {dataset_id} is not a {'generative evaluation' if labelled else 'prompt'} set (a JSONL "
+            f"file of {what} beside vocabulary.json)"
         )
     return found
 
@@ -463,17 +467,43 @@ class StagedPairs:
     generative: Path
     vocabulary: Path
     init_adapter: Path | None = None
+    judge: dict[str, Any] | None = None  # the engine's judge config (its key from this worker's environment)
+    judge_address: str | None = None  # the judge host's address, checked against the policy: connect there
 
 
 def stage_pair_inputs(
     spec: PairGenerationCreate, *, job_id: str, store: ArtifactStore, settings: Settings
 ) -> StagedPairs:
-    """Fetch the generative set, build a built-in base model and copy the starting adapter (raises
-    :class:`DatasetMissing` or the engine's ``ConfigError``)."""
+    """Fetch the generative set (or prompt set), build a built-in base model, copy the starting adapter, and for a
+    judge, resolve its host once and check the address (raises :class:`DatasetMissing` or the engine's
+    ``ConfigError``)."""
+    judge, judge_address = judge_target(spec.judge, settings) if spec.judge is not None else (None, None)
     model_path = _built_in_model(spec.model, spec.trust_remote_code, settings)
-    generative, vocabulary = generative_files(store, spec.generative_dataset_id, "generative")
+    generative, vocabulary = generative_files(
+        store, spec.generative_dataset_id, "generative", labelled=spec.judge is None
+    )
     init_adapter = starting_adapter(spec, job_id=job_id, store=store) if spec.init_source is not None else None
-    return StagedPairs(model_path, generative, vocabulary, init_adapter)
+    return StagedPairs(model_path, generative, vocabulary, init_adapter, judge, judge_address)
+
+
+def judge_target(name: str, settings: Settings) -> tuple[dict[str, Any], str]:
+    """A judge target's engine config and the address to reach it at: its host resolved once, every address
+    checked against the webhooks' policy with ``DAMA_JUDGE_ALLOWED_HOSTS`` (:mod:`jobstore.judges`)."""
+    target = settings.judge_targets.get(name)
+    if target is None:
+        raise ConfigError(f"judge: {name!r} is no longer a judge of this service (DAMA_JUDGE_TARGETS)")
+    parts = urlsplit(target.url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        address = pinned_address(
+            (parts.hostname or "").lower(),
+            port,
+            allowed_hosts=settings.allowed_judge_hosts,
+            setting="DAMA_JUDGE_ALLOWED_HOSTS",
+        )
+    except RefusedTarget as error:
+        raise ConfigError(f"judge {name!r}: {error}") from None
+    return target.engine_values(name), address
 
 
 def pairs_output_dir(store: ArtifactStore, job_id: str) -> Path:
@@ -500,6 +530,7 @@ def pairs_config(spec: PairGenerationCreate, staged: StagedPairs, *, output_dir:
             "seed": spec.seed,
         },
         "sampling": {"samples_per_prompt": spec.samples_per_prompt, "prompts_per_batch": spec.prompts_per_batch},
+        "judge": staged.judge,
         "output_dir": str(output_dir.resolve()),
     }
     return parse_pairs_config(values)

@@ -460,7 +460,7 @@ class EvaluationReporter(JobReporter):
     and progress as the share of its model passes done (each ``log_probs`` / ``generating`` stage is one pass of
     one model; ``passes`` is how many the run makes), with an ETA from the rate so far."""
 
-    PASS_STAGES = ("log_probs", "generating")
+    PASS_STAGES: tuple[str, ...] = ("log_probs", "generating")
 
     def __init__(self, *, passes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -501,10 +501,13 @@ class EvaluationReporter(JobReporter):
 
 class PairGenerationReporter(EvaluationReporter):
     """The callback of a pair generation (``dama_engine.pairs.generate_pairs``): one pass, its ``generating``
-    stage, whose progress (prompts sampled of the prompts) is also the run's step of total steps."""
+    stage, whose progress (prompts sampled of the prompts) is also the run's step of total steps; with a judge
+    (``listing``), its ``listing_objects`` stage (images listed of the images) is a first pass."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(passes=1, **kwargs)
+    def __init__(self, *, listing: bool = False, **kwargs: Any) -> None:
+        super().__init__(passes=2 if listing else 1, **kwargs)
+        if listing:
+            self.PASS_STAGES = (*self.PASS_STAGES, "listing_objects")
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
         if stage == "generating":

@@ -39,8 +39,9 @@ per-sample generations, the per-pair scores and the chart are registered as arti
 ``eval_pairs``, ``eval_chart``). Errors, cancellation and shutdown are handled as for training.
 
 Pair generations (``job.kind == "pair_generation"``, :func:`_run_pair_generation`) run
-:func:`dama_engine.pairs.generate_pairs`: stages ``validating``, ``loading_model``, ``generating`` (step = prompts
-done), ``writing``. On success the pairs are moved into the dataset store (:mod:`worker.pair_dataset`) and their
+:func:`dama_engine.pairs.generate_pairs`: stages ``validating``, ``listing_objects`` (with a judge: its host
+resolved and checked once, then one request per image), ``loading_model``, ``generating`` (step = prompts done),
+``writing``. On success the pairs are moved into the dataset store (:mod:`worker.pair_dataset`) and their
 dataset row is created in the transaction that records the success (and counted against the tenant's storage
 there): a run that dies first leaves no dataset. The per-sample file, the report and its chart are artifacts
 (``pairs_samples``, ``pairs_report``, ``pairs_chart``); ``result`` holds ``dataset_id`` and the report. No prompt
@@ -334,7 +335,7 @@ def _run(
     if claimed.kind == EVALUATION:
         reporter = EvaluationReporter(passes=evaluation_passes(claimed.spec), **common)
     elif claimed.kind == PAIR_GENERATION:
-        reporter = PairGenerationReporter(**common)
+        reporter = PairGenerationReporter(listing=bool(claimed.spec.get("judge")), **common)
     watchdog = None
     if settings.stall_timeout_s is not None:
         watchdog = StallWatchdog(
@@ -502,7 +503,8 @@ def _run_pair_generation(
             _announce_build(spec.model, reporter, settings)
             staged = stage_pair_inputs(spec, job_id=job_id, store=store, settings=settings)
             output_dir = pairs_output_dir(store, job_id)
-            outcome = generate_pairs(pairs_config(spec, staged, output_dir=output_dir), reporter)
+            config = pairs_config(spec, staged, output_dir=output_dir)
+            outcome = generate_pairs(config, reporter, judge_address=staged.judge_address)
     except JobStopped:
         outcome = None
     except Exception as error:

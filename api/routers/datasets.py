@@ -39,7 +39,8 @@ _UPLOAD_BODY = {
     "file (images embedded as base64 or data URIs) or a .zip / .tar / .tar.gz archive of a data file plus the "
     "images it references by relative path. A generative evaluation set (for POST /evaluations) is an archive "
     "of a JSONL file of {image, prompt, objects} rows, vocabulary.json and the images; it is stored with format "
-    "'generative'. Every row is checked; a dataset with any problem is rejected (422, "
+    "'generative'. A prompt set (for POST /pair-generations with a judge) is the same without objects: format "
+    "'prompts'. Every row is checked; a dataset with any problem is rejected (422, "
     "every problem listed with its row number and field) and nothing is stored. Returns 200 instead of 201 when an "
     "Idempotency-Key replays an earlier upload.",
     openapi_extra=_UPLOAD_BODY,

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 TRAINING = repository.TRAINING
 TRAINING_ENDPOINT = "POST /jobs"
 GENERATIVE_FORMAT = "generative"  # the format of a generative evaluation dataset (dama_engine.data.check)
+PROMPTS_FORMAT = "prompts"  # a generative set without objects: a pair generation's judge lists them
 
 
 def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:
@@ -43,18 +44,25 @@ def get_tenant_job(session: Session, *, tenant_id: str, job_id: str, kind: str =
 
 
 def check_dataset(
-    session: Session, *, tenant_id: str, dataset_id: str, param: str, generative: bool = False
+    session: Session, *, tenant_id: str, dataset_id: str, param: str, generative: bool = False, prompts: bool = False
 ) -> Dataset:
     """404 unless the tenant owns the dataset, 422 unless it is of the right kind (a generative evaluation set
-    when ``generative``, preference pairs otherwise); holds a share lock on it (Postgres) until the job commits,
-    so a concurrent delete either sees the new job or happens first."""
+    when ``generative`` -- or a prompt set too, when ``prompts`` --, preference pairs otherwise); holds a share lock
+    on it (Postgres) until the job commits, so a concurrent delete either sees the new job or happens first."""
     dataset = repository.get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id, param=param)
     if not repository.lock_dataset(session, dataset=dataset, shared=True):  # deleted while we waited for the lock
         raise not_found("dataset", dataset_id, param=param)
-    is_generative = dataset.format == GENERATIVE_FORMAT
-    if generative and not is_generative:
+    if generative and dataset.format == PROMPTS_FORMAT and not prompts:
+        raise ApiError(
+            422,
+            "dataset_not_generative",
+            f"{param}: dataset {dataset_id} is a prompt set (images and prompts, no objects); this needs the objects "
+            "of each image: give a generative dataset (image, prompt and objects plus vocabulary.json)",
+            param=param,
+        )
+    if generative and dataset.format not in (GENERATIVE_FORMAT, PROMPTS_FORMAT):
         raise ApiError(
             422,
             "dataset_not_generative",
@@ -63,12 +71,12 @@ def check_dataset(
             "with POST /datasets)",
             param=param,
         )
-    if not generative and is_generative:
+    if not generative and dataset.format in (GENERATIVE_FORMAT, PROMPTS_FORMAT):
+        kind = "a generative evaluation set" if dataset.format == GENERATIVE_FORMAT else "a prompt set"
         raise ApiError(
             422,
             "dataset_is_generative",
-            f"{param}: dataset {dataset_id} is a generative evaluation set; it can only be used as "
-            "a generative_dataset_id",
+            f"{param}: dataset {dataset_id} is {kind}; it can only be used as a generative_dataset_id",
             param=param,
         )
     return dataset

@@ -1,20 +1,29 @@
 """Pair generations: jobs of kind ``pair_generation`` (id prefix ``pgen_``), created, enqueued, claimed, run,
 cancelled and recovered exactly like a training job (:mod:`api.services.jobs`), never visible under ``/jobs``.
 
-A worker samples answers from the model on a generative set, judges each against the row's objects and registers
+A worker samples answers from the model on a generative set (or on a prompt set, whose objects the named judge
+lists first: :mod:`jobstore.judges`), judges each against the row's objects and registers
 the pairs as a preference dataset of the tenant in the same transaction as the run's success
 (:mod:`worker.pair_dataset`); the run's GET names it.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError
-from api.services.jobs import check_dataset, check_init_adapter, check_model_name, get_tenant_job, submit_job
+from api.services.jobs import (
+    PROMPTS_FORMAT,
+    check_dataset,
+    check_init_adapter,
+    check_model_name,
+    get_tenant_job,
+    submit_job,
+)
 from api.services.outputs import succeeded_run_output
 from jobstore import repository
 from jobstore.models import Dataset, Job
@@ -68,6 +77,37 @@ def check_limits(settings: Settings, spec: PairGenerationCreate, dataset: Datase
         )
 
 
+def check_judge(settings: Settings, spec: PairGenerationCreate, dataset: Dataset) -> None:
+    """400 for an unknown judge, a prompt set without a judge, or a judge for a set that has its objects."""
+    known = sorted(settings.judge_targets)
+    listed = ", ".join(known) if known else "none are defined (DAMA_JUDGE_TARGETS)"
+    if spec.judge is not None and spec.judge not in settings.judge_targets:
+        close = difflib.get_close_matches(spec.judge, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ApiError(
+            400,
+            "unknown_judge",
+            f"judge: {spec.judge!r} is not a judge of this service; {hint}its judges: {listed}",
+            param="judge",
+        )
+    if dataset.format == PROMPTS_FORMAT and spec.judge is None:
+        raise ApiError(
+            400,
+            "judge_required",
+            f"judge: dataset {dataset.id} is a prompt set (images and prompts, no objects): name the judge that "
+            f"lists each image's objects ({listed}), or upload the set with its objects (format 'generative')",
+            param="judge",
+        )
+    if dataset.format != PROMPTS_FORMAT and spec.judge is not None:
+        raise ApiError(
+            400,
+            "judge_not_needed",
+            f"judge: dataset {dataset.id} carries each image's objects (format {dataset.format}); a judge lists "
+            "objects only for a prompt set (format 'prompts'): leave judge out",
+            param="judge",
+        )
+
+
 def create_pair_generation(
     session: Session, services: Services, *, tenant_id: str, spec: PairGenerationCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
@@ -77,8 +117,14 @@ def create_pair_generation(
     def check() -> None:
         check_model_name(spec.model)
         dataset = check_dataset(
-            session, tenant_id=tenant_id, dataset_id=spec.generative_dataset_id, param=DATASET_PARAM, generative=True
+            session,
+            tenant_id=tenant_id,
+            dataset_id=spec.generative_dataset_id,
+            param=DATASET_PARAM,
+            generative=True,
+            prompts=True,
         )
+        check_judge(services.settings, spec, dataset)
         check_limits(services.settings, spec, dataset)
         if spec.init_adapter is not None:
             start = JobSpec(model=spec.model, dataset_id=spec.generative_dataset_id, init_adapter=spec.init_adapter)

@@ -12,14 +12,21 @@ A minimal config (fields: :class:`dama_engine.pairs.PairsConfig`)::
     sampling: {samples_per_prompt: 8, prompts_per_batch: 4}
     output_dir: runs/demo/pairs
 
-A progress bar counts prompts; the end prints the report's counts. Files: ``OUTPUT/dataset/`` (the preference
-dataset, TRL format: ``dama-train data.train=OUTPUT/dataset``), ``OUTPUT/samples.jsonl``, ``OUTPUT/report.json``,
-``OUTPUT/report.png``. Bad config values or data, and a run where no prompt yields a pair, stop with a message
-saying what to change (exit status 2).
+For a prompt set (image and prompt, no objects), name a judge that lists each image's objects (any OpenAI-compatible
+chat endpoint; its key from ``DAMA_JUDGE_API_KEY`` when ``judge.api_key`` is unset)::
+
+    judge: {url: https://judge.example/v1, model: my-vlm, prompt: "List the objects you see, comma-separated."}
+
+A progress bar counts prompts (and images while the judge lists objects); the end prints the report's counts.
+Files: ``OUTPUT/dataset/`` (the preference dataset, TRL format: ``dama-train data.train=OUTPUT/dataset``),
+``OUTPUT/samples.jsonl``, ``OUTPUT/report.json``, ``OUTPUT/report.png``. Bad config values or data, a judge that
+answers for no image, and a run where no prompt yields a pair, stop with a message saying what to change (exit
+status 2).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, ClassVar
 
@@ -31,10 +38,10 @@ class PairsProgress(EvalProgress):
     """A line per stage and a tqdm bar over the prompts while generating."""
 
     command = "dama-pairs"
-    units: ClassVar[dict[str, str]] = {"generating": "prompt"}
+    units: ClassVar[dict[str, str]] = {"generating": "prompt", "listing_objects": "image"}
 
     def bar_total(self, info: dict[str, Any]) -> int | None:
-        return info.get("prompts")
+        return info.get("images", info.get("prompts"))
 
 
 def pairs_main(argv: list[str] | None = None) -> int:
@@ -45,6 +52,8 @@ def pairs_main(argv: list[str] | None = None) -> int:
     progress = PairsProgress()
     try:
         config = load_pairs_config(args.config, list(args.overrides))
+        if config.judge is not None and config.judge.api_key is None and os.environ.get("DAMA_JUDGE_API_KEY"):
+            config.judge.api_key = os.environ["DAMA_JUDGE_API_KEY"]  # the entry point reads the environment
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bar shows the prompts

@@ -13,8 +13,10 @@ A **generative evaluation set** (``dama_engine.data.matcher``: JSONL rows ``{"im
 ``vocabulary.json``, in a folder or an archive) is told apart from preference data by its rows: they carry
 ``objects`` and no ``chosen`` (or ``--format generative`` says so). It is checked with
 :func:`dama_engine.data.generative.load_generative_eval` and reported the same way, with ``"format": "generative"``
-and every bad line as ``{"row", "field", "code", "reason"}``. Nothing here imports torch (the check runs once per
-upload; ``dama_engine.evaluation`` would add seconds of torch / transformers / peft imports).
+and every bad line as ``{"row", "field", "code", "reason"}``. A **prompt set** (the same rows without ``objects``,
+for a pair generation whose judge lists the objects) is told apart the same way and reported as ``"prompts"``.
+Nothing here imports torch (the check runs once per upload; ``dama_engine.evaluation`` would add seconds of torch /
+transformers / peft imports).
 
 Bounds (the service passes its settings): every ``DataLimits`` field has an option; ``--max-memory-bytes`` caps the
 process's address space (RLIMIT_AS), and running out of it is reported, not crashed on; ``--parent-pid`` makes the
@@ -54,6 +56,7 @@ from dama_engine.data.rows import PreferenceRow
 from dama_engine.data.validation import DataLimits
 
 GENERATIVE = "generative"
+PROMPTS = "prompts"  # a generative set without objects (images and prompts; a judge lists the objects)
 MEMORY_LIMIT = "max_memory_bytes"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -64,18 +67,19 @@ def has_own_hardness(row: PreferenceRow) -> bool:
 
 
 def check_generative(
-    data_file: Path, vocabulary: Path, root: Path, limits: DataLimits
+    data_file: Path, vocabulary: Path, root: Path, limits: DataLimits, *, labelled: bool = True
 ) -> tuple[dict[str, Any], set[Path]]:
-    """The check's JSON for a generative evaluation set (every bad line listed with its line number), and the files
-    it uses (the JSONL file, the vocabulary and the images its lines name)."""
+    """The check's JSON for a generative evaluation set (``labelled=False``: a prompt set; every bad line listed
+    with its line number), and the files it uses (the JSONL file, the vocabulary and the images its lines name)."""
+    kind = GENERATIVE if labelled else PROMPTS
     check_file_size(vocabulary, limits.max_json_file_bytes, limit="max_json_file_bytes")
     total = sum(1 for _, raw in iter_lines(data_file, limits.max_line_bytes) if raw.strip())
     files = {"data_file": str(data_file.relative_to(root)), "vocabulary_file": str(vocabulary.relative_to(root))}
     try:
-        loaded = load_generative_eval(data_file, vocabulary, max_line_bytes=limits.max_line_bytes)
+        loaded = load_generative_eval(data_file, vocabulary, max_line_bytes=limits.max_line_bytes, labelled=labelled)
     except GenerativeEvalError as error:
         if not error.errors:  # the vocabulary, or the file as a whole
-            return {"ok": False, "format": GENERATIVE, "error": str(error).replace(str(root) + "/", "")}, set()
+            return {"ok": False, "format": kind, "error": str(error).replace(str(root) + "/", "")}, set()
         errors = [
             {"row": item["row"], "field": item.get("field"), "code": "invalid_generative_row", "reason": item["reason"]}
             for item in error.errors
@@ -83,18 +87,18 @@ def check_generative(
         invalid = len({item["row"] for item in errors})
         report = {
             "ok": False,
-            "format": GENERATIVE,
+            "format": kind,
             "total_rows": total,
             "valid_rows": total - invalid,
             "invalid_rows": invalid,
             "errors": errors,
         }
-        return {"ok": False, "format": GENERATIVE, "row_count": total, "report": report, **files}, set()
+        return {"ok": False, "format": kind, "row_count": total, "report": report, **files}, set()
     count = len(loaded.samples)
-    report = {"ok": True, "format": GENERATIVE, "total_rows": count, "valid_rows": count, "invalid_rows": 0}
+    report = {"ok": True, "format": kind, "total_rows": count, "valid_rows": count, "invalid_rows": 0}
     outcome = {
         "ok": True,
-        "format": GENERATIVE,
+        "format": kind,
         "row_count": count,
         "valid_rows": count,
         "image_count": count,
@@ -104,32 +108,42 @@ def check_generative(
     return outcome, {data_file, vocabulary, *_image_files(sample.image for sample in loaded.samples)}
 
 
-def _check_generative_path(path: Path, forced: bool, limits: DataLimits) -> tuple[dict[str, Any], set[Path]] | None:
-    """The generative check's JSON (and the files it uses) when ``path`` holds a generative set (or ``forced``),
-    else None (the caller then reads ``path`` -- the archive unpacked, when it was one -- as preference data)."""
+_EXPECTED_ROWS = {GENERATIVE: "image, prompt and objects", PROMPTS: "image and prompt (no objects)"}
+
+
+def _check_generative_path(
+    path: Path, forced: str | None, limits: DataLimits
+) -> tuple[dict[str, Any], set[Path]] | None:
+    """The generative check's JSON (and the files it uses) when ``path`` holds a generative set or a prompt set
+    (``forced``: the format the upload named, else either is looked for), else None (the caller then reads
+    ``path`` -- the archive unpacked, when it was one -- as preference data)."""
+    kinds = [forced] if forced else [GENERATIVE, PROMPTS]
     if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
-        if forced or looks_generative(path, limits):
-            return {
-                "ok": False,
-                "format": GENERATIVE,
-                "error": f"a generative evaluation set needs its {VOCABULARY_FILE}: upload a .zip / .tar.gz archive "
-                f"holding the JSONL file, {VOCABULARY_FILE} and the images",
-            }, set()
+        for kind in kinds:
+            if forced or looks_generative(path, limits, labelled=kind == GENERATIVE):
+                what = "a generative evaluation set" if kind == GENERATIVE else "a prompt set"
+                return {
+                    "ok": False,
+                    "format": kind,
+                    "error": f"{what} needs its {VOCABULARY_FILE}: upload a .zip / .tar.gz archive holding the JSONL "
+                    f"file, {VOCABULARY_FILE} and the images",
+                }, set()
         return None
     folder = path if path.is_dir() else None
     if folder is None:
         return None
-    found = find_generative_files(folder, limits)
-    if found is None:
-        if forced:
-            return {
-                "ok": False,
-                "format": GENERATIVE,
-                "error": f"no generative evaluation set found: expected one JSONL file of rows with image, prompt and "
-                f"objects, and {VOCABULARY_FILE} beside it",
-            }, set()
-        return None
-    return check_generative(found[0], found[1], folder, limits)
+    for kind in kinds:
+        found = find_generative_files(folder, limits, labelled=kind == GENERATIVE)
+        if found is not None:
+            return check_generative(found[0], found[1], folder, limits, labelled=kind == GENERATIVE)
+    if forced:
+        return {
+            "ok": False,
+            "format": forced,
+            "error": f"no {'generative evaluation' if forced == GENERATIVE else 'prompt'} set found: expected one "
+            f"JSONL file of rows with {_EXPECTED_ROWS[forced]}, and {VOCABULARY_FILE} beside it",
+        }, set()
+    return None
 
 
 def _image_files(images: Iterable[Any]) -> set[Path]:
@@ -165,8 +179,8 @@ def check(
             owned = None if extract_dir is not None else target
             extract_archive(path, target, limits=limits)
             source = target
-        if format in ("auto", GENERATIVE):
-            generative = _check_generative_path(source, format == GENERATIVE, limits)
+        if format in ("auto", GENERATIVE, PROMPTS):
+            generative = _check_generative_path(source, None if format == "auto" else format, limits)
             if generative is not None:
                 outcome, used = generative
                 if keep_only_used and outcome.get("ok") and source != path:
@@ -203,7 +217,7 @@ def bind_to_parent(parent_pid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dama_engine.data.check", description=__doc__)
     parser.add_argument("path", help="a data file, a folder or an archive")
-    parser.add_argument("--format", default="auto", help="auto, trl, rlaif_v, openai or generative")
+    parser.add_argument("--format", default="auto", help="auto, trl, rlaif_v, openai, generative or prompts")
     parser.add_argument("--extract-dir", help="unpack an archive here (kept); default: a temporary folder")
     parser.add_argument(
         "--keep-only-referenced", action="store_true", help="delete unpacked files no row references (when ok)"

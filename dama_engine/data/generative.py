@@ -10,6 +10,10 @@ measured. Torch-free: ``python -m dama_engine.data.check`` validates every gener
 ``image`` is a path relative to the file's folder (it must stay inside it) or a base64 data URI; ``prompt`` is the
 user's text (the image comes first in the user turn); ``objects`` lists the objects truly in the image, by vocabulary
 name or synonym (possibly empty); ``id`` is optional (default: the line number) and must be unique.
+
+A **prompt set** (format ``prompts``) is the same without ``objects``: images and prompts only, beside the
+``vocabulary.json`` a judge's names are matched onto (:mod:`dama_engine.pairs.labels`). Read it with
+``load_generative_eval(..., labelled=False)``: its samples' ``objects`` are empty until a judge fills them.
 """
 
 from __future__ import annotations
@@ -58,10 +62,15 @@ class GenerativeEvalSet:
 
 
 def load_generative_eval(
-    path: str | Path, vocabulary_path: str | Path, *, max_line_bytes: int = DataLimits.max_line_bytes
+    path: str | Path,
+    vocabulary_path: str | Path,
+    *,
+    max_line_bytes: int = DataLimits.max_line_bytes,
+    labelled: bool = True,
 ) -> GenerativeEvalSet:
     """Read a generative eval JSONL file and its vocabulary (formats in the module docstring), a line at a time
-    (:class:`~dama_engine.data.lines.DataLimitError` at a line over ``max_line_bytes``).
+    (:class:`~dama_engine.data.lines.DataLimitError` at a line over ``max_line_bytes``). ``labelled=False``: a
+    prompt set, whose lines must not carry ``objects``.
 
     Raises:
         GenerativeEvalError: listing every bad line (missing or wrong fields, unreadable image references, object
@@ -86,7 +95,7 @@ def load_generative_eval(
         if not line.strip():
             continue
         problems: list[tuple[str | None, str]] = []
-        sample = _read_sample(line, number, path.parent, vocabulary, problems)
+        sample = _read_sample(line, number, path.parent, vocabulary, problems, labelled)
         if sample is not None and sample.sample_id in seen:
             problems.append(("id", f"duplicate id {sample.sample_id!r} (also on line {seen[sample.sample_id]})"))
         if problems:
@@ -104,7 +113,12 @@ def load_generative_eval(
 
 
 def _read_sample(
-    line: str, number: int, base_dir: Path, vocabulary: Vocabulary, problems: list[tuple[str | None, str]]
+    line: str,
+    number: int,
+    base_dir: Path,
+    vocabulary: Vocabulary,
+    problems: list[tuple[str | None, str]],
+    labelled: bool = True,
 ) -> GenerativeSample | None:
     try:
         record = json.loads(line)
@@ -122,7 +136,16 @@ def _read_sample(
         problems.append(("prompt", "missing or not a non-empty string"))
     objects = record.get("objects")
     names: list[str] = []
-    if not isinstance(objects, list) or not all(isinstance(name, str) for name in objects):
+    if not labelled:
+        if objects is not None:
+            problems.append(
+                (
+                    "objects",
+                    "a prompt set carries no objects (a judge lists them); upload a set with objects as "
+                    "format 'generative'",
+                )
+            )
+    elif not isinstance(objects, list) or not all(isinstance(name, str) for name in objects):
         problems.append(("objects", "missing or not a list of object names"))
     else:
         for position, name in enumerate(objects):
@@ -152,11 +175,15 @@ def _read_sample(
     )
 
 
-def find_generative_files(folder: Path, limits: DataLimits | None = None) -> tuple[Path, Path] | None:
-    """``(eval JSONL, vocabulary.json)`` when ``folder`` holds a generative evaluation set, else None.
+def find_generative_files(
+    folder: Path, limits: DataLimits | None = None, *, labelled: bool = True
+) -> tuple[Path, Path] | None:
+    """``(eval JSONL, vocabulary.json)`` when ``folder`` holds a generative evaluation set (``labelled=False``: a
+    prompt set), else None.
 
     The vocabulary is a ``vocabulary.json`` at the shallowest level holding data files, beside exactly one other
-    data file whose rows are generative samples (``objects`` and no ``chosen``)."""
+    data file whose rows are generative samples (``objects`` and no ``chosen``; a prompt set's: ``image`` and
+    ``prompt``, no ``objects``, no ``chosen``)."""
     found = [path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in DATA_SUFFIXES]
     found = [
         path
@@ -169,16 +196,19 @@ def find_generative_files(folder: Path, limits: DataLimits | None = None) -> tup
     shallowest = [path for path in found if len(path.relative_to(folder).parts) == depth]
     vocabulary = [path for path in shallowest if path.name.lower() == VOCABULARY_FILE]
     others = [path for path in shallowest if path.name.lower() != VOCABULARY_FILE]
-    if len(vocabulary) != 1 or len(others) != 1 or not looks_generative(others[0], limits or DataLimits()):
+    if len(vocabulary) != 1 or len(others) != 1:
+        return None
+    if not looks_generative(others[0], limits or DataLimits(), labelled=labelled):
         return None
     return others[0], vocabulary[0]
 
 
-def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000) -> bool:
-    """Whether a JSONL file's rows are generative samples: some carry ``objects``, none a preference answer."""
+def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000, *, labelled: bool = True) -> bool:
+    """Whether a JSONL file's rows are generative samples: some carry ``objects``, none a preference answer
+    (``labelled=False``, a prompt set's: rows with ``image`` and ``prompt``, none with ``objects`` or an answer)."""
     if data_file.suffix.lower() != ".jsonl":
         return False
-    with_objects = False
+    with_objects = with_prompt = False
     for number, raw in iter_lines(data_file, limits.max_line_bytes):
         if number > max_lines:
             break
@@ -191,4 +221,5 @@ def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000)
         if PREFERENCE_KEYS & set(record):
             return False
         with_objects = with_objects or "objects" in record
-    return with_objects
+        with_prompt = with_prompt or {"image", "prompt"} <= set(record)
+    return with_objects if labelled else with_prompt and not with_objects

@@ -91,8 +91,10 @@ def _preference_preview(data_dir: Path, data_format: str, sample: int, images_di
         }
 
 
-def _generative_preview(data_file: Path, vocabulary: Path, sample: int, images_dir: Path) -> dict[str, Any]:
-    loaded = load_generative_eval(data_file, vocabulary)
+def _generative_preview(
+    data_file: Path, vocabulary: Path, sample: int, images_dir: Path, *, labelled: bool = True
+) -> dict[str, Any]:
+    loaded = load_generative_eval(data_file, vocabulary, labelled=labelled)
     rows = []
     for item in loaded.samples[:sample]:
         rows.append(
@@ -105,7 +107,7 @@ def _generative_preview(data_file: Path, vocabulary: Path, sample: int, images_d
             }
         )
     return {
-        "format": "generative",
+        "format": "generative" if labelled else "prompts",
         "total_rows": len(loaded.samples),
         "vocabulary": json.loads(vocabulary.read_text(encoding="utf-8")),  # the playground's marking uses it
         "rows": rows,
@@ -118,8 +120,11 @@ def build_preview(data_dir: Path, out_dir: Path, *, data_format: str = "auto", s
     try:
         (work / "images").mkdir()
         generative = find_generative_files(data_dir) if data_format in ("generative", "auto") else None
+        prompts = find_generative_files(data_dir, labelled=False) if data_format in ("prompts", "auto") else None
         if generative is not None:
             preview = _generative_preview(generative[0], generative[1], sample, work / "images")
+        elif prompts is not None:
+            preview = _generative_preview(prompts[0], prompts[1], sample, work / "images", labelled=False)
         else:
             preview = _preference_preview(data_dir, data_format, sample, work / "images")
         (work / "preview.json").write_text(json.dumps(preview), encoding="utf-8")

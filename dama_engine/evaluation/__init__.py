@@ -5,13 +5,18 @@ client (:mod:`.judge`) and the report (:mod:`.report`). CHAIR's matcher is the t
 """
 
 from dama_engine.evaluation.config import EvaluationConfig, load_evaluation_config, parse_evaluation_config
+from dama_engine.evaluation.judge import JUDGE_FAILURES, JudgeConfig, JudgeError, chat_completion
 from dama_engine.evaluation.metrics import logprob_stats
 from dama_engine.evaluation.report import comparison_table, plot_evaluation
 from dama_engine.evaluation.run import EvaluationResult, evaluate_after_training, resolve_device, run_evaluation
 
 __all__ = [
+    "JUDGE_FAILURES",
     "EvaluationConfig",
     "EvaluationResult",
+    "JudgeConfig",
+    "JudgeError",
+    "chat_completion",
     "comparison_table",
     "evaluate_after_training",
     "load_evaluation_config",

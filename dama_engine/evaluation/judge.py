@@ -3,9 +3,10 @@
 Off by default and never needed by the tests of the rest of the engine. For each sample the judge sees the image
 (as a data URI), the question, the objects that are truly in the image, and the model's answer, and rates it
 0-6 as MMHal-Bench does (6: informative, no hallucination ... 0: not informative and hallucinated); a rating
-below 3 counts as a hallucination. Plain ``urllib``: the engine takes no HTTP client dependency for this. The
-client follows no redirect and reads no reply longer than ``max_response_bytes`` or slower than ``timeout_s``:
-each such request counts as a failure.
+below 3 counts as a hallucination. The client (httpx, which the model hub's client already brings) follows no
+redirect and reads no reply longer than ``max_response_bytes`` or slower than ``timeout_s``: each such request
+counts as a failure. :func:`chat_completion` is also the pair generations' object lister's client
+(:mod:`dama_engine.pairs.labels`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import base64
 import json
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from dama_engine.data import GenerativeSample
@@ -45,6 +46,9 @@ class JudgeConfig(BaseModel):
 
     url: str = Field(description="Base URL of an OpenAI-compatible API, e.g. https://host/v1 (…/chat/completions).")
     model: str = Field(description="The judge model's name at that endpoint.")
+    name: str | None = Field(
+        default=None, description="How errors and reports name this judge (default: its URL, which may be private)."
+    )
     api_key: str | None = Field(default=None, description="Bearer key; the CLI takes DAMA_JUDGE_API_KEY when unset.")
     timeout_s: float = Field(
         default=60.0, gt=0, description="Seconds for the connection, and again for the whole reply to arrive."
@@ -62,41 +66,60 @@ def parse_rating(text: str) -> int | None:
     return int(digits[0]) if len(digits) == 1 else None
 
 
-def _chat(config: JudgeConfig, messages: list[dict[str, Any]]) -> str:
-    body = json.dumps(
-        {"model": config.model, "messages": messages, "temperature": 0, "max_tokens": config.max_tokens}
-    ).encode()
+class JudgeError(RuntimeError):
+    """The judge endpoint answered in a way the judge does not follow (a redirect, an error status, a reply too
+    long, too slow or not a chat completion)."""
+
+
+def chat_completion(config: JudgeConfig, messages: list[dict[str, Any]], *, connect_to: str | None = None) -> str:
+    """The assistant's text of one ``/chat/completions`` call at ``config.url`` (temperature 0).
+
+    ``connect_to``: an address to connect to instead of resolving the URL's host (a caller that checked where the
+    host resolves pins the address it checked: no second lookup); TLS still verifies the URL's host name.
+
+    Raises:
+        JudgeError: a redirect (never followed), an error status, a reply longer than ``max_response_bytes`` or
+            not whole within ``timeout_s``, or one that is not a chat completion.
+        httpx.HTTPError: the connection failed.
+    """
+    url = config.url.rstrip("/") + "/chat/completions"
+    label = config.name or config.url
     headers = {"Content-Type": "application/json"}
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
-    request = urllib.request.Request(
-        config.url.rstrip("/") + "/chat/completions", data=body, headers=headers, method="POST"
-    )
+    extensions: dict[str, Any] = {}
+    if connect_to is not None:
+        parts = urlsplit(url)
+        host = f"[{connect_to}]" if ":" in connect_to else connect_to
+        headers["Host"] = parts.netloc.rsplit("@", 1)[-1]
+        url = urlunsplit((parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, parts.query, ""))
+        if parts.scheme == "https":
+            extensions["sni_hostname"] = parts.hostname
+    body = {"model": config.model, "messages": messages, "temperature": 0, "max_tokens": config.max_tokens}
     deadline = time.monotonic() + config.timeout_s
-    with _NO_REDIRECTS.open(request, timeout=config.timeout_s) as response:
-        payload = json.loads(_read_capped(response, config.max_response_bytes, deadline, config.url))
-    return str(payload["choices"][0]["message"]["content"])
+    # No proxy from the environment when the address is pinned: a proxy would resolve the name itself.
+    client = httpx.Client(timeout=config.timeout_s, follow_redirects=False, trust_env=connect_to is None)
+    with client, client.stream("POST", url, json=body, headers=headers, extensions=extensions) as response:
+        if response.is_redirect:
+            where = response.headers.get("location", "?")
+            raise JudgeError(
+                f"judge {label}: answered {response.status_code} (a redirect to {where}); redirects are not followed"
+            )
+        if response.status_code >= 400:
+            raise JudgeError(f"judge {label}: answered HTTP {response.status_code}")
+        payload = json.loads(_read_capped(response, config.max_response_bytes, deadline, label))
+    try:
+        return str(payload["choices"][0]["message"]["content"])
+    except (KeyError, IndexError, TypeError):
+        raise JudgeError(f"judge {label}: the reply is not a chat completion") from None
 
 
-class JudgeError(RuntimeError):
-    """The judge endpoint answered in a way the judge does not follow (a redirect, a reply too long or too slow)."""
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        fp.close()  # the redirect's own connection, not kept until garbage collection
-        raise JudgeError(f"judge {req.full_url}: answered {code} (a redirect to {newurl}); redirects are not followed")
-
-
-_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
-
-
-def _read_capped(response: Any, most: int, deadline: float, url: str) -> bytes:
-    """The reply's body, read in chunks: an error once it passes ``most`` bytes or the deadline (a server that
-    drips its reply never holds the evaluation longer than ``timeout_s``)."""
+def _read_capped(response: httpx.Response, most: int, deadline: float, url: str) -> bytes:
+    """The reply's body (decoded), read as it arrives: an error once it passes ``most`` bytes or the deadline (a
+    server that drips its reply never holds the run longer than ``timeout_s``)."""
     chunks: list[bytes] = []
     size = 0
-    while chunk := response.read1(65536):  # what has arrived, so a slow reply is noticed between its chunks
+    for chunk in response.iter_bytes():
         size += len(chunk)
         if size > most:
             raise JudgeError(f"judge {url}: the reply is longer than {most} bytes (max_response_bytes)")
@@ -106,14 +129,21 @@ def _read_capped(response: Any, most: int, deadline: float, url: str) -> bytes:
     return b"".join(chunks)
 
 
+JUDGE_FAILURES = (JudgeError, httpx.HTTPError, ValueError, OSError)
+"""What one judge request may raise that counts as a failed request (ValueError: a reply that is not JSON)."""
+
+
 def judge_answers(
     config: JudgeConfig,
     samples: Sequence[GenerativeSample],
     answers: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
+    *,
+    connect_to: str | None = None,
 ) -> dict[str, Any]:
-    """Rate every answer; return ``score`` (mean 0-6), ``hallucination_rate`` (share rated < 3), ``rated`` and
-    ``failures`` (requests or replies that gave no rating), and ``ratings`` per sample (None where it failed)."""
+    """Rate every answer (``connect_to``: as for :func:`chat_completion`); return ``score`` (mean 0-6),
+    ``hallucination_rate`` (share rated < 3), ``rated`` and ``failures`` (requests or replies that gave no rating),
+    and ``ratings`` per sample (None where it failed)."""
     if len(samples) != len(answers):
         raise ValueError(f"answers: {len(answers)} answers for {len(samples)} samples")
     ratings: list[int | None] = []
@@ -130,8 +160,8 @@ def judge_answers(
             }
         ]
         try:
-            ratings.append(parse_rating(_chat(config, messages)))
-        except (JudgeError, urllib.error.URLError, TimeoutError, KeyError, IndexError, ValueError, OSError):
+            ratings.append(parse_rating(chat_completion(config, messages, connect_to=connect_to)))
+        except JUDGE_FAILURES:
             ratings.append(None)
         if progress is not None:
             progress(index + 1, len(samples))

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dama_engine.config import ModelSection, apply_overrides, read_yaml_mapping, validate_config
 from dama_engine.forward import GenerationSettings
+from dama_engine.pairs.labels import ObjectJudgeConfig
 
 
 class _Section(BaseModel):
@@ -16,7 +17,10 @@ class _Section(BaseModel):
 
 
 class PairsDataSection(_Section):
-    generative: str = Field(description="Generative set JSONL (image, prompt, objects): the prompts to sample.")
+    generative: str = Field(
+        description="Generative set JSONL (image, prompt, objects): the prompts to sample. With a judge: a prompt "
+        "set (image, prompt; no objects), whose objects the judge lists."
+    )
     vocabulary: str = Field(description="Vocabulary JSON (object names and synonyms) the samples are judged with.")
     max_prompts: int | None = Field(default=None, gt=0, description="Use only the first N prompts of the set.")
 
@@ -30,12 +34,18 @@ class PairsSamplingSection(_Section):
 
 class PairsConfig(_Section):
     """One pair generation: the model to sample (``model.init_adapter``: base + that PEFT adapter), the generative
-    set, how to decode (``generation``: sampling, each sample seeded from ``generation.seed``) and where to write."""
+    set, how to decode (``generation``: sampling, each sample seeded from ``generation.seed``), the judge that lists
+    the objects of a set without them (``judge``) and where to write."""
 
     model: ModelSection
     data: PairsDataSection
     generation: GenerationSettings = GenerationSettings(temperature=1.0, max_new_tokens=128)
     sampling: PairsSamplingSection = PairsSamplingSection()
+    judge: ObjectJudgeConfig | None = Field(
+        default=None,
+        description="A model behind an OpenAI-compatible chat endpoint that lists each image's objects, for a "
+        "prompt set (no objects of its own); the key may come from DAMA_JUDGE_API_KEY (the dama-pairs CLI).",
+    )
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N.")
     output_dir: str = "runs/pairs"
 

@@ -11,7 +11,12 @@ tokens from its own RNG, seeded from ``(generation.seed, prompt id, sample numbe
 sample does not depend on the batch it ran in: a restarted run, or one with another batch size, reproduces the same
 samples (exactly on CPU; on a GPU up to the last bits of batched arithmetic).
 
-**The worker's hooks** (:class:`~dama_engine.callbacks.Callback`): stages :data:`PAIR_STAGES`; during
+**Sets without objects.** With ``config.judge``, the set is a prompt set (no ``objects``): a judge lists each
+image's objects first (stage ``listing_objects``, :mod:`.labels`), and the samples are judged against those. Prompts
+whose image the judge could not answer for are skipped and counted (``report["judge"]``).
+
+**The worker's hooks** (:class:`~dama_engine.callbacks.Callback`): stages :data:`PAIR_STAGES` (``listing_objects``
+only with a judge); during ``listing_objects``, ``on_progress("listing_objects", images done, images)``; during
 ``generating``, ``on_progress("generating", prompts done, prompts)`` after every batch; ``should_stop`` is polled
 before every batch, and a stop returns a result with ``stopped=True`` having written nothing.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +34,21 @@ from dama_engine.config import ConfigError
 from dama_engine.data import GenerativeSample, Vocabulary, judge_response, load_generative_eval
 from dama_engine.errors import UserError
 from dama_engine.pairs.config import PairsConfig
+from dama_engine.pairs.labels import ObjectJudgeConfig, group_by_image, label_prompts, labels_report
 from dama_engine.pairs.output import PairOutput, write_output
 from dama_engine.pairs.report import PromptSamples, pair_report
 from dama_engine.pairs.rule import choose_pair
 
-PAIR_STAGES: tuple[str, ...] = ("validating", "loading_model", "generating", "writing")
+PAIR_STAGES: tuple[str, ...] = ("validating", "listing_objects", "loading_model", "generating", "writing")
 """Stages :func:`generate_pairs` reports through ``Callback.on_stage``, in order."""
 
 
 class NoPairsError(UserError):
     """No prompt yielded a pair; the message says how many were tried, why, and what to change."""
+
+
+class JudgeUnavailableError(UserError):
+    """The judge answered for none of the images (the message gives the first failure)."""
 
 
 @dataclass
@@ -60,7 +70,7 @@ def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
 
 def _load_prompts(config: PairsConfig) -> tuple[list[GenerativeSample], Vocabulary]:
     data = config.data
-    eval_set = load_generative_eval(data.generative, data.vocabulary)
+    eval_set = load_generative_eval(data.generative, data.vocabulary, labelled=config.judge is None)
     prompts = eval_set.samples[: data.max_prompts] if data.max_prompts else eval_set.samples
     start = config.model.init_adapter
     if start is not None and not (Path(start) / "adapter_config.json").is_file():
@@ -79,11 +89,15 @@ def _load_model(config: PairsConfig, device: Any) -> tuple[Any, Any]:
     return model.eval(), load_processor(config.model)
 
 
-def generate_pairs(config: PairsConfig, callback: Callback | None = None) -> PairGenerationResult:
+def generate_pairs(
+    config: PairsConfig, callback: Callback | None = None, *, judge_address: str | None = None
+) -> PairGenerationResult:
     """Sample, judge, pair and write (module docstring); the result says where everything went.
+    ``judge_address``: connect to the judge there (an address the caller checked) instead of resolving its host.
 
     Raises:
         GenerativeEvalError, VocabularyError, ConfigError: bad input, before any model is loaded.
+        JudgeUnavailableError: the judge answered for no image (nothing is written).
         NoPairsError: no prompt yielded a pair (nothing is written).
     """
     from dama_engine.evaluation import resolve_device
@@ -94,6 +108,12 @@ def generate_pairs(config: PairsConfig, callback: Callback | None = None) -> Pai
     callback.on_stage("validating", {})
     device = resolve_device(config.device)
     prompts, vocabulary = _load_prompts(config)
+    judge_report: dict[str, Any] | None = None
+    if config.judge is not None:
+        listed = _list_objects(config.judge, prompts, vocabulary, callback, connect_to=judge_address)
+        if listed is None:
+            return PairGenerationResult(stopped=True, prompts=0, pairs=0, samples=0, seconds=time.monotonic() - started)
+        prompts, judge_report = listed
 
     callback.on_stage("loading_model", {"model": config.model.name_or_path, "adapter": config.model.init_adapter})
     model, processor = _load_model(config, device)
@@ -124,6 +144,8 @@ def generate_pairs(config: PairsConfig, callback: Callback | None = None) -> Pai
     generating_seconds = time.monotonic() - generating_started
 
     report = pair_report(done)
+    if judge_report is not None:
+        report["judge"] = judge_report
     if not report["pairs"]:
         raise NoPairsError(_no_pairs_message(config, report))
     callback.on_stage("writing", {"output_dir": config.output_dir, "pairs": report["pairs"]})
@@ -147,6 +169,42 @@ def generate_pairs(config: PairsConfig, callback: Callback | None = None) -> Pai
         report=report,
         output=output,
     )
+
+
+def _list_objects(
+    judge: ObjectJudgeConfig,
+    prompts: list[GenerativeSample],
+    vocabulary: Vocabulary,
+    callback: Callback,
+    *,
+    connect_to: str | None,
+) -> tuple[list[GenerativeSample], dict[str, Any]] | None:
+    """The prompts with the objects the judge listed (prompts of images it failed on dropped), and its report;
+    None when the run was asked to stop."""
+    groups = group_by_image(prompts)
+    callback.on_stage("listing_objects", {"images": len(groups), "prompts": len(prompts), "judge": judge.model})
+    found = label_prompts(
+        judge,
+        groups,
+        vocabulary,
+        connect_to=connect_to,
+        progress=lambda done, total: callback.on_progress("listing_objects", done, total),
+        should_stop=callback.should_stop,
+    )
+    if found is None:
+        return None
+    report = labels_report(found, model=judge.model, name=judge.name)
+    if report["failed_images"] == report["images"]:
+        raise JudgeUnavailableError(
+            f"the judge ({judge.name or judge.url}, model {judge.model}) answered for none of the "
+            f"{report['images']} images; the first failure: {report['first_error']}"
+        )
+    listed = [
+        replace(prompt, objects=found[prompt.sample_id].objects)
+        for prompt in prompts
+        if found[prompt.sample_id].error is None
+    ]
+    return listed, report
 
 
 def _no_pairs_message(config: PairsConfig, report: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ consuming a queue of its own (started once for tests/api, for the tests that run
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 import socket
@@ -107,6 +108,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+JUDGE = "lister"  # the api_server's judge target
+
+
 def _server_env(pg_url: str, broker_url: str, artifacts: Path, queue: str, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DAMA_")}
     env.update(
@@ -148,7 +152,15 @@ def _start(
 def api_server(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("api")
     queue = f"test-api-{secrets.token_hex(4)}"
-    env = _server_env(pg_url, redis_url, tmp / "artifacts", queue, DAMA_HARDNESS_SCORER=API_SERVER_SCORER)
+    env = _server_env(
+        pg_url,
+        redis_url,
+        tmp / "artifacts",
+        queue,
+        DAMA_HARDNESS_SCORER=API_SERVER_SCORER,
+        # A judge the API knows by name (pair generations on prompt sets); nothing of this session calls it.
+        DAMA_JUDGE_TARGETS=json.dumps({JUDGE: {"url": "http://127.0.0.1:9/v1", "model": "lister"}}),
+    )
     yield from _start(tmp, env, queue)
     redis.Redis.from_url(redis_url).delete(queue)
 

@@ -13,7 +13,7 @@ the webhook default that now includes later event types).
 Deliberate changes since, made in the snapshot too (issue 28): string path and query parameters carry the pattern
 ``^[^\x00]*$`` (the request guard refuses a NUL character there), path ids are described, and the rules of
 ``EvaluationCreate`` (a dataset to evaluate) and ``EvaluationSpec`` (dataset_id or holdout_fraction) are in their
-schemas and descriptions.
+schemas and descriptions. Issue 22: the upload's ``format`` also takes ``prompts`` (a prompt set), and says so.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dama_client import Client
 from dama_engine.data import judge_response
 from dama_engine.data.matcher import Vocabulary
-from tests.api.conftest import LIMITED_MAX_PROMPTS, ROOT, ApiServer, assert_error, dataset_count, upload
+from tests.api.conftest import JUDGE, LIMITED_MAX_PROMPTS, ROOT, ApiServer, assert_error, dataset_count, upload
 from tests.engine.test_pairs import _generative_set
 
 # Objects the random model never names.
@@ -118,6 +118,53 @@ def test_requests_are_checked_with_the_field_at_fault(
     assert run["id"] in [item["id"] for item in client1.get("/pair-generations").json()["data"]]
     assert client1.post(f"/pair-generations/{run['id']}/cancel").json()["status"] == "cancelled"
     assert_error(client1.post(f"/pair-generations/{run['id']}/cancel"), 409, "pair_generation_not_cancellable")
+
+
+def test_a_prompt_set_needs_a_judge_of_the_service(
+    client1: httpx.Client, prompts_set: dict[str, Any], tmp_path: Path
+) -> None:
+    """A prompt set (images and prompts, no objects) is told apart at upload; a pair generation on it must name a
+    judge of the service; a set with objects must not; jobs and evaluations refuse it (they need the objects)."""
+    folder = tmp_path / "unlabelled"
+    data, _ = _generative_set(folder, prompts=4)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "objects"}) + "\n" for row in rows))
+    response = upload(client1, _archive(folder), "unlabelled.zip")
+    assert response.status_code == 201, response.text
+    unlabelled = response.json()
+    assert unlabelled["format"] == "prompts" and unlabelled["row_count"] == 4
+
+    refusals = [
+        ("/pair-generations", _spec(unlabelled["id"]), 400, "judge_required", "judge", JUDGE),
+        ("/pair-generations", _spec(unlabelled["id"], judge="listr"), 400, "unknown_judge", "judge", "did you mean"),
+        ("/pair-generations", _spec(prompts_set["id"], judge=JUDGE), 400, "judge_not_needed", "judge", "leave judge"),
+        ("/pair-generations", _spec(unlabelled["id"], judge="no spaces"), 422, "validation_error", "judge", ""),
+        (
+            "/jobs",
+            {"model": "dama/tiny-llava", "dataset_id": unlabelled["id"]},
+            422,
+            "dataset_is_generative",
+            "dataset_id",
+            "a prompt set",
+        ),
+        (
+            "/evaluations",
+            {"model": "dama/tiny-llava", "generative_dataset_id": unlabelled["id"]},
+            422,
+            "dataset_not_generative",
+            "generative_dataset_id",
+            "a prompt set",
+        ),
+    ]
+    for path, body, status, code, param, words in refusals:
+        error = assert_error(client1.post(path, json=body), status, code)
+        assert error["param"] == param and words in error["message"], (body, error)
+
+    created = client1.post("/pair-generations", json=_spec(unlabelled["id"], judge=JUDGE))
+    assert created.status_code == 201, created.text
+    run = created.json()
+    assert run["spec"]["judge"] == JUDGE and run["status"] == "queued"
+    assert client1.post(f"/pair-generations/{run['id']}/cancel").json()["status"] == "cancelled"
 
 
 def test_a_pair_generation_makes_a_dataset_that_a_job_takes_at_once(

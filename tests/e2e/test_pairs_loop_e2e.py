@@ -23,6 +23,7 @@ from dama_engine.proving.ground import IMAGE_SIZE, PAIRS, ProvingGround
 from dama_engine.proving.shapes import make_demo_dataset
 from jobstore.settings import Settings
 from tests.e2e.test_service_e2e import ENDED, run_service
+from tests.e2e.test_service_e2e import _free_port as free_port
 from worker.engine_config import model_cache_root, seeing_base_dir
 from worker.serve import _archive, demo_spec
 
@@ -41,7 +42,23 @@ def service(
     # its model cache gets the session's copy.
     cache = model_cache_root(Settings(home=root, model_cache_dir=root / "models"))
     shutil.copytree(proving_ground.base, seeing_base_dir(cache))
-    yield from run_service(root, pg_url, redis_url)
+    # The judge of prompt sets: the service's own inference server, on loopback (allowed by the operator), serving
+    # the seeing base, asked with the scenes' own prompt; its key is the inference secret in the workers' env.
+    infer_port = free_port()
+    judge = {
+        "url": f"http://127.0.0.1:{infer_port}/v1",
+        "model": "dama/tiny-seeing-llava",
+        "api_key_env": "DAMA_INFERENCE_SECRET",
+        "prompt": "Describe the image.",
+    }
+    yield from run_service(
+        root,
+        pg_url,
+        redis_url,
+        infer_port=infer_port,
+        DAMA_JUDGE_TARGETS=json.dumps({"seeing": judge}),
+        DAMA_JUDGE_ALLOWED_HOSTS="127.0.0.1",
+    )
 
 
 def _upload(client: httpx.Client, archive: Path, data_format: str) -> str:
@@ -135,3 +152,64 @@ def test_pairs_sampled_from_the_model_train_a_dama_job_that_lowers_chair_i(
             f"{base:.3f} -> {tuned:.3f}"
         )
         assert tuned < base, generative
+
+
+JUDGED_SCENES = 48
+
+
+def test_a_prompt_set_is_paired_against_the_objects_a_judge_on_loopback_lists(
+    service: dict[str, Any], tmp_path: Path
+) -> None:
+    """Scenes uploaded without their objects (a prompt set); the judge (the service's own inference server serving
+    the seeing base) describes each image, its words matched onto the vocabulary; the samples judged against that."""
+    headers = {"Authorization": f"Bearer {service['key']}"}
+    with httpx.Client(base_url=service["url"], headers=headers, timeout=120) as client:
+        scenes = make_demo_dataset(
+            tmp_path / "scenes", n_train=0, n_eval=0, n_generative=JUDGED_SCENES, image_size=IMAGE_SIZE, seed=29
+        )
+        rows = [json.loads(line) for line in scenes.generative_eval.read_text().splitlines()]
+        truth = {str(row["id"]): row["objects"] for row in rows}
+        scenes.generative_eval.write_text(
+            "".join(json.dumps({k: v for k, v in row.items() if k != "objects"}) + "\n" for row in rows)
+        )
+        unlabelled = _upload(
+            client, _archive(tmp_path / "prompts.zip", scenes.generative_eval, scenes.vocabulary), "auto"
+        )
+        assert client.get(f"/datasets/{unlabelled}").json()["format"] == "prompts"
+        body = {
+            "model": "dama/tiny-seeing-llava",
+            "generative_dataset_id": unlabelled,
+            "judge": "seeing",
+            "samples_per_prompt": PAIRS["samples"],
+            "temperature": PAIRS["temperature"],
+            "max_new_tokens": 40,
+            "prompts_per_batch": 16,
+        }
+        created = client.post("/pair-generations", json=body)
+        assert created.status_code == 201, created.text
+        run = _ended(client, f"/pair-generations/{created.json()['id']}")
+        assert run["status"] == "succeeded", run
+        judge = run["report"]["judge"]
+        assert (judge["name"], judge["images"], judge["failed_images"]) == ("seeing", JUDGED_SCENES, 0), judge
+        assert run["report"]["pairs"] > 0
+
+        # The judge's objects per scene against the scenes' true objects (which the service never saw).
+        samples = [
+            json.loads(line)
+            for line in client.get(
+                f"/pair-generations/{run['id']}/outputs", params={"file": "samples"}
+            ).text.splitlines()
+            if line.strip()
+        ]
+        listed = {sample["prompt_id"]: sample["objects"] for sample in samples}
+        assert set(listed) == set(truth)
+        found = sum(len(set(listed[key]) & set(truth[key])) for key in truth)
+        recall = found / sum(len(objects) for objects in truth.values())
+        precision = found / max(1, sum(len(objects) for objects in listed.values()))
+        print(f"judge on {JUDGED_SCENES} scenes: recall {recall:.2f}, precision {precision:.2f}; {judge}")
+        assert recall >= 0.5 and precision >= 0.5, (recall, precision)
+        vocabulary = Vocabulary.load(scenes.vocabulary)
+        for sample in samples:
+            if sample["role"]:
+                judged = judge_response(sample["response"], listed[sample["prompt_id"]], vocabulary)
+                assert bool(judged.hallucinated) == (sample["role"] == "rejected"), sample

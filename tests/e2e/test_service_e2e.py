@@ -73,10 +73,13 @@ def service(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
     yield from run_service(tmp_path_factory.mktemp("service"), pg_url, redis_url)
 
 
-def run_service(root: Path, pg_url: str, redis_url: str, **extra_env: str) -> Iterator[dict[str, Any]]:
-    """Migrate, then run the compose commands' API and worker (environment plus ``extra_env``) until closed;
-    yields the URL, a key of tenant ``e2e``, the folder and the workers' model cache."""
-    port, infer_port = _free_port(), _free_port()
+def run_service(
+    root: Path, pg_url: str, redis_url: str, *, infer_port: int | None = None, **extra_env: str
+) -> Iterator[dict[str, Any]]:
+    """Migrate, then run the compose commands' API, worker and inference server (on ``infer_port``, default a free
+    one; environment plus ``extra_env``) until closed; yields the URL, a key of tenant ``e2e``, the folder and the
+    workers' model cache."""
+    port, infer_port = _free_port(), infer_port or _free_port()
     env = {
         **os.environ,
         "DAMA_ENVIRONMENT": "production",

@@ -61,3 +61,45 @@ def test_a_limit_is_named_in_the_answer(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([str(document), "--max-json-file-bytes", "1000"]) == 2
     answer = json.loads(capsys.readouterr().out)
     assert answer["limit"] == "max_json_file_bytes" and "JSONL" in answer["error"]
+
+
+def _prompts_zip(tmp_path: Path, *, keep_objects_on: int | None = None) -> Path:
+    """The generative set of :func:`_generative_zip` without its objects (a prompt set), or with them left on one
+    line (``keep_objects_on``: its index)."""
+    demo = make_demo_dataset(tmp_path / "demo", n_train=0, n_eval=0, n_generative=3, image_size=32)
+    rows = [json.loads(line) for line in demo.generative_eval.read_text().splitlines()]
+    lines = [
+        {key: value for key, value in row.items() if key != "objects" or index == keep_objects_on}
+        for index, row in enumerate(rows)
+    ]
+    archive = tmp_path / "prompts.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("prompts.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+        bundle.write(demo.vocabulary, "vocabulary.json")
+        for image in demo.images_dir.iterdir():
+            bundle.write(image, f"{demo.images_dir.name}/{image.name}")
+    return archive
+
+
+def test_a_prompt_set_is_told_apart_and_checked(tmp_path: Path) -> None:
+    archive = _prompts_zip(tmp_path / "a")
+    for data_format in ("auto", "prompts"):
+        outcome = check(archive, format=data_format, extract_dir=None, limits=DataLimits(), keep_only_used=False)
+        assert outcome["ok"] and outcome["format"] == "prompts" and outcome["row_count"] == 3, outcome
+        assert outcome["data_file"] == "prompts.jsonl" and outcome["vocabulary_file"] == "vocabulary.json"
+    # Named as a generative set it has no objects: refused; a generative set named as a prompt set likewise.
+    refused = check(archive, format="generative", extract_dir=None, limits=DataLimits(), keep_only_used=False)
+    assert not refused["ok"] and "no generative evaluation set found" in refused["error"]
+    labelled = check(
+        _generative_zip(tmp_path / "b"), format="prompts", extract_dir=None, limits=DataLimits(), keep_only_used=False
+    )
+    assert not labelled["ok"] and "no prompt set found" in labelled["error"]
+
+    # A prompt set with objects on one line (auto: some rows carry objects, so it reads as a generative set whose
+    # other lines lack them); named as a prompt set, that line is the problem.
+    mixed = _prompts_zip(tmp_path / "c", keep_objects_on=1)
+    outcome = check(mixed, format="auto", extract_dir=None, limits=DataLimits(), keep_only_used=False)
+    assert not outcome["ok"] and outcome["format"] == "generative"
+    assert {error["row"] for error in outcome["report"]["errors"]} == {1, 3}
+    outcome = check(mixed, format="prompts", extract_dir=None, limits=DataLimits(), keep_only_used=False)
+    assert not outcome["ok"] and "no prompt set found" in outcome["error"]

@@ -194,3 +194,41 @@ def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
     assert (Path(str(bare.model.init_adapter)) / "adapter_model.safetensors").read_text() == (
         "adapter_model.safetensors"
     )
+
+
+def test_a_judge_target_obeys_the_webhooks_address_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DAMA_JUDGE_TARGETS parsed; its key read from the worker's environment; a loopback host refused unless it is
+    on DAMA_JUDGE_ALLOWED_HOSTS; a name that resolves nowhere refused; a target gone from the settings reported."""
+    from jobstore.settings import Settings
+    from worker.engine_config import judge_target
+
+    targets = json.dumps(
+        {
+            "local": {"url": "http://127.0.0.1:8001/v1", "model": "dama/tiny-seeing-llava", "api_key_env": "JUDGE_K"},
+            "nowhere": {"url": "https://judge.invalid/v1", "model": "m"},
+        }
+    )
+    monkeypatch.setenv("DAMA_JUDGE_TARGETS", targets)
+    monkeypatch.setenv("JUDGE_K", "s3cret")
+    settings = Settings(home=tmp_path)
+    assert settings.judge_targets["local"].api_key_env == "JUDGE_K"
+    with pytest.raises(
+        ConfigError,
+        match=r"judge 'local': refused: 127\.0\.0\.1 resolves to 127\.0\.0\.1, a "
+        r"loopback address \(not on DAMA_JUDGE_ALLOWED_HOSTS\)",
+    ):
+        judge_target("local", settings)
+    with pytest.raises(ConfigError, match=r"judge 'nowhere': cannot resolve judge\.invalid"):
+        judge_target("nowhere", settings)
+    with pytest.raises(ConfigError, match="'gone' is no longer a judge of this service"):
+        judge_target("gone", settings)
+
+    monkeypatch.setenv("DAMA_JUDGE_ALLOWED_HOSTS", "127.0.0.1")
+    values, address = judge_target("local", Settings(home=tmp_path))
+    assert address == "127.0.0.1"
+    assert values["api_key"] == "s3cret" and values["name"] == "local" and values["model"] == "dama/tiny-seeing-llava"
+    assert "prompt" not in values  # the engine's listing prompt
+
+    monkeypatch.setenv("DAMA_JUDGE_TARGETS", json.dumps({"bad": {"url": "ftp://x/v1", "model": "m"}}))
+    with pytest.raises(ValueError, match="must be an http:// or https:// URL"):
+        Settings(home=tmp_path)

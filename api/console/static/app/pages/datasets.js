@@ -24,7 +24,7 @@ function uploadForm(onDone) {
   const format = h(
     "select",
     { id: "upload-format", name: "format" },
-    ["auto", "trl", "rlaif_v", "openai", "generative"].map((value) => h("option", { value }, value)),
+    ["auto", "trl", "rlaif_v", "openai", "generative", "prompts"].map((value) => h("option", { value }, value)),
   );
   const progress = h("progress", { id: "upload-progress", max: 1, value: 0, hidden: true });
   const result = h("div", { id: "upload-result" });

@@ -54,6 +54,17 @@ function reportTables(report) {
     ["prompts without a hallucinating sample", report.prompts_without_hallucinating_sample],
     ["mean chosen score", fmt(report.mean_chosen_score)],
     ["mean rejected score", fmt(report.mean_rejected_score)],
+    // A prompt set's judge: what it listed, and the names no vocabulary entry matched.
+    ...(report.judge
+      ? [
+          ["judge", report.judge.name || report.judge.model],
+          ["images the judge listed", report.judge.images - report.judge.failed_images],
+          ["images the judge failed on", report.judge.failed_images],
+          ["prompts skipped", report.judge.prompts_skipped],
+          ["objects per image", fmt(report.judge.objects_per_image)],
+          ["names matching no vocabulary entry", report.judge.names_unmatched],
+        ]
+      : []),
   ].filter(([, value]) => value !== undefined);
   const common = report.most_common_hallucinated_objects || [];
   return [
