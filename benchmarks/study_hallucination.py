@@ -37,16 +37,50 @@ sys.path.insert(0, str(ROOT))
 from dama_engine.threads import apply_threads  # noqa: E402
 
 METHODS = ("sft", "dpo", "beta_dpo", "dama_data", "dama_model", "dama")
-EXTRA = {"dama": {"filter_sigma": 1.0}}  # DAMA once more with the released code's filter width
+# DAMA once more with the released code's filter width, and once without the filter (every pair kept).
+EXTRA: dict[str, list[dict[str, Any]]] = {"dama": [{"filter_sigma": 1.0}, {"keep_ratio": 1.0}]}
+# Validation scenes for choosing the settings: their own seed, never the held-out test scenes' (SCENES["seed"] 7).
+VALIDATION = {"count": 200, "seed": 17}
+# The settings tried on the validation scenes (seed 0): the shared (beta, learning rate) chosen by DPO's CHAIR_i,
+# then DAMA's filter by DAMA's CHAIR_i at those (keep_ratio 1: no filter).
+SHARED_GRID = (
+    {"beta": 2.0, "lr": 3e-4},
+    {"beta": 1.0, "lr": 3e-4},
+    {"beta": 0.5, "lr": 3e-4},
+    {"beta": 2.0, "lr": 1e-4},
+)
+FILTER_GRID = ({"filter_sigma": 1.0}, {"filter_sigma": 3.0}, {"filter_sigma": 5.0}, {"keep_ratio": 1.0})
 
 
-def _run(ground: Any, out: Path, method: str, seed: int, args: argparse.Namespace, **objective: Any) -> dict[str, Any]:
+def _run(
+    ground: Any,
+    out: Path,
+    method: str,
+    seed: int,
+    args: argparse.Namespace,
+    *,
+    scenes: Path | None = None,
+    settings: dict[str, float] | None = None,
+    **objective: Any,
+) -> dict[str, Any]:
+    """One training run and its evaluation; ``scenes``: the generative set to measure CHAIR on (default the
+    held-out test scenes); ``settings``: beta, lr and the filter (default the study's chosen ones)."""
     from dama_engine.config import apply_overrides, parse_config
     from dama_engine.proving.ground import training_values
     from dama_engine.training.recipe import train
 
+    chosen = settings or args.settings
     values = training_values(ground, out, scenes=args.scenes, seed=seed)
-    overrides = [f"objective.method={method}", f"optim.max_steps={args.steps}"]
+    overrides = [
+        f"objective.method={method}",
+        f"optim.max_steps={args.steps}",
+        f"objective.beta={chosen['beta']}",
+        f"optim.learning_rate={chosen['lr']}",
+        f"objective.filter_sigma={chosen['filter_sigma']}",
+        f"objective.keep_ratio={chosen['keep_ratio']}",
+    ]
+    if scenes is not None:
+        overrides.append(f"evaluation.generative={scenes}")
     if args.pairs_dir is not None:
         overrides += [f"data.train={args.pairs_dir / 'train.jsonl'}", f"data.eval={args.pairs_dir / 'eval.jsonl'}"]
     overrides += [f"objective.{key}={value}" for key, value in objective.items()]
@@ -68,9 +102,126 @@ def _run(ground: Any, out: Path, method: str, seed: int, args: argparse.Namespac
     for name in ("easy", "medium", "hard"):
         row[f"accuracy_{name}"] = (buckets.get(name) or {}).get("accuracy")
         row[f"margin_{name}"] = (buckets.get(name) or {}).get("margin")
+        row[f"count_{name}"] = (buckets.get(name) or {}).get("count")
     if row["accuracy_easy"] is not None and row["accuracy_hard"] is not None:
         row["gap"] = row["accuracy_easy"] - row["accuracy_hard"]
+    generations = sorted(out.rglob("generations.jsonl"))
+    if generations:
+        row.update(chair_by_error_type([json.loads(line) for line in generations[0].read_text().splitlines()]))
     return row
+
+
+def planted(name: str, truth: list[str]) -> bool:
+    """Whether a hallucinated mention is the base's planted colour error: a red object where the scene has an orange
+    one of the same shape (the base's training descriptions called orange red in 70% of mentions)."""
+    return name.startswith("red ") and f"orange {name[4:]}" in truth
+
+
+def chair_by_error_type(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """CHAIR_i of the tuned model split by error type (each over all mentions, so the two add up to CHAIR_i): the
+    planted colour error (:func:`planted`) and every other hallucinated mention; from ``generations.jsonl``."""
+    mentions = planted_count = other = 0
+    for record in records:
+        tuned = record.get("tuned") or {}
+        mentions += len(tuned.get("mentioned", []))
+        for name in tuned.get("hallucinated", []):
+            if planted(name, record["objects"]):
+                planted_count += 1
+            else:
+                other += 1
+    if not mentions:
+        return {"chair_i_planted": None, "chair_i_other": None}
+    return {"chair_i_planted": planted_count / mentions, "chair_i_other": other / mentions}
+
+
+def validation_scenes(ground: Any) -> Path:
+    """The validation scenes (:data:`VALIDATION`: their own seed), built once beside the proving ground; the
+    generative set's JSONL file (its vocabulary is the proving ground's)."""
+    from dama_engine.proving.ground import IMAGE_SIZE
+    from dama_engine.proving.shapes import make_demo_dataset
+
+    folder = ground.root / "validation"
+    data = folder / "generative_eval.jsonl"
+    stamp = folder / "validation.json"
+    if not data.is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != VALIDATION:
+        shutil.rmtree(folder, ignore_errors=True)
+        make_demo_dataset(
+            folder,
+            n_train=0,
+            n_eval=0,
+            n_generative=VALIDATION["count"],
+            image_size=IMAGE_SIZE,
+            seed=VALIDATION["seed"],
+        )
+        stamp.write_text(json.dumps(VALIDATION))
+    return data
+
+
+def select_settings(ground: Any, args: argparse.Namespace, runs: Path) -> tuple[dict[str, float], list[str]]:
+    """Choose the study's settings on the validation scenes with seed-0 runs (never the test scenes): the shared
+    beta and learning rate that give DPO the lowest CHAIR_i (so the baseline is tuned, not the method under test),
+    then DAMA's filter (a width, or none) that gives DAMA the lowest CHAIR_i at those. Returns the settings and
+    the Markdown lines that record every candidate's figure."""
+    from dama_engine.proving.ground import TRAINING
+
+    scenes = validation_scenes(ground)
+    default_keep = 0.8  # the engine's keep_ratio default (dama_settings.knobs)
+    lines = [
+        f"Settings chosen on {VALIDATION['count']} validation scenes (seed {VALIDATION['seed']}; the test scenes' "
+        f"seed is another), seed-0 runs of {args.steps} steps; CHAIR_i of each candidate:",
+        "",
+        "| stage | candidate | CHAIR_i (validation) | coverage |",
+        "|---|---|---|---|",
+    ]
+    shared: list[tuple[float, dict[str, float]]] = []
+    for candidate in SHARED_GRID:
+        settings = {**candidate, "filter_sigma": TRAINING["filter_sigma"], "keep_ratio": default_keep}
+        row = _run(ground, runs / "select", "dpo", 0, args, scenes=scenes, settings=settings)
+        shutil.rmtree(runs / "select", ignore_errors=True)
+        print(json.dumps({"select": "shared", **settings, **row}), flush=True)
+        shared.append((row["tuned_chair_i"], settings))
+        lines.append(
+            f"| shared, by dpo | beta {candidate['beta']}, lr {candidate['lr']:g} | {row['tuned_chair_i']:.3f} | "
+            f"{row['tuned_coverage']:.3f} |"
+        )
+    best_shared = min(shared, key=lambda item: item[0])[1]
+    filters: list[tuple[float, dict[str, float]]] = []
+    for candidate in FILTER_GRID:
+        settings = {**best_shared, **candidate}
+        if "keep_ratio" not in candidate:
+            settings["keep_ratio"] = default_keep
+        row = _run(ground, runs / "select", "dama", 0, args, scenes=scenes, settings=settings)
+        shutil.rmtree(runs / "select", ignore_errors=True)
+        print(json.dumps({"select": "filter", **settings, **row}), flush=True)
+        filters.append((row["tuned_chair_i"], settings))
+        name = (
+            "no filter (keep_ratio 1)"
+            if candidate.get("keep_ratio") == 1.0
+            else f"filter_sigma {candidate['filter_sigma']}"
+        )
+        lines.append(f"| filter, by dama | {name} | {row['tuned_chair_i']:.3f} | {row['tuned_coverage']:.3f} |")
+    chosen = min(filters, key=lambda item: item[0])[1]
+    lines += [
+        "",
+        f"Chosen: beta {chosen['beta']}, lr {chosen['lr']:g}, "
+        + ("no filter (keep_ratio 1)" if chosen["keep_ratio"] == 1.0 else f"filter_sigma {chosen['filter_sigma']}")
+        + " (ties go to the first listed).",
+    ]
+    return chosen, lines
+
+
+def _interval(rows: list[dict[str, Any]], bucket: str) -> str:
+    """The mean held-out accuracy of a hardness bucket with its 95% Wilson interval over the bucket's pairs (the
+    same pairs in every seed, so the interval is that of one seed's count at the mean accuracy)."""
+    from dama_engine.proving.stats import wilson_interval
+
+    accuracies = [row[f"accuracy_{bucket}"] for row in rows if row.get(f"accuracy_{bucket}") is not None]
+    counts = [row.get(f"count_{bucket}") for row in rows if row.get(f"count_{bucket}")]
+    if not accuracies or not counts:
+        return "-"
+    mean, n = statistics.mean(accuracies), int(counts[0])
+    low, high = wilson_interval(round(mean * n), n, 0.95)
+    return f"{mean:.3f} [{low:.2f}, {high:.2f}] (n {n})"
 
 
 def _mean_sd(values: list[Any]) -> str:
@@ -99,9 +250,17 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         "# Proving ground: hallucination before and after, per method",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min; seeds {', '.join(str(s) for s in range(args.seeds))}; "
-        f"{args.steps} steps of batch {TRAINING['batch_size']} at lr {TRAINING['learning_rate']}, beta "
-        f"{TRAINING['beta']}, filter_sigma {TRAINING['filter_sigma']}; {args.scenes} held-out scenes, greedy; "
-        f"torch threads {args.threads}; {platform.machine()} {platform.system()}, {os.cpu_count()} cores, shared).",
+        f"{args.steps} steps of batch {TRAINING['batch_size']} at lr {args.settings['lr']:g}, beta "
+        f"{args.settings['beta']}, "
+        + (
+            "no filter (keep_ratio 1)"
+            if args.settings["keep_ratio"] == 1.0
+            else f"filter_sigma {args.settings['filter_sigma']}, keep_ratio {args.settings['keep_ratio']}"
+        )
+        + f"; {args.scenes} held-out scenes, greedy; torch threads {args.threads}; {platform.machine()} "
+        f"{platform.system()}, {os.cpu_count()} cores, shared).",
+        "",
+        *args.selection,
         "",
         f"Base (the seeing base, `dama_engine.proving`): CHAIR_i {base['base_chair_i']:.3f}, CHAIR_s "
         f"{base['base_chair_s']:.3f}, coverage {base['base_coverage']:.3f}.",
@@ -150,6 +309,23 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
             )
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "CHAIR_i by error type (each over all mentions, so the two add to CHAIR_i): the planted colour error (a red "
+        "object where the scene has an orange one of that shape, the base's trained-in bias) and every other "
+        "hallucinated mention; and the held-out implicit-reward accuracy of the easiest and hardest third with 95% "
+        "Wilson intervals over the bucket's pairs (the same pairs in every seed). Mean over seeds.",
+        "",
+        "| method | CHAIR_i planted colour | CHAIR_i other | easy accuracy [95%] | hard accuracy [95%] |",
+        "|---|---|---|---|---|",
+    ]
+    for label in labels:
+        mine = [row for row in rows if row["method"] == label]
+        lines.append(
+            f"| {label} | {_mean_sd([row.get('chair_i_planted') for row in mine])} | "
+            f"{_mean_sd([row.get('chair_i_other') for row in mine])} | {_interval(mine, 'easy')} | "
+            f"{_interval(mine, 'hard')} |"
+        )
     lines += ["", f"![CHAIR_i per method](images/{chart.name})", ""]
     if "dpo" in labels and args.seeds > 1:
         lines += [*paired_lines(rows), ""]
@@ -189,6 +365,7 @@ def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
             reference="dpo",
             measures={
                 "CHAIR_i": lambda row: row["tuned_chair_i"],
+                "CHAIR_i planted colour": lambda row: row.get("chair_i_planted"),
                 "hard accuracy": lambda row: row["accuracy_hard"],
                 "easy - hard gap": lambda row: row["gap"],
             },
@@ -204,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=None, help="held-out scenes (default 300; 200 with --quick)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--pairs", choices=("on_policy", "synthetic"), default="on_policy", help="which pairs")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="choose beta, lr and DAMA's filter on validation scenes first (seed-0 runs; never the test scenes)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default DAMA_TORCH_THREADS or 1)")
     parser.add_argument("--work-dir", default=None, help="the proving ground's cache (default DAMA_PROVING_DIR)")
     parser.add_argument(
@@ -238,13 +420,25 @@ def main(argv: list[str] | None = None) -> int:
     ground = prepare_proving_ground(Path(args.work_dir) if args.work_dir else None, scenes=max(args.scenes, 300))
     args.pairs_dir = synthetic_pairs(ground) if args.pairs == "synthetic" else None
     runs = Path(tempfile.mkdtemp(prefix="dama-study-"))
+    if args.select:
+        args.settings, args.selection = select_settings(ground, args, runs)
+    else:
+        args.settings = {
+            "beta": TRAINING["beta"],
+            "lr": TRAINING["learning_rate"],
+            "filter_sigma": TRAINING["filter_sigma"],
+            "keep_ratio": 0.8,
+        }
+        args.selection = ["Settings: the proving ground's (not chosen on validation scenes in this run: see --select)."]
+    print(f"[study] settings: {args.settings}", flush=True)
     rows = []
     for seed in range(args.seeds):
         for method in args.methods.split(","):
-            for objective in ({}, EXTRA.get(method)):
-                if objective is None:
-                    continue
-                out = runs / f"{method}-{len(objective)}-{seed}"
+            variants = [{}, *EXTRA.get(method, [])]
+            for number, objective in enumerate(variants):
+                if objective and all(args.settings.get(key) == value for key, value in objective.items()):
+                    continue  # the variant is what the chosen settings already run
+                out = runs / f"{method}-{number}-{seed}"
                 row = _run(ground, out, method, seed, args, **objective)
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -44,6 +44,7 @@ REDIS_URL = _worker_redis_url(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the markers into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``, the README's test command) every test that uses the proving ground
     runs on one worker, so the session builds it once (a few minutes) instead of once per worker."""

@@ -238,7 +238,9 @@ def test_other_tenants_dataset_is_404(client2: httpx.Client, dataset1: dict[str,
     assert dataset1["id"] not in [item["id"] for item in client2.get("/datasets").json()["data"]]
 
 
-def test_list_pagination(client1: httpx.Client, dataset1: dict[str, Any]) -> None:
+def test_list_pagination(client1: httpx.Client, dataset1: dict[str, Any], demo_archive: bytes) -> None:
+    # A second dataset of this tenant, so there are pages whatever else this session (or this worker) uploaded.
+    assert upload(client1, demo_archive, "demo.zip", name="second page").status_code == 201
     seen: list[str] = []
     after = None
     while True:
