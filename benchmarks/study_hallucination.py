@@ -80,7 +80,7 @@ def _run(
         f"objective.keep_ratio={chosen['keep_ratio']}",
     ]
     if scenes is not None:
-        overrides.append(f"evaluation.generative={scenes}")
+        overrides += [f"evaluation.generative={scenes}", f"evaluation.max_samples={VALIDATION['count']}"]
     if args.pairs_dir is not None:
         overrides += [f"data.train={args.pairs_dir / 'train.jsonl'}", f"data.eval={args.pairs_dir / 'eval.jsonl'}"]
     overrides += [f"objective.{key}={value}" for key, value in objective.items()]
@@ -107,7 +107,9 @@ def _run(
         row["gap"] = row["accuracy_easy"] - row["accuracy_hard"]
     generations = sorted(out.rglob("generations.jsonl"))
     if generations:
-        row.update(chair_by_error_type([json.loads(line) for line in generations[0].read_text().splitlines()]))
+        records = [json.loads(line) for line in generations[0].read_text().splitlines()]
+        row.update(chair_by_error_type(records, "tuned"))
+        row.update({f"base_{key}": value for key, value in chair_by_error_type(records, "base").items()})
     return row
 
 
@@ -117,12 +119,13 @@ def planted(name: str, truth: list[str]) -> bool:
     return name.startswith("red ") and f"orange {name[4:]}" in truth
 
 
-def chair_by_error_type(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    """CHAIR_i of the tuned model split by error type (each over all mentions, so the two add up to CHAIR_i): the
-    planted colour error (:func:`planted`) and every other hallucinated mention; from ``generations.jsonl``."""
+def chair_by_error_type(records: list[dict[str, Any]], which: str) -> dict[str, float | None]:
+    """CHAIR_i of ``which`` model ("base" or "tuned") split by error type (each over all mentions, so the two add
+    up to CHAIR_i): the planted colour error (:func:`planted`) and every other hallucinated mention; from the
+    evaluation's ``generations.jsonl``."""
     mentions = planted_count = other = 0
     for record in records:
-        tuned = record.get("tuned") or {}
+        tuned = record.get(which) or {}
         mentions += len(tuned.get("mentioned", []))
         for name in tuned.get("hallucinated", []):
             if planted(name, record["objects"]):
@@ -318,6 +321,8 @@ def _write_results(rows: list[dict[str, Any]], args: argparse.Namespace, command
         "",
         "| method | CHAIR_i planted colour | CHAIR_i other | easy accuracy [95%] | hard accuracy [95%] |",
         "|---|---|---|---|---|",
+        f"| base | {_mean_sd([base.get('base_chair_i_planted')])} | {_mean_sd([base.get('base_chair_i_other')])} | - "
+        "| - |",
     ]
     for label in labels:
         mine = [row for row in rows if row["method"] == label]

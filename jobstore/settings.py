@@ -296,6 +296,12 @@ class Settings(BaseSettings):
     infer_max_adapters: int = Field(
         default=16, gt=0, description="LoRA adapters `dama infer` keeps loaded per base model (LRU)."
     )
+    infer_max_unpacked_exports: int = Field(
+        default=4,
+        gt=0,
+        description="Merged exports `dama infer` keeps unpacked on its disk: unpacking another removes the least "
+        "recently asked for (unpacked again from the artifact store when it is asked for again).",
+    )
     infer_max_batch: int = Field(default=8, gt=0, description="Requests `dama infer` answers in one generate call.")
     infer_batch_window_ms: float = Field(
         default=10.0, ge=0, description="How long `dama infer` waits for more requests to batch with the first."

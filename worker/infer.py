@@ -28,7 +28,9 @@ request rules are :mod:`dama_engine.serving.protocol`'s.
   succeeded (``n``: the run that recorded its archive). Nothing else is accepted, so no request names a path: the
   archive is ``ArtifactStore.export_archive(job_id, exp_id, n)`` (``jobs/<job>/exports/<exp>/attempt-<n>/model.tar``,
   fetched from the store), unpacked once (tarfile's ``data`` filter; into a temporary sibling, then renamed) under
-  ``<scratch>/infer-exports/`` and loaded as a model of its own, like a full fine-tune;
+  ``<scratch>/infer-exports/`` and loaded as a model of its own, like a full fine-tune; at most
+  ``DAMA_INFER_MAX_UNPACKED_EXPORTS`` stay unpacked (the least recently asked for is removed when another is
+  unpacked, and unpacked again from the store when asked for again);
 * anything else: a hub name or local folder, loaded with ``from_pretrained`` (bf16 on a GPU that has it, else
   float32; remote code only when ``DAMA_ALLOW_REMOTE_CODE`` is on).
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -165,9 +168,25 @@ class ModelResolver:
             with self._unpacking:  # one unpacking at a time in this server; other servers rename atomically
                 if not (folder / "config.json").is_file():
                     self._unpack_export(model, job_id, export_id, attempt, folder)
+                    self._prune_exports(keep=folder)
         if not (folder / "config.json").is_file():
             raise model_not_found(model)
+        with contextlib.suppress(OSError):
+            os.utime(folder)  # its last use, for :meth:`_prune_exports`
         return ModelRef(ModelSource(model, str(folder), precision=_saved_precision(folder)))
+
+    def _prune_exports(self, *, keep: Path) -> None:
+        """Remove the least recently used unpacked exports beyond ``infer_max_unpacked_exports`` (never ``keep``,
+        the one just unpacked). A loaded model keeps answering (its weights are in memory); asked for again after
+        its cache entry went too, it is unpacked again from the store."""
+        folders = [path for path in self.exports_root.glob("*/*/attempt-*") if path.is_dir() and path != keep]
+        folders.sort(key=_mtime, reverse=True)
+        for folder in folders[self.settings.infer_max_unpacked_exports - 1 :]:
+            log.info("removing the unpacked export %s (least recently used)", folder.relative_to(self.exports_root))
+            shutil.rmtree(folder, ignore_errors=True)
+            for parent in (folder.parent, folder.parent.parent):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when empty
 
     def _unpack_export(self, model: str, job_id: str, export_id: str, attempt: int, folder: Path) -> None:
         from dama_engine.serving import model_not_found
@@ -199,6 +218,13 @@ class ModelResolver:
             shutil.rmtree(partial, ignore_errors=True)
             if self.store.remote:
                 archive.unlink(missing_ok=True)  # only the local copy: the unpacked folder is what is served
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _adapter_base(folder: Path) -> str | None:

@@ -34,7 +34,7 @@ from jobstore.settings import Settings
 from tests.engine.conftest import png_bytes
 from tests.engine.test_serving import data_uri, make_lora_adapter
 from worker.engine_config import adapter_folder, ensure_tiny_model, model_cache_root
-from worker.infer import InferenceBackend, create_app, main
+from worker.infer import InferenceBackend, ModelResolver, create_app, main
 
 SECRET = "test-secret-0123"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -283,6 +283,22 @@ def test_a_merged_export_answers_as_its_job(client: TestClient, settings: Settin
         error = _error(client.post("/v1/chat/completions", json=_body(bad), headers=AUTH), 404, "model_not_found", root)
         assert error["param"] == "model", bad
     assert not list(settings.resolved_scratch_dir.rglob("escaped.json"))
+
+    # At most DAMA_INFER_MAX_UNPACKED_EXPORTS stay unpacked: unpacking another removes the least recently asked
+    # for, which is unpacked again from the store when it is asked for again.
+    resolver = ModelResolver(_settings(root, infer_max_unpacked_exports=2), store)
+    for attempt in (3, 4, 5):
+        archive = store.export_archive(JOB, EXPORT, attempt)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(store.export_archive(JOB, EXPORT, 2), archive)
+
+    def unpacked_attempts() -> list[int]:
+        return sorted(int(path.name.split("-")[1]) for path in unpacked.parent.glob("attempt-*"))
+
+    for attempt, kept in ((3, [2, 3]), (2, [2, 3]), (4, [2, 4]), (5, [4, 5]), (2, [2, 5])):
+        time.sleep(0.02)  # a distinct modification time per use
+        assert resolver.resolve(f"{EXPORT}@{JOB}/attempt-{attempt}").base.path.endswith(f"attempt-{attempt}")
+        assert unpacked_attempts() == kept, (attempt, unpacked_attempts())
 
 
 @pytest.mark.parametrize(
