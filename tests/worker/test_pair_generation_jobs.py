@@ -141,8 +141,10 @@ def test_a_running_pair_generation_cancelled_stops_before_a_next_batch_leaving_n
                 # end before that on an idle machine; the wait makes its next check read the cancel.
                 time.sleep(0.6)
 
-    def cancelled_while_generating(config: PairsConfig, reporter: Callback) -> PairGenerationResult:
-        return engine(config, CallbackList([CancelAfterTheFirstBatch(), reporter]))
+    def cancelled_while_generating(
+        config: PairsConfig, reporter: Callback, *, judge_address: str | None = None
+    ) -> PairGenerationResult:
+        return engine(config, CallbackList([CancelAfterTheFirstBatch(), reporter]), judge_address=judge_address)
 
     monkeypatch.setattr(tasks, "generate_pairs", cancelled_while_generating)
     assert _run(store, run_id) == "cancelled"
