@@ -771,7 +771,7 @@ def add_commands(commands: Any) -> None:
     upload = leaf(datasets, "upload", _datasets_upload, "upload a data file or archive")
     upload.add_argument("file")
     upload.add_argument("--name", default=None)
-    upload.add_argument("--format", default=None, help="auto (default), trl, rlaif_v, openai, generative")
+    upload.add_argument("--format", default=None, help="auto (default), trl, rlaif_v, openai, generative, prompts")
     leaf(datasets, "list", _datasets_list, "list datasets")
     for name, handler, text in (("show", _datasets_show, "show a dataset"), ("delete", _datasets_delete, "delete")):
         leaf(datasets, name, handler, text).add_argument("id")

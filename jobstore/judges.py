@@ -64,5 +64,5 @@ class JudgeTarget(BaseModel):
         if self.prompt is not None:
             values["prompt"] = self.prompt
         if self.api_key_env:
-            values["api_key"] = os.environ.get(self.api_key_env) or None
+            values["api_key"] = (os.environ.get(self.api_key_env) or "").strip() or None  # a file's newline dropped
         return values

@@ -502,7 +502,11 @@ def judge_target(name: str, settings: Settings) -> tuple[dict[str, Any], str]:
             setting="DAMA_JUDGE_ALLOWED_HOSTS",
         )
     except RefusedTarget as error:
-        raise ConfigError(f"judge {name!r}: {error}") from None
+        # The tenant's message names no host or address (the operator's judge may be internal); the log does.
+        log.warning("judge %r (%s) cannot be used: %s", name, target.url, error)
+        raise ConfigError(
+            f"judge {name!r} cannot be reached from this service's workers (the operator's worker log says why)"
+        ) from None
     return target.engine_values(name), address
 
 

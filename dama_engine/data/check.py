@@ -119,7 +119,9 @@ def _check_generative_path(
     ``path`` -- the archive unpacked, when it was one -- as preference data)."""
     kinds = [forced] if forced else [GENERATIVE, PROMPTS]
     if path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
-        for kind in kinds:
+        # A bare file is never taken for a prompt set unless the upload says so: rows of image and prompt alone
+        # are as likely a preference file with a mistake, which its own check then names.
+        for kind in [forced] if forced else [GENERATIVE]:
             if forced or looks_generative(path, limits, labelled=kind == GENERATIVE):
                 what = "a generative evaluation set" if kind == GENERATIVE else "a prompt set"
                 return {

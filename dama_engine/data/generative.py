@@ -34,6 +34,9 @@ from dama_engine.data.validation import DataError, DataLimits
 VOCABULARY_FILE = "vocabulary.json"
 # Keys of a preference row in any accepted format: a row with one of them is not a generative sample.
 PREFERENCE_KEYS = frozenset({"chosen", "rejected", "preferred_output", "non_preferred_output"})
+# Keys of any training row (a preference answer, TRL's prompt/completion answer, OpenAI's input): a row with one of
+# them is not a prompt set's.
+ANSWER_KEYS = PREFERENCE_KEYS | {"completion", "input"}
 
 
 class GenerativeEvalError(DataError):
@@ -205,7 +208,8 @@ def find_generative_files(
 
 def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000, *, labelled: bool = True) -> bool:
     """Whether a JSONL file's rows are generative samples: some carry ``objects``, none a preference answer
-    (``labelled=False``, a prompt set's: rows with ``image`` and ``prompt``, none with ``objects`` or an answer)."""
+    (``labelled=False``, a prompt set's: rows with ``image`` and ``prompt``, none with ``objects`` or an answer,
+    TRL's ``completion`` included)."""
     if data_file.suffix.lower() != ".jsonl":
         return False
     with_objects = with_prompt = False
@@ -218,7 +222,7 @@ def looks_generative(data_file: Path, limits: DataLimits, max_lines: int = 1000,
             continue
         if not isinstance(record, dict):
             continue
-        if PREFERENCE_KEYS & set(record):
+        if (PREFERENCE_KEYS if labelled else ANSWER_KEYS) & set(record):
             return False
         with_objects = with_objects or "objects" in record
         with_prompt = with_prompt or {"image", "prompt"} <= set(record)

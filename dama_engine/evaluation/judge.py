@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dama_engine.data import GenerativeSample
 
@@ -50,6 +52,19 @@ class JudgeConfig(BaseModel):
         default=None, description="How errors and reports name this judge (default: its URL, which may be private)."
     )
     api_key: str | None = Field(default=None, description="Bearer key; the CLI takes DAMA_JUDGE_API_KEY when unset.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _bare_key(cls, key: str | None) -> str | None:
+        """Surrounding whitespace dropped (a key read from a file ends with a newline); a key with a control
+        character inside is refused (it could not be sent, and the HTTP library's error would quote it)."""
+        if key is None:
+            return None
+        key = key.strip()
+        if any(ord(character) < 32 or ord(character) == 127 for character in key):
+            raise ValueError("the judge's api_key holds a control character")
+        return key or None
+
     timeout_s: float = Field(
         default=60.0, gt=0, description="Seconds for the connection, and again for the whole reply to arrive."
     )
@@ -75,7 +90,8 @@ def chat_completion(config: JudgeConfig, messages: list[dict[str, Any]], *, conn
     """The assistant's text of one ``/chat/completions`` call at ``config.url`` (temperature 0).
 
     ``connect_to``: an address to connect to instead of resolving the URL's host (a caller that checked where the
-    host resolves pins the address it checked: no second lookup); TLS still verifies the URL's host name.
+    host resolves pins the address it checked: no second lookup); TLS still verifies the URL's host name, against
+    the CA bundle of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set. A pinned request goes through no proxy.
 
     Raises:
         JudgeError: a redirect (never followed), an error status, a reply longer than ``max_response_bytes`` or
@@ -97,8 +113,13 @@ def chat_completion(config: JudgeConfig, messages: list[dict[str, Any]], *, conn
             extensions["sni_hostname"] = parts.hostname
     body = {"model": config.model, "messages": messages, "temperature": 0, "max_tokens": config.max_tokens}
     deadline = time.monotonic() + config.timeout_s
-    # No proxy from the environment when the address is pinned: a proxy would resolve the name itself.
-    client = httpx.Client(timeout=config.timeout_s, follow_redirects=False, trust_env=connect_to is None)
+    # No proxy from the environment when the address is pinned (a proxy would resolve the name itself); the CA
+    # bundle the environment names (SSL_CERT_FILE / SSL_CERT_DIR) is still used, as it is without a pin.
+    verify: ssl.SSLContext | bool = True
+    cafile, capath = os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
+    if connect_to is not None and (cafile or capath):
+        verify = ssl.create_default_context(cafile=cafile, capath=capath)
+    client = httpx.Client(timeout=config.timeout_s, follow_redirects=False, trust_env=connect_to is None, verify=verify)
     with client, client.stream("POST", url, json=body, headers=headers, extensions=extensions) as response:
         if response.is_redirect:
             where = response.headers.get("location", "?")

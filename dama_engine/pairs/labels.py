@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from pydantic import Field
 
 from dama_engine.data import GenerativeSample, Vocabulary, normalize_name
@@ -88,6 +89,17 @@ def match_names(names: Sequence[str], vocabulary: Vocabulary) -> tuple[tuple[str
     return tuple(dict.fromkeys(objects)), tuple(unmatched)
 
 
+def failure_text(error: BaseException, config: JudgeConfig) -> str:
+    """What a failed request reports (it reaches the run's report and error): the error without the judge's key,
+    and only its kind for a request the HTTP library refused to send (its message quotes the headers)."""
+    if isinstance(error, httpx.LocalProtocolError):
+        return f"{type(error).__name__}: the HTTP client refused to send the request (a malformed header?)"
+    text = f"{type(error).__name__}: {error}"
+    if config.api_key:
+        text = text.replace(config.api_key, "[api key]")
+    return text
+
+
 def _image_part(data: bytes) -> dict[str, Any]:
     from PIL import Image
 
@@ -101,11 +113,11 @@ def list_objects(
     config: ObjectJudgeConfig, data: bytes, vocabulary: Vocabulary, *, connect_to: str | None = None
 ) -> ImageObjects:
     """Ask the judge what one image (its file's bytes) shows and match the reply onto ``vocabulary``."""
-    messages = [{"role": "user", "content": [_image_part(data), {"type": "text", "text": config.prompt}]}]
-    try:
+    try:  # an image PIL cannot open counts as a failed image too (OSError)
+        messages = [{"role": "user", "content": [_image_part(data), {"type": "text", "text": config.prompt}]}]
         reply = chat_completion(config, messages, connect_to=connect_to)
     except JUDGE_FAILURES as error:
-        return ImageObjects((), (), "", error=f"{type(error).__name__}: {error}")
+        return ImageObjects((), (), "", error=failure_text(error, config))
     objects, unmatched = match_names(parse_object_list(reply), vocabulary)
     return ImageObjects(objects, unmatched, reply)
 
@@ -135,17 +147,21 @@ def label_prompts(
         return list_objects(config, group[0].image.read_bytes(), vocabulary, connect_to=connect_to)
 
     found: dict[str, ImageObjects] = {}
-    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+    pool = ThreadPoolExecutor(max_workers=config.concurrency)
+    try:
         futures = [(group, pool.submit(ask, group)) for group in groups.values()]
         for done, (group, future) in enumerate(futures, start=1):
             if should_stop is not None and should_stop():
-                pool.shutdown(wait=True, cancel_futures=True)
                 return None
             result = future.result()
             for prompt in group:
                 found[prompt.sample_id] = result
             if progress is not None:
-                progress(done, len(futures))
+                progress(done, len(futures))  # the worker's reporter may raise here (a cancel, a shutdown)
+    finally:
+        # However the loop ends (done, a stop, a cancel raised by progress, an error): no request not yet sent
+        # is sent; those in flight end within the judge's timeout in their own threads.
+        pool.shutdown(wait=False, cancel_futures=True)
     return found
 
 

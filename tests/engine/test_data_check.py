@@ -103,3 +103,26 @@ def test_a_prompt_set_is_told_apart_and_checked(tmp_path: Path) -> None:
     assert {error["row"] for error in outcome["report"]["errors"]} == {1, 3}
     outcome = check(mixed, format="prompts", extract_dir=None, limits=DataLimits(), keep_only_used=False)
     assert not outcome["ok"] and "no prompt set found" in outcome["error"]
+
+
+def test_trl_prompt_completion_rows_are_never_a_prompt_set(tmp_path: Path) -> None:
+    """TRL's prompt/completion rows (image, prompt, completion) carry what a prompt set's rows carry plus an answer:
+    a bare file stays TRL data, and beside a vocabulary.json they are not taken for a prompt set either."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"prompt": "Describe it.", "completion": "A cat.", "image": image}) + "\n" for _ in range(3))
+    )
+    outcome = check(rows, format="auto", extract_dir=None, limits=DataLimits(), keep_only_used=False)
+    assert outcome["ok"] and outcome["format"] == "trl" and outcome["row_count"] == 3
+    (tmp_path / "vocabulary.json").write_text(json.dumps({"cat": []}))
+    from dama_engine.data.generative import find_generative_files
+
+    assert find_generative_files(tmp_path, labelled=False) is None

@@ -7,6 +7,7 @@ tests/e2e/test_pairs_loop_e2e.py)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,13 +15,23 @@ from threading import Lock, Thread
 from typing import Any, ClassVar
 
 import pytest
+from PIL import Image
 
 from dama_engine.data import Vocabulary, judge_response
 from dama_engine.data.generative import GenerativeEvalError, load_generative_eval
 from dama_engine.evaluation.judge import JudgeConfig, JudgeError, chat_completion
 from dama_engine.models import build_tiny_model
 from dama_engine.pairs import generate_pairs, parse_pairs_config
-from dama_engine.pairs.labels import ImageObjects, labels_report, match_names, parse_object_list
+from dama_engine.pairs.labels import (
+    ImageObjects,
+    ObjectJudgeConfig,
+    failure_text,
+    group_by_image,
+    label_prompts,
+    labels_report,
+    match_names,
+    parse_object_list,
+)
 from dama_engine.pairs.run import JudgeUnavailableError
 from tests.engine.test_pairs import NOUNS, Recorder, _generative_set, _records, _settings
 
@@ -65,6 +76,7 @@ class _Judge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint: answers ``reply`` (or the status ``status``), records what it was sent."""
 
     reply: ClassVar[str] = ""
+    delay: ClassVar[float] = 0.0
     status: ClassVar[int] = 200
     raw: ClassVar[bytes | None] = None
     seen: ClassVar[list[dict[str, Any]]] = []
@@ -74,6 +86,7 @@ class _Judge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
             type(self).seen.append({"host": self.headers.get("Host"), "path": self.path, "body": body})
+        time.sleep(type(self).delay)
         payload = type(self).raw or json.dumps({"choices": [{"message": {"content": type(self).reply}}]}).encode()
         self.send_response(type(self).status)
         self.send_header("Content-Type", "application/json")
@@ -87,7 +100,7 @@ class _Judge(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def judge_port() -> Iterator[int]:
-    _Judge.reply, _Judge.status, _Judge.raw, _Judge.seen = "", 200, None, []
+    _Judge.reply, _Judge.delay, _Judge.status, _Judge.raw, _Judge.seen = "", 0.0, 200, None, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     Thread(target=server.serve_forever, daemon=True).start()
     yield int(server.server_address[1])
@@ -188,3 +201,43 @@ def test_a_stop_while_the_judge_lists_writes_nothing(judge_port: int, tmp_path: 
     result = generate_pairs(parse_pairs_config(settings), recorder)
     assert result.stopped and result.output is None and not (tmp_path / "out").exists()
     assert recorder.stages == ["validating", "listing_objects"] and recorder.progress == [("listing_objects", 1, 3)]
+
+
+def test_a_cancel_raised_by_the_progress_hook_sends_no_further_request(judge_port: int, tmp_path: Path) -> None:
+    """The worker's reporter raises to cancel a run (JobStopped) from inside the progress hook: the requests not
+    yet sent are dropped, not sent to the judge one by one while the run winds down."""
+    folder = tmp_path / "set"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for index in range(12):  # twelve distinct images
+        Image.new("RGB", (16, 16), (20 * index, 10, 200 - 10 * index)).save(folder / "images" / f"{index}.png")
+        lines.append(json.dumps({"id": f"p{index}", "image": f"images/{index}.png", "prompt": "Describe."}))
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "vocabulary.json").write_text(json.dumps({"cat": []}))
+    prompts = load_generative_eval(folder / "prompts.jsonl", folder / "vocabulary.json", labelled=False).samples
+    _Judge.reply, _Judge.delay = "cat", 0.2
+    config = ObjectJudgeConfig(url=f"http://127.0.0.1:{judge_port}/v1", model="m", concurrency=2)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done: int, total: int) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        label_prompts(config, group_by_image(prompts), Vocabulary.from_mapping({"cat": []}), progress=cancel)
+    time.sleep(1.0)  # what was in flight ends; nothing more may start
+    assert len(_Judge.seen) <= 3  # the first image, and at most the other request in flight with it
+
+
+def test_a_failure_never_quotes_the_judges_key() -> None:
+    import httpx
+
+    assert JudgeConfig(url="http://j/v1", model="m", api_key=" sk-secret\n").api_key == "sk-secret"
+    with pytest.raises(ValueError, match="control character"):
+        JudgeConfig(url="http://j/v1", model="m", api_key="sk-\x00secret")
+    config = JudgeConfig(url="http://j/v1", model="m", api_key="sk-secret")
+    refused = failure_text(httpx.LocalProtocolError("Illegal header value b'Bearer sk-secret'"), config)
+    assert "sk-secret" not in refused and refused.startswith("LocalProtocolError")
+    echoed = failure_text(JudgeError("judge j: the server said: bad key sk-secret"), config)
+    assert "sk-secret" not in echoed and "[api key]" in echoed

@@ -196,9 +196,12 @@ def test_init_adapter_is_copied_into_the_job_once(store: JobStore) -> None:
     )
 
 
-def test_a_judge_target_obeys_the_webhooks_address_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DAMA_JUDGE_TARGETS parsed; its key read from the worker's environment; a loopback host refused unless it is
-    on DAMA_JUDGE_ALLOWED_HOSTS; a name that resolves nowhere refused; a target gone from the settings reported."""
+def test_a_judge_target_obeys_the_webhooks_address_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DAMA_JUDGE_TARGETS parsed; its key read from the worker's environment (a file's newline dropped); a loopback
+    host refused unless it is on DAMA_JUDGE_ALLOWED_HOSTS, and a name that resolves nowhere refused, each with a
+    message that names no host or address (the log does); a target gone from the settings reported."""
     from jobstore.settings import Settings
     from worker.engine_config import judge_target
 
@@ -209,17 +212,20 @@ def test_a_judge_target_obeys_the_webhooks_address_policy(tmp_path: Path, monkey
         }
     )
     monkeypatch.setenv("DAMA_JUDGE_TARGETS", targets)
-    monkeypatch.setenv("JUDGE_K", "s3cret")
+    monkeypatch.setenv("JUDGE_K", "s3cret\n")
     settings = Settings(home=tmp_path)
     assert settings.judge_targets["local"].api_key_env == "JUDGE_K"
-    with pytest.raises(
-        ConfigError,
-        match=r"judge 'local': refused: 127\.0\.0\.1 resolves to 127\.0\.0\.1, a "
-        r"loopback address \(not on DAMA_JUDGE_ALLOWED_HOSTS\)",
+    for name, detail in (
+        ("local", "127.0.0.1 resolves to 127.0.0.1, a loopback address (not on DAMA_JUDGE_ALLOWED_HOSTS)"),
+        ("nowhere", "cannot resolve judge.invalid"),
     ):
-        judge_target("local", settings)
-    with pytest.raises(ConfigError, match=r"judge 'nowhere': cannot resolve judge\.invalid"):
-        judge_target("nowhere", settings)
+        caplog.clear()
+        with pytest.raises(ConfigError) as refused:
+            judge_target(name, settings)
+        assert str(refused.value) == (
+            f"judge {name!r} cannot be reached from this service's workers (the operator's worker log says why)"
+        )
+        assert detail in caplog.text
     with pytest.raises(ConfigError, match="'gone' is no longer a judge of this service"):
         judge_target("gone", settings)
 

@@ -114,7 +114,11 @@ function fieldInput(param, schema, ctx) {
   const def = schema.default;
   let input;
   if (DATASET_FIELDS.has(param)) {
-    const wanted = param === "evaluation.generative_dataset_id" ? (d) => d.format === "generative" : (d) => d.format !== "generative";
+    // Generative sets (and prompt sets, which only pair generations take) are never training or held-out pairs.
+    const wanted =
+      param === "evaluation.generative_dataset_id"
+        ? (d) => d.format === "generative"
+        : (d) => d.format !== "generative" && d.format !== "prompts";
     input = h(
       "select",
       { id, name: param },
