@@ -3,13 +3,18 @@ same-compute SFT control over several seeds, and measure hallucination (CHAIR) o
 preference accuracy per hardness bucket.
 
     python benchmarks/study_hallucination.py --quick      # 1 seed, 100 steps, 200 scenes (about 5 minutes)
-    python benchmarks/study_hallucination.py              # 5 seeds, 300 steps, 300 scenes (the full study)
+    python benchmarks/study_hallucination.py --select     # the full study: settings chosen on validation scenes
+                                                          # (8 seed-0 runs), then 5 seeds, 300 steps, 300 scenes
 
 Base, pairs, held-out scenes and settings are the proving ground's (:mod:`dama_engine.proving`, the same the demo
 and the learning regression test use; cached under ``--work-dir``). Every run trains a LoRA (projector trained too)
 from the same base for the same number of steps at batch 16 with the same learning rate and beta; seeds change the
-data order and the adapter's initialisation. The control (``sft``) trains on the chosen answers. One more row,
-``dama (filter_sigma 1.0)``, is DAMA with the released code's filter width, beside the proving ground's 5.0.
+data order and the adapter's initialisation. The control (``sft``) trains on the chosen answers. Two more rows:
+``dama (filter_sigma 1.0)`` is DAMA with the released code's filter width, ``dama (keep_ratio 1.0)`` DAMA without the
+filter. ``--select`` chooses beta, the learning rate and DAMA's filter on validation scenes of their own seed
+(:data:`VALIDATION`) first, by the rule :func:`select_settings` states; without it the proving ground's settings are
+used. Each run's CHAIR_i is also split into the base's planted colour error and other slips (from the evaluation's
+``generations.jsonl``), and the hardness tertiles' accuracies get Wilson intervals.
 ``--pairs synthetic`` trains on the shapes world's swap pairs instead (same length and structure, graded difficulty,
 oracle hardness; :func:`dama_engine.proving.shapes.make_demo_dataset`), with the same base, scenes and settings.
 Writes a table and a chart into ``docs/RESULTS.md`` / ``docs/images/results.png`` (``--results`` to change;
@@ -370,6 +375,7 @@ def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
             reference="dpo",
             measures={
                 "CHAIR_i": lambda row: row["tuned_chair_i"],
+                "coverage": lambda row: row["tuned_coverage"],
                 "CHAIR_i planted colour": lambda row: row.get("chair_i_planted"),
                 "hard accuracy": lambda row: row["accuracy_hard"],
                 "easy - hard gap": lambda row: row["gap"],
