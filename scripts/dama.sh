@@ -49,8 +49,8 @@ case "$cmd" in
         # pytest exits 5 when it collects no test: that must fail, never pass silently.
         set +e
         # Two pytest-xdist workers (the machine's 2 cores; DAMA_TEST_WORKERS=0 runs in one process): each has its
-        # own Postgres and Redis databases, and the proving ground's tests share one worker (tests/conftest.py).
-        "$VENV/bin/python" -m pytest -n "${DAMA_TEST_WORKERS:-2}" --dist loadgroup "$@"
+        # own Postgres and Redis databases, and they build the proving ground once between them (tests/conftest.py).
+        "$VENV/bin/python" -m pytest -n "${DAMA_TEST_WORKERS:-2}" "$@"
         rc=$?
         set -e
         if [ "$rc" -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi

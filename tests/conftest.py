@@ -44,15 +44,6 @@ REDIS_URL = _worker_redis_url(
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the markers into the node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``--dist loadgroup``, the README's test command) every test that uses the proving ground
-    runs on one worker, so the session builds it once (a few minutes) instead of once per worker."""
-    for item in items:
-        if "proving_ground" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("proving_ground"))
-
-
 def _pg_url(database: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
@@ -99,9 +90,22 @@ def redis_url() -> str:
 @pytest.fixture(scope="session")
 def proving_ground(tmp_path_factory: pytest.TempPathFactory) -> ProvingGround:
     """The proving ground (``dama_engine.proving``: seeing base, on-policy pairs, held-out scenes), built once per
-    session: under ``DAMA_PROVING_DIR`` when that is set (and reused there while its recipe holds), else in a
-    temporary folder (a few minutes at one thread)."""
+    test run: under ``DAMA_PROVING_DIR`` when that is set (and reused there while its recipe holds), else in a
+    temporary folder (a few minutes at one thread). Under pytest-xdist the workers share that folder (the run's
+    common temporary root) and an exclusive lock on it: the first to need it builds it, the others wait and reuse
+    it (its recipe stamps say it is complete)."""
+    import fcntl
+
     from dama_engine.proving.ground import prepare_proving_ground
 
-    root = os.environ.get("DAMA_PROVING_DIR")
-    return prepare_proving_ground(Path(root) if root else tmp_path_factory.mktemp("proving"))
+    configured = os.environ.get("DAMA_PROVING_DIR")
+    if configured:
+        root = Path(configured)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "proving"  # the same folder for every worker of this run
+    else:
+        root = tmp_path_factory.mktemp("proving")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return prepare_proving_ground(root)
