@@ -118,12 +118,13 @@ export async function followEvents(path, onEvent, { signal, after = 0 } = {}) {
         signal,
       });
       if (!response.ok) throw await failure(response);
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      const reader = response.body.getReader(); // decoded here: no internal pipe to error on abort
+      const decoder = new TextDecoder();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) return;
-        buffer += value;
+        buffer += decoder.decode(value, { stream: true });
         let cut;
         while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
           const frame = parseFrame(buffer.slice(0, cut));

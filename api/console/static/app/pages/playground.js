@@ -31,13 +31,14 @@ async function streamChat(body, onText, signal) {
     signal,
   });
   if (!response.ok) throw await failure(response);
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = response.body.getReader(); // decoded here: no internal pipe to error on abort
+  const decoder = new TextDecoder();
   const result = { finishReason: null, usage: null };
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) throw new ApiError(502, { error: { message: "the stream ended before the answer did" } });
-    buffer += value;
+    buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
       const frame = buffer.slice(0, cut);
