@@ -3,7 +3,7 @@ packed fast paths (:mod:`.packing`), regional compiling (:mod:`.compiling`), gen
 scoring helpers training and evaluation share (:mod:`.scoring`).
 """
 
-from dama_engine.forward.batching import PairBatch, PairEncoder
+from dama_engine.forward.batching import EncodingError, PairBatch, PairEncoder
 from dama_engine.forward.compiling import compile_decoder_layers, decoder_layers
 from dama_engine.forward.generation import (
     GenerationRequest,
@@ -13,10 +13,11 @@ from dama_engine.forward.generation import (
     generate,
 )
 from dama_engine.forward.logprobs import pair_log_probs
-from dama_engine.forward.packing import set_pair_forward
+from dama_engine.forward.packing import resolve_pair_forward, set_pair_forward
 from dama_engine.forward.scoring import autocast, check_lengths, encode_batch, pair_log_probs_all
 
 __all__ = [
+    "EncodingError",
     "GenerationRequest",
     "GenerationSettings",
     "PairBatch",
@@ -31,5 +32,6 @@ __all__ = [
     "generate",
     "pair_log_probs",
     "pair_log_probs_all",
+    "resolve_pair_forward",
     "set_pair_forward",
 ]

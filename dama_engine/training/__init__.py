@@ -4,6 +4,7 @@ training); evaluation never imports training.
 """
 
 from dama_engine.training.checkpoint import ADAPTER_DIR, checkpoint_dir, checkpoint_step, latest_checkpoint
+from dama_engine.training.estimate import estimate_training
 from dama_engine.training.export import export_merged
 from dama_engine.training.metrics_log import truncate_metrics
 from dama_engine.training.recipe import TrainResult, check_filter_group, train
@@ -14,6 +15,7 @@ __all__ = [
     "check_filter_group",
     "checkpoint_dir",
     "checkpoint_step",
+    "estimate_training",
     "export_merged",
     "latest_checkpoint",
     "train",

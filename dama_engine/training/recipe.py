@@ -89,7 +89,8 @@ class _Split:
     hardness: torch.Tensor | None = None  # (N,)
 
 
-def _load_rows(config: TrainConfig) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+def load_rows(config: TrainConfig) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+    """The training and held-out rows as training reads them (``data.eval``, else ``data.eval_fraction``)."""
     data = config.data
     loaded = {}
     for name, source in (("train", data.train), ("eval", data.eval)):
@@ -347,7 +348,7 @@ def _validated_data(
 ) -> tuple[list[PreferenceRow], list[PreferenceRow], _Batches]:
     """Training and held-out rows that load, validate and fit the model, and the micro-batch schedule."""
     optim = config.optim
-    train_rows, eval_rows = _load_rows(config)
+    train_rows, eval_rows = load_rows(config)
     if config.objective.build().is_preference:
         _refuse_answer_only(train_rows, "train", config.objective.method)
         _refuse_answer_only(eval_rows, "eval", config.objective.method)
