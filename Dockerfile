@@ -29,6 +29,8 @@ COPY api ./api
 COPY worker ./worker
 COPY jobstore ./jobstore
 COPY dama_engine ./dama_engine
+COPY dama_settings ./dama_settings
+COPY dama_client ./dama_client
 COPY migrations ./migrations
 RUN pip install ".[engine,service,tracking]"
 

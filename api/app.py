@@ -27,6 +27,7 @@ from api.routers import (
     chat,
     dataset_preview,
     datasets,
+    estimates,
     evaluations,
     exports,
     health,
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (
         datasets,
         dataset_preview,
+        estimates,  # before jobs and job outputs: /jobs/estimates/{id} is no job's path
         jobs,
         job_outputs,
         exports,

@@ -25,7 +25,8 @@ Fine-tune multimodal LLMs on your preference data with **DAMA** (Data- and Model
 adapter that loads with `peft` on top of the base model.
 
 1. `POST /datasets` a preference dataset (TRL, RLAIF-V or OpenAI preference format; an archive with images).
-2. `POST /jobs` a job spec naming the base model, the dataset, the method and hyper-parameters.
+2. `POST /jobs` a job spec naming the base model, the dataset, the method and hyper-parameters (`POST /jobs/estimate`
+   with the same body first says what it would take: steps, tokens, memory per GPU, time, whether it fits).
 3. Follow `GET /jobs/{id}` (status, stage, step, percent, ETA), `GET /jobs/{id}/events` (also live as
    `text/event-stream`) and `GET /jobs/{id}/metrics`.
 4. `GET /jobs/{id}/adapter` once the job succeeded.
@@ -52,7 +53,11 @@ Webhooks; verify with the `standardwebhooks` library and the `whsec_` secret the
 
 TAGS: list[dict[str, Any]] = [
     {"name": "datasets", "description": "Upload, inspect and delete preference datasets (validated on upload)."},
-    {"name": "jobs", "description": "Create, list, inspect and cancel fine-tuning jobs."},
+    {
+        "name": "jobs",
+        "description": "Create, list, inspect and cancel fine-tuning jobs; estimate one before launching it (rows, "
+        "steps, tokens, memory per GPU, time, whether it fits).",
+    },
     {
         "name": "job outputs",
         "description": "Events (paged or live), metric series, checkpoints (each downloadable as an adapter) and "
@@ -122,6 +127,7 @@ _WEBHOOK = {"webhook_id": _ID}
 _EXPORT = {"job_id": "$request.path.job_id", "export_id": _ID}
 _PAIR_GENERATION = {"pair_generation_id": _ID}
 _LOOP = {"loop_id": _ID}
+_ESTIMATE = {"estimate_id": _ID}
 
 # From every create (each of its 2xx responses: created, or replayed by an Idempotency-Key) to the operations on
 # the object it created, so that a client (and a stateful fuzzer) can follow them; Swagger UI lists them.
@@ -138,6 +144,9 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
         "Hardness": Link("get", "/datasets/{dataset_id}/hardness", "Its hardness histogram.", _DATASET),
         "DeleteDataset": Link("delete", "/datasets/{dataset_id}", "Delete it.", _DATASET),
         "TrainOnIt": Link("post", "/jobs", "A job trained on it.", {}, {"dataset_id": _ID}),
+        "EstimateTrainingOnIt": Link(
+            "post", "/jobs/estimate", "What a job trained on it would take.", {}, {"dataset_id": _ID}
+        ),
         "EvaluateOnIt": Link("post", "/evaluations", "An evaluation on it.", {}, {"preference_dataset_id": _ID}),
     },
     ("post", "/jobs"): {
@@ -152,6 +161,9 @@ LINKS: dict[tuple[str, str], dict[str, Link]] = {
         "EvaluateAdapter": Link(
             "post", "/evaluations", "An evaluation of its adapter against the base.", {}, {"adapter_job_id": _ID}
         ),
+    },
+    ("post", "/jobs/estimate"): {
+        "GetEstimate": Link("get", "/jobs/estimates/{estimate_id}", "The estimate (poll it after a 202).", _ESTIMATE),
     },
     ("post", "/evaluations"): {
         "GetEvaluation": Link("get", "/evaluations/{evaluation_id}", "The evaluation.", _EVALUATION),
@@ -224,6 +236,19 @@ _URL_RULE = (
     "link-local or reserved addresses are refused unless DAMA_WEBHOOK_ALLOWED_HOSTS names the host (400 "
     "url_not_allowed); a name is checked when a delivery resolves it"
 )
+# What POST /jobs (and POST /jobs/estimate, which checks the same) must follow besides its schema.
+_JOB_RULES = [
+    "with a filtering method (beta_dpo, dama_model, dama), floor(hyperparameters.keep_ratio x group) >= 2, "
+    "group being hyperparameters.batch_size x gpus, times hyperparameters.grad_accumulation when "
+    "hyperparameters.filter_scope is step (else 400 filter_group_too_small)",
+    "with a method that weighs pairs by data hardness (dama, dama_data), the dataset's rows carry hardness "
+    "(or chosen_score and rejected_score), or the service has a hardness scorer (GET /models; else 400 "
+    "hardness_required)",
+    "integrations[].target: a tracking target this service defines (else 400 unknown_tracking_target)",
+    _REMOTE_CODE,
+    "the datasets are this tenant's (else 404) and of the right kind; init_adapter names a job of this tenant "
+    "on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
+]
 # Rules a request must also follow that its schema cannot state: what a file holds, arithmetic across fields,
 # the operator's settings, other objects' state. Added to the operation's description; the fuzzing run leaves
 # schemathesis' positive_data_acceptance check out on exactly these operations (tests/api/fuzzing.py).
@@ -236,16 +261,15 @@ RULES: dict[tuple[str, str], list[str]] = {
         "within the upload limits (else 413, the limit named)",
     ],
     ("post", "/jobs"): [
-        "with a filtering method (beta_dpo, dama_model, dama), floor(hyperparameters.keep_ratio x group) >= 2, "
-        "group being hyperparameters.batch_size x gpus, times hyperparameters.grad_accumulation when "
-        "hyperparameters.filter_scope is step (else 400 filter_group_too_small)",
-        "with a method that weighs pairs by data hardness (dama, dama_data), the dataset's rows carry hardness "
-        "(or chosen_score and rejected_score), or the service has a hardness scorer (GET /models; else 400 "
-        "hardness_required)",
-        "integrations[].target: a tracking target this service defines (else 400 unknown_tracking_target)",
-        _REMOTE_CODE,
-        "the datasets are this tenant's (else 404) and of the right kind; init_adapter names a job of this tenant "
-        "on the same base model that succeeded, or a kept checkpoint of it (else 404 or 422)",
+        *_JOB_RULES,
+        "with DAMA_WORKER_GPU_MEMORY_GB set, the job fits one worker GPU by its estimate (else 400 does_not_fit, "
+        "saying what to change)",
+    ],
+    ("post", "/jobs/estimate"): [
+        *_JOB_RULES,
+        "the model loads and the rows can be read and measured on a worker (else 400 estimate_failed)",
+        "at most DAMA_MAX_PENDING_ESTIMATES estimates of this tenant queued or running (else 429 "
+        "too_many_pending_estimates)",
     ],
     ("post", "/evaluations"): [
         _REMOTE_CODE,
@@ -303,6 +327,7 @@ PATH_PARAMETERS = {
     "pair_generation_id": "The pair generation's id (pgen_...).",
     "loop_id": "The loop's id (loop_...).",
     "export_id": "The export's id (exp_...).",
+    "estimate_id": "The job estimate's id (est_...).",
     "webhook_id": "The webhook endpoint's id (wh_...).",
     "delivery_id": "The delivery's id (whd_...).",
     "key_id": "The API key's id (key_...), not its secret.",

@@ -19,6 +19,20 @@ TOO_MANY_ACTIVE = error(
     "rate_limit_exceeded (the tenant's request rate), or too_many_active_jobs (the tenant already has "
     "DAMA_MAX_ACTIVE_JOBS queued or running jobs); Retry-After says when to retry."
 )
+SPEC_REFERENCE_NOT_FOUND = error(
+    "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this tenant's, or init_adapter "
+    "names no job of this tenant or no kept checkpoint of it."
+)
+SPEC_INVALID = error(
+    "Invalid spec, or a dataset of the wrong kind (a generative set as training or held-out pairs, or preference "
+    "pairs as evaluation.generative_dataset_id), or an init_adapter of another base model or of a job that has not "
+    "succeeded; param names the field."
+)
+ESTIMATE_NOT_FOUND = error("No such job estimate for this tenant.")
+TOO_MANY_PENDING_ESTIMATES = error(
+    "too_many_pending_estimates: the tenant already has DAMA_MAX_PENDING_ESTIMATES job estimates queued or running; "
+    "Retry-After says when to retry."
+)
 KEY_REUSED = error("The Idempotency-Key was reused with another body.")
 EXPORT_NOT_FOUND = error("No such job or export for this tenant.")
 EVALUATION_NOT_FOUND = error("No such evaluation for this tenant.")

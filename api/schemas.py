@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from jobstore.models import Dataset, Job, JobEvent
+from jobstore.models import Dataset, Job, JobEstimate, JobEvent
 from jobstore.redact import redact_json, redact_paths, strings_in
 from jobstore.spec import EvaluationCreate, JobSpec, LoopCreate, PairGenerationCreate
 from jobstore.states import JobStatus
@@ -28,18 +28,20 @@ UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 DatasetFormat = Literal["auto", "trl", "rlaif_v", "openai", "generative", "prompts"]
 
-_TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
+TIME_EXAMPLE = "2025-01-31T12:00:00.123456Z"
 _DATASET_ID = "ds_0194b1c2d3e4a1b2c3d4e5f6"
 _JOB_ID = "job_0194b1c2d3e4a1b2c3d4e5f6"
 _EVAL_ID = "eval_0194b1c2d3e4a1b2c3d4e5f6"
 _PGEN_ID = "pgen_0194b1c2d3e4a1b2c3d4e5f6"
 
 
-class _Public(BaseModel):
+class PublicModel(BaseModel):
+    """Base of the response bodies: built from job-store rows by attribute (``model_validate(row)``)."""
+
     model_config = ConfigDict(from_attributes=True)
 
 
-def _columns(row: Any) -> dict[str, Any]:
+def row_columns(row: Any) -> dict[str, Any]:
     """A job-store row's column values by name (what a ``_from_row`` validator starts from)."""
     return {column.key: getattr(row, column.key) for column in row.__table__.columns}
 
@@ -47,7 +49,7 @@ def _columns(row: Any) -> dict[str, Any]:
 # ---- errors ---------------------------------------------------------------------------------------------------
 
 
-class ErrorDetail(_Public):
+class ErrorDetail(PublicModel):
     type: str = Field(
         description="Error class: invalid_request_error, authentication_error, not_found_error, conflict_error, "
         "request_too_large, rate_limit_error, service_unavailable_error or api_error.",
@@ -71,7 +73,7 @@ class ErrorDetail(_Public):
     )
 
 
-class ErrorResponse(_Public):
+class ErrorResponse(PublicModel):
     error: ErrorDetail = Field(description="The error.")
 
 
@@ -85,7 +87,7 @@ def next_cursor(rows: Sequence[Any], *, has_more: bool) -> str | None:
     return str(rows[-1].id) if has_more and rows else None
 
 
-class Page(_Public, Generic[ItemT]):
+class Page(PublicModel, Generic[ItemT]):
     """One page of a list: every list route answers this shape (a subclass names the item type)."""
 
     data: list[ItemT] = Field(description="This page's items, in the list's order (see the route).")
@@ -115,7 +117,7 @@ class Page(_Public, Generic[ItemT]):
 # ---- datasets -------------------------------------------------------------------------------------------------
 
 
-class RowErrorPublic(_Public):
+class RowErrorPublic(PublicModel):
     row: int = Field(description="1-based row number (the line number for JSONL).", examples=[2])
     field: str | None = Field(
         description="The field at fault, as written in the uploaded file; null for the row as a whole.",
@@ -125,7 +127,7 @@ class RowErrorPublic(_Public):
     reason: str = Field(description="What is wrong.", examples=["images/0001.png not found in the dataset"])
 
 
-class ValidationReportPublic(_Public):
+class ValidationReportPublic(PublicModel):
     model_config = ConfigDict(extra="ignore")
 
     ok: bool = Field(description="True when every row passed every check.", examples=[True])
@@ -159,7 +161,7 @@ class DatasetUpload(BaseModel):
     )
 
 
-class DatasetPublic(_Public):
+class DatasetPublic(PublicModel):
     id: str = Field(description="Dataset id.", examples=[_DATASET_ID])
     object: Literal["dataset"] = Field(default="dataset", description="Always 'dataset'.", examples=["dataset"])
     name: str = Field(description="Label given at upload (default: the file name).", examples=["shapes-v1"])
@@ -182,7 +184,7 @@ class DatasetPublic(_Public):
         examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
     )
     validation: ValidationReportPublic = Field(description="The validation report of the upload.")
-    created_at: UtcDatetime = Field(description="Upload time (UTC).", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="Upload time (UTC).", examples=[TIME_EXAMPLE])
 
     @model_validator(mode="before")
     @classmethod
@@ -191,7 +193,7 @@ class DatasetPublic(_Public):
             return value
         report = dict(value.report or {})
         validation = report.get("report", report)  # stored: the check's whole output, or the report alone
-        return {**_columns(value), "validation": redact_json(validation)}
+        return {**row_columns(value), "validation": redact_json(validation)}
 
 
 class DatasetsPublic(Page[DatasetPublic]):
@@ -201,7 +203,7 @@ class DatasetsPublic(Page[DatasetPublic]):
 # ---- jobs -----------------------------------------------------------------------------------------------------
 
 
-class JobErrorPublic(_Public):
+class JobErrorPublic(PublicModel):
     kind: Literal["user_error", "system_error"] = Field(
         description="user_error: the spec or data must change; system_error: a fault on our side (retry).",
         examples=["user_error"],
@@ -211,7 +213,7 @@ class JobErrorPublic(_Public):
     )
 
 
-class JobPublic(_Public):
+class JobPublic(PublicModel):
     id: str = Field(description="Job id.", examples=[_JOB_ID])
     object: Literal["job"] = Field(default="job", description="Always 'job'.", examples=["job"])
     kind: str = Field(description="What the job does; 'training' for fine-tuning jobs.", examples=["training"])
@@ -240,8 +242,8 @@ class JobPublic(_Public):
         description="Final metrics once the job succeeded.",
         examples=[{"eval/reward_accuracy": 0.91, "train/loss": 0.41}],
     )
-    created_at: UtcDatetime = Field(description="When the job was created (UTC).", examples=[_TIME_EXAMPLE])
-    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When the job was created (UTC).", examples=[TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
     @model_validator(mode="before")
@@ -256,24 +258,28 @@ class JobsPublic(Page[JobPublic]):
     """Jobs, newest first."""
 
 
+def error_of(run: Job | JobEstimate) -> dict[str, Any] | None:
+    """A failed run's error (``JobErrorPublic``), worker paths redacted but those its spec names; None otherwise."""
+    if run.error_kind is None:
+        return None
+    return {"kind": run.error_kind, "message": redact_paths(run.error_message or "", strings_in(run.spec))}
+
+
 def _job_columns(job: Job) -> dict[str, Any]:
     """What a job row and an evaluation row share in their public form: progress clamped to 0-1 with its
     percent, the error with paths redacted, counters that are never null."""
     progress = max(0.0, min(1.0, float(job.progress or 0.0)))
-    error = None
-    if job.error_kind is not None:
-        error = {"kind": job.error_kind, "message": redact_paths(job.error_message or "", strings_in(job.spec))}
     return {
-        **_columns(job),
+        **row_columns(job),
         "step": job.step or 0,
         "progress": progress,
         "percent": round(progress * 100, 2),
-        "error": error,
+        "error": error_of(job),
         "attempts": job.attempts or 0,
     }
 
 
-class EvaluationPublic(_Public):
+class EvaluationPublic(PublicModel):
     id: str = Field(description="Evaluation id.", examples=[_EVAL_ID])
     object: Literal["evaluation"] = Field(
         default="evaluation", description="Always 'evaluation'.", examples=["evaluation"]
@@ -309,8 +315,8 @@ class EvaluationPublic(_Public):
             }
         ],
     )
-    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
-    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
     @model_validator(mode="before")
@@ -328,7 +334,7 @@ class EvaluationsPublic(Page[EvaluationPublic]):
     """Evaluations, newest first."""
 
 
-class PairGenerationPublic(_Public):
+class PairGenerationPublic(PublicModel):
     id: str = Field(description="Pair generation id.", examples=[_PGEN_ID])
     object: Literal["pair_generation"] = Field(
         default="pair_generation", description="Always 'pair_generation'.", examples=["pair_generation"]
@@ -372,8 +378,8 @@ class PairGenerationPublic(_Public):
             }
         ],
     )
-    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
-    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[TIME_EXAMPLE])
+    started_at: UtcDatetime | None = Field(description="When a worker first started it.", examples=[TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
     @model_validator(mode="before")
@@ -395,7 +401,7 @@ _LOOP_ID = "loop_0194b1c2d3e4a1b2c3d4e5f6"
 RUN_OBJECTS = {"pair_generation": "pair_generation", "training": "job", "evaluation": "evaluation"}
 
 
-class LoopRunPublic(_Public):
+class LoopRunPublic(PublicModel):
     """One run of a round, in short (its own route has the rest: /pair-generations, /jobs, /evaluations)."""
 
     id: str = Field(description="The run's id.", examples=[_PGEN_ID])
@@ -415,7 +421,7 @@ class LoopRunPublic(_Public):
         return {**_job_columns(value), "object": RUN_OBJECTS[value.kind]}
 
 
-class LoopRoundPublic(_Public):
+class LoopRoundPublic(PublicModel):
     round: int = Field(description="1, 2, ...", examples=[1])
     status: Literal["pending", "running", "succeeded", "failed", "cancelled"] = Field(
         description="pending (not started), running (a stage is queued or running), succeeded (evaluated), failed "
@@ -434,7 +440,7 @@ class LoopRoundPublic(_Public):
     )
 
 
-class LoopPublic(_Public):
+class LoopPublic(PublicModel):
     id: str = Field(description="Loop id.", examples=[_LOOP_ID])
     object: Literal["loop"] = Field(default="loop", description="Always 'loop'.", examples=["loop"])
     status: JobStatus = Field(
@@ -456,7 +462,7 @@ class LoopPublic(_Public):
         examples=[{"chair_i": 0.285, "chair_s": 0.48, "coverage": 0.72, "pope_f1": 0.84}],
     )
     rounds: list[LoopRoundPublic] = Field(description="Every round, those not started yet included.")
-    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it was created (UTC).", examples=[TIME_EXAMPLE])
     finished_at: UtcDatetime | None = Field(description="When it reached a final status.", examples=[None])
 
     @classmethod
@@ -507,7 +513,7 @@ class LoopsPublic(Page[LoopPublic]):
     """Loops, newest first."""
 
 
-class EventPublic(_Public):
+class EventPublic(PublicModel):
     seq: int = Field(description="Position in the job's event log (1, 2, ...); the SSE event id.", examples=[7])
     type: str = Field(
         description="Event kind: status, stage, log, checkpoint, evaluation, tracking (an experiment tracker "
@@ -516,14 +522,14 @@ class EventPublic(_Public):
     )
     message: str = Field(description="Human-readable text.", examples=["training: 400 steps"])
     data: dict[str, Any] | None = Field(description="Structured details.", examples=[{"stage": "training"}])
-    created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it happened (UTC).", examples=[TIME_EXAMPLE])
 
     @model_validator(mode="before")
     @classmethod
     def _from_row(cls, value: Any) -> Any:
         if not isinstance(value, JobEvent):
             return value
-        return {**_columns(value), "message": redact_paths(value.message), "data": redact_json(value.data)}
+        return {**row_columns(value), "message": redact_paths(value.message), "data": redact_json(value.data)}
 
 
 class EventsPublic(Page[EventPublic]):
@@ -545,7 +551,7 @@ MetricPoint = Annotated[
 ]
 
 
-class MetricsPublic(_Public):
+class MetricsPublic(PublicModel):
     job_id: str = Field(description="The job.", examples=[_JOB_ID])
     series: dict[str, list[MetricPoint]] = Field(
         description="Per metric key, [step, value] pairs in step order.",
@@ -553,14 +559,14 @@ class MetricsPublic(_Public):
     )
 
 
-class CheckpointPublic(_Public):
+class CheckpointPublic(PublicModel):
     id: str = Field(description="Checkpoint id.", examples=["ckpt_0194b1c2d3e4a1b2c3d4e5f6"])
     object: Literal["checkpoint"] = Field(
         default="checkpoint", description="Always 'checkpoint'.", examples=["checkpoint"]
     )
     job_id: str = Field(description="The job that saved it.", examples=[_JOB_ID])
     step: int = Field(description="Optimizer step it was saved at.", examples=[50])
-    created_at: UtcDatetime = Field(description="When it was saved (UTC).", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it was saved (UTC).", examples=[TIME_EXAMPLE])
 
 
 class CheckpointsPublic(Page[CheckpointPublic]):
@@ -570,7 +576,7 @@ class CheckpointsPublic(Page[CheckpointPublic]):
 # ---- models ---------------------------------------------------------------------------------------------------
 
 
-class ModelFamilyPublic(_Public):
+class ModelFamilyPublic(PublicModel):
     name: str = Field(description="Family name.", examples=["llava"])
     model_types: list[str] = Field(
         description="transformers model_type values in this family.", examples=[["llava", "llava_next"]]
@@ -595,7 +601,7 @@ class ModelFamilyPublic(_Public):
     )
 
 
-class TinyModelPublic(_Public):
+class TinyModelPublic(PublicModel):
     name: str = Field(description="Use as the job's model.", examples=["dama/tiny-llava"])
     family: str = Field(description="Its family.", examples=["llava"])
     description: str = Field(
@@ -603,7 +609,7 @@ class TinyModelPublic(_Public):
     )
 
 
-class ModelCatalogPublic(_Public):
+class ModelCatalogPublic(PublicModel):
     families: list[ModelFamilyPublic] = Field(description="Supported model families.")
     tiny_models: list[TinyModelPublic] = Field(description="Built-in tiny models for trying the service on a CPU.")
     hardness_scorer: str | None = Field(
@@ -618,11 +624,11 @@ class ModelCatalogPublic(_Public):
 # ---- health ---------------------------------------------------------------------------------------------------
 
 
-class HealthPublic(_Public):
+class HealthPublic(PublicModel):
     status: Literal["ok"] = Field(description="Always 'ok' when the process answers.", examples=["ok"])
 
 
-class ReadyPublic(_Public):
+class ReadyPublic(PublicModel):
     status: Literal["ready"] = Field(description="'ready' when every dependency answered.", examples=["ready"])
     checks: dict[str, str] = Field(
         description="Each dependency and its state.", examples=[{"database": "ok", "broker": "ok"}]
@@ -644,7 +650,7 @@ class ExportCreate(BaseModel):
     )
 
 
-class ExportPublic(_Public):
+class ExportPublic(PublicModel):
     id: str = Field(description="Export id.", examples=[_EXPORT_ID])
     object: Literal["export"] = Field(default="export", description="Always 'export'.", examples=["export"])
     job_id: str = Field(description="The training job whose adapter is exported.", examples=[_JOB_ID])
@@ -657,8 +663,8 @@ class ExportPublic(_Public):
     sha256: str | None = Field(
         description="SHA-256 of the archive, hex (succeeded only).", examples=["9f86d081884c7d659a2feaa0c55ad015"]
     )
-    created_at: UtcDatetime = Field(description="When it was asked for (UTC).", examples=[_TIME_EXAMPLE])
-    finished_at: UtcDatetime | None = Field(description="When it ended (UTC).", examples=[_TIME_EXAMPLE])
+    created_at: UtcDatetime = Field(description="When it was asked for (UTC).", examples=[TIME_EXAMPLE])
+    finished_at: UtcDatetime | None = Field(description="When it ended (UTC).", examples=[TIME_EXAMPLE])
 
 
 class ExportsPublic(Page[ExportPublic]):

@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.schemas import Page, UtcDatetime, _columns, _Public
+from api.schemas import TIME_EXAMPLE, Page, PublicModel, UtcDatetime, row_columns
 from jobstore.models import WebhookEndpoint
 from jobstore.webhooks import EVENT_TYPES, public_event_types
 
@@ -73,7 +73,7 @@ class WebhookUpdate(BaseModel):
     )
 
 
-class WebhookPublic(_Public):
+class WebhookPublic(PublicModel):
     id: str = Field(description="Endpoint id.", examples=[_WH_ID])
     object: Literal["webhook"] = Field(default="webhook", description="Always webhook.")
     url: str = Field(description="Where events are POSTed.", examples=["https://hooks.example.com/dama"])
@@ -90,7 +90,7 @@ class WebhookPublic(_Public):
         examples=[None],
     )
     consecutive_failures: int = Field(description="Messages in a row that failed every attempt.", examples=[0])
-    created_at: UtcDatetime = Field(description="When it was created.", examples=["2025-01-31T12:00:00.123456Z"])
+    created_at: UtcDatetime = Field(description="When it was created.", examples=[TIME_EXAMPLE])
 
     @model_validator(mode="before")
     @classmethod
@@ -98,7 +98,7 @@ class WebhookPublic(_Public):
         if not isinstance(value, WebhookEndpoint):
             return value
         status = "disabled" if value.disabled_at is not None else "enabled"
-        return {**_columns(value), "event_types": public_event_types(value.event_types), "status": status}
+        return {**row_columns(value), "event_types": public_event_types(value.event_types), "status": status}
 
 
 class WebhookCreated(WebhookPublic):
@@ -114,16 +114,14 @@ class WebhooksPublic(Page[WebhookPublic]):
     object: Literal["list"] = Field(default="list", description="Always list.")
 
 
-class WebhookAttemptPublic(_Public):
-    attempted_at: UtcDatetime = Field(
-        description="When the request was sent.", examples=["2025-01-31T12:00:00.123456Z"]
-    )
+class WebhookAttemptPublic(PublicModel):
+    attempted_at: UtcDatetime = Field(description="When the request was sent.", examples=[TIME_EXAMPLE])
     status_code: int | None = Field(description="The receiver's HTTP status; null if none came.", examples=[200])
     latency_ms: float | None = Field(description="Request time in milliseconds.", examples=[42.5])
     error: str | None = Field(description="Why the attempt failed; null when delivered.", examples=[None])
 
 
-class WebhookDeliveryPublic(_Public):
+class WebhookDeliveryPublic(PublicModel):
     id: str = Field(description="Delivery id (this message for this endpoint).", examples=["whd_0194b1c2d3e4a1b2c3"])
     object: Literal["webhook_delivery"] = Field(default="webhook_delivery", description="Always webhook_delivery.")
     message_id: str = Field(description="The webhook-id header: the same on every attempt.", examples=["msg_0194b1"])
@@ -136,9 +134,7 @@ class WebhookDeliveryPublic(_Public):
     next_attempt_at: UtcDatetime | None = Field(
         default=None, description="When the next attempt is due (pending only).", examples=[None]
     )
-    created_at: UtcDatetime = Field(
-        description="When the event happened (the status change).", examples=["2025-01-31T12:00:00.123456Z"]
-    )
+    created_at: UtcDatetime = Field(description="When the event happened (the status change).", examples=[TIME_EXAMPLE])
     payload: dict[str, Any] = Field(
         description="The body sent.",
         examples=[{"type": "job.succeeded", "timestamp": "2025-01-31T12:00:00Z", "data": {"id": "job_0194"}}],

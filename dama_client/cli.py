@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from dama_client.client import Client, FollowUpdate, RunResource, RunT, _drop_none, user_message
 from dama_client.errors import APIError, DamaError
+from dama_client.estimate_report import OPTION_COLUMNS, advice_lines, summary_lines
 from dama_client.models import Loop, PairGeneration, Run
 
 COMMANDS = frozenset({"datasets", "jobs", "evaluations", "pairs", "loops", "keys", "webhooks", "models", "health"})
@@ -170,6 +171,8 @@ def _jobs_create(client: Client, args: argparse.Namespace) -> int:
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     if args.eval_dataset:
         spec.setdefault("evaluation", {})["dataset_id"] = args.eval_dataset
+    if args.estimate:
+        return _jobs_estimate(client, args, spec)
     job = client.jobs.create(model=args.model, dataset_id=args.dataset, method=args.method, **spec)
     if not args.follow:
         _emit(args, job)
@@ -177,6 +180,29 @@ def _jobs_create(client: Client, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"created {job.id}", file=sys.stderr)
     return _follow(client.jobs, args, job.id, _final_summary)
+
+
+def _jobs_estimate(client: Client, args: argparse.Namespace, spec: dict[str, Any]) -> int:
+    """``--estimate``: what the job would take, instead of creating it (waiting for a worker's answer); exit 1
+    unless the estimate succeeded."""
+    if args.follow:
+        raise DamaError("--estimate creates no job to --follow: leave one of them out")
+    estimate = client.jobs.estimate(model=args.model, dataset_id=args.dataset, method=args.method, **spec)
+    if not estimate.ended:
+        if not args.json:
+            print(f"estimate {estimate.id} is {estimate.status} on queue {estimate.queue}: waiting", file=sys.stderr)
+        estimate = client.jobs.wait_estimate(estimate.id)
+    if args.json or estimate.estimate is None:
+        _emit(args, estimate)
+        return 0 if estimate.status == "succeeded" else 1
+    print(f"estimate {estimate.id} (queue {estimate.queue}), nothing was queued:")
+    for line in summary_lines(estimate.estimate):
+        print(line)
+    print("options (peak memory per GPU under other settings):")
+    _emit(args, estimate.estimate.get("options") or [], OPTION_COLUMNS)
+    for line in advice_lines(estimate.estimate):
+        print(line)
+    return 0
 
 
 def _jobs_list(client: Client, args: argparse.Namespace) -> int:
@@ -797,6 +823,12 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--eval-dataset", default=None, help="held-out preference dataset id")
     create.add_argument("--spec", default=None, help="more of the job spec, as a JSON object")
     create.add_argument("--follow", action="store_true", help="then follow it to its end")
+    create.add_argument(
+        "--estimate",
+        action="store_true",
+        help="create nothing: print what the job would take (rows, steps, tokens, peak memory per GPU, time, "
+        "whether it fits the service's GPUs, what to change)",
+    )
     jobs_list = leaf(jobs, "list", _jobs_list, "list jobs, newest first")
     jobs_list.add_argument("--status", default=None)
     jobs_list.add_argument("--limit", type=int, default=20)

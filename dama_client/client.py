@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Generic, TypeVar
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 import httpx
 
@@ -36,6 +36,7 @@ from dama_client.models import (
     Checkpoint,
     Dataset,
     DatasetRows,
+    Estimate,
     Evaluation,
     Event,
     Export,
@@ -81,6 +82,26 @@ def new_idempotency_key() -> str:
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+class _Ending(Protocol):
+    status: str
+
+    @property
+    def ended(self) -> bool: ...
+
+
+EndingT = TypeVar("EndingT", bound=_Ending)
+
+
+def _poll(fetch: Callable[[], EndingT], what: str, timeout: float | None, interval: float) -> EndingT:
+    """``fetch()`` every ``interval`` seconds until what it returns has ended; DamaError after ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not (current := fetch()).ended:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DamaError(f"{what} still {current.status} after {timeout} s")
+        time.sleep(interval)
+    return current
 
 
 class _Resource:
@@ -310,12 +331,7 @@ class RunResource(_Resource, Generic[RunT]):
 
     def wait(self, job_id: str, *, timeout: float | None = None, interval: float = 1.0) -> RunT:
         """Block until the run ends (polling); return it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not (job := self._get(self._model, f"{self._prefix}/{job_id}")).ended:
-            if deadline is not None and time.monotonic() > deadline:
-                raise DamaError(f"{job_id} still {job.status} after {timeout} s")
-            time.sleep(interval)
-        return job
+        return _poll(lambda: self._get(self._model, f"{self._prefix}/{job_id}"), job_id, timeout, interval)
 
 
 class Jobs(RunResource[Job]):
@@ -337,6 +353,24 @@ class Jobs(RunResource[Job]):
         if hyperparameters:
             body["hyperparameters"] = hyperparameters
         return self._post(Job, "/jobs", json=body, idempotency_key=idempotency_key or new_idempotency_key())
+
+    @operation("POST", "/jobs/estimate")
+    def estimate(self, *, model: str, dataset_id: str, wait: float | None = None, **spec: Any) -> Estimate:
+        """What the job ``create(model=..., dataset_id=..., **spec)`` would make takes (rows, steps, tokens, memory per
+        GPU, time, whether it fits), without creating it. The service waits up to ``wait`` seconds (at most its
+        DAMA_ESTIMATE_WAIT_S) for a worker; an estimate not ended then comes back queued or running:
+        :meth:`wait_estimate` polls it."""
+        body = _drop_none({"model": model, "dataset_id": dataset_id, **spec})
+        response = self._t.request("POST", "/jobs/estimate", json=body, params=_drop_none({"wait": wait}))
+        return Estimate.model_validate(response.json())
+
+    @operation("GET", "/jobs/estimates/{estimate_id}")
+    def get_estimate(self, estimate_id: str) -> Estimate:
+        return self._get(Estimate, f"/jobs/estimates/{estimate_id}")
+
+    def wait_estimate(self, estimate_id: str, *, timeout: float | None = None, interval: float = 1.0) -> Estimate:
+        """Poll the estimate until it ended (the service fails one no worker finished in time); return it."""
+        return _poll(lambda: self.get_estimate(estimate_id), estimate_id, timeout, interval)
 
     @operation("GET", "/jobs")
     def list(self, *, status: str | None = None, limit: int = 100) -> Iterator[Job]:

@@ -143,6 +143,24 @@ class Export(Model):
     finished_at: datetime | None = None
 
 
+class Estimate(Model):
+    """What a training job would take (``POST /jobs/estimate``): once ``succeeded``, ``estimate`` holds rows, steps,
+    tokens, memory (peak per GPU and its parts), options (other settings), time, fits and advice."""
+
+    id: str
+    status: str
+    queue: str
+    error: dict[str, Any] | None = None
+    spec: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None = None
+    estimate: dict[str, Any] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+
 class ApiKey(Model):
     id: str
     prefix: str

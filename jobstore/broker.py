@@ -20,6 +20,7 @@ from jobstore.settings import Settings
 RUN_JOB_TASK = "dama.run_job"
 SWEEP_TASK = "dama.sweep"
 EXPORT_TASK = "dama.export"
+ESTIMATE_TASK = "dama.estimate"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -61,3 +62,11 @@ def enqueue_job(app: Celery, *, job_id: str, queue: str) -> None:
 def enqueue_export(app: Celery, *, export_id: str, queue: str) -> None:
     """A merged export runs on the queue of its training job: those workers hold its base model."""
     app.send_task(EXPORT_TASK, args=[export_id], queue=queue)
+
+
+def enqueue_estimate(app: Celery, *, estimate_id: str, queue: str, expires_s: float) -> None:
+    """A job estimate runs on the queue of the job it estimates: those workers hold its model, and are the GPUs it is
+    measured against. Seconds of work on no GPU, taken between jobs (one at a time per worker, as jobs are). The
+    message expires ``expires_s`` after it is sent (DAMA_ESTIMATE_TIMEOUT_S): by then the estimate has been given
+    up on, and a worker drops it unrun."""
+    app.send_task(ESTIMATE_TASK, args=[estimate_id], queue=queue, expires=expires_s)

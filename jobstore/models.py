@@ -319,3 +319,26 @@ class ChatUsage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_chat_usage_tenant_created", "tenant_id", "created_at"),)
+
+
+class JobEstimate(Base):
+    """What a job would take before it is launched (``POST /jobs/estimate``, and the fit check of ``POST /jobs``):
+    a short worker task over the model's config and processor and the dataset's token lengths. ``result`` is the
+    engine's estimate (rows, steps, tokens, memory per GPU, time, fits); ``gpu_memory_gib`` and ``gpu_kind`` are
+    what the API asked it to be measured against (its DAMA_WORKER_GPU_MEMORY_GB and DAMA_WORKER_GPU_KIND)."""
+
+    __tablename__ = "job_estimates"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("est"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    queue: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued | running | succeeded | failed
+    gpu_memory_gib: Mapped[float | None] = mapped_column(Float)
+    gpu_kind: Mapped[str | None] = mapped_column(String(100))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error_kind: Mapped[str | None] = mapped_column(String(20))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

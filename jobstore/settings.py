@@ -108,6 +108,43 @@ class Settings(BaseSettings):
         "(it resumes from its last checkpoint) and the worker's supervisor starts a fresh worker. Allow for the "
         "longest silent phase (downloading a large model). None: off.",
     )
+    worker_gpu_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory of one worker GPU in GiB that a job may use: job estimates say whether a job fits it, "
+        "and POST /jobs refuses a job whose estimate does not (400 does_not_fit, saying what to change). The "
+        "estimate's peak is the bytes of live tensors only (the CUDA context and the allocator's cache come on "
+        "top) and no margin is added to it: set this a few GiB below the card, e.g. 76 for an 80 GB card. The "
+        "API's value is what estimates are measured against (recorded with each; workers do not read it). "
+        "None: no fit check.",
+    )
+    worker_gpu_kind: str | None = Field(
+        default=None,
+        max_length=100,
+        description="The workers' GPU kind (e.g. H100), for the expected wall time of a job estimate (the engine's "
+        "throughput table per GPU kind). None: no time estimate.",
+    )
+    estimate_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="How long POST /jobs/estimate (and the fit check of POST /jobs) waits for a worker's estimate "
+        "before answering 202 with the estimate to poll (POST /jobs: accepting the job unchecked).",
+    )
+    estimate_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="An estimate no worker finished this long after it was asked for ends failed, saying no worker "
+        "answered (its queue has no worker, or they were busy with jobs), so a poller is never left waiting; its "
+        "message expires then, and a worker that still finds it queued fails it instead of running it.",
+    )
+    max_pending_estimates: int = Field(
+        default=4,
+        gt=0,
+        description="Job estimates one tenant may have queued or running at once (those younger than "
+        "DAMA_ESTIMATE_TIMEOUT_S): POST /jobs/estimate answers 429 beyond it, and POST /jobs accepts a job "
+        "without its fit check. Estimates share their job's queue and workers: this bounds what one tenant puts there.",
+    )
     rate_limit: str = Field(
         default="6000/minute",
         description="Requests per tenant (all its API keys together), in the `limits` notation: one or more "
@@ -337,7 +374,13 @@ class Settings(BaseSettings):
         return self
 
     @field_validator(
-        "hardness_scorer", "inference_url", "inference_fallback_url", "infer_gpu_memory_fraction", mode="before"
+        "hardness_scorer",
+        "inference_url",
+        "inference_fallback_url",
+        "infer_gpu_memory_fraction",
+        "worker_gpu_memory_gb",
+        "worker_gpu_kind",
+        mode="before",
     )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:

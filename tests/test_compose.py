@@ -124,3 +124,15 @@ def test_dockerfile_builds_cpu_torch_by_default_with_a_cuda_switch() -> None:
     assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in text
     assert 'pip install ".[engine,service,tracking]"' in text
     assert 'CMD ["dama", "api"]' in text
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    """``pip install .`` in the image installs the packages pyproject finds: each must be copied in first (the
+    image once lacked dama_settings and dama_client, which the API and the ``dama`` command import)."""
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in found["include"]:
+        package = pattern.rstrip("*")
+        assert f"COPY {package} ./{package}" in text, package

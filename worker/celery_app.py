@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> Celery:
     if settings.model_cache_dir is not None:
         # Hub downloads go to the workers' model cache; set before transformers is first imported (below).
         os.environ.setdefault("HF_HOME", str(settings.model_cache_dir))
+    from worker.estimates import register_estimate_task
     from worker.exports import register_export_task
     from worker.sweeper import SweeperThread
     from worker.tasks import WorkerContext, register_tasks
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> Celery:
     context = WorkerContext.from_settings(settings)
     register_tasks(app, context)
     register_export_task(app, context)
+    register_estimate_task(app, context)
     sweeper = SweeperThread(context.session_factory, app, settings)
     dispatcher = DispatcherThread(context.session_factory, settings)
 

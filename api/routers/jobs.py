@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from api.deps import After, CurrentTenant, IdempotencyKey, Limit, ServicesDep, SessionDep
-from api.responses import JOB_NOT_FOUND, STORAGE_FULL, TOO_MANY_ACTIVE, UNAUTHORIZED
+from api.responses import (
+    JOB_NOT_FOUND,
+    SPEC_INVALID,
+    SPEC_REFERENCE_NOT_FOUND,
+    STORAGE_FULL,
+    TOO_MANY_ACTIVE,
+    UNAUTHORIZED,
+)
 from api.schemas import ErrorResponse, JobPublic, JobsPublic
 from api.services import jobs
 from jobstore.spec import JobSpec
@@ -21,7 +28,11 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
     status_code=status.HTTP_201_CREATED,
     summary="Create a fine-tuning job",
     description="Validates the spec, records the job as queued and sends it to a worker queue (the spec's queue, "
-    "else the service's default). Returns 200 instead of 201 when an Idempotency-Key replays an earlier request.",
+    "else the service's default). Returns 200 instead of 201 when an Idempotency-Key replays an earlier request. "
+    "With DAMA_WORKER_GPU_MEMORY_GB set, the job is estimated first (as POST /jobs/estimate, waiting up to "
+    "DAMA_ESTIMATE_WAIT_S for a worker) and refused when it does not fit; one not estimated in time, or whose "
+    "estimate failed, is accepted, and so is one sent while the tenant has DAMA_MAX_PENDING_ESTIMATES estimates "
+    "queued or running (none is made).",
     responses={
         200: {"model": JobPublic, "description": "Replayed: the job an earlier request with this key created."},
         400: {
@@ -30,23 +41,17 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
             "(shared/DAMA.md 2.5); the message names both fixes. unknown_tracking_target: integrations[i].target "
             "names no tracking target of this service. unknown_model: a `dama/...` model that is not a built-in "
             "model (GET /models lists them). hardness_required: method dama or dama_data on a dataset whose rows "
-            "carry no hardness while the service has no CLIP scorer; the message names the fixes.",
+            "carry no hardness while the service has no CLIP scorer; the message names the fixes. does_not_fit: "
+            "with DAMA_WORKER_GPU_MEMORY_GB set, the job's estimate (POST /jobs/estimate) says it needs more memory "
+            "per GPU than the workers' GPUs have; the message gives the peak and what to change (gradient "
+            "checkpointing, batch size, fsdp, more GPUs).",
         },
         401: UNAUTHORIZED,
         403: STORAGE_FULL,
         429: TOO_MANY_ACTIVE,
-        404: {
-            "model": ErrorResponse,
-            "description": "dataset_id, evaluation.dataset_id or evaluation.generative_dataset_id is not this "
-            "tenant's, or init_adapter names no job of this tenant or no kept checkpoint of it.",
-        },
+        404: SPEC_REFERENCE_NOT_FOUND,
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different body."},
-        422: {
-            "model": ErrorResponse,
-            "description": "Invalid spec, or a dataset of the wrong kind (a generative set as training or held-out "
-            "pairs, or preference pairs as evaluation.generative_dataset_id), or an init_adapter of another base "
-            "model or of a job that has not succeeded; param names the field.",
-        },
+        422: SPEC_INVALID,
     },
 )
 def create_job(

@@ -13,13 +13,13 @@ from pydantic import Field
 from api.deps import After, CurrentTenant, Limit, ServicesDep, SessionDep
 from api.responses import API_KEY_NOT_FOUND as NOT_FOUND
 from api.responses import UNAUTHORIZED
-from api.schemas import Page, UtcDatetime, _Public
+from api.schemas import Page, PublicModel, UtcDatetime
 from api.services import keys
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
 
-class ApiKeyPublic(_Public):
+class ApiKeyPublic(PublicModel):
     id: str = Field(description="Key id (not the secret).", examples=["key_0194b1c2d3e4a1b2c3d4e5f6"])
     object: str = Field(default="api_key", description="Always 'api_key'.")
     prefix: str = Field(description="The secret's first characters, to recognise it.", examples=["dama_AbCdEfG"])

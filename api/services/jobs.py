@@ -1,5 +1,5 @@
 """Jobs of every kind (training, evaluation): look one up for a tenant, create one (checks, quota, limits,
-idempotency, commit, then enqueue by task name), cancel one.
+idempotency, commit, then enqueue by task name), estimate a training job before it is created, cancel one.
 
 The job row is committed before the message is sent (:func:`api.services.sending.send_committed`: a broker
 outage leaves the job queued for the sweeper, never fails the request).
@@ -16,13 +16,14 @@ from sqlalchemy.orm import Session
 
 from api.deps import Services
 from api.errors import ApiError, not_found
+from api.services import estimates
 from api.services.idempotency import IdempotentCreate, body_hash
 from api.services.sending import send_committed
 from dama_settings.rules import HARDNESS_METHODS
 from jobstore import loops, quota, repository
 from jobstore.artifacts import ArtifactStore
 from jobstore.broker import enqueue_job
-from jobstore.models import Dataset, Job
+from jobstore.models import Dataset, Job, JobEstimate
 from jobstore.spec import BUILTIN_MODELS, BUILTIN_PREFIX, JobSpec
 from jobstore.states import IllegalTransition, JobStatus
 
@@ -224,9 +225,12 @@ def submit_job(
     queue: str | None,
     idempotency_key: str | None,
     check: Callable[[], None],
+    precheck: Callable[[], None] | None = None,
 ) -> tuple[Job, bool]:
     """Create a queued job of ``kind`` (after ``check`` validated what it refers to), commit, then enqueue it by
-    task name; (job, replayed): with an Idempotency-Key, a retry answers the job made the first time."""
+    task name; (job, replayed): with an Idempotency-Key, a retry answers the job made the first time. ``precheck``
+    runs after that replay and before ``check``, for slow work that must hold no lock (it ends its transactions;
+    ``check`` and the limits then run afresh under their locks)."""
     request = IdempotentCreate(
         tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key, request_hash=body_hash(body), what=f"{kind} spec"
     )
@@ -237,6 +241,8 @@ def submit_job(
     if (replayed := request.replay(session, find)) is not None:
         return replayed, True
     refuse_remote_code(services, trust_remote_code=bool(body.get("trust_remote_code")))
+    if precheck is not None:
+        precheck()
     check()
     check_room(session, services, tenant_id=tenant_id, kind=kind)
     if (limit := services.settings.max_active_jobs) is not None:
@@ -260,44 +266,97 @@ def submit_job(
     return job, False
 
 
-def create_training_job(
-    session: Session, services: Services, *, tenant_id: str, spec: JobSpec, idempotency_key: str | None
-) -> tuple[Job, bool]:
-    """``POST /jobs``: check every id the spec names, then :func:`submit_job`."""
+def check_training_spec(services: Services, spec: JobSpec) -> JobSpec:
+    """What ``POST /jobs`` checks in the spec alone (the filter group's size, a built-in model's name); the spec
+    with the operator's hardness scorer filled in."""
     if (problem := spec.filter_group_problem()) is not None:
         raise ApiError(400, "filter_group_too_small", problem, param="hyperparameters.filter_scope")
     check_model_name(spec.model)
-    spec = with_service_scorer(services, spec)
+    return with_service_scorer(services, spec)
+
+
+def check_training_references(session: Session, services: Services, *, tenant_id: str, spec: JobSpec) -> None:
+    """What ``POST /jobs`` checks of what the spec names: datasets of this tenant and of the right kind, a source
+    of hardness, the starting adapter, tracking targets."""
+    dataset = check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
+    check_hardness_source(services, spec, dataset)
+    check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
+    _check_tracking_targets(services, spec)
+    evaluation = spec.evaluation
+    if evaluation is not None and evaluation.dataset_id:
+        check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")
+    if evaluation is not None and evaluation.generative_dataset_id:
+        check_dataset(
+            session,
+            tenant_id=tenant_id,
+            dataset_id=evaluation.generative_dataset_id,
+            param="evaluation.generative_dataset_id",
+            generative=True,
+        )
+
+
+def create_training_job(
+    session: Session, services: Services, *, tenant_id: str, spec: JobSpec, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """``POST /jobs``: check the spec and every id it names, and that the job fits the workers' GPUs (with
+    DAMA_WORKER_GPU_MEMORY_GB), then :func:`submit_job`."""
+    spec = check_training_spec(services, spec)
+    body, queue = spec.model_dump(mode="json"), spec.queue or services.settings.default_queue
 
     def check() -> None:
-        dataset = check_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id, param="dataset_id")
-        check_hardness_source(services, spec, dataset)
-        check_init_adapter(session, services.artifacts, tenant_id=tenant_id, spec=spec)
-        _check_tracking_targets(services, spec)
-        evaluation = spec.evaluation
-        if evaluation is not None and evaluation.dataset_id:
-            check_dataset(session, tenant_id=tenant_id, dataset_id=evaluation.dataset_id, param="evaluation.dataset_id")
-        if evaluation is not None and evaluation.generative_dataset_id:
-            check_dataset(
-                session,
-                tenant_id=tenant_id,
-                dataset_id=evaluation.generative_dataset_id,
-                param="evaluation.generative_dataset_id",
-                generative=True,
-            )
+        check_training_references(session, services, tenant_id=tenant_id, spec=spec)
+
+    def fits() -> None:
+        # Seconds of waiting for a worker: first every cheap refusal (so no worker counts for a job refused anyway),
+        # then no lock, transaction or connection is held while it waits; submit_job checks again under its locks.
+        if services.settings.worker_gpu_memory_gb is None:
+            return
+        check_room(session, services, tenant_id=tenant_id, kind=repository.TRAINING)
+        if (limit := services.settings.max_active_jobs) is not None:
+            refuse_over_limit(active=repository.active_job_count(session, tenant_id=tenant_id), limit=limit)
+        check()
+        # Ends the checks' share locks. A commit, not a rollback: a spent Idempotency-Key the replay forgot stays
+        # forgotten (brought back, it would make this request's own key a conflict).
+        session.commit()
+        estimates.refuse_unfit(session, services, tenant_id=tenant_id, spec=body, queue=queue)
 
     return submit_job(
         session,
         services,
         tenant_id=tenant_id,
-        body=spec.model_dump(mode="json"),
+        body=body,
         kind=repository.TRAINING,
         endpoint=TRAINING_ENDPOINT,
         dataset_id=spec.dataset_id,
         queue=spec.queue,
         idempotency_key=idempotency_key,
         check=check,
+        precheck=fits,
     )
+
+
+def estimate_training_job(
+    session: Session, services: Services, *, tenant_id: str, spec: JobSpec, wait_s: float | None
+) -> JobEstimate:
+    """``POST /jobs/estimate``: every check of ``POST /jobs`` on the spec and what it names (not the account's
+    storage, active-job limit or idempotency: nothing is queued), then an estimate on a worker of the job's queue,
+    waited for up to ``wait_s`` (at most DAMA_ESTIMATE_WAIT_S, its default); 400 ``estimate_failed`` when it failed
+    on the spec, data or model."""
+    spec = check_training_spec(services, spec)
+    refuse_remote_code(services, trust_remote_code=spec.trust_remote_code)
+    check_training_references(session, services, tenant_id=tenant_id, spec=spec)
+    session.rollback()  # the checks' share locks on the datasets are not held while the worker counts
+    limit = services.settings.estimate_wait_s
+    estimate = estimates.request_estimate(
+        session,
+        services,
+        tenant_id=tenant_id,
+        spec=spec.model_dump(mode="json"),
+        queue=spec.queue or services.settings.default_queue,
+        wait_s=limit if wait_s is None else min(wait_s, limit),
+    )
+    estimates.refuse_user_error(estimate)
+    return estimate
 
 
 def cancel(session: Session, *, tenant_id: str, job_id: str, kind: str = repository.TRAINING) -> Job:

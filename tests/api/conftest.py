@@ -160,6 +160,9 @@ def api_server(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFac
         DAMA_HARDNESS_SCORER=API_SERVER_SCORER,
         # A judge the API knows by name (pair generations on prompt sets); nothing of this session calls it.
         DAMA_JUDGE_TARGETS=json.dumps({JUDGE: {"url": "http://127.0.0.1:9/v1", "model": "lister"}}),
+        # Job estimates wait this long for the worker of worker_queue (its first one imports the model's classes,
+        # slow on a loaded 2-core machine); the tests of the 202 path ask for no wait (?wait=0).
+        DAMA_ESTIMATE_WAIT_S="60",
     )
     yield from _start(tmp, env, queue)
     redis.Redis.from_url(redis_url).delete(queue)

@@ -45,6 +45,9 @@ SERVER_SETTINGS = {
     "DAMA_CHAT_RATE_LIMIT": "",
     "DAMA_CHAT_TOKEN_LIMIT": "",
     "DAMA_CHAT_MAX_TOKENS": "8",
+    # job estimates: no worker consumes the fuzzing queue, so POST /jobs/estimate answers 202 at once rather than
+    # waiting DAMA_ESTIMATE_WAIT_S on every accepted request
+    "DAMA_ESTIMATE_WAIT_S": "0",
 }
 
 
@@ -71,6 +74,11 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "POST /jobs",
         "the filter-group arithmetic across fields, the operator's tracking targets and remote-code setting, and "
         "the referenced datasets' and jobs' kind and state",
+    ),
+    Exclusion(
+        _ACCEPTANCE,
+        "POST /jobs/estimate",
+        "the same rules as POST /jobs (it checks the same body the same way)",
     ),
     Exclusion(
         _ACCEPTANCE,
@@ -123,6 +131,7 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("path.webhook_id", "webhooks"),
     ("path.delivery_id", "deliveries"),
     ("path.export_id", "exports"),
+    ("path.estimate_id", "estimates"),
     ("path.key_id", "keys"),
     ("path.step", "steps"),
     ("path.row", "rows"),
@@ -138,9 +147,10 @@ ID_PARAMETERS: tuple[tuple[str, str], ...] = (
 def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archive: bytes) -> dict[str, list[Any]]:
     """Real objects of the fuzzing tenant, so that fuzzed requests reach past the 404 of an unknown id: two
     datasets and two generative sets, a queued job, a succeeded one with an adapter, a checkpoint and a succeeded
-    export, a queued and a succeeded evaluation (outputs and chart), a queued and a succeeded pair generation (its
-    samples, report and chart), a running and a cancelled loop, a webhook endpoint with a delivery (the succeeded
-    job's event), and a spare API key (not the one fuzzing: revoking that would end the run)."""
+    export, a queued job estimate, a queued and a succeeded evaluation (outputs and chart), a queued and a
+    succeeded pair generation (its samples, report and chart), a running and a cancelled loop, a webhook endpoint
+    with a delivery (the succeeded job's event), and a spare API key (not the one fuzzing: revoking that would end
+    the run)."""
     with tempfile.TemporaryDirectory(prefix="fuzz-set-") as folder:
         _generative_set(Path(folder), prompts=4)
         generative_archive = _archive(Path(folder))
@@ -163,6 +173,7 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
             "hyperparameters": {"max_steps": 2},
         }
         jobs = [_created(client.post("/jobs", json=spec)) for _ in range(2)]
+        estimates = [_created(client.post("/jobs/estimate", json=spec))]  # queued: no worker takes it
         evaluation = {"model": "dama/tiny-llava", "preference_dataset_id": datasets[0]}
         evaluations = [_created(client.post("/evaluations", json=evaluation)) for _ in range(2)]
         keys = [_created(client.post("/keys"))]
@@ -232,6 +243,7 @@ def known_ids(server: ApiServer, key: str, db: sessionmaker[Session], demo_archi
         "webhooks": webhooks,
         "deliveries": deliveries,
         "exports": exports,
+        "estimates": estimates,
         "keys": keys,
         "steps": [1],  # the checkpoint's
         "rows": [1, 2],  # sample rows of the datasets, each with one image

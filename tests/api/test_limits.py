@@ -141,5 +141,6 @@ def test_the_openapi_document_lists_429(api_server: ApiServer) -> None:
     paths = httpx.get(f"{api_server.url}/openapi.json").json()["paths"]
     assert "too_many_active_jobs" in paths["/jobs"]["post"]["responses"]["429"]["description"]
     assert "too_many_active_jobs" in paths["/evaluations"]["post"]["responses"]["429"]["description"]
+    assert "too_many_pending_estimates" in paths["/jobs/estimate"]["post"]["responses"]["429"]["description"]
     assert "rate_limit_exceeded" in paths["/jobs"]["get"]["responses"]["429"]["description"]
     assert "429" not in paths["/healthz"]["get"]["responses"]

@@ -181,7 +181,7 @@ def check_dataset_page(driver: Any, dataset_id: str) -> None:
     screenshot(driver, "dataset")
 
 
-def fill_job_form(driver: Any, dataset_id: str, eval_id: str, learning_rate: str) -> None:
+def fill_job_form(driver: Any, dataset_id: str, eval_id: str, learning_rate: str, button: str = "#create-job") -> None:
     def field(param: str) -> Any:
         return css(driver, f'[data-param="{param}"]')[0]
 
@@ -190,7 +190,26 @@ def fill_job_form(driver: Any, dataset_id: str, eval_id: str, learning_rate: str
     for name, value in {**HYPERPARAMETERS, "learning_rate": learning_rate}.items():
         field(f"hyperparameters.{name}").clear()
         field(f"hyperparameters.{name}").send_keys(str(value))
-    css(driver, "#create-job")[0].click()
+    css(driver, button)[0].click()
+
+
+def check_estimate(driver: Any, dataset_id: str, eval_id: str) -> None:
+    """The form's Estimate button shows what the job would take (the service's worker answers it) and starts
+    nothing: the page stays on the form."""
+    form_url = driver.current_url
+    fill_job_form(driver, dataset_id, eval_id, learning_rate="0.005", button="#estimate-job")
+    peak = wait(driver, lambda d: css(d, "#estimate-peak"), timeout=60, what="the estimate")[0]
+    assert re.match(r"\d[\d.e-]* GiB \(", peak.text), peak.text
+    parts = css(driver, "#estimate-parts")[0].text  # the parts, with the rule that makes the peak of them
+    assert "weights " in parts and "max(activations, gradients)" in parts, parts
+    # the console service names no GPU memory or kind: no fit claimed, no time
+    assert css(driver, "#estimate-fits")[0].text.startswith("unknown")
+    assert css(driver, "#estimate-time")[0].text.startswith("unknown")
+    assert re.match(r"\d+ \(", css(driver, "#estimate-steps")[0].text)
+    assert "per pair on average" in css(driver, "#estimate-tokens")[0].text
+    assert len(css(driver, "#estimate-options tbody tr")) >= 2
+    assert driver.current_url == form_url
+    screenshot(driver, "new-job-estimate")
 
 
 def create_job(driver: Any, dataset_id: str, eval_id: str) -> str:
@@ -212,6 +231,7 @@ def create_job(driver: Any, dataset_id: str, eval_id: str) -> str:
     )[0]
     assert "greater than 0" in error.text
     screenshot(driver, "new-job")
+    check_estimate(driver, dataset_id, eval_id)
     fill_job_form(driver, dataset_id, eval_id, learning_rate="0.005")
     match = wait(driver, lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url), what="job page")
     return str(match.group(1))

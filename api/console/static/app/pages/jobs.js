@@ -1,9 +1,10 @@
 // Jobs: the filterable list (refreshed while jobs run) and the create form, built from the OpenAPI document's
 // JobSpec schema so every default and bound shown is the server's own; the server's field errors are placed on
-// the fields they name.
+// the fields they name. The form's Estimate button shows what the job would take before it is started.
 
 import { api } from "../api.js";
 import { duration, errorBox, h, mount, statusBadge, table, when } from "../dom.js";
+import { estimateView, requestEstimate } from "./estimate.js";
 
 const STATUSES = ["", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
 const METHODS = ["", "dpo", "beta_dpo", "dama_data", "dama_model", "dama"];
@@ -241,7 +242,33 @@ export async function newJobPage(view, { query, signal }) {
   if (!modelInput.value) modelInput.value = "dama/tiny-llava";
   const message = h("div", { id: "form-message" });
   const submit = h("button", { type: "submit", id: "create-job" }, "Start job");
-  form.append(submit, message);
+  // What the job would take (memory per GPU, whether it fits, time), asked of a worker before it is started.
+  const estimate = h("button", { type: "button", id: "estimate-job", class: "secondary" }, "Estimate");
+  const estimateBox = h("div", { id: "job-estimate", class: "card", "aria-live": "polite", hidden: true });
+  form.append(h("div", { class: "toolbar" }, submit, estimate), message, estimateBox);
+  const refused = (error) => {
+    const unplaced = showErrors(form, error);
+    mount(message, unplaced.length ? errorBox(error) : h("div", { class: "error" }, "Fix the fields marked below."));
+    form.querySelector(".field.invalid input, .field.invalid select")?.focus();
+  };
+  estimate.addEventListener("click", async () => {
+    estimate.disabled = true;
+    mount(message);
+    estimateBox.hidden = false;
+    mount(estimateBox, h("p", { class: "muted" }, "Estimating..."));
+    try {
+      const waiting = (pending) => mount(estimateBox, h("p", { class: "muted" }, `Waiting for a worker of queue ${pending.queue} (${pending.id})...`));
+      const answer = await requestEstimate(collect(form, spec, components), { signal, onWaiting: waiting });
+      mount(estimateBox, estimateView(answer));
+      estimateBox.scrollIntoView({ block: "nearest" });
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      estimateBox.hidden = true;
+      refused(error);
+    } finally {
+      estimate.disabled = false;
+    }
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     submit.disabled = true;
@@ -254,12 +281,10 @@ export async function newJobPage(view, { query, signal }) {
       });
       window.location.hash = `#/jobs/${job.id}`;
     } catch (error) {
-      const unplaced = showErrors(form, error);
-      mount(message, unplaced.length ? errorBox(error) : h("div", { class: "error" }, "Fix the fields marked below."));
-      form.querySelector(".field.invalid input, .field.invalid select")?.focus();
+      refused(error);
     } finally {
       submit.disabled = false;
     }
   });
-  mount(view, h("h1", null, "New job"), h("p", { class: "muted" }, "Defaults and bounds are the API's (JobSpec in ", h("a", { href: "/docs" }, "/docs"), ")."), form);
+  mount(view, h("h1", null, "New job"), h("p", { class: "muted" }, "Defaults and bounds are the API's (JobSpec in ", h("a", { href: "/docs" }, "/docs"), "). Estimate says what the job would take before you start it."), form);
 }
