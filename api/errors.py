@@ -159,7 +159,12 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route answers at this request's path. Starlette's 405 names the methods of the first
-    route whose path matched; FastAPI has one route per method, so that was one method of several."""
+    route whose path matched; FastAPI has one route per method, so that was one method of several. A path the API
+    documents literally (``/jobs/estimate``) is that resource alone, even where another resource's templated path
+    matches it too (``/jobs/{job_id}``): its documented methods."""
+    documented = request.app.openapi().get("paths", {}).get(request.url.path)
+    if documented is not None:
+        return [method for method in _METHODS if method.lower() in documented]
     routes = request.app.router.routes
     allowed = []
     for method in _METHODS:

@@ -114,5 +114,11 @@ window.addEventListener("dama:unauthorized", () => {
   forgetKey();
   signInPage("The key was refused; sign in again.");
 });
+// Leaving a page aborts its requests (``current.abort()``); a request a page started from an event handler or a
+// timer and did not await (a filter's reload, a poll) then rejects with nobody listening. That is the abort doing
+// its work, not an error: keep it out of the browser's console, and let every other rejection through.
+window.addEventListener("unhandledrejection", (event) => {
+  if (event.reason && event.reason.name === "AbortError") event.preventDefault();
+});
 window.addEventListener("hashchange", route);
 route();
